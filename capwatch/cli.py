@@ -1,0 +1,524 @@
+"""The ``capwatch`` command line: parse, load config, call one library function, format the output.
+
+Exit codes (the CLI contract): 0 ok; 1 some files failed (the others were still done); 2 usage, config, query or
+index error, reported as ONE line on stderr (``capwatch: error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from capwatch import __version__
+from capwatch.config import Config, RootConfig, apply_overrides, load_config
+from capwatch.errors import CapwatchError
+
+if TYPE_CHECKING:
+    from capwatch.index import Index
+    from capwatch.models.captioner import Captioner
+    from capwatch.process import FileOutcome
+
+log = logging.getLogger("capwatch")
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """What every command gets: the loaded configuration and the verbosity asked for."""
+
+    config_path: str | None
+    db: str | None
+    model: str | None
+    verbosity: int
+
+    def config(self) -> Config:
+        """Load the configuration (raises ConfigError) and apply --db / --model."""
+        config = load_config(self.config_path, os.environ)
+        return apply_overrides(config, db=self.db, model=self.model)
+
+
+def _setup_logging(config: Config, verbosity: int) -> None:
+    level = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+             "error": logging.ERROR}[config.logging.level]
+    if verbosity > 0:
+        level = logging.DEBUG
+    elif verbosity < 0:
+        level = logging.ERROR if verbosity < -1 else logging.WARNING
+    handler: logging.Handler
+    if config.logging.file is not None:
+        handler = logging.FileHandler(config.logging.file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald stamps every line itself; elsewhere a time helps reading a long-running log.
+        fmt = "%(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+            "%(asctime)s %(levelname)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    root = logging.getLogger("capwatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _load(ctx: click.Context) -> Config:
+    app: AppContext = ctx.obj
+    config = app.config()
+    _setup_logging(config, app.verbosity)
+    return config
+
+
+def _open_index(config: Config, *, readonly: bool = False) -> Index:
+    from capwatch.index import Index
+
+    return Index.open(config.index_path(), busy_timeout=config.index.busy_timeout_seconds, readonly=readonly)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="PATH", envvar="CAPWATCH_CONFIG",
+              help="Configuration file (default: $CAPWATCH_CONFIG, then ~/.config/capwatch/config.toml).")
+@click.option("--db", metavar="PATH", help="Index database file (default: $CAPWATCH_DB, config, XDG state dir).")
+@click.option("--model", metavar="NAME|DIR", help="Model name from `capwatch models list`, or a model directory "
+              "(default: $CAPWATCH_MODEL, then config).")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output (-q: warnings only, -qq: errors only).")
+@click.version_option(__version__, prog_name="capwatch")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, db: str | None, model: str | None, verbose: int,
+        quiet: int) -> None:
+    """Keep a photo library captioned by a local model, with captions inside the files and searchable.
+
+    \b
+    Quick start:
+      capwatch scan ~/Pictures          # caption everything once (downloads the model on first use)
+      capwatch search red bike          # find photos by words
+      capwatch watch ~/Pictures         # keep captioning new photos as they arrive
+    """
+    ctx.obj = AppContext(config_path=config_path, db=db, model=model, verbosity=verbose - quiet)
+
+
+# -- search -----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("words", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: path, caption, score, source, "
+              "model, taken_at.")
+@click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line.")
+@click.option("-0", "--null", "null_sep", is_flag=True, help="With --paths: separate paths by NUL (for xargs -0).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most N results.")
+@click.option("--in", "in_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Only images below DIR.")
+@click.option("--since", metavar="DATE", help="Taken on or after DATE (YYYY, YYYY-MM, YYYY-MM-DD, 30d, today).")
+@click.option("--until", metavar="DATE", help="Taken on or before DATE (the whole day/month/year named).")
+@click.option("--source", type=click.Choice(["human", "model", "embedded"]),
+              help="Only captions written by people, by the model, or found in the file as camera boilerplate.")
+@click.pass_context
+def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only: bool, null_sep: bool, limit: int,
+           in_dir: Path | None, since: str | None, until: str | None, source: str | None) -> None:
+    """Find images whose caption (or path) matches WORDS.
+
+    \b
+    Words are ANDed.  "a phrase" matches words in order.  -word excludes.
+    OR between two words means either.  bik* matches words starting with bik.
+    Dates use the date taken (EXIF), or the file's time when the camera gave none.
+
+    \b
+    Examples:
+      capwatch search red bike leaning on a wall
+      capwatch search '"golden retriever"' beach -snow
+      capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
+      capwatch search --paths -0 sunset | xargs -0 ls -l
+    """
+    from capwatch.search import make_filters, parse_query
+
+    if as_json and paths_only:
+        raise click.UsageError("--json and --paths cannot be used together")
+    if null_sep and not paths_only:
+        raise click.UsageError("-0 only goes with --paths")
+    config = _load(ctx)
+    query = parse_query(list(words))
+    filters = make_filters(in_dir=str(in_dir) if in_dir else None, since=since, until=until, source=source)
+    styled = sys.stdout.isatty() and not as_json and not paths_only
+    marks = ("\x1b[1m", "\x1b[22m") if styled else ("", "")
+    with _open_index(config, readonly=True) as index:
+        hits = index.search(query, filters, limit=limit, highlight=marks)
+    out = click.get_text_stream("stdout")
+    for hit in hits:
+        if as_json:
+            out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
+                                  "source": hit.source, "model": hit.model, "taken_at": hit.taken_at},
+                                 ensure_ascii=False) + "\n")
+        elif paths_only:
+            out.write(hit.path + ("\0" if null_sep else "\n"))
+        else:
+            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+    if not hits and not as_json and not paths_only:
+        click.echo("no matches", err=True)
+
+
+# -- status -----------------------------------------------------------------------------------------------------
+
+
+def _model_label(config: Config) -> str:
+    return str(config.model.dir) if config.model.dir is not None else config.model.name
+
+
+def _live_state(index_path: Path) -> dict[str, Any] | None:
+    try:
+        from capwatch.service import read_live_state
+    except ImportError:  # pragma: no cover - the daemon module is optional at this stage
+        return None
+    state: dict[str, Any] | None = read_live_state(index_path)
+    return state
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show counts by status and source, recent errors, the index and the model (and the daemon, if running)."""
+    config = _load(ctx)
+    index_path = config.index_path()
+    live = _live_state(index_path)
+    if index_path.exists():
+        with _open_index(config, readonly=True) as index:
+            stats = index.stats()
+        images, captioned, size = stats.images, stats.captioned, stats.size_bytes
+        by_status, by_source = stats.by_status, stats.by_source
+        errors = [{"path": e.path, "error": e.error, "at": e.updated_at} for e in stats.last_errors]
+    else:
+        images = captioned = size = 0
+        by_status, by_source, errors = {}, {}, []
+    payload = {
+        "images": images, "captioned": captioned, "pending": int(by_status.get("pending", 0)),
+        "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
+        "by_status": by_status, "by_source": by_source, "last_errors": errors,
+        "index": str(index_path), "index_bytes": size, "model": _model_label(config),
+        "daemon": live,
+    }
+    if as_json:
+        click.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
+               else f"index      {index_path} (not created yet: run `capwatch scan DIR`)")
+    click.echo(f"model      {payload['model']}")
+    click.echo(f"images     {images}")
+    click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
+               f"embedded {by_source.get('embedded', 0)})")
+    click.echo(f"pending    {payload['pending']}")
+    click.echo(f"errors     {payload['errors']}")
+    for entry in errors:
+        click.echo(f"  {entry['path']}: {entry['error']}")
+    if live:
+        details = ", ".join(f"{k} {v}" for k, v in live.items() if k not in ("pid",))
+        click.echo(f"daemon     running (pid {live.get('pid')}): {details}")
+    else:
+        click.echo("daemon     not running")
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+
+def _open_captioner(config: Config) -> Captioner:
+    from capwatch.models.captioner import open_captioner
+    from capwatch.models.store import resolve_model
+
+    resolved = resolve_model(config.model, os.environ, download=True)
+    return open_captioner(resolved.dir, config.model, model_id=resolved.model_id, revision=resolved.revision)
+
+
+@cli.group()
+def models() -> None:
+    """List, download and inspect captioning models."""
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx: click.Context) -> None:
+    """Known models, which one is the default, and what is in the local cache."""
+    from capwatch.models.store import list_models
+
+    config = _load(ctx)
+    for status in list_models(os.environ):
+        mark = "*" if status.name == config.model.name and config.model.dir is None else " "
+        cached = ", ".join(status.cached_precisions) if status.cached_precisions else "not downloaded"
+        default = " (default)" if status.default else ""
+        click.echo(f"{mark} {status.name:<22} {status.repo:<40} {cached}{default}")
+        click.echo(f"    {status.description}")
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), help="Default: the configured one.")
+@click.pass_context
+def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
+    """Download model NAME into the cache (resumable; every file verified by sha256)."""
+    from capwatch.models.store import pull
+
+    config = _load(ctx)
+    show = sys.stderr.isatty()
+
+    def progress(file: str, done: int, total: int) -> None:
+        if show:
+            pct = f"{100 * done / total:5.1f}%" if total else ""
+            click.echo(f"\r{file}: {_human_bytes(done)} {pct}   ", err=True, nl=False)
+
+    resolved = pull(name, precision or config.model.precision, os.environ, progress=progress)
+    if show:
+        click.echo("", err=True)
+    click.echo(f"{name}: ready in {resolved.dir} ({resolved.precision})")
+
+
+@models.command("info")
+@click.argument("name_or_dir")
+@click.pass_context
+def models_info(ctx: click.Context, name_or_dir: str) -> None:
+    """Details of a known model or of any model directory."""
+    import dataclasses
+
+    from capwatch.models.store import model_info
+
+    _load(ctx)
+    info = model_info(name_or_dir, os.environ)
+    for key, value in dataclasses.asdict(info).items():
+        click.echo(f"{key:<22} {value}")
+
+
+# -- caption ----------------------------------------------------------------------------------------------------
+
+
+def _emit(outcome: FileOutcome, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(outcome.as_json(), ensure_ascii=False))
+    elif outcome.error:
+        click.echo(f"{outcome.path}: error: {outcome.error}", err=True)
+    else:
+        note = f"  [{outcome.skipped}]" if outcome.skipped else ""
+        written = f"  (written: {', '.join(outcome.written)})" if outcome.written else ""
+        click.echo(f"{outcome.path}: {outcome.caption or ''}{written}{note}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print captions; write nothing into files or the index.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file: path, caption, model, written, "
+              "skipped, error.")
+@click.option("--force", is_flag=True, help="Replace descriptions written by people too.")
+@click.pass_context
+def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json: bool, force: bool) -> None:
+    """Caption FILES now: write the caption into each file and the index (unless --dry-run)."""
+    from capwatch.process import Processor
+
+    config = _load(ctx)
+    captioner = _open_captioner(config)
+    failed = False
+    with _maybe_index(config, dry_run) as index:
+        processor = Processor(config, index, captioner, dry_run=dry_run, force=force)
+        size = max(1, config.model.batch_size)
+        for start in range(0, len(files), size):
+            for outcome in processor.process_batch(files[start:start + size], skip_captioned=False):
+                failed |= outcome.error is not None
+                _emit(outcome, as_json)
+    captioner.close()
+    ctx.exit(1 if failed else 0)
+
+
+@contextmanager
+def _maybe_index(config: Config, skip: bool) -> Iterator[Index | None]:
+    if skip:
+        yield None
+        return
+    index = _open_index(config)
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+# -- scan -------------------------------------------------------------------------------------------------------
+
+
+def _roots(config: Config, dirs: Sequence[Path]) -> list[RootConfig]:
+    if not dirs:
+        if not config.library.roots:
+            raise click.UsageError("no folders given and none configured in [library] roots")
+        return list(config.library.roots)
+    configured = {os.path.abspath(r.path): r for r in config.library.roots}
+    return [configured.get(os.path.abspath(d), RootConfig(path=Path(os.path.abspath(d)))) for d in dirs]
+
+
+class _Progress:
+    """A one-line counter on a TTY (stderr), silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.label = label
+        self.started = time.monotonic()
+
+    def __call__(self, count: int) -> None:
+        if self.enabled:
+            rate = count / max(time.monotonic() - self.started, 1e-6)
+            click.echo(f"\r{self.label}: {count} files ({rate:,.0f}/s)   ", err=True, nl=False)
+
+    def done(self) -> None:
+        if self.enabled:
+            click.echo("", err=True)
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-caption", is_flag=True, help="Only index: record images and import existing descriptions.")
+@click.option("--force", is_flag=True, help="Caption again files that already have our caption, and replace "
+              "descriptions written by people.")
+@click.pass_context
+def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bool) -> None:
+    """Reconcile DIRS (default: configured roots) with the index, then caption what needs it.
+
+    Unchanged files are skipped by size and mtime alone; moved files keep their captions; descriptions already
+    in the files are imported and searchable at once. Safe to interrupt and run again.
+    """
+    from capwatch.scan import reconcile
+
+    config = _load(ctx)
+    roots = _roots(config, dirs)
+    totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
+                              "errors": 0}
+    to_caption: list[Path] = []
+    missing: list[str] = []
+    with _open_index(config) as index:
+        for root in roots:
+            progress = _Progress(f"scanning {root.path}")
+            result = reconcile(root, config, index, progress=progress)
+            progress.done()
+            if result.root_missing:
+                missing.append(str(root.path))
+                continue
+            totals["seen"] += result.seen
+            totals["new"] += len(result.new)
+            totals["changed"] += len(result.changed)
+            totals["moved"] += len(result.moved)
+            totals["removed"] += len(result.removed)
+            totals["imported"] += result.imported
+            totals["errors"] += len(result.errors)
+            to_caption.extend(result.to_caption)
+            if force:
+                to_caption.extend(Path(r.path) for r in index.iter_records(root.path)
+                                  if r.status in ("captioned", "described", "error"))
+        captioned = failed = 0
+        if not no_caption and to_caption:
+            captioned, failed = _caption_all(config, index, to_caption, force)
+    for root in missing:
+        click.echo(f"capwatch: warning: {root} is missing, unmounted or empty; its index entries were kept",
+                   err=True)
+    summary = (f"{totals['seen']} images: {totals['new']} new, {totals['changed']} changed, "
+               f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")
+    if no_caption:
+        summary += f"; {len(to_caption)} waiting for a caption"
+    else:
+        summary += f"; {captioned} captioned"
+    failures = totals["errors"] + failed
+    if failures:
+        summary += f"; {failures} failed (see `capwatch status`)"
+    click.echo(summary)
+    ctx.exit(1 if failures or (missing and len(missing) == len(roots)) else 0)
+
+
+def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:
+    from capwatch.process import Processor
+
+    captioner = _open_captioner(config)
+    processor = Processor(config, index, captioner, force=force)
+    size = max(1, config.model.batch_size)
+    captioned = failed = 0
+    show = sys.stderr.isatty()
+    bar_ctx = click.progressbar(length=len(paths), label="captioning", file=sys.stderr, show_eta=True,
+                                show_pos=True) if show else None
+    try:
+        for start in range(0, len(paths), size):
+            outcomes = processor.process_batch(paths[start:start + size], skip_captioned=not force)
+            for outcome in outcomes:
+                if outcome.error:
+                    failed += 1
+                elif outcome.caption and not outcome.skipped:
+                    captioned += 1
+            if bar_ctx is not None:
+                bar_ctx.update(len(outcomes))
+    finally:
+        if bar_ctx is not None:
+            bar_ctx.render_finish()
+        captioner.close()
+    return captioned, failed
+
+
+# -- watch ------------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_context
+def watch(ctx: click.Context, dirs: tuple[Path, ...]) -> None:
+    """Run the daemon in the foreground: caption images as they appear in DIRS (default: configured roots)."""
+    from capwatch.service import run_daemon
+
+    config = _load(ctx)
+    roots = _roots(config, dirs)
+    ctx.exit(run_daemon(config, roots))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"capwatch: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: run the CLI and map every known failure to one line and an exit code."""
+    try:
+        # standalone_mode=False: click returns ctx.exit()'s code instead of exiting, and lets errors reach us.
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="capwatch",
+                        standalone_mode=False)
+        if isinstance(code, int):
+            sys.exit(code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.UsageError as exc:
+        hint = f" (see `capwatch {exc.ctx.command_path.split(' ', 1)[-1]} --help`)" \
+            if exc.ctx is not None and " " in exc.ctx.command_path else " (see `capwatch --help`)"
+        _fail(exc.format_message().splitlines()[0] + hint, 2)
+    except click.ClickException as exc:
+        _fail(exc.format_message().splitlines()[0], exc.exit_code)
+    except CapwatchError as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        # `capwatch search ... | head`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    sys.exit(0)

@@ -1,0 +1,545 @@
+"""The caption index: one SQLite file (WAL) with a row per image and an FTS5 table kept in sync by triggers.
+
+Schema changes happen only through the numbered migrations in ``MIGRATIONS``; the applied ones are recorded in
+``capwatch_migrations``. An ``Index`` wraps one connection and is meant for one thread: open one per thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import sqlite_utils
+
+from capwatch.errors import IndexUnavailable
+from capwatch.search import ParsedQuery, SearchFilters
+
+Source = Literal["model", "human", "embedded"]
+Status = Literal["pending", "captioned", "described", "error"]
+SOURCES: tuple[Source, ...] = ("model", "human", "embedded")
+STATUSES: tuple[Status, ...] = ("pending", "captioned", "described", "error")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file as the index knows it. ``path`` is absolute and normalised (symlinks not resolved)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    fingerprint: str | None = None
+    width: int | None = None
+    height: int | None = None
+    #: EXIF DateTimeOriginal as 'YYYY-MM-DDTHH:MM:SS' (camera local time, no zone).
+    taken_at: str | None = None
+    caption: str | None = None
+    #: model = written by capwatch; human = a person's description found in the file (never overwritten by default);
+    #: embedded = camera/software boilerplate found in the file ("OLYMPUS DIGITAL CAMERA"), may be replaced.
+    source: Source | None = None
+    model: str | None = None
+    model_revision: str | None = None
+    #: ISO 8601 UTC.
+    captioned_at: str | None = None
+    status: Status = "pending"
+    error: str | None = None
+    #: The model's caption for a file whose ``caption`` is a person's (metadata.index_only_when_described):
+    #: searchable, never written into the file.
+    model_caption: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result; ``score`` is bm25 turned around so that higher is better."""
+
+    path: str
+    caption: str
+    highlighted: str
+    score: float
+    source: Source | None
+    model: str | None
+    taken_at: str | None
+
+
+@dataclass(frozen=True)
+class ErrorEntry:
+    path: str
+    error: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    path: str
+    size_bytes: int
+    images: int
+    captioned: int
+    by_status: dict[str, int]
+    by_source: dict[str, int]
+    last_errors: tuple[ErrorEntry, ...]
+    schema_version: int
+
+
+_COLUMNS = [f.name for f in fields(ImageRecord)]
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            fingerprint TEXT,
+            width INTEGER,
+            height INTEGER,
+            taken_at TEXT,
+            -- taken_at, or the file's mtime in local time when the camera recorded none: what --since/--until use
+            sort_date TEXT NOT NULL,
+            caption TEXT,
+            source TEXT CHECK (source IS NULL OR source IN ('model', 'human', 'embedded')),
+            model TEXT,
+            model_revision TEXT,
+            captioned_at TEXT,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'captioned', 'described', 'error')),
+            error TEXT,
+            model_caption TEXT,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX images_fingerprint ON images(fingerprint)")
+    db.execute("CREATE INDEX images_status ON images(status)")
+    db.execute("CREATE INDEX images_sort_date ON images(sort_date)")
+
+
+def _migration_2(db: sqlite_utils.Database) -> None:
+    # External-content FTS5: the text lives once, in `images`; the triggers keep the inverted index in step.
+    db.execute(
+        """
+        CREATE VIRTUAL TABLE images_fts USING fts5(
+            caption, model_caption, path, content='images', content_rowid='id',
+            tokenize='unicode61 remove_diacritics 2'
+        )
+        """
+    )
+    # Caption words weigh ten times path words in the ranking.
+    db.execute("INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25(10.0, 5.0, 1.0)')")
+    db.execute(
+        """
+        CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
+            INSERT INTO images_fts(rowid, caption, model_caption, path)
+            VALUES (new.id, new.caption, new.model_caption, new.path);
+        END
+        """
+    )
+    db.execute(
+        """
+        CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
+            INSERT INTO images_fts(images_fts, rowid, caption, model_caption, path)
+            VALUES ('delete', old.id, old.caption, old.model_caption, old.path);
+        END
+        """
+    )
+    db.execute(
+        """
+        CREATE TRIGGER images_fts_update AFTER UPDATE OF caption, model_caption, path ON images
+        WHEN old.caption IS NOT new.caption OR old.model_caption IS NOT new.model_caption
+            OR old.path IS NOT new.path BEGIN
+            INSERT INTO images_fts(images_fts, rowid, caption, model_caption, path)
+            VALUES ('delete', old.id, old.caption, old.model_caption, old.path);
+            INSERT INTO images_fts(rowid, caption, model_caption, path)
+            VALUES (new.id, new.caption, new.model_caption, new.path);
+        END
+        """
+    )
+    db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+
+
+#: (version, name, apply). Append only; never edit a released migration.
+MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
+    (1, "images table", _migration_1),
+    (2, "full-text index over caption and path", _migration_2),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _now_utc() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _sort_date(record: ImageRecord) -> str:
+    if record.taken_at:
+        return record.taken_at
+    return dt.datetime.fromtimestamp(record.mtime_ns / 1e9).replace(microsecond=0).isoformat()
+
+
+def normalise_path(path: str | Path) -> str:
+    """The form in which paths are stored: absolute, ``..`` collapsed, symlinks kept as they are."""
+    return os.path.abspath(os.fspath(path))
+
+
+def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> IndexUnavailable:
+    message = str(exc).lower()
+    if "locked" in message or "busy" in message:
+        return IndexUnavailable(
+            f"index {path} is locked by another process (waited {busy_timeout:g} s); try again when it is done"
+        )
+    if "not a database" in message or "malformed" in message or "corrupt" in message:
+        return IndexUnavailable(
+            f"index {path} is damaged or not a capwatch index; move it aside and run `capwatch scan` to rebuild it"
+        )
+    if "readonly" in message or "read-only" in message:
+        return IndexUnavailable(f"index {path} is on a read-only location; point --db at a writable file")
+    if "unable to open" in message:
+        return IndexUnavailable(f"cannot open index {path}: check that the directory exists and is writable")
+    if "disk" in message and "full" in message:
+        return IndexUnavailable(f"disk full while writing index {path}")
+    return IndexUnavailable(f"index {path}: {exc}")
+
+
+class Index:
+    """The caption index at one path. Use :meth:`open`; close it (or use ``with``) when done."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
+        self._conn = conn
+        self._db = sqlite_utils.Database(conn)
+        self.path = path
+        self._busy_timeout = busy_timeout
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, busy_timeout: float = 30.0, readonly: bool = False) -> Index:
+        """Open (creating and migrating when writable) the index at ``path``.
+
+        ``readonly`` opens an existing index without taking write locks or creating files (search, status).
+        Raises IndexUnavailable with one line when the file cannot be created, is damaged, locked past
+        ``busy_timeout``, or was written by a newer capwatch.
+        """
+        path = Path(path).expanduser()
+        if readonly and not path.exists():
+            raise IndexUnavailable(f"no index at {path} yet; run `capwatch scan DIR` first (or pass --db)")
+        if path.is_dir():
+            raise IndexUnavailable(f"index path {path} is a directory; give a file name such as {path}/index.db")
+        if not readonly:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise IndexUnavailable(
+                    f"cannot create index directory {path.parent}: {exc.strerror or exc}"
+                ) from None
+            if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise IndexUnavailable(f"index {path} is on a read-only location; point --db at a writable file")
+        try:
+            conn = cls._connect(path, busy_timeout, readonly)
+            index = cls(conn, path, busy_timeout)
+            index._check_and_migrate(readonly)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path, busy_timeout) from None
+        return index
+
+    @staticmethod
+    def _connect(path: Path, busy_timeout: float, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            uri = f"file:{path.as_posix()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+        else:
+            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if not readonly:
+            # WAL: readers (search) never wait for the daemon's writes; NORMAL sync is safe with WAL.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # Reading the schema forces SQLite to look at the file, so damage shows up here, not later.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+
+    def _check_and_migrate(self, readonly: bool) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise IndexUnavailable(
+                f"index {self.path} has schema {version}, newer than this capwatch knows ({SCHEMA_VERSION}); "
+                "upgrade capwatch"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if readonly:
+            raise IndexUnavailable(f"index {self.path} needs an upgrade; run any writing command (e.g. scan) first")
+        self.migrate()
+
+    def schema_version(self) -> int:
+        """The highest migration applied to this file (0 for an empty file)."""
+        tables = set(self._db.table_names())
+        if "capwatch_migrations" not in tables:
+            if tables & {"images", "images_fts"}:
+                raise IndexUnavailable(f"{self.path} has tables but no capwatch migration record; not our index")
+            return 0
+        row = self._conn.execute("SELECT max(version) FROM capwatch_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def migrate(self, target: int = SCHEMA_VERSION) -> None:
+        """Apply pending migrations up to ``target``, each in its own transaction."""
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS capwatch_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        for version, name, apply in MIGRATIONS:
+            if version > target:
+                break
+            with self._write():
+                done = self._conn.execute(
+                    "SELECT 1 FROM capwatch_migrations WHERE version = ?", (version,)
+                ).fetchone()
+                if done:
+                    continue
+                apply(self._db)
+                self._conn.execute(
+                    "INSERT INTO capwatch_migrations(version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, _now_utc()),
+                )
+
+    def close(self) -> None:
+        """Close the connection; the object must not be used afterwards."""
+        self._conn.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    class _Tx:
+        def __init__(self, index: Index) -> None:
+            self._index = index
+
+        def __enter__(self) -> None:
+            # IMMEDIATE takes the write lock up front, so busy_timeout applies here and not mid-transaction.
+            self._index._conn.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                     tb: TracebackType | None) -> None:
+            if exc_type is None:
+                self._index._conn.execute("COMMIT")
+            else:
+                self._index._conn.execute("ROLLBACK")
+
+    def _write(self) -> Index._Tx:
+        return Index._Tx(self)
+
+    def _guard(self, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, self._busy_timeout) from None
+
+    # -- rows -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(values: Iterable[Any]) -> ImageRecord:
+        return ImageRecord(**dict(zip(_COLUMNS, values, strict=True)))
+
+    def get(self, path: str | Path) -> ImageRecord | None:
+        """The record for ``path``, or None when the index has no row for it."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE path = ?"
+        row = self._guard(lambda: self._conn.execute(sql, (normalise_path(path),)).fetchone())
+        return None if row is None else self._row(row)
+
+    def upsert(self, record: ImageRecord) -> None:
+        """Insert or replace the row for ``record.path`` (the row id, and so FTS position, is kept)."""
+        self.upsert_many([record])
+
+    def upsert_many(self, records: Iterable[ImageRecord]) -> int:
+        """Insert or replace many rows in one transaction; returns how many were written."""
+        cols = [*_COLUMNS, "sort_date", "updated_at"]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "path")
+        sql = (
+            f"INSERT INTO images ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT(path) DO UPDATE SET {updates}"
+        )
+        now = _now_utc()
+
+        def run() -> int:
+            count = 0
+            with self._write():
+                for record in records:
+                    values = asdict(record)
+                    values["path"] = normalise_path(record.path)
+                    values["sort_date"] = _sort_date(record)
+                    values["updated_at"] = now
+                    self._conn.execute(sql, [values[c] for c in cols])
+                    count += 1
+            return count
+
+        result: int = self._guard(run)
+        return result
+
+    def remove(self, path: str | Path) -> None:
+        """Delete the row for ``path`` (no error when there is none)."""
+        self.remove_many([path])
+
+    def remove_many(self, paths: Iterable[str | Path]) -> int:
+        """Delete rows for ``paths`` in one transaction; returns how many rows went."""
+
+        def run() -> int:
+            with self._write():
+                return sum(
+                    self._conn.execute("DELETE FROM images WHERE path = ?", (normalise_path(p),)).rowcount
+                    for p in paths
+                )
+
+        result: int = self._guard(run)
+        return result
+
+    def move(self, old: str | Path, new: str | Path) -> None:
+        """Re-path a row (a file that was moved or renamed), keeping its caption; replaces any row at ``new``."""
+        old_s, new_s = normalise_path(old), normalise_path(new)
+
+        def run() -> None:
+            with self._write():
+                self._conn.execute("DELETE FROM images WHERE path = ?", (new_s,))
+                self._conn.execute(
+                    "UPDATE images SET path = ?, updated_at = ? WHERE path = ?", (new_s, _now_utc(), old_s)
+                )
+
+        self._guard(run)
+
+    def update_stat(self, path: str | Path, size: int, mtime_ns: int, fingerprint: str | None) -> None:
+        """Record a new size/mtime/fingerprint for ``path`` without touching its caption."""
+        self._guard(lambda: self._exec_write(
+            "UPDATE images SET size = ?, mtime_ns = ?, fingerprint = ?, updated_at = ? WHERE path = ?",
+            (size, mtime_ns, fingerprint, _now_utc(), normalise_path(path)),
+        ))
+
+    def set_error(self, path: str | Path, message: str) -> None:
+        """Mark ``path`` as failed with a one-line ``message`` (the row must exist; otherwise nothing happens)."""
+        self._guard(lambda: self._exec_write(
+            "UPDATE images SET status = 'error', error = ?, updated_at = ? WHERE path = ?",
+            (message.splitlines()[0] if message else "error", _now_utc(), normalise_path(path)),
+        ))
+
+    def _exec_write(self, sql: str, params: tuple[Any, ...]) -> None:
+        with self._write():
+            self._conn.execute(sql, params)
+
+    def find_by_fingerprint(self, fingerprint: str) -> list[ImageRecord]:
+        """Rows whose fingerprint equals ``fingerprint`` (several when a file was copied)."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE fingerprint = ?"
+        rows = self._guard(lambda: self._conn.execute(sql, (fingerprint,)).fetchall())
+        return [self._row(r) for r in rows]
+
+    def stat_map(self, root: str | Path) -> dict[str, tuple[int, int]]:
+        """``path -> (size, mtime_ns)`` for every row at or below ``root``."""
+        lo, hi = _prefix_range(normalise_path(root))
+        rows = self._guard(lambda: self._conn.execute(
+            "SELECT path, size, mtime_ns FROM images WHERE path >= ? AND path < ?", (lo, hi)
+        ).fetchall())
+        return {p: (s, m) for p, s, m in rows}
+
+    def iter_records(self, root: str | Path | None = None, *, status: Status | None = None) -> Iterator[ImageRecord]:
+        """Every record (optionally under ``root`` and/or with ``status``), ordered by path."""
+        where, params = [], []
+        if root is not None:
+            lo, hi = _prefix_range(normalise_path(root))
+            where.append("path >= ? AND path < ?")
+            params += [lo, hi]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY path"
+        rows = self._guard(lambda: self._conn.execute(sql, params).fetchall())
+        return (self._row(r) for r in rows)
+
+    # -- queries --------------------------------------------------------------------------------------------
+
+    def stats(self, recent_errors: int = 5) -> IndexStats:
+        """Counts by status and source, the most recent errors, and the file's size on disk."""
+
+        def run() -> IndexStats:
+            by_status = dict.fromkeys(STATUSES, 0)
+            by_status.update(dict(self._conn.execute("SELECT status, count(*) FROM images GROUP BY status")))
+            by_source = dict.fromkeys(SOURCES, 0)
+            by_source.update(dict(self._conn.execute(
+                "SELECT source, count(*) FROM images WHERE source IS NOT NULL GROUP BY source"
+            )))
+            captioned = self._conn.execute(
+                "SELECT count(*) FROM images WHERE caption IS NOT NULL AND caption != ''"
+            ).fetchone()[0]
+            errors = tuple(
+                ErrorEntry(*row) for row in self._conn.execute(
+                    "SELECT path, error, updated_at FROM images WHERE status = 'error' "
+                    "ORDER BY updated_at DESC, path LIMIT ?", (recent_errors,)
+                )
+            )
+            size = sum(
+                os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal")) if os.path.exists(p)
+            )
+            return IndexStats(
+                path=str(self.path), size_bytes=size, images=sum(by_status.values()), captioned=captioned,
+                by_status=by_status, by_source=by_source, last_errors=errors,
+                schema_version=self.schema_version(),
+            )
+
+        result: IndexStats = self._guard(run)
+        return result
+
+    def search(self, query: ParsedQuery, filters: SearchFilters, *, limit: int = 20,
+               highlight: tuple[str, str] = ("[", "]")) -> list[SearchHit]:
+        """Rows matching ``query`` and ``filters``, best bm25 first.
+
+        Raises QueryError-free: the query is compiled by capwatch.search into FTS5 syntax that cannot fail
+        to parse; an IndexUnavailable is raised for database problems.
+        """
+        sql, params = build_search_sql(query, filters, limit=limit, highlight=highlight)
+        rows = self._guard(lambda: self._conn.execute(sql, params).fetchall())
+        return [
+            SearchHit(path=r[0], caption=r[1] or "", highlighted=r[2] or "", score=-float(r[3]), source=r[4],
+                      model=r[5], taken_at=r[6])
+            for r in rows
+        ]
+
+
+def _prefix_range(directory: str) -> tuple[str, str]:
+    """Bounds such that ``lo <= path < hi`` selects everything below ``directory``."""
+    # Compare against "dir/" .. "dir0" ('0' follows '/'), so siblings such as "dir.jpg" or "dir-2/" are excluded.
+    base = directory.rstrip(os.sep)
+    return (base + os.sep, base + chr(ord(os.sep) + 1))
+
+
+def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int,
+                     highlight: tuple[str, str] = ("[", "]")) -> tuple[str, list[Any]]:
+    """The exact SQL and parameters that :meth:`Index.search` runs (also used by the benchmark's raw baseline)."""
+    where = ["images_fts MATCH ?"]
+    params: list[Any] = [highlight[0], highlight[1], query.fts5]
+    if filters.in_dir is not None:
+        lo, hi = _prefix_range(normalise_path(filters.in_dir))
+        where.append("i.path >= ? AND i.path < ?")
+        params += [lo, hi]
+    if filters.since is not None:
+        where.append("i.sort_date >= ?")
+        params.append(filters.since)
+    if filters.until is not None:
+        where.append("i.sort_date < ?")
+        params.append(filters.until)
+    if filters.source is not None:
+        where.append("i.source = ?")
+        params.append(filters.source)
+    params.append(limit)
+    sql = (
+        "SELECT i.path, i.caption, highlight(images_fts, 0, ?, ?), images_fts.rank, i.source, i.model, i.taken_at "
+        "FROM images_fts JOIN images AS i ON i.id = images_fts.rowid "
+        f"WHERE {' AND '.join(where)} ORDER BY images_fts.rank LIMIT ?"
+    )
+    return sql, params

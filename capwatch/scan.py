@@ -1,0 +1,343 @@
+"""Reconcile a library root with the index: find new, changed, moved and deleted images by stat alone.
+
+Only files whose size or mtime differ from the index are opened (metadata read for description import, and a
+fingerprint). Files that vanished are matched against new files by fingerprint first, so a move or rename keeps
+its caption without running the model again. A root that is missing, unmounted or suddenly empty never wipes
+its rows: the result says ``root_missing`` and nothing is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from capwatch.config import Config, LibraryConfig, RootConfig
+from capwatch.errors import CapwatchError
+from capwatch.fingerprint import fingerprint_file
+from capwatch.index import ImageRecord, Index, normalise_path
+from capwatch.metadata import Description, FileMetadata, is_temp_file, read_metadata
+
+log = logging.getLogger(__name__)
+
+#: How many rows to write per transaction while scanning (bounded memory, few fsyncs).
+_BATCH = 500
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    root: Path
+    seen: int = 0
+    unchanged: int = 0
+    new: tuple[Path, ...] = ()
+    changed: tuple[Path, ...] = ()
+    moved: tuple[tuple[str, str], ...] = ()
+    removed: tuple[str, ...] = ()
+    errors: tuple[tuple[str, str], ...] = ()
+    root_missing: bool = False
+    #: Files whose row is pending after this reconcile: what `scan` (without --no-caption) captions next.
+    to_caption: tuple[Path, ...] = ()
+    imported: int = field(default=0)
+
+
+# -- filters ------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a glob where ``**`` spans folders, ``*`` and ``?`` stay within one name, ``[...]`` is a class.
+
+    Patterns are matched against '/'-separated paths relative to the root; a pattern without a '/' matches
+    the file name at any depth (as .gitignore does).
+    """
+    if "/" not in pattern:
+        pattern = "**/" + pattern
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(pattern[i]))
+                i += 1
+            else:
+                body = pattern[i + 1:end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _matches(relative: str, patterns: tuple[str, ...]) -> bool:
+    return any(glob_regex(p).match(relative) for p in patterns)
+
+
+def _excluded_dir(relative_dir: str, root: RootConfig, library: LibraryConfig) -> bool:
+    probe = relative_dir + "/"
+    return _matches(probe, library.exclude) or _matches(probe, root.exclude)
+
+
+def _extension_ok(name: str, library: LibraryConfig) -> bool:
+    dot = name.rfind(".")
+    return dot > 0 and name[dot + 1:].lower() in library.extensions
+
+
+def is_candidate(path: Path, root: RootConfig, library: LibraryConfig) -> bool:
+    """Whether ``path`` (a file somewhere below ``root.path``) is an image capwatch should look after.
+
+    Checks extension, hidden names (unless ``include_hidden``), capwatch's own temp files, and the global and
+    per-root include/exclude globs. Does not touch the file system.
+    """
+    try:
+        relative = Path(normalise_path(path)).relative_to(normalise_path(root.path)).as_posix()
+    except ValueError:
+        return False
+    name = relative.rsplit("/", 1)[-1]
+    if is_temp_file(name) or not _extension_ok(name, library):
+        return False
+    if not library.include_hidden and any(part.startswith(".") for part in relative.split("/")):
+        return False
+    parts = relative.split("/")
+    for depth in range(1, len(parts)):
+        if _excluded_dir("/".join(parts[:depth]), root, library):
+            return False
+    if _matches(relative, library.exclude) or _matches(relative, root.exclude):
+        return False
+    return not root.include or _matches(relative, root.include)
+
+
+def iter_image_files(root: RootConfig, library: LibraryConfig) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield ``(absolute path, stat)`` for every candidate image below ``root``, depth first.
+
+    Unreadable directories are logged and skipped. Symlinks are skipped unless ``follow_symlinks``; then
+    directory loops are cut by (device, inode).
+    """
+    base = normalise_path(root.path)
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [(base, "")]
+    while stack:
+        directory, relative_dir = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", directory, exc.strerror or exc)
+            continue
+        for entry in entries:
+            name = entry.name
+            if not library.include_hidden and name.startswith("."):
+                continue
+            relative = f"{relative_dir}/{name}" if relative_dir else name
+            try:
+                is_link = entry.is_symlink()
+                if is_link and not library.follow_symlinks:
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                continue  # vanished or dangling link: nothing to index
+            if stat.S_ISDIR(st.st_mode):
+                if _excluded_dir(relative, root, library):
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if library.follow_symlinks:
+                    if key in seen_dirs:
+                        continue
+                    seen_dirs.add(key)
+                stack.append((entry.path, relative))
+            elif stat.S_ISREG(st.st_mode):
+                if is_temp_file(name) or not _extension_ok(name, library):
+                    continue
+                if _matches(relative, library.exclude) or _matches(relative, root.exclude):
+                    continue
+                if root.include and not _matches(relative, root.include):
+                    continue
+                yield entry.path, st
+
+
+# -- records ------------------------------------------------------------------------------------------------------
+
+
+def record_from_metadata(path: str, st: os.stat_result, meta: FileMetadata, fingerprint: str | None,
+                         previous: ImageRecord | None, config: Config) -> ImageRecord:
+    """Build the index row for a file just read, importing any description found in it.
+
+    A description with capwatch provenance becomes a ``model`` caption; a person's one ``human`` (the file is
+    then ``described`` and, by default, never captioned); camera boilerplate is kept as ``embedded`` but the
+    file stays ``pending``. When the file has none, a model caption that lives only in the index (write = none)
+    is kept; anything else becomes ``pending``.
+    """
+    base = ImageRecord(
+        path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, fingerprint=fingerprint,
+        width=meta.width, height=meta.height, taken_at=meta.taken_at,
+    )
+    desc: Description | None = meta.description
+    if desc is not None and desc.kind == "ours":
+        prov = desc.provenance
+        return _replace(base, caption=desc.text, source="model", status="captioned",
+                        model=prov.model if prov else None, model_revision=prov.revision if prov else None,
+                        captioned_at=prov.created_at if prov else None)
+    if desc is not None and desc.kind == "human":
+        # The index holds one caption per file and a person's words win over ours.
+        return _replace(base, caption=desc.text, source="human", status="described")
+    if desc is not None and desc.kind == "boilerplate":
+        return _replace(base, caption=desc.text, source="embedded", status="pending")
+    if (previous is not None and previous.source == "model" and previous.caption
+            and config.metadata.write == "none"):
+        return _replace(base, caption=previous.caption, source="model", status="captioned",
+                        model=previous.model, model_revision=previous.model_revision,
+                        captioned_at=previous.captioned_at)
+    return base
+
+
+def _replace(record: ImageRecord, **changes: object) -> ImageRecord:
+    from dataclasses import replace
+
+    return replace(record, **changes)  # type: ignore[arg-type]
+
+
+def read_record(path: str, st: os.stat_result, previous: ImageRecord | None, config: Config) -> ImageRecord:
+    """Read one file's metadata and fingerprint into a row; unreadable files become ``error`` rows."""
+    try:
+        meta = read_metadata(Path(path))
+        fingerprint = fingerprint_file(path)
+    except CapwatchError as exc:
+        return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, status="error", error=str(exc))
+    except OSError as exc:
+        return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, status="error",
+                           error=f"cannot read {path}: {exc.strerror or exc}")
+    return record_from_metadata(path, st, meta, fingerprint, previous, config)
+
+
+# -- reconcile ------------------------------------------------------------------------------------------------------
+
+
+def _root_state(root: Path) -> str | None:
+    """Why a root cannot be trusted right now, or None when it looks like a live folder."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    try:
+        with os.scandir(root) as entries:
+            if next(entries, None) is None:
+                return "empty"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return None
+
+
+def reconcile(root: RootConfig, config: Config, index: Index, *,
+              progress: Callable[[int], None] | None = None) -> ReconcileResult:
+    """Bring the index in line with the files below ``root`` and say what changed.
+
+    Never raises for a single file (unreadable files become error rows). Raises IndexUnavailable when the
+    index cannot be written.
+    """
+    base = Path(normalise_path(root.path))
+    known = index.stat_map(base)
+    problem = _root_state(base)
+    if problem is not None and (known or problem != "empty"):
+        if known:
+            log.warning("root %s is %s; keeping its %d indexed images until it is back", base, problem,
+                        len(known))
+        else:
+            log.warning("root %s is %s", base, problem)
+        return ReconcileResult(root=base, root_missing=True)
+
+    seen = 0
+    unchanged = 0
+    fresh: list[tuple[str, os.stat_result]] = []
+    changed: list[tuple[str, os.stat_result]] = []
+    present: set[str] = set()
+    for path, st in iter_image_files(root, config.library):
+        seen += 1
+        present.add(path)
+        old = known.get(path)
+        if old is None:
+            fresh.append((path, st))
+        elif old != (st.st_size, st.st_mtime_ns):
+            changed.append((path, st))
+        else:
+            unchanged += 1
+        if progress is not None and seen % 256 == 0:
+            progress(seen)
+    if progress is not None:
+        progress(seen)
+
+    gone = [p for p in known if p not in present]
+    gone_by_fingerprint: dict[str, str] = {}
+    for path in gone:
+        record = index.get(path)
+        if record is not None and record.fingerprint:
+            gone_by_fingerprint.setdefault(record.fingerprint, path)
+
+    moved: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    new_paths: list[Path] = []
+    pending_rows: list[ImageRecord] = []
+    imported = 0
+
+    def flush() -> None:
+        if pending_rows:
+            index.upsert_many(pending_rows)
+            pending_rows.clear()
+
+    for path, st in fresh + changed:
+        previous = index.get(path) if known.get(path) is not None else None
+        if previous is None and gone_by_fingerprint:
+            try:
+                fingerprint = fingerprint_file(path)
+            except OSError:
+                fingerprint = None
+            old_path = gone_by_fingerprint.pop(fingerprint, None) if fingerprint else None
+            if old_path is not None:
+                # A move/rename: keep the caption, only the path changes.
+                index.move(old_path, path)
+                index.update_stat(path, st.st_size, st.st_mtime_ns, fingerprint)
+                moved.append((old_path, path))
+                continue
+        record = read_record(path, st, previous, config)
+        if record.status == "error" and record.error:
+            errors.append((path, record.error))
+        if record.source in ("human", "embedded") or (record.source == "model" and previous is None):
+            imported += 1
+        if previous is None:
+            new_paths.append(Path(path))
+        pending_rows.append(record)
+        if len(pending_rows) >= _BATCH:
+            flush()
+    flush()
+
+    removed = [p for p in gone if p not in {old for old, _ in moved}]
+    index.remove_many(removed)
+    to_caption = tuple(Path(r.path) for r in index.iter_records(base, status="pending"))
+    changed_paths = tuple(Path(p) for p, _ in changed)
+    return ReconcileResult(
+        root=base, seen=seen, unchanged=unchanged, new=tuple(new_paths), changed=changed_paths,
+        moved=tuple(moved), removed=tuple(removed), errors=tuple(errors), to_caption=to_caption,
+        imported=imported,
+    )

@@ -1,0 +1,242 @@
+"""The search query language, compiled to FTS5 syntax that cannot fail to parse, and date filters.
+
+Query language (what a person types after ``capwatch search``):
+
+- words are ANDed: ``red bike``
+- ``"quoted phrases"`` match words next to each other in that order
+- ``-word`` / ``-"a phrase"`` / ``NOT word`` exclude
+- ``OR`` between two terms means either (it binds tighter than the implicit AND: ``red bike OR bicycle``
+  is ``red AND (bike OR bicycle)``)
+- a trailing ``*`` is a prefix search: ``bik*``
+
+Every term is emitted as an FTS5 string (``"..."``), so characters FTS5 treats as syntax (``:``, ``^``,
+``(``, ``+``, ``.``) are just text. Everything the parser cannot understand raises QueryError with one line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from capwatch.errors import QueryError
+
+
+@dataclass(frozen=True)
+class Term:
+    text: str
+    prefix: bool = False
+    phrase: bool = False
+
+    def fts5(self) -> str:
+        quoted = '"' + self.text.replace('"', '""') + '"'
+        return quoted + ("*" if self.prefix else "")
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    """A query ready for FTS5: ``groups`` are ANDed, the terms inside a group ORed, ``excluded`` NOTed."""
+
+    groups: tuple[tuple[Term, ...], ...]
+    excluded: tuple[Term, ...]
+
+    @property
+    def fts5(self) -> str:
+        parts = []
+        for group in self.groups:
+            inner = " OR ".join(t.fts5() for t in group)
+            parts.append(f"({inner})" if len(group) > 1 else inner)
+        text = " AND ".join(parts)
+        for term in self.excluded:
+            text += f" NOT {term.fts5()}"
+        return text
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Row filters applied with the full-text match. Dates are ISO 'YYYY-MM-DDTHH:MM:SS' (until is exclusive)."""
+
+    in_dir: str | None = None
+    since: str | None = None
+    until: str | None = None
+    source: Literal["model", "human", "embedded"] | None = None
+
+
+_TOKEN = re.compile(r'\s*(-?)("([^"]*)"(\*?)|[^\s"]+)')
+
+
+def _lex(text: str) -> list[tuple[bool, str, bool]]:
+    """Split into (negated, text, is_phrase) tokens; raises QueryError on an unbalanced quote."""
+    if text.count('"') % 2:
+        raise QueryError('unbalanced quote in query: close the "phrase" with a second "')
+    tokens: list[tuple[bool, str, bool]] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = _TOKEN.match(text, pos)
+        if match is None:  # pragma: no cover - the regex accepts every non-space run
+            raise QueryError(f"cannot read query near {text[pos:pos + 20]!r}")
+        negated, whole, phrase_body, phrase_star = match.groups()
+        if phrase_body is not None:
+            tokens.append((bool(negated), phrase_body + phrase_star, True))
+        else:
+            tokens.append((bool(negated), whole, False))
+        pos = match.end()
+    return tokens
+
+
+def _has_word(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def _term(raw: str, phrase: bool) -> Term:
+    prefix = raw.endswith("*")
+    body = raw[:-1] if prefix else raw
+    if phrase:
+        body = " ".join(body.split())
+        if not _has_word(body):
+            raise QueryError(f'nothing to search for in the phrase "{raw}"')
+        return Term(body, prefix=prefix, phrase=True)
+    if "*" in body:
+        raise QueryError(f"'*' only works at the end of a word (prefix search), not in {raw!r}")
+    if not body:
+        raise QueryError("'*' on its own matches nothing: put it after the start of a word, e.g. bik*")
+    if not _has_word(body):
+        raise QueryError(f"nothing to search for in {raw!r}: a term needs a letter or digit")
+    return Term(body, prefix=prefix)
+
+
+def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
+    """Parse what the user typed (one string, or the shell's word list) into a :class:`ParsedQuery`.
+
+    Raises QueryError (one line) for an empty query, unbalanced quotes, a lone ``-``, a dangling or doubled
+    ``OR``, a misplaced ``*``, or a query that only excludes.
+    """
+    text = words if isinstance(words, str) else " ".join(words)
+    if not text.strip():
+        raise QueryError("empty query: give at least one word to search for")
+    groups: list[list[Term]] = []
+    excluded: list[Term] = []
+    pending_or = False
+    pending_not = False
+    for negated, raw, phrase in _lex(text):
+        if not phrase and raw == "OR":
+            if negated:
+                raise QueryError("'-OR' is not a word; to find the word 'or' write it in lower case")
+            if not groups or pending_or or pending_not:
+                raise QueryError("OR needs a word on each side, e.g. bike OR bicycle")
+            pending_or = True
+            continue
+        if not phrase and raw == "AND" and not negated:
+            if not groups or pending_or or pending_not:
+                raise QueryError("AND needs a word on each side (words are ANDed anyway)")
+            continue
+        if not phrase and raw == "NOT" and not negated:
+            if pending_not:
+                raise QueryError("NOT NOT is not allowed: NOT needs a word after it")
+            pending_not = True
+            continue
+        if not phrase and raw == "" and negated:  # pragma: no cover - lexer yields '-' as the text
+            raise QueryError("'-' must be followed by a word to exclude")
+        if not phrase and raw == "-":
+            raise QueryError("'-' on its own excludes nothing: write -word to exclude a word")
+        term = _term(raw, phrase)
+        if negated or pending_not:
+            if pending_or:
+                raise QueryError("cannot OR an excluded word: write the exclusion on its own, e.g. cat -dog")
+            excluded.append(term)
+            pending_not = False
+            continue
+        if pending_or:
+            groups[-1].append(term)
+            pending_or = False
+        else:
+            groups.append([term])
+    if pending_or:
+        raise QueryError("OR needs a word on each side, e.g. bike OR bicycle")
+    if pending_not:
+        raise QueryError("NOT needs a word after it")
+    if not groups:
+        raise QueryError("a query needs at least one word to find, not only -excluded words")
+    return ParsedQuery(tuple(tuple(g) for g in groups), tuple(excluded))
+
+
+_RELATIVE = re.compile(r"^(\d+)\s*([dwmy])$")
+_FORMATS = (
+    ("%Y", "year"), ("%Y-%m", "month"), ("%Y-%m-%d", "day"),
+    ("%Y-%m-%dT%H:%M", "minute"), ("%Y-%m-%d %H:%M", "minute"),
+    ("%Y-%m-%dT%H:%M:%S", "second"), ("%Y-%m-%d %H:%M:%S", "second"),
+)
+
+
+def _add_months(value: dt.datetime, months: int) -> dt.datetime:
+    year, month = divmod(value.month - 1 + months, 12)
+    return value.replace(year=value.year + year, month=month + 1, day=1)
+
+
+def parse_date_bound(text: str, *, option: str, end: bool, now: dt.datetime | None = None) -> str:
+    """Turn a user date into an ISO bound. ``end=True`` gives the exclusive end of the period named
+    (``2019`` -> ``2020-01-01T00:00:00``), ``end=False`` its start.
+
+    Accepts YYYY, YYYY-MM, YYYY-MM-DD, YYYY-MM-DD[T ]HH:MM[:SS], ``today``, ``yesterday`` and ``N[dwmy]``
+    (N days/weeks/months/years ago). Raises QueryError naming ``option`` for anything else.
+    """
+    now = now or dt.datetime.now()
+    value = text.strip().lower()
+    start: dt.datetime | None = None
+    unit = "second"
+    if value in ("today", "yesterday"):
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        if value == "yesterday":
+            start -= dt.timedelta(days=1)
+        unit = "day"
+    elif match := _RELATIVE.match(value):
+        count, kind = int(match.group(1)), match.group(2)
+        if kind == "d":
+            start = now - dt.timedelta(days=count)
+        elif kind == "w":
+            start = now - dt.timedelta(weeks=count)
+        elif kind == "m":
+            start = _add_months(now, -count).replace(day=min(now.day, 28))
+        else:
+            start = now.replace(year=now.year - count, day=min(now.day, 28))
+        start = start.replace(microsecond=0)
+    else:
+        for fmt, fmt_unit in _FORMATS:
+            try:
+                start = dt.datetime.strptime(text.strip(), fmt)
+            except ValueError:
+                continue
+            unit = fmt_unit
+            break
+    if start is None:
+        raise QueryError(
+            f"{option}: cannot read date {text!r}; use YYYY, YYYY-MM, YYYY-MM-DD, YYYY-MM-DDTHH:MM, "
+            "today, yesterday or N[dwmy] (e.g. 30d)"
+        )
+    if end:
+        if unit == "year":
+            start = start.replace(year=start.year + 1)
+        elif unit == "month":
+            start = _add_months(start, 1)
+        elif unit == "day":
+            start += dt.timedelta(days=1)
+        elif unit == "minute":
+            start += dt.timedelta(minutes=1)
+        else:
+            start += dt.timedelta(seconds=1)
+    return start.isoformat(timespec="seconds")
+
+
+def make_filters(*, in_dir: str | None = None, since: str | None = None, until: str | None = None,
+                 source: str | None = None, now: dt.datetime | None = None) -> SearchFilters:
+    """Validate the CLI's filter options into :class:`SearchFilters`. Raises QueryError (one line)."""
+    since_iso = parse_date_bound(since, option="--since", end=False, now=now) if since else None
+    until_iso = parse_date_bound(until, option="--until", end=True, now=now) if until else None
+    if since_iso and until_iso and since_iso >= until_iso:
+        raise QueryError(f"--since {since} is not before --until {until}: nothing can match")
+    if source not in (None, "model", "human", "embedded"):
+        raise QueryError(f"--source: expected human, model or embedded, got {source!r}")
+    return SearchFilters(in_dir=in_dir, since=since_iso, until=until_iso, source=source)  # type: ignore[arg-type]
