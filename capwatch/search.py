@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,6 +116,8 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
     ``OR``, a misplaced ``*``, or a query that only excludes.
     """
     text = words if isinstance(words, str) else " ".join(words)
+    # Control characters (NUL ends an FTS5 string early) can only be typing accidents: treat them as spaces.
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
     if not text.strip():
         raise QueryError("empty query: give at least one word to search for")
     groups: list[list[Term]] = []
