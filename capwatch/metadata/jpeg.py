@@ -1,0 +1,188 @@
+"""JPEG: find the metadata segments before SOS, and rebuild the file with new APP1 Exif / APP1 XMP / APP13
+segments while every other byte (other segments, their order, scan data, trailers after EOI such as MPF images or
+motion-photo videos) is copied unchanged.
+
+New segments go next to the existing APP0/APP1 ones, never after APP2: MPF offsets are relative to the APP2
+segment, so nothing may be inserted between it and the images that follow EOI.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, read_exact
+
+EXIF_SIG = b"Exif\x00\x00"
+XMP_SIG = b"http://ns.adobe.com/xap/1.0/\x00"
+XMP_EXT_SIG = b"http://ns.adobe.com/xmp/extension/\x00"
+PHOTOSHOP_SIG = b"Photoshop 3.0\x00"
+MAX_SEGMENT_PAYLOAD = 65533  # 65535 minus the two length bytes
+MAX_XMP_PACKET = MAX_SEGMENT_PAYLOAD - len(XMP_SIG)  # 65504
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+class EmbedNotSafe(Exception):
+    """Embedding is not possible without risk (too big, ExtendedXMP, unusual layout): use a sidecar instead."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A marker segment: ``offset`` of its 0xFF, total ``size`` (marker + length + payload), payload kind."""
+
+    marker: int
+    offset: int
+    size: int
+    kind: str  # exif xmp xmp-ext photoshop other
+
+
+@dataclass(frozen=True)
+class JpegLayout:
+    segments: list[Segment]
+    sos_offset: int
+    width: int | None
+    height: int | None
+
+
+def _kind(marker: int, head: bytes) -> str:
+    if marker == 0xE1:
+        if head.startswith(EXIF_SIG) or head.startswith(b"Exif\x00\xff"):
+            return "exif"
+        if head.startswith(XMP_SIG):
+            return "xmp"
+        if head.startswith(XMP_EXT_SIG):
+            return "xmp-ext"
+    if marker == 0xED and head.startswith(PHOTOSHOP_SIG):
+        return "photoshop"
+    return "other"
+
+
+def parse_layout(src: ByteSource) -> JpegLayout:
+    """Walk the segments from SOI up to the first SOS. Raises CorruptError on a malformed header."""
+    if read_exact(src, 0, 2, "JPEG") != b"\xff\xd8":
+        raise CorruptError("not a JPEG file")
+    pos, segments = 2, list[Segment]()
+    width = height = None
+    while True:
+        b = read_exact(src, pos, 2, "JPEG header (no image data)")
+        if b[0] != 0xFF:
+            raise CorruptError(f"corrupt JPEG: expected a marker at byte {pos}")
+        marker = b[1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _NO_LENGTH:
+            pos += 2
+            continue
+        if marker == 0xD9:
+            raise CorruptError("corrupt JPEG: end-of-image before any image data")
+        length = struct.unpack(">H", read_exact(src, pos + 2, 2, "JPEG segment"))[0]
+        if length < 2 or pos + 2 + length > src.size:
+            raise CorruptError(f"corrupt JPEG: segment at byte {pos} runs past the end of the file")
+        if marker == 0xDA:
+            return JpegLayout(segments, pos, width, height)
+        head = src.read_at(pos + 4, 40) if marker in (0xE1, 0xED) else b""
+        segments.append(Segment(marker, pos, 2 + length, _kind(marker, head)))
+        if marker in _SOF and width is None and length >= 7:
+            sof = read_exact(src, pos + 4, 5, "JPEG frame header")
+            height, width = struct.unpack(">HH", sof[1:5])
+        pos += 2 + length
+
+
+def payload(src: ByteSource, seg: Segment) -> bytes:
+    """The bytes of a segment after its marker and length field."""
+    return src.read_at(seg.offset + 4, seg.size - 4)
+
+
+@dataclass(frozen=True)
+class JpegMetadata:
+    exif: bytes | None  # TIFF structure (after "Exif\0\0")
+    xmp: bytes | None
+    has_extended_xmp: bool
+    photoshop: bytes | None  # IRB (after "Photoshop 3.0\0")
+    width: int | None
+    height: int | None
+
+
+def _single(segments: list[Segment], kind: str) -> Segment | None:
+    found = [s for s in segments if s.kind == kind]
+    if len(found) > 1:
+        label = {"exif": "EXIF (APP1)", "xmp": "XMP (APP1)", "photoshop": "Photoshop/IPTC (APP13)"}[kind]
+        raise CorruptError(f"duplicate {label} segments")
+    return found[0] if found else None
+
+
+def read_jpeg(src: ByteSource) -> JpegMetadata:
+    """Metadata segments of a JPEG. Raises CorruptError for a malformed header or duplicate metadata segments."""
+    layout = parse_layout(src)
+    exif = _single(layout.segments, "exif")
+    xmp = _single(layout.segments, "xmp")
+    ps = _single(layout.segments, "photoshop")
+    return JpegMetadata(
+        exif=payload(src, exif)[6:] if exif else None,
+        xmp=payload(src, xmp)[len(XMP_SIG) :] if xmp else None,
+        has_extended_xmp=any(s.kind == "xmp-ext" for s in layout.segments),
+        photoshop=payload(src, ps)[len(PHOTOSHOP_SIG) :] if ps else None,
+        width=layout.width,
+        height=layout.height,
+    )
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    if len(body) > MAX_SEGMENT_PAYLOAD:
+        raise EmbedNotSafe(f"segment of {len(body)} bytes does not fit in one JPEG segment")
+    return bytes((0xFF, marker)) + struct.pack(">H", len(body) + 2) + body
+
+
+def check_complete(data: bytes, layout: JpegLayout) -> None:
+    """Raise CorruptError when the scan data has no end-of-image marker (a truncated or still-copying file)."""
+    if data.find(b"\xff\xd9", layout.sos_offset) < 0:
+        raise CorruptError("truncated JPEG (no end-of-image marker)")
+
+
+def rebuild(data: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:
+    """Return ``data`` with the Exif (TIFF bytes), XMP packet and Photoshop IRB segments replaced or added.
+
+    ``None`` leaves that segment as it is. An IRB is only replaced, never added. Raises CorruptError for a
+    malformed or truncated file and EmbedNotSafe when a segment would exceed 64 KB.
+    """
+    src = BytesSource(data)
+    layout = parse_layout(src)
+    check_complete(data, layout)
+    segs = layout.segments
+    old = {kind: _single(segs, kind) for kind in ("exif", "xmp", "photoshop")}
+    if any(s.kind == "xmp-ext" for s in segs):
+        raise EmbedNotSafe("the file uses ExtendedXMP")
+    new_bodies: dict[str, bytes] = {}
+    if exif is not None:
+        new_bodies["exif"] = _segment(0xE1, EXIF_SIG + exif)
+    if xmp_packet is not None:
+        new_bodies["xmp"] = _segment(0xE1, XMP_SIG + xmp_packet)
+    if irb is not None and old["photoshop"] is not None:
+        new_bodies["photoshop"] = _segment(0xED, PHOTOSHOP_SIG + irb)
+    # Where to put segments that do not exist yet: after a leading run of APP0/APP1 segments.
+    lead = 0
+    while lead < len(segs) and segs[lead].marker in (0xE0, 0xE1):
+        lead += 1
+    out = bytearray(b"\xff\xd8")
+    pending = [k for k in ("exif", "xmp") if k in new_bodies and old[k] is None]
+    prev_end = 2
+    for i, seg in enumerate(segs):
+        out += data[prev_end : seg.offset]  # fill bytes or stand-alone markers between segments, verbatim
+        prev_end = seg.offset + seg.size
+        if i == lead:
+            for k in pending:
+                out += new_bodies[k]
+            pending = []
+        if seg.kind in new_bodies and old[seg.kind] is seg:
+            out += new_bodies[seg.kind]
+        else:
+            out += data[seg.offset : prev_end]
+        if seg.kind == "exif" and "xmp" in pending:
+            out += new_bodies["xmp"]  # XMP right after the Exif segment, the conventional order
+            pending.remove("xmp")
+    for k in pending:
+        out += new_bodies[k]
+    out += data[prev_end:]
+    return bytes(out)

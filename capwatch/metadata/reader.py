@@ -1,0 +1,275 @@
+"""``read_metadata``: description (with whose words it is), capture time and size, from headers only.
+
+Which description wins when several places disagree follows the MWG rule as exiftool implements it for
+``MWG:Description``: EXIF ImageDescription if not blank; else XMP dc:description when there is no IPTC or the
+Photoshop IPTC digest says IPTC and XMP are in sync; else IPTC Caption-Abstract. Two refinements: a non-blank
+XMP sidecar wins over the embedded fields (for RAW/HEIC/TIFF the sidecar is where editors write), and camera
+boilerplate ("OLYMPUS DIGITAL CAMERA") loses to any real description found elsewhere in the file. Blank values
+count as absent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capwatch.errors import MetadataError
+from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
+from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource
+from capwatch.metadata.boilerplate import is_boilerplate
+from capwatch.metadata.formats import HEAD_SIZE, detect_format
+from capwatch.metadata.records import Description, FileMetadata, Provenance
+from capwatch.metadata.sidecar import existing_sidecars
+from capwatch.metadata.xmp import XmpError, XmpInfo, normalise, parse_xmp, xmp_date_to_iso
+
+MAX_SIDECAR = 16 << 20
+
+
+@dataclass
+class Embedded:
+    """Raw metadata blocks found inside one file."""
+
+    tiff: exif.TiffInfo | None = None
+    xmp: bytes | None = None
+    irb: bytes | None = None  # Photoshop IRB
+    iim: bytes | None = None  # bare IPTC IIM (TIFF tag 33723)
+    text: str | None = None  # PNG Description
+    width: int | None = None
+    height: int | None = None
+    has_extended_xmp: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def _tiff_or_none(block: bytes | None, emb: Embedded) -> exif.TiffInfo | None:
+    if not block:
+        return None
+    try:
+        return exif.read_tiff(BytesSource(block))
+    except CorruptError as exc:
+        emb.problems.append(f"EXIF: {exc}")
+        return None
+
+
+def read_embedded(fmt: str, src: ByteSource) -> Embedded:
+    """Metadata blocks of a file already identified as ``fmt``. Raises CorruptError when the container itself
+    is unreadable; damaged EXIF inside a readable container is only noted in ``problems``."""
+    emb = Embedded()
+    if fmt == "jpeg":
+        j = jpeg.read_jpeg(src)
+        emb.tiff = _tiff_or_none(j.exif, emb)
+        emb.xmp, emb.irb, emb.has_extended_xmp = j.xmp, j.photoshop, j.has_extended_xmp
+        emb.width, emb.height = j.width, j.height
+    elif fmt == "png":
+        p = png.read_png(src)
+        emb.tiff = _tiff_or_none(p.exif, emb)
+        emb.xmp, emb.text, emb.width, emb.height = p.xmp, p.description, p.width, p.height
+    elif fmt == "webp":
+        w = webp.read_webp(src)
+        emb.tiff = _tiff_or_none(w.exif, emb)
+        emb.xmp, emb.width, emb.height = w.xmp, w.width, w.height
+    elif fmt in ("tiff", "raw") and src.read_at(0, 4)[:2] in (b"II", b"MM"):
+        t = exif.read_tiff(src)
+        emb.tiff, emb.xmp, emb.width, emb.height = t, t.xmp, t.width, t.height
+        emb.irb, emb.iim = t.photoshop, t.iptc
+    elif fmt == "raw" and src.read_at(0, 15) == b"FUJIFILMCCD-RAW":
+        head = src.read_at(84, 8)
+        if len(head) == 8:
+            offset, length = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+            preview = BytesSource(src.read_at(offset, min(length, 1 << 20)))
+            try:
+                j = jpeg.read_jpeg(preview)
+                emb.tiff = _tiff_or_none(j.exif, emb)
+                emb.xmp = j.xmp
+            except CorruptError as exc:
+                emb.problems.append(f"RAF preview: {exc}")
+    elif fmt in ("heif", "avif"):
+        h = isobmff.read_heif(src)
+        emb.tiff = _tiff_or_none(h.exif, emb)
+        emb.xmp, emb.width, emb.height = h.xmp, h.width, h.height
+    elif fmt == "gif":
+        head = src.read_at(0, 10)
+        if len(head) == 10:
+            emb.width, emb.height = int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+        emb.xmp = _gif_xmp(src)
+    elif fmt == "bmp":
+        head = src.read_at(14, 12)
+        if len(head) >= 12 and int.from_bytes(head[:4], "little") >= 40:
+            emb.width = int.from_bytes(head[4:8], "little", signed=True)
+            emb.height = abs(int.from_bytes(head[8:12], "little", signed=True))
+    return emb
+
+
+def _gif_xmp(src: ByteSource) -> bytes | None:
+    # GIF keeps XMP in an application extension "XMP DataXMP" followed by a 258-byte "magic trailer"; GIFs are
+    # small, so a bounded read and search is enough.
+    data = src.read_at(0, min(src.size, 32 << 20))
+    start = data.find(b"\x21\xff\x0bXMP DataXMP")
+    if start < 0:
+        return None
+    body = data[start + 14 :]
+    end = body.find(b"<?xpacket end=")
+    if end < 0:
+        return None
+    close = body.find(b"?>", end)
+    return body[: close + 2] if close >= 0 else None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    text: str
+    origin: str
+
+
+def _iptc_caption(emb: Embedded) -> tuple[bool, str | None, bool | None]:
+    """(IPTC present, caption, digest matches or None without digest) from the IRB or bare IIM."""
+    try:
+        if emb.irb is not None and iptc.has_iptc(emb.irb):
+            return True, iptc.caption_from_irb(emb.irb), iptc.digest_matches(emb.irb)
+        if emb.iim is not None:
+            return True, iptc.caption_from_iim(emb.iim), None
+    except CorruptError as exc:
+        emb.problems.append(f"IPTC: {exc}")
+    return False, None, None
+
+
+def _present(text: str | None) -> bool:
+    return text is not None and bool(text.strip(" \t\r\n\x00"))
+
+
+def _candidates(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -> list[_Candidate]:
+    """Description candidates in priority order (MWG for embedded fields, sidecar first)."""
+    out = [_Candidate(s.description, "sidecar") for s in sidecars if s.description and _present(s.description)]
+    exif_text = None
+    if emb.tiff and emb.tiff.image_description is not None:
+        exif_text = exif.decode_text(emb.tiff.image_description)
+    xmp_text = xmp_info.description if xmp_info else None
+    has_iptc, iptc_text, digest_ok = _iptc_caption(emb)
+    if _present(exif_text):
+        assert exif_text is not None
+        out.append(_Candidate(exif_text, "exif"))
+    xmp_first = not has_iptc or (_present(xmp_text) and digest_ok is not False)
+    ordered = [("xmp", xmp_text), ("iptc", iptc_text)]
+    for origin, text in ordered if xmp_first else reversed(ordered):
+        if text is not None and _present(text):
+            out.append(_Candidate(text, origin))
+    if emb.text and _present(emb.text):
+        out.append(_Candidate(emb.text, "png"))
+    if emb.tiff and emb.tiff.xp_comment:
+        xp = exif.decode_xp(emb.tiff.xp_comment)
+        if _present(xp):
+            out.append(_Candidate(xp, "exif"))
+    return out
+
+
+def _text(raw: bytes | None) -> str | None:
+    return exif.decode_text(raw).strip() if raw else None
+
+
+def _ours(cand: _Candidate, infos: list[XmpInfo]) -> Provenance | None:
+    """The provenance of the packet that records exactly this text as capwatch's caption, if any."""
+    text = normalise(cand.text)
+    for info in infos:
+        if info.provenance is None:
+            continue
+        recorded = normalise(info.our_caption) if info.our_caption is not None else None
+        if recorded is None and info.description is not None:
+            recorded = normalise(info.description)
+        if recorded is None:
+            continue
+        if text == recorded:
+            return info.provenance
+        # IPTC holds at most 2000 bytes: our own caption cut at a character boundary is still ours.
+        if cand.origin == "iptc" and text == normalise(iptc.truncate_utf8(recorded).decode("utf-8")):
+            return info.provenance
+    return None
+
+
+def describe(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -> Description | None:
+    """Choose the description and classify it as ours / human / boilerplate (see module docstring)."""
+    candidates = _candidates(emb, xmp_info, sidecars)
+    if not candidates:
+        return None
+    infos = [i for i in [*sidecars, xmp_info] if i is not None]
+    tiff = emb.tiff
+    make, model, software = (_text(tiff.make), _text(tiff.model), _text(tiff.software)) if tiff else (None,) * 3
+    classified = []
+    for cand in candidates:
+        provenance = _ours(cand, infos)
+        if provenance is not None:
+            kind = "ours"
+        elif is_boilerplate(cand.text, make=make, model=model, software=software):
+            kind = "boilerplate"
+        else:
+            kind = "human"
+        classified.append((cand, kind, provenance))
+    best = next((c for c in classified if c[1] != "boilerplate"), classified[0])
+    cand, kind, provenance = best
+    text = normalise(cand.text)
+    if kind == "ours":
+        return Description(text, "ours", provenance, cand.origin)
+    return Description(text, "human" if kind == "human" else "boilerplate", None, cand.origin)
+
+
+def _taken_at(emb: Embedded, infos: list[XmpInfo]) -> str | None:
+    if emb.tiff:
+        for raw in (emb.tiff.date_time_original, emb.tiff.create_date):
+            iso = exif.exif_date_to_iso(raw)
+            if iso:
+                return iso
+    for info in infos:
+        for value in (info.date_created, info.date_time_original, info.create_date):
+            iso = xmp_date_to_iso(value)
+            if iso:
+                return iso
+    return None
+
+
+def read_sidecar(path: Path) -> XmpInfo | None:
+    """Parse one sidecar; None when it is unreadable, too large or malformed (a sidecar never blocks a read)."""
+    try:
+        if path.stat().st_size > MAX_SIDECAR:
+            return None
+        return parse_xmp(path.read_bytes())
+    except (OSError, XmpError):
+        return None
+
+
+def read_metadata(path: Path) -> FileMetadata:
+    """Read format, description, capture time and size of ``path`` (embedded metadata and XMP sidecars).
+
+    Reads only header segments/chunks, never pixels, and never modifies anything. Raises MetadataError (one line,
+    naming the file) when the file cannot be opened or its container is malformed. Malformed or hostile XMP and
+    damaged EXIF/IPTC inside a readable container are skipped rather than fatal.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEAD_SIZE)
+            fmt = detect_format(head, path.suffix)
+            try:
+                emb = read_embedded(fmt, FileSource(f, size))
+            except CorruptError as exc:
+                raise MetadataError(f"{path}: {exc}") from None
+    except MetadataError:
+        raise
+    except IsADirectoryError:
+        raise MetadataError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    xmp_info = None
+    if emb.xmp:
+        try:
+            xmp_info = parse_xmp(emb.xmp)
+        except XmpError:
+            xmp_info = None
+    sidecars = [info for p in existing_sidecars(path) if (info := read_sidecar(p)) is not None]
+    infos = [i for i in [xmp_info, *sidecars] if i is not None]
+    return FileMetadata(
+        format=fmt,
+        description=describe(emb, xmp_info, sidecars),
+        taken_at=_taken_at(emb, infos),
+        width=emb.width,
+        height=emb.height,
+    )

@@ -1,0 +1,326 @@
+"""XMP packets: parse (defusedxml: no DTDs, no entity expansion, no external entities), read the description and
+capwatch provenance, and merge a caption into an existing packet keeping every other property, namespace and
+language.
+
+capwatch provenance namespace (stable, documented; never change the URI, readers key on it):
+``xmlns:capwatch="https://capwatch.invalid/ns/1.0/"`` with simple properties ``capwatch:Source`` ("capwatch"),
+``capwatch:Model``, ``capwatch:ModelRevision`` (absent when unknown), ``capwatch:CreatedAt`` (ISO 8601 UTC) and
+``capwatch:Caption`` (the exact text capwatch wrote: if a person later edits dc:description, the texts differ and
+the description counts as theirs).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from xml.dom import Node
+from xml.dom.minidom import Document, Element
+from xml.etree.ElementTree import Element as EtElement
+from xml.etree.ElementTree import ParseError
+
+import defusedxml.ElementTree as SafeET
+import defusedxml.minidom as SafeMinidom
+from defusedxml import DefusedXmlException
+
+from capwatch.errors import MetadataError
+from capwatch.metadata.records import Provenance
+
+NS_RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+NS_DC = "http://purl.org/dc/elements/1.1/"
+NS_X = "adobe:ns:meta/"
+NS_XML = "http://www.w3.org/XML/1998/namespace"
+NS_XMLNS = "http://www.w3.org/2000/xmlns/"
+NS_XMP = "http://ns.adobe.com/xap/1.0/"
+NS_PHOTOSHOP = "http://ns.adobe.com/photoshop/1.0/"
+NS_EXIF = "http://ns.adobe.com/exif/1.0/"
+NS_XMP_NOTE = "http://ns.adobe.com/xmp/note/"
+NS_CAPWATCH = "https://capwatch.invalid/ns/1.0/"
+CAPWATCH_PREFIX = "capwatch"
+PACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"
+XMP_TOOLKIT = "capwatch"
+
+
+class XmpError(MetadataError):
+    """An XMP packet is malformed or hostile (DTD, entities) and cannot be read or merged."""
+
+
+@dataclass(frozen=True)
+class XmpInfo:
+    """What capwatch reads from one packet."""
+
+    description: str | None
+    provenance: Provenance | None
+    our_caption: str | None
+    date_created: str | None  # photoshop:DateCreated
+    date_time_original: str | None  # exif:DateTimeOriginal
+    create_date: str | None  # xmp:CreateDate
+    has_extended: bool
+
+
+def _q(ns: str, local: str) -> str:
+    return "{" + ns + "}" + local
+
+
+def _strip_packet(packet: bytes) -> bytes:
+    # Some writers leave NULs or junk after the closing processing instruction; expat rejects them.
+    end = packet.rfind(b">")
+    data = packet[: end + 1] if end >= 0 else packet
+    return data.lstrip(b"\x00")
+
+
+def _parse_et(packet: bytes) -> EtElement:
+    try:
+        root = SafeET.fromstring(_strip_packet(packet), forbid_dtd=True)
+    except (ParseError, DefusedXmlException, ValueError) as exc:
+        raise XmpError(f"malformed or unsafe XMP ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})") from None
+    return root
+
+
+def _prop(desc: EtElement, ns: str, local: str) -> str | None:
+    attr = desc.get(_q(ns, local))
+    if attr is not None:
+        return attr
+    el = desc.find(_q(ns, local))
+    if el is None:
+        return None
+    return (el.text or "").strip() if len(el) == 0 else None
+
+
+def parse_xmp(packet: bytes) -> XmpInfo:
+    """Read description (dc:description x-default, else the first language), provenance and dates.
+
+    Raises XmpError for malformed or hostile packets.
+    """
+    root = _parse_et(packet)
+    descriptions = list(root.iter(_q(NS_RDF, "Description")))
+    description: str | None = None
+    props: dict[str, str] = {}
+    dates: dict[str, str] = {}
+    has_extended = False
+    for desc in descriptions:
+        if description is None:
+            description = _lang_alt(desc)
+        for local in ("Source", "Model", "ModelRevision", "CreatedAt", "Caption"):
+            value = _prop(desc, NS_CAPWATCH, local)
+            if value is not None and local not in props:
+                props[local] = value
+        for key, ns, local in (
+            ("ps", NS_PHOTOSHOP, "DateCreated"),
+            ("exif", NS_EXIF, "DateTimeOriginal"),
+            ("xmp", NS_XMP, "CreateDate"),
+        ):
+            value = _prop(desc, ns, local)
+            if value and key not in dates:
+                dates[key] = value
+        if _prop(desc, NS_XMP_NOTE, "HasExtendedXMP"):
+            has_extended = True
+    provenance = None
+    if props.get("Model") and props.get("CreatedAt"):
+        provenance = Provenance(props["Model"], props.get("ModelRevision") or None, props["CreatedAt"])
+    return XmpInfo(
+        description=description,
+        provenance=provenance,
+        our_caption=props.get("Caption"),
+        date_created=dates.get("ps"),
+        date_time_original=dates.get("exif"),
+        create_date=dates.get("xmp"),
+        has_extended=has_extended,
+    )
+
+
+def _lang_alt(desc: EtElement) -> str | None:
+    attr = desc.get(_q(NS_DC, "description"))
+    if attr is not None:
+        return attr
+    el = desc.find(_q(NS_DC, "description"))
+    if el is None:
+        return None
+    container = el.find(_q(NS_RDF, "Alt"))
+    if container is None:
+        return el.text.strip() if el.text and el.text.strip() else None
+    items = container.findall(_q(NS_RDF, "li"))
+    for li in items:
+        if li.get(_q(NS_XML, "lang")) == "x-default":
+            return li.text or ""
+    return (items[0].text or "") if items else None
+
+
+def xmp_date_to_iso(value: str | None) -> str | None:
+    """An XMP date ('YYYY', 'YYYY-MM-DD', 'YYYY-MM-DDTHH:MM[:SS][.s][tz]') as local 'YYYY-MM-DDTHH:MM:SS'."""
+    if not value:
+        return None
+    text = value.strip()
+    date, _, time = text.partition("T")
+    parts = date.split("-")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[0]) == 0:
+        return None
+    hh = mm = ss = 0
+    if time:
+        clock = time[:8]
+        for sep in ("+", "-", "Z"):
+            clock = clock.split(sep)[0]
+        fields = clock.split(":")
+        try:
+            hh, mm = int(fields[0]), int(fields[1])
+            ss = int(fields[2][:2]) if len(fields) > 2 and fields[2][:2].isdigit() else 0
+        except (ValueError, IndexError):
+            return None
+    y, mo, d = (int(p) for p in parts)
+    if not (1 <= mo <= 12 and 1 <= d <= 31 and hh <= 24 and mm < 60 and ss <= 60):
+        return None
+    return f"{y:04d}-{mo:02d}-{d:02d}T{hh:02d}:{mm:02d}:{ss:02d}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Merging
+
+
+def _children(el: Element, ns: str, local: str) -> list[Element]:
+    return [c for c in el.childNodes if isinstance(c, Element) and c.namespaceURI == ns and c.localName == local]
+
+
+def _prefix_for(el: Element, ns: str, wanted: str) -> str:
+    """A prefix bound to ``ns`` in scope at ``el``; else declare ``wanted`` (or a free variant) on ``el``."""
+    node: Node | None = el
+    used: set[str] = set()
+    while isinstance(node, Element):
+        for attr in node.attributes.values():
+            name = str(attr.name)
+            if name.startswith("xmlns:"):
+                if attr.value == ns:
+                    return name[6:]
+                used.add(name[6:])
+        node = node.parentNode
+    prefix, n = wanted, 1
+    while prefix in used:
+        n += 1
+        prefix = f"{wanted}{n}"
+    el.setAttributeNS(NS_XMLNS, f"xmlns:{prefix}", ns)
+    return prefix
+
+
+def _skeleton() -> Document:
+    xml = (
+        f'<x:xmpmeta xmlns:x="{NS_X}" x:xmptk="{XMP_TOOLKIT}">'
+        f'<rdf:RDF xmlns:rdf="{NS_RDF}"><rdf:Description rdf:about=""/></rdf:RDF></x:xmpmeta>'
+    )
+    doc: Document = SafeMinidom.parseString(xml)
+    return doc
+
+
+def _parse_dom(packet: bytes) -> Document:
+    try:
+        doc: Document = SafeMinidom.parseString(_strip_packet(packet), forbid_dtd=True)  # type: ignore[arg-type]
+    except (DefusedXmlException, ValueError) as exc:
+        raise XmpError(f"malformed or unsafe XMP ({type(exc).__name__})") from None
+    except Exception as exc:  # expat.ExpatError has no stable public import path across versions
+        raise XmpError(f"malformed XMP ({str(exc).splitlines()[0][:80]})") from None
+    return doc
+
+
+def _find_rdf(doc: Document) -> Element:
+    for el in doc.getElementsByTagNameNS(NS_RDF, "RDF"):
+        return el
+    raise XmpError("XMP packet has no rdf:RDF element")
+
+
+def _set_text(doc: Document, el: Element, text: str) -> None:
+    for child in list(el.childNodes):
+        el.removeChild(child)
+    el.appendChild(doc.createTextNode(text))
+
+
+def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) -> str:
+    """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
+    provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
+
+    Raises XmpError when the packet is malformed or hostile.
+    """
+    doc = _parse_dom(packet) if packet and packet.strip(b"\x00 \t\r\n") else _skeleton()
+    rdf = _find_rdf(doc)
+    rdf_prefix = rdf.prefix or "rdf"
+    descriptions = _children(rdf, NS_RDF, "Description")
+    if not descriptions:
+        new = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Description")
+        new.setAttributeNS(NS_RDF, f"{rdf_prefix}:about", "")
+        rdf.appendChild(new)
+        descriptions = [new]
+    # Drop earlier capwatch provenance wherever it is, so there is exactly one set.
+    for desc in descriptions:
+        for child in _children_ns(desc, NS_CAPWATCH):
+            desc.removeChild(child)
+        for attr in list(desc.attributes.values()):
+            if attr.namespaceURI == NS_CAPWATCH:
+                desc.removeAttributeNode(attr)
+    target = next(
+        (d for d in descriptions if _children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
+        descriptions[0],
+    )
+    _set_description(doc, target, rdf_prefix, caption)
+    cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX)
+    values = [("Source", "capwatch"), ("Model", provenance.model)]
+    if provenance.revision:
+        values.append(("ModelRevision", provenance.revision))
+    values += [("CreatedAt", provenance.created_at), ("Caption", caption)]
+    for local, value in values:
+        el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
+        el.appendChild(doc.createTextNode(value))
+        target.appendChild(el)
+    root = doc.documentElement
+    assert root is not None
+    xml = str(root.toxml())
+    # One more parse/serialise pass puts attributes in the order the parser reports them (namespace
+    # declarations first), so merging our own output again yields the same bytes (idempotent writes).
+    again = _parse_dom(xml.encode("utf-8")).documentElement
+    assert again is not None
+    return str(again.toxml())
+
+
+def _children_ns(el: Element, ns: str) -> list[Element]:
+    return [c for c in el.childNodes if isinstance(c, Element) and c.namespaceURI == ns]
+
+
+def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: str) -> None:
+    if target.hasAttributeNS(NS_DC, "description"):
+        target.removeAttributeNS(NS_DC, "description")
+    existing = _children(target, NS_DC, "description")
+    if existing:
+        prop = existing[0]
+    else:
+        dc = _prefix_for(target, NS_DC, "dc")
+        prop = doc.createElementNS(NS_DC, f"{dc}:description")
+        target.appendChild(prop)
+    alts = _children(prop, NS_RDF, "Alt")
+    if not alts:
+        for child in list(prop.childNodes):
+            prop.removeChild(child)
+        alt = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Alt")
+        prop.appendChild(alt)
+    else:
+        alt = alts[0]
+    items = _children(alt, NS_RDF, "li")
+    default = next((li for li in items if li.getAttributeNS(NS_XML, "lang") == "x-default"), None)
+    if default is None:
+        default = doc.createElementNS(NS_RDF, f"{rdf_prefix}:li")
+        default.setAttributeNS(NS_XML, "xml:lang", "x-default")
+        alt.insertBefore(default, alt.firstChild)
+    _set_text(doc, default, caption)
+
+
+def wrap_packet(xml: str, padding: int = 0) -> bytes:
+    """``xml`` inside an xpacket wrapper with ``padding`` bytes of whitespace (room for in-place edits), UTF-8."""
+    pad = b""
+    if padding > 0:
+        line = b" " * 99 + b"\n"
+        pad = b"\n" + line * (padding // 100)
+    return (
+        b'<?xpacket begin="\xef\xbb\xbf" id="' + PACKET_ID.encode() + b'"?>\n'
+        + xml.encode("utf-8")
+        + pad
+        + b'\n<?xpacket end="w"?>'
+    )
+
+
+def normalise(text: str) -> str:
+    """Caption text as capwatch stores and compares it: NFC, surrounding whitespace removed."""
+    return unicodedata.normalize("NFC", text).strip()
