@@ -111,7 +111,37 @@ def cli(ctx: click.Context, config_path: str | None, db: str | None, model: str 
 # -- search -----------------------------------------------------------------------------------------------------
 
 
-@cli.command()
+class _SearchCommand(click.Command):
+    """Lets ``-word`` (exclude) through as a search word instead of an unknown option.
+
+    Anything that is not one of the command's own options is moved behind ``--``, so ``capwatch search cat -dog``
+    and ``capwatch search -dog cat --json`` work as a person expects.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value: dict[str, bool] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                for name in (*param.opts, *param.secondary_opts):
+                    takes_value[name] = not param.is_flag and not param.count
+        options: list[str] = []
+        words: list[str] = []
+        rest = iter(args)
+        for arg in rest:
+            if arg == "--":
+                words.extend(rest)
+                break
+            name = arg.split("=", 1)[0]
+            if name in takes_value:
+                options.append(arg)
+                if takes_value[name] and "=" not in arg:
+                    options.append(next(rest, ""))
+            else:
+                words.append(arg)
+        return super().parse_args(ctx, [*options, "--", *words])
+
+
+@cli.command(cls=_SearchCommand)
 @click.argument("words", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: path, caption, score, source, "
               "model, taken_at.")

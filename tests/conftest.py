@@ -1,0 +1,70 @@
+"""Shared test helpers: run the real `capwatch` CLI in a subprocess with an isolated environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+
+CliRunner = Callable[..., CliResult]
+
+
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """An environment where capwatch finds no user config, cache or state outside ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPWATCH_") and k != "NOTIFY_SOCKET"}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env.update({
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_STATE_HOME": str(home / ".local" / "state"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "CAPWATCH_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    return env
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> CliRunner:
+    """Run ``python -m capwatch ARGS`` and return its exit code, stdout and stderr."""
+    base_env = isolated_env(tmp_path)
+
+    def run(*args: str | Path, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 120) -> CliResult:
+        proc = subprocess.run(
+            [sys.executable, "-m", "capwatch", *map(str, args)],
+            env={**base_env, **(env or {})}, input=input, capture_output=True, text=True, timeout=timeout,
+            cwd=tmp_path,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+def assert_one_line_error(result: CliResult, code: int = 2) -> str:
+    """The CLI contract for bad input: exit ``code``, exactly one line on stderr, no traceback."""
+    assert result.code == code, (result.code, result.err)
+    assert "Traceback" not in result.err, result.err
+    assert len(result.err_lines) == 1, result.err
+    return result.err_lines[0]
