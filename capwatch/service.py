@@ -1,0 +1,781 @@
+"""The daemon: start-up, the event loop that ties watcher, settler and pipeline together, signals, systemd.
+
+``run_daemon`` takes the lock next to the index (a second daemon on the same index refuses with one line),
+starts the pipeline (model thread + prepare thread), watches every root, reconciles each root in the background
+(backfill: queued behind live events), tells systemd it is ready, and then keeps a few promises until told to
+stop:
+
+* SIGTERM / SIGINT: stop intake, finish (or, past a bound, abandon) the in-flight batch, flush, exit 0.
+* SIGHUP: reload the configuration and restart the components with it (the lock and model stay when possible).
+* ``sd_notify`` over ``$NOTIFY_SOCKET`` (a datagram; no libsystemd): READY=1, STATUS=..., WATCHDOG=1 at half of
+  ``$WATCHDOG_USEC``, STOPPING=1.
+* A live-state JSON file next to the index (written atomically) that :func:`read_live_state` returns to
+  ``capwatch status`` while the daemon runs.
+* Roots that are missing, unmounted, replaced or suddenly empty never lose their index rows; they are checked
+  again every ``watch.recheck_missing_seconds`` and picked up when they are back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from capwatch.config import Config, RootConfig, load_config
+from capwatch.errors import CapwatchError
+from capwatch.index import Index, normalise_path
+from capwatch.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
+from capwatch.settle import FileState, Settler
+from capwatch.watcher import Watcher, WatchEvent, roots_for
+
+log = logging.getLogger(__name__)
+
+#: Upper bound for finishing the in-flight batch after SIGTERM (systemd's default TimeoutStopSec is 90 s).
+STOP_TIMEOUT_SECONDS = 30.0
+
+
+class DaemonAlreadyRunning(CapwatchError):
+    """Another daemon holds the lock on the same index."""
+
+
+# -- files next to the index ----------------------------------------------------------------------------------
+
+
+def lock_path(index_path: Path) -> Path:
+    """The lock file of the daemon that uses ``index_path``."""
+    return index_path.with_name(index_path.name + ".lock")
+
+
+def live_state_path(index_path: Path) -> Path:
+    """The live-state JSON file of the daemon that uses ``index_path``."""
+    return index_path.with_name(index_path.name + ".daemon.json")
+
+
+class InstanceLock:
+    """An exclusive ``flock`` on ``<index>.lock``, held for the daemon's lifetime (released by the kernel on
+    any exit, including kill -9)."""
+
+    def __init__(self, index_path: Path) -> None:
+        self.path = lock_path(index_path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock. Raises DaemonAlreadyRunning (one line) when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            other = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                who = f" (pid {other})" if other else ""
+                raise DaemonAlreadyRunning(
+                    f"another capwatch daemon{who} is already running on {self.path.with_suffix('')}"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race with a starting daemon)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or "0") or None
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_is_held(index_path: Path) -> bool:
+    try:
+        fd = os.open(lock_path(index_path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the shared lock we may have taken
+    return False
+
+
+def read_live_state(index_path: Path) -> dict[str, Any] | None:
+    """Return the running daemon's live state for ``index_path``, or None when no daemon runs.
+
+    A state file left by a daemon that died (kill -9, power loss) is recognised by its lock being free, or its
+    pid gone, and reported as None. Never raises.
+    """
+    path = live_state_path(Path(index_path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not _lock_is_held(Path(index_path)):
+        return None
+    pid = data.get("pid")
+    if not isinstance(pid, int) or not _pid_alive(pid):
+        return None
+    return data
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user (the system service)
+    return True
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- systemd --------------------------------------------------------------------------------------------------
+
+
+class SystemdNotifier:
+    """Sends ``sd_notify`` datagrams to ``$NOTIFY_SOCKET`` (no-op when it is unset)."""
+
+    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+        address = env.get("NOTIFY_SOCKET", "")
+        self._address: str | bytes | None
+        if not address:
+            self._address = None
+        elif address.startswith("@"):
+            self._address = b"\0" + address[1:].encode()  # abstract namespace socket
+        elif address.startswith("/"):
+            self._address = address
+        else:
+            self._address = None  # vsock and others: not supported, stay quiet
+        usec = env.get("WATCHDOG_USEC", "")
+        wd_pid = env.get("WATCHDOG_PID", "")
+        interval: float | None = None
+        if usec.isdigit() and int(usec) > 0 and (not wd_pid or wd_pid == str(os.getpid())):
+            interval = int(usec) / 1e6 / 2
+        #: Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None when systemd does not ask for them.
+        self.watchdog_interval = interval
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    def notify(self, *fields: str) -> bool:
+        """Send ``fields`` (e.g. ``"READY=1"``) as one datagram. Returns False when not sent (never raises)."""
+        if self._address is None:
+            return False
+        message = "\n".join(fields).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self._address)
+                sock.sendall(message)
+        except OSError as exc:
+            log.debug("sd_notify failed: %s", exc)
+            return False
+        return True
+
+
+# -- the daemon -----------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised inside a reconcile's progress callback to abandon it when the daemon stops."""
+
+
+class IndexOnlyProcessor:
+    """Keeps the index in step with the files without captioning (``caption=False``): reads each file's
+    metadata and fingerprint, imports any description, and upserts the row."""
+
+    def __init__(self, config: Config, index: Index) -> None:
+        self._config = config
+        self._index = index
+
+    def process_batch(self, paths: Sequence[Path]) -> list[Any]:
+        """Return one outcome per path (``error`` set for unreadable files); never raises for one file."""
+        from capwatch.process import FileOutcome
+        from capwatch.scan import read_record
+
+        outcomes: list[Any] = []
+        for path in paths:
+            spath = normalise_path(path)
+            try:
+                st = os.stat(spath)
+            except OSError as exc:
+                outcomes.append(FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}"))
+                continue
+            record = read_record(spath, st, self._index.get(spath), self._config)
+            self._index.upsert(record)
+            outcomes.append(FileOutcome(Path(spath), record.caption, record.model, skipped="index only",
+                                        error=record.error if record.status == "error" else None))
+        return outcomes
+
+
+CaptionerFactory = Callable[[Config], Any]
+
+
+def default_captioner_factory(config: Config) -> Any:
+    """Open the configured model (pulled into the cache on first use). Raises ModelError."""
+    from capwatch.models.captioner import open_captioner
+    from capwatch.models.store import resolve_model
+
+    resolved = resolve_model(config.model, os.environ, download=True)
+    return open_captioner(resolved.dir, config.model, model_id=resolved.model_id, revision=resolved.revision)
+
+
+def run_daemon(
+    config: Config,
+    roots: Sequence[RootConfig | Path] | None = None,
+    *,
+    stop_event: threading.Event | None = None,
+    reload: Callable[[], Config] | None = None,
+    caption: bool = True,
+    captioner_factory: CaptionerFactory | None = None,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT (main thread only) or ``stop_event``; return the exit code.
+
+    ``roots`` default to ``config.library.roots``. ``reload`` builds the configuration again on SIGHUP (the CLI
+    passes one that re-applies its flags; default: reload ``config.source``). ``caption=False`` keeps the index
+    in step without loading a model. Returns 0 after a clean stop, 1 when a worker thread crashed. Raises
+    DaemonAlreadyRunning when another daemon holds the index, ModelError / IndexUnavailable / ConfigError when
+    start-up fails (one-line messages for the CLI).
+    """
+    daemon = Daemon(config, roots, stop_event=stop_event or threading.Event(), reload=reload, caption=caption,
+                    captioner_factory=captioner_factory or default_captioner_factory)
+    return daemon.run()
+
+
+class Daemon:
+    """One daemon run; see :func:`run_daemon`."""
+
+    def __init__(
+        self,
+        config: Config,
+        roots: Sequence[RootConfig | Path] | None,
+        *,
+        stop_event: threading.Event,
+        reload: Callable[[], Config] | None,
+        caption: bool,
+        captioner_factory: CaptionerFactory,
+    ) -> None:
+        self.config = config
+        self._explicit_roots = tuple(roots) if roots else None
+        self.stop_event = stop_event
+        self._reload_fn = reload
+        self._caption = caption
+        self._captioner_factory = captioner_factory
+        self._reload_requested = threading.Event()
+        self.index_path = config.index_path()
+        self._lock = InstanceLock(self.index_path)
+        self._notifier = SystemdNotifier()
+        self._started = _utc_now()
+        self._state = "starting"
+        self._captioner: Any = None
+        self._engine: _Engine | None = None
+
+    # -- public lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._lock.acquire()
+        previous_handlers = self._install_signals()
+        code = 0
+        try:
+            Index.open(self.index_path, busy_timeout=self.config.index.busy_timeout_seconds).close()
+            self._start_engine()
+            self._notifier.notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
+            log.info("capwatch daemon ready (pid %d, index %s)", os.getpid(), self.index_path)
+            code = self._loop()
+        finally:
+            self._state = "stopping"
+            self._notifier.notify("STOPPING=1", "STATUS=stopping")
+            clean = self._stop_engine()
+            if self._captioner is not None:
+                with contextlib.suppress(Exception):
+                    self._captioner.close()
+            with contextlib.suppress(OSError):
+                live_state_path(self.index_path).unlink()
+            self._restore_signals(previous_handlers)
+            self._lock.release()
+            log.info("capwatch daemon stopped%s", "" if clean else " (in-flight batch abandoned)")
+        return code
+
+    def _roots(self) -> tuple[RootConfig, ...]:
+        chosen = self._explicit_roots if self._explicit_roots else self.config.library.roots
+        return roots_for(list(chosen), self.config.library)
+
+    # -- signals ------------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # run in a thread (tests, embedding): the owner stops us through stop_event
+        handlers: dict[int, Any] = {}
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.stop_event.set()
+
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self._reload_requested.set()  # the loop notices within a tick
+
+        for sig, handler in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, hup)):
+            handlers[sig] = signal.signal(sig, handler)
+        return handlers
+
+    @staticmethod
+    def _restore_signals(handlers: dict[int, Any]) -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    def request_reload(self) -> None:
+        """Ask the loop to reload the configuration (what SIGHUP does)."""
+        self._reload_requested.set()
+
+    # -- main loop ----------------------------------------------------------------------------------------
+
+    def _loop(self) -> int:
+        interval = self._notifier.watchdog_interval
+        tick = min(1.0, interval) if interval else 1.0
+        next_ping = 0.0
+        next_state = 0.0
+        next_recheck = time.monotonic() + self.config.watch.recheck_missing_seconds
+        while True:
+            self.stop_event.wait(tick)
+            if self.stop_event.is_set():
+                return 0
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._reload()
+                continue
+            engine = self._engine
+            if engine is not None and not engine.healthy():
+                log.error("a daemon thread stopped unexpectedly; exiting so the service manager restarts us")
+                return 1
+            now = time.monotonic()
+            if interval and now >= next_ping:
+                self._notifier.notify("WATCHDOG=1")
+                next_ping = now + interval
+            if now >= next_recheck and engine is not None:
+                engine.recheck_roots()
+                next_recheck = now + max(0.5, self.config.watch.recheck_missing_seconds)
+            if now >= next_state:
+                self._publish()
+                next_state = now + 2.0
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: reloading configuration")
+        try:
+            new = self._reload_fn() if self._reload_fn is not None else _reload_from_source(self.config)
+        except CapwatchError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        # The lock belongs to this index; a different one needs a restart.
+        new = dataclasses.replace(new, index=dataclasses.replace(new.index, path=self.index_path))
+        self._state = "reloading"
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        self._stop_engine()
+        if new.model != self.config.model and self._captioner is not None:
+            with contextlib.suppress(Exception):
+                self._captioner.close()
+            self._captioner = None
+        self.config = new
+        self._start_engine()
+        self._notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        log.info("configuration reloaded")
+
+    # -- engine -------------------------------------------------------------------------------------------
+
+    def _start_engine(self) -> None:
+        if self._caption and self._captioner is None:
+            self._captioner = self._captioner_factory(self.config)
+        engine = _Engine(self.config, self._roots(), self.index_path, self._captioner if self._caption else None)
+        engine.start()
+        self._engine = engine
+        self._state = "running"
+        self._publish()
+
+    def _stop_engine(self) -> bool:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return True
+        return engine.stop(STOP_TIMEOUT_SECONDS)
+
+    # -- reporting ----------------------------------------------------------------------------------------
+
+    def _status_line(self) -> str:
+        engine = self._engine
+        if engine is None:
+            return self._state
+        return engine.status_line()
+
+    def _publish(self) -> None:
+        engine = self._engine
+        data: dict[str, Any] = {
+            "pid": os.getpid(),
+            "started": self._started,
+            "updated": _utc_now(),
+            "state": self._state,
+            "model": str(self.config.model.dir) if self.config.model.dir else self.config.model.name,
+            "model_loaded": _model_loaded(self._captioner),
+        }
+        if engine is not None:
+            data.update(engine.live_state())
+        try:
+            _write_json_atomic(live_state_path(self.index_path), data)
+        except OSError as exc:
+            log.debug("cannot write live state: %s", exc)
+        self._notifier.notify(f"STATUS={self._status_line()}")
+
+
+def _reload_from_source(config: Config) -> Config:
+    return load_config(config.source) if config.source is not None else config
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _model_loaded(captioner: Any) -> bool:
+    if captioner is None:
+        return False
+    for name in ("loaded", "is_loaded"):
+        value = getattr(captioner, name, None)
+        if callable(value):
+            value = value()
+        if isinstance(value, bool):
+            return value
+    return True
+
+
+def _group(number: int) -> str:
+    return f"{number:,}".replace(",", " ")
+
+
+def _stat(path: Path) -> FileState | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return FileState(st.st_size, st.st_mtime_ns)
+
+
+def _root_trustworthy(root: Path) -> bool:
+    """True when ``root`` is a non-empty directory: only then may deletions below it remove index rows."""
+    try:
+        with os.scandir(root) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
+
+
+class _Engine:
+    """Everything that runs for one configuration: pipeline, watcher, control and backfill threads."""
+
+    def __init__(self, config: Config, roots: tuple[RootConfig, ...], index_path: Path, captioner: Any) -> None:
+        self.config = config
+        self.roots = roots
+        self.index_path = index_path
+        self.captioner = captioner
+        self.stop_event = threading.Event()
+        self.queue = JobQueue(config.watch.queue_size)
+        self.inbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
+        self.watcher = Watcher(config.library, config.watch, self.inbox.put)
+        self.pipeline = Pipeline(
+            self.queue,
+            make_processor=self._make_processor,
+            open_index=self._open_index,
+            batch_size=config.model.batch_size,
+            batch_wait_seconds=config.watch.batch_wait_ms / 1000.0,
+            idle=self._idle,
+        )
+        self.reconcile_requests: queue.SimpleQueue[RootConfig] = queue.SimpleQueue()
+        self.missing: dict[Path, str] = {}
+        self.modes: dict[Path, str] = {}
+        self.settling = 0
+        self.backfill_active = False
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _open_index(self) -> Index:
+        return Index.open(self.index_path, busy_timeout=self.config.index.busy_timeout_seconds)
+
+    def _make_processor(self) -> BatchProcessor:
+        index = self._open_index()
+        if self.captioner is None:
+            return IndexOnlyProcessor(self.config, index)
+        from capwatch.process import Processor
+
+        processor: BatchProcessor = Processor(self.config, index, self.captioner)
+        return processor
+
+    def _idle(self) -> None:
+        unload = getattr(self.captioner, "unload_if_idle", None)
+        if callable(unload):
+            with contextlib.suppress(Exception):
+                unload()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.pipeline.start()
+        for target, name in ((self._control_loop, "capwatch-control"), (self._backfill_loop, "capwatch-backfill")):
+            thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        for root in self.roots:
+            self._start_root(root)
+
+    def _start_root(self, root: RootConfig) -> None:
+        path = Path(root.path)
+        try:
+            self.modes[path] = self.watcher.start_root(root)
+        except OSError as exc:
+            with self._lock:
+                if path not in self.missing:
+                    log.warning("root %s is not available (%s); will check again every %.0f s", path,
+                                exc.strerror or exc, self.config.watch.recheck_missing_seconds)
+                self.missing[path] = "missing"
+            self.modes.pop(path, None)
+            return
+        with self._lock:
+            self.missing.pop(path, None)
+        # Reconcile after the watch is in place, so nothing that changes in between is missed.
+        self.reconcile_requests.put(root)
+
+    def recheck_roots(self) -> None:
+        """Restart watching (and reconcile) roots that went missing, were replaced, or came back."""
+        for root in self.roots:
+            path = Path(root.path)
+            if self.watcher.healthy(path):
+                continue
+            self.watcher.stop_root(path)
+            if os.path.isdir(path):
+                if path in self.missing:
+                    log.info("root %s is back", path)
+                else:
+                    log.warning("root %s was replaced or its watch stopped; watching it again", path)
+                self._start_root(root)
+            else:
+                with self._lock:
+                    if path not in self.missing:
+                        log.warning("root %s disappeared; keeping its index entries until it is back", path)
+                    self.missing[path] = "missing"
+                self.modes.pop(path, None)
+
+    def stop(self, timeout: float) -> bool:
+        self.stop_event.set()
+        self.watcher.stop()
+        clean = self.pipeline.stop(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+            clean = clean and not thread.is_alive()
+        return clean
+
+    def healthy(self) -> bool:
+        return self.pipeline.alive() and all(t.is_alive() for t in self._threads)
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception:
+                log.exception("daemon thread failed")
+
+        return run
+
+    # -- control: events -> settler -> queue; moves and deletions ------------------------------------------
+
+    def _control_loop(self) -> None:
+        settler = Settler(self.config.watch.settle_seconds, clock=time.monotonic)
+        deletions: dict[Path, tuple[float, Path, bool]] = {}  # path -> (due, root, is_dir)
+        delay = max(1.0, self.config.watch.settle_seconds)
+        index = self._open_index()
+        try:
+            while not self.stop_event.is_set():
+                wake = settler.next_check()
+                timeout = 0.25 if wake is None else min(0.25, max(0.0, wake - time.monotonic()))
+                try:
+                    first = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    first = None
+                events = [first] if first is not None else []
+                while len(events) < 10_000:
+                    try:
+                        events.append(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for event in events:
+                    self._apply(event, settler, deletions, index, delay)
+                self._flush_deletions(deletions, index)
+                decision = settler.poll(_stat, limit=max(0, self.queue.free()))
+                for path in decision.ready:
+                    if not self.queue.put_live(path):
+                        settler.changed(path, _stat(path), closed=True)  # full after all: try again soon
+                self.settling = len(settler)
+        finally:
+            index.close()
+
+    def _apply(self, event: WatchEvent, settler: Settler, deletions: dict[Path, tuple[float, Path, bool]],
+               index: Index, delay: float) -> None:
+        if event.kind in ("changed", "closed"):
+            deletions.pop(event.path, None)
+            # Changed again while waiting in the queue: take it out, it is queued again once settled.
+            self.queue.discard(event.path)
+            settler.changed(event.path, _stat(event.path), closed=event.kind == "closed")
+        elif event.kind == "moved" and event.dest is not None:
+            deletions.pop(event.dest, None)
+            self.queue.discard(event.path)
+            self.queue.discard(event.dest)
+            if index.get(event.path) is not None:
+                # The caption moves with the file; the settled job then finds the same fingerprint and skips.
+                index.move(event.path, event.dest)
+            settler.moved(event.path, event.dest, _stat(event.dest))
+        elif event.kind == "deleted":
+            settler.forget(event.path)
+            self.queue.discard(event.path)
+            deletions[event.path] = (time.monotonic() + delay, event.root, False)
+        elif event.kind == "dir_gone":
+            settler.forget_under(event.path)
+            deletions[event.path] = (time.monotonic() + delay, event.root, True)
+
+    def _flush_deletions(self, deletions: dict[Path, tuple[float, Path, bool]], index: Index) -> None:
+        now = time.monotonic()
+        due = [(p, root, is_dir) for p, (t, root, is_dir) in deletions.items() if t <= now]
+        for path, root, is_dir in due:
+            del deletions[path]
+            if not _root_trustworthy(root):
+                # The whole root went (unmounted, removed, emptied): that is not the user deleting photos.
+                with self._lock:
+                    if root not in self.missing:
+                        log.warning("root %s is missing or empty; keeping its index entries", root)
+                        self.missing[root] = "missing"
+                continue
+            if self.queue.is_busy(path):
+                deletions[path] = (now + 1.0, root, is_dir)  # recreated and queued: decide later
+                continue
+            if is_dir:
+                doomed = [p for p in index.stat_map(path) if not os.path.lexists(p)]
+                if doomed:
+                    index.remove_many(doomed)
+            elif not os.path.lexists(path):
+                index.remove(path)
+
+    # -- backfill: reconcile roots and queue what needs a caption ------------------------------------------
+
+    def _backfill_loop(self) -> None:
+        from capwatch.scan import reconcile
+
+        index = self._open_index()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    root = self.reconcile_requests.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                self.backfill_active = True
+                try:
+                    self._backfill_root(root, index, reconcile)
+                finally:
+                    self.backfill_active = False
+        finally:
+            index.close()
+
+    def _backfill_root(self, root: RootConfig, index: Index, reconcile: Callable[..., Any]) -> None:
+        def progress(count: int) -> None:
+            if self.stop_event.is_set():
+                raise _Stop()
+
+        started = time.monotonic()
+        try:
+            result = reconcile(root, self.config, index, progress=progress)
+        except _Stop:
+            return
+        if result.root_missing:
+            with self._lock:
+                self.missing[Path(root.path)] = "missing or empty"
+            return
+        log.info("reconciled %s in %.1f s: %d images, %d new, %d changed, %d moved, %d removed; %d to caption",
+                 root.path, time.monotonic() - started, result.seen, len(result.new), len(result.changed),
+                 len(result.moved), len(result.removed), len(result.to_caption))
+        todo = list(result.to_caption)
+        _remove_stale_temp_files({p.parent for p in todo})
+        self.pipeline.note_backfill(todo)
+        for path in todo:
+            if self.stop_event.is_set() or not self.queue.put_backfill(path, self.stop_event):
+                return
+
+    # -- reporting ----------------------------------------------------------------------------------------
+
+    def live_state(self) -> dict[str, Any]:
+        stats: PipelineStats = self.pipeline.stats()
+        live, backfill, in_flight = self.queue.depth()
+        with self._lock:
+            missing = sorted(str(p) for p in self.missing)
+        return {
+            "queue": live + backfill,
+            "queue_live": live,
+            "queue_backfill": backfill,
+            "in_flight": in_flight,
+            "settling": self.settling,
+            "processed": stats.processed,
+            "captioned": stats.captioned,
+            "unchanged": stats.skipped_unchanged,
+            "errors": stats.errors,
+            "last_error": stats.last_error,
+            "rate_per_minute": round(stats.rate_per_minute, 2),
+            "backfill_done": stats.backfill_done,
+            "backfill_total": stats.backfill_total,
+            "roots": {str(p): m for p, m in self.watcher.watched().items()},
+            "missing_roots": missing,
+        }
+
+    def status_line(self) -> str:
+        stats = self.pipeline.stats()
+        live, backfill, _ = self.queue.depth()
+        rate = f"{stats.rate_per_minute:.1f} img/min"
+        if stats.backfill_done < stats.backfill_total:
+            return f"backfill {_group(stats.backfill_done)} / {_group(stats.backfill_total)}, {rate}"
+        watched = len(self.watcher.watched())
+        text = f"watching {watched} root{'s' if watched != 1 else ''}, queue {live + backfill}, " \
+               f"{_group(stats.captioned)} captioned, {rate}"
+        if stats.errors:
+            text += f", {stats.errors} errors"
+        if self.missing:
+            text += f", {len(self.missing)} root(s) missing"
+        return text
+
+
+def _remove_stale_temp_files(directories: set[Path]) -> None:
+    # A kill -9 between writing a temp file and renaming it leaves one behind, next to a file that is still
+    # pending (its row is only written after the rename), so the folders of pending files are the ones to sweep.
+    try:
+        from capwatch.metadata import remove_stale_temp_files
+    except ImportError:  # pragma: no cover - metadata writer not present
+        return
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            removed = remove_stale_temp_files(directory)
+            if removed:
+                log.info("removed %d stale temp file(s) in %s", removed, directory)
