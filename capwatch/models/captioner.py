@@ -1,0 +1,223 @@
+"""Captioner: one model directory -> captions, with lazy sessions, batching and idle unload.
+
+:func:`open_captioner` reads ``config.json``'s ``model_type`` and builds the family's captioner:
+
+* ``vision-encoder-decoder`` -> :class:`VisionEncoderDecoderCaptioner` (ViT-GPT2 and similar);
+* ``florence2`` -> ``capwatch.models.florence2.Florence2Captioner`` (imported only when needed).
+
+Every family shares this base: preprocessing from ``preprocessor_config.json``, generation settings from the
+configs plus the user's overrides, the tokenizer, and a :class:`~capwatch.models.session.SessionGroup`. A family
+implements :meth:`Captioner.graph_stems`, :meth:`Captioner.check_graphs` and :meth:`Captioner.generate_ids`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from capwatch.config import ModelConfig
+from capwatch.errors import ImageError, ModelError
+from capwatch.models import vision_encoder_decoder as ved
+from capwatch.models.generate import GenerationSettings, generate
+from capwatch.models.layout import ModelDir, open_model_dir
+from capwatch.models.preprocess import Preprocessor, load_image
+from capwatch.models.session import SessionGroup
+from capwatch.models.tokenizer import TextDecoder
+
+#: config.json model_type -> "module:class" of the family's captioner (imported lazily).
+FAMILIES: Mapping[str, str] = {
+    "vision-encoder-decoder": "capwatch.models.captioner:VisionEncoderDecoderCaptioner",
+    "florence2": "capwatch.models.florence2:Florence2Captioner",
+}
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+class Captioner:
+    """Base class of every model family's captioner (one instance per model directory).
+
+    Not thread-safe for concurrent captioning (one worker thread captions); ``unload_if_idle`` may be called from
+    another thread.
+    """
+
+    def __init__(
+        self,
+        model: ModelDir,
+        config: ModelConfig,
+        *,
+        model_id: str | None = None,
+        revision: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Read the model's configs and locate its graphs (nothing is loaded yet).
+
+        Raises ModelError (one line) when a file is missing or a config value is invalid.
+        """
+        self.model_dir = model.path
+        self.model = model
+        self.config = config
+        self.model_id = model_id or model.path.name
+        self.revision = revision
+        try:
+            self.preprocessor = Preprocessor.from_config(model.preprocessor_config)
+            self.settings = GenerationSettings.from_configs(model.generation_config, model.config, config)
+        except ValueError as exc:
+            raise ModelError(f"{model.path}: {exc}") from None
+        paths = {stem: model.onnx_file(stem, config.precision) for stem in self.graph_stems()}
+        self.sessions = SessionGroup(paths, config.threads, config.idle_unload_seconds, clock, self._on_load)
+        self.text = TextDecoder.from_dir(model.path, self.special_token_ids())
+        self._clock = clock
+
+    # -- family hooks ------------------------------------------------------------------------------------------
+
+    def graph_stems(self) -> Sequence[str]:
+        """ONNX file stems this family needs (precision suffix added by the layout)."""
+        raise NotImplementedError
+
+    def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
+        """Raise ModelError when the loaded graphs do not have the tensor names this family uses."""
+        raise NotImplementedError
+
+    def generate_ids(
+        self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
+    ) -> list[list[int]]:
+        """Token ids per image (decoder start first, as transformers' generate() returns them)."""
+        raise NotImplementedError
+
+    def postprocess(self, text: str) -> str:
+        """Turn decoded text into the caption (families override to strip task artefacts)."""
+        return text
+
+    def special_token_ids(self) -> set[int]:
+        """Ids never shown in captions: decoder start, BOS, EOS, pad, forced BOS/EOS."""
+        s = self.settings
+        ids = {s.decoder_start_token_id, s.pad_token_id, *s.eos_token_id}
+        ids.update(i for i in (s.bos_token_id, s.forced_bos_token_id, s.forced_eos_token_id) if i is not None)
+        return ids
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    def preprocess_file(self, path: Path) -> np.ndarray:
+        """Return the (3,H,W) float32 input for the image file ``path`` (EXIF-oriented, first frame).
+
+        Raises ImageError (one line) when the file cannot be decoded.
+        """
+        return self.preprocess_image(load_image(path, target_size=self.preprocessor.output_size))
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """Return the (3,H,W) float32 input for an already decoded image (orientation is not applied here)."""
+        try:
+            return self.preprocessor(image)
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"cannot preprocess image: {exc}") from None
+
+    def caption_pixels(
+        self, pixel_values: np.ndarray, *, settings: GenerationSettings | None = None
+    ) -> list[CaptionResult]:
+        """Caption a batch [b,3,H,W]; returns b results in order (identical to captioning one at a time).
+
+        Runs in chunks of ``config.batch_size`` images. ``settings`` replaces the configured generation settings
+        for this call. Raises ModelError when the model cannot be loaded.
+        """
+        pixels = np.asarray(pixel_values, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [b,3,H,W], got shape {pixels.shape}")
+        use = settings or self.settings
+        chunk = max(1, self.config.batch_size)
+        results: list[CaptionResult] = []
+        with self.sessions.use() as sessions:
+            for start in range(0, pixels.shape[0], chunk):
+                batch = np.ascontiguousarray(pixels[start : start + chunk])
+                sequences = self.generate_ids(sessions, batch, use)
+                step = use.num_return_sequences
+                for ids in sequences[::step]:
+                    text = self.postprocess(self.text.decode(ids))
+                    results.append(CaptionResult(text=text, token_ids=tuple(ids)))
+        return results
+
+    def caption_batch(self, images: Sequence[Image.Image]) -> list[CaptionResult]:
+        """Caption decoded images (each preprocessed here); returns one result per image, in order."""
+        if not images:
+            return []
+        return self.caption_pixels(np.stack([self.preprocess_image(img) for img in images]))
+
+    def unload_if_idle(self, now: float | None = None) -> bool:
+        """Release the ONNX sessions when unused for ``idle_unload_seconds``; True if they were released.
+
+        ``now`` is a value of the captioner's clock (time.monotonic by default).
+        """
+        return self.sessions.unload_if_idle(now)
+
+    @property
+    def loaded(self) -> bool:
+        return self.sessions.loaded
+
+    def close(self) -> None:
+        self.sessions.unload()
+
+    def __enter__(self) -> Captioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_load(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
+        self.check_graphs(sessions)
+
+
+class VisionEncoderDecoderCaptioner(Captioner):
+    """ViT-GPT2-style models: ``encoder_model`` + ``decoder_model_merged``."""
+
+    _layout: ved.DecoderLayout
+
+    def graph_stems(self) -> Sequence[str]:
+        return ved.graph_stems()
+
+    def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
+        ved.check_encoder(sessions[ved.ENCODER], self.sessions_path(ved.ENCODER))
+        self._layout = ved.DecoderLayout.from_session(
+            sessions[ved.DECODER], self.sessions_path(ved.DECODER), self.model.config
+        )
+
+    def sessions_path(self, stem: str) -> Path:
+        return self.model.onnx_file(stem, self.config.precision)
+
+    def generate_ids(
+        self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
+    ) -> list[list[int]]:
+        hidden = ved.encode(sessions[ved.ENCODER], pixel_values)
+        decoder = ved.VitGpt2Decoder(sessions[ved.DECODER], self._layout)
+        return generate(decoder, hidden, pixel_values.shape[0], settings)
+
+
+def open_captioner(
+    model_dir: Path, config: ModelConfig, *, model_id: str | None = None, revision: str | None = None
+) -> Captioner:
+    """Return the captioner for the model directory ``model_dir``, chosen by ``config.json``'s ``model_type``.
+
+    Nothing heavy happens here: configs, tokenizer and file locations are checked; the ONNX sessions load on
+    the first caption. Raises ModelError (one line) for a missing/invalid directory or an unsupported model type.
+    """
+    model = open_model_dir(Path(model_dir))
+    target = FAMILIES.get(model.model_type)
+    if target is None:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelError(f"{model.path}: unsupported model_type {model.model_type!r} (supported: {known})")
+    module_name, _, class_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise ModelError(f"{model.path}: model_type {model.model_type!r} is not available in this build") from None
+    captioner: Captioner = cls(model, config, model_id=model_id, revision=revision)
+    return captioner

@@ -1,0 +1,256 @@
+"""Image file -> model input tensor, exactly as the model's ``preprocessor_config.json`` says.
+
+Two steps, kept apart so each can be tested on its own:
+
+* :func:`load_image` decodes a file safely: first frame only, EXIF orientation applied, converted to 8-bit RGB,
+  decompression bombs refused, and very large JPEGs decoded at a reduced DCT scale (Pillow's draft mode) when that
+  still leaves at least :data:`DRAFT_HEADROOM` times the model's input size, so a 50-megapixel photo does not cost
+  seconds before a 224-pixel resize.
+* :class:`Preprocessor` reproduces transformers' slow image processors (``ViTImageProcessor``,
+  ``CLIPImageProcessor`` family) step by step: PIL resize with the configured filter, optional center crop,
+  rescale computed in float64 then cast to float32, normalise in float32, channels first. On the same PIL image the
+  result equals transformers' to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from capwatch.errors import ImageError
+
+#: Refuse images with more pixels than this before decoding them (Pillow's own hard limit is 2x its warning
+#: threshold of ~89 MP; a 180 MP panorama is still accepted, a zip bomb is not).
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+#: Draft-decode a JPEG only down to a size of at least this many times the model input on both axes: the following
+#: antialiased resize then averages so many source pixels that the DCT-scaled decode changes the result by less
+#: than one 8-bit level in practice (measured in tests/test_preprocess.py).
+DRAFT_HEADROOM = 4
+
+# PIL resample codes as transformers stores them in preprocessor_config.json (PILImageResampling values).
+_RESAMPLE = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The image-processor settings of one model (a subset of transformers' keys, with their defaults)."""
+
+    do_resize: bool = True
+    #: (height, width) of the resize, or None when ``shortest_edge`` is used instead.
+    size: tuple[int, int] | None = (224, 224)
+    shortest_edge: int | None = None
+    resample: int = 2
+    do_center_crop: bool = False
+    crop_size: tuple[int, int] | None = None
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, where: str = "preprocessor_config.json") -> Preprocessor:
+        """Build from a ``preprocessor_config.json`` mapping.
+
+        Unknown keys are ignored (transformers ignores what a processor does not use). Raises ValueError with a
+        one-line message naming the key when a value has the wrong shape (callers turn it into a ModelError).
+        """
+        kind = str(config.get("image_processor_type", ""))
+        clip_like = kind.startswith(("CLIP", "Florence", "Siglip"))
+        size: tuple[int, int] | None = None
+        shortest: int | None = None
+        raw_size = config.get("size", {"height": 224, "width": 224})
+        if isinstance(raw_size, int):
+            size = (raw_size, raw_size)
+        elif isinstance(raw_size, Mapping) and "height" in raw_size and "width" in raw_size:
+            size = (int(raw_size["height"]), int(raw_size["width"]))
+        elif isinstance(raw_size, Mapping) and "shortest_edge" in raw_size:
+            shortest = int(raw_size["shortest_edge"])
+        else:
+            raise ValueError(f"{where}: size: expected {{height, width}} or {{shortest_edge}}, got {raw_size!r}")
+        crop: tuple[int, int] | None = None
+        raw_crop = config.get("crop_size")
+        if isinstance(raw_crop, int):
+            crop = (raw_crop, raw_crop)
+        elif isinstance(raw_crop, Mapping) and "height" in raw_crop:
+            crop = (int(raw_crop["height"]), int(raw_crop["width"]))
+        resample = int(config.get("resample", 3 if clip_like else 2))
+        if resample not in _RESAMPLE:
+            raise ValueError(f"{where}: resample: unknown PIL filter {resample}")
+
+        def triple(name: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+            value = config.get(name, default)
+            if isinstance(value, int | float):
+                return (float(value),) * 3
+            if not isinstance(value, list | tuple) or len(value) != 3:
+                raise ValueError(f"{where}: {name}: expected 3 numbers, got {value!r}")
+            return (float(value[0]), float(value[1]), float(value[2]))
+
+        return cls(
+            do_resize=bool(config.get("do_resize", True)),
+            size=size,
+            shortest_edge=shortest,
+            resample=resample,
+            do_center_crop=bool(config.get("do_center_crop", False)) and crop is not None,
+            crop_size=crop,
+            do_rescale=bool(config.get("do_rescale", True)),
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(config.get("do_normalize", True)),
+            image_mean=triple("image_mean", (0.5, 0.5, 0.5)),
+            image_std=triple("image_std", (0.5, 0.5, 0.5)),
+        )
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of the tensor this produces, when it does not depend on the image."""
+        if self.do_center_crop and self.crop_size is not None:
+            return self.crop_size
+        if self.do_resize and self.size is not None:
+            return self.size
+        return None
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """Return the (3, H, W) float32 tensor for ``image`` (converted to RGB first if it is not)."""
+        if image.mode != "RGB":
+            image = to_rgb(image)
+        if self.do_resize:
+            if self.size is not None:
+                height, width = self.size
+            else:
+                assert self.shortest_edge is not None
+                height, width = _shortest_edge_size(image.height, image.width, self.shortest_edge)
+            if (width, height) != image.size or self.resample != 0:
+                image = image.resize((width, height), resample=_RESAMPLE[self.resample])
+        pixels = np.asarray(image)
+        if self.do_center_crop and self.crop_size is not None:
+            pixels = _center_crop(pixels, self.crop_size)
+        array: np.ndarray
+        if self.do_rescale:
+            # transformers upcasts to float64 before scaling, then casts the result to float32
+            array = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            array = pixels.astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            array = (array - mean) / std
+        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    # transformers' get_resize_output_image_size(default_to_square=False)
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    crop_h, crop_w = crop
+    if crop_h > height or crop_w > width:  # transformers pads with zeros around the image
+        padded = np.zeros((max(height, crop_h), max(width, crop_w), pixels.shape[2]), dtype=pixels.dtype)
+        top, left = (padded.shape[0] - height) // 2, (padded.shape[1] - width) // 2
+        padded[top : top + height, left : left + width] = pixels
+        pixels, height, width = padded, padded.shape[0], padded.shape[1]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return pixels[top : top + crop_h, left : left + crop_w]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return ``image`` as 8-bit RGB.
+
+    16-bit and 32-bit integer/float grey images are scaled to 0-255 (Pillow's own conversion clips them, which
+    turns most 16-bit photos white); alpha is dropped as transformers' ``convert_rgb`` does.
+    """
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        data = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or data.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(np.rint(data * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def load_image(
+    path: Path,
+    *,
+    target_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode ``path`` into an EXIF-oriented 8-bit RGB image (first frame of animations).
+
+    ``target_size`` (height, width) is the model input size; large JPEGs are draft-decoded down to no less than
+    :data:`DRAFT_HEADROOM` times it. Raises ImageError (one line, naming the file) for missing, empty, truncated,
+    unsupported or too large files.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces Pillow's global warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"{path}: image too large ({width}x{height} = {width * height / 1e6:.0f} MP, "
+                        f"limit {max_pixels / 1e6:.0f} MP)"
+                    )
+                if width == 0 or height == 0:
+                    raise ImageError(f"{path}: image has no pixels")
+                if getattr(img, "is_animated", False):
+                    img.seek(0)
+                if img.format == "JPEG" and target_size is not None:
+                    _draft(img, target_size)
+                img.load()
+                oriented = _orient(img)
+                return oriented if oriented.mode == "RGB" else to_rgb(oriented)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory") from None
+    except UnidentifiedImageError:
+        size = _size_or_none(path)
+        if size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)") from None
+        raise ImageError(f"{path}: not an image, or a format this installation cannot decode") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{path}: cannot decode image: {reason}") from None
+
+
+def _draft(img: Image.Image, target_size: tuple[int, int]) -> None:
+    want_h, want_w = (DRAFT_HEADROOM * s for s in target_size)
+    width, height = img.size
+    # EXIF orientation may swap axes later; requesting the larger side on both keeps the headroom either way.
+    side = max(want_h, want_w)
+    if width >= 2 * side and height >= 2 * side:
+        img.draft("RGB", (side, side))
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    try:
+        oriented = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, TypeError, KeyError, SyntaxError):
+        return img  # unreadable EXIF: caption the pixels as stored rather than fail the image
+    return oriented if oriented is not None else img
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
