@@ -1,0 +1,267 @@
+"""``write_caption``: put a caption into a file's metadata (and/or XMP sidecars) per ``MetadataConfig``.
+
+What is written (design.md): XMP dc:description x-default + capwatch provenance; EXIF IFD0 ImageDescription as
+UTF-8 (and XPComment when ``windows_xp_tags``); IPTC Caption-Abstract only where IPTC already exists. JPEG, PNG and
+WebP are edited in place (image data byte-identical, verified before the file is replaced); everything else, and
+embedded writes that are not safe (XMP over one JPEG segment, ExtendedXMP, read-only file), go to a sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from capwatch.config import MetadataConfig
+from capwatch.errors import MetadataError
+from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
+from capwatch.metadata.binary import BytesSource, CorruptError
+from capwatch.metadata.jpeg import EmbedNotSafe
+from capwatch.metadata.reader import Embedded, describe, read_embedded, read_metadata
+from capwatch.metadata.records import Provenance, WriteResult
+from capwatch.metadata.sidecar import sidecar_targets
+from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp, wrap_packet
+
+EMBEDDABLE = frozenset({"jpeg", "png", "webp"})
+#: Whitespace padding in embedded XMP so other tools can edit in place (the XMP spec suggests 2 KB).
+XMP_PADDING = 2048
+
+
+@dataclass(frozen=True)
+class _Plan:
+    data: bytes
+    written: tuple[str, ...]
+
+
+def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
+                  force: bool = False) -> WriteResult:
+    """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
+
+    Returns what was written, or why nothing was: ``metadata.write = none``; a person's description kept
+    (``existing = "keep"`` and not ``force``); the file already carries exactly this caption. Raises MetadataError
+    (one line) when the file cannot be read or written safely; the file is then byte-identical and no temp file
+    remains.
+    """
+    path = Path(path)
+    text = normalise(caption)
+    if not text:
+        raise MetadataError(f"{path}: refusing to write an empty caption")
+    if config.write == "none":
+        return WriteResult((), "metadata writing is off (metadata.write = none)")
+    current = read_metadata(path)
+    desc = current.description
+    if desc is not None and desc.kind == "human" and config.existing == "keep" and not force:
+        return WriteResult((), f"kept the existing description from {desc.origin} (metadata.existing = keep)")
+    written: list[str] = []
+    notes: list[str] = []
+    sidecar = config.write in ("sidecar", "both")
+    if config.write in ("embedded", "both"):
+        if current.format not in EMBEDDABLE:
+            sidecar = True
+        else:
+            try:
+                written += _write_embedded(path, current.format, text, provenance, config)
+            except EmbedNotSafe as exc:
+                notes.append(f"not embedded ({exc})")
+                sidecar = True
+    if sidecar:
+        written += _write_sidecars(path, text, provenance, config)
+    if not written:
+        return WriteResult((), "unchanged: the file already carries this caption")
+    return WriteResult(tuple(dict.fromkeys(written)), None)
+
+
+def _read_for_write(path: Path) -> tuple[bytes, os.stat_result]:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) != st.st_size:
+        raise atomic.FileChanged(f"{path}: file changed while being read; left alone")
+    return data, st
+
+
+def _is_read_only(path: Path, st: os.stat_result) -> bool:
+    # Mode bits, not only access(): root may write anything, but a file the user made read-only stays untouched.
+    return not (st.st_mode & stat.S_IWUSR) or not os.access(path, os.W_OK)
+
+
+def _write_embedded(path: Path, fmt: str, caption: str, provenance: Provenance,
+                    config: MetadataConfig) -> list[str]:
+    data, st = _read_for_write(path)
+    if _is_read_only(path, st):
+        raise EmbedNotSafe("the file is read-only")
+    try:
+        plan = plan_embedded(data, fmt, caption, provenance, config)
+    except (CorruptError, XmpError) as exc:
+        raise MetadataError(f"{path}: {exc}") from None
+    if plan.data == data:
+        return []
+    atomic.replace_file(path, plan.data, st, keep_mtime=config.keep_mtime)
+    return list(plan.written)
+
+
+def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance,
+                  config: MetadataConfig) -> _Plan:
+    """Compute the new file content (pure; nothing is written) and verify it before returning.
+
+    Raises CorruptError / XmpError for malformed input and EmbedNotSafe when a sidecar must be used instead.
+    """
+    emb = read_embedded(fmt, BytesSource(data))
+    if emb.has_extended_xmp:
+        raise EmbedNotSafe("the file uses ExtendedXMP")
+    if emb.xmp is not None and parse_xmp(emb.xmp).has_extended:
+        raise EmbedNotSafe("the XMP refers to ExtendedXMP")
+    written = ["exif", "xmp"]
+    tiff_block = _current_exif(data, fmt)
+    values: dict[int, tuple[int, bytes]] = {
+        exif.TAG_IMAGE_DESCRIPTION: (exif.TYPE_ASCII, caption.encode("utf-8") + b"\x00")
+    }
+    if config.windows_xp_tags:
+        values[exif.TAG_XP_COMMENT] = (exif.TYPE_BYTE, exif.encode_xp(caption))
+    if tiff_block is None:
+        tiff_block = exif.new_tiff()
+        if fmt == "jpeg":
+            # A new JPEG IFD0 needs the tags EXIF marks mandatory (exiftool -validate checks them); take the
+            # resolution from JFIF like exiftool does, so no information is invented.
+            values.update(_mandatory_jpeg_ifd0(data))
+    new_tiff = exif.set_ifd0_tags(tiff_block, values)
+    xml = merge_caption(emb.xmp, caption, provenance)
+    packet = wrap_packet(xml, XMP_PADDING)
+    if fmt == "jpeg":
+        if len(packet) > jpeg.MAX_XMP_PACKET:
+            packet = wrap_packet(xml, 0)
+        if len(packet) > jpeg.MAX_XMP_PACKET:
+            raise EmbedNotSafe(f"XMP of {len(packet)} bytes is larger than one JPEG segment")
+        irb = None
+        if emb.irb is not None and iptc.has_iptc(emb.irb):
+            irb = iptc.set_caption_irb(emb.irb, caption)
+            written.append("iptc")
+        new = jpeg.rebuild(data, new_tiff, packet, irb)
+    elif fmt == "png":
+        new = png.rebuild(data, new_tiff, packet)
+    elif fmt == "webp":
+        new = webp.rebuild(data, new_tiff, packet)
+    else:
+        raise EmbedNotSafe(f"cannot embed into {fmt}")
+    _verify(data, new, fmt, caption)
+    return _Plan(new, tuple(written))
+
+
+def _mandatory_jpeg_ifd0(data: bytes) -> dict[int, tuple[int, bytes]]:
+    units, xd, yd = 1, 72, 72  # EXIF defaults: 72 dpi, inches
+    unit_code = 2
+    layout = jpeg.parse_layout(BytesSource(data))
+    app0 = next((s for s in layout.segments if s.marker == 0xE0), None)
+    if app0 is not None:
+        body = data[app0.offset + 4 : app0.offset + app0.size]
+        if body.startswith(b"JFIF\x00") and len(body) >= 12:
+            units = body[7]
+            xd, yd = struct.unpack(">HH", body[8:12])
+            unit_code = {0: 1, 1: 2, 2: 3}.get(units, 2)
+    return {
+        0x011A: (5, struct.pack("<II", max(xd, 1), 1)),
+        0x011B: (5, struct.pack("<II", max(yd, 1), 1)),
+        0x0128: (3, struct.pack("<H", unit_code)),
+        0x0213: (3, struct.pack("<H", 1)),
+    }
+
+
+def _current_exif(data: bytes, fmt: str) -> bytes | None:
+    src = BytesSource(data)
+    if fmt == "jpeg":
+        return jpeg.read_jpeg(src).exif
+    if fmt == "png":
+        return png.read_png(src).exif
+    if fmt == "webp":
+        return webp.read_webp(src).exif
+    return None
+
+
+def image_data(data: bytes, fmt: str) -> bytes:
+    """The compressed image data that must never change: JPEG SOS..end, PNG IDAT/fdAT payloads, WebP image
+    chunks. Raises CorruptError."""
+    src = BytesSource(data)
+    if fmt == "jpeg":
+        return data[jpeg.parse_layout(src).sos_offset :]
+    if fmt == "png":
+        return b"".join(
+            data[c.offset + 8 : c.offset + 8 + c.length] for c in png.parse_chunks(src) if c.type in (b"IDAT", b"fdAT")
+        )
+    if fmt == "webp":
+        return b"".join(
+            data[c.offset + 8 : c.offset + 8 + c.size]
+            for c in webp.parse_chunks(src)
+            if c.fourcc in (b"ALPH", b"VP8 ", b"VP8L", b"ANMF")
+        )
+    raise CorruptError(f"no image data rule for {fmt}")
+
+
+def _verify(old: bytes, new: bytes, fmt: str, caption: str) -> None:
+    # Belt and braces: the rebuilt file must parse, carry the caption as ours, and hold the same image data.
+    if image_data(old, fmt) != image_data(new, fmt):
+        raise CorruptError("internal check failed: image data would change")
+    emb: Embedded = read_embedded(fmt, BytesSource(new))
+    info = parse_xmp(emb.xmp) if emb.xmp else None
+    desc = describe(emb, info, [])
+    if desc is None or desc.text != caption or desc.kind != "ours":
+        raise CorruptError("internal check failed: caption does not read back")
+
+
+def _write_sidecars(path: Path, caption: str, provenance: Provenance, config: MetadataConfig) -> list[str]:
+    written = False
+    for target in sidecar_targets(path):
+        existing: bytes | None = None
+        st: os.stat_result | None = None
+        try:
+            with open(target, "rb") as f:
+                st = os.fstat(f.fileno())
+                existing = f.read()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise MetadataError(f"{target}: cannot read sidecar: {exc.strerror or exc}") from None
+        try:
+            packet = wrap_packet(merge_caption(existing, caption, provenance), 0) + b"\n"
+        except XmpError as exc:
+            raise MetadataError(f"{target}: {exc}") from None
+        if existing == packet:
+            continue
+        if st is None:
+            _create_file(target, packet)
+        else:
+            atomic.replace_file(target, packet, st, keep_mtime=False)
+        written = True
+    return ["sidecar"] if written else []
+
+
+def _create_file(target: Path, data: bytes) -> None:
+    """Create a new sidecar atomically (temp file, then a no-clobber hard link), mode per umask.
+
+    Raises MetadataError when it cannot be written or FileChanged when the name appeared meanwhile."""
+    tmp = target.with_name(f".{target.name}.capwatch-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)  # fails if a sidecar appeared meanwhile: never clobber someone else's file
+        except FileExistsError:
+            raise atomic.FileChanged(f"{target}: sidecar appeared during the write; left alone") from None
+        os.unlink(tmp)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise MetadataError(f"{target}: cannot write sidecar: {exc.strerror or exc}") from None
+        raise
