@@ -1,0 +1,248 @@
+"""Known captioning models: hub repository, pinned revision, files per precision, defaults.
+
+Every entry names files exactly as the ONNX repositories publish them and as transformers.js loads them:
+``config.json``, ``generation_config.json``, ``preprocessor_config.json``, ``tokenizer.json``,
+``tokenizer_config.json`` and ``onnx/<graph><suffix>.onnx`` with suffix ``""`` (fp32), ``_quantized`` (int8) or
+``_fp16`` (fp16).
+
+Provenance of the pins (no hub is reachable from the build machine, so they come from public code that pins the
+same repositories; see the store engineer's report):
+
+* ``onnx-community/Florence-2-base-ft`` @ ``e88a44ea…``: the commit, and the size + sha256 of every int8 and shared
+  file, agree across several independent projects that download this revision and check it byte for byte
+  (their totals add up to the same 277,470,179 bytes).
+* ``onnx-community/Florence-2-large-ft`` @ ``04ace749…`` and ``Xenova/vit-gpt2-image-captioning`` @ ``215b4edc…``:
+  commits pinned by public projects; no per-file sha256 was found recorded at these commits, so those files are
+  verified against the LFS sha256 the hub reports (``X-Linked-Etag``) and, for small non-LFS files, the git blob
+  sha1 the hub reports as ``ETag``.
+
+A revision is either a full 40-hex commit (reproducible) or a branch name such as ``"main"`` (then the commit that
+was actually downloaded is recorded next to the files).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from capwatch.config import Precision
+from capwatch.errors import ModelError
+
+Family = Literal["florence2", "vision-encoder-decoder"]
+
+#: File-name suffix of each precision, as Optimum / transformers.js name the variants.
+PRECISION_SUFFIX: Mapping[Precision, str] = {"fp32": "", "int8": "_quantized", "fp16": "_fp16"}
+
+#: Graphs each family needs, in the ``onnx/`` folder.
+FAMILY_GRAPHS: Mapping[Family, tuple[str, ...]] = {
+    "florence2": ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged"),
+    "vision-encoder-decoder": ("encoder_model", "decoder_model_merged"),
+}
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def is_commit(revision: str) -> bool:
+    """True when ``revision`` is a full commit hash (immutable), False for a branch or tag name."""
+    return bool(_COMMIT_RE.match(revision))
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file of a model repository.
+
+    ``sha256``/``size`` are pins: when set, the download must match them in addition to what the hub reports.
+    An ``optional`` file may be missing from the repository (HTTP 404) without failing the pull.
+    """
+
+    path: str
+    sha256: str | None = None
+    size: int | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """The ONNX graphs of one precision and the approximate total download (graphs + shared files)."""
+
+    precision: Precision
+    files: tuple[FileSpec, ...]
+    approx_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: where it lives on the hub, which revision, and which files make each precision."""
+
+    name: str
+    repo: str
+    #: A full commit hash, or a branch name (documented as unpinned) when no commit could be pinned.
+    revision: str
+    family: Family
+    description: str
+    licence: str
+    shared_files: tuple[FileSpec, ...]
+    precisions: tuple[PrecisionSpec, ...]
+    default_precision: Precision
+    #: True for the model capwatch uses when the configuration names none.
+    default: bool = False
+    #: caption_length -> task prompt (Florence-2); empty for models that take no prompt.
+    task_prompts: tuple[tuple[str, str], ...] = ()
+    notes: str = ""
+
+    @property
+    def precision_names(self) -> tuple[Precision, ...]:
+        """The precisions this repository publishes, in registry order."""
+        return tuple(p.precision for p in self.precisions)
+
+    def precision(self, precision: str) -> PrecisionSpec:
+        """The files of one precision. Raises ModelError (one line) when the repository does not publish it."""
+        for spec in self.precisions:
+            if spec.precision == precision:
+                return spec
+        available = ", ".join(self.precision_names)
+        raise ModelError(f"model {self.name} has no {precision} variant; available: {available}")
+
+    def files(self, precision: str) -> tuple[FileSpec, ...]:
+        """Shared files followed by the ONNX graphs of ``precision``. Raises ModelError for an unknown precision."""
+        return self.shared_files + self.precision(precision).files
+
+    @property
+    def pinned(self) -> bool:
+        """True when the revision is an immutable commit."""
+        return is_commit(self.revision)
+
+
+def graph_files(
+    family: Family, precision: Precision, pins: Mapping[str, tuple[int, str]] | None = None
+) -> tuple[FileSpec, ...]:
+    """``onnx/<graph><suffix>.onnx`` for every graph of ``family``; ``pins`` maps a path to (size, sha256)."""
+    pins = pins or {}
+    out = []
+    for graph in FAMILY_GRAPHS[family]:
+        path = f"onnx/{graph}{PRECISION_SUFFIX[precision]}.onnx"
+        size, sha = pins.get(path, (None, None))
+        out.append(FileSpec(path, sha256=sha, size=size))
+    return tuple(out)
+
+
+def _shared(pins: Mapping[str, tuple[int, str]] | None = None) -> tuple[FileSpec, ...]:
+    pins = pins or {}
+    names = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json")
+    required = tuple(FileSpec(n, size=pins.get(n, (None, None))[0], sha256=pins.get(n, (None, None))[1])
+                     for n in names)
+    # tokenizer_config.json carries nothing the engine needs (special ids come from the model configs), so a
+    # repository without it must not make the pull fail.
+    size, sha = pins.get("tokenizer_config.json", (None, None))
+    return (*required, FileSpec("tokenizer_config.json", sha256=sha, size=size, optional=True))
+
+
+# Sizes and sha256 recorded at onnx-community/Florence-2-base-ft@e88a44eaf3791a35eae0c5a47b3dbcd36e67eb6f.
+_FLORENCE_BASE_SHARED_PINS: Mapping[str, tuple[int, str]] = {
+    "config.json": (5432, "d90c22ed72eb55291f183fcd9b98ebd3bd3d92bfcffb6c7f6e1606085e793525"),
+    "generation_config.json": (292, "7b8eb17bbd6cf8a07f619ad83ae03881eff05b6b9237bab89005b40e77783c29"),
+    "preprocessor_config.json": (2673, "c892857e34a7082284983a7717717d39c9bf7e574f1f41d80d4c918c97502efa"),
+    "tokenizer.json": (2297961, "d69dcdb2323e124ac4f800cb9863ddccea0d7bb11e16125e8df3bd60f2f8aeac"),
+    "tokenizer_config.json": (197658, "d8e64607233cb53b619fb46664f6cad08176c26e0e8735b2d30d888364f19600"),
+}
+_FLORENCE_BASE_INT8_PINS: Mapping[str, tuple[int, str]] = {
+    "onnx/vision_encoder_quantized.onnx":
+        (93746540, "3b79d54f23f666f731549db23cb070c35a979ce19cbd9720e90e67a78dc9768c"),
+    "onnx/embed_tokens_quantized.onnx":
+        (39390433, "6b2258db1c8ee9b160576ccde3cd3814d83a2edaed0dd1c6ca9ff3c38fa62214"),
+    "onnx/encoder_model_quantized.onnx":
+        (43651493, "f4ad7a68f1fb875d3bcf735ea14a7021b7ba7e83baf7cf10289881b4ed6d9b85"),
+    "onnx/decoder_model_merged_quantized.onnx":
+        (98177697, "f22f52f980c33df0efa15932c2f3db6d9d3595ce6387eca938b8cfe23dc4c641"),
+}
+
+_FLORENCE_PROMPTS: tuple[tuple[str, str], ...] = (
+    ("short", "<CAPTION>"),
+    ("detailed", "<DETAILED_CAPTION>"),
+    ("paragraph", "<MORE_DETAILED_CAPTION>"),
+)
+_FLORENCE_NOTES = (
+    "task prompt from model.caption_length (short <CAPTION>, detailed <DETAILED_CAPTION>, paragraph "
+    "<MORE_DETAILED_CAPTION>); generation: decoder start 2, forced BOS 0 / EOS 2, num_beams 3, "
+    "no_repeat_ngram_size 3"
+)
+
+#: The models capwatch knows by name. The first entry flagged ``default`` is the default model.
+REGISTRY: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="florence-2-base-ft",
+        repo="onnx-community/Florence-2-base-ft",
+        revision="e88a44eaf3791a35eae0c5a47b3dbcd36e67eb6f",
+        family="florence2",
+        description="Florence-2 base, fine-tuned (0.23 B; COCO CIDEr 140.0): best small captioner",
+        licence="MIT",
+        shared_files=_shared(_FLORENCE_BASE_SHARED_PINS),
+        precisions=(
+            PrecisionSpec("int8", graph_files("florence2", "int8", _FLORENCE_BASE_INT8_PINS), 277_470_179),
+            PrecisionSpec("fp32", graph_files("florence2", "fp32"), 1_088_000_000),
+            PrecisionSpec("fp16", graph_files("florence2", "fp16"), 547_000_000),
+        ),
+        default_precision="int8",
+        default=True,
+        task_prompts=_FLORENCE_PROMPTS,
+        notes=_FLORENCE_NOTES,
+    ),
+    ModelSpec(
+        name="florence-2-large-ft",
+        repo="onnx-community/Florence-2-large-ft",
+        revision="04ace74913c28d7ec94af32cee5c111a10126b6f",
+        family="florence2",
+        description="Florence-2 large, fine-tuned (0.77 B; COCO CIDEr 143.3): slower, slightly better",
+        licence="MIT",
+        shared_files=_shared(),
+        precisions=(
+            PrecisionSpec("int8", graph_files("florence2", "int8"), 920_000_000),
+            PrecisionSpec("fp32", graph_files("florence2", "fp32"), 3_600_000_000),
+            PrecisionSpec("fp16", graph_files("florence2", "fp16"), 1_800_000_000),
+        ),
+        default_precision="int8",
+        task_prompts=_FLORENCE_PROMPTS,
+        notes=_FLORENCE_NOTES,
+    ),
+    ModelSpec(
+        name="vit-gpt2",
+        repo="Xenova/vit-gpt2-image-captioning",
+        revision="215b4edcb7ec1fad5905a18a03f7b2007f6fabd0",
+        family="vision-encoder-decoder",
+        description="ViT-GPT2 (nlpconnect, COCO): light and fast, short generic captions",
+        licence="Apache-2.0",
+        shared_files=_shared(),
+        precisions=(
+            PrecisionSpec("int8", graph_files("vision-encoder-decoder", "int8"), 248_000_000),
+            PrecisionSpec("fp32", graph_files("vision-encoder-decoder", "fp32"), 961_000_000),
+        ),
+        default_precision="int8",
+        notes="no prompt; generation_config.json: num_beams 4, max_length 16 (nlpconnect's card)",
+    ),
+)
+
+
+def all_specs(registry: Sequence[ModelSpec] = REGISTRY) -> tuple[ModelSpec, ...]:
+    """Every registry entry, in display order."""
+    return tuple(registry)
+
+
+def default_spec(registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:
+    """The default model (the entry flagged ``default``, else the first). Raises ModelError on an empty registry."""
+    for spec in registry:
+        if spec.default:
+            return spec
+    if not registry:
+        raise ModelError("the model registry is empty")
+    return registry[0]
+
+
+def get_spec(name: str, registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:
+    """The entry called ``name``. Raises ModelError (one line, listing the known names) when there is none."""
+    for spec in registry:
+        if spec.name == name:
+            return spec
+    known = ", ".join(s.name for s in registry)
+    raise ModelError(f"unknown model {name!r}; known models: {known} (or use --model DIR for a local directory)")
