@@ -184,7 +184,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     marks = ("\x1b[1m", "\x1b[22m") if styled else ("", "")
     with _open_index(config, readonly=True) as index:
         hits = index.search(query, filters, limit=limit, highlight=marks)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     for hit in hits:
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
@@ -458,8 +458,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         captioned = failed = 0
         if not no_caption and to_caption:
             captioned, failed = _caption_all(config, index, to_caption, force)
-    for root in missing:
-        click.echo(f"capwatch: warning: {root} is missing, unmounted or empty; its index entries were kept",
+    for missing_root in missing:
+        click.echo(f"capwatch: warning: {missing_root} is missing, unmounted or empty; its index entries were kept",
                    err=True)
     summary = (f"{totals['seen']} images: {totals['new']} new, {totals['changed']} changed, "
                f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")

@@ -172,7 +172,7 @@ def load_config_file(path: Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    config = _build(Config, data, _Ctx(path, ""))
+    config: Config = _build(Config, data, _Ctx(path, ""))
     return dataclasses.replace(config, source=path)
 
 

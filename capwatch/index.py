@@ -468,9 +468,9 @@ class Index:
         """Counts by status and source, the most recent errors, and the file's size on disk."""
 
         def run() -> IndexStats:
-            by_status = dict.fromkeys(STATUSES, 0)
+            by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
             by_status.update(dict(self._conn.execute("SELECT status, count(*) FROM images GROUP BY status")))
-            by_source = dict.fromkeys(SOURCES, 0)
+            by_source: dict[str, int] = dict.fromkeys(SOURCES, 0)
             by_source.update(dict(self._conn.execute(
                 "SELECT source, count(*) FROM images WHERE source IS NOT NULL GROUP BY source"
             )))

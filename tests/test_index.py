@@ -182,9 +182,9 @@ def test_writer_waits_for_a_lock_then_gives_up_with_one_line(tmp_path: Path) -> 
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(IndexUnavailable, match="locked by another process"):
-            with Index.open(db, busy_timeout=0.3) as index:
-                index.upsert(_rec("/a.jpg", "x"))
+        with pytest.raises(IndexUnavailable, match="locked by another process"), \
+                Index.open(db, busy_timeout=0.3) as index:
+            index.upsert(_rec("/a.jpg", "x"))
     finally:
         holder.kill()
         holder.wait()
