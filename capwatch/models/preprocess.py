@@ -226,7 +226,7 @@ def load_image(
             raise ImageError(f"{path}: empty file (0 bytes)") from None
         raise ImageError(f"{path}: not an image, or a format this installation cannot decode") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a decompression bomb: {exc}") from None
+        raise ImageError(f"{path}: image too large (refused as a possible decompression bomb: {exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{path}: cannot decode image: {reason}") from None

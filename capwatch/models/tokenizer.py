@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer
-from tokenizers.implementations import ByteLevelBPETokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from capwatch.errors import ModelError
 
@@ -33,7 +32,9 @@ class TextDecoder:
                 tokenizer = Tokenizer.from_file(str(tokenizer_json))
             elif vocab.is_file() and merges.is_file():
                 # GPT-2 / BART style byte-level BPE, as transformers' slow tokenizers read these two files.
-                tokenizer = ByteLevelBPETokenizer(str(vocab), str(merges))
+                tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+                tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tokenizer.decoder = decoders.ByteLevel()
             else:
                 raise ModelError(f"{path}: missing tokenizer.json (or vocab.json + merges.txt)")
         except ModelError:
