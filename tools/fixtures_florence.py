@@ -30,8 +30,8 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,26 @@ class FixtureSpec:
     head_std: float
     #: Multiplier on the LM head's </s> row so a random model ends some captions before max_length.
     eos_boost: float
+    #: Florence2VisionConfig keyword arguments (projection_dim is always d_model).
+    vision: Mapping[str, Any] = field(default_factory=lambda: dict(TINY_VISION))
+    #: Pad the vocabulary with filler added tokens up to this size (the real models have 51289 + <image>).
+    vocab_size: int | None = None
+    max_position_embeddings: int = 256
+
+
+#: The smallest sensible DaViT: two stages, one block each, 64x64 input -> 8x8 + 1 = 65 image tokens.
+TINY_VISION: Mapping[str, Any] = {
+    "depths": (1, 1),
+    "patch_size": (7, 3),
+    "patch_stride": (4, 2),
+    "patch_padding": (3, 1),
+    "patch_prenorm": (False, True),
+    "embed_dim": (16, 32),
+    "num_heads": (2, 4),
+    "num_groups": (2, 4),
+    "window_size": 4,
+    "max_position_embeddings": 50,
+}
 
 
 SPECS: tuple[FixtureSpec, ...] = (
@@ -117,7 +137,7 @@ def _corpus(seed: int, task_prompts: Sequence[str]) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int, bpe_vocab: int, task_prompts: Sequence[str]) -> Tokenizer:
+def build_tokenizer(seed: int, bpe_vocab: int, task_prompts: Sequence[str], pad_to: int | None = None) -> Tokenizer:
     """A BART-style byte-level BPE with Florence-2's added tokens (``<loc_N>``, task tags, ``<image>``)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
@@ -140,6 +160,10 @@ def build_tokenizer(seed: int, bpe_vocab: int, task_prompts: Sequence[str]) -> T
             "<poly>", "</poly>", "<sep>", "<seg>", "</seg>"]
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
     tok.add_tokens([AddedToken(f"<loc_{i}>", special=False, normalized=False) for i in range(1000)])
+    if pad_to is not None:
+        # Filler so that embedding and LM-head sizes match a real model (benchmarks); never produced by BPE.
+        missing = pad_to - 2 - tok.get_vocab_size()
+        tok.add_tokens([AddedToken(f"<extra_{i}>", special=False, normalized=False) for i in range(missing)])
     tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
     tok.add_special_tokens([AddedToken("<mask>", special=True, normalized=False, lstrip=True)])
     return tok
@@ -169,21 +193,7 @@ def _task_prompts() -> dict[str, str]:
 
 def build_model(spec: FixtureSpec, vocab_size: int, image_token_id: int) -> Florence2ForConditionalGeneration:
     torch.manual_seed(spec.seed)
-    vision = Florence2VisionConfig(
-        depths=(1, 1),
-        patch_size=(7, 3),
-        patch_stride=(4, 2),
-        patch_padding=(3, 1),
-        patch_prenorm=(False, True),
-        embed_dim=(16, 32),
-        num_heads=(2, 4),
-        num_groups=(2, 4),
-        window_size=4,
-        drop_path_rate=0.1,
-        projection_dim=spec.d_model,
-        max_position_embeddings=50,
-        max_temporal_embeddings=100,
-    )
+    vision = Florence2VisionConfig(**{"drop_path_rate": 0.1, **spec.vision, "projection_dim": spec.d_model})
     text = BartConfig(
         vocab_size=vocab_size,
         d_model=spec.d_model,
@@ -193,7 +203,7 @@ def build_model(spec: FixtureSpec, vocab_size: int, image_token_id: int) -> Flor
         decoder_attention_heads=spec.heads,
         encoder_ffn_dim=spec.ffn,
         decoder_ffn_dim=spec.ffn,
-        max_position_embeddings=256,
+        max_position_embeddings=spec.max_position_embeddings,
         dropout=0.1,
         attention_dropout=0.1,
         activation_dropout=0.1,
@@ -534,10 +544,19 @@ def _describe(goldens: dict[str, Any], max_length: int) -> str:
 
 
 def build_fixture(spec: FixtureSpec, out_root: Path) -> Path:
-    """Build one fixture directory under ``out_root``; returns its path."""
+    """Build one fixture directory (with goldens) under ``out_root``; returns its path."""
+    return build_model_dir(spec, out_root, goldens=True)[0]
+
+
+def build_model_dir(spec: FixtureSpec, out_root: Path, *, goldens: bool
+                    ) -> tuple[Path, Florence2ForConditionalGeneration, Tokenizer]:
+    """Build ``out_root/spec.name`` (configs, tokenizer, fp32 + int8 graphs, optionally goldens).
+
+    Returns the directory, the torch model it was exported from (in eval mode) and the tokenizer.
+    """
     prompts = _task_prompts()
     caption_prompts = {t: prompts[t] for t in CAPTION_TASKS}
-    tok = build_tokenizer(spec.seed, spec.bpe_vocab, list(caption_prompts.values()))
+    tok = build_tokenizer(spec.seed, spec.bpe_vocab, list(caption_prompts.values()), spec.vocab_size)
     image_token_id = tok.token_to_id("<image>")
     model = build_model(spec, tok.get_vocab_size(), image_token_id)
     final = out_root / spec.name
@@ -564,17 +583,19 @@ def build_fixture(spec: FixtureSpec, out_root: Path) -> Path:
         (stage / "special_tokens_map.json").write_text(json.dumps({
             "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
         }, indent=2) + "\n")
-        goldens = compute_goldens(model, tok, spec, caption_prompts, stage)
-        (stage / "goldens.json").write_text(json.dumps(goldens, indent=1) + "\n")
-        print(_describe(goldens, spec.max_length))
+        if goldens:
+            table = compute_goldens(model, tok, spec, caption_prompts, stage)
+            (stage / "goldens.json").write_text(json.dumps(table, indent=1) + "\n")
+            print(_describe(table, spec.max_length))
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(stage, final)
-    # Sanity: every graph loads and carries the names capwatch relies on.
+    # Sanity: every graph is a valid model (by path: the large ones may not fit a single protobuf in memory).
     for path in sorted((final / "onnx").glob("*.onnx")):
         onnx.checker.check_model(str(path))
-    return final
+    model.eval()
+    return final, model, tok
 
 
 def main(out_dir: Path) -> list[Path]:

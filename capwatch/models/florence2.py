@@ -18,18 +18,28 @@ whitespace collapsed, no space before punctuation, first letter capitalised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
-from capwatch.config import CaptionLength
+from capwatch.config import CaptionLength, ModelConfig
 from capwatch.errors import ModelError
+from capwatch.models.captioner import Captioner
 from capwatch.models.generate import DecoderState, GenerationSettings, generate
+from capwatch.models.layout import ModelDir, check_names
+
+VISION = "vision_encoder"
+EMBED = "embed_tokens"
+ENCODER = "encoder_model"
+DECODER = "decoder_model_merged"
 
 #: The task token for each caption length (ModelConfig.caption_length).
 TASK_FOR_LENGTH: Mapping[CaptionLength, str] = {
@@ -105,29 +115,31 @@ class DecoderShape:
     mask_dtype: type[np.integer[Any]] = np.int64
 
     @classmethod
-    def from_session(cls, session: Any, text_config: Mapping[str, Any]) -> DecoderShape:
-        """Read the layout from the session's inputs, falling back to ``text_config`` for symbolic dims.
+    def from_session(cls, session: ort.InferenceSession, path: Path, text_config: Mapping[str, Any]) -> DecoderShape:
+        """Check the merged decoder's tensor names and read its cache layout (``text_config`` for symbolic dims).
 
-        Raises ModelError when the graph is not a Florence-2 merged decoder.
+        Raises ModelError naming ``path`` and the first missing or unexpected tensor.
         """
         inputs = {i.name: i for i in session.get_inputs()}
-        required = {"inputs_embeds", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch"}
-        missing = sorted(required - set(inputs))
-        if missing:
-            raise ModelError(f"decoder_model_merged lacks the Florence-2 input {missing[0]!r}")
         layers = 0
         while f"past_key_values.{layers}.decoder.key" in inputs:
             layers += 1
         if layers == 0:
-            raise ModelError("decoder_model_merged has no past_key_values.N.decoder.key inputs")
+            raise ModelError(f"{path}: input tensor 'past_key_values.0.decoder.key' not found (not a merged decoder?)")
+        past = [f"past_key_values.{i}.{kind}.{kv}" for i in range(layers)
+                for kind in ("decoder", "encoder") for kv in ("key", "value")]
+        check_names(path, "input", inputs, ["inputs_embeds", "encoder_hidden_states", "encoder_attention_mask",
+                                            *past, "use_cache_branch"])
+        check_names(path, "output", [o.name for o in session.get_outputs()],
+                    ["logits", *[n.replace("past_key_values", "present") for n in past]])
         shape = inputs["past_key_values.0.decoder.key"].shape
         d_model = text_config.get("d_model")
         heads = shape[1] if isinstance(shape[1], int) else text_config.get("decoder_attention_heads")
         head_dim = shape[3] if isinstance(shape[3], int) else None
-        if head_dim is None and isinstance(d_model, int) and isinstance(heads, int) and heads:
+        if head_dim is None and isinstance(d_model, int) and isinstance(heads, int) and heads > 0:
             head_dim = d_model // heads
-        if not isinstance(heads, int) or not isinstance(head_dim, int):
-            raise ModelError("cannot tell the decoder's attention heads from the graph or config.json")
+        if not isinstance(heads, int) or not isinstance(head_dim, int) or heads <= 0 or head_dim <= 0:
+            raise ModelError(f"{path}: cannot tell the decoder's attention heads from the graph or config.json")
         float_dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
         mask_type = inputs["encoder_attention_mask"].type
         mask_dtype: type[np.integer[Any]] = np.int32 if mask_type == "tensor(int32)" else np.int64
@@ -178,7 +190,7 @@ class Florence2Decoder:
 
     def step(self, state: DecoderState, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         """Run one token per row; returns logits [rows,vocab] and the state with the caches advanced."""
-        state = cast(_DecoderState, state)
+        assert isinstance(state, _DecoderState)
         rows = input_ids.shape[0]
         embeds = self._embed.run(["inputs_embeds"], {"input_ids": input_ids.astype(np.int64)})[0]
         first = not state.cross_kv
@@ -210,7 +222,7 @@ class Florence2Decoder:
 
     def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
         """Return the state whose row k is row ``rows[k]`` of ``state``."""
-        state = cast(_DecoderState, state)
+        assert isinstance(state, _DecoderState)
         if rows.shape[0] == state.row_items.shape[0] and np.array_equal(rows, np.arange(rows.shape[0])):
             return state
         items = state.row_items[rows]
@@ -242,3 +254,105 @@ def generate_ids(vision: Any, embed: Any, encoder: Any, decoder: Any, pixel_valu
     """Token ids (decoder start first, as transformers' generate() returns them) for each image of the batch."""
     encoded = encode(vision, embed, encoder, pixel_values, prompt_ids, shape)
     return generate(Florence2Decoder(decoder, embed, shape), encoded, pixel_values.shape[0], settings)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Captioner
+
+#: Caption budget per length when neither the user nor the model's configs set one. transformers would fall back
+#: to max_length 20 (which cuts detailed captions mid-sentence); Florence-2's authors caption with
+#: max_new_tokens=1024. These bounds are far above what each task produces; generation stops at </s>.
+DEFAULT_MAX_NEW_TOKENS: Mapping[CaptionLength, int] = {"short": 64, "detailed": 256, "paragraph": 512}
+
+_TRANSFORMERS_DEFAULT_MAX_LENGTH = 20
+
+
+def text_config_view(config: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json seen as the language model's config: top-level keys overlaid with ``text_config``.
+
+    Florence-2 keeps its BART settings (and, in older exports, its generation keys) in ``text_config``.
+    """
+    view = {k: v for k, v in config.items() if not isinstance(v, Mapping)}
+    text = config.get("text_config")
+    if isinstance(text, Mapping):
+        view.update({k: v for k, v in text.items() if v is not None})
+    return view
+
+
+def _states_length(generation_config: Mapping[str, Any], text_view: Mapping[str, Any]) -> bool:
+    """True when the model's configs set a caption length other than transformers' implicit default."""
+    source = generation_config if generation_config else text_view
+    if source.get("max_new_tokens") is not None:
+        return True
+    max_length = source.get("max_length")
+    # Remote-code Florence-2 configs serialise PretrainedConfig's default max_length of 20; that is not a choice.
+    return max_length is not None and max_length != _TRANSFORMERS_DEFAULT_MAX_LENGTH
+
+
+class Florence2Captioner(Captioner):
+    """Florence-2 models: ``vision_encoder``, ``embed_tokens``, ``encoder_model``, ``decoder_model_merged``."""
+
+    _shape: DecoderShape
+
+    def __init__(
+        self,
+        model: ModelDir,
+        config: ModelConfig,
+        *,
+        model_id: str | None = None,
+        revision: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Read configs, tokenizer and task prompt; nothing is loaded yet. Raises ModelError (one line)."""
+        text_view = text_config_view(model.config)
+        # Adapter: the base class reads generation keys from config.json's top level (and a "decoder" sub-config);
+        # Florence-2 keeps them, and max_position_embeddings, in "text_config". Expose the missing ones at the top.
+        lifted = {**model.config, **{k: v for k, v in text_view.items() if k not in model.config}}
+        model = dataclasses.replace(model, config=lifted)
+        super().__init__(model, config, model_id=model_id, revision=revision, clock=clock)
+        self.text_view = text_view
+        overrides = config
+        if config.max_new_tokens is None and not _states_length(model.generation_config, self.text_view):
+            overrides = dataclasses.replace(config, max_new_tokens=DEFAULT_MAX_NEW_TOKENS[config.caption_length])
+        try:
+            # Generation keys of older exports and max_position_embeddings live in text_config.
+            self.settings = GenerationSettings.from_configs(model.generation_config, self.text_view, overrides)
+        except ValueError as exc:
+            raise ModelError(f"{model.path}: {exc}") from None
+        self.task = TASK_FOR_LENGTH[config.caption_length]
+        self.prompt = task_prompt(model.path, config.caption_length)
+        bos = self.text_view.get("bos_token_id", 0)
+        eos = self.text_view.get("eos_token_id", 2)
+        if not isinstance(bos, int) or not isinstance(eos, int):
+            raise ModelError(f"{model.path}: config.json: bos_token_id/eos_token_id must be integers")
+        # As Florence2Processor builds it: "<s>" + prompt + "</s>", the prompt itself without special tokens.
+        self.prompt_ids: tuple[int, ...] = (bos, *self.text.encode(self.prompt), eos)
+
+    def graph_stems(self) -> Sequence[str]:
+        return (VISION, EMBED, ENCODER, DECODER)
+
+    def _path(self, stem: str) -> Path:
+        return self.model.onnx_file(stem, self.config.precision)
+
+    def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
+        """Raise ModelError naming the graph and tensor when a graph lacks a Florence-2 tensor name."""
+        expected = {
+            VISION: (["pixel_values"], ["image_features"]),
+            EMBED: (["input_ids"], ["inputs_embeds"]),
+            ENCODER: (["inputs_embeds", "attention_mask"], ["last_hidden_state"]),
+        }
+        for stem, (inputs, outputs) in expected.items():
+            session = sessions[stem]
+            check_names(self._path(stem), "input", [i.name for i in session.get_inputs()], inputs)
+            check_names(self._path(stem), "output", [o.name for o in session.get_outputs()], outputs)
+        self._shape = DecoderShape.from_session(sessions[DECODER], self._path(DECODER), self.text_view)
+
+    def generate_ids(
+        self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
+    ) -> list[list[int]]:
+        """Token ids per image (decoder start first, as transformers' generate() returns them)."""
+        return generate_ids(sessions[VISION], sessions[EMBED], sessions[ENCODER], sessions[DECODER], pixel_values,
+                            self.prompt_ids, settings, self._shape)
+
+    def postprocess(self, text: str) -> str:
+        return clean_caption(text)
