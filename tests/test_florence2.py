@@ -185,7 +185,8 @@ def test_caption_budget_defaults_per_length_when_configs_set_none(tmp_path: Path
 @pytest.mark.parametrize(
     ("raw", "clean"),
     [
-        ("</s><s>A green car parked in front of a yellow building.</s>", "A green car parked in front of a yellow building."),
+        ("</s><s>A green car parked in front of a yellow building.</s>",
+         "A green car parked in front of a yellow building."),
         ("<s>a dog on the beach</s><pad><pad>", "A dog on the beach"),
         ("  A cat<loc_12><loc_345> sitting on a sofa<loc_999> . ", "A cat sitting on a sofa."),
         ("<loc_1><loc_2><loc_3>", ""),
@@ -262,6 +263,6 @@ def test_wrong_graph_is_a_model_error_naming_the_tensor(tmp_path: Path) -> None:
     model_dir = _copy_fixture(tmp_path)
     shutil.copy(model_dir / "onnx" / "vision_encoder.onnx", model_dir / "onnx" / "encoder_model.onnx")
     captioner = _captioner(model_dir)
-    with pytest.raises(ModelError, match="encoder_model.onnx: input tensor 'inputs_embeds' not found") as info:
+    with pytest.raises(ModelError, match=r"encoder_model\.onnx: input tensor 'inputs_embeds' not found") as info:
         captioner.caption_pixels(PIXELS[:1])
     assert "\n" not in str(info.value)
