@@ -8,6 +8,7 @@ segment, so nothing may be inserted between it and the images that follow EOI.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -135,10 +136,54 @@ def _segment(marker: int, body: bytes) -> bytes:
     return bytes((0xFF, marker)) + struct.pack(">H", len(body) + 2) + body
 
 
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def find_eoi(data: bytes, sos_offset: int) -> int:
+    """Offset of the end-of-image marker that ends the image started at ``sos_offset``.
+
+    Walks the markers between scans (progressive JPEGs have several SOS/DHT segments) instead of taking the
+    first FF D9 byte pair, which may occur inside a table. Raises CorruptError when there is none.
+    """
+    pos = sos_offset
+    while True:
+        m = _MARKER.search(data, pos)
+        if m is None:
+            raise CorruptError("truncated JPEG (no end-of-image marker)")
+        at = m.start()
+        marker = data[at + 1]
+        if marker == 0xD9:
+            return at
+        if at + 4 > len(data):
+            raise CorruptError("truncated JPEG (no end-of-image marker)")
+        length = struct.unpack_from(">H", data, at + 2)[0]
+        pos = at + 2 + length
+        if length < 2 or pos > len(data):
+            raise CorruptError("truncated JPEG (no end-of-image marker)")
+
+
+def is_known_trailer(trailer: bytes) -> bool:
+    """True for data after EOI that cameras put there on purpose and that does not depend on absolute offsets:
+    padding, further JPEG images (MPF: multi-picture, depth maps), motion-photo videos (MP4), Samsung trailers."""
+    if not trailer or not trailer.strip(b"\x00\xff"):
+        return True
+    if trailer.lstrip(b"\x00\xff").startswith(b"\xff\xd8") or trailer.startswith(b"\xff\xd8"):
+        return True
+    return trailer[4:8] == b"ftyp" or trailer.endswith(b"SEFT") or b"SEFH" in trailer[:64]
+
+
 def check_complete(data: bytes, layout: JpegLayout) -> None:
-    """Raise CorruptError when the scan data has no end-of-image marker (a truncated or still-copying file)."""
-    if data.find(b"\xff\xd9", layout.sos_offset) < 0:
+    """Raise CorruptError for a JPEG without end-of-image marker (truncated, or still being copied) and for
+    unknown data after it (a damaged or concatenated file that capwatch should not rewrite)."""
+    # Fast path: entropy-coded data never contains FF D9 (0xFF is stuffed), so the first FF D9 is normally EOI.
+    eoi = data.find(b"\xff\xd9", layout.sos_offset)
+    if eoi < 0:
         raise CorruptError("truncated JPEG (no end-of-image marker)")
+    if not is_known_trailer(data[eoi + 2 :]):
+        # Slow path: FF D9 may also sit inside a table between progressive scans; walk the markers to be sure.
+        eoi = find_eoi(data, layout.sos_offset)
+    if not is_known_trailer(data[eoi + 2 :]):
+        raise CorruptError("unknown data after the JPEG end-of-image marker")
 
 
 def rebuild(data: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:

@@ -246,6 +246,8 @@ def read_metadata(path: Path) -> FileMetadata:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise MetadataError(f"{path}: empty file")
             head = f.read(HEAD_SIZE)
             fmt = detect_format(head, path.suffix)
             try:
