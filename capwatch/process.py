@@ -64,8 +64,12 @@ def _now_iso(clock: Callable[[], float]) -> str:
 
 
 def clean_caption(text: str) -> str:
-    """The caption as it is stored and written: NFC, whitespace collapsed, first letter capitalised."""
-    text = " ".join(unicodedata.normalize("NFC", text).split())
+    """The caption as it is stored and written: NFC, control characters dropped, whitespace collapsed, first
+    letter capitalised. (Byte-level BPE can decode to control bytes, which XML and EXIF readers reject.)"""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if ch.isspace() else ch for ch in text
+                   if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs", "Cn"))
+    text = " ".join(text.split())
     return text[:1].upper() + text[1:]
 
 
