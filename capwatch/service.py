@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -206,6 +207,15 @@ class _Stop(Exception):
     """Raised inside a reconcile's progress callback to abandon it when the daemon stops."""
 
 
+@dataclass(frozen=True)
+class IndexOutcome:
+    """What :class:`IndexOnlyProcessor` did with one file."""
+
+    path: Path
+    skipped: str | None = None
+    error: str | None = None
+
+
 class IndexOnlyProcessor:
     """Keeps the index in step with the files without captioning (``caption=False``): reads each file's
     metadata and fingerprint, imports any description, and upserts the row."""
@@ -214,23 +224,22 @@ class IndexOnlyProcessor:
         self._config = config
         self._index = index
 
-    def process_batch(self, paths: Sequence[Path]) -> list[Any]:
+    def process_batch(self, paths: Sequence[Path]) -> list[IndexOutcome]:
         """Return one outcome per path (``error`` set for unreadable files); never raises for one file."""
-        from capwatch.process import FileOutcome
         from capwatch.scan import read_record
 
-        outcomes: list[Any] = []
+        outcomes: list[IndexOutcome] = []
         for path in paths:
             spath = normalise_path(path)
             try:
                 st = os.stat(spath)
             except OSError as exc:
-                outcomes.append(FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}"))
+                outcomes.append(IndexOutcome(Path(spath), error=f"{spath}: {exc.strerror or exc}"))
                 continue
             record = read_record(spath, st, self._index.get(spath), self._config)
             self._index.upsert(record)
-            outcomes.append(FileOutcome(Path(spath), record.caption, record.model, skipped="index only",
-                                        error=record.error if record.status == "error" else None))
+            error = record.error if record.status == "error" else None
+            outcomes.append(IndexOutcome(Path(spath), skipped="index only", error=error))
         return outcomes
 
 
@@ -569,6 +578,14 @@ class _Engine:
         for root in self.roots:
             path = Path(root.path)
             if self.watcher.healthy(path):
+                with self._lock:
+                    back = path in self.missing and _root_trustworthy(path)
+                    if back:
+                        del self.missing[path]
+                if back:
+                    # Files appeared in a folder that was empty (a mount came back): reconcile it now.
+                    log.info("root %s has files again; reconciling", path)
+                    self.reconcile_requests.put(root)
                 continue
             self.watcher.stop_root(path)
             if os.path.isdir(path):
@@ -612,6 +629,7 @@ class _Engine:
         deletions: dict[Path, tuple[float, Path, bool]] = {}  # path -> (due, root, is_dir)
         delay = max(1.0, self.config.watch.settle_seconds)
         index = self._open_index()
+        last_delete = 0.0
         try:
             while not self.stop_event.is_set():
                 wake = settler.next_check()
@@ -627,8 +645,13 @@ class _Engine:
                     except queue.Empty:
                         break
                 for event in events:
+                    if event.kind in ("deleted", "dir_gone"):
+                        last_delete = time.monotonic()
                     self._apply(event, settler, deletions, index, delay)
-                self._flush_deletions(deletions, index)
+                # Deletions wait until a burst of them is over: `rm -rf root` removes the files before the
+                # folder, and only the folder's absence says "the root went away, keep the rows".
+                if deletions and time.monotonic() - last_delete >= delay:
+                    self._flush_deletions(deletions, index)
                 decision = settler.poll(_stat, limit=max(0, self.queue.free()))
                 for path in decision.ready:
                     if not self.queue.put_live(path):
