@@ -43,14 +43,15 @@ def detect_format(head: bytes, extension: str = "") -> str:
             return "raw"
         if brand in AVIF_BRANDS:
             return "avif"
-        if brand in HEIF_BRANDS:
+        if brand in HEIF_BRANDS - {b"mif1", b"msf1", b"mif2"}:
             return "heif"
+        # Generic major brands (mif1/msf1) say "some HEIF image"; the compatible brands say which codec.
         compatible = head[16:HEAD_SIZE]
         if any(compatible[i : i + 4] in AVIF_BRANDS for i in range(0, len(compatible) - 3, 4)):
             return "avif"
         if any(compatible[i : i + 4] in HEIF_BRANDS for i in range(0, len(compatible) - 3, 4)):
             return "heif"
-        return "unknown"
+        return "heif" if brand in HEIF_BRANDS else "unknown"
     if head.startswith(b"BM") and len(head) >= 26:
         return "bmp"
     return "unknown"
