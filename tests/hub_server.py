@@ -28,6 +28,8 @@ class Request:
     method: str
     path: str
     range: str | None
+    #: The Authorization header that came with the request, if any.
+    authorization: str | None = None
 
 
 @dataclass
@@ -57,10 +59,15 @@ def sha256(data: bytes) -> str:
 class FakeHub:
     """Serve repositories from memory; use as a context manager (``with FakeHub() as hub: hub.url``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cdn: FakeHub | None = None, honour_range: bool = True) -> None:
+        """``cdn``: another FakeHub that serves the LFS bytes (a different host, as the hub's CDN is).
+        ``honour_range=False`` answers every GET with the whole file (status 200), as some proxies do."""
         self._repos: dict[str, _Repo] = {}
         self._blobs: dict[str, _Blob] = {}
         self._lock = threading.Lock()
+        self._cdn = cdn
+        self.honour_range = honour_range
+        self._failures: list[int] = []
         self.requests: list[Request] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -72,17 +79,22 @@ class FakeHub:
         entry.commits[commit] = dict(files)
         if branch:
             entry.branches[branch] = commit
+        store = (self._cdn or self)._blobs
         for path, data in files.items():
             if self.is_lfs(path):
-                self._blobs.setdefault(sha256(data), _Blob(data, sha256(data)))
+                store.setdefault(sha256(data), _Blob(data, sha256(data)))
 
     def cut_next(self, data: bytes, times: int = 1) -> None:
         """Drop the connection half-way through the next ``times`` GETs of this LFS content."""
-        self._blobs[sha256(data)].cuts_left = times
+        (self._cdn or self)._blobs[sha256(data)].cuts_left = times
 
     def corrupt(self, data: bytes, served: bytes) -> None:
         """Serve ``served`` wherever ``data`` is asked for, while still advertising ``data``'s sha256."""
-        self._blobs[sha256(data)].data = served
+        (self._cdn or self)._blobs[sha256(data)].data = served
+
+    def fail_next(self, status: int, times: int = 1) -> None:
+        """Answer the next ``times`` requests, whatever they are, with ``status`` (e.g. 503)."""
+        self._failures.extend([status] * times)
 
     def corrupt_file(self, repo: str, path: str, served: bytes) -> None:
         """Serve ``served`` for a non-LFS file while its ETag still names the published content."""
@@ -160,7 +172,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, *, body: bool) -> None:
         path = unquote(urlsplit(self.path).path)
         with self.owner._lock:
-            self.owner.requests.append(Request(self.command, path, self.headers.get("Range")))
+            self.owner.requests.append(
+                Request(self.command, path, self.headers.get("Range"), self.headers.get("Authorization")))
+            failure = self.owner._failures.pop(0) if self.owner._failures else None
+        if failure is not None:
+            self._error(failure, "ServerError")
+            return
         if path.startswith("/cdn/"):
             self._serve_blob(path[len("/cdn/"):], body=body)
             return
@@ -177,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.owner.is_lfs(file_path):
             digest = sha256(data)
             self.send_response(302)
-            self.send_header("Location", f"{self.owner.url}/cdn/{digest}")
+            self.send_header("Location", f"{(self.owner._cdn or self.owner).url}/cdn/{digest}")
             self.send_header("X-Repo-Commit", commit)
             self.send_header("X-Linked-Etag", f'"{digest}"')
             self.send_header("X-Linked-Size", str(len(data)))
@@ -205,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
         start, end = 0, len(data)
         spec = self.headers.get("Range")
         status = 200
-        if spec and spec.startswith("bytes="):
+        if spec and spec.startswith("bytes=") and self.owner.honour_range:
             first, _, last = spec[len("bytes="):].partition("-")
             start = int(first or 0)
             end = int(last) + 1 if last else len(data)
@@ -230,10 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         if cut:
-            # All but the last 64 KiB, then a dead connection: the client sees a short read despite
-            # Content-Length. (Clients keep only whole read chunks -- huggingface_hub reads 10 MiB at a time -- so
-            # a resumable cut must come late in a file larger than that.)
-            self.wfile.write(chunk[: max(0, len(chunk) - 65536)])
+            # Half the body, then a dead connection: the client sees a short read despite Content-Length.
+            self.wfile.write(chunk[: len(chunk) // 2])
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)

@@ -40,8 +40,8 @@ def _random(n: int, seed: int) -> bytes:
     return bytes(out[:n])
 
 
-#: Larger than huggingface_hub's 10 MiB read chunk, so that a cut late in the body leaves a resumable part.
-BIG = 12 * 1024 * 1024
+#: Several of the store's 1 MiB read blocks, so that a cut lands in the middle of a multi-block body.
+BIG = 3 * 1024 * 1024 + 12345
 
 
 def _repo_files(seed: int = 0, *, big: bool = False) -> dict[str, bytes]:
@@ -330,9 +330,11 @@ def test_precision_with_a_missing_file_is_not_used(hub: FakeHub, env: dict[str, 
     with pytest.raises(ModelError):
         resolve_model(ModelConfig(name="tiny", precision="int8"), env, registry=[_spec()])
     # pulling again repairs it, fetching only what is missing
-    gets_before = hub.count("GET")
+    before = len(hub.requests)
     pull("tiny", "int8", env, endpoint=hub.url, registry=[_spec()])
-    assert hub.count("GET") - gets_before == 1
+    data = _repo_files()["onnx/decoder_model_merged_quantized.onnx"]
+    fetched = {r.path for r in hub.requests[before:] if r.method == "GET"}
+    assert fetched == {f"/{REPO}/resolve/{COMMIT}/onnx/decoder_model_merged_quantized.onnx", f"/cdn/{sha256(data)}"}
     assert resolve_model(ModelConfig(name="tiny", precision="int8"), env, registry=[_spec()]).dir == resolved.dir
 
 
@@ -408,3 +410,75 @@ def test_model_info_reports_broken_json_in_one_line(tmp_path: Path, env: dict[st
 def test_cache_dir_comes_from_the_environment(tmp_path: Path) -> None:
     assert models_root({"CAPWATCH_CACHE_DIR": str(tmp_path / "c")}) == tmp_path / "c" / "models"
     assert os.sep in str(models_root({}))
+
+
+def test_progress_is_reported_while_a_large_file_arrives(env: dict[str, str]) -> None:
+    files = _repo_files(big=True)
+    calls: list[tuple[str, int, int]] = []
+    with FakeHub() as hub:
+        hub.add_commit(REPO, COMMIT, files)
+        pull("tiny", "int8", env, endpoint=hub.url, progress=lambda *a: calls.append(a), registry=[_spec()])
+    done = [d for p, d, t in calls if p == "onnx/decoder_model_merged_quantized.onnx" and t == BIG]
+    assert done[0] == 0 and done[-1] == BIG
+    assert len(done) >= 4  # some calls while the body was still arriving, not just start and end
+    assert done == sorted(done)
+
+
+def test_server_that_ignores_range_still_yields_a_correct_file(env: dict[str, str]) -> None:
+    files = _repo_files(big=True)
+    data = files["onnx/decoder_model_merged_quantized.onnx"]
+    with FakeHub(honour_range=False) as hub:
+        hub.add_commit(REPO, COMMIT, files)
+        hub.cut_next(data, times=1)
+        resolved = pull("tiny", "int8", env, endpoint=hub.url, registry=[_spec()])
+        assert any(hub.ranges())  # it did ask to resume ...
+    assert (resolved.dir / "onnx/decoder_model_merged_quantized.onnx").read_bytes() == data  # ... and coped
+
+
+def test_token_goes_to_the_hub_but_never_to_the_cdn(env: dict[str, str]) -> None:
+    with FakeHub() as cdn, FakeHub(cdn=cdn) as hub:
+        hub.add_commit(REPO, COMMIT, _repo_files())
+        pull("tiny", "int8", {**env, "HF_TOKEN": "hf_secret"}, endpoint=hub.url, registry=[_spec()])
+        assert hub.requests and all(r.authorization == "Bearer hf_secret" for r in hub.requests)
+        assert cdn.count("GET", "/cdn/") == 2
+        assert all(r.authorization is None for r in cdn.requests)
+
+
+def test_server_errors_are_retried(hub: FakeHub, env: dict[str, str]) -> None:
+    hub.fail_next(503, times=2)
+    resolved = pull("tiny", "int8", env, endpoint=hub.url, registry=[_spec()])
+    assert _marker(resolved.dir, "int8").is_file()
+    hub.fail_next(503, times=50)
+    with pytest.raises(ModelError) as info:
+        pull("tiny", "fp32", env, endpoint=hub.url, registry=[_spec()])
+    assert "HTTP 503" in _assert_one_line(info.value)
+
+
+def test_model_info_reads_a_florence_layout(tmp_path: Path, env: dict[str, str]) -> None:
+    config = {"model_type": "florence2", "text_config": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+                                                          "decoder_start_token_id": 2}}
+    generation = {"num_beams": 3, "no_repeat_ngram_size": 3, "forced_bos_token_id": 0, "forced_eos_token_id": 2,
+                  "max_length": 1025, "early_stopping": True}
+    preprocessor = {"size": {"height": 768, "width": 768},
+                    "task_prompts_without_inputs": {"<CAPTION>": "What does the image describe?"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    for graph in ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged"):
+        (onnx / f"{graph}_fp16.onnx").write_bytes(b"1" * 10)
+        (onnx / f"{graph}_q4.onnx").write_bytes(b"1" * 5)  # a variant capwatch does not run: not listed
+    (onnx / "vision_encoder_quantized.onnx").write_bytes(b"1" * 7)  # int8 present but incomplete
+    info = model_info(str(tmp_path), env)
+    assert (info.name, info.family, info.model_type, info.dir) == (None, "florence2", "florence2", tmp_path)
+    assert {p.precision: (p.complete, p.bytes) for p in info.precisions} == {"fp16": (True, 40), "int8": (False, 7)}
+    assert dict(info.special_tokens) == {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+                                         "decoder_start_token_id": 2, "forced_bos_token_id": 0,
+                                         "forced_eos_token_id": 2}
+    assert info.image_size == (768, 768)
+    assert dict(info.generation)["num_beams"] == 3 and dict(info.generation)["early_stopping"] is True
+    assert dict(info.task_prompts) == {"<CAPTION>": "What does the image describe?"}
+    assert info.tokenizer == "vocab.json + merges.txt (BPE)"

@@ -3,21 +3,31 @@ model directory.
 
 Layout under ``capwatch.paths.cache_dir(env)`` (``$CAPWATCH_CACHE_DIR`` wins)::
 
-    models/<name>/<commit>/                      the model directory handed to the engine (Hugging Face layout)
-    models/<name>/<commit>/.capwatch/<precision>.json   completion marker: files, sizes, sha256, where from
-    models/<name>/.staging/<commit>/             downloads in progress (huggingface_hub ``local_dir``; resumable)
-    models/<name>/.lock                          one pull per model at a time (flock)
+    models/<name>/<commit>/                              the model directory handed to the engine (hub layout)
+    models/<name>/<commit>/.capwatch/<precision>.json    completion marker: files, sizes, sha256, where from
+    models/<name>/.staging/<commit>/<path>.part          downloads in progress (resumed with HTTP Range)
+    models/<name>/.lock                                  one pull per model at a time (flock)
 
 A precision is usable only when its completion marker exists and every file it lists is present with the
 recorded size, so a half-pulled model is never used. Each file is downloaded into the staging directory, verified
-(size, sha256 against the registry pin and against the LFS sha256 the hub reports in ``X-Linked-Etag``; small
-non-LFS files against the git blob sha1 the hub reports as ``ETag``), and only then renamed into the model
-directory. A file that fails verification is deleted together with the staging directory and nothing is marked
+(size; sha256 against the registry pin and against the LFS sha256 the hub reports in ``X-Linked-Etag``; small
+non-LFS files against the git blob sha1 the hub reports as ``ETag``) and only then renamed into the model
+directory. A file that fails verification is deleted together with the staging directory, and nothing is marked
 complete.
 
-Downloads go through ``huggingface_hub.hf_hub_download`` (works on 0.23 – 1.x): it resumes an interrupted file
-from its ``.incomplete`` part with an HTTP Range request, follows the hub's redirects and honours tokens and
-proxies. It does not check sha256 itself, which is why every file is hashed here after the download.
+Why urllib and not ``huggingface_hub.hf_hub_download`` (which the first version of this module used):
+
+* resume across runs: hub client versions up to 1.x keep ``<etag>.incomplete`` and continue it, but current
+  releases (huggingface_hub PR #4228) download to a process-unique temporary file that is deleted on failure, so an
+  interrupted 1 GB pull would start again from zero depending on which version is installed;
+* "no network" must be one quick line: the client retries a dead network with backoff for ~25 s per request;
+* it does not check sha256 at all, and it cannot report progress per chunk portably across 0.23 - 1.x;
+* on Xet-backed repositories it writes a chunk cache under ``~/.cache/huggingface``, outside capwatch's cache.
+
+The protocol used here is the hub's plain file endpoint, ``{endpoint}/{repo}/resolve/{revision}/{path}`` (HEAD
+for metadata, GET with redirects to the CDN and ``Range`` to resume); ``$HF_ENDPOINT`` (mirrors) and
+``$HF_TOKEN`` (sent only to the endpoint's own host, never to the CDN) are honoured, as are the usual
+``https_proxy``/``no_proxy`` variables.
 """
 
 from __future__ import annotations
@@ -407,6 +417,10 @@ class _Remote:
     git_sha1: str | None
 
 
+class _Transient(Exception):
+    """A failure worth retrying (network trouble, a short body, a 5xx): the next attempt resumes."""
+
+
 def _pull_locked(
     spec: ModelSpec,
     precision: str,
@@ -433,13 +447,13 @@ def _pull_locked(
         if remote is None:  # an optional file the repository does not have
             continue
         expected_sha = _expected_sha256(spec, file, remote, commit)
-        total = remote.size or file.size or 0
+        expected_size = remote.size if remote.size is not None else file.size
         target = model_dir / file.path
         if progress is not None:
-            progress(file.path, 0, total)
-        if not _already_in_place(target, remote, expected_sha):
-            staged = _download(spec, file, commit, endpoint, staging, env)
-            _verify(spec, file, commit, staged, remote, expected_sha, staging)
+            progress(file.path, 0, expected_size or 0)
+        if not _already_in_place(target, expected_size, expected_sha, remote.git_sha1):
+            staged = _download(spec, file, commit, endpoint, staging, expected_size, env, progress)
+            _verify(spec, file, commit, staged, expected_size, expected_sha, remote.git_sha1, staging)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, target)
         size = target.stat().st_size
@@ -456,42 +470,40 @@ def _pull_locked(
     return ResolvedModel(dir=model_dir, model_id=spec.repo, revision=commit, precision=precision, name=spec.name)
 
 
+def _file_url(endpoint: str, repo: str, revision: str, path: str) -> str:
+    return f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
+
+
 def _remote_file(
     spec: ModelSpec, file: FileSpec, revision: str, endpoint: str, env: Mapping[str, str]
 ) -> _Remote | None:
     """Ask the hub (HEAD) for one file's commit, size and checksum; None for a missing optional file.
 
-    Done with urllib rather than the hub client: the client retries a dead network for ~25 s with backoff before
-    it gives up, and "no network" is the common case here (a box that was never meant to be online), which must
-    be one quick line. The download itself (resume, redirects to the CDN) is left to the hub client.
+    Raises ModelError (one line) for a missing repository, revision or required file, a refusal, or when the hub
+    cannot be reached after a few quick attempts.
     """
-    url = f"{endpoint}/{spec.repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(file.path)}"
-    where = f"{spec.repo}@{revision[:12] if is_commit(revision) else revision}"
+    url = _file_url(endpoint, spec.repo, revision, file.path)
     problem = ""
     for attempt in range(DOWNLOAD_ATTEMPTS):
         if attempt:
             time.sleep(0.2 * attempt)
         try:
-            status, headers = _head(url, env)
-        except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError, refused, timeout, bad reply
-            problem = _first_line(getattr(exc, "reason", None) or exc)
+            with _open(url, "HEAD", env) as response:
+                status, headers = response.status, _lower(response.headers)
+        except _Transient as exc:
+            problem = str(exc)
             continue
-        code = headers.get("x-error-code", "")
-        if status >= 500 or status == 429:
-            problem = f"HTTP {status}"
+        except urllib.error.HTTPError as exc:
+            status, headers = exc.code, _lower(exc.headers)
+            exc.close()
+        if status == 404 and file.optional and headers.get("x-error-code", "EntryNotFound") == "EntryNotFound":
+            return None
+        failure = _status_failure(status, headers, spec, file.path, revision, endpoint)
+        if isinstance(failure, ModelError):
+            raise failure
+        if failure:
+            problem = failure
             continue
-        if code == "RepoNotFound":
-            raise ModelError(f"{spec.repo}: repository not found on {endpoint} (HTTP {status})")
-        if code == "RevisionNotFound":
-            raise ModelError(f"{spec.repo}: revision {revision} not found on {endpoint} (HTTP {status})")
-        if status == 404:
-            if file.optional:
-                return None
-            raise ModelError(f"{where}: file {file.path} not found on {endpoint} (HTTP 404)")
-        if status in (401, 403):
-            raise ModelError(f"{where}: access to {file.path} refused by {endpoint} (HTTP {status}; set HF_TOKEN?)")
-        if status >= 400:
-            raise ModelError(f"{where}: asking {endpoint} for {file.path} failed (HTTP {status})")
         etag = (headers.get("x-linked-etag") or headers.get("etag") or "").strip()
         etag = etag.removeprefix("W/").strip('"').lower()
         size = headers.get("x-linked-size") or headers.get("content-length")
@@ -504,34 +516,73 @@ def _remote_file(
     raise ModelError(_network_message(spec, endpoint, problem, env))
 
 
+def _status_failure(
+    status: int, headers: Mapping[str, str], spec: ModelSpec, path: str, revision: str, endpoint: str
+) -> ModelError | str | None:
+    """None for a usable answer, a reason string for one worth retrying, a ModelError for a final one."""
+    if status < 400:
+        return None
+    if status >= 500 or status == 429:
+        return f"HTTP {status}"
+    where = f"{spec.repo}@{revision[:12] if is_commit(revision) else revision}"
+    code = headers.get("x-error-code", "")
+    if code == "RepoNotFound":
+        return ModelError(f"{spec.repo}: repository not found on {endpoint} (HTTP {status})")
+    if code == "RevisionNotFound":
+        return ModelError(f"{spec.repo}: revision {revision} not found on {endpoint} (HTTP {status})")
+    if status == 404:
+        return ModelError(f"{where}: file {path} not found on {endpoint} (HTTP 404)")
+    if status in (401, 403):
+        return ModelError(f"{where}: access to {path} refused by {endpoint} (HTTP {status}; is HF_TOKEN needed?)")
+    return ModelError(f"{where}: {endpoint} answered HTTP {status} for {path}")
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # The hub answers LFS files with a redirect to its CDN that carries the file's sha256 and size in X-Linked-*
-    # headers; those headers are only on the redirect itself, so it must not be followed automatically.
+    # Redirects are followed by _open itself: the hub answers LFS files with a redirect to its CDN that carries the
+    # file's sha256 and size in X-Linked-* headers (only on the redirect), and a token must not follow to the CDN.
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None
 
 
-def _head(url: str, env: Mapping[str, str]) -> tuple[int, Mapping[str, str]]:
-    """HEAD ``url`` following only relative redirects (a renamed repository), as the hub client does.
+@contextlib.contextmanager
+def _open(
+    url: str, method: str, env: Mapping[str, str], *, offset: int = 0, follow: bool = False
+) -> Iterator[http.client.HTTPResponse]:
+    """Send one request; with ``follow`` also follow redirects to other hosts (without the token).
 
-    Returns the status and the headers with lower-case names. Raises OSError/HTTPException on network trouble.
+    Relative redirects (a renamed repository) are always followed, as the hub client does. Yields the response;
+    raises urllib.error.HTTPError for an error status (or an unfollowed redirect) and _Transient for network
+    trouble.
     """
     opener = urllib.request.build_opener(_NoRedirect())
-    headers = {"User-Agent": "capwatch", "Accept-Encoding": "identity"}
-    if env.get("HF_TOKEN"):
-        headers["Authorization"] = f"Bearer {env['HF_TOKEN']}"
-    for _hop in range(5):
-        request = urllib.request.Request(url, method="HEAD", headers=headers)
+    origin = urllib.parse.urlsplit(url).netloc
+    for _hop in range(10):
+        headers = {"User-Agent": "capwatch", "Accept-Encoding": "identity"}
+        token = env.get("HF_TOKEN")
+        if token and urllib.parse.urlsplit(url).netloc == origin:
+            headers["Authorization"] = f"Bearer {token}"
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        request = urllib.request.Request(url, method=method, headers=headers)
         try:
-            with opener.open(request, timeout=METADATA_TIMEOUT) as response:
-                return int(response.status), {k.lower(): v for k, v in response.headers.items()}
+            response = opener.open(request, timeout=METADATA_TIMEOUT)
         except urllib.error.HTTPError as exc:
             location = exc.headers.get("Location", "") if 300 <= exc.code < 400 else ""
-            if location and not urllib.parse.urlsplit(location).netloc:
+            if location and (follow or not urllib.parse.urlsplit(location).netloc):
+                exc.close()
                 url = urllib.parse.urljoin(url, location)
                 continue
-            return exc.code, {k.lower(): v for k, v in exc.headers.items()}
-    raise ValueError(f"too many redirects for {url}")
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError, refused, reset, timeout
+            raise _Transient(_first_line(getattr(exc, "reason", None) or exc)) from None
+        with response:
+            yield response
+        return
+    raise _Transient(f"too many redirects for {url}")
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {str(k).lower(): str(v) for k, v in headers.items()}
 
 
 def _network_message(spec: ModelSpec, endpoint: str, problem: str, env: Mapping[str, str]) -> str:
@@ -557,59 +608,127 @@ def _expected_sha256(spec: ModelSpec, file: FileSpec, remote: _Remote, commit: s
     return expected
 
 
-def _already_in_place(target: Path, remote: _Remote, expected_sha: str | None) -> bool:
+def _already_in_place(target: Path, size: int | None, sha256: str | None, git_sha1: str | None) -> bool:
     """True when a verified copy from an earlier (interrupted or other-precision) pull is already in place."""
     try:
-        size = target.stat().st_size
+        actual = target.stat().st_size
     except OSError:
         return False
-    if remote.size is not None and size != remote.size:
+    if size is not None and actual != size:
         return False
-    if expected_sha is not None:
-        return _sha256(target) == expected_sha
-    return remote.git_sha1 is not None and _git_blob_sha1(target) == remote.git_sha1
+    if sha256 is not None:
+        return _sha256(target) == sha256
+    return git_sha1 is not None and _git_blob_sha1(target) == git_sha1
 
 
 def _download(
-    spec: ModelSpec, file: FileSpec, commit: str, endpoint: str, staging: Path, env: Mapping[str, str]
+    spec: ModelSpec,
+    file: FileSpec,
+    commit: str,
+    endpoint: str,
+    staging: Path,
+    size: int | None,
+    env: Mapping[str, str],
+    progress: ProgressCallback | None,
 ) -> Path:
-    """Fetch one file into ``staging`` (resuming a partial one), retrying transient failures. Returns its path."""
-    from huggingface_hub import hf_hub_download
+    """Fetch one file into ``staging/<path>.part``, resuming what an earlier attempt or run left there.
 
-    last: BaseException | None = None
+    Retries network trouble and short bodies (each retry asks for the rest with a Range request). Returns the
+    part file (complete, not yet verified). Raises ModelError (one line) when the hub refuses or cannot be reached.
+    """
+    part = staging / f"{file.path}.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    url = _file_url(endpoint, spec.repo, commit, file.path)
+    problem = ""
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(file.path, done, size or 0)
+
     for attempt in range(DOWNLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(0.2 * attempt)
+        offset = part.stat().st_size if part.exists() else 0
+        if size is not None and offset > size:  # not ours to resume: start over
+            part.unlink()
+            offset = 0
+        if size is not None and offset == size:
+            return part
         try:
-            return Path(hf_hub_download(
-                repo_id=spec.repo, filename=file.path, revision=commit, endpoint=endpoint,
-                local_dir=str(staging), etag_timeout=METADATA_TIMEOUT,
-            ))
-        except Exception as exc:  # see _remote_file: the exception types depend on the hub client's version
-            if not _is_transient(exc):
-                raise _http_error(exc, spec, file.path, commit, endpoint, env) from None
-            last = exc
-            time.sleep(0.2 * (attempt + 1))
-    assert last is not None
-    raise _http_error(last, spec, file.path, commit, endpoint, env) from None
+            _fetch(url, part, offset, size, env, report)
+            return part
+        except _Transient as exc:
+            problem = str(exc)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 416:  # our part is not a prefix the server recognises
+                part.unlink(missing_ok=True)
+                problem = "HTTP 416"
+                continue
+            failure = _status_failure(exc.code, _lower(exc.headers), spec, file.path, commit, endpoint)
+            if isinstance(failure, ModelError):
+                raise failure from None
+            problem = failure or f"HTTP {exc.code}"
+    raise ModelError(_network_message(spec, endpoint, problem, env))
+
+
+def _fetch(
+    url: str, part: Path, offset: int, size: int | None, env: Mapping[str, str], report: Callable[[int], None]
+) -> None:
+    """GET ``url`` from byte ``offset`` and append to ``part``; raises _Transient when the body comes up short."""
+    with _open(url, "GET", env, offset=offset, follow=True) as response:
+        if response.status == 206:
+            content_range = response.headers.get("Content-Range", "")
+            match = re.match(r"bytes (\d+)-", content_range)
+            if match is None or int(match.group(1)) != offset:
+                raise _Transient(f"unexpected Content-Range {content_range!r} for a request from byte {offset}")
+            mode, done = "ab", offset
+        else:  # 200: the server ignored the Range header, so the body is the whole file
+            mode, done = "wb", 0
+        length = response.headers.get("Content-Length")
+        expected_end = done + int(length) if length and length.isdigit() else size
+        with open(part, mode) as out:
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Transient(_first_line(exc)) from None
+                if not block:
+                    break
+                out.write(block)
+                done += len(block)
+                report(done)
+            out.flush()
+            os.fsync(out.fileno())
+        if expected_end is not None and done < expected_end:
+            # http.client returns a short body quietly when the connection drops; what arrived is kept.
+            raise _Transient(f"connection closed after {done} of {expected_end} bytes")
 
 
 def _verify(
-    spec: ModelSpec, file: FileSpec, commit: str, staged: Path, remote: _Remote, expected_sha: str | None,
+    spec: ModelSpec,
+    file: FileSpec,
+    commit: str,
+    staged: Path,
+    size: int | None,
+    sha256: str | None,
+    git_sha1: str | None,
     staging: Path,
 ) -> None:
     """Check size and checksum of a downloaded file; on a mismatch delete it (and the staging area) and raise."""
     where = f"{spec.repo}/{file.path}@{commit[:12]}"
-    size = staged.stat().st_size
+    actual = staged.stat().st_size
     problem = None
-    if remote.size is not None and size != remote.size:
-        problem = f"size {size} bytes, expected {remote.size}"
-    elif expected_sha is not None:
+    if size is not None and actual != size:
+        problem = f"size {actual} bytes, expected {size}"
+    elif sha256 is not None:
         got = _sha256(staged)
-        if got != expected_sha:
-            problem = f"sha256 {got}, expected {expected_sha}"
-    elif remote.git_sha1 is not None:
+        if got != sha256:
+            problem = f"sha256 {got}, expected {sha256}"
+    elif git_sha1 is not None:
         got = _git_blob_sha1(staged)
-        if got != remote.git_sha1:
-            problem = f"git blob sha1 {got}, expected {remote.git_sha1}"
+        if got != git_sha1:
+            problem = f"git blob sha1 {got}, expected {git_sha1}"
     if problem is None:
         return
     staged.unlink(missing_ok=True)
@@ -618,69 +737,9 @@ def _verify(
     raise ModelError(f"{where}: checksum mismatch ({problem}); the download was deleted and nothing was cached")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Errors from the hub client
-
-
-def _names(exc: BaseException) -> set[str]:
-    return {cls.__name__ for cls in type(exc).__mro__}
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None) if response is not None else None
-    return status if isinstance(status, int) else None
-
-
-def _is_missing_file(exc: BaseException) -> bool:
-    names = _names(exc)
-    if "LocalEntryNotFoundError" in names:  # a subclass of EntryNotFoundError that really means "no network"
-        return False
-    return "EntryNotFoundError" in names or (
-        _status(exc) == 404 and not names & {"RepositoryNotFoundError", "RevisionNotFoundError"}
-    )
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Network trouble and server errors are retried; answers about the repository (404, 401, 403) are not."""
-    names = _names(exc)
-    if "LocalEntryNotFoundError" in names:
-        return True
-    if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "GatedRepoError",
-                "FileMetadataError"}:
-        return False
-    status = _status(exc)
-    if status is not None:
-        return status >= 500 or status == 429
-    return True
-
-
 def _first_line(exc: object) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.splitlines()[0].split())[:200]
-
-
-def _http_error(
-    exc: BaseException, spec: ModelSpec, path: str, revision: str, endpoint: str, env: Mapping[str, str]
-) -> ModelError:
-    """One line for the user, naming repository, file and revision where the hub's answer concerns them."""
-    names = _names(exc)
-    status = _status(exc)
-    where = f"{spec.repo}@{revision[:12] if is_commit(revision) else revision}"
-    if "LocalEntryNotFoundError" not in names:
-        if "RepositoryNotFoundError" in names:
-            return ModelError(f"{spec.repo}: repository not found on {endpoint} (HTTP {status or 404})")
-        if "RevisionNotFoundError" in names:
-            return ModelError(f"{spec.repo}: revision {revision} not found on {endpoint} (HTTP {status or 404})")
-        if _is_missing_file(exc):
-            return ModelError(f"{where}: file {path} not found on {endpoint} (HTTP 404)")
-        if "GatedRepoError" in names or status in (401, 403):
-            return ModelError(f"{where}: access to {path} refused by {endpoint} (HTTP {status})")
-        if status is not None:
-            return ModelError(f"{where}: downloading {path} from {endpoint} failed (HTTP {status})")
-        if "FileMetadataError" in names:
-            return ModelError(f"{where}: {endpoint} answered like no model hub for {path}: {_first_line(exc)}")
-    return ModelError(_network_message(spec, endpoint, _first_line(exc), env))
 
 
 # --------------------------------------------------------------------------------------------------------------
