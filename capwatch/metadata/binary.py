@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import BinaryIO, Protocol
 
@@ -71,3 +72,17 @@ def u16(data: bytes, offset: int, order: str) -> int:
 def u32(data: bytes, offset: int, order: str) -> int:
     """Unsigned 32-bit integer at ``offset`` in byte order ``<`` or ``>``."""
     return int(struct.unpack_from(order + "I", data, offset)[0])
+
+
+def open_noatime(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for binary reading without updating its access time where the OS allows it
+    (O_NOATIME needs the file's owner or root; otherwise a plain open). Raises OSError like ``open``."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    noatime = getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags | noatime)
+    except PermissionError:
+        if not noatime:
+            raise
+        fd = os.open(path, flags)
+    return os.fdopen(fd, "rb")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from capwatch.errors import MetadataError
 from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
-from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource
+from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.boilerplate import is_boilerplate
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
 from capwatch.metadata.records import Description, FileMetadata, Provenance
@@ -244,7 +244,7 @@ def read_metadata(path: Path) -> FileMetadata:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_noatime(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise MetadataError(f"{path}: empty file")

@@ -18,7 +18,7 @@ from pathlib import Path
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
-from capwatch.metadata.binary import BytesSource, CorruptError
+from capwatch.metadata.binary import BytesSource, CorruptError, open_noatime
 from capwatch.metadata.jpeg import EmbedNotSafe
 from capwatch.metadata.reader import Embedded, describe, read_embedded, read_metadata
 from capwatch.metadata.records import Provenance, WriteResult
@@ -76,7 +76,7 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
 
 def _read_for_write(path: Path) -> tuple[bytes, os.stat_result]:
     try:
-        with open(path, "rb") as f:
+        with open_noatime(path) as f:
             st = os.fstat(f.fileno())
             data = f.read()
     except OSError as exc:
