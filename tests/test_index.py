@@ -202,3 +202,26 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(IndexUnavailable, match="newer than this capwatch"):
         Index.open(db)
+
+
+def test_common_words_rank_only_the_newest_window_of_matches(tmp_path: Path) -> None:
+    with Index.open(tmp_path / "i.db") as index:
+        # Older rows have the shorter (better-scoring) captions, so a full ranking would put them first.
+        index.upsert_many([_rec(f"/lib/{i:03d}.jpg", "snow" + " hill" * i) for i in range(50)])
+        query = parse_query("snow")
+        windowed = [h.path for h in index.search(query, SearchFilters(), limit=5, window=10)]
+        full = [h.path for h in index.search(query, SearchFilters(), limit=5, window=0)]
+    assert full == [f"/lib/{i:03d}.jpg" for i in range(5)]
+    assert windowed == [f"/lib/{i:03d}.jpg" for i in range(40, 45)]
+
+
+def test_in_dir_with_quotes_and_odd_names(tmp_path: Path) -> None:
+    odd = '/lib/Tom "the cat" (2020)'
+    with Index.open(tmp_path / "i.db") as index:
+        index.upsert(_rec(f"{odd}/a.jpg", "tabby"))
+        index.upsert(_rec("/lib/Tom/b.jpg", "tabby"))
+        index.upsert(_rec("/lib/!!!/c.jpg", "tabby"))
+        assert _paths(index, "tabby", in_dir=odd) == [f"{odd}/a.jpg"]
+        assert _paths(index, "tabby", in_dir="/lib/!!!") == ["/lib/!!!/c.jpg"]
+        assert sorted(_paths(index, "tabby", in_dir="/lib")) == sorted(
+            [f"{odd}/a.jpg", "/lib/Tom/b.jpg", "/lib/!!!/c.jpg"])
