@@ -289,3 +289,12 @@ def test_tiff_and_raw_go_to_sidecars_merged_with_existing_tags(tmp_path: Path) -
     write_caption(raw, "A heron", PROV, MetadataConfig())
     assert json.loads(mc.exiftool("-j", "-XMP-dc:Description", tmp_path / "DSC_0001.NEF.xmp"))[0][
         "Description"] == "A heron"
+
+
+def test_duplicate_metadata_segments_still_read_the_first(tmp_path: Path) -> None:
+    path = mc.make_jpeg(tmp_path / "dup.jpg")
+    for text in (b"Second\x00", b"First one\x00"):
+        tiff = set_ifd0_tags(new_tiff(), {0x010E: (TYPE_ASCII, text)})
+        mc.jpeg_insert_segment(path, 0xE1, b"Exif\x00\x00" + tiff)
+    desc = read_metadata(path).description
+    assert desc is not None and desc.text == "First one"

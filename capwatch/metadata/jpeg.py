@@ -106,20 +106,21 @@ class JpegMetadata:
     height: int | None
 
 
-def _single(segments: list[Segment], kind: str) -> Segment | None:
+def _single(segments: list[Segment], kind: str, strict: bool = True) -> Segment | None:
     found = [s for s in segments if s.kind == kind]
-    if len(found) > 1:
+    if len(found) > 1 and strict:
         label = {"exif": "EXIF (APP1)", "xmp": "XMP (APP1)", "photoshop": "Photoshop/IPTC (APP13)"}[kind]
         raise CorruptError(f"duplicate {label} segments")
     return found[0] if found else None
 
 
-def read_jpeg(src: ByteSource) -> JpegMetadata:
-    """Metadata segments of a JPEG. Raises CorruptError for a malformed header or duplicate metadata segments."""
+def read_jpeg(src: ByteSource, *, strict: bool = False) -> JpegMetadata:
+    """Metadata segments of a JPEG. Raises CorruptError for a malformed header, and with ``strict`` for
+    duplicate metadata segments (otherwise the first one counts, as most readers do)."""
     layout = parse_layout(src)
-    exif = _single(layout.segments, "exif")
-    xmp = _single(layout.segments, "xmp")
-    ps = _single(layout.segments, "photoshop")
+    exif = _single(layout.segments, "exif", strict)
+    xmp = _single(layout.segments, "xmp", strict)
+    ps = _single(layout.segments, "photoshop", strict)
     return JpegMetadata(
         exif=payload(src, exif)[6:] if exif else None,
         xmp=payload(src, xmp)[len(XMP_SIG) :] if xmp else None,

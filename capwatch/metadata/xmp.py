@@ -71,8 +71,10 @@ def _strip_packet(packet: bytes) -> bytes:
 def _parse_et(packet: bytes) -> EtElement:
     try:
         root = SafeET.fromstring(_strip_packet(packet), forbid_dtd=True)
-    except (ParseError, DefusedXmlException, ValueError) as exc:
-        raise XmpError(f"malformed or unsafe XMP ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})") from None
+    except DefusedXmlException:
+        raise XmpError("unsafe XMP refused (DTD or entity declarations)") from None
+    except (ParseError, ValueError) as exc:
+        raise XmpError(f"malformed XMP ({str(exc).splitlines()[0][:80]})") from None
     return root
 
 
@@ -211,8 +213,10 @@ def _skeleton() -> Document:
 def _parse_dom(packet: bytes) -> Document:
     try:
         doc: Document = SafeMinidom.parseString(_strip_packet(packet), forbid_dtd=True)  # type: ignore[arg-type]
-    except (DefusedXmlException, ValueError) as exc:
-        raise XmpError(f"malformed or unsafe XMP ({type(exc).__name__})") from None
+    except DefusedXmlException:
+        raise XmpError("unsafe XMP refused (DTD or entity declarations)") from None
+    except ValueError as exc:
+        raise XmpError(f"malformed XMP ({str(exc).splitlines()[0][:80]})") from None
     except Exception as exc:  # expat.ExpatError has no stable public import path across versions
         raise XmpError(f"malformed XMP ({str(exc).splitlines()[0][:80]})") from None
     return doc
