@@ -482,3 +482,23 @@ def test_model_info_reads_a_florence_layout(tmp_path: Path, env: dict[str, str])
     assert dict(info.generation)["num_beams"] == 3 and dict(info.generation)["early_stopping"] is True
     assert dict(info.task_prompts) == {"<CAPTION>": "What does the image describe?"}
     assert info.tokenizer == "vocab.json + merges.txt (BPE)"
+
+
+def test_a_pulled_model_captions_exactly_like_its_source_directory(env: dict[str, str]) -> None:
+    """End to end: the engine's tiny fixture model served by the fake hub, pulled, then opened by the engine."""
+    np = pytest.importorskip("numpy")
+    from capwatch.models.captioner import open_captioner
+
+    source = Path(__file__).parent / "fixtures" / "models" / "vit-gpt2-tiny-greedy"
+    names = ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+             "onnx/encoder_model_quantized.onnx", "onnx/decoder_model_merged_quantized.onnx"]
+    files = {name: (source / name).read_bytes() for name in names}
+    with FakeHub() as hub:
+        hub.add_commit(REPO, COMMIT, files)  # no tokenizer_config.json: optional
+        resolved = pull("tiny", "int8", env, endpoint=hub.url, registry=[_spec()])
+    pixels = np.stack(list(np.load(source / "pixel_values.npz").values()))
+    config = ModelConfig(dir=resolved.dir, precision="int8", threads=1)
+    with open_captioner(resolved.dir, config, model_id=resolved.model_id, revision=resolved.revision) as pulled, \
+            open_captioner(source, ModelConfig(dir=source, precision="int8", threads=1)) as original:
+        assert [r.token_ids for r in pulled.caption_pixels(pixels)] == [
+            r.token_ids for r in original.caption_pixels(pixels)]
