@@ -149,7 +149,8 @@ def pull(
     and sha256 before it is moved into the model directory; the precision is marked complete only when every file
     is in place. An already complete copy of a pinned revision is returned without touching the network.
     ``endpoint`` defaults to ``$HF_ENDPOINT`` or https://huggingface.co. ``progress(path, done, total)`` is called
-    when each file starts and ends. With ``$CAPWATCH_OFFLINE`` set the network is never touched.
+    when each file starts, after every 1 MiB that arrives, and when it is in place. With ``$CAPWATCH_OFFLINE``
+    set the network is never touched.
 
     Raises ModelError (one line) for an unknown name or precision, a missing repository/revision/file (HTTP 404),
     no network, a checksum mismatch (the file is deleted, nothing is marked complete) or a file-system error.
