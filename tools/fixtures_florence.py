@@ -31,9 +31,9 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -62,9 +62,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 
 
-@dataclass(frozen=True)
-class FixtureSpec:
-    """One fixture directory: sizes, seed and generation limits."""
+#: The smallest sensible DaViT: two stages, one block each, 64x64 input -> 8x8 + 1 = 65 image tokens.
+TINY_VISION: Mapping[str, Any] = MappingProxyType({
+    "depths": (1, 1),
+    "patch_size": (7, 3),
+    "patch_stride": (4, 2),
+    "patch_padding": (3, 1),
+    "patch_prenorm": (False, True),
+    "embed_dim": (16, 32),
+    "num_heads": (2, 4),
+    "num_groups": (2, 4),
+    "window_size": 4,
+    "max_position_embeddings": 50,
+})
+
+
+class FixtureSpec(NamedTuple):
+    """One fixture directory: sizes, seed and generation limits.
+
+    A NamedTuple rather than a dataclass: tools/make_fixture_models.py loads this file by path without registering
+    it in sys.modules, which @dataclass cannot cope with.
+    """
 
     name: str
     seed: int
@@ -82,25 +100,12 @@ class FixtureSpec:
     #: Multiplier on the LM head's </s> row so a random model ends some captions before max_length.
     eos_boost: float
     #: Florence2VisionConfig keyword arguments (projection_dim is always d_model).
-    vision: Mapping[str, Any] = field(default_factory=lambda: dict(TINY_VISION))
+    vision: Mapping[str, Any] = TINY_VISION
     #: Pad the vocabulary with filler added tokens up to this size (the real models have 51289 + <image>).
     vocab_size: int | None = None
     max_position_embeddings: int = 256
 
 
-#: The smallest sensible DaViT: two stages, one block each, 64x64 input -> 8x8 + 1 = 65 image tokens.
-TINY_VISION: Mapping[str, Any] = {
-    "depths": (1, 1),
-    "patch_size": (7, 3),
-    "patch_stride": (4, 2),
-    "patch_padding": (3, 1),
-    "patch_prenorm": (False, True),
-    "embed_dim": (16, 32),
-    "num_heads": (2, 4),
-    "num_groups": (2, 4),
-    "window_size": 4,
-    "max_position_embeddings": 50,
-}
 
 
 SPECS: tuple[FixtureSpec, ...] = (
@@ -544,8 +549,31 @@ def _describe(goldens: dict[str, Any], max_length: int) -> str:
 
 
 def build_fixture(spec: FixtureSpec, out_root: Path) -> Path:
-    """Build one fixture directory (with goldens) under ``out_root``; returns its path."""
-    return build_model_dir(spec, out_root, goldens=True)[0]
+    """Build one fixture directory (with goldens) under ``out_root``; returns its path.
+
+    Fails (SystemExit) when capwatch's own engine does not reproduce the goldens from the exported graphs.
+    """
+    path = build_model_dir(spec, out_root, goldens=True)[0]
+    check_with_capwatch(path)
+    return path
+
+
+def check_with_capwatch(model_dir: Path) -> None:
+    """Run capwatch's Florence2Captioner (fp32) on the golden pixels; exit if any token differs."""
+    sys.path.insert(0, str(REPO))
+    from capwatch.config import ModelConfig
+    from capwatch.models.captioner import open_captioner
+    from capwatch.models.florence2 import TASK_FOR_LENGTH
+
+    table = json.loads((model_dir / "goldens.json").read_text())
+    pixels = np.load(model_dir / table["pixels"])
+    for length, task in TASK_FOR_LENGTH.items():
+        for mode, beams in (("greedy", 1), ("beam", 3)):
+            config = ModelConfig(precision="fp32", threads=1, num_beams=beams, caption_length=length)
+            with open_captioner(model_dir, config) as captioner:
+                got = [list(r.token_ids) for r in captioner.caption_pixels(pixels)]
+            if got != table["tasks"][task][mode]:
+                raise SystemExit(f"{model_dir.name} {task} {mode}: capwatch disagrees with transformers")
 
 
 def build_model_dir(spec: FixtureSpec, out_root: Path, *, goldens: bool

@@ -1,0 +1,192 @@
+"""Florence-2-base-size captioning: transformers (PyTorch) vs capwatch (onnxruntime), side by side.
+
+    python bench/caption_florence.py [--images 8] [--batch 8] [--threads 2] [--max-new-tokens 20] [--rebuild]
+
+Builds (once, into bench/_work/, gitignored) a Florence-2 with the base-ft architecture -- DaViT
+(128/256/512/1024, depths 1/1/9/1, window 12) at 768x768 -> 577 image tokens, BART 6+6 layers d_model 768, 51289
+tokens -- and random weights (no hub here), exported exactly as the fixtures are (tools/fixtures_florence.py:
+torch.onnx.export wrappers, optimum merge_decoders, quantize_dynamic with EnableSubgraph). Then, on the same pixel
+tensors:
+
+* transformers ``Florence2ForConditionalGeneration.generate()`` fp32, one image at a time, greedy and beam-3;
+* capwatch fp32 one at a time (tokens must be identical), int8 one at a time, int8 batched, fp32 batched;
+
+and prints seconds per image, the speed ratio to transformers, whether tokens equal transformers', and for int8 the
+share of captions identical to fp32. Random weights never emit </s> early here, so every caption runs to
+``--max-new-tokens`` (a fixed, comparable amount of decoding work; real short captions are 10-20 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "_work"
+sys.path.insert(0, str(ROOT))
+
+from capwatch.config import ModelConfig  # noqa: E402
+
+
+def _load_fixture_tools() -> Any:
+    spec = importlib.util.spec_from_file_location("fixtures_florence", ROOT / "tools" / "fixtures_florence.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fixtures_florence"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ff = _load_fixture_tools()
+
+BASE_VISION = {
+    "depths": (1, 1, 9, 1),
+    "patch_size": (7, 3, 3, 3),
+    "patch_stride": (4, 2, 2, 2),
+    "patch_padding": (3, 1, 1, 1),
+    "patch_prenorm": (False, True, True, True),
+    "embed_dim": (128, 256, 512, 1024),
+    "num_heads": (4, 8, 16, 32),
+    "num_groups": (4, 8, 16, 32),
+    "window_size": 12,
+    "max_position_embeddings": 50,
+}
+
+
+def base_spec(max_new_tokens: int) -> Any:
+    return ff.FixtureSpec(
+        name="florence2-base-random", seed=2, image_size=768, d_model=768, layers=6, heads=12, ffn=3072,
+        max_length=max_new_tokens + 1, bpe_vocab=700, gain=1.0, head_std=0.05, eos_boost=1.0,
+        vision=BASE_VISION, vocab_size=51289, max_position_embeddings=1024,
+    )
+
+
+def images(n: int) -> list[Image.Image]:
+    """Smooth random photos-to-be of assorted sizes (deterministic)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(480, 1200)), int(rng.integers(480, 1200))
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        f = rng.uniform(0.002, 0.02, size=(3, 2))
+        ph = rng.uniform(0, 6.3, size=3)
+        chans = [127 + 120 * np.sin(xs * f[c, 0] + ys * f[c, 1] + ph[c]) for c in range(3)]
+        out.append(Image.fromarray(np.stack(chans, -1).astype(np.uint8)))
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--rebuild", action="store_true", help="re-export the model even if bench/_work has it")
+    parser.add_argument("--skip-transformers-beam", action="store_true")
+    parser.add_argument("--export-only", action="store_true", help="build bench/_work and stop")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    spec = base_spec(args.max_new_tokens)
+    model_dir = WORK / spec.name
+    stamp = model_dir / "bench-spec.json"
+    want = json.dumps({k: dict(v) if k == "vision" else v for k, v in spec._asdict().items()}, sort_keys=True)
+    prompts = ff._task_prompts()
+    tok = ff.build_tokenizer(spec.seed, spec.bpe_vocab, [prompts[t] for t in ff.CAPTION_TASKS], spec.vocab_size)
+    if args.rebuild or not stamp.is_file() or stamp.read_text() != want:
+        print(f"exporting {spec.name} into {model_dir} (a few minutes) ...", file=sys.stderr)
+        t, (model_dir, model, tok) = timed(lambda: ff.build_model_dir(spec, WORK, goldens=False))
+        stamp.write_text(want)
+        print(f"  export + quantize: {t:.0f} s", file=sys.stderr)
+    else:
+        model = ff.build_model(spec, tok.get_vocab_size(), tok.token_to_id("<image>"))
+    model.eval()
+    if args.export_only:
+        return
+    from capwatch.models.captioner import open_captioner  # after the export: needs only the built directory
+
+    size = {p.name: p.stat().st_size for p in (model_dir / "onnx").glob("*.onnx")}
+    fp32_mb = sum(v for k, v in size.items() if "_quantized" not in k) / 1e6
+    int8_mb = sum(v for k, v in size.items() if "_quantized" in k) / 1e6
+
+    caps = {
+        (precision, beams): open_captioner(model_dir, ModelConfig(
+            precision=precision, num_beams=beams, threads=args.threads, idle_unload_seconds=0,
+            batch_size=args.batch))
+        for precision in ("fp32", "int8") for beams in (1, 3)
+    }
+    pics = images(args.images)
+    pixels = np.stack([caps["fp32", 1].preprocess_image(im) for im in pics])
+    prompt_ids = tok.encode(prompts["<CAPTION>"]).ids
+    n_img = 577
+    gen = ff.GenerationConfig(**ff.generation_config(spec))
+
+    def hf(beams: int, batch: int) -> list[list[int]]:
+        seqs: list[list[int]] = []
+        for i in range(0, len(pixels), batch):
+            pv = torch.from_numpy(pixels[i : i + batch])
+            ids = torch.tensor([[model.config.image_token_id] * n_img + prompt_ids] * pv.shape[0])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, pixel_values=pv, attention_mask=torch.ones_like(ids),
+                                     generation_config=gen, num_beams=beams)
+            seqs += [r[: r.index(2, 1) + 1] if 2 in r[1:] else r for r in out.tolist()]
+        return seqs
+
+    def cw(precision: str, beams: int, batch: int) -> list[list[int]]:
+        cap = caps[precision, beams]
+        seqs: list[list[int]] = []
+        for i in range(0, len(pixels), batch):
+            seqs += [list(r.token_ids) for r in cap.caption_pixels(pixels[i : i + batch])]
+        return seqs
+
+    # warm-up (session creation, first-run allocations) outside the timings
+    for cap in caps.values():
+        cap.caption_pixels(pixels[:1])
+    hf(1, 1)
+
+    rows: list[tuple[str, str, int, float, str, str]] = []
+    n = len(pixels)
+    for mode, beams in (("greedy", 1), ("beam-3", 3)):
+        if beams == 3 and args.skip_transformers_beam:
+            continue
+        t_hf, ref = timed(lambda b=beams: hf(b, 1))
+        rows.append(("transformers", mode, 1, t_hf / n, "1.00x", "reference"))
+        t, fp32 = timed(lambda b=beams: cw("fp32", b, 1))
+        rows.append(("capwatch fp32", mode, 1, t / n, f"{t_hf / t:.2f}x",
+                     f"{sum(a == b for a, b in zip(fp32, ref, strict=True))}/{n} identical to transformers"))
+        t, fp32b = timed(lambda b=beams: cw("fp32", b, args.batch))
+        rows.append(("capwatch fp32", mode, args.batch, t / n, f"{t_hf / t:.2f}x",
+                     f"{sum(a == b for a, b in zip(fp32b, ref, strict=True))}/{n} identical to transformers"))
+        t, int8 = timed(lambda b=beams: cw("int8", b, 1))
+        rows.append(("capwatch int8", mode, 1, t / n, f"{t_hf / t:.2f}x",
+                     f"{sum(a == b for a, b in zip(int8, fp32, strict=True))}/{n} identical to fp32"))
+        t, int8b = timed(lambda b=beams: cw("int8", b, args.batch))
+        rows.append(("capwatch int8", mode, args.batch, t / n, f"{t_hf / t:.2f}x",
+                     f"{sum(a == b for a, b in zip(int8b, fp32, strict=True))}/{n} identical to fp32"))
+
+    print(f"Florence-2-base architecture, random weights; {n} images -> 768x768, <CAPTION>, "
+          f"{args.max_new_tokens} new tokens max, {args.threads} threads; ONNX fp32 {fp32_mb:.0f} MB, "
+          f"int8 {int8_mb:.0f} MB")
+    print(f"{'engine':15s} {'search':7s} {'batch':>5s} {'s/image':>8s} {'vs HF':>7s}  tokens")
+    for engine, mode, batch, per, ratio, note in rows:
+        print(f"{engine:15s} {mode:7s} {batch:5d} {per:8.3f} {ratio:>7s}  {note}")
+
+
+if __name__ == "__main__":
+    main()
