@@ -322,7 +322,8 @@ class Pipeline:
         with c.lock:
             now = c.clock()
             window = [t for t in c.recent if now - t <= 300.0]
-            span = max(60.0, now - window[0]) if window else 60.0
+            # At least 10 s of span, so the first file of a quiet day does not read as thousands per minute.
+            span = max(10.0, now - window[0]) if window else 60.0
             rate = len(window) * 60.0 / span if window else 0.0
             return PipelineStats(c.processed, c.captioned, c.skipped_unchanged, c.errors, rate,
                                  c.backfill_total, c.backfill_done, c.last_error)

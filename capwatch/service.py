@@ -229,6 +229,7 @@ class IndexOnlyProcessor:
         from capwatch.scan import read_record
 
         outcomes: list[IndexOutcome] = []
+        records = []
         for path in paths:
             spath = normalise_path(path)
             try:
@@ -237,9 +238,10 @@ class IndexOnlyProcessor:
                 outcomes.append(IndexOutcome(Path(spath), error=f"{spath}: {exc.strerror or exc}"))
                 continue
             record = read_record(spath, st, self._index.get(spath), self._config)
-            self._index.upsert(record)
+            records.append(record)
             error = record.error if record.status == "error" else None
             outcomes.append(IndexOutcome(Path(spath), skipped="index only", error=error))
+        self._index.upsert_many(records)  # one transaction per batch
         return outcomes
 
 
@@ -743,7 +745,7 @@ class _Engine:
                  root.path, time.monotonic() - started, result.seen, len(result.new), len(result.changed),
                  len(result.moved), len(result.removed), len(result.to_caption))
         todo = list(result.to_caption)
-        _remove_stale_temp_files({p.parent for p in todo})
+        _remove_stale_temp_files({p.parent for p in (*todo, *result.new, *result.changed)})
         self.pipeline.note_backfill(todo)
         for path in todo:
             if self.stop_event.is_set() or not self.queue.put_backfill(path, self.stop_event):
