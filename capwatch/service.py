@@ -306,6 +306,7 @@ class Daemon:
         self._state = "starting"
         self._captioner: Any = None
         self._engine: _Engine | None = None
+        self._updates = 0
 
     # -- public lifecycle ---------------------------------------------------------------------------------
 
@@ -392,7 +393,7 @@ class Daemon:
                 next_recheck = now + max(0.5, self.config.watch.recheck_missing_seconds)
             if now >= next_state:
                 self._publish()
-                next_state = now + 2.0
+                next_state = now + 1.0
 
     def _reload(self) -> None:
         log.info("SIGHUP: reloading configuration")
@@ -443,8 +444,11 @@ class Daemon:
 
     def _publish(self) -> None:
         engine = self._engine
+        self._updates += 1
         data: dict[str, Any] = {
             "pid": os.getpid(),
+            # Increases with every write, so a reader can wait for a snapshot taken after something it did.
+            "updates": self._updates,
             "started": self._started,
             "updated": _utc_now(),
             "state": self._state,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -123,3 +124,107 @@ def test_backfill_leaves_room_for_live_events() -> None:
     stop.set()
     thread.join(10)
     assert q.depth()[1] == 6
+
+
+# -- the whole daemon with the tiny captioning model --------------------------------------------------------------
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+from daemon_helpers import IMAGES, MODELS, rows, wait_until, write_config  # noqa: E402
+
+from capwatch.config import load_config  # noqa: E402
+from capwatch.service import read_live_state, run_daemon  # noqa: E402
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    root = tmp_path / "photos"
+    root.mkdir()
+    db = tmp_path / "index.db"
+    config = load_config(write_config(tmp_path / "config.toml", db=db, roots=[root],
+                                      model_dir=MODELS / "vit-gpt2-tiny-greedy", settle=0.3))
+    stop = threading.Event()
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(run_daemon(config, None, stop_event=stop)), daemon=True)
+    thread.start()
+    wait_until(lambda: read_live_state(db) or not thread.is_alive(), what="daemon start")
+    try:
+        yield root, db
+    finally:
+        stop.set()
+        thread.join(60)
+    assert result == [0]
+
+
+def _state(db: Path) -> dict[str, object]:
+    return read_live_state(db) or {}
+
+
+def _idle(db: Path) -> bool:
+    """True once a live-state snapshot taken *after* this call started shows nothing left to do."""
+    first = _state(db).get("updates", 0)
+
+    def fresh_and_idle() -> bool:
+        s = _state(db)
+        return bool(s) and s["updates"] > first + 1 and s["queue"] == 0 and s["in_flight"] == 0 \
+            and s["settling"] == 0
+
+    return bool(wait_until(fresh_and_idle, what="an idle daemon"))
+
+
+def test_a_dropped_image_is_captioned_written_and_searchable_once(daemon: tuple[Path, Path]) -> None:
+    root, db = daemon
+    shutil.copyfile(IMAGES / "blobs.jpg", root / "blobs.jpg")
+    wait_until(lambda: rows(db).get(str(root / "blobs.jpg"), ("",))[0] == "captioned", what="captioned")
+    caption = rows(db)[str(root / "blobs.jpg")][1]
+    # Our own write comes back as file events; it must be recognised (same fingerprint), not captioned again.
+    wait_until(lambda: _state(db).get("unchanged", 0) >= 1, what="own write recognised")
+    _idle(db)
+    assert _state(db)["captioned"] == 1
+    written = subprocess.run(["exiftool", "-s3", "-XMP-dc:Description", str(root / "blobs.jpg")],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert written == caption
+    from capwatch.index import Index
+    from capwatch.search import make_filters, parse_query
+
+    word = caption.split()[0]
+    with Index.open(db) as index:
+        hits = index.search(parse_query(word), make_filters())
+    assert str(root / "blobs.jpg") in {h.path for h in hits}
+
+
+def test_a_renamed_captioned_image_keeps_its_caption_without_a_new_run(daemon: tuple[Path, Path]) -> None:
+    root, db = daemon
+    shutil.copyfile(IMAGES / "gradient.jpg", root / "a.jpg")
+    wait_until(lambda: rows(db).get(str(root / "a.jpg"), ("",))[0] == "captioned", what="captioned")
+    _idle(db)
+    before = rows(db)[str(root / "a.jpg")]
+    (root / "a.jpg").rename(root / "b.jpg")
+    wait_until(lambda: str(root / "b.jpg") in rows(db) and str(root / "a.jpg") not in rows(db), what="moved")
+    _idle(db)
+    assert rows(db)[str(root / "b.jpg")] == before
+    assert _state(db)["captioned"] == 1
+
+
+def test_a_file_replaced_while_waiting_is_processed_once_in_its_final_state(daemon: tuple[Path, Path]) -> None:
+    root, db = daemon
+    target = root / "photo.jpg"
+    # A slow copy: first half, then (within the settle time) the rest replaced by a different image.
+    data = (IMAGES / "blobs.jpg").read_bytes()
+    with open(target, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        tmp = root / ".photo.jpg.Xy12Ab"  # rsync-style temp name, renamed over the half-written file
+        shutil.copyfile(IMAGES / "gradient.jpg", tmp)
+        os.replace(tmp, target)
+    wait_until(lambda: rows(db).get(str(target), ("",))[0] == "captioned", what="captioned")
+    _idle(db)
+    state = _state(db)
+    assert state["captioned"] == 1 and state["errors"] == 0
+    from PIL import Image
+
+    with Image.open(target) as image, Image.open(IMAGES / "gradient.jpg") as original:
+        assert image.tobytes() == original.tobytes()
