@@ -180,6 +180,7 @@ class VisionEncoderDecoderCaptioner(Captioner):
     """ViT-GPT2-style models: ``encoder_model`` + ``decoder_model_merged``."""
 
     _layout: ved.DecoderLayout
+    _broadcast: bool
 
     def graph_stems(self) -> Sequence[str]:
         return ved.graph_stems()
@@ -189,6 +190,13 @@ class VisionEncoderDecoderCaptioner(Captioner):
         self._layout = ved.DecoderLayout.from_session(
             sessions[ved.DECODER], self.sessions_path(ved.DECODER), self.model.config
         )
+        enc_input = {i.name: i for i in sessions[ved.DECODER].get_inputs()}["encoder_hidden_states"]
+        hidden = (
+            enc_input.shape[2] if isinstance(enc_input.shape[2], int) else self._layout.heads * self._layout.head_dim
+        )
+        self._broadcast = ved.encoder_broadcasts(
+            sessions[ved.DECODER], self._layout, hidden, self.settings.decoder_start_token_id
+        )
 
     def sessions_path(self, stem: str) -> Path:
         return self.model.onnx_file(stem, self.config.precision)
@@ -197,7 +205,7 @@ class VisionEncoderDecoderCaptioner(Captioner):
         self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
     ) -> list[list[int]]:
         hidden = ved.encode(sessions[ved.ENCODER], pixel_values)
-        decoder = ved.VitGpt2Decoder(sessions[ved.DECODER], self._layout)
+        decoder = ved.VitGpt2Decoder(sessions[ved.DECODER], self._layout, broadcast_encoder=self._broadcast)
         return generate(decoder, hidden, pixel_values.shape[0], settings)
 
 

@@ -68,51 +68,90 @@ class DecoderLayout:
 
 @dataclass(frozen=True)
 class _State:
-    encoder: np.ndarray  # [rows, seq, hidden]
-    row_item: np.ndarray  # encoder item of each row: lets a beam reorder reuse `encoder` without a copy
+    items: np.ndarray  # encoder output per item [items, seq, hidden]
+    row_item: np.ndarray  # the item of each decoder row
+    fed: np.ndarray  # what is fed as encoder_hidden_states: items[row_item], or [1, ...] when it broadcasts
     past: tuple[np.ndarray, ...]  # 2 * layers arrays [rows, heads, past, head_dim]
     past_len: int
 
 
 class VitGpt2Decoder:
-    """The merged decoder as a :class:`capwatch.models.generate.Decoder`."""
+    """The merged decoder as a :class:`capwatch.models.generate.Decoder`.
 
-    def __init__(self, session: ort.InferenceSession, layout: DecoderLayout) -> None:
+    With ``broadcast_encoder`` (see :func:`encoder_broadcasts`), rows that all belong to one image are fed a single
+    encoder row: the graph recomputes the cross-attention keys/values from ``encoder_hidden_states`` at every step,
+    so feeding one row instead of one per beam divides that (dominant) cost by the number of beams.
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, layout: DecoderLayout, *, broadcast_encoder: bool = False
+    ) -> None:
         self._session = session
         self._layout = layout
+        self._broadcast = broadcast_encoder
         self._past_names = [f"past_key_values.{i}.{k}" for i in range(layout.layers) for k in ("key", "value")]
         self._outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layout.layers) for k in ("key", "value")]
         self._true = np.ones(1, dtype=bool)
         self._false = np.zeros(1, dtype=bool)
 
     def start(self, encoder_batch: Any, expand: int) -> DecoderState:
-        encoder = np.asarray(encoder_batch, dtype=np.float32)
-        items = np.repeat(np.arange(encoder.shape[0]), expand)
-        if expand > 1:
-            encoder = encoder[items]
-        rows = encoder.shape[0]
+        items = np.asarray(encoder_batch, dtype=np.float32)
+        row_item = np.repeat(np.arange(items.shape[0]), expand)
         lay = self._layout
-        empty = np.zeros((rows, lay.heads, 0, lay.head_dim), dtype=np.float32)
-        return _State(encoder, items, tuple(empty for _ in self._past_names), 0)
+        empty = np.zeros((row_item.size, lay.heads, 0, lay.head_dim), dtype=np.float32)
+        return _State(items, row_item, self._feed(items, row_item), tuple(empty for _ in self._past_names), 0)
+
+    def _feed(self, items: np.ndarray, row_item: np.ndarray) -> np.ndarray:
+        if self._broadcast and row_item.size > 1 and np.all(row_item == row_item[0]):
+            first = int(row_item[0])
+            return items[first : first + 1]
+        if row_item.size == items.shape[0] and np.array_equal(row_item, np.arange(items.shape[0])):
+            return items
+        return items[row_item]
 
     def step(self, state: DecoderState, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         assert isinstance(state, _State)
-        feeds: dict[str, Any] = {"input_ids": input_ids, "encoder_hidden_states": state.encoder}
+        feeds: dict[str, Any] = {"input_ids": input_ids, "encoder_hidden_states": state.fed}
         feeds.update(zip(self._past_names, state.past, strict=True))
         if self._layout.has_cache_branch:
             feeds["use_cache_branch"] = self._true if state.past_len > 0 else self._false
         outputs = self._session.run(self._outputs, feeds)
         logits = outputs[0][:, -1, :]
-        return logits, _State(state.encoder, state.row_item, tuple(outputs[1:]), state.past_len + input_ids.shape[1])
+        advanced = _State(
+            state.items, state.row_item, state.fed, tuple(outputs[1:]), state.past_len + input_ids.shape[1]
+        )
+        return logits, advanced
 
     def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
         assert isinstance(state, _State)
         row_item = state.row_item[rows]
-        # Same items in the same places (a beam reorder): the encoder rows are identical, no copy needed.
+        # A beam reorder keeps every item's rows in place: the encoder feed is unchanged, no copy needed.
         same = np.array_equal(row_item, state.row_item)
-        encoder = state.encoder if same else state.encoder[rows]
+        fed = state.fed if same else self._feed(state.items, row_item)
         past = tuple(p[rows] for p in state.past)
-        return _State(encoder, row_item, past, state.past_len)
+        return _State(state.items, row_item, fed, past, state.past_len)
+
+
+def encoder_broadcasts(session: ort.InferenceSession, layout: DecoderLayout, hidden: int, start_token: int) -> bool:
+    """True when the decoder graph gives the same logits for one encoder row broadcast over two decoder rows.
+
+    Optimum's GPT-2 export derives the cross-attention shapes from the encoder tensor itself, so ONNX MatMul
+    broadcasting makes this work; a graph that reshapes with a fixed batch would fail or differ, so it is checked
+    once per session instead of assumed.
+    """
+    rng = np.random.default_rng(0)
+    encoder = rng.normal(size=(1, 5, hidden)).astype(np.float32)
+    empty = np.zeros((2, layout.heads, 0, layout.head_dim), dtype=np.float32)
+    feeds: dict[str, Any] = {"input_ids": np.full((2, 1), start_token, dtype=np.int64)}
+    feeds.update({f"past_key_values.{i}.{k}": empty for i in range(layout.layers) for k in ("key", "value")})
+    if layout.has_cache_branch:
+        feeds["use_cache_branch"] = np.zeros(1, dtype=bool)
+    try:
+        shared = session.run(["logits"], {**feeds, "encoder_hidden_states": encoder})[0]
+        full = session.run(["logits"], {**feeds, "encoder_hidden_states": np.repeat(encoder, 2, axis=0)})[0]
+    except Exception:  # onnxruntime raises its own error types for shape mismatches
+        return False
+    return bool(shared.shape == full.shape and np.allclose(shared, full, rtol=1e-5, atol=1e-5))
 
 
 def encode(session: ort.InferenceSession, pixel_values: np.ndarray) -> np.ndarray:
