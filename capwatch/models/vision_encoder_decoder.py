@@ -104,10 +104,12 @@ class VitGpt2Decoder:
     def _feed(self, items: np.ndarray, row_item: np.ndarray) -> np.ndarray:
         if self._broadcast and row_item.size > 1 and np.all(row_item == row_item[0]):
             first = int(row_item[0])
-            return items[first : first + 1]
+            shared: np.ndarray = items[first : first + 1]
+            return shared
         if row_item.size == items.shape[0] and np.array_equal(row_item, np.arange(items.shape[0])):
             return items
-        return items[row_item]
+        expanded: np.ndarray = items[row_item]
+        return expanded
 
     def step(self, state: DecoderState, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         assert isinstance(state, _State)
