@@ -20,14 +20,29 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from capwatch.errors import MetadataError
+from capwatch.metadata.binary import open_noatime
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.capwatch-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|bak)$")
 #: A temp file younger than this whose process still runs belongs to a live writer and is left alone.
 LIVE_GRACE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Tail:
+    """Bytes ``[offset, offset + length)`` of the original file, copied kernel-side (copy_file_range) instead of
+    through Python: the image data of a JPEG never passes through user space."""
+
+    offset: int
+    length: int
+
+
+Part = bytes | memoryview | Tail
+Content = bytes | Sequence[Part]
 
 
 class FileChanged(MetadataError):
@@ -67,11 +82,78 @@ def same_file_state(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append ``length`` bytes from ``src_fd`` at ``offset`` to ``dst_fd`` (at its current position)."""
+    end = offset + length
+    copy_file_range = getattr(os, "copy_file_range", None)
+    if copy_file_range is not None:
+        try:
+            while offset < end:
+                n = copy_file_range(src_fd, dst_fd, end - offset, offset_src=offset)
+                if n == 0:
+                    break
+                offset += n
+        except OSError as exc:
+            # Not supported here (old kernel, cross-device, some FUSE/NFS): fall back to plain reads.
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+    while offset < end:
+        chunk = os.pread(src_fd, min(1 << 20, end - offset), offset)
+        if not chunk:
+            break
+        _write_all(dst_fd, chunk)
+        offset += len(chunk)
+    if offset != end:
+        raise FileChanged("file shrank during the write; left alone")
+
+
+def _parts(content: Content) -> Sequence[Part]:
+    return [content] if isinstance(content, bytes) else content
+
+
+def materialise(path: Path, content: Content) -> bytes:
+    """The complete new content as bytes (reads Tail parts from ``path``). Raises OSError."""
+    out = bytearray()
+    for part in _parts(content):
+        if isinstance(part, Tail):
+            with open_noatime(path) as f:
+                f.seek(part.offset)
+                data = f.read(part.length)
+            if len(data) != part.length:
+                raise FileChanged(f"{path}: file shrank during the write; left alone")
+            out += data
+        else:
+            out += part
+    return bytes(out)
+
+
+def _write_parts(fd: int, path: Path, content: Content, expected: os.stat_result) -> int:
+    """Write all parts to ``fd``; returns the number of bytes written. Raises FileChanged / OSError."""
+    total = 0
+    src_fd: int | None = None
+    try:
+        for part in _parts(content):
+            if isinstance(part, Tail):
+                if src_fd is None:
+                    src_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0))
+                    if not same_file_state(os.fstat(src_fd), expected):
+                        raise FileChanged(f"{path}: file changed during the write; left alone")
+                _copy_range(src_fd, fd, part.offset, part.length)
+                total += part.length
+            else:
+                _write_all(fd, part)
+                total += len(part)
+    finally:
+        if src_fd is not None:
+            os.close(src_fd)
+    return total
 
 
 def _copy_xattrs(src: Path, dst_fd: int) -> None:
@@ -93,17 +175,21 @@ def needs_in_place(st: os.stat_result) -> bool:
     return hasattr(os, "geteuid") and os.geteuid() != 0 and st.st_uid != os.geteuid()
 
 
-def replace_file(path: Path, data: bytes, expected: os.stat_result, *, keep_mtime: bool = True,
+def replace_file(path: Path, data: Content, expected: os.stat_result, *, keep_mtime: bool = True,
                  before_commit: Callable[[], None] | None = None) -> None:
-    """Atomically give ``path`` the content ``data`` (see module docstring), keeping mode, owner and xattrs,
-    and atime/mtime when ``keep_mtime``.
+    """Atomically give ``path`` the content ``data`` (bytes, or parts: bytes and Tail ranges of the original;
+    see module docstring), keeping mode, owner and xattrs, and atime/mtime when ``keep_mtime``.
 
     ``expected`` is the stat taken when the original was read; if the file changed since, FileChanged is raised
     and nothing is written. ``before_commit`` (tests) runs just before the point of no return. Raises
     MetadataError (one line) on any OS error; the original is then byte-identical and no temp file remains.
     """
     if needs_in_place(expected):
-        _replace_in_place(path, data, expected, keep_mtime=keep_mtime, before_commit=before_commit)
+        try:
+            whole = materialise(path, data)
+        except OSError as exc:
+            raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
+        _replace_in_place(path, whole, expected, keep_mtime=keep_mtime, before_commit=before_commit)
         return
     tmp = _temp_path(path, "tmp")
     try:
@@ -112,7 +198,9 @@ def replace_file(path: Path, data: bytes, expected: os.stat_result, *, keep_mtim
         raise MetadataError(f"{path}: cannot create a temp file: {_describe(exc)}") from None
     try:
         try:
-            _write_all(fd, data)
+            written = _write_parts(fd, path, data, expected)
+            if os.fstat(fd).st_size != written:
+                raise MetadataError(f"{path}: internal check failed: temp file has the wrong size")
             os.fchmod(fd, stat.S_IMODE(expected.st_mode))
             if hasattr(os, "fchown") and (expected.st_uid, expected.st_gid) != (os.geteuid(), os.getegid()):
                 with contextlib.suppress(PermissionError):
@@ -150,7 +238,8 @@ def _replace_in_place(path: Path, data: bytes, expected: os.stat_result, *, keep
                       before_commit: Callable[[], None] | None) -> None:
     backup = _temp_path(path, "bak")
     try:
-        original = path.read_bytes()
+        with open_noatime(path) as f:
+            original = f.read()
         if len(original) != expected.st_size:
             raise FileChanged(f"{path}: file changed during the write; left alone")
         fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)

@@ -173,29 +173,39 @@ def is_known_trailer(trailer: bytes) -> bool:
     return trailer[4:8] == b"ftyp" or trailer.endswith(b"SEFT") or b"SEFH" in trailer[:64]
 
 
-def check_complete(data: bytes, layout: JpegLayout) -> None:
+def check_complete(src: ByteSource, layout: JpegLayout) -> None:
     """Raise CorruptError for a JPEG without end-of-image marker (truncated, or still being copied) and for
     unknown data after it (a damaged or concatenated file that capwatch should not rewrite)."""
-    # Fast path: entropy-coded data never contains FF D9 (0xFF is stuffed), so the first FF D9 is normally EOI.
+    if src.read_at(src.size - 2, 2) == b"\xff\xd9":
+        # Ends with EOI: complete. (A trailer ending in EOI is another JPEG image, e.g. MPF: also fine.)
+        return
+    data = src.read_at(0, src.size)
+    # Entropy-coded data never contains FF D9 (0xFF is stuffed), so the first FF D9 is normally EOI.
     eoi = data.find(b"\xff\xd9", layout.sos_offset)
     if eoi < 0:
         raise CorruptError("truncated JPEG (no end-of-image marker)")
     if not is_known_trailer(data[eoi + 2 :]):
-        # Slow path: FF D9 may also sit inside a table between progressive scans; walk the markers to be sure.
+        # FF D9 may also sit inside a table between progressive scans; walk the markers to be sure.
         eoi = find_eoi(data, layout.sos_offset)
     if not is_known_trailer(data[eoi + 2 :]):
         raise CorruptError("unknown data after the JPEG end-of-image marker")
 
 
-def rebuild(data: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:
-    """Return ``data`` with the Exif (TIFF bytes), XMP packet and Photoshop IRB segments replaced or added.
+def header_end(src: ByteSource, layout: JpegLayout) -> int:
+    """Offset just past the first SOS segment header: everything before it is metadata and tables."""
+    length = struct.unpack(">H", read_exact(src, layout.sos_offset + 2, 2, "JPEG scan header"))[0]
+    return layout.sos_offset + 2 + int(length)
 
-    ``None`` leaves that segment as it is. An IRB is only replaced, never added. Raises CorruptError for a
-    malformed or truncated file and EmbedNotSafe when a segment would exceed 64 KB.
+
+def rebuild_head(head: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:
+    """New bytes for everything before SOS, given ``head`` = the file up to at least the end of the SOS header.
+
+    Exif (TIFF bytes), XMP packet and Photoshop IRB segments are replaced or added; ``None`` leaves that segment
+    as it is; an IRB is only replaced, never added. The caller appends the original bytes from SOS on. Raises
+    CorruptError for a malformed header or duplicate segments and EmbedNotSafe when a segment would exceed 64 KB.
     """
-    src = BytesSource(data)
-    layout = parse_layout(src)
-    check_complete(data, layout)
+    data = head
+    layout = parse_layout(BytesSource(head))
     segs = layout.segments
     old = {kind: _single(segs, kind) for kind in ("exif", "xmp", "photoshop")}
     if any(s.kind == "xmp-ext" for s in segs):
@@ -230,5 +240,13 @@ def rebuild(data: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: byte
             pending.remove("xmp")
     for k in pending:
         out += new_bodies[k]
-    out += data[prev_end:]
+    out += data[prev_end : layout.sos_offset]
     return bytes(out)
+
+
+def rebuild(data: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:
+    """The whole file ``data`` with new metadata segments (see ``rebuild_head``); checks the file is complete."""
+    src = BytesSource(data)
+    layout = parse_layout(src)
+    check_complete(src, layout)
+    return rebuild_head(data, exif, xmp_packet, irb) + data[layout.sos_offset :]

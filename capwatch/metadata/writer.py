@@ -18,7 +18,7 @@ from pathlib import Path
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
-from capwatch.metadata.binary import BytesSource, CorruptError, open_noatime
+from capwatch.metadata.binary import BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.jpeg import EmbedNotSafe
 from capwatch.metadata.reader import Embedded, describe, read_embedded, read_metadata
 from capwatch.metadata.records import Provenance, WriteResult
@@ -28,12 +28,6 @@ from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp,
 EMBEDDABLE = frozenset({"jpeg", "png", "webp"})
 #: Whitespace padding in embedded XMP so other tools can edit in place (the XMP spec suggests 2 KB).
 XMP_PADDING = 2048
-
-
-@dataclass(frozen=True)
-class _Plan:
-    data: bytes
-    written: tuple[str, ...]
 
 
 def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
@@ -74,18 +68,6 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     return WriteResult(tuple(dict.fromkeys(written)), None)
 
 
-def _read_for_write(path: Path) -> tuple[bytes, os.stat_result]:
-    try:
-        with open_noatime(path) as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
-    except OSError as exc:
-        raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) != st.st_size:
-        raise atomic.FileChanged(f"{path}: file changed while being read; left alone")
-    return data, st
-
-
 def _is_read_only(path: Path, st: os.stat_result) -> bool:
     # Mode bits, not only access(): root may write anything, but a file the user made read-only stays untouched.
     return not (st.st_mode & stat.S_IWUSR) or not os.access(path, os.W_OK)
@@ -93,24 +75,49 @@ def _is_read_only(path: Path, st: os.stat_result) -> bool:
 
 def _write_embedded(path: Path, fmt: str, caption: str, provenance: Provenance,
                     config: MetadataConfig) -> list[str]:
-    data, st = _read_for_write(path)
-    if _is_read_only(path, st):
-        raise EmbedNotSafe("the file is read-only")
     try:
-        plan = plan_embedded(data, fmt, caption, provenance, config)
-    except (CorruptError, XmpError) as exc:
-        raise MetadataError(f"{path}: {exc}") from None
-    if plan.data == data:
+        with open_noatime(path) as f:
+            st = os.fstat(f.fileno())
+            if _is_read_only(path, st):
+                raise EmbedNotSafe("the file is read-only")
+            src = FileSource(f, st.st_size)
+            try:
+                if fmt == "jpeg":
+                    # Only the header is read: the scan data is copied kernel-side by the atomic writer.
+                    layout = jpeg.parse_layout(src)
+                    jpeg.check_complete(src, layout)
+                    data = src.read_at(0, jpeg.header_end(src, layout))
+                else:
+                    data = f.read()
+                    if len(data) != st.st_size:
+                        raise atomic.FileChanged(f"{path}: file changed while being read; left alone")
+                plan = plan_embedded(data, fmt, caption, provenance, config, file_size=st.st_size)
+            except (CorruptError, XmpError) as exc:
+                raise MetadataError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not plan.changed:
         return []
-    atomic.replace_file(path, plan.data, st, keep_mtime=config.keep_mtime)
+    atomic.replace_file(path, plan.parts, st, keep_mtime=config.keep_mtime)
     return list(plan.written)
 
 
-def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance,
-                  config: MetadataConfig) -> _Plan:
+@dataclass(frozen=True)
+class Plan:
+    """New file content as parts (bytes, and for JPEG a Tail: the original scan data from SOS on)."""
+
+    parts: tuple[atomic.Part, ...]
+    written: tuple[str, ...]
+    changed: bool
+
+
+def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, config: MetadataConfig, *,
+                  file_size: int) -> Plan:
     """Compute the new file content (pure; nothing is written) and verify it before returning.
 
-    Raises CorruptError / XmpError for malformed input and EmbedNotSafe when a sidecar must be used instead.
+    ``data`` is the whole file, except for JPEG where it may end after the first SOS segment header
+    (``file_size`` is the size of the whole file). Raises CorruptError / XmpError for malformed input and
+    EmbedNotSafe when a sidecar must be used instead.
     """
     emb = read_embedded(fmt, BytesSource(data))
     if emb.has_extended_xmp:
@@ -142,15 +149,21 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance,
         if emb.irb is not None and iptc.has_iptc(emb.irb):
             irb = iptc.set_caption_irb(emb.irb, caption)
             written.append("iptc")
-        new = jpeg.rebuild(data, new_tiff, packet, irb)
-    elif fmt == "png":
+        sos = jpeg.parse_layout(BytesSource(data)).sos_offset
+        head = jpeg.rebuild_head(data, new_tiff, packet, irb)
+        _verify_metadata(head + data[sos:], fmt, caption)  # new header + the original SOS header
+        parts: tuple[atomic.Part, ...] = (head, atomic.Tail(sos, file_size - sos))
+        return Plan(parts, tuple(written), head != data[:sos])
+    if fmt == "png":
         new = png.rebuild(data, new_tiff, packet)
     elif fmt == "webp":
         new = webp.rebuild(data, new_tiff, packet)
     else:
         raise EmbedNotSafe(f"cannot embed into {fmt}")
-    _verify(data, new, fmt, caption)
-    return _Plan(new, tuple(written))
+    if image_data(data, fmt) != image_data(new, fmt):
+        raise CorruptError("internal check failed: image data would change")
+    _verify_metadata(new, fmt, caption)
+    return Plan((new,), tuple(written), new != data)
 
 
 def _mandatory_jpeg_ifd0(data: bytes) -> dict[int, tuple[int, bytes]]:
@@ -184,11 +197,9 @@ def _current_exif(data: bytes, fmt: str) -> bytes | None:
 
 
 def image_data(data: bytes, fmt: str) -> bytes:
-    """The compressed image data that must never change: JPEG SOS..end, PNG IDAT/fdAT payloads, WebP image
-    chunks. Raises CorruptError."""
+    """The compressed image data that must never change: PNG IDAT/fdAT payloads, WebP image chunks (JPEG scan
+    data is never even read: it is copied as a Tail). Raises CorruptError."""
     src = BytesSource(data)
-    if fmt == "jpeg":
-        return data[jpeg.parse_layout(src).sos_offset :]
     if fmt == "png":
         return b"".join(
             data[c.offset + 8 : c.offset + 8 + c.length] for c in png.parse_chunks(src) if c.type in (b"IDAT", b"fdAT")
@@ -202,10 +213,8 @@ def image_data(data: bytes, fmt: str) -> bytes:
     raise CorruptError(f"no image data rule for {fmt}")
 
 
-def _verify(old: bytes, new: bytes, fmt: str, caption: str) -> None:
-    # Belt and braces: the rebuilt file must parse, carry the caption as ours, and hold the same image data.
-    if image_data(old, fmt) != image_data(new, fmt):
-        raise CorruptError("internal check failed: image data would change")
+def _verify_metadata(new: bytes, fmt: str, caption: str) -> None:
+    # Belt and braces: the rebuilt metadata must parse and carry the caption as ours before anything is written.
     emb: Embedded = read_embedded(fmt, BytesSource(new))
     info = parse_xmp(emb.xmp) if emb.xmp else None
     desc = describe(emb, info, [])
