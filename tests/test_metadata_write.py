@@ -229,3 +229,10 @@ def test_lossless_alpha_webp_gets_vp8x_with_alpha_flag(corpus: dict[str, Path], 
     flags = data[20]
     assert flags & 0x10 and flags & 0x08 and flags & 0x04
     assert int.from_bytes(data[4:8], "little") + 8 == len(data)
+
+
+def test_control_characters_and_odd_whitespace_are_cleaned_and_nfc_applied(tmp_path: Path) -> None:
+    path = mc.make_jpeg(tmp_path / "ctl.jpg")
+    write_caption(path, "  a cafe\u0301\x00 at\tnight\x07\n ", PROV, EMBEDDED)
+    fields = mc.exif_fields(path)
+    assert fields["IFD0:ImageDescription"] == fields["XMP-dc:Description"] == "a café at night"

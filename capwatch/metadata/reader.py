@@ -31,6 +31,7 @@ class Embedded:
     """Raw metadata blocks found inside one file."""
 
     tiff: exif.TiffInfo | None = None
+    exif_block: bytes | None = None  # the raw TIFF structure of an embedded EXIF block (JPEG/PNG/WebP/HEIF)
     xmp: bytes | None = None
     irb: bytes | None = None  # Photoshop IRB
     iim: bytes | None = None  # bare IPTC IIM (TIFF tag 33723)
@@ -44,6 +45,7 @@ class Embedded:
 def _tiff_or_none(block: bytes | None, emb: Embedded) -> exif.TiffInfo | None:
     if not block:
         return None
+    emb.exif_block = block
     try:
         return exif.read_tiff(BytesSource(block))
     except CorruptError as exc:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import stat
 import struct
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     remains.
     """
     path = Path(path)
-    text = normalise(caption)
+    # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
+    text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in caption))
+    text = " ".join(text.split())
     if not text:
         raise MetadataError(f"{path}: refusing to write an empty caption")
     if config.write == "none":
@@ -125,7 +128,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
     if emb.xmp is not None and parse_xmp(emb.xmp).has_extended:
         raise EmbedNotSafe("the XMP refers to ExtendedXMP")
     written = ["exif", "xmp"]
-    tiff_block = _current_exif(data, fmt)
+    tiff_block = emb.exif_block
     values: dict[int, tuple[int, bytes]] = {
         exif.TAG_IMAGE_DESCRIPTION: (exif.TYPE_ASCII, caption.encode("utf-8") + b"\x00")
     }
@@ -183,17 +186,6 @@ def _mandatory_jpeg_ifd0(data: bytes) -> dict[int, tuple[int, bytes]]:
         0x0128: (3, struct.pack("<H", unit_code)),
         0x0213: (3, struct.pack("<H", 1)),
     }
-
-
-def _current_exif(data: bytes, fmt: str) -> bytes | None:
-    src = BytesSource(data)
-    if fmt == "jpeg":
-        return jpeg.read_jpeg(src).exif
-    if fmt == "png":
-        return png.read_png(src).exif
-    if fmt == "webp":
-        return webp.read_webp(src).exif
-    return None
 
 
 def image_data(data: bytes, fmt: str) -> bytes:
