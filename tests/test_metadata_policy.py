@@ -144,3 +144,15 @@ def test_hard_linked_file_is_edited_so_every_link_sees_the_caption(tmp_path: Pat
     assert other.read_bytes() == path.read_bytes()
     assert _description(other) == CAPTION
     assert sorted(os.listdir(tmp_path)) == ["a.jpg", "b.jpg"]
+
+
+def test_extended_xmp_and_non_embeddable_containers_use_sidecars(tmp_path: Path) -> None:
+    ext = mc.make_jpeg(tmp_path / "ext.jpg")
+    mc.jpeg_insert_segment(ext, 0xE1, b"http://ns.adobe.com/xmp/extension/\x00" + b"0" * 32 + bytes(8) + b"<x/>")
+    gif = tmp_path / "anim.gif"
+    mc.noise_rgb().save(gif)
+    for path in (ext, gif):
+        before = path.read_bytes()
+        assert write_caption(path, CAPTION, PROV, MetadataConfig()).written == ("sidecar",)
+        assert path.read_bytes() == before
+        assert _description(path.with_name(path.name + ".xmp")) == CAPTION
