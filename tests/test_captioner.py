@@ -169,3 +169,22 @@ def test_caption_pixels_rejects_wrong_shapes() -> None:
     cap = open_captioner(BEAM, config(BEAM))
     with pytest.raises(ValueError, match=r"\[b,3,H,W\]"):
         cap.caption_pixels(np.zeros((3, 32, 32), dtype=np.float32))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_beams_fed_one_shared_encoder_row_per_image_give_identical_tokens(precision: str) -> None:
+    from capwatch.models import vision_encoder_decoder as ved
+    from capwatch.models.generate import generate
+
+    cap = open_captioner(BEAM, config(BEAM, precision=precision))
+    pixels = np.stack([cap.preprocess_file(IMAGES / n) for n in ("red.png", "checker.png", "blobs.jpg")])
+    cap.caption_pixels(pixels[:1])
+    assert cap._broadcast  # the Optimum export broadcasts one encoder row over the beams
+    with cap.sessions.use() as sessions:
+        hidden = ved.encode(sessions[ved.ENCODER], pixels)
+        outs = [
+            generate(ved.VitGpt2Decoder(sessions[ved.DECODER], cap._layout, broadcast_encoder=shared), hidden, 3,
+                     cap.settings)
+            for shared in (False, True)
+        ]
+    assert outs[0] == outs[1]

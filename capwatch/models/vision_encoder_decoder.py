@@ -67,10 +67,19 @@ class DecoderLayout:
 
 
 @dataclass(frozen=True)
+class _Segment:
+    """Decoder rows [start, stop) run in one session call with ``encoder`` as encoder_hidden_states."""
+
+    start: int
+    stop: int
+    encoder: np.ndarray
+
+
+@dataclass(frozen=True)
 class _State:
     items: np.ndarray  # encoder output per item [items, seq, hidden]
     row_item: np.ndarray  # the item of each decoder row
-    fed: np.ndarray  # what is fed as encoder_hidden_states: items[row_item], or [1, ...] when it broadcasts
+    plan: tuple[_Segment, ...]  # how the rows are fed to the graph
     past: tuple[np.ndarray, ...]  # 2 * layers arrays [rows, heads, past, head_dim]
     past_len: int
 
@@ -78,9 +87,10 @@ class _State:
 class VitGpt2Decoder:
     """The merged decoder as a :class:`capwatch.models.generate.Decoder`.
 
-    With ``broadcast_encoder`` (see :func:`encoder_broadcasts`), rows that all belong to one image are fed a single
-    encoder row: the graph recomputes the cross-attention keys/values from ``encoder_hidden_states`` at every step,
-    so feeding one row instead of one per beam divides that (dominant) cost by the number of beams.
+    The exported graph recomputes the cross-attention keys/values from ``encoder_hidden_states`` at every step,
+    which is a large part of a step's cost. With ``broadcast_encoder`` (see :func:`encoder_broadcasts`), the beams
+    of one image are fed a single encoder row, one session call per image, instead of one encoder row per beam in
+    a single call: that divides the cross-attention cost by the number of beams.
     """
 
     def __init__(
@@ -99,39 +109,58 @@ class VitGpt2Decoder:
         row_item = np.repeat(np.arange(items.shape[0]), expand)
         lay = self._layout
         empty = np.zeros((row_item.size, lay.heads, 0, lay.head_dim), dtype=np.float32)
-        return _State(items, row_item, self._feed(items, row_item), tuple(empty for _ in self._past_names), 0)
+        return _State(items, row_item, self._plan(items, row_item), tuple(empty for _ in self._past_names), 0)
 
-    def _feed(self, items: np.ndarray, row_item: np.ndarray) -> np.ndarray:
-        if self._broadcast and row_item.size > 1 and np.all(row_item == row_item[0]):
-            first = int(row_item[0])
-            shared: np.ndarray = items[first : first + 1]
-            return shared
-        if row_item.size == items.shape[0] and np.array_equal(row_item, np.arange(items.shape[0])):
-            return items
-        expanded: np.ndarray = items[row_item]
-        return expanded
+    def _plan(self, items: np.ndarray, row_item: np.ndarray) -> tuple[_Segment, ...]:
+        rows = row_item.size
+        if self._broadcast and rows >= 2:
+            bounds = np.flatnonzero(np.diff(row_item)) + 1
+            starts = np.concatenate([[0], bounds])
+            stops = np.concatenate([bounds, [rows]])
+            # Worth it only when images have several rows each (beams); rows of one item must be contiguous.
+            if (stops - starts).mean() >= 2 and np.unique(row_item[starts]).size == starts.size:
+                return tuple(
+                    _Segment(int(a), int(b), items[int(row_item[a]) : int(row_item[a]) + 1])
+                    for a, b in zip(starts, stops, strict=True)
+                )
+        if rows == items.shape[0] and np.array_equal(row_item, np.arange(rows)):
+            return (_Segment(0, rows, items),)
+        return (_Segment(0, rows, items[row_item]),)
 
     def step(self, state: DecoderState, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         assert isinstance(state, _State)
-        feeds: dict[str, Any] = {"input_ids": input_ids, "encoder_hidden_states": state.fed}
-        feeds.update(zip(self._past_names, state.past, strict=True))
-        if self._layout.has_cache_branch:
-            feeds["use_cache_branch"] = self._true if state.past_len > 0 else self._false
-        outputs = self._session.run(self._outputs, feeds)
+        branch = self._true if state.past_len > 0 else self._false
+        results = []
+        for seg in state.plan:
+            whole = len(state.plan) == 1
+            feeds: dict[str, Any] = {
+                "input_ids": input_ids if whole else input_ids[seg.start : seg.stop],
+                "encoder_hidden_states": seg.encoder,
+            }
+            feeds.update(
+                zip(self._past_names, (p if whole else p[seg.start : seg.stop] for p in state.past), strict=True)
+            )
+            if self._layout.has_cache_branch:
+                feeds["use_cache_branch"] = branch
+            results.append(self._session.run(self._outputs, feeds))
+        if len(results) == 1:
+            outputs = results[0]
+        else:
+            outputs = [np.concatenate([r[k] for r in results]) for k in range(len(self._outputs))]
         logits = outputs[0][:, -1, :]
         advanced = _State(
-            state.items, state.row_item, state.fed, tuple(outputs[1:]), state.past_len + input_ids.shape[1]
+            state.items, state.row_item, state.plan, tuple(outputs[1:]), state.past_len + input_ids.shape[1]
         )
         return logits, advanced
 
     def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
         assert isinstance(state, _State)
         row_item = state.row_item[rows]
-        # A beam reorder keeps every item's rows in place: the encoder feed is unchanged, no copy needed.
+        # A beam reorder keeps every item's rows in place: the feed plan is unchanged, no encoder copy needed.
         same = np.array_equal(row_item, state.row_item)
-        fed = state.fed if same else self._feed(state.items, row_item)
+        plan = state.plan if same else self._plan(state.items, row_item)
         past = tuple(p[rows] for p in state.past)
-        return _State(state.items, row_item, fed, past, state.past_len)
+        return _State(state.items, row_item, plan, past, state.past_len)
 
 
 def encoder_broadcasts(session: ort.InferenceSession, layout: DecoderLayout, hidden: int, start_token: int) -> bool:
