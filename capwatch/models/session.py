@@ -117,12 +117,17 @@ class SessionGroup:
         """Unload when unused for ``idle_seconds`` (0 = never). Returns True if something was unloaded."""
         if self._idle_seconds <= 0:
             return False
-        with self._lock:
+        # A group that is captioning right now is not idle: do not wait for it.
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
             current = self._clock() if now is None else now
             if not self.loaded or current - self._last_used < self._idle_seconds:
                 return False
             self.unload()
             return True
+        finally:
+            self._lock.release()
 
     def unload(self) -> None:
         with self._lock:
