@@ -17,11 +17,12 @@ is reported once, in its final state. Nothing here touches the file system: call
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from capwatch.metadata import is_temp_file
 
 #: Suffixes (lower case) of files that are still being written by some other program.
 TEMP_SUFFIXES: tuple[str, ...] = (
@@ -33,14 +34,7 @@ _RSYNC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{6}$")
 
 
 def _default_own_temp(name: str) -> bool:
-    # capwatch.metadata owns the naming of our own temp files; imported lazily so this module stays pure and
-    # importable on its own.
-    try:
-        module = importlib.import_module("capwatch.metadata")
-    except ImportError:  # metadata package not importable: the generic rules still apply
-        return False
-    check = getattr(module, "is_temp_file", None)
-    return bool(check(name)) if callable(check) else False
+    return is_temp_file(name)
 
 
 def is_temp_name(name: str, *, own_temp: Callable[[str], bool] = _default_own_temp) -> bool:
