@@ -516,7 +516,8 @@ class _Engine:
         self.stop_event = threading.Event()
         self.queue = JobQueue(config.watch.queue_size)
         self.inbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
-        self.watcher = Watcher(config.library, config.watch, self.inbox.put)
+        self.watcher = Watcher(config.library, config.watch, self.inbox.put, on_overflow=self._overflowed)
+        self._last_overflow = 0.0
         self.pipeline = Pipeline(
             self.queue,
             make_processor=self._make_processor,
@@ -532,6 +533,16 @@ class _Engine:
         self.backfill_active = False
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+
+    def _overflowed(self) -> None:
+        # Events were lost: only a reconcile knows what changed. Several warnings arrive per overflow.
+        now = time.monotonic()
+        if now - self._last_overflow < 5.0:
+            return
+        self._last_overflow = now
+        log.warning("file events were lost (inotify queue overflow); reconciling every root")
+        for root in self.roots:
+            self.reconcile_requests.put(root)
 
     def _open_index(self) -> Index:
         return Index.open(self.index_path, busy_timeout=self.config.index.busy_timeout_seconds)

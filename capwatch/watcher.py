@@ -167,6 +167,7 @@ class Watcher:
         sink: Callable[[WatchEvent], None],
         *,
         observer_factory: ObserverFactory = default_observer_factory,
+        on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self._library = library
         self._watch = watch
@@ -174,7 +175,13 @@ class Watcher:
         self._factory = observer_factory
         self._lock = threading.Lock()
         self._observers: dict[Path, tuple[Any, WatchMode, tuple[int, int]]] = {}
-        self._told_about_limit = False
+        self._overflow_hook: _OverflowHook | None = None
+        if on_overflow is not None:
+            # watchdog rebuilds its watches after the kernel's event queue overflowed but only logs it; the
+            # events are lost, so the daemon must reconcile. The log record is the only signal it gives.
+            self._overflow_hook = _OverflowHook(on_overflow)
+            for name in _WATCHDOG_INOTIFY_LOGGERS:
+                logging.getLogger(name).addHandler(self._overflow_hook)
 
     def start_root(self, root: RootConfig) -> WatchMode:
         """Start watching ``root`` (recursively). Returns the mode used.
@@ -263,11 +270,33 @@ class Watcher:
 
     def stop(self) -> None:
         """Stop and join every observer."""
+        if self._overflow_hook is not None:
+            for name in _WATCHDOG_INOTIFY_LOGGERS:
+                logging.getLogger(name).removeHandler(self._overflow_hook)
+            self._overflow_hook = None
         with self._lock:
             entries = list(self._observers.values())
             self._observers.clear()
         for observer, _, _ in entries:
             _stop_observer(observer)
+
+
+_WATCHDOG_INOTIFY_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
+class _OverflowHook(logging.Handler):
+    """Calls back when watchdog reports that the kernel dropped inotify events."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            try:
+                self._callback()
+            except Exception:  # a logging handler must never raise into watchdog's thread
+                self.handleError(record)
 
 
 def _stop_observer(observer: Any) -> None:

@@ -229,3 +229,17 @@ def test_missing_root_raises_and_removed_or_replaced_root_is_unhealthy(tmp_path:
     finally:
         watcher.stop()
     assert watcher.watched() == {}
+
+
+def test_inotify_queue_overflow_is_reported_so_the_daemon_can_reconcile(library: Path) -> None:
+    # The kernel queue limit is system-wide (fs.inotify.max_queued_events); overflowing it here would disturb
+    # other processes. watchdog's only signal is its warning, which is what we hook; that warning is emitted
+    # here exactly as watchdog words it.
+    calls: list[int] = []
+    watcher = Watcher(LibraryConfig(), WatchConfig(), Sink(), on_overflow=lambda: calls.append(1))
+    watcher.start_root(RootConfig(library))
+    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
+    assert calls == [1]
+    watcher.stop()
+    logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed; filesystem events were lost")
+    assert calls == [1]
