@@ -135,10 +135,12 @@ class JobQueue:
         with self._cond:
             return path in self._in_flight or path in self._live or path in self._backfill
 
-    def take_batch(self, max_items: int, wait_seconds: float, stop: threading.Event) -> list[Path]:
+    def take_batch(self, max_items: int, wait_seconds: float, stop: threading.Event,
+                   more_coming: Callable[[], bool] | None = None) -> list[Path]:
         """Take up to ``max_items`` paths (live first) and mark them in flight.
 
-        Blocks until at least one path is queued, then waits up to ``wait_seconds`` for the batch to fill.
+        Blocks until at least one path is queued, then waits up to ``wait_seconds`` for the batch to fill —
+        but not when ``more_coming`` says nothing else is on its way (a lone photo is not kept waiting).
         Returns an empty list when ``stop`` is set or the queue is closed.
         """
         with self._cond:
@@ -151,9 +153,9 @@ class JobQueue:
                 if stop.is_set() or self._closed:
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (more_coming is not None and not more_coming()):
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, 0.05) if more_coming is not None else remaining)
             if stop.is_set() or self._closed:
                 return []
             batch: list[Path] = []
@@ -228,6 +230,7 @@ class Pipeline:
         batch_size: int,
         batch_wait_seconds: float,
         idle: Callable[[], None] | None = None,
+        more_coming: Callable[[], bool] | None = None,
         force: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -237,6 +240,7 @@ class Pipeline:
         self._batch_size = max(1, batch_size)
         self._batch_wait = max(0.0, batch_wait_seconds)
         self._idle = idle
+        self._more_coming = more_coming
         self._force = force
         self._stop = threading.Event()
         self._handoff: collections.deque[tuple[list[Path], list[Path]]] = collections.deque()
@@ -352,7 +356,7 @@ class Pipeline:
         index = self._open_index()
         try:
             while not self._stop.is_set():
-                batch = self.queue.take_batch(self._batch_size, self._batch_wait, self._stop)
+                batch = self.queue.take_batch(self._batch_size, self._batch_wait, self._stop, self._more_coming)
                 if not batch:
                     continue
                 todo, unchanged = self._prepare(index, batch)

@@ -525,6 +525,7 @@ class _Engine:
             batch_size=config.model.batch_size,
             batch_wait_seconds=config.watch.batch_wait_ms / 1000.0,
             idle=self._idle,
+            more_coming=self._more_coming,
         )
         self.reconcile_requests: queue.SimpleQueue[RootConfig] = queue.SimpleQueue()
         self.missing: dict[Path, str] = {}
@@ -555,6 +556,10 @@ class _Engine:
 
         processor: BatchProcessor = Processor(self.config, index, self.captioner)
         return processor
+
+    def _more_coming(self) -> bool:
+        # Files still settling (a copy in progress) or events not yet looked at: worth waiting for a fuller batch.
+        return self.settling > 0 or self.backfill_active or not self.inbox.empty()
 
     def _idle(self) -> None:
         unload = getattr(self.captioner, "unload_if_idle", None)

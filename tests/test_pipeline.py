@@ -96,6 +96,17 @@ def test_take_batch_waits_for_the_batch_to_fill() -> None:
     assert batch == [A, B]
 
 
+def test_a_lone_job_is_not_kept_waiting_for_a_batch_when_nothing_else_is_coming() -> None:
+    q = JobQueue(10)
+    stop = threading.Event()
+    q.put_live(A)
+    got: list[list[Path]] = []
+    thread = threading.Thread(target=lambda: got.append(q.take_batch(8, 600.0, stop, lambda: False)))
+    thread.start()
+    thread.join(30)  # far below the 600 s batch wait: returned because nothing else was coming
+    assert got == [[A]]
+
+
 def test_discard_removes_a_waiting_path_only() -> None:
     q = JobQueue(10)
     stop = threading.Event()
