@@ -127,50 +127,75 @@ def is_candidate(path: Path, root: RootConfig, library: LibraryConfig) -> bool:
     return not root.include or _matches(relative, root.include)
 
 
+@lru_cache(maxsize=64)
+def _file_patterns(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex for the file-level globs; patterns ending in '/**' only prune folders and are left out."""
+    relevant = [glob_regex(p).pattern for p in patterns if not p.endswith("/**")]
+    return re.compile("|".join(f"(?:{r})" for r in relevant)) if relevant else None
+
+
 def iter_image_files(root: RootConfig, library: LibraryConfig) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(absolute path, stat)`` for every candidate image below ``root``, depth first.
 
+    Only candidates are stat'ed: names, folder types and symlinks come from the directory listing itself.
     Unreadable directories are logged and skipped. Symlinks are skipped unless ``follow_symlinks``; then
     directory loops are cut by (device, inode).
     """
     base = normalise_path(root.path)
+    follow = library.follow_symlinks
+    hidden_ok = library.include_hidden
+    extensions = frozenset(library.extensions)
+    excludes = _file_patterns(library.exclude + root.exclude)
+    includes = _file_patterns(root.include) if root.include else None
     seen_dirs: set[tuple[int, int]] = set()
     stack = [(base, "")]
     while stack:
         directory, relative_dir = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            with os.scandir(directory) as listing:
+                entries = list(listing)
         except OSError as exc:
             log.warning("cannot list %s: %s", directory, exc.strerror or exc)
             continue
+        prefix = relative_dir + "/" if relative_dir else ""
         for entry in entries:
             name = entry.name
-            if not library.include_hidden and name.startswith("."):
+            if not hidden_ok and name[0] == ".":
                 continue
-            relative = f"{relative_dir}/{name}" if relative_dir else name
             try:
-                is_link = entry.is_symlink()
-                if is_link and not library.follow_symlinks:
+                if entry.is_symlink():
+                    if not follow:
+                        continue
+                    is_dir = entry.is_dir()
+                else:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                if is_dir:
+                    relative = prefix + name
+                    if _excluded_dir(relative, root, library):
+                        continue
+                    if follow:
+                        st = entry.stat()
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen_dirs:
+                            continue
+                        seen_dirs.add(key)
+                    stack.append((entry.path, relative))
                     continue
-                st = entry.stat(follow_symlinks=True)
+                dot = name.rfind(".")
+                if dot <= 0 or name[dot + 1:].lower() not in extensions:
+                    continue
+                if excludes is not None or includes is not None:
+                    relative = prefix + name
+                    if excludes is not None and excludes.match(relative):
+                        continue
+                    if includes is not None and not includes.match(relative):
+                        continue
+                if name[0] == "." and is_temp_file(name):
+                    continue
+                st = entry.stat()
             except OSError:
                 continue  # vanished or dangling link: nothing to index
-            if stat.S_ISDIR(st.st_mode):
-                if _excluded_dir(relative, root, library):
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if library.follow_symlinks:
-                    if key in seen_dirs:
-                        continue
-                    seen_dirs.add(key)
-                stack.append((entry.path, relative))
-            elif stat.S_ISREG(st.st_mode):
-                if is_temp_file(name) or not _extension_ok(name, library):
-                    continue
-                if _matches(relative, library.exclude) or _matches(relative, root.exclude):
-                    continue
-                if root.include and not _matches(relative, root.include):
-                    continue
+            if stat.S_ISREG(st.st_mode):
                 yield entry.path, st
 
 
@@ -272,23 +297,23 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     unchanged = 0
     fresh: list[tuple[str, os.stat_result]] = []
     changed: list[tuple[str, os.stat_result]] = []
-    present: set[str] = set()
+    missing = dict(known)  # what is left after the walk has vanished from disk
+    pop = missing.pop
     for path, st in iter_image_files(root, config.library):
         seen += 1
-        present.add(path)
-        old = known.get(path)
+        old = pop(path, None)
         if old is None:
             fresh.append((path, st))
-        elif old != (st.st_size, st.st_mtime_ns):
+        elif old[0] != st.st_size or old[1] != st.st_mtime_ns:
             changed.append((path, st))
         else:
             unchanged += 1
-        if progress is not None and seen % 256 == 0:
+        if progress is not None and not seen & 1023:
             progress(seen)
     if progress is not None:
         progress(seen)
 
-    gone = [p for p in known if p not in present]
+    gone = list(missing)
     gone_by_fingerprint: dict[str, str] = {}
     for path in gone:
         record = index.get(path)
