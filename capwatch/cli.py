@@ -252,8 +252,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for entry in errors:
         click.echo(f"  {entry['path']}: {entry['error']}")
     if live:
-        details = ", ".join(f"{k} {v}" for k, v in live.items() if k not in ("pid",))
-        click.echo(f"daemon     running (pid {live.get('pid')}): {details}")
+        click.echo(f"daemon     running since {live.get('started', '?')} (pid {live.get('pid')}), "
+                   f"{live.get('state', '')}")
+        click.echo(f"  queue    {live.get('queue', 0)} ({live.get('queue_live', 0)} live, "
+                   f"{live.get('queue_backfill', 0)} backfill), {live.get('in_flight', 0)} in flight, "
+                   f"{live.get('settling', 0)} settling")
+        if live.get("backfill_total"):
+            click.echo(f"  backfill {live.get('backfill_done', 0)} / {live.get('backfill_total')}")
+        click.echo(f"  rate     {float(live.get('rate_per_minute') or 0):.1f} images/min; "
+                   f"{live.get('captioned', 0)} captioned, {live.get('errors', 0)} errors since start")
+        click.echo(f"  model    {'loaded' if live.get('model_loaded') else 'not loaded (idle)'}")
+        for root in live.get("missing_roots") or []:
+            click.echo(f"  missing  {root} (kept in the index; re-checked periodically)")
     else:
         click.echo("daemon     not running")
 
@@ -542,14 +552,25 @@ def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -
 
 @cli.command()
 @click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-caption", is_flag=True, help="Only keep the index in step (new, moved, deleted files and "
+              "descriptions people wrote); load no model.")
 @click.pass_context
-def watch(ctx: click.Context, dirs: tuple[Path, ...]) -> None:
-    """Run the daemon in the foreground: caption images as they appear in DIRS (default: configured roots)."""
+def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
+    """Run the daemon in the foreground: caption images as they appear in DIRS (default: configured roots).
+
+    Reconciles the roots at start (backfill), then follows changes. SIGTERM/Ctrl-C stop cleanly, SIGHUP re-reads
+    the configuration. Under systemd it reports READY, STATUS and WATCHDOG.
+    """
     from capwatch.service import run_daemon
 
+    app: AppContext = ctx.obj
     config = _load(ctx)
-    roots = _roots(config, dirs)
-    ctx.exit(run_daemon(config, roots))
+    # Without DIRS the daemon follows the configured roots, also when SIGHUP brings a new list.
+    roots = _roots(config, dirs) if dirs else None
+    if roots is None and not config.library.roots:
+        raise click.UsageError("no folders given and none configured in [library] roots")
+    # On SIGHUP the same --config/--db/--model apply again, so a reload never loses a command-line choice.
+    ctx.exit(run_daemon(config, roots, reload=app.config, caption=not no_caption))
 
 
 # --------------------------------------------------------------------------------------------------------------

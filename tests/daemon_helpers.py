@@ -75,23 +75,11 @@ def rows(db: Path) -> dict[str, tuple[Any, ...]]:
 
 
 def daemon_command(config: Path, *, caption: bool = True, dirs: tuple[Path, ...] = ()) -> list[str]:
-    """A command line that runs the daemon in the foreground (``run_daemon`` through ``python -c``)."""
-    code = (
-        "import sys, logging\n"
-        "from pathlib import Path\n"
-        "from capwatch.config import load_config\n"
-        "from capwatch.service import run_daemon\n"
-        "from capwatch.errors import CapwatchError\n"
-        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
-        f"config = load_config({str(config)!r})\n"
-        f"roots = [Path(p) for p in {[str(d) for d in dirs]!r}] or None\n"
-        "try:\n"
-        f"    sys.exit(run_daemon(config, roots, caption={caption!r}))\n"
-        "except CapwatchError as exc:\n"
-        "    print(f'capwatch: error: {exc}', file=sys.stderr)\n"
-        "    sys.exit(exc.exit_code)\n"
-    )
-    return [sys.executable, "-c", code]
+    """The real command line that runs the daemon in the foreground: ``capwatch --config C watch [DIRS]``."""
+    command = [sys.executable, "-m", "capwatch", "--config", str(config), "watch", *map(str, dirs)]
+    if not caption:
+        command.append("--no-caption")
+    return command
 
 
 def start_daemon(config: Path, *, env: dict[str, str] | None = None, caption: bool = True,
