@@ -225,3 +225,21 @@ def test_in_dir_with_quotes_and_odd_names(tmp_path: Path) -> None:
         assert _paths(index, "tabby", in_dir="/lib/!!!") == ["/lib/!!!/c.jpg"]
         assert sorted(_paths(index, "tabby", in_dir="/lib")) == sorted(
             [f"{odd}/a.jpg", "/lib/Tom/b.jpg", "/lib/!!!/c.jpg"])
+
+
+def test_upgrade_from_version_2_adds_the_reconcile_index_and_keeps_rows(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    Index(conn, db, 1.0).migrate(target=2)  # an index as the previous release left it
+    conn.execute(
+        "INSERT INTO images (path, size, mtime_ns, sort_date, caption, status, updated_at) "
+        "VALUES ('/lib/a.jpg', 10, 20, '2020-01-01T00:00:00', 'a harbour at dusk', 'captioned', 'x')"
+    )
+    conn.close()
+    with Index.open(db) as index:
+        assert index.schema_version() == SCHEMA_VERSION == 3
+        assert index.stat_map("/lib") == {"/lib/a.jpg": (10, 20)}
+        assert _paths(index, "harbour") == ["/lib/a.jpg"]
+        plan = " ".join(str(r) for r in index._conn.execute(
+            "EXPLAIN QUERY PLAN SELECT path, size, mtime_ns FROM images WHERE path >= '/a' AND path < '/b'"))
+        assert "COVERING INDEX images_stat" in plan
