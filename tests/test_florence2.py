@@ -219,7 +219,7 @@ def test_int8_captions(beams: int) -> None:
     int8_size = (FIXTURE / "onnx" / "decoder_model_merged_quantized.onnx").stat().st_size
     assert int8_size < 0.7 * fp32_size  # the decoder's If branches were quantized too (EnableSubgraph)
     # No batched == one-at-a-time check here: dynamic quantization picks one activation scale per tensor, i.e.
-    # over every row of the batch, so int8 results legitimately depend on what is batched together.
+    # over every row of a decoder step, so int8 results legitimately depend on what is batched together.
     with _captioner(precision="int8", num_beams=beams, batch_size=3) as captioner:
         results = captioner.caption_pixels(PIXELS)
     for r in results:
