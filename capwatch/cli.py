@@ -206,12 +206,9 @@ def _model_label(config: Config) -> str:
 
 
 def _live_state(index_path: Path) -> dict[str, Any] | None:
-    try:
-        from capwatch.service import read_live_state
-    except ImportError:  # pragma: no cover - the daemon module is optional at this stage
-        return None
-    state: dict[str, Any] | None = read_live_state(index_path)
-    return state
+    from capwatch.instance import read_live_state
+
+    return read_live_state(index_path)
 
 
 @cli.command()

@@ -20,17 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import errno
-import fcntl
-import json
 import logging
 import os
 import queue
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -39,165 +35,26 @@ from typing import Any
 from capwatch.config import Config, RootConfig, load_config
 from capwatch.errors import CapwatchError
 from capwatch.index import Index, normalise_path
+from capwatch.instance import (
+    DaemonAlreadyRunning,
+    InstanceLock,
+    live_state_path,
+    lock_path,
+    read_live_state,
+    write_json_atomic,
+)
 from capwatch.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
+from capwatch.sdnotify import SystemdNotifier
 from capwatch.settle import FileState, Settler
 from capwatch.watcher import Watcher, WatchEvent, roots_for
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DaemonAlreadyRunning", "SystemdNotifier", "live_state_path", "lock_path", "read_live_state",
+           "run_daemon"]
+
 #: Upper bound for finishing the in-flight batch after SIGTERM (systemd's default TimeoutStopSec is 90 s).
 STOP_TIMEOUT_SECONDS = 30.0
-
-
-class DaemonAlreadyRunning(CapwatchError):
-    """Another daemon holds the lock on the same index."""
-
-
-# -- files next to the index ----------------------------------------------------------------------------------
-
-
-def lock_path(index_path: Path) -> Path:
-    """The lock file of the daemon that uses ``index_path``."""
-    return index_path.with_name(index_path.name + ".lock")
-
-
-def live_state_path(index_path: Path) -> Path:
-    """The live-state JSON file of the daemon that uses ``index_path``."""
-    return index_path.with_name(index_path.name + ".daemon.json")
-
-
-class InstanceLock:
-    """An exclusive ``flock`` on ``<index>.lock``, held for the daemon's lifetime (released by the kernel on
-    any exit, including kill -9)."""
-
-    def __init__(self, index_path: Path) -> None:
-        self.path = lock_path(index_path)
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock. Raises DaemonAlreadyRunning (one line) when another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            other = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                who = f" (pid {other})" if other else ""
-                raise DaemonAlreadyRunning(
-                    f"another capwatch daemon{who} is already running on {self.path.with_suffix('')}"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Drop the lock (the file stays: removing it would race with a starting daemon)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip() or "0") or None
-    except (OSError, ValueError):
-        return None
-
-
-def _lock_is_held(index_path: Path) -> bool:
-    try:
-        fd = os.open(lock_path(index_path), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also releases the shared lock we may have taken
-    return False
-
-
-def read_live_state(index_path: Path) -> dict[str, Any] | None:
-    """Return the running daemon's live state for ``index_path``, or None when no daemon runs.
-
-    A state file left by a daemon that died (kill -9, power loss) is recognised by its lock being free, or its
-    pid gone, and reported as None. Never raises.
-    """
-    path = live_state_path(Path(index_path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not _lock_is_held(Path(index_path)):
-        return None
-    pid = data.get("pid")
-    if not isinstance(pid, int) or not _pid_alive(pid):
-        return None
-    return data
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by another user (the system service)
-    return True
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# -- systemd --------------------------------------------------------------------------------------------------
-
-
-class SystemdNotifier:
-    """Sends ``sd_notify`` datagrams to ``$NOTIFY_SOCKET`` (no-op when it is unset)."""
-
-    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
-        address = env.get("NOTIFY_SOCKET", "")
-        self._address: str | bytes | None
-        if not address:
-            self._address = None
-        elif address.startswith("@"):
-            self._address = b"\0" + address[1:].encode()  # abstract namespace socket
-        elif address.startswith("/"):
-            self._address = address
-        else:
-            self._address = None  # vsock and others: not supported, stay quiet
-        usec = env.get("WATCHDOG_USEC", "")
-        wd_pid = env.get("WATCHDOG_PID", "")
-        interval: float | None = None
-        if usec.isdigit() and int(usec) > 0 and (not wd_pid or wd_pid == str(os.getpid())):
-            interval = int(usec) / 1e6 / 2
-        #: Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None when systemd does not ask for them.
-        self.watchdog_interval = interval
-
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
-    def notify(self, *fields: str) -> bool:
-        """Send ``fields`` (e.g. ``"READY=1"``) as one datagram. Returns False when not sent (never raises)."""
-        if self._address is None:
-            return False
-        message = "\n".join(fields).encode()
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.connect(self._address)
-                sock.sendall(message)
-        except OSError as exc:
-            log.debug("sd_notify failed: %s", exc)
-            return False
-        return True
 
 
 # -- the daemon -----------------------------------------------------------------------------------------------
@@ -458,7 +315,7 @@ class Daemon:
         if engine is not None:
             data.update(engine.live_state())
         try:
-            _write_json_atomic(live_state_path(self.index_path), data)
+            write_json_atomic(live_state_path(self.index_path), data)
         except OSError as exc:
             log.debug("cannot write live state: %s", exc)
         self._notifier.notify(f"STATUS={self._status_line()}")
