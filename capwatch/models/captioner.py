@@ -125,10 +125,13 @@ class Captioner:
     def caption_pixels(
         self, pixel_values: np.ndarray, *, settings: GenerationSettings | None = None
     ) -> list[CaptionResult]:
-        """Caption a batch [b,3,H,W]; returns b results in order (identical to captioning one at a time).
+        """Caption a batch [b,3,H,W]; returns b results in order.
 
-        Runs in chunks of ``config.batch_size`` images. ``settings`` replaces the configured generation settings
-        for this call. Raises ModelError when the model cannot be loaded.
+        Runs in chunks of ``config.batch_size`` images. With fp32 graphs the result is identical to captioning one
+        image at a time. int8 graphs (onnxruntime dynamic quantisation) pick one activation scale per tensor, i.e.
+        per call, so an image's int8 caption can depend slightly on its batch-mates (measured in bench/caption.py).
+        ``settings`` replaces the configured generation settings for this call. Raises ModelError when the model
+        cannot be loaded.
         """
         pixels = np.asarray(pixel_values, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1] != 3:
