@@ -179,3 +179,34 @@ def test_index_only_when_described_captions_into_the_index_not_the_file(tmp_path
         assert record is not None
         assert record.caption == "Tom's party" and record.source == "human"
         assert record.model_caption == outcome.caption
+
+
+@needs_exiftool
+def test_scan_captions_what_needs_it_and_is_idempotent(run_cli: CliRunner, tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    for i in range(5):
+        make_jpeg(root / "a" / f"{i}.jpg", (50 * i, 20, 200 - 40 * i))
+    described = make_jpeg(root / "b" / "party.jpg")
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description=Tom's party", str(described)],
+                   check=True)
+    before = described.read_bytes()
+    db = tmp_path / "index.db"
+    first = run_cli("--db", db, "--model", MODEL, "scan", root)
+    assert first.code == 0, first.err
+    assert first.out.startswith("6 images: 6 new") and "5 captioned" in first.out
+    assert described.read_bytes() == before
+    status = json.loads(run_cli("--db", db, "status", "--json").out)
+    assert status["captioned"] == 6 and status["pending"] == 0 and status["by_source"]["model"] == 5
+    for i in range(5):
+        assert exif_description(root / "a" / f"{i}.jpg").get("XMP-dc:Description")
+    second = run_cli("--db", db, "--model", MODEL, "scan", root)
+    assert second.code == 0 and "0 new, 0 changed" in second.out and "0 captioned" in second.out
+
+
+def test_scan_without_an_available_model_keeps_the_index_and_says_how(run_cli: CliRunner, tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    make_jpeg(root / "x.jpg")
+    db = tmp_path / "index.db"
+    result = run_cli("--db", db, "scan", root)  # default model, offline, empty cache
+    assert result.code == 2 and len(result.err_lines) == 1 and "capwatch models pull" in result.err
+    assert json.loads(run_cli("--db", db, "status", "--json").out)["pending"] == 1
