@@ -6,12 +6,14 @@ index error, reported as ONE line on stderr (``capwatch: error: ...``), never a 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,38 @@ def _setup_logging(config: Config, verbosity: int) -> None:
     root.propagate = False
 
 
+def _global_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Accept the global options after the subcommand too (``capwatch caption --model DIR FILE``).
+
+    A value given after the subcommand wins over one given before it.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        app: AppContext = ctx.obj
+        ctx.obj = dataclasses.replace(
+            app,
+            config_path=kwargs.pop("g_config") or app.config_path,
+            db=kwargs.pop("g_db") or app.db,
+            model=kwargs.pop("g_model") or app.model,
+            verbosity=app.verbosity + kwargs.pop("g_verbose") - kwargs.pop("g_quiet"),
+        )
+        return command(*args, **kwargs)
+
+    options = [
+        click.option("--config", "g_config", metavar="PATH", hidden=True),
+        click.option("--db", "g_db", metavar="PATH", hidden=True),
+        click.option("--model", "g_model", metavar="NAME|DIR", hidden=True),
+        click.option("-v", "--verbose", "g_verbose", count=True, hidden=True),
+        click.option("-q", "--quiet", "g_quiet", count=True, hidden=True),
+    ]
+    decorated: Callable[..., Any] = wrapper
+    for option in options:
+        decorated = option(decorated)
+    return decorated
+
+
 def _load(ctx: click.Context) -> Config:
     app: AppContext = ctx.obj
     config = app.config()
@@ -98,6 +132,8 @@ def _open_index(config: Config, *, readonly: bool = False) -> Index:
 def cli(ctx: click.Context, config_path: str | None, db: str | None, model: str | None, verbose: int,
         quiet: int) -> None:
     """Keep a photo library captioned by a local model, with captions inside the files and searchable.
+
+    The options above may also follow the command (capwatch caption --model DIR FILE).
 
     \b
     Quick start:
@@ -142,6 +178,7 @@ class _SearchCommand(click.Command):
 
 
 @cli.command(cls=_SearchCommand)
+@_global_options
 @click.argument("words", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: path, caption, score, source, "
               "model, taken_at.")
@@ -212,6 +249,7 @@ def _live_state(index_path: Path) -> dict[str, Any] | None:
 
 
 @cli.command()
+@_global_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
@@ -291,6 +329,7 @@ def models() -> None:
 
 
 @models.command("list")
+@_global_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
@@ -312,6 +351,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @models.command("pull")
+@_global_options
 @click.argument("name")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), help="Default: the configured one.")
 @click.pass_context
@@ -338,6 +378,7 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
 
 
 @models.command("info")
+@_global_options
 @click.argument("name_or_dir")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.pass_context
@@ -393,6 +434,7 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
 
 
 @cli.command()
+@_global_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print captions; write nothing into files or the index.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file: path, caption, model, written, "
@@ -460,6 +502,7 @@ class _Progress:
 
 
 @cli.command()
+@_global_options
 @click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-caption", is_flag=True, help="Only index: record images and import existing descriptions.")
 @click.option("--force", is_flag=True, help="Caption again files that already have our caption, and replace "
@@ -548,6 +591,7 @@ def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -
 
 
 @cli.command()
+@_global_options
 @click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-caption", is_flag=True, help="Only keep the index in step (new, moved, deleted files and "
               "descriptions people wrote); load no model.")

@@ -210,3 +210,18 @@ def test_scan_without_an_available_model_keeps_the_index_and_says_how(run_cli: C
     result = run_cli("--db", db, "scan", root)  # default model, offline, empty cache
     assert result.code == 2 and len(result.err_lines) == 1 and "capwatch models pull" in result.err
     assert json.loads(run_cli("--db", db, "status", "--json").out)["pending"] == 1
+
+
+def test_global_options_also_work_after_the_command(run_cli: CliRunner, tmp_path: Path) -> None:
+    image = make_jpeg(tmp_path / "a.jpg")
+    db = tmp_path / "index.db"
+    florence = FIXTURES / "models" / "florence2-tiny"
+    result = run_cli("caption", "--model", florence, "--db", db, image, "--json")
+    assert result.code == 0, result.err
+    (row,) = [json.loads(line) for line in result.out.splitlines()]
+    assert row["caption"] and row["error"] is None and row["model"]
+    status = run_cli("status", "--db", db, "--json")
+    assert status.code == 0 and json.loads(status.out)["captioned"] == 1
+    word = "".join(ch for ch in str(row["caption"]).split()[0] if ch.isalnum())
+    found = run_cli("search", word, "--db", db, "--paths")
+    assert found.code == 0 and found.out.splitlines() == [str(image)]
