@@ -289,7 +289,13 @@ class Index:
         if version == SCHEMA_VERSION:
             return
         if readonly:
-            raise IndexUnavailable(f"index {self.path} needs an upgrade; run any writing command (e.g. scan) first")
+            if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+                raise IndexUnavailable(
+                    f"index {self.path} was made by an older capwatch and needs an upgrade, but it is read-only"
+                )
+            # An index from the previous release: upgrade it once through a writable connection.
+            Index.open(self.path, busy_timeout=self._busy_timeout).close()
+            return
         self.migrate()
 
     def schema_version(self) -> int:

@@ -236,6 +236,8 @@ def test_upgrade_from_version_2_adds_the_reconcile_index_and_keeps_rows(tmp_path
         "VALUES ('/lib/a.jpg', 10, 20, '2020-01-01T00:00:00', 'a harbour at dusk', 'captioned', 'x')"
     )
     conn.close()
+    with Index.open(db, readonly=True) as index:  # `capwatch search` right after upgrading capwatch
+        assert _paths(index, "harbour") == ["/lib/a.jpg"]
     with Index.open(db) as index:
         assert index.schema_version() == SCHEMA_VERSION == 3
         assert index.stat_map("/lib") == {"/lib/a.jpg": (10, 20)}
