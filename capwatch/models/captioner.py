@@ -12,6 +12,7 @@ implements :meth:`Captioner.graph_stems`, :meth:`Captioner.check_graphs` and :me
 
 from __future__ import annotations
 
+import abc
 import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +45,7 @@ class CaptionResult:
     token_ids: tuple[int, ...]
 
 
-class Captioner:
+class Captioner(abc.ABC):
     """Base class of every model family's captioner (one instance per model directory).
 
     Not thread-safe for concurrent captioning (one worker thread captions); ``unload_if_idle`` may be called from
@@ -81,19 +82,19 @@ class Captioner:
 
     # -- family hooks ------------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def graph_stems(self) -> Sequence[str]:
         """ONNX file stems this family needs (precision suffix added by the layout)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         """Raise ModelError when the loaded graphs do not have the tensor names this family uses."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def generate_ids(
         self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
     ) -> list[list[int]]:
         """Token ids per image (decoder start first, as transformers' generate() returns them)."""
-        raise NotImplementedError
 
     def postprocess(self, text: str) -> str:
         """Turn decoded text into the caption (families override to strip task artefacts)."""
