@@ -14,6 +14,8 @@ Two steps, kept apart so each can be tested on its own:
 
 from __future__ import annotations
 
+import functools
+import io
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from capwatch.errors import ImageError
+from capwatch.metadata.formats import HEAD_SIZE, detect_format
+from capwatch.models.rawpreview import extract_preview
 
 #: Refuse images with more pixels than this before decoding them (Pillow's own hard limit is 2x its warning
 #: threshold of ~89 MP; a 180 MP panorama is still accepted, a zip bomb is not).
@@ -198,7 +202,8 @@ def load_image(
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's global warning threshold.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            img, raw_orientation = _open_source(path)
+            with img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageError(
@@ -212,7 +217,7 @@ def load_image(
                 if img.format == "JPEG" and target_size is not None:
                     _draft(img, target_size)
                 img.load()
-                oriented = _orient(img)
+                oriented = _orient(img) if raw_orientation is None else _transpose(img, raw_orientation)
                 return oriented if oriented.mode == "RGB" else to_rgb(oriented)
     except ImageError:
         raise
@@ -239,6 +244,55 @@ def _draft(img: Image.Image, target_size: tuple[int, int]) -> None:
     side = max(want_h, want_w)
     if width >= 2 * side and height >= 2 * side:
         img.draft("RGB", (side, side))
+
+
+_TRANSPOSE = {
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_270],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_90],
+}
+
+
+@functools.cache
+def _register_heif() -> bool:
+    """Teach Pillow HEIC/HEIF (and AVIF where Pillow lacks it) through pillow-heif, once per process."""
+    try:
+        import pillow_heif  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _open_source(path: Path) -> tuple[Image.Image, int | None]:
+    """Open ``path`` for decoding; camera RAW opens its embedded JPEG preview instead.
+
+    Returns the image and, for RAW previews, the orientation from the RAW's IFD0 (the preview JPEG usually has no
+    EXIF of its own). Raises ImageError for a RAW without a usable preview, OSError and Pillow's errors otherwise.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(HEAD_SIZE)
+    kind = detect_format(head, path.suffix)
+    if kind == "raw":
+        preview = extract_preview(path)
+        if preview is None:
+            raise ImageError(f"{path}: camera RAW without an embedded JPEG preview that capwatch can decode")
+        image = Image.open(io.BytesIO(preview.data))
+        own = image.getexif().get(0x0112)
+        return image, None if own not in (None, 1) else preview.orientation
+    if kind in ("heif", "avif"):
+        _register_heif()
+    return Image.open(path), None
+
+
+def _transpose(img: Image.Image, orientation: int) -> Image.Image:
+    for method in _TRANSPOSE.get(orientation, []):
+        img = img.transpose(method)
+    return img
 
 
 def _orient(img: Image.Image) -> Image.Image:
