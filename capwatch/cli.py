@@ -568,8 +568,9 @@ def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -
     size = max(1, config.model.batch_size)
     captioned = failed = 0
     show = sys.stderr.isatty()
+    started = time.monotonic()
     bar_ctx = click.progressbar(length=len(paths), label="captioning", file=sys.stderr, show_eta=True,
-                                show_pos=True) if show else None
+                                show_pos=True, item_show_func=lambda rate: rate) if show else None
     try:
         for start in range(0, len(paths), size):
             outcomes = processor.process_batch(paths[start:start + size], skip_captioned=not force)
@@ -579,7 +580,9 @@ def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -
                 elif outcome.caption and not outcome.skipped:
                     captioned += 1
             if bar_ctx is not None:
-                bar_ctx.update(len(outcomes))
+                done = start + len(outcomes)
+                rate = 60 * done / max(time.monotonic() - started, 1e-6)
+                bar_ctx.update(len(outcomes), f"{rate:,.1f} img/min")
     finally:
         if bar_ctx is not None:
             bar_ctx.render_finish()

@@ -173,6 +173,9 @@ class Processor:
 
     def _finish(self, job: _Job, text: str) -> FileOutcome:
         model_id = self.captioner.model_id
+        if not text:
+            # Nothing to write or search; recorded as an error so that `status` shows it and --force retries it.
+            return self._fail(job.path, f"{job.path}: the model produced an empty caption", job.st)
         if self.dry_run:
             return FileOutcome(Path(job.path), text, model_id, skipped=HUMAN_KEPT if job.human_skip else None)
         now = _now_iso(self.clock)
