@@ -285,7 +285,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"pending    {payload['pending']}")
     click.echo(f"errors     {payload['errors']}")
     for entry in errors:
-        click.echo(f"  {entry['path']}: {entry['error']}")
+        # Most messages already start with the file's path; do not say it twice.
+        message = str(entry["error"])
+        click.echo(f"  {message}" if message.startswith(str(entry["path"])) else f"  {entry['path']}: {message}")
     if live:
         click.echo(f"daemon     running since {live.get('started', '?')} (pid {live.get('pid')}), "
                    f"{live.get('state', '')}")
