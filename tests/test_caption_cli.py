@@ -225,3 +225,24 @@ def test_global_options_also_work_after_the_command(run_cli: CliRunner, tmp_path
     word = "".join(ch for ch in str(row["caption"]).split()[0] if ch.isalnum())
     found = run_cli("search", word, "--db", db, "--paths")
     assert found.code == 0 and found.out.splitlines() == [str(image)]
+
+
+@needs_exiftool
+@pytest.mark.parametrize("field", ["-XMP-dc:Description", "-EXIF:ImageDescription", "-IPTC:Caption-Abstract"])
+def test_a_persons_edit_of_our_caption_in_any_field_is_theirs(run_cli: CliRunner, tmp_path: Path,
+                                                              field: str) -> None:
+    image = make_jpeg(tmp_path / "lib" / "a.jpg")
+    if field.startswith("-IPTC"):
+        subprocess.run(["exiftool", "-q", "-overwrite_original", "-IPTC:Keywords=x", str(image)], check=True)
+    db = tmp_path / "index.db"
+    code, (row,), err = _caption(run_cli, db, image)
+    assert code == 0 and row["written"], err
+    subprocess.run(["exiftool", "-q", "-overwrite_original", f"{field}=Corrected by me", str(image)], check=True)
+    edited = image.read_bytes()
+    scan = run_cli("--db", db, "scan", tmp_path / "lib", "--no-caption")
+    assert scan.code == 0 and "1 changed" in scan.out and "1 descriptions imported" in scan.out
+    hits = [json.loads(line) for line in run_cli("--db", db, "search", "corrected", "--json").out.splitlines()]
+    assert [(h["path"], h["source"]) for h in hits] == [(str(image), "human")]
+    code, (row,), _ = _caption(run_cli, db, image)
+    assert code == 0 and row["skipped"] == HUMAN_KEPT and row["written"] == []
+    assert image.read_bytes() == edited

@@ -205,7 +205,10 @@ def describe(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -
         else:
             kind = "human"
         classified.append((cand, kind, provenance))
-    best = next((c for c in classified if c[1] != "boilerplate"), classified[0])
+    # A person's words anywhere win: when someone edits our caption in one field (Lightroom writes XMP, some tools
+    # IPTC) the other fields still hold our text, and MWG order alone would pick ours and overwrite their edit.
+    best = next((c for c in classified if c[1] == "human"),
+                next((c for c in classified if c[1] == "ours"), classified[0]))
     cand, kind, provenance = best
     text = normalise(cand.text)
     if kind == "ours":
