@@ -22,6 +22,7 @@ from capwatch.errors import CapwatchError, ImageError
 from capwatch.fingerprint import fingerprint_file
 from capwatch.index import ImageRecord, Index, normalise_path
 from capwatch.metadata import FileMetadata, Provenance, read_metadata, write_caption
+from capwatch.scan import is_utf8_path, printable_path
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
@@ -124,6 +125,9 @@ class Processor:
 
     def _prepare(self, path: Path, skip_captioned: bool) -> _Job | FileOutcome:
         spath = normalise_path(path)
+        if not is_utf8_path(spath):
+            return FileOutcome(Path(printable_path(spath)), None, None,
+                               error=f"{printable_path(spath)}: the file name is not valid UTF-8; rename it")
         try:
             st = os.stat(spath)
         except FileNotFoundError:

@@ -98,6 +98,20 @@ def _excluded_dir(relative_dir: str, root: RootConfig, library: LibraryConfig) -
     return _matches(probe, library.exclude) or _matches(probe, root.exclude)
 
 
+def printable_path(path: str | Path) -> str:
+    """``path`` safe to print or log: undecodable bytes of a non-UTF-8 file name shown as \\xNN."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8_path(path: str | Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (the index stores text; names from old Latin-1 copies are not)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _extension_ok(name: str, library: LibraryConfig) -> bool:
     dot = name.rfind(".")
     return dot > 0 and name[dot + 1:].lower() in library.extensions
@@ -114,7 +128,7 @@ def is_candidate(path: Path, root: RootConfig, library: LibraryConfig) -> bool:
     except ValueError:
         return False
     name = relative.rsplit("/", 1)[-1]
-    if is_temp_file(name) or not _extension_ok(name, library):
+    if not is_utf8_path(relative) or is_temp_file(name) or not _extension_ok(name, library):
         return False
     if not library.include_hidden and any(part.startswith(".") for part in relative.split("/")):
         return False
@@ -134,7 +148,8 @@ def _file_patterns(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{r})" for r in relevant)) if relevant else None
 
 
-def iter_image_files(root: RootConfig, library: LibraryConfig) -> Iterator[tuple[str, os.stat_result]]:
+def iter_image_files(root: RootConfig, library: LibraryConfig, *,
+                     on_skip: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(absolute path, stat)`` for every candidate image below ``root``, depth first.
 
     Only candidates are stat'ed: names, folder types and symlinks come from the directory listing itself.
@@ -161,6 +176,13 @@ def iter_image_files(root: RootConfig, library: LibraryConfig) -> Iterator[tuple
         for entry in entries:
             name = entry.name
             if not hidden_ok and name[0] == ".":
+                continue
+            if not name.isascii() and not is_utf8_path(name):
+                shown = printable_path(entry.path)
+                message = f"{shown}: the name is not valid UTF-8; rename it to have it indexed"
+                log.warning("skipping %s", message)
+                if on_skip is not None:
+                    on_skip(shown, message)
                 continue
             try:
                 if entry.is_symlink():
@@ -299,7 +321,8 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     changed: list[tuple[str, os.stat_result]] = []
     missing = dict(known)  # what is left after the walk has vanished from disk
     pop = missing.pop
-    for path, st in iter_image_files(root, config.library):
+    skipped: list[tuple[str, str]] = []
+    for path, st in iter_image_files(root, config.library, on_skip=lambda p, m: skipped.append((p, m))):
         seen += 1
         old = pop(path, None)
         if old is None:
@@ -321,7 +344,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
             gone_by_fingerprint.setdefault(record.fingerprint, path)
 
     moved: list[tuple[str, str]] = []
-    errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = list(skipped)
     new_paths: list[Path] = []
     pending_rows: list[ImageRecord] = []
     imported = 0

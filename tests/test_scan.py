@@ -15,7 +15,7 @@ from PIL import Image
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.index import Index
 from capwatch.scan import glob_regex, is_candidate, iter_image_files, reconcile
-from tests.conftest import CliRunner, assert_one_line_error
+from tests.conftest import FIXTURES, CliRunner, assert_one_line_error
 
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
 
@@ -234,3 +234,25 @@ def test_is_candidate_matches_the_walk(library: Path) -> None:
     assert not is_candidate(library / "upload.jpg.part", root, lib)
     assert not is_candidate(library / "notes.txt", root, lib)
     assert not is_candidate(library.parent / "elsewhere.jpg", root, lib)
+    assert not is_candidate(Path(os.fsdecode(os.fsencode(library) + b"/caf\xe9.jpg")), root, lib)
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_the_rest_indexed(run_cli: CliRunner, library: Path,
+                                                                        tmp_path: Path) -> None:
+    bad_file = os.fsencode(library / "2023") + b"/caf\xe9.jpg"
+    with open(bad_file, "wb") as handle:
+        handle.write((library / "2023" / "bike.jpg").read_bytes())
+    os.mkdir(os.fsencode(library) + b"/\xe9t\xe9")
+    with open(os.fsencode(library) + b"/\xe9t\xe9/x.jpg", "wb") as handle:
+        handle.write((library / "2023" / "bike.jpg").read_bytes())
+    db = tmp_path / "index.db"
+    result = run_cli("--db", db, "scan", library, "--no-caption")
+    assert result.code == 1 and "Traceback" not in result.err
+    assert result.out.startswith("3 images: 3 new") and "2 failed" in result.out
+    assert "caf\\xe9.jpg" in result.err
+    assert json.loads(run_cli("--db", db, "status", "--json").out)["images"] == 3
+    caption = run_cli("--db", db, "--model", FIXTURES / "models" / "vit-gpt2-tiny-greedy", "caption", "--json",
+                      os.fsdecode(bad_file), library / "2023" / "bike.jpg")
+    assert caption.code == 1 and "Traceback" not in caption.err
+    rows = [json.loads(line) for line in caption.out.splitlines()]
+    assert "not valid UTF-8" in rows[0]["error"] and rows[1]["error"] is None
