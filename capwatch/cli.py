@@ -322,7 +322,9 @@ def _open_captioner(config: Config) -> Captioner:
     from capwatch.models.store import resolve_model
 
     resolved = resolve_model(config.model, os.environ, download=True)
-    return open_captioner(resolved.dir, config.model, model_id=resolved.model_id, revision=resolved.revision)
+    # A named model runs the precision that was resolved (and pulled) for it, not whatever else is cached.
+    model = dataclasses.replace(config.model, precision=resolved.precision)  # type: ignore[arg-type]
+    return open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision)
 
 
 @cli.group()
@@ -372,7 +374,8 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
             pct = f"{100 * done / total:5.1f}%" if total else ""
             click.echo(f"\r{file}: {_human_bytes(done)} of {_human_bytes(total)} {pct}   ", err=True, nl=False)
 
-    resolved = pull(name, precision or config.model.precision, os.environ, progress=progress)
+    configured = None if config.model.precision == "auto" else config.model.precision
+    resolved = pull(name, precision or configured, os.environ, progress=progress)
     if show:
         click.echo("", err=True)
     commit = f" (commit {resolved.revision[:12]})" if resolved.revision else ""

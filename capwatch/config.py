@@ -5,7 +5,7 @@ Load order (first found wins, nothing is merged across files): ``--config PATH``
 CLI's ``--db`` / ``--model`` override single fields.
 
 Every error names the file, the dotted key and what is allowed, on one line, e.g.
-``config.toml: model.precision: expected one of 'fp32', 'int8', 'fp16', got 'int4'``.
+``config.toml: model.precision: expected one of 'auto', 'fp32', 'int8', 'fp16', got 'int4'``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from capwatch import paths
 from capwatch.errors import ConfigError
 
-Precision = Literal["fp32", "int8", "fp16"]
+Precision = Literal["auto", "fp32", "int8", "fp16"]
 CaptionLength = Literal["short", "detailed", "paragraph"]
 WriteMode = Literal["embedded", "sidecar", "both", "none"]
 ExistingPolicy = Literal["keep", "overwrite"]
@@ -71,7 +71,9 @@ class ModelConfig:
     name: str = "florence-2-base-ft"
     #: A local model directory in the Hugging Face / transformers.js ONNX layout.
     dir: Path | None = None
-    precision: Precision = "int8"
+    #: auto: a named model's recommended precision (int8); for a model directory, fp32 when it has it (the
+    #: reference output), else int8, else fp16.
+    precision: Precision = "auto"
     #: onnxruntime intra-op threads; 0 = all cores.
     threads: int = 0
     #: Unload the model after this many idle seconds (0 = never) so an idle daemon stays small.

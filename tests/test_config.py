@@ -60,7 +60,8 @@ def test_roots_accept_strings_and_tables_relative_to_the_file(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[model]\nprecision = 'int4'\n", "model.precision: expected one of 'fp32', 'int8', 'fp16', got 'int4'"),
+        ("[model]\nprecision = 'int4'\n",
+         "model.precision: expected one of 'auto', 'fp32', 'int8', 'fp16', got 'int4'"),
         ("[model]\nthreads = 'two'\n", "model.threads: expected an integer, got 'two'"),
         ("[model]\nthreads = -1\n", "model.threads: expected a non-negative integer"),
         ("[watch]\nsettle_seconds = true\n", "watch.settle_seconds: expected a number"),

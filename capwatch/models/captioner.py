@@ -13,6 +13,7 @@ implements :meth:`Captioner.graph_stems`, :meth:`Captioner.check_graphs` and :me
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from capwatch.config import ModelConfig
+from capwatch.config import ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
 from capwatch.models import vision_encoder_decoder as ved
 from capwatch.models.generate import GenerationSettings, generate
@@ -67,6 +68,8 @@ class Captioner(abc.ABC):
         """
         self.model_dir = model.path
         self.model = model
+        if config.precision == "auto":
+            config = dataclasses.replace(config, precision=self._available_precision(model))
         self.config = config
         self.model_id = model_id or model.path.name
         self.revision = revision
@@ -79,6 +82,18 @@ class Captioner(abc.ABC):
         self.sessions = SessionGroup(paths, config.threads, config.idle_unload_seconds, clock, self._on_load)
         self.text = TextDecoder.from_dir(model.path, self.special_token_ids())
         self._clock = clock
+
+    def _available_precision(self, model: ModelDir) -> Precision:
+        """The best precision this directory has every graph for: fp32 (the reference), then int8, then fp16."""
+        for precision in ("fp32", "int8", "fp16"):
+            try:
+                for stem in self.graph_stems():
+                    model.onnx_file(stem, precision)
+            except ModelError:
+                continue
+            return precision
+        model.onnx_file(self.graph_stems()[0], "fp32")  # raises the one-line "no such graph" error
+        raise ModelError(f"{model.path}: no complete set of ONNX graphs")  # pragma: no cover
 
     # -- family hooks ------------------------------------------------------------------------------------------
 

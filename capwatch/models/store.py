@@ -125,13 +125,14 @@ def resolve_model(
     if config.dir is not None:
         return _resolve_dir(config.dir, config.precision)
     spec = get_spec(config.name, registry)
-    spec.precision(config.precision)  # unknown precision: one clear line before anything else
-    found = _find_complete(models_root(env) / spec.name, spec, config.precision)
+    wanted = spec.default_precision if config.precision == "auto" else config.precision
+    spec.precision(wanted)  # unknown precision: one clear line before anything else
+    found = _find_complete(models_root(env) / spec.name, spec, wanted)
     if found is not None:
         return found
     if download and not is_offline(env):
-        return pull(spec.name, config.precision, env, registry=registry)
-    raise ModelError(_not_cached_message(spec, config.precision, env))
+        return pull(spec.name, wanted, env, registry=registry)
+    raise ModelError(_not_cached_message(spec, wanted, env))
 
 
 def pull(
