@@ -431,7 +431,9 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(outcome.as_json(), ensure_ascii=False))
     elif outcome.error:
-        click.echo(f"{outcome.path}: error: {outcome.error}", err=True)
+        # Most messages already name the file; do not say it twice.
+        message = outcome.error.removeprefix(f"{outcome.path}: ")
+        click.echo(f"{outcome.path}: error: {message}", err=True)
     else:
         note = f"  [{outcome.skipped}]" if outcome.skipped else ""
         written = f"  (written: {', '.join(outcome.written)})" if outcome.written else ""
@@ -485,7 +487,10 @@ def _roots(config: Config, dirs: Sequence[Path]) -> list[RootConfig]:
             raise click.UsageError("no folders given and none configured in [library] roots")
         return list(config.library.roots)
     configured = {os.path.abspath(r.path): r for r in config.library.roots}
-    return [configured.get(os.path.abspath(d), RootConfig(path=Path(os.path.abspath(d)))) for d in dirs]
+    wanted = sorted({os.path.abspath(d) for d in dirs})
+    # A folder inside another one given is already covered: scanning it twice would count its files twice.
+    outer = [d for d in wanted if not any(d != o and d.startswith(o.rstrip(os.sep) + os.sep) for o in wanted)]
+    return [configured.get(d, RootConfig(path=Path(d))) for d in outer]
 
 
 class _Progress:
@@ -562,7 +567,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
     if failures:
         summary += f"; {failures} failed (see `capwatch status`)"
     click.echo(summary)
-    ctx.exit(1 if failures or (missing and len(missing) == len(roots)) else 0)
+    ctx.exit(1 if failures or missing else 0)
 
 
 def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:

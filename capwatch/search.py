@@ -124,6 +124,7 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
     excluded: list[Term] = []
     pending_or = False
     pending_not = False
+    pending_and = False
     for negated, raw, phrase in _lex(text):
         if not phrase and raw == "OR":
             if negated:
@@ -133,8 +134,9 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
             pending_or = True
             continue
         if not phrase and raw == "AND" and not negated:
-            if not groups or pending_or or pending_not:
+            if not groups or pending_or or pending_not or pending_and:
                 raise QueryError("AND needs a word on each side (words are ANDed anyway)")
+            pending_and = True
             continue
         if not phrase and raw == "NOT" and not negated:
             if pending_not:
@@ -146,6 +148,7 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
         if not phrase and raw == "-":
             raise QueryError("'-' on its own excludes nothing: write -word to exclude a word")
         term = _term(raw, phrase)
+        pending_and = False
         if negated or pending_not:
             if pending_or:
                 raise QueryError("cannot OR an excluded word: write the exclusion on its own, e.g. cat -dog")
@@ -161,6 +164,8 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
         raise QueryError("OR needs a word on each side, e.g. bike OR bicycle")
     if pending_not:
         raise QueryError("NOT needs a word after it")
+    if pending_and:
+        raise QueryError("AND needs a word on each side (words are ANDed anyway)")
     if not groups:
         raise QueryError("a query needs at least one word to find, not only -excluded words")
     return ParsedQuery(tuple(tuple(g) for g in groups), tuple(excluded))
@@ -236,8 +241,8 @@ def parse_date_bound(text: str, *, option: str, end: bool, now: dt.datetime | No
 def make_filters(*, in_dir: str | None = None, since: str | None = None, until: str | None = None,
                  source: str | None = None, now: dt.datetime | None = None) -> SearchFilters:
     """Validate the CLI's filter options into :class:`SearchFilters`. Raises QueryError (one line)."""
-    since_iso = parse_date_bound(since, option="--since", end=False, now=now) if since else None
-    until_iso = parse_date_bound(until, option="--until", end=True, now=now) if until else None
+    since_iso = parse_date_bound(since, option="--since", end=False, now=now) if since is not None else None
+    until_iso = parse_date_bound(until, option="--until", end=True, now=now) if until is not None else None
     if since_iso and until_iso and since_iso >= until_iso:
         raise QueryError(f"--since {since} is not before --until {until}: nothing can match")
     if source not in (None, "model", "human", "embedded"):

@@ -39,3 +39,5 @@ def test_pull_offline_and_unknown_names_are_one_line(run_cli: CliRunner) -> None
     line = assert_one_line_error(run_cli("models", "pull", "no-such-model"))
     assert "no-such-model" in line
     assert_one_line_error(run_cli("models", "info", "no-such-model"))
+    line = assert_one_line_error(run_cli("models", "info", FIXTURES / "images"))
+    assert "not a model directory" in line

@@ -154,6 +154,11 @@ def test_scan_of_missing_root_warns_and_keeps_rows(run_cli: CliRunner, library: 
     assert json.loads(run_cli("--db", db, "status", "--json").out)["images"] == 3
 
 
+def test_nested_folders_given_together_are_scanned_once(run_cli: CliRunner, library: Path, tmp_path: Path) -> None:
+    result = run_cli("--db", tmp_path / "i.db", "scan", library, library / "2023", "--no-caption")
+    assert result.code == 0 and result.out.startswith("3 images: 3 new")
+
+
 def test_scan_of_nonexistent_dir_is_usage_error(run_cli: CliRunner, tmp_path: Path) -> None:
     line = assert_one_line_error(run_cli("--db", tmp_path / "i.db", "scan", tmp_path / "nope", "--no-caption"))
     assert "does not exist" in line

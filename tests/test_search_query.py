@@ -58,6 +58,8 @@ def test_queries_compile_to_quoted_fts5(query: str, fts5: str) -> None:
         ('""', "nothing to search for"),
         ("cat NOT", "NOT needs a word"),
         ("AND cat", "AND needs a word"),
+        ("cat AND", "AND needs a word"),
+        ("cat AND AND dog", "AND needs a word"),
     ],
 )
 def test_bad_queries_are_one_line_errors(query: str, message: str) -> None:
@@ -104,10 +106,10 @@ def test_date_bounds(text: str, end: bool, expected: str) -> None:
     assert parse_date_bound(text, option="--since", end=end, now=now) == expected
 
 
-@pytest.mark.parametrize("text", ["yesteryear", "2019-13", "2019-02-30", "31/12/2019", "d30", ""])
+@pytest.mark.parametrize("text", ["yesteryear", "2019-13", "2019-02-30", "31/12/2019", "d30", "", " "])
 def test_bad_dates_name_the_option(text: str) -> None:
     with pytest.raises(QueryError, match="--until: cannot read date"):
-        make_filters(until=text or " ")
+        make_filters(until=text)
 
 
 def test_since_after_until_is_an_error() -> None:

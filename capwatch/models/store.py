@@ -164,7 +164,8 @@ def pull(
     if is_offline(env):
         if found is not None:
             return found
-        raise ModelError(_not_cached_message(spec, chosen, env))
+        raise ModelError(f"cannot download {spec.name}: CAPWATCH_OFFLINE is set (unset it, or copy a cache "
+                         f"that has it into {models_root(env)})")
     if found is not None and spec.pinned:
         return found
     base = (endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
@@ -204,6 +205,9 @@ def model_info(
         if not directory.is_dir():
             known = ", ".join(s.name for s in registry)
             raise ModelError(f"{name_or_dir}: neither a known model ({known}) nor a model directory")
+        if not (directory / "config.json").is_file() and not any(directory.glob("*.onnx")) \
+                and not any(directory.glob("onnx/*.onnx")):
+            raise ModelError(f"{directory}: not a model directory (no config.json and no ONNX graphs)")
         return inspect_dir(directory, provenance=_any_marker(directory), verified=_verified(directory))
     home = models_root(env) / spec.name
     cached = [c for c in (_find_complete(home, spec, p) for p in spec.precision_names) if c is not None]
