@@ -246,3 +246,15 @@ def test_a_persons_edit_of_our_caption_in_any_field_is_theirs(run_cli: CliRunner
     code, (row,), _ = _caption(run_cli, db, image)
     assert code == 0 and row["skipped"] == HUMAN_KEPT and row["written"] == []
     assert image.read_bytes() == edited
+
+
+def test_captioning_again_with_the_same_result_leaves_the_file_alone(run_cli: CliRunner, tmp_path: Path) -> None:
+    image = make_jpeg(tmp_path / "a.jpg")
+    db = tmp_path / "index.db"
+    code, (first,), _ = _caption(run_cli, db, image)
+    assert code == 0 and first["written"]
+    after_first = image.read_bytes()
+    code, (second,), _ = _caption(run_cli, db, image)
+    assert code == 0 and second["caption"] == first["caption"]
+    assert second["written"] == [] and str(second["skipped"]).startswith("unchanged")
+    assert image.read_bytes() == after_first

@@ -52,6 +52,11 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     desc = current.description
     if desc is not None and desc.kind == "human" and config.existing == "keep" and not force:
         return WriteResult((), f"kept the existing description from {desc.origin} (metadata.existing = keep)")
+    if (desc is not None and desc.kind == "ours" and desc.text == text and desc.provenance is not None
+            and (desc.provenance.model, desc.provenance.revision) == (provenance.model, provenance.revision)
+            and (desc.origin == "sidecar") == (config.write == "sidecar") and config.write != "both"):
+        # Same words from the same model: rewriting only to move the timestamp would churn backups and sync.
+        return WriteResult((), "unchanged: the file already carries this caption")
     written: list[str] = []
     notes: list[str] = []
     sidecar = config.write in ("sidecar", "both")
