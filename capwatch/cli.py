@@ -338,8 +338,6 @@ def models() -> None:
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """Known models, which one is the default, and what is in the local cache."""
-    import dataclasses
-
     from capwatch.models.store import list_models
 
     config = _load(ctx)
