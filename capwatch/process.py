@@ -150,7 +150,11 @@ class Processor:
         index_only = keep and self.config.metadata.index_only_when_described
         if keep and not index_only and not self.dry_run:
             if self.index is not None and desc is not None:
-                self.index.upsert(self._base_record(spath, st, meta, previous, fingerprint_file(spath)))
+                try:
+                    fingerprint = fingerprint_file(spath)
+                except OSError as exc:
+                    return FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}")
+                self.index.upsert(self._base_record(spath, st, meta, previous, fingerprint))
             return FileOutcome(Path(spath), None, None, skipped=HUMAN_KEPT)
         return _Job(spath, st, meta, previous, index_only=index_only, human_skip=keep and not index_only)
 
