@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,8 @@ def is_temp_file(name: str) -> bool:
     return _TEMP_RE.match(os.path.basename(name)) is not None
 
 
-def _temp_path(target: Path, kind: str) -> Path:
+def temp_path(target: Path, kind: str) -> Path:
+    """A name beside ``target`` that is_temp_file recognises (``kind``: tmp or bak)."""
     return target.with_name(f".{target.name}.capwatch-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
 
 
@@ -75,6 +76,22 @@ def _describe(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "not enough space to write (" + (exc.strerror or "disk full") + ")"
     return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def discard_on_failure(temp: Path, what: str) -> Iterator[None]:
+    """Remove ``temp`` when the block fails; an OSError becomes one line, ``"{what}: {reason}"``.
+
+    Other errors (FileChanged, KeyboardInterrupt, ...) pass through unchanged after the clean-up.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise MetadataError(f"{what}: {_describe(exc)}") from None
+        raise
 
 
 def same_file_state(a: os.stat_result, b: os.stat_result) -> bool:
@@ -191,12 +208,12 @@ def replace_file(path: Path, data: Content, expected: os.stat_result, *, keep_mt
             raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
         _replace_in_place(path, whole, expected, keep_mtime=keep_mtime, before_commit=before_commit)
         return
-    tmp = _temp_path(path, "tmp")
+    tmp = temp_path(path, "tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except OSError as exc:
         raise MetadataError(f"{path}: cannot create a temp file: {_describe(exc)}") from None
-    try:
+    with discard_on_failure(tmp, f"{path}: write failed"):
         try:
             written = _write_parts(fd, path, data, expected)
             if os.fstat(fd).st_size != written:
@@ -216,12 +233,6 @@ def replace_file(path: Path, data: Content, expected: os.stat_result, *, keep_mt
         if before_commit is not None:
             before_commit()
         os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise MetadataError(f"{path}: write failed: {_describe(exc)}") from None
-        raise
     _fsync_dir(path.parent)
 
 
@@ -236,8 +247,8 @@ def _check_unchanged(path: Path, expected: os.stat_result) -> None:
 
 def _replace_in_place(path: Path, data: bytes, expected: os.stat_result, *, keep_mtime: bool,
                       before_commit: Callable[[], None] | None) -> None:
-    backup = _temp_path(path, "bak")
-    try:
+    backup = temp_path(path, "bak")
+    with discard_on_failure(backup, f"{path}: write failed"):
         with open_noatime(path) as f:
             original = f.read()
         if len(original) != expected.st_size:
@@ -252,12 +263,6 @@ def _replace_in_place(path: Path, data: bytes, expected: os.stat_result, *, keep
         # can tell "possibly half-written by us" (same mtime) from "changed by someone since" (different).
         os.utime(backup, ns=(expected.st_atime_ns, expected.st_mtime_ns))
         _fsync_dir(path.parent)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(backup)
-        if isinstance(exc, OSError):
-            raise MetadataError(f"{path}: write failed: {_describe(exc)}") from None
-        raise
     try:
         _check_unchanged(path, expected)
         if before_commit is not None:

@@ -8,7 +8,6 @@ embedded writes that are not safe (XMP over one JPEG segment, ExtendedXMP, read-
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import struct
@@ -250,8 +249,8 @@ def _create_file(target: Path, data: bytes) -> None:
     """Create a new sidecar atomically (temp file, then a no-clobber hard link), mode per umask.
 
     Raises MetadataError when it cannot be written or FileChanged when the name appeared meanwhile."""
-    tmp = target.with_name(f".{target.name}.capwatch-{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    try:
+    tmp = atomic.temp_path(target, "tmp")
+    with atomic.discard_on_failure(tmp, f"{target}: cannot write sidecar"):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             view = memoryview(data)
@@ -265,9 +264,4 @@ def _create_file(target: Path, data: bytes) -> None:
         except FileExistsError:
             raise atomic.FileChanged(f"{target}: sidecar appeared during the write; left alone") from None
         os.unlink(tmp)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise MetadataError(f"{target}: cannot write sidecar: {exc.strerror or exc}") from None
-        raise
+
