@@ -99,7 +99,8 @@ def same_file_state(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write every byte of ``data`` to ``fd`` (os.write may write less than asked)."""
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -125,7 +126,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
         chunk = os.pread(src_fd, min(1 << 20, end - offset), offset)
         if not chunk:
             break
-        _write_all(dst_fd, chunk)
+        write_all(dst_fd, chunk)
         offset += len(chunk)
     if offset != end:
         raise FileChanged("file shrank during the write; left alone")
@@ -165,7 +166,7 @@ def _write_parts(fd: int, path: Path, content: Content, expected: os.stat_result
                 _copy_range(src_fd, fd, part.offset, part.length)
                 total += part.length
             else:
-                _write_all(fd, part)
+                write_all(fd, part)
                 total += len(part)
     finally:
         if src_fd is not None:
@@ -255,7 +256,7 @@ def _replace_in_place(path: Path, data: bytes, expected: os.stat_result, *, keep
             raise FileChanged(f"{path}: file changed during the write; left alone")
         fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
-            _write_all(fd, original)
+            write_all(fd, original)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -289,7 +290,7 @@ def _replace_in_place(path: Path, data: bytes, expected: os.stat_result, *, keep
 def _overwrite(path: Path, data: bytes, times: os.stat_result | None) -> None:
     fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.ftruncate(fd, len(data))
         os.fsync(fd)
     finally:

@@ -253,9 +253,7 @@ def _create_file(target: Path, data: bytes) -> None:
     with atomic.discard_on_failure(tmp, f"{target}: cannot write sidecar"):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            atomic.write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
