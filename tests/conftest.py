@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +70,36 @@ def assert_one_line_error(result: CliResult, code: int = 2) -> str:
     assert "Traceback" not in result.err, result.err
     assert len(result.err_lines) == 1, result.err
     return result.err_lines[0]
+
+
+@contextmanager
+def read_only_dir(path: Path) -> Iterator[None]:
+    """Make the directory ``path`` unwritable for this process, root included.
+
+    A mode of 0o555 stops ordinary users; root ignores modes, so as root the directory is made immutable with
+    ``chattr +i`` (the kernel then refuses creating, renaming and removing entries even for root). Skips the test
+    only when neither works (root on a file system without the immutable attribute).
+    """
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: no way to make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In CI the independent readers are required: their tests must run there, never skip quietly."""
+    if os.environ.get("CI"):
+        missing = [tool for tool in ("exiftool", "exiv2") if shutil.which(tool) is None]
+        if missing:
+            pytest.exit(f"CI needs {' and '.join(missing)} for the reader checks: .ci/run must install them",
+                        returncode=1)

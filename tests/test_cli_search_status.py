@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from capwatch.index import ImageRecord, Index
-from tests.conftest import CliRunner, assert_one_line_error
+from tests.conftest import CliRunner, assert_one_line_error, read_only_dir
 
 
 @pytest.fixture
@@ -120,16 +119,12 @@ def test_truncated_index_file_is_one_line(run_cli: CliRunner, db: Path) -> None:
     assert_one_line_error(run_cli("--db", db, "search", "bike"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_index_on_read_only_path_is_one_line(run_cli: CliRunner, tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    try:
+    with read_only_dir(ro):
         line = assert_one_line_error(run_cli("--db", ro / "i.db", "scan", str(tmp_path), "--no-caption"))
-        assert "read-only" in line
-    finally:
-        ro.chmod(0o755)
+    assert "read-only" in line
 
 
 def test_index_under_a_file_is_one_line(run_cli: CliRunner, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 from capwatch.errors import IndexUnavailable
 from capwatch.index import SCHEMA_VERSION, ImageRecord, Index
 from capwatch.search import SearchFilters, make_filters, parse_query
+from tests.conftest import read_only_dir
 
 
 def _rec(path: str, caption: str | None = None, **kw: object) -> ImageRecord:
@@ -147,16 +147,11 @@ def test_foreign_sqlite_database_is_not_adopted(tmp_path: Path) -> None:
         Index.open(db)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_location_is_one_line(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        with pytest.raises(IndexUnavailable, match="read-only"):
-            Index.open(ro / "index.db")
-    finally:
-        ro.chmod(0o755)
+    with read_only_dir(ro), pytest.raises(IndexUnavailable, match="read-only"):
+        Index.open(ro / "index.db")
 
 
 def test_uncreatable_directory_is_one_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import Provenance, read_metadata, write_caption
+from tests.conftest import read_only_dir
 
 pytestmark = pytest.mark.skipif(not mc.EXIFTOOL, reason="exiftool builds the corpus")
 PROV = Provenance("tiny/model", "r1", "2026-03-01T12:00:00Z")
@@ -104,20 +105,16 @@ def test_read_only_file_gets_a_sidecar_instead(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_directory_is_a_one_line_error(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
     path = _jpeg(folder, "a.jpg")
     before = path.read_bytes()
-    os.chmod(folder, 0o555)
-    try:
+    with read_only_dir(folder):
         with pytest.raises(MetadataError) as info:
             write_caption(path, CAPTION, PROV, MetadataConfig())
         assert "\n" not in str(info.value)
         assert path.read_bytes() == before and os.listdir(folder) == ["a.jpg"]
-    finally:
-        os.chmod(folder, 0o755)
 
 
 def test_mode_owner_and_times_are_kept_unless_told_otherwise(tmp_path: Path) -> None:
