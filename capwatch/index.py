@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, Literal
 
 from capwatch.errors import IndexUnavailable
 from capwatch.search import ParsedQuery, SearchFilters
+
+if TYPE_CHECKING:
+    # Imported when migrating only: sqlite_utils pulls in numpy, ~140 ms that `capwatch search` should not pay.
+    import sqlite_utils
 
 Source = Literal["model", "human", "embedded"]
 Status = Literal["pending", "captioned", "described", "error"]
@@ -221,7 +223,6 @@ class Index:
 
     def __init__(self, conn: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
         self._conn = conn
-        self._db = sqlite_utils.Database(conn)
         self.path = path
         self._busy_timeout = busy_timeout
 
@@ -300,7 +301,7 @@ class Index:
 
     def schema_version(self) -> int:
         """The highest migration applied to this file (0 for an empty file)."""
-        tables = set(self._db.table_names())
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "capwatch_migrations" not in tables:
             if tables & {"images", "images_fts"}:
                 raise IndexUnavailable(f"{self.path} has tables but no capwatch migration record; not our index")
@@ -314,6 +315,9 @@ class Index:
             "CREATE TABLE IF NOT EXISTS capwatch_migrations "
             "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
+        import sqlite_utils
+
+        db = sqlite_utils.Database(self._conn)
         for version, name, apply in MIGRATIONS:
             if version > target:
                 break
@@ -323,7 +327,7 @@ class Index:
                 ).fetchone()
                 if done:
                     continue
-                apply(self._db)
+                apply(db)
                 self._conn.execute(
                     "INSERT INTO capwatch_migrations(version, name, applied_at) VALUES (?, ?, ?)",
                     (version, name, _now_utc()),
