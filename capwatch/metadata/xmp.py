@@ -7,6 +7,10 @@ capwatch provenance namespace (stable, documented; never change the URI, readers
 ``capwatch:Model``, ``capwatch:ModelRevision`` (absent when unknown), ``capwatch:CreatedAt`` (ISO 8601 UTC) and
 ``capwatch:Caption`` (the exact text capwatch wrote: if a person later edits dc:description, the texts differ and
 the description counts as theirs).
+
+Never write what could not be fully read: ``merge_caption`` refuses (XmpError) to replace a dc:description of any
+other form than the attribute, simple text or the standard rdf:Alt, and ``parse_xmp`` reads the description from
+the same top-level rdf:Description elements that ``merge_caption`` writes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from xml.dom import Node
-from xml.dom.minidom import Document, Element
+from xml.dom.minidom import Attr, Document, Element
 from xml.etree.ElementTree import Element as EtElement
 from xml.etree.ElementTree import ParseError
 
@@ -41,7 +45,8 @@ XMP_TOOLKIT = "capwatch"
 
 
 class XmpError(MetadataError):
-    """An XMP packet is malformed or hostile (DTD, entities) and cannot be read or merged."""
+    """An XMP packet is malformed or hostile (DTD, entities) and cannot be read or merged, or its dc:description
+    has a form that merge_caption will not replace."""
 
 
 @dataclass(frozen=True)
@@ -88,24 +93,33 @@ def _prop(desc: EtElement, ns: str, local: str) -> str | None:
     return (el.text or "").strip() if len(el) == 0 else None
 
 
-def parse_xmp(packet: bytes) -> XmpInfo:
-    """Read description (dc:description x-default, else the first language), provenance and dates.
+def _top_level(root: EtElement) -> list[EtElement]:
+    """The rdf:Description elements directly under the first rdf:RDF: the image's own properties. An
+    rdf:Description deeper down is a structure value (say one event of an xmpMM:History Seq) and says nothing
+    about the image; merge_caption writes only the top level, so reading must look only there too."""
+    rdf = next(root.iter(_q(NS_RDF, "RDF")), None)
+    return [] if rdf is None else rdf.findall(_q(NS_RDF, "Description"))
 
-    Raises XmpError for malformed or hostile packets.
+
+def parse_xmp(packet: bytes) -> XmpInfo:
+    """Read the description (see ``_read_description``) and capwatch provenance from the top-level
+    rdf:Description elements (the first one that has each wins), and the dates and HasExtendedXMP from any
+    rdf:Description.
+
+    Returns the XmpInfo (fields None when absent). Raises XmpError for malformed or hostile packets.
     """
     root = _parse_et(packet)
-    descriptions = list(root.iter(_q(NS_RDF, "Description")))
-    description: str | None = None
+    top = _top_level(root)
+    description = next((text for text in map(_read_description, top) if text is not None), None)
     props: dict[str, str] = {}
-    dates: dict[str, str] = {}
-    has_extended = False
-    for desc in descriptions:
-        if description is None:
-            description = _lang_alt(desc)
+    for desc in top:
         for local in ("Source", "Model", "ModelRevision", "CreatedAt", "Caption"):
             value = _prop(desc, NS_CAPWATCH, local)
             if value is not None and local not in props:
                 props[local] = value
+    dates: dict[str, str] = {}
+    has_extended = False
+    for desc in root.iter(_q(NS_RDF, "Description")):
         for key, ns, local in (
             ("ps", NS_PHOTOSHOP, "DateCreated"),
             ("exif", NS_EXIF, "DateTimeOriginal"),
@@ -130,21 +144,33 @@ def parse_xmp(packet: bytes) -> XmpInfo:
     )
 
 
-def _lang_alt(desc: EtElement) -> str | None:
+_CONTAINERS = frozenset({_q(NS_RDF, "Alt"), _q(NS_RDF, "Bag"), _q(NS_RDF, "Seq")})
+
+
+def _read_description(desc: EtElement) -> str | None:
+    """The dc:description of one rdf:Description, or None when it has none.
+
+    Returns the attribute form as is; for an rdf:Alt the x-default item, else the first item; for an rdf:Bag or
+    rdf:Seq the first item with non-blank text; for simple text the stripped text (None when blank). A Bag or
+    Seq is not what the XMP spec says for dc:description, but some tools write it and exiftool reads it as the
+    description: treating it as absent would let capwatch overwrite a person's words.
+    """
     attr = desc.get(_q(NS_DC, "description"))
     if attr is not None:
         return attr
     el = desc.find(_q(NS_DC, "description"))
     if el is None:
         return None
-    container = el.find(_q(NS_RDF, "Alt"))
+    container = next((child for child in el if child.tag in _CONTAINERS), None)
     if container is None:
         return el.text.strip() if el.text and el.text.strip() else None
     items = container.findall(_q(NS_RDF, "li"))
-    for li in items:
-        if li.get(_q(NS_XML, "lang")) == "x-default":
-            return li.text or ""
-    return (items[0].text or "") if items else None
+    if container.tag == _q(NS_RDF, "Alt"):
+        for li in items:
+            if li.get(_q(NS_XML, "lang")) == "x-default":
+                return li.text or ""
+        return (items[0].text or "") if items else None
+    return next((li.text for li in items if li.text and li.text.strip()), None)
 
 
 def xmp_date_to_iso(value: str | None) -> str | None:
@@ -238,17 +264,26 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) ->
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
 
-    Raises XmpError when the packet is malformed or hostile.
+    When the packet already carries exactly this caption as capwatch's, from the same model and revision, its
+    capwatch:CreatedAt is kept, so merging our own output again returns the same XML and the caller writes
+    nothing. Raises XmpError when the packet is malformed or hostile, or when its dc:description has a form this
+    function does not fully understand (see ``_check_description``): nothing is replaced then.
     """
     doc = _parse_dom(packet) if packet and packet.strip(b"\x00 \t\r\n") else _skeleton()
     rdf = _find_rdf(doc)
     rdf_prefix = rdf.prefix or "rdf"
     descriptions = _children(rdf, NS_RDF, "Description")
+    _check_description(descriptions)
     if not descriptions:
         new = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Description")
         new.setAttributeNS(NS_RDF, f"{rdf_prefix}:about", "")
         rdf.appendChild(new)
         descriptions = [new]
+    target = next(
+        (d for d in descriptions if _children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
+        descriptions[0],
+    )
+    created_at = _created_at(descriptions, target, caption, provenance)
     # Drop earlier capwatch provenance wherever it is, so there is exactly one set.
     for desc in descriptions:
         for child in _children_ns(desc, NS_CAPWATCH):
@@ -256,16 +291,12 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) ->
         for attr in list(desc.attributes.values()):
             if attr.namespaceURI == NS_CAPWATCH:
                 desc.removeAttributeNode(attr)
-    target = next(
-        (d for d in descriptions if _children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
-        descriptions[0],
-    )
     _set_description(doc, target, rdf_prefix, caption)
     cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX)
     values = [("Source", "capwatch"), ("Model", provenance.model)]
     if provenance.revision:
         values.append(("ModelRevision", provenance.revision))
-    values += [("CreatedAt", provenance.created_at), ("Caption", caption)]
+    values += [("CreatedAt", created_at), ("Caption", caption)]
     for local, value in values:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
         el.appendChild(doc.createTextNode(value))
@@ -284,7 +315,126 @@ def _children_ns(el: Element, ns: str) -> list[Element]:
     return [c for c in el.childNodes if isinstance(c, Element) and c.namespaceURI == ns]
 
 
+def _name(node: Element | Attr) -> str:
+    """A node's name for a message, with the conventional prefix for RDF, XML and DC whatever the packet uses."""
+    known = {NS_RDF: "rdf", NS_XML: "xml", NS_DC: "dc"}.get(str(node.namespaceURI))
+    return f"{known}:{node.localName}" if known else str(node.nodeName)[:60]
+
+
+def _has_text(el: Element) -> bool:
+    return any(
+        c.nodeType in (Node.TEXT_NODE, Node.CDATA_SECTION_NODE) and str(c.data).strip() for c in el.childNodes
+    )
+
+
+def _text_of(el: Element) -> str:
+    return "".join(str(c.data) for c in el.childNodes if c.nodeType in (Node.TEXT_NODE, Node.CDATA_SECTION_NODE))
+
+
+def _unexpected(what: str) -> XmpError:
+    return XmpError(f"dc:description has an unexpected form ({what}); not changed")
+
+
+def _check_attributes(el: Element, allowed: frozenset[tuple[str, str]], *, inner: bool) -> None:
+    # Namespace declarations are always fine; any other attribute (rdf:parseType, rdf:resource, a property
+    # attribute making the value a structure, ...) changes what the element means.
+    for attr in el.attributes.values():
+        if attr.namespaceURI != NS_XMLNS and (str(attr.namespaceURI), str(attr.localName)) not in allowed:
+            raise _unexpected(f"{_name(el)} with {_name(attr)}" if inner else _name(attr))
+
+
+_LANG = frozenset({(NS_XML, "lang")})
+
+
+def _check_description(descriptions: list[Element]) -> None:
+    """Refuse a dc:description that merge_caption could not fully read, because replacing it would lose words.
+
+    Understood: none at all; the attribute form ``dc:description="text"``; simple text
+    ``<dc:description>text</dc:description>`` (an xml:lang on it allowed); the standard rdf:Alt whose items are
+    ``rdf:li`` (xml:lang allowed) holding only text. ``descriptions`` are the top-level rdf:Description elements.
+    Returns None; raises XmpError (one line) for anything else: rdf:Bag/rdf:Seq, rdf:parseType or rdf:resource,
+    more than one container, other element children, items with element content, or the property given more
+    than once (in one rdf:Description or in several).
+    """
+    count = 0
+    for desc in descriptions:
+        count += desc.hasAttributeNS(NS_DC, "description")
+        props = _children(desc, NS_DC, "description")
+        count += len(props)
+        for prop in props:
+            _check_property(prop)
+    if count > 1:
+        raise XmpError("dc:description is given more than once; not changed")
+
+
+def _check_property(prop: Element) -> None:
+    """Returns None when one dc:description element is simple text or the standard rdf:Alt; raises XmpError."""
+    _check_attributes(prop, _LANG, inner=False)
+    elements = [c for c in prop.childNodes if isinstance(c, Element)]
+    if not elements:
+        return  # simple text
+    containers = [e for e in elements if e.namespaceURI == NS_RDF and e.localName in ("Alt", "Bag", "Seq")]
+    if len(containers) > 1:
+        raise _unexpected("more than one container")
+    alt = elements[0]
+    if len(elements) > 1 or alt.namespaceURI != NS_RDF or alt.localName != "Alt":
+        odd = next(e for e in elements if e.namespaceURI != NS_RDF or e.localName != "Alt")
+        raise _unexpected(_name(odd))
+    if _has_text(prop):
+        raise _unexpected("text beside rdf:Alt")
+    _check_attributes(alt, frozenset(), inner=True)
+    if _has_text(alt):
+        raise _unexpected("text inside rdf:Alt")
+    for item in alt.childNodes:
+        if not isinstance(item, Element):
+            continue
+        if item.namespaceURI != NS_RDF or item.localName != "li":
+            raise _unexpected(f"{_name(item)} inside rdf:Alt")
+        _check_attributes(item, _LANG, inner=True)
+        if any(isinstance(c, Element) for c in item.childNodes):
+            raise _unexpected("rdf:li with element content")
+
+
+def _simple_prop(desc: Element, ns: str, local: str) -> str | None:
+    # The same reading as parse_xmp's _prop: the attribute form first, then a simple-text element, stripped.
+    if desc.hasAttributeNS(ns, local):
+        return str(desc.getAttributeNS(ns, local))
+    for el in _children(desc, ns, local):
+        return None if any(isinstance(c, Element) for c in el.childNodes) else _text_of(el).strip()
+    return None
+
+
+def _created_at(descriptions: list[Element], target: Element, caption: str, provenance: Provenance) -> str:
+    """The CreatedAt to write: the recorded one when the packet already carries exactly ``caption`` as capwatch's
+    (dc:description x-default and capwatch:Caption) from the same model and revision, else
+    ``provenance.created_at``. Only a timestamp that moved would otherwise make the packet differ, and
+    rewriting a sidecar for that churns backups and sync."""
+    recorded: dict[str, str] = {}
+    for desc in descriptions:
+        for local in ("Model", "ModelRevision", "CreatedAt", "Caption"):
+            value = _simple_prop(desc, NS_CAPWATCH, local)
+            if value is not None and local not in recorded:
+                recorded[local] = value
+    x_default = None
+    for prop in _children(target, NS_DC, "description")[:1]:
+        for alt in _children(prop, NS_RDF, "Alt")[:1]:
+            items = _children(alt, NS_RDF, "li")
+            x_default = next((_text_of(li) for li in items if li.getAttributeNS(NS_XML, "lang") == "x-default"), None)
+    same = (
+        x_default == caption
+        and recorded.get("Caption") == caption
+        and recorded.get("Model") == provenance.model
+        and (recorded.get("ModelRevision") or None) == (provenance.revision or None)
+    )
+    kept = recorded.get("CreatedAt")
+    return kept if same and kept else provenance.created_at
+
+
 def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: str) -> None:
+    """Make ``target``'s dc:description the standard rdf:Alt with x-default = ``caption`` (other languages kept).
+
+    Expects a form ``_check_description`` accepted: absent, the attribute form, simple text or the rdf:Alt.
+    """
     if target.hasAttributeNS(NS_DC, "description"):
         target.removeAttributeNS(NS_DC, "description")
     existing = _children(target, NS_DC, "description")
@@ -296,6 +446,10 @@ def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: s
         target.appendChild(prop)
     alts = _children(prop, NS_RDF, "Alt")
     if not alts:
+        # Simple text becomes a language alternative; an xml:lang on the property named the language of the text
+        # being replaced, and would otherwise be inherited by the new x-default item.
+        if prop.hasAttributeNS(NS_XML, "lang"):
+            prop.removeAttributeNS(NS_XML, "lang")
         for child in list(prop.childNodes):
             prop.removeChild(child)
         alt = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Alt")
