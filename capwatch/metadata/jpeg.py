@@ -2,8 +2,17 @@
 segments while every other byte (other segments, their order, scan data, trailers after EOI such as MPF images or
 motion-photo videos) is copied unchanged.
 
-New segments go next to the existing APP0/APP1 ones, never after APP2: MPF offsets are relative to the APP2
-segment, so nothing may be inserted between it and the images that follow EOI.
+Where segments go, and what must not move:
+
+- The Exif APP1 stays where it is, at the same byte offset: readers look for Exif in the first APP1, and some
+  cameras (a Kodak DC210, for one) wrote offsets into it that count from the start of the file. So nothing is
+  inserted before it and nothing before it changes size; an XMP segment there is rewritten to its old size, using
+  its padding. A new XMP segment goes right after the Exif segment.
+- Without an Exif segment, a new Exif and then a new XMP segment go after the leading run of APP0/APP1 segments.
+- Nothing after an APP2 MPF segment is inserted or changes size before SOS: MPF offsets of the images that follow
+  EOI count from that segment. (Other APP2 segments, such as ICC profiles, hold no such offsets.)
+
+A layout where these rules cannot all hold (Exif after MPF; XMP without room before Exif) raises EmbedNotSafe.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ EXIF_SIG = b"Exif\x00\x00"
 XMP_SIG = b"http://ns.adobe.com/xap/1.0/\x00"
 XMP_EXT_SIG = b"http://ns.adobe.com/xmp/extension/\x00"
 PHOTOSHOP_SIG = b"Photoshop 3.0\x00"
+MPF_SIG = b"MPF\x00"
 MAX_SEGMENT_PAYLOAD = 65533  # 65535 minus the two length bytes
 MAX_XMP_PACKET = MAX_SEGMENT_PAYLOAD - len(XMP_SIG)  # 65504
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -35,7 +45,7 @@ class Segment:
     marker: int
     offset: int
     size: int
-    kind: str  # exif xmp xmp-ext photoshop other
+    kind: str  # exif xmp xmp-ext photoshop mpf other
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,8 @@ def _kind(marker: int, head: bytes) -> str:
             return "xmp-ext"
     if marker == 0xED and head.startswith(PHOTOSHOP_SIG):
         return "photoshop"
+    if marker == 0xE2 and head.startswith(MPF_SIG):
+        return "mpf"
     return "other"
 
 
@@ -83,7 +95,7 @@ def parse_layout(src: ByteSource) -> JpegLayout:
             raise CorruptError(f"corrupt JPEG: segment at byte {pos} runs past the end of the file")
         if marker == 0xDA:
             return JpegLayout(segments, pos, width, height)
-        head = src.read_at(pos + 4, 40) if marker in (0xE1, 0xED) else b""
+        head = src.read_at(pos + 4, 40) if marker in (0xE1, 0xE2, 0xED) else b""
         segments.append(Segment(marker, pos, 2 + length, _kind(marker, head)))
         if marker in _SOF and width is None and length >= 7:
             sof = read_exact(src, pos + 4, 5, "JPEG frame header")
@@ -197,12 +209,33 @@ def header_end(src: ByteSource, layout: JpegLayout) -> int:
     return layout.sos_offset + 2 + int(length)
 
 
+_PACKET_TRAILER = re.compile(rb"<\?xpacket end=[\"'][rw][\"']\?>\s*\Z")
+_LABELS = {"exif": "Exif", "xmp": "XMP", "photoshop": "Photoshop/IPTC"}
+
+
+def _fit_packet(packet: bytes, size: int) -> bytes | None:
+    """``packet`` with its whitespace padding (before the ``<?xpacket end`` trailer) changed so that it is exactly
+    ``size`` bytes, which is what the padding is for: editing XMP in place. Returns None when the packet has no
+    trailer or its content alone is larger than ``size``."""
+    trailer = _PACKET_TRAILER.search(packet)
+    if trailer is None:
+        return None
+    body, tail = packet[: trailer.start()].rstrip(b" \t\r\n"), packet[trailer.start() :].rstrip(b" \t\r\n")
+    room = size - len(body) - len(tail)
+    if room < 1:
+        return None if room < 0 else body + tail
+    # Whitespace in lines of 100 bytes, like the writer's own padding.
+    pad = b"\n" + (b" " * 99 + b"\n") * ((room - 1) // 100) + b" " * ((room - 1) % 100)
+    return body + pad + tail
+
+
 def rebuild_head(head: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:
     """New bytes for everything before SOS, given ``head`` = the file up to at least the end of the SOS header.
 
-    Exif (TIFF bytes), XMP packet and Photoshop IRB segments are replaced or added; ``None`` leaves that segment
-    as it is; an IRB is only replaced, never added. The caller appends the original bytes from SOS on. Raises
-    CorruptError for a malformed header or duplicate segments and EmbedNotSafe when a segment would exceed 64 KB.
+    Exif (TIFF bytes), XMP packet and Photoshop IRB segments are replaced or added where the module docstring says;
+    ``None`` leaves that segment as it is; an IRB is only replaced, never added. The caller appends the original
+    bytes from SOS on. Raises CorruptError for a malformed header or duplicate segments, and EmbedNotSafe when a
+    segment would exceed 64 KB or the layout leaves no place that keeps the Exif segment and MPF offsets intact.
     """
     data = head
     layout = parse_layout(BytesSource(head))
@@ -210,38 +243,83 @@ def rebuild_head(head: bytes, exif: bytes | None, xmp_packet: bytes | None, irb:
     old = {kind: _single(segs, kind) for kind in ("exif", "xmp", "photoshop")}
     if any(s.kind == "xmp-ext" for s in segs):
         raise EmbedNotSafe("the file uses ExtendedXMP")
+    old_exif = old["exif"]
+    mpf = next((s for s in segs if s.kind == "mpf"), None)
+
+    def pinned(seg: Segment) -> str | None:
+        """Where ``seg`` sits when it must keep its size (so that the Exif segment and MPF offsets stay valid)."""
+        if old_exif is not None and seg.offset < old_exif.offset:
+            return "before the Exif segment"
+        if mpf is not None and seg.offset > mpf.offset:
+            return "after the MPF segment"
+        return None
+
     new_bodies: dict[str, bytes] = {}
     if exif is not None:
         new_bodies["exif"] = _segment(0xE1, EXIF_SIG + exif)
     if xmp_packet is not None:
+        old_xmp = old["xmp"]
+        where = pinned(old_xmp) if old_xmp is not None else None
+        if old_xmp is not None and where is not None:
+            fitted = _fit_packet(xmp_packet, old_xmp.size - 4 - len(XMP_SIG))
+            if fitted is None:
+                raise EmbedNotSafe(f"the new XMP does not fit in the padding of the old one, which sits {where}")
+            xmp_packet = fitted
         new_bodies["xmp"] = _segment(0xE1, XMP_SIG + xmp_packet)
     if irb is not None and old["photoshop"] is not None:
         new_bodies["photoshop"] = _segment(0xED, PHOTOSHOP_SIG + irb)
-    # Where to put segments that do not exist yet: after a leading run of APP0/APP1 segments.
-    lead = 0
-    while lead < len(segs) and segs[lead].marker in (0xE0, 0xE1):
-        lead += 1
+    pending: list[str] = [k for k in ("exif", "xmp") if k in new_bodies and old[k] is None]  # in this order
+    insert_at: int | None  # index of the segment that new segments go in front of (len(segs): before SOS)
+    after_exif: list[str]
+    if old_exif is not None:
+        # New XMP right after the Exif segment, wherever that is: never before it, so the Exif segment stays put
+        # (and stays the first APP1 when it was).
+        insert_at, after_exif = None, pending
+    else:
+        # No Exif: after the leading run of APP0/APP1 segments, which ends before any APP2 (so before MPF).
+        insert_at, after_exif = 0, []
+        while insert_at < len(segs) and segs[insert_at].marker in (0xE0, 0xE1):
+            insert_at += 1
     out = bytearray(b"\xff\xd8")
-    pending = [k for k in ("exif", "xmp") if k in new_bodies and old[k] is None]
     prev_end = 2
     for i, seg in enumerate(segs):
         out += data[prev_end : seg.offset]  # fill bytes or stand-alone markers between segments, verbatim
         prev_end = seg.offset + seg.size
-        if i == lead:
+        if i == insert_at:
             for k in pending:
                 out += new_bodies[k]
-            pending = []
         if seg.kind in new_bodies and old[seg.kind] is seg:
-            out += new_bodies[seg.kind]
+            body = new_bodies[seg.kind]
+            where = pinned(seg)
+            if len(body) != seg.size and where is not None:
+                raise EmbedNotSafe(f"the {_LABELS[seg.kind]} segment sits {where} and would change size")
+            out += body
         else:
             out += data[seg.offset : prev_end]
-        if seg.kind == "exif" and "xmp" in pending:
-            out += new_bodies["xmp"]  # XMP right after the Exif segment, the conventional order
-            pending.remove("xmp")
-    for k in pending:
-        out += new_bodies[k]
+        if seg is old_exif:
+            for k in after_exif:
+                out += new_bodies[k]
+    if insert_at == len(segs):
+        for k in pending:
+            out += new_bodies[k]
     out += data[prev_end : layout.sos_offset]
+    _check_offsets_kept(bytes(out), layout, old_exif, mpf)
     return bytes(out)
+
+
+def _check_offsets_kept(new_head: bytes, layout: JpegLayout, old_exif: Segment | None, mpf: Segment | None) -> None:
+    """Raise EmbedNotSafe unless the Exif segment starts at the same offset in ``new_head`` and the distance from
+    the end of the MPF segment to SOS is unchanged: the module's rules, checked once more on the result."""
+    # new_head ends where SOS started: a stand-in SOS header lets parse_layout walk it.
+    new_layout = parse_layout(BytesSource(new_head + b"\xff\xda\x00\x02"))
+    if old_exif is not None:
+        new_exif = next(s for s in new_layout.segments if s.kind == "exif")
+        if new_exif.offset != old_exif.offset:
+            raise EmbedNotSafe("the Exif segment would move")
+    if mpf is not None:
+        new_mpf = next(s for s in new_layout.segments if s.kind == "mpf")
+        if len(new_head) - (new_mpf.offset + new_mpf.size) != layout.sos_offset - (mpf.offset + mpf.size):
+            raise EmbedNotSafe("the images after the end-of-image marker would no longer be where MPF says")
 
 
 def rebuild(data: bytes, exif: bytes | None, xmp_packet: bytes | None, irb: bytes | None) -> bytes:
