@@ -172,6 +172,8 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
 
 
 _RELATIVE = re.compile(r"^(\d+)\s*([dwmy])$")
+#: A year after 9999 (five or more digits), alone or starting a date: strptime cannot read it, no datetime holds it.
+_BIG_YEAR = re.compile(r"^0*[1-9]\d{4,}(?:$|-\d)")
 _FORMATS = (
     ("%Y", "year"), ("%Y-%m", "month"), ("%Y-%m-%d", "day"),
     ("%Y-%m-%dT%H:%M", "minute"), ("%Y-%m-%d %H:%M", "minute"),
@@ -180,8 +182,42 @@ _FORMATS = (
 
 
 def _add_months(value: dt.datetime, months: int) -> dt.datetime:
+    """The first of the month ``months`` after ``value`` (negative: before). Raises ValueError outside the
+    years 1..9999."""
     year, month = divmod(value.month - 1 + months, 12)
+    if not dt.MINYEAR <= value.year + year <= dt.MAXYEAR:
+        raise ValueError("year out of range")
     return value.replace(year=value.year + year, month=month + 1, day=1)
+
+
+def _shown(text: str) -> str:
+    """The user's date as an error message may echo it: on one line, and a runaway number shortened."""
+    text = " ".join(text.split())
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]}"
+
+
+def _ago(now: dt.datetime, digits: str, kind: str) -> dt.datetime | None:
+    """``now`` minus ``digits`` days/weeks/months/years (``kind`` d/w/m/y), or None when that is before year 1."""
+    try:
+        count = int(digits)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits): far before year 1
+        return None
+    if kind in ("d", "w"):
+        days = count * (7 if kind == "w" else 1)
+        # Compared as whole days before subtracting: timedelta itself overflows long before Python ints do.
+        if days > (now - dt.datetime.min).days:
+            return None
+        start = now - dt.timedelta(days=days)
+    elif kind == "m":
+        try:
+            start = _add_months(now, -count).replace(day=min(now.day, 28))
+        except ValueError:
+            return None
+    else:
+        if now.year - count < dt.MINYEAR:
+            return None
+        start = now.replace(year=now.year - count, day=min(now.day, 28))
+    return start.replace(microsecond=0)
 
 
 def parse_date_bound(text: str, *, option: str, end: bool, now: dt.datetime | None = None) -> str:
@@ -189,7 +225,9 @@ def parse_date_bound(text: str, *, option: str, end: bool, now: dt.datetime | No
     (``2019`` -> ``2020-01-01T00:00:00``), ``end=False`` its start.
 
     Accepts YYYY, YYYY-MM, YYYY-MM-DD, YYYY-MM-DD[T ]HH:MM[:SS], ``today``, ``yesterday`` and ``N[dwmy]``
-    (N days/weeks/months/years ago). Raises QueryError naming ``option`` for anything else.
+    (N days/weeks/months/years ago). Returns the bound as ``YYYY-MM-DDTHH:MM:SS``. Raises QueryError naming
+    ``option`` for anything else, and for dates a datetime cannot hold: ``N[dwmy]`` before year 1, years after
+    9999, and an end bound past 9999-12-31 (``--until 9999`` would end in year 10000).
     """
     now = now or dt.datetime.now()
     value = text.strip().lower()
@@ -201,16 +239,11 @@ def parse_date_bound(text: str, *, option: str, end: bool, now: dt.datetime | No
             start -= dt.timedelta(days=1)
         unit = "day"
     elif match := _RELATIVE.match(value):
-        count, kind = int(match.group(1)), match.group(2)
-        if kind == "d":
-            start = now - dt.timedelta(days=count)
-        elif kind == "w":
-            start = now - dt.timedelta(weeks=count)
-        elif kind == "m":
-            start = _add_months(now, -count).replace(day=min(now.day, 28))
-        else:
-            start = now.replace(year=now.year - count, day=min(now.day, 28))
-        start = start.replace(microsecond=0)
+        start = _ago(now, match.group(1), match.group(2))
+        if start is None:
+            raise QueryError(f"{option}: {_shown(text)} reaches before year 1, the earliest date a search can use")
+    elif _BIG_YEAR.match(value):
+        raise QueryError(f"{option}: {_shown(text)} is after year 9999, the last year a search can use")
     else:
         for fmt, fmt_unit in _FORMATS:
             try:
@@ -225,22 +258,31 @@ def parse_date_bound(text: str, *, option: str, end: bool, now: dt.datetime | No
             "today, yesterday or N[dwmy] (e.g. 30d)"
         )
     if end:
-        if unit == "year":
-            start = start.replace(year=start.year + 1)
-        elif unit == "month":
-            start = _add_months(start, 1)
-        elif unit == "day":
-            start += dt.timedelta(days=1)
-        elif unit == "minute":
-            start += dt.timedelta(minutes=1)
-        else:
-            start += dt.timedelta(seconds=1)
+        try:
+            if unit == "year":
+                start = start.replace(year=start.year + 1)
+            elif unit == "month":
+                start = _add_months(start, 1)
+            elif unit == "day":
+                start += dt.timedelta(days=1)
+            elif unit == "minute":
+                start += dt.timedelta(minutes=1)
+            else:
+                start += dt.timedelta(seconds=1)
+        except (ValueError, OverflowError):
+            # The exclusive end of the last period in 9999 would be in year 10000, which no datetime holds.
+            message = f"{option}: {_shown(text)} ends after 9999-12-31, the last date a search can use"
+            raise QueryError(message) from None
     return start.isoformat(timespec="seconds")
 
 
 def make_filters(*, in_dir: str | None = None, since: str | None = None, until: str | None = None,
                  source: str | None = None, now: dt.datetime | None = None) -> SearchFilters:
-    """Validate the CLI's filter options into :class:`SearchFilters`. Raises QueryError (one line)."""
+    """Validate the CLI's filter options into :class:`SearchFilters` and return them.
+
+    Raises QueryError (one line, naming the option) for a date that cannot be read or represented (see
+    :func:`parse_date_bound`), ``since`` not before ``until``, or an unknown ``source``.
+    """
     since_iso = parse_date_bound(since, option="--since", end=False, now=now) if since is not None else None
     until_iso = parse_date_bound(until, option="--until", end=True, now=now) if until is not None else None
     if since_iso and until_iso and since_iso >= until_iso:
