@@ -28,7 +28,7 @@ from capwatch.errors import CapwatchError
 if TYPE_CHECKING:
     from capwatch.index import Index
     from capwatch.models.captioner import Captioner
-    from capwatch.process import FileOutcome
+    from capwatch.process import FileOutcome, Processor
 
 log = logging.getLogger("capwatch")
 
@@ -429,9 +429,7 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(outcome.as_json(), ensure_ascii=False))
     elif outcome.error:
-        # Most messages already name the file; do not say it twice.
-        message = outcome.error.removeprefix(f"{outcome.path}: ")
-        click.echo(f"{outcome.path}: error: {message}", err=True)
+        _report_failure(outcome.path, outcome.error)
     else:
         note = f"  [{outcome.skipped}]" if outcome.skipped else ""
         written = f"  (written: {', '.join(outcome.written)})" if outcome.written else ""
@@ -447,21 +445,41 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace descriptions written by people too.")
 @click.pass_context
 def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json: bool, force: bool) -> None:
-    """Caption FILES now: write the caption into each file and the index (unless --dry-run)."""
-    from capwatch.process import Processor
+    """Caption FILES now: write the caption into each file and the index (unless --dry-run).
 
+    A symlink is followed: the file it points to is written and the link stays a link. A file that another
+    program changes while it is being captioned is read and captioned again; nothing is written over a change.
+    """
     config = _load(ctx)
+    if not dry_run:
+        _recover_writes()
     captioner = _open_captioner(config)
     failed = False
     with _maybe_index(config, dry_run) as index:
-        processor = Processor(config, index, captioner, dry_run=dry_run, force=force)
+        processor = _processor(config, index, captioner, dry_run=dry_run, force=force)
         size = max(1, config.model.batch_size)
         for start in range(0, len(files), size):
-            for outcome in processor.process_batch(files[start:start + size], skip_captioned=False):
+            for outcome in processor.process(files[start:start + size], skip_captioned=False):
                 failed |= outcome.error is not None
                 _emit(outcome, as_json)
     captioner.close()
     ctx.exit(1 if failed else 0)
+
+
+def _recover_writes() -> None:
+    """Settle writes a killed capwatch left behind (every writing command starts with this)."""
+    from capwatch.process import recover_writes
+
+    recover_writes(log)
+
+
+def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
+               force: bool = False) -> Processor:
+    from capwatch.metadata import Journal
+    from capwatch.process import Processor, hooks_from_env
+
+    return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
+                     hooks=hooks_from_env(os.environ))
 
 
 @contextmanager
@@ -519,13 +537,15 @@ class _Progress:
 def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bool) -> None:
     """Reconcile DIRS (default: configured roots) with the index, then caption what needs it.
 
-    Unchanged files are skipped by size and mtime alone; moved files keep their captions; descriptions already
-    in the files are imported and searchable at once. Safe to interrupt and run again.
+    Unchanged files are skipped by their state alone (size, times, sidecars); moved files keep their captions;
+    descriptions already in the files are imported and searchable at once. Safe to interrupt and run again:
+    a write cut short is finished or undone by the next run.
     """
     from capwatch.scan import reconcile
 
     config = _load(ctx)
     roots = _roots(config, dirs)
+    _recover_writes()
     totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
                               "errors": 0}
     to_caption: list[Path] = []
@@ -545,6 +565,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
             totals["removed"] += len(result.removed)
             totals["imported"] += result.imported
             totals["errors"] += len(result.errors)
+            for path, message in result.errors:
+                _report_failure(path, message)
             to_caption.extend(result.to_caption)
             if force:
                 to_caption.extend(Path(r.path) for r in index.iter_records(root.path)
@@ -563,28 +585,34 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         summary += f"; {captioned} captioned"
     failures = totals["errors"] + failed
     if failures:
-        summary += f"; {failures} failed (see `capwatch status`)"
+        summary += f"; {failures} failed (listed above)"
     click.echo(summary)
     ctx.exit(1 if failures or missing else 0)
 
 
-def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:
-    from capwatch.process import Processor
+def _report_failure(path: str | Path, message: str) -> None:
+    """One line on stderr per failed file (messages usually start with the path already)."""
+    text = message.removeprefix(f"{path}: ")
+    click.echo(f"{path}: error: {text}", err=True)
 
+
+def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:
     captioner = _open_captioner(config)
-    processor = Processor(config, index, captioner, force=force)
+    processor = _processor(config, index, captioner, force=force)
     size = max(1, config.model.batch_size)
     captioned = failed = 0
+    failures: list[tuple[Path, str]] = []
     show = sys.stderr.isatty()
     started = time.monotonic()
     bar_ctx = click.progressbar(length=len(paths), label="captioning", file=sys.stderr, show_eta=True,
                                 show_pos=True, item_show_func=lambda rate: rate) if show else None
     try:
         for start in range(0, len(paths), size):
-            outcomes = processor.process_batch(paths[start:start + size], skip_captioned=not force)
+            outcomes = processor.process(paths[start:start + size], skip_captioned=not force)
             for outcome in outcomes:
                 if outcome.error:
                     failed += 1
+                    failures.append((outcome.path, outcome.error))
                 elif outcome.caption and not outcome.skipped:
                     captioned += 1
             if bar_ctx is not None:
@@ -595,6 +623,8 @@ def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -
         if bar_ctx is not None:
             bar_ctx.render_finish()
         captioner.close()
+    for path, message in failures:
+        _report_failure(path, message)
     return captioned, failed
 
 

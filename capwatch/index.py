@@ -53,6 +53,38 @@ class ImageRecord:
     #: The model's caption for a file whose ``caption`` is a person's (metadata.index_only_when_described):
     #: searchable, never written into the file.
     model_caption: str | None = None
+    #: The file's ctime when it was read: an editor that keeps size and mtime still moves it. None in rows
+    #: written before schema 4 (then only size and mtime are compared).
+    ctime_ns: int | None = None
+    #: Digest of the XMP sidecars' names and stats when the file was read ("" = none; None = not known yet).
+    sidecars: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexedState:
+    """What the index compares to notice a changed file without opening it: size, mtime, ctime and the
+    sidecar digest (the last two None when not recorded yet)."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int | None
+    sidecars: str | None
+
+    def differs(self, now: IndexedState) -> bool:
+        """True when ``now`` (the current state, every field known) is not what was recorded."""
+        if (self.size, self.mtime_ns) != (now.size, now.mtime_ns):
+            return True
+        if self.ctime_ns is not None and self.ctime_ns != now.ctime_ns:
+            return True
+        if self.sidecars is None:
+            # Recorded before sidecars were tracked: a file that has sidecars must be read once.
+            return bool(now.sidecars)
+        return self.sidecars != now.sidecars
+
+    @property
+    def complete(self) -> bool:
+        """True when ctime and sidecars are recorded."""
+        return self.ctime_ns is not None and self.sidecars is not None
 
 
 @dataclass(frozen=True)
@@ -172,11 +204,22 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns)")
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    # A file's state is more than size and mtime: an in-place edit that keeps both still moves the ctime, and an
+    # edited XMP sidecar changes the description without touching the image. Both join the stat-only reconcile,
+    # so its covering index grows by them (old rows have NULLs, filled in as reconcile sees the files).
+    db.execute("ALTER TABLE images ADD COLUMN ctime_ns INTEGER")
+    db.execute("ALTER TABLE images ADD COLUMN sidecars TEXT")
+    db.execute("DROP INDEX images_stat")
+    db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns, ctime_ns, sidecars)")
+
+
 #: (version, name, apply). Append only; never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "images table", _migration_1),
     (2, "full-text index over caption and path", _migration_2),
     (3, "covering index for stat-only reconcile", _migration_3),
+    (4, "ctime and sidecar state", _migration_4),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -439,12 +482,26 @@ class Index:
 
         self._guard(run)
 
-    def update_stat(self, path: str | Path, size: int, mtime_ns: int, fingerprint: str | None) -> None:
-        """Record a new size/mtime/fingerprint for ``path`` without touching its caption."""
+    def update_stat(self, path: str | Path, state: IndexedState, fingerprint: str | None) -> None:
+        """Record a new file state and fingerprint for ``path`` without touching its caption."""
         self._guard(lambda: self._exec_write(
-            "UPDATE images SET size = ?, mtime_ns = ?, fingerprint = ?, updated_at = ? WHERE path = ?",
-            (size, mtime_ns, fingerprint, _now_utc(), normalise_path(path)),
+            "UPDATE images SET size = ?, mtime_ns = ?, ctime_ns = ?, sidecars = ?, fingerprint = ?, updated_at = ? "
+            "WHERE path = ?",
+            (state.size, state.mtime_ns, state.ctime_ns, state.sidecars, fingerprint, _now_utc(),
+             normalise_path(path)),
         ))
+
+    def fill_state_many(self, states: Iterable[tuple[str, int, str]]) -> None:
+        """Record (path, ctime_ns, sidecars) for rows that do not know them yet (rows from before schema 4)."""
+
+        def run() -> None:
+            with self._write():
+                self._conn.executemany(
+                    "UPDATE images SET ctime_ns = ?, sidecars = ? WHERE path = ?",
+                    [(ctime, sidecars, normalise_path(path)) for path, ctime, sidecars in states],
+                )
+
+        self._guard(run)
 
     def set_error(self, path: str | Path, message: str) -> None:
         """Mark ``path`` as failed with a one-line ``message`` (the row must exist; otherwise nothing happens)."""
@@ -463,13 +520,13 @@ class Index:
         rows = self._guard(lambda: self._conn.execute(sql, (fingerprint,)).fetchall())
         return [self._row(r) for r in rows]
 
-    def stat_map(self, root: str | Path) -> dict[str, tuple[int, int]]:
-        """``path -> (size, mtime_ns)`` for every row at or below ``root``."""
+    def stat_map(self, root: str | Path) -> dict[str, IndexedState]:
+        """``path -> IndexedState`` as last recorded, for every row at or below ``root``."""
         lo, hi = _prefix_range(normalise_path(root))
         rows = self._guard(lambda: self._conn.execute(
-            "SELECT path, size, mtime_ns FROM images WHERE path >= ? AND path < ?", (lo, hi)
+            "SELECT path, size, mtime_ns, ctime_ns, sidecars FROM images WHERE path >= ? AND path < ?", (lo, hi)
         ).fetchall())
-        return {p: (s, m) for p, s, m in rows}
+        return {p: IndexedState(s, m, c, x) for p, s, m, c, x in rows}
 
     def iter_records(self, root: str | Path | None = None, *, status: Status | None = None) -> Iterator[ImageRecord]:
         """Every record (optionally under ``root`` and/or with ``status``), ordered by path."""

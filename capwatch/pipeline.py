@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from capwatch.index import ImageRecord, Index
+from capwatch.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ class Outcome(Protocol):
     def error(self) -> str | None: ...
     @property
     def skipped(self) -> str | None: ...
+    @property
+    def changed(self) -> bool: ...
 
 
 class BatchProcessor(Protocol):
@@ -231,6 +232,7 @@ class Pipeline:
         batch_wait_seconds: float,
         idle: Callable[[], None] | None = None,
         more_coming: Callable[[], bool] | None = None,
+        requeue: Callable[[Path], None] | None = None,
         force: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -241,6 +243,7 @@ class Pipeline:
         self._batch_wait = max(0.0, batch_wait_seconds)
         self._idle = idle
         self._more_coming = more_coming
+        self._requeue = requeue
         self._force = force
         self._stop = threading.Event()
         self._handoff: collections.deque[tuple[list[Path], list[Path]]] = collections.deque()
@@ -337,11 +340,13 @@ class Pipeline:
         with c.lock:
             now = c.clock()
             for outcome in outcomes:
+                if outcome.changed:
+                    continue  # read again once it settles: counted when that pass is done
                 c.processed += 1
                 c.recent.append(now)
                 if outcome.error:
                     c.errors += 1
-                    c.last_error = f"{outcome.path}: {outcome.error}"
+                    c.last_error = outcome.error
                 elif not outcome.skipped:
                     c.captioned += 1
             c.skipped_unchanged += len(unchanged)
@@ -391,24 +396,28 @@ class Pipeline:
         return todo, unchanged
 
     def _unchanged(self, index: Index, path: Path, st: os.stat_result) -> bool:
+        from capwatch.index import IndexedState
+        from capwatch.metadata import fingerprint_file
+        from capwatch.scan import sidecar_digest
+
         record = index.get(path)
         if record is None or record.status not in DONE_STATUSES:
             return False
-        if record.size == st.st_size and record.mtime_ns == st.st_mtime_ns:
+        now = IndexedState(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecar_digest(path))
+        recorded = IndexedState(record.size, record.mtime_ns, record.ctime_ns, record.sidecars)
+        if not recorded.differs(now):
             return True
-        if not record.fingerprint:
-            return False
-        from capwatch.fingerprint import fingerprint_file
-
+        if not record.fingerprint or recorded.sidecars != now.sidecars:
+            return False  # a sidecar changed: the description may have, even if the image did not
         try:
             fingerprint = fingerprint_file(path)
         except OSError:
             return False
         if fingerprint != record.fingerprint:
             return False
-        # Same content, new stat (our own write with keep_mtime, a touch, a copy over itself): record the stat
-        # so the next reconcile does not open the file again.
-        _refresh_stat(index, record, st)
+        # Same content, new stat (a touch, a chmod, a copy over itself): record the state so the next reconcile
+        # does not open the file again.
+        index.update_stat(record.path, now, record.fingerprint)
         return True
 
     def _model_loop(self) -> None:
@@ -433,16 +442,19 @@ class Pipeline:
             try:
                 outcomes = processor.process_batch(todo) if todo else []
                 self._count(batch, outcomes, [])
+                self._report(outcomes)
             finally:
                 self.queue.done(batch)
 
-
-def _refresh_stat(index: Index, record: ImageRecord, st: os.stat_result) -> None:
-    update = getattr(index, "update_stat", None)
-    if callable(update):
-        update(record.path, st.st_size, st.st_mtime_ns, record.fingerprint)
-    else:
-        index.upsert(dataclasses.replace(record, size=st.st_size, mtime_ns=st.st_mtime_ns))
+    def _report(self, outcomes: Sequence[Outcome]) -> None:
+        """Log each failure once, and send files that changed while being captioned back to be read again."""
+        for outcome in outcomes:
+            if outcome.error:
+                log.warning("%s", outcome.error)
+            elif outcome.changed:
+                log.info("%s", outcome.skipped or f"{outcome.path}: changed while being captioned; queued again")
+                if self._requeue is not None:
+                    self._requeue(outcome.path)
 
 
 def _read_ahead(path: Path) -> None:

@@ -1,8 +1,10 @@
 """Process captioning jobs end to end: policy, caption, write into the file, record in the index.
 
-Per file: stat -> read metadata -> policy (a person's description is kept; an unchanged file we already captioned
-is skipped) -> decode and preprocess -> caption (batched) -> write metadata (atomic) -> fingerprint and stat taken
-AFTER the write, so the watcher recognises our own write -> index upsert. One bad file never fails the others.
+Per file: read a snapshot (metadata, identity, sidecars) -> policy (a person's description is kept; an unchanged
+file we already captioned is skipped) -> decode and preprocess -> caption (batched) -> write metadata as a
+transaction against that snapshot -> record in the index what the file holds AFTER the write (its snapshot, so
+the watcher recognises our own write). A file that changed while the model ran is not written: its outcome says
+``changed`` and the caller reads it again. One bad file never fails the others.
 """
 
 from __future__ import annotations
@@ -10,19 +12,20 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import shlex
+import subprocess
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
-from capwatch.fingerprint import fingerprint_file
 from capwatch.index import ImageRecord, Index, normalise_path
-from capwatch.metadata import FileMetadata, Provenance, read_metadata, write_caption
-from capwatch.scan import is_utf8_path, printable_path
+from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
+from capwatch.scan import is_utf8_path, printable_path, record_from_snapshot
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
@@ -31,11 +34,16 @@ log = logging.getLogger(__name__)
 
 HUMAN_KEPT = "has a description written by a person; kept (use --force to replace it)"
 ALREADY_CAPTIONED = "already captioned by capwatch and unchanged"
+INDEX_ONLY = "has a description written by a person; caption kept in the index only"
 
 
 @dataclass(frozen=True)
 class FileOutcome:
-    """What happened to one file; ``as_json`` gives the `caption --json` line of the CLI contract."""
+    """What happened to one file; ``as_json`` gives the `caption --json` line of the CLI contract.
+
+    ``changed``: the file (or a sidecar) changed while it was being captioned, so nothing was written; it is to
+    be read again (the daemon re-queues it, the CLI retries and then reports it).
+    """
 
     path: Path
     caption: str | None
@@ -43,6 +51,7 @@ class FileOutcome:
     written: tuple[str, ...] = ()
     skipped: str | None = None
     error: str | None = None
+    changed: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "caption": self.caption, "model": self.model,
@@ -52,12 +61,30 @@ class FileOutcome:
 @dataclass(frozen=True)
 class _Job:
     path: str
-    st: os.stat_result
-    meta: FileMetadata
+    snap: FileSnapshot
     previous: ImageRecord | None
     #: The person's description stays in the file; the caption goes to the index only (model_caption).
     index_only: bool
     human_skip: bool
+
+
+def hooks_from_env(env: Mapping[str, str]) -> WriteHooks:
+    """Write hooks from ``$CAPWATCH_HOOK_BEFORE_WRITE`` / ``$CAPWATCH_HOOK_BEFORE_COMMIT``: each a command that is
+    run (and waited for) with the file's path appended, at that moment of every write. For tests and debugging:
+    they let a real editor (exiftool, exiv2, a copy) change the file exactly while capwatch works on it."""
+
+    def hook(command: str | None) -> Callable[[Path], None] | None:
+        if not command:
+            return None
+        argv = shlex.split(command)
+
+        def run(path: Path) -> None:
+            subprocess.run([*argv, os.fspath(path)], check=False)
+
+        return run
+
+    return WriteHooks(before_write=hook(env.get("CAPWATCH_HOOK_BEFORE_WRITE")),
+                      before_commit=hook(env.get("CAPWATCH_HOOK_BEFORE_COMMIT")))
 
 
 def _now_iso(clock: Callable[[], float]) -> str:
@@ -78,17 +105,21 @@ class Processor:
     """Runs jobs against one index and one captioner with one configuration.
 
     ``index`` may be None (nothing recorded). ``dry_run`` captions but writes neither files nor index.
-    ``force`` replaces a person's description too (the user said so).
+    ``force`` replaces a person's description too (the user said so). ``journal`` registers every temp file and
+    backup (default: this user's); ``hooks`` run at the critical moments of each write (tests).
     """
 
     def __init__(self, config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
-                 force: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 force: bool = False, clock: Callable[[], float] = time.time, journal: Journal | None = None,
+                 hooks: WriteHooks | None = None) -> None:
         self.config = config
         self.index = index
         self.captioner = captioner
         self.dry_run = dry_run
         self.force = force
         self.clock = clock
+        self.journal = journal if journal is not None else Journal.default()
+        self.hooks = hooks if hooks is not None else WriteHooks()
 
     def process_batch(self, paths: Sequence[Path], *, skip_captioned: bool = True) -> list[FileOutcome]:
         """Caption ``paths`` (in batches of ``model.batch_size``) and return one outcome per path, in order.
@@ -111,15 +142,36 @@ class Processor:
                 outcomes[position] = outcome
         return [outcomes[i] for i in range(len(paths))]
 
+    def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
+        """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
+        again (up to ``attempts`` times in all); one that keeps changing ends as an error outcome (nothing
+        written, nothing recorded: the next run takes it)."""
+        outcomes = self.process_batch(paths, skip_captioned=skip_captioned)
+        for _ in range(attempts - 1):
+            again = [i for i, outcome in enumerate(outcomes) if outcome.changed]
+            if not again:
+                break
+            redone = self.process_batch([paths[i] for i in again], skip_captioned=skip_captioned)
+            for i, outcome in zip(again, redone, strict=True):
+                outcomes[i] = outcome
+        return [replace(o, error=f"{o.path}: kept changing while being captioned; nothing written (run again once "
+                                 "it is done)") if o.changed else o for o in outcomes]
+
     # -- steps ----------------------------------------------------------------------------------------------
 
-    def _fail(self, path: str, message: str, st: os.stat_result | None = None) -> FileOutcome:
-        log.warning("%s", message)
+    def _fail(self, path: str, message: str, state: FileSnapshot | os.stat_result | None = None) -> FileOutcome:
+        """Record ``message`` as the file's error (with the file's state when it failed) and return the outcome.
+        Nothing is logged here: the caller reports each outcome once."""
         if self.index is not None and not self.dry_run:
-            if self.index.get(path) is None and st is not None:
-                self.index.upsert(ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns,
+            previous = self.index.get(path)
+            if isinstance(state, FileSnapshot):
+                size, mtime, ctime = state.identity.size, state.identity.mtime_ns, state.identity.ctime_ns
+            elif state is not None:
+                size, mtime, ctime = state.st_size, state.st_mtime_ns, state.st_ctime_ns
+            if previous is None and state is not None:
+                self.index.upsert(ImageRecord(path=path, size=size, mtime_ns=mtime, ctime_ns=ctime,
                                               status="error", error=message))
-            else:
+            elif previous is not None:
                 self.index.set_error(path, message)
         return FileOutcome(Path(path), None, None, error=message)
 
@@ -137,26 +189,32 @@ class Processor:
         if not os.path.isfile(spath):
             return FileOutcome(Path(spath), None, None, error=f"{spath}: not a regular file")
         try:
-            meta = read_metadata(Path(spath))
+            snap = read_snapshot(Path(spath))
+        except FileChanged as exc:
+            return FileOutcome(Path(spath), None, None, skipped=str(exc), changed=True)
         except CapwatchError as exc:
             return self._fail(spath, str(exc), st)
         previous = self.index.get(spath) if self.index is not None else None
-        desc = meta.description
-        if skip_captioned and not self.force and previous is not None and previous.status == "captioned" \
-                and previous.source == "model" and (previous.size, previous.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            return FileOutcome(Path(spath), previous.caption, previous.model, skipped=ALREADY_CAPTIONED)
+        desc = snap.metadata.description
+        if skip_captioned and not self.force:
+            if desc is not None and desc.kind == "ours":
+                # The file carries a capwatch caption (a sidecar or a rating edited, a copy from elsewhere):
+                # record what it holds; captioning again is for `caption FILE`, --force and recaption.
+                if self.index is not None and not self.dry_run:
+                    self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
+                return FileOutcome(Path(spath), desc.text, desc.provenance.model if desc.provenance else None,
+                                   skipped=ALREADY_CAPTIONED)
+            if previous is not None and previous.status == "captioned" and previous.source == "model" \
+                    and _same_content(previous, snap):
+                return FileOutcome(Path(spath), previous.caption, previous.model, skipped=ALREADY_CAPTIONED)
         human = desc is not None and desc.kind == "human"
         keep = human and not self.force and self.config.metadata.existing == "keep"
         index_only = keep and self.config.metadata.index_only_when_described
         if keep and not index_only and not self.dry_run:
-            if self.index is not None and desc is not None:
-                try:
-                    fingerprint = fingerprint_file(spath)
-                except OSError as exc:
-                    return FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}")
-                self.index.upsert(self._base_record(spath, st, meta, previous, fingerprint))
+            if self.index is not None:
+                self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
             return FileOutcome(Path(spath), None, None, skipped=HUMAN_KEPT)
-        return _Job(spath, st, meta, previous, index_only=index_only, human_skip=keep and not index_only)
+        return _Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
 
     def _caption_chunk(self, chunk: list[tuple[int, _Job]]) -> list[tuple[int, FileOutcome]]:
         import numpy as np
@@ -169,9 +227,9 @@ class Processor:
                 tensors.append(self.captioner.preprocess_file(Path(job.path)))
                 ready.append((position, job))
             except ImageError as exc:
-                results.append((position, self._fail(job.path, str(exc), job.st)))
+                results.append((position, self._fail(job.path, str(exc), job.snap)))
             except OSError as exc:
-                results.append((position, self._fail(job.path, f"{job.path}: {exc.strerror or exc}", job.st)))
+                results.append((position, self._fail(job.path, f"{job.path}: {exc.strerror or exc}", job.snap)))
         if not ready:
             return results
         captions = self.captioner.caption_pixels(np.stack(tensors))
@@ -181,49 +239,72 @@ class Processor:
 
     def _finish(self, job: _Job, text: str) -> FileOutcome:
         model_id = self.captioner.model_id
+        path = Path(job.path)
         if not text:
             # Nothing to write or search; recorded as an error so that `status` shows it and --force retries it.
-            return self._fail(job.path, f"{job.path}: the model produced an empty caption", job.st)
+            return self._fail(job.path, f"{job.path}: the model produced an empty caption", job.snap)
         if self.dry_run:
-            return FileOutcome(Path(job.path), text, model_id, skipped=HUMAN_KEPT if job.human_skip else None)
+            return FileOutcome(path, text, model_id, skipped=HUMAN_KEPT if job.human_skip else None)
         now = _now_iso(self.clock)
-        written: tuple[str, ...] = ()
-        skipped: str | None = None
-        write_error: str | None = None
+        if self.hooks.before_write is not None:
+            self.hooks.before_write(path)
         if job.index_only:
-            skipped = "has a description written by a person; caption kept in the index only"
-        else:
-            provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=now)
-            try:
-                result = write_caption(Path(job.path), text, provenance, self.config.metadata, force=self.force)
-                written, skipped = result.written, result.skipped
-            except CapwatchError as exc:
-                write_error = str(exc)
+            return self._record_index_only(job, text, now)
+        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=now)
         try:
-            # Taken after the write: the watcher sees our write as "unchanged" and does not caption again.
-            st = os.stat(job.path)
-            fingerprint = fingerprint_file(job.path)
-        except OSError as exc:
-            return self._fail(job.path, f"{job.path}: vanished after captioning ({exc.strerror or exc})")
-        base = self._base_record(job.path, st, job.meta, job.previous, fingerprint)
-        if job.index_only:
-            record = replace(base, model_caption=text, model=model_id, model_revision=self.captioner.revision,
-                             captioned_at=now)
-        elif skipped is not None and not written and job.meta.description is not None \
-                and job.meta.description.kind == "human":
-            record = base  # the writer found a person's description after all: theirs stays the caption
-        else:
-            record = replace(base, caption=text, source="model", status="captioned", model=model_id,
+            result = write_caption(path, text, provenance, self.config.metadata, force=self.force,
+                                   expected=job.snap, journal=self.journal, hooks=self.hooks)
+        except FileChanged as exc:
+            return FileOutcome(path, text, model_id, skipped=str(exc), changed=True)
+        except CapwatchError as exc:
+            return self._fail(job.path, str(exc), job.snap)
+        if result.snapshot is None:
+            # metadata.write = none: the caption lives in the index only, for the content that was captioned.
+            record = replace(record_from_snapshot(job.path, job.snap, job.previous, self.config), caption=text,
+                             source="model", status="captioned", model=model_id,
                              model_revision=self.captioner.revision, captioned_at=now, error=None)
-        if write_error is not None:
-            record = replace(record, status="error", error=write_error)
-            log.warning("%s", write_error)
+        else:
+            # What the file holds now, read after the write: ours, or the words of whoever wrote last.
+            record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
         if self.index is not None:
             self.index.upsert(record)
-        return FileOutcome(Path(job.path), text, model_id, written=written, skipped=skipped, error=write_error)
+        return FileOutcome(path, text, model_id, written=result.written, skipped=result.skipped)
 
-    def _base_record(self, path: str, st: os.stat_result, meta: FileMetadata, previous: ImageRecord | None,
-                     fingerprint: str) -> ImageRecord:
-        from capwatch.scan import record_from_metadata
+    def _record_index_only(self, job: _Job, text: str, now: str) -> FileOutcome:
+        """The person's description stays; the model's caption is searchable from the index. Recorded only
+        when the file is still the one that was captioned."""
+        path = Path(job.path)
+        try:
+            snap = read_snapshot(path)
+        except FileChanged as exc:
+            return FileOutcome(path, text, self.captioner.model_id, skipped=str(exc), changed=True)
+        except CapwatchError as exc:
+            return self._fail(job.path, str(exc), job.snap)
+        if not snap.same_as(job.snap):
+            return FileOutcome(path, text, self.captioner.model_id, changed=True,
+                               skipped=f"{path}: changed while it was being captioned; nothing recorded")
+        record = replace(record_from_snapshot(job.path, snap, job.previous, self.config), model_caption=text,
+                         model=self.captioner.model_id, model_revision=self.captioner.revision, captioned_at=now)
+        if self.index is not None:
+            self.index.upsert(record)
+        return FileOutcome(path, text, self.captioner.model_id, skipped=INDEX_ONLY)
 
-        return record_from_metadata(path, st, meta, fingerprint, previous, self.config)
+
+def recover_writes(logger: logging.Logger) -> None:
+    """Settle the writes a killed capwatch left in this user's write journal (every writing command starts
+    with this). Logs what was repaired and what had to be left alone; raises nothing."""
+    report = Journal.default().recover()
+    for message in report.messages:
+        logger.warning("%s", message)
+    if report.settled:
+        logger.info("settled %d interrupted write(s) from the write journal", report.settled)
+
+
+
+def _same_content(previous: ImageRecord, snap: FileSnapshot) -> bool:
+    """True when the row was recorded for exactly this content (and these sidecars)."""
+    if previous.fingerprint is None or previous.fingerprint != snap.identity.fingerprint:
+        return False
+    if previous.size != snap.identity.size:
+        return False
+    return previous.sidecars is None or previous.sidecars == snap.sidecar_signature

@@ -8,20 +8,22 @@ its rows: the result says ``root_missing`` and nothing is removed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.errors import CapwatchError
-from capwatch.fingerprint import fingerprint_file
-from capwatch.index import ImageRecord, Index, normalise_path
-from capwatch.metadata import Description, FileMetadata, is_temp_file, read_metadata
+from capwatch.index import ImageRecord, Index, IndexedState, normalise_path
+from capwatch.metadata import Description, FileChanged, FileSnapshot, fingerprint_file, is_temp_file, read_snapshot
+from capwatch.metadata.sidecar import EXTENSIONS as SIDECAR_EXTENSIONS
+from capwatch.metadata.sidecar import sidecar_names, signature
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +150,28 @@ def _file_patterns(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{r})" for r in relevant)) if relevant else None
 
 
-def iter_image_files(root: RootConfig, library: LibraryConfig, *,
-                     on_skip: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, os.stat_result]]:
-    """Yield ``(absolute path, stat)`` for every candidate image below ``root``, depth first.
+@dataclass(frozen=True)
+class FoundFile:
+    """A candidate image found by :func:`iter_image_files`: its path, stat, and the digest of its sidecars."""
 
-    Only candidates are stat'ed: names, folder types and symlinks come from the directory listing itself.
-    Unreadable directories are logged and skipped. Symlinks are skipped unless ``follow_symlinks``; then
-    directory loops are cut by (device, inode).
+    path: str
+    st: os.stat_result
+    sidecars: str
+
+    @property
+    def state(self) -> IndexedState:
+        """The state the index compares with what it recorded."""
+        return IndexedState(self.st.st_size, self.st.st_mtime_ns, self.st.st_ctime_ns, self.sidecars)
+
+
+def iter_image_files(root: RootConfig, library: LibraryConfig, *,
+                     on_skip: Callable[[str, str], None] | None = None) -> Iterator[FoundFile]:
+    """Yield every candidate image below ``root``, depth first.
+
+    Only candidates (and their XMP sidecars) are stat'ed: names, folder types and symlinks come from the
+    directory listing itself. Symlinks are skipped unless ``follow_symlinks``; then every folder is visited once,
+    by (device, inode), so a link loop (``self -> .``) or two links to one folder index nothing twice. A folder
+    or file that cannot be read is reported to ``on_skip(path, message)`` (and logged at debug level).
     """
     base = normalise_path(root.path)
     follow = library.follow_symlinks
@@ -163,15 +180,29 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
     excludes = _file_patterns(library.exclude + root.exclude)
     includes = _file_patterns(root.include) if root.include else None
     seen_dirs: set[tuple[int, int]] = set()
+    if follow:
+        try:
+            st_root = os.stat(base)
+            seen_dirs.add((st_root.st_dev, st_root.st_ino))
+        except OSError:
+            pass
     stack = [(base, "")]
+
+    def skip(path: str, message: str) -> None:
+        log.debug("skipping %s", message)
+        if on_skip is not None:
+            on_skip(path, message)
+
     while stack:
         directory, relative_dir = stack.pop()
         try:
             with os.scandir(directory) as listing:
                 entries = list(listing)
         except OSError as exc:
-            log.warning("cannot list %s: %s", directory, exc.strerror or exc)
+            shown = printable_path(directory)
+            skip(shown, f"{shown}: cannot list this folder: {exc.strerror or exc}")
             continue
+        sidecar_entries = {e.name: e for e in entries if e.name.endswith(SIDECAR_EXTENSIONS)}
         prefix = relative_dir + "/" if relative_dir else ""
         for entry in entries:
             name = entry.name
@@ -179,10 +210,7 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
                 continue
             if not name.isascii() and not is_utf8_path(name):
                 shown = printable_path(entry.path)
-                message = f"{shown}: the name is not valid UTF-8; rename it to have it indexed"
-                log.warning("skipping %s", message)
-                if on_skip is not None:
-                    on_skip(shown, message)
+                skip(shown, f"{shown}: the name is not valid UTF-8; rename it to have it indexed")
                 continue
             try:
                 if entry.is_symlink():
@@ -215,64 +243,83 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
                 if name[0] == "." and is_temp_file(name):
                     continue
                 st = entry.stat()
-            except OSError:
-                continue  # vanished or dangling link: nothing to index
+                if entry.is_symlink():
+                    sidecars = sidecar_digest(Path(entry.path))  # the target's sidecars, as the reader sees them
+                else:
+                    sidecars = _sidecar_digest(name, sidecar_entries) if sidecar_entries else ""
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP):
+                    continue  # vanished, or a dangling/looping link: nothing to index
+                shown = printable_path(entry.path)
+                skip(shown, f"{shown}: {exc.strerror or exc}")
+                continue
             if stat.S_ISREG(st.st_mode):
-                yield entry.path, st
+                yield FoundFile(entry.path, st, sidecars)
+
+
+def _sidecar_digest(name: str, entries: dict[str, os.DirEntry[str]]) -> str:
+    """The sidecar digest of image ``name`` from its folder's listing (same rule as the reader's)."""
+    found = sidecar_names(name, lambda n: n in entries and entries[n].is_file())
+    items = []
+    for sidecar in found:
+        st = entries[sidecar].stat()
+        items.append((sidecar, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return signature(items)
 
 
 # -- records ------------------------------------------------------------------------------------------------------
 
 
-def record_from_metadata(path: str, st: os.stat_result, meta: FileMetadata, fingerprint: str | None,
-                         previous: ImageRecord | None, config: Config) -> ImageRecord:
+def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | None,
+                         config: Config) -> ImageRecord:
     """Build the index row for a file just read, importing any description found in it.
 
     A description with capwatch provenance becomes a ``model`` caption; a person's one ``human`` (the file is
-    then ``described`` and, by default, never captioned); camera boilerplate is kept as ``embedded`` but the
-    file stays ``pending``. When the file has none, a model caption that lives only in the index (write = none)
-    is kept; anything else becomes ``pending``.
+    then ``described`` and, by default, never captioned; a model caption kept for the index only stays);
+    camera boilerplate is kept as ``embedded`` but the file stays ``pending``. When the file has none, a model
+    caption that lives only in the index (write = none) is kept; anything else becomes ``pending``.
     """
+    meta = snap.metadata
+    identity = snap.identity
     base = ImageRecord(
-        path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, fingerprint=fingerprint,
+        path=path, size=identity.size, mtime_ns=identity.mtime_ns, ctime_ns=identity.ctime_ns,
+        sidecars=snap.sidecar_signature, fingerprint=identity.fingerprint,
         width=meta.width, height=meta.height, taken_at=meta.taken_at,
     )
     desc: Description | None = meta.description
     if desc is not None and desc.kind == "ours":
         prov = desc.provenance
-        return _replace(base, caption=desc.text, source="model", status="captioned",
-                        model=prov.model if prov else None, model_revision=prov.revision if prov else None,
-                        captioned_at=prov.created_at if prov else None)
+        return replace(base, caption=desc.text, source="model", status="captioned",
+                       model=prov.model if prov else None, model_revision=prov.revision if prov else None,
+                       captioned_at=prov.created_at if prov else None)
     if desc is not None and desc.kind == "human":
         # The index holds one caption per file and a person's words win over ours.
-        return _replace(base, caption=desc.text, source="human", status="described")
+        kept = previous if previous is not None and previous.model_caption else None
+        return replace(base, caption=desc.text, source="human", status="described",
+                       model_caption=kept.model_caption if kept else None, model=kept.model if kept else None,
+                       model_revision=kept.model_revision if kept else None,
+                       captioned_at=kept.captioned_at if kept else None)
     if desc is not None and desc.kind == "boilerplate":
-        return _replace(base, caption=desc.text, source="embedded", status="pending")
+        return replace(base, caption=desc.text, source="embedded", status="pending")
     if (previous is not None and previous.source == "model" and previous.caption
             and config.metadata.write == "none"):
-        return _replace(base, caption=previous.caption, source="model", status="captioned",
-                        model=previous.model, model_revision=previous.model_revision,
-                        captioned_at=previous.captioned_at)
+        return replace(base, caption=previous.caption, source="model", status="captioned",
+                       model=previous.model, model_revision=previous.model_revision,
+                       captioned_at=previous.captioned_at)
     return base
 
 
-def _replace(record: ImageRecord, **changes: object) -> ImageRecord:
-    from dataclasses import replace
-
-    return replace(record, **changes)  # type: ignore[arg-type]
-
-
 def read_record(path: str, st: os.stat_result, previous: ImageRecord | None, config: Config) -> ImageRecord:
-    """Read one file's metadata and fingerprint into a row; unreadable files become ``error`` rows."""
+    """Read one file (and its sidecars) into a row; unreadable files become ``error`` rows, files that keep
+    changing while being read ``pending`` ones (read again once they settle)."""
     try:
-        meta = read_metadata(Path(path))
-        fingerprint = fingerprint_file(path)
+        snap = read_snapshot(Path(path))
+    except FileChanged:
+        return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
     except CapwatchError as exc:
-        return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, status="error", error=str(exc))
-    except OSError as exc:
-        return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, status="error",
-                           error=f"cannot read {path}: {exc.strerror or exc}")
-    return record_from_metadata(path, st, meta, fingerprint, previous, config)
+        return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                           status="error", error=str(exc))
+    return record_from_snapshot(path, snap, previous, config)
 
 
 # -- reconcile ------------------------------------------------------------------------------------------------------
@@ -322,19 +369,25 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     missing = dict(known)  # what is left after the walk has vanished from disk
     pop = missing.pop
     skipped: list[tuple[str, str]] = []
-    for path, st in iter_image_files(root, config.library, on_skip=lambda p, m: skipped.append((p, m))):
+    fill: list[tuple[str, int, str]] = []
+    for found in iter_image_files(root, config.library, on_skip=lambda p, m: skipped.append((p, m))):
         seen += 1
+        path, st = found.path, found.st
         old = pop(path, None)
         if old is None:
             fresh.append((path, st))
-        elif old[0] != st.st_size or old[1] != st.st_mtime_ns:
+        elif old.differs(found.state):
             changed.append((path, st))
         else:
             unchanged += 1
+            if not old.complete:
+                fill.append((path, st.st_ctime_ns, found.sidecars))  # a row from before schema 4
         if progress is not None and not seen & 1023:
             progress(seen)
     if progress is not None:
         progress(seen)
+    if fill:
+        index.fill_state_many(fill)
 
     gone = list(missing)
     gone_by_fingerprint: dict[str, str] = {}
@@ -365,7 +418,9 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
             if old_path is not None:
                 # A move/rename: keep the caption, only the path changes.
                 index.move(old_path, path)
-                index.update_stat(path, st.st_size, st.st_mtime_ns, fingerprint)
+                sidecars = sidecar_digest(Path(path))
+                index.update_stat(path, IndexedState(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecars),
+                                  fingerprint)
                 moved.append((old_path, path))
                 continue
         record = read_record(path, st, previous, config)
@@ -389,3 +444,22 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
         moved=tuple(moved), removed=tuple(removed), errors=tuple(errors), to_caption=to_caption,
         imported=imported,
     )
+
+
+def _stat_sidecars(path: Path) -> list[tuple[str, int, int, int]]:
+    from capwatch.metadata.sidecar import existing_sidecars
+
+    out = []
+    for sidecar in existing_sidecars(path):
+        try:
+            st = os.stat(sidecar)
+        except OSError:
+            continue
+        out.append((sidecar.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return out
+
+
+def sidecar_digest(path: Path) -> str:
+    """The current sidecar digest of the image ``path`` (symlinks resolved, as the reader does; a few stats;
+    "" without sidecars)."""
+    return signature(_stat_sidecars(Path(os.path.realpath(path))))

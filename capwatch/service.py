@@ -71,6 +71,7 @@ class IndexOutcome:
     path: Path
     skipped: str | None = None
     error: str | None = None
+    changed: bool = False
 
 
 class IndexOnlyProcessor:
@@ -175,6 +176,10 @@ class Daemon:
         code = 0
         try:
             Index.open(self.index_path, busy_timeout=self.config.index.busy_timeout_seconds).close()
+            if self._caption:
+                from capwatch.process import recover_writes
+
+                recover_writes(log)
             self._start_engine()
             self._notifier.notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
             log.info("capwatch daemon ready (pid %d, index %s)", os.getpid(), self.index_path)
@@ -348,11 +353,13 @@ def _group(number: int) -> str:
 
 
 def _stat(path: Path) -> FileState | None:
+    from capwatch.scan import sidecar_digest
+
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return FileState(st.st_size, st.st_mtime_ns)
+    return FileState(st.st_size, st.st_mtime_ns, sidecar_digest(path))
 
 
 def _root_trustworthy(root: Path) -> bool:
@@ -385,6 +392,7 @@ class _Engine:
             batch_wait_seconds=config.watch.batch_wait_ms / 1000.0,
             idle=self._idle,
             more_coming=self._more_coming,
+            requeue=self._requeue,
         )
         self.reconcile_requests: queue.SimpleQueue[RootConfig] = queue.SimpleQueue()
         self.missing: dict[Path, str] = {}
@@ -411,10 +419,17 @@ class _Engine:
         index = self._open_index()
         if self.captioner is None:
             return IndexOnlyProcessor(self.config, index)
-        from capwatch.process import Processor
+        from capwatch.metadata import Journal
+        from capwatch.process import Processor, hooks_from_env
 
-        processor: BatchProcessor = Processor(self.config, index, self.captioner)
+        processor: BatchProcessor = Processor(self.config, index, self.captioner, journal=Journal.default(),
+                                              hooks=hooks_from_env(os.environ))
         return processor
+
+    def _requeue(self, path: Path) -> None:
+        # Changed while it was being captioned: through the settler again, so it is read once it is stable.
+        root = next((Path(r.path) for r in self.roots if path.is_relative_to(r.path)), path.parent)
+        self.inbox.put(WatchEvent("changed", root, path))
 
     def _more_coming(self) -> bool:
         # Files still settling (a copy in progress) or events not yet looked at: worth waiting for a fuller batch.
@@ -563,6 +578,11 @@ class _Engine:
                 # The caption moves with the file; the settled job then finds the same fingerprint and skips.
                 index.move(event.path, event.dest)
             settler.moved(event.path, event.dest, _stat(event.dest))
+        elif event.kind == "deleted" and os.path.lexists(event.path):
+            # Renamed away and another file put in its place at once: an editor's (or our own) atomic exchange.
+            deletions.pop(event.path, None)
+            self.queue.discard(event.path)
+            settler.changed(event.path, _stat(event.path), closed=True)
         elif event.kind == "deleted":
             settler.forget(event.path)
             self.queue.discard(event.path)
@@ -630,8 +650,9 @@ class _Engine:
         log.info("reconciled %s in %.1f s: %d images, %d new, %d changed, %d moved, %d removed; %d to caption",
                  root.path, time.monotonic() - started, result.seen, len(result.new), len(result.changed),
                  len(result.moved), len(result.removed), len(result.to_caption))
+        for _path, message in result.errors:
+            log.warning("%s", message)
         todo = list(result.to_caption)
-        _remove_stale_temp_files({p.parent for p in (*todo, *result.new, *result.changed)})
         self.pipeline.note_backfill(todo)
         for path in todo:
             if self.stop_event.is_set() or not self.queue.put_backfill(path, self.stop_event):
@@ -676,17 +697,3 @@ class _Engine:
         if self.missing:
             text += f", {len(self.missing)} root(s) missing"
         return text
-
-
-def _remove_stale_temp_files(directories: set[Path]) -> None:
-    # A kill -9 between writing a temp file and renaming it leaves one behind, next to a file that is still
-    # pending (its row is only written after the rename), so the folders of pending files are the ones to sweep.
-    try:
-        from capwatch.metadata import remove_stale_temp_files
-    except ImportError:  # pragma: no cover - metadata writer not present
-        return
-    for directory in directories:
-        with contextlib.suppress(OSError):
-            removed = remove_stale_temp_files(directory)
-            if removed:
-                log.info("removed %d stale temp file(s) in %s", removed, directory)

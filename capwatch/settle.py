@@ -53,10 +53,12 @@ def is_temp_name(name: str, *, own_temp: Callable[[str], bool] = _default_own_te
 
 @dataclass(frozen=True)
 class FileState:
-    """What the settler compares: size and mtime (nanoseconds) of one stat result."""
+    """What the settler compares: size and mtime (nanoseconds) of one stat result, and the digest of the file's
+    XMP sidecars (a sidecar still being written keeps the image waiting too)."""
 
     size: int
     mtime_ns: int
+    sidecars: str = ""
 
 
 @dataclass

@@ -36,6 +36,7 @@ from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from capwatch.config import LibraryConfig, RootConfig, WatchConfig
+from capwatch.metadata.sidecar import possible_sidecar_names
 from capwatch.scan import is_candidate
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,30 @@ class RootHandler(FileSystemEventHandler):
         except Exception:  # an exception here would kill watchdog's dispatcher thread for every root
             log.exception("error while handling %r", event)
 
+    def _sidecar_images(self, sidecar: Path) -> list[Path]:
+        """The images in the library whose XMP sidecar ``sidecar`` is (``a.CR2.xmp`` and ``a.xmp`` both belong
+        to ``a.CR2``; ``a.xmp`` also to ``a.jpg`` beside it). Lists the folder: sidecar events are rare."""
+        try:
+            names = os.listdir(sidecar.parent)
+        except OSError:
+            return []
+        return [sidecar.parent / name for name in names
+                if sidecar.name in possible_sidecar_names(name) and self._wanted(sidecar.parent / name,
+                                                                                 must_exist=True)]
+
     def _dispatch(self, event: FileSystemEvent) -> None:
         src = Path(os.fsdecode(event.src_path))
         root = self._root_path
+        if not event.is_directory and _is_sidecar_name(src.name, event):
+            # An edited, new or deleted sidecar changes the image's description: the image is read again.
+            touched = [src]
+            if isinstance(event, FileMovedEvent) and event.dest_path:
+                touched.append(Path(os.fsdecode(event.dest_path)))
+            for sidecar in touched:
+                if sidecar.name.lower().endswith(".xmp"):
+                    for image in self._sidecar_images(sidecar):
+                        self.sink(WatchEvent("changed", root, image))
+            return
         if event.is_directory:
             if isinstance(event, DirDeletedEvent):
                 self.sink(WatchEvent("dir_gone", root, src))
@@ -137,6 +159,11 @@ class RootHandler(FileSystemEventHandler):
             return
         kind: EventKind = "closed" if isinstance(event, FileClosedEvent) else "changed"
         self.sink(WatchEvent(kind, root, src))
+
+
+def _is_sidecar_name(name: str, event: FileSystemEvent) -> bool:
+    dest = os.fsdecode(event.dest_path) if isinstance(event, FileMovedEvent) and event.dest_path else ""
+    return name.lower().endswith(".xmp") or dest.lower().endswith(".xmp")
 
 
 ObserverFactory = Callable[[WatchMode, WatchConfig], Any]

@@ -96,6 +96,14 @@ def read_only_dir(path: Path) -> Iterator[None]:
         subprocess.run([chattr, "-i", str(path)], check=True)
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write journal (and anything else in the state dir) of in-process and child capwatch runs goes to a
+    fresh folder per test, never into the real home directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """In CI the independent readers are required: their tests must run there, never skip quietly."""
     if os.environ.get("CI"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from capwatch.errors import IndexUnavailable
-from capwatch.index import SCHEMA_VERSION, ImageRecord, Index
+from capwatch.index import SCHEMA_VERSION, ImageRecord, Index, IndexedState
 from capwatch.search import SearchFilters, make_filters, parse_query
 from tests.conftest import read_only_dir
 
@@ -222,7 +222,7 @@ def test_in_dir_with_quotes_and_odd_names(tmp_path: Path) -> None:
             [f"{odd}/a.jpg", "/lib/Tom/b.jpg", "/lib/!!!/c.jpg"])
 
 
-def test_upgrade_from_version_2_adds_the_reconcile_index_and_keeps_rows(tmp_path: Path) -> None:
+def test_upgrade_from_version_2_adds_the_reconcile_index_and_the_file_state_and_keeps_rows(tmp_path: Path) -> None:
     db = tmp_path / "index.db"
     conn = sqlite3.connect(db, isolation_level=None)
     Index(conn, db, 1.0).migrate(target=2)  # an index as the previous release left it
@@ -234,9 +234,31 @@ def test_upgrade_from_version_2_adds_the_reconcile_index_and_keeps_rows(tmp_path
     with Index.open(db, readonly=True) as index:  # `capwatch search` right after upgrading capwatch
         assert _paths(index, "harbour") == ["/lib/a.jpg"]
     with Index.open(db) as index:
-        assert index.schema_version() == SCHEMA_VERSION == 3
-        assert index.stat_map("/lib") == {"/lib/a.jpg": (10, 20)}
+        assert index.schema_version() == SCHEMA_VERSION == 4
+        # ctime and sidecars are not known for old rows: reconcile fills them in without reading the files.
+        assert index.stat_map("/lib") == {"/lib/a.jpg": IndexedState(10, 20, None, None)}
         assert _paths(index, "harbour") == ["/lib/a.jpg"]
         plan = " ".join(str(r) for r in index._conn.execute(
-            "EXPLAIN QUERY PLAN SELECT path, size, mtime_ns FROM images WHERE path >= '/a' AND path < '/b'"))
+            "EXPLAIN QUERY PLAN SELECT path, size, mtime_ns, ctime_ns, sidecars FROM images "
+            "WHERE path >= '/a' AND path < '/b'"))
         assert "COVERING INDEX images_stat" in plan
+        index.fill_state_many([("/lib/a.jpg", 30, "")])
+        assert index.stat_map("/lib") == {"/lib/a.jpg": IndexedState(10, 20, 30, "")}
+        assert index.get("/lib/a.jpg").caption == "a harbour at dusk"  # type: ignore[union-attr]
+
+
+def test_upgrade_from_version_3_keeps_rows_and_their_state(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    Index(conn, db, 1.0).migrate(target=3)
+    conn.execute(
+        "INSERT INTO images (path, size, mtime_ns, fingerprint, sort_date, caption, source, status, updated_at) "
+        "VALUES ('/lib/b.jpg', 11, 21, 'f00d', '2020-01-01T00:00:00', 'a red bike', 'model', 'captioned', 'x')"
+    )
+    conn.close()
+    with Index.open(db) as index:
+        assert index.schema_version() == 4
+        record = index.get("/lib/b.jpg")
+        assert record is not None and (record.caption, record.fingerprint, record.ctime_ns) == ("a red bike", "f00d",
+                                                                                                None)
+        assert _paths(index, "bike") == ["/lib/b.jpg"]

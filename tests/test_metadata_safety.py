@@ -15,8 +15,9 @@ import pytest
 
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
-from capwatch.metadata import Provenance, is_temp_file, remove_stale_temp_files, write_caption
+from capwatch.metadata import Journal, Provenance, is_temp_file, write_caption
 from capwatch.metadata.atomic import FileChanged, replace_file
+from capwatch.metadata.identity import identify
 
 PROV = Provenance("tiny/model", None, "2026-03-01T12:00:00Z")
 CAPTION = "a lighthouse on a cliff"
@@ -140,18 +141,19 @@ def test_wrong_extension_is_handled_by_content(tmp_path: Path) -> None:
 
 def test_file_changed_or_vanished_before_replace_is_left_alone(tmp_path: Path) -> None:
     path = mc.make_jpeg(tmp_path / "a.jpg")
-    stale = path.stat()
+    journal = Journal(tmp_path / "journal")
+    stale = identify(path)
     changed = path.read_bytes() + b"\x00"
     path.write_bytes(changed)
     with pytest.raises(FileChanged) as info:
-        replace_file(path, b"new content", stale)
+        replace_file(path, b"new content", stale, journal=journal)
     assert "\n" not in str(info.value)
-    assert path.read_bytes() == changed and os.listdir(tmp_path) == ["a.jpg"]
-    current = path.stat()
+    assert path.read_bytes() == changed and set(os.listdir(tmp_path)) - {"journal"} == {"a.jpg"}
+    current = identify(path)
     path.unlink()
     with pytest.raises(FileChanged):
-        replace_file(path, b"new content", current)
-    assert os.listdir(tmp_path) == []
+        replace_file(path, b"new content", current, journal=journal)
+    assert set(os.listdir(tmp_path)) - {"journal"} == set() and journal.pending() == []
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
@@ -183,42 +185,58 @@ def test_disk_full_during_write_leaves_the_original_and_no_temp(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("hard_link", [False, True])
-def test_kill_9_mid_write_keeps_the_original_and_cleanup_removes_leftovers(tmp_path: Path, hard_link: bool) -> None:
-    path = mc.make_jpeg(tmp_path / "a.jpg")
+def test_kill_9_mid_write_keeps_the_original_and_recovery_removes_leftovers(tmp_path: Path, hard_link: bool) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    path = mc.make_jpeg(photos / "a.jpg")
     if hard_link:
-        os.link(path, tmp_path / "link.jpg")
+        os.link(path, photos / "link.jpg")
+    journal = Journal(tmp_path / "journal")
     before = path.read_bytes()
-    names_before = sorted(os.listdir(tmp_path))
+    names_before = sorted(os.listdir(photos))
     proc = _run(f"""
         import os, signal
         from pathlib import Path
+        from capwatch.metadata import Journal
         from capwatch.metadata.atomic import replace_file
+        from capwatch.metadata.identity import identify
         path = Path({str(path)!r})
-        replace_file(path, b"new bytes" * 1000, path.stat(),
-                     before_commit=lambda: os.kill(os.getpid(), signal.SIGKILL))
+        replace_file(path, b"new bytes" * 1000, identify(path), journal=Journal(Path({str(journal.directory)!r})),
+                     before_commit=lambda p: os.kill(os.getpid(), signal.SIGKILL))
     """)
     assert proc.returncode == -9
     assert path.read_bytes() == before
-    leftovers = [n for n in os.listdir(tmp_path) if is_temp_file(n)]
+    leftovers = [n for n in os.listdir(photos) if is_temp_file(n)]
     assert len(leftovers) == 1 and leftovers[0].startswith(".a.jpg.capwatch-")
+    assert len(journal.pending()) == 1
     if hard_link:
-        # Simulate dying half-way through the in-place write: the file is damaged, its mtime unchanged.
-        st = path.stat()
-        path.write_bytes(before[: len(before) // 3] + b"half written")
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert remove_stale_temp_files(tmp_path) == 1
-    assert sorted(os.listdir(tmp_path)) == names_before
+        # Dying half-way through the in-place write: part of the new content is in the file.
+        path.write_bytes(b"new bytes" * 300 + before[2700:])
+    report = journal.recover()
+    assert report.settled == 1 and report.removed == 1
+    assert sorted(os.listdir(photos)) == names_before
     assert path.read_bytes() == before
     if hard_link:
-        assert (tmp_path / "link.jpg").read_bytes() == before
+        assert report.restored == (str(path),)
+        assert (photos / "link.jpg").read_bytes() == before
+    assert journal.pending() == []
 
 
-def test_temp_files_of_a_live_writer_are_not_removed(tmp_path: Path) -> None:
-    live = tmp_path / f".a.jpg.capwatch-{os.getpid()}-0123abcd.tmp"
-    live.write_bytes(b"in progress")
-    other = tmp_path / ".a.jpg.capwatch-notapid.tmp"
-    other.write_bytes(b"not ours")
-    assert remove_stale_temp_files(tmp_path) == 0
-    assert live.exists() and other.exists()
-    assert is_temp_file(live.name) and not is_temp_file(other.name) and not is_temp_file("a.jpg")
-    assert remove_stale_temp_files(tmp_path / "missing") == 0
+def test_recovery_leaves_live_writers_and_unregistered_files_alone(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    path = mc.make_jpeg(photos / "a.jpg")
+    journal = Journal(tmp_path / "journal")
+    # A name that looks like ours but that no journal entry registered: not provably ours, never deleted.
+    stray = photos / f".a.jpg.capwatch-{os.getpid() + 1}-0123abcd.tmp"
+    stray.write_bytes(b"not registered")
+    entry = journal.create(photos / "b.jpg.xmp", photos / ".b.jpg.xmp.capwatch-1-89abcdef.tmp")
+    with entry:
+        live = photos / ".b.jpg.xmp.capwatch-1-89abcdef.tmp"
+        live.write_bytes(b"being written")
+        report = journal.recover()  # the entry is locked by this (live) writer
+        assert report.live == 1 and report.removed == 0
+        assert live.exists() and stray.exists() and path.exists()
+    assert journal.pending() == []
+    assert is_temp_file(stray.name) and not is_temp_file("a.jpg")
+    assert Journal(tmp_path / "missing").recover().settled == 0

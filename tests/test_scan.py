@@ -7,14 +7,16 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.index import Index
-from capwatch.scan import glob_regex, is_candidate, iter_image_files, reconcile
+from capwatch.scan import FoundFile, glob_regex, is_candidate, iter_image_files, reconcile
 from tests.conftest import FIXTURES, CliRunner, assert_one_line_error
 
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
@@ -184,16 +186,21 @@ def test_damaged_image_becomes_an_error_row_and_the_rest_is_indexed(run_cli: Cli
         assert result.code == 0
 
 
+def _paths_of(found: Iterable[FoundFile]) -> list[str]:
+    return [f.path for f in found]
+
+
 def test_walk_honours_hidden_excludes_extensions_and_include(library: Path) -> None:
     lib = LibraryConfig()
-    found = sorted(Path(p).relative_to(library).as_posix() for p, _ in iter_image_files(RootConfig(library), lib))
+    walked = _paths_of(iter_image_files(RootConfig(library), lib))
+    found = sorted(Path(p).relative_to(library).as_posix() for p in walked)
     assert found == ["2023/beach.png", "2023/bike.jpg", "2023/nothing.webp"]
     only_jpg = RootConfig(library, include=("*.jpg",))
-    assert [Path(p).name for p, _ in iter_image_files(only_jpg, lib)] == ["bike.jpg"]
+    assert [Path(p).name for p in _paths_of(iter_image_files(only_jpg, lib))] == ["bike.jpg"]
     no_2023 = RootConfig(library, exclude=("2023/**",))
     assert list(iter_image_files(no_2023, lib)) == []
     with_hidden = LibraryConfig(include_hidden=True)
-    assert "secret.jpg" in {Path(p).name for p, _ in iter_image_files(RootConfig(library), with_hidden)}
+    assert "secret.jpg" in {Path(p).name for p in _paths_of(iter_image_files(RootConfig(library), with_hidden))}
 
 
 def test_symlinks_are_not_followed_out_of_a_root_unless_configured(tmp_path: Path) -> None:
@@ -203,10 +210,29 @@ def test_symlinks_are_not_followed_out_of_a_root_unless_configured(tmp_path: Pat
     make_image(root / "near.jpg")
     (root / "link").symlink_to(outside)
     (root / "loop").symlink_to(root)
-    names = {Path(p).name for p, _ in iter_image_files(RootConfig(root), LibraryConfig())}
-    assert names == {"near.jpg"}
-    names = {Path(p).name for p, _ in iter_image_files(RootConfig(root), LibraryConfig(follow_symlinks=True))}
-    assert names == {"near.jpg", "far.jpg"}
+    (root / "self").symlink_to(".")
+    found = [Path(p).relative_to(root).as_posix() for p in _paths_of(iter_image_files(RootConfig(root),
+                                                                                         LibraryConfig()))]
+    assert found == ["near.jpg"]
+    following = LibraryConfig(follow_symlinks=True)
+    found = sorted(Path(p).relative_to(root).as_posix() for p in _paths_of(iter_image_files(RootConfig(root),
+                                                                                               following)))
+    # Every folder once, by device and inode: the loops back to the root add nothing.
+    assert found == ["link/far.jpg", "near.jpg"]
+
+
+def test_scan_with_a_self_link_indexes_every_file_once(tmp_path: Path, run_cli: Any) -> None:
+    root = tmp_path / "root"
+    make_image(root / "a" / "one.jpg")
+    make_image(root / "two.jpg")
+    (root / "self").symlink_to(".")
+    (root / "a" / "up").symlink_to("..")
+    config = tmp_path / "config.toml"
+    config.write_text("[library]\nfollow_symlinks = true\n")
+    db = tmp_path / "index.db"
+    result = run_cli("--config", config, "--db", db, "scan", "--no-caption", root)
+    assert result.code == 0, result.err
+    assert result.out.startswith("2 images: 2 new"), result.out
 
 
 @pytest.mark.parametrize(

@@ -1,23 +1,34 @@
 """Captions in image files: read descriptions (and whose words they are), write captions losslessly.
 
 Public API (everything else in this package is an implementation detail):
-``read_metadata``, ``write_caption``, ``remove_stale_temp_files``, ``is_temp_file`` and the records
-``Provenance``, ``Description``, ``FileMetadata``, ``WriteResult``. Provenance lives in the XMP namespace
-``https://capwatch.invalid/ns/1.0/`` (prefix ``capwatch``), see ``capwatch.metadata.xmp``.
+``read_metadata``, ``read_snapshot``, ``write_caption``, ``is_temp_file``, the write ``Journal`` (crash recovery),
+``FileChanged`` (a write refused because the file changed since it was read), and the records ``Provenance``,
+``Description``, ``FileMetadata``, ``FileIdentity``, ``FileSnapshot``, ``WriteResult``, ``WriteHooks``.
+Provenance lives in the XMP namespace ``https://capwatch.invalid/ns/1.0/`` (prefix ``capwatch``), see
+``capwatch.metadata.xmp``.
 """
 
-from capwatch.metadata.atomic import is_temp_file, remove_stale_temp_files
-from capwatch.metadata.reader import read_metadata
-from capwatch.metadata.records import Description, FileMetadata, Provenance, WriteResult
+from capwatch.metadata.atomic import is_temp_file
+from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_file
+from capwatch.metadata.journal import Journal, RecoveryReport
+from capwatch.metadata.reader import read_metadata, read_snapshot
+from capwatch.metadata.records import Description, FileMetadata, FileSnapshot, Provenance, WriteHooks, WriteResult
 from capwatch.metadata.writer import write_caption
 
 __all__ = [
     "Description",
+    "FileChanged",
+    "FileIdentity",
     "FileMetadata",
+    "FileSnapshot",
+    "Journal",
     "Provenance",
+    "RecoveryReport",
+    "WriteHooks",
     "WriteResult",
+    "fingerprint_file",
     "is_temp_file",
     "read_metadata",
-    "remove_stale_temp_files",
+    "read_snapshot",
     "write_caption",
 ]

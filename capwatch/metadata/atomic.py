@@ -1,15 +1,23 @@
-"""Replace a file's content so that a failure at any point (exception, disk full, kill -9) leaves either the old
-or the new content, never a mix, and no stray temp file after the next ``remove_stale_temp_files``.
+"""Replace a file's content as an optimistic transaction against the file as it was read.
+
+The caller passes the :class:`FileIdentity` it read (inode, size, mtime, ctime, fingerprint). Nothing lands unless
+the file still has exactly that identity right before the new content takes its place; otherwise
+:class:`FileChanged` is raised and the file is left as the other program made it. A failure at any point
+(exception, full disk, kill -9, power loss) leaves either the old or the new content, never a mix; every temp file
+and backup is registered in the write journal first, so the next writing command removes or restores it by content
+(:meth:`capwatch.metadata.journal.Journal.recover`).
 
 Normal path: temp file in the same directory (``.<name>.capwatch-<pid>-<random>.tmp``), write, fsync, copy mode,
-owner, extended attributes and (optionally) atime/mtime, re-check that the original did not change meanwhile,
-``os.replace``, fsync the directory.
+owner, extended attributes and (optionally) atime/mtime; check the identity; then *exchange* the temp file with the
+target (renameat2 RENAME_EXCHANGE) and check that what was swapped out is the file we read: if another program
+replaced the file at that very moment, exchange back, so its version stays. Where the file system cannot exchange,
+a plain rename follows the identity check (a replacement landing in the microseconds between the two is then lost).
 
 Hard-linked files (and files whose owner we cannot reproduce) are edited in place so every link sees the change
-and the inode keeps its owner: first a complete copy of the original is written and fsynced as
-``.<name>.capwatch-<pid>-<random>.bak``; then the new content is written into the file and fsynced; then the copy is
-removed. If the process dies in between, ``remove_stale_temp_files`` finds the copy and restores the original
-from it.
+and the inode keeps its owner: a complete copy of the original is written and fsynced as
+``.<name>.capwatch-<pid>-<random>.bak`` (journal entry with the sha256 of the old and the new content first); the
+identity is checked; the new content is written into the file and fsynced; the file is verified; only then is the
+copy removed.
 """
 
 from __future__ import annotations
@@ -26,10 +34,14 @@ from pathlib import Path
 
 from capwatch.errors import MetadataError
 from capwatch.metadata.binary import open_noatime
+from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, write_all
+from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fd, same_stat
+from capwatch.metadata.journal import Entry, Journal, sha256_bytes
+
+__all__ = ["Content", "FileChanged", "Part", "Tail", "create_file", "is_temp_file", "replace_file", "temp_path",
+           "write_all"]
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.capwatch-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|bak)$")
-#: A temp file younger than this whose process still runs belongs to a live writer and is left alone.
-LIVE_GRACE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -43,10 +55,8 @@ class Tail:
 
 Part = bytes | memoryview | Tail
 Content = bytes | Sequence[Part]
-
-
-class FileChanged(MetadataError):
-    """The file changed or vanished while capwatch was preparing its write; nothing was written."""
+#: Called with the target's path right before the final identity check (tests drive concurrent editors with it).
+Hook = Callable[[Path], None]
 
 
 def is_temp_file(name: str) -> bool:
@@ -57,19 +67,6 @@ def is_temp_file(name: str) -> bool:
 def temp_path(target: Path, kind: str) -> Path:
     """A name beside ``target`` that is_temp_file recognises (``kind``: tmp or bak)."""
     return target.with_name(f".{target.name}.capwatch-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (e.g. certain network mounts) cannot fsync directories
-    finally:
-        os.close(fd)
 
 
 def _describe(exc: OSError) -> str:
@@ -94,17 +91,26 @@ def discard_on_failure(temp: Path, what: str) -> Iterator[None]:
         raise
 
 
-def same_file_state(a: os.stat_result, b: os.stat_result) -> bool:
-    """True when two stats describe the same, unchanged file (inode, size and mtime)."""
-    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns)
+def _parts(content: Content) -> Sequence[Part]:
+    return [content] if isinstance(content, bytes) else content
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte of ``data`` to ``fd`` (os.write may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _part_size(part: Part) -> int:
+    return part.length if isinstance(part, Tail) else len(part)
+
+
+def _open_source(path: Path, expected: FileIdentity) -> int:
+    """Open the original for reading Tail parts; raises FileChanged unless it is still the file we read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileChanged(f"{path}: file vanished during the write; left alone") from None
+    if not same_stat(os.fstat(fd), expected):
+        os.close(fd)
+        raise FileChanged(f"{path}: file changed during the write; left alone")
+    return fd
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
@@ -132,46 +138,31 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
         raise FileChanged("file shrank during the write; left alone")
 
 
-def _parts(content: Content) -> Sequence[Part]:
-    return [content] if isinstance(content, bytes) else content
+def _write_parts(fd: int, content: Content, src_fd: int | None) -> int:
+    total = 0
+    for part in _parts(content):
+        if isinstance(part, Tail):
+            assert src_fd is not None
+            _copy_range(src_fd, fd, part.offset, part.length)
+            total += part.length
+        else:
+            write_all(fd, part)
+            total += len(part)
+    return total
 
 
-def materialise(path: Path, content: Content) -> bytes:
-    """The complete new content as bytes (reads Tail parts from ``path``). Raises OSError."""
+def _materialise(content: Content, src_fd: int | None) -> bytes:
     out = bytearray()
     for part in _parts(content):
         if isinstance(part, Tail):
-            with open_noatime(path) as f:
-                f.seek(part.offset)
-                data = f.read(part.length)
+            assert src_fd is not None
+            data = os.pread(src_fd, part.length, part.offset)
             if len(data) != part.length:
-                raise FileChanged(f"{path}: file shrank during the write; left alone")
+                raise FileChanged("file shrank during the write; left alone")
             out += data
         else:
             out += part
     return bytes(out)
-
-
-def _write_parts(fd: int, path: Path, content: Content, expected: os.stat_result) -> int:
-    """Write all parts to ``fd``; returns the number of bytes written. Raises FileChanged / OSError."""
-    total = 0
-    src_fd: int | None = None
-    try:
-        for part in _parts(content):
-            if isinstance(part, Tail):
-                if src_fd is None:
-                    src_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0))
-                    if not same_file_state(os.fstat(src_fd), expected):
-                        raise FileChanged(f"{path}: file changed during the write; left alone")
-                _copy_range(src_fd, fd, part.offset, part.length)
-                total += part.length
-            else:
-                write_all(fd, part)
-                total += len(part)
-    finally:
-        if src_fd is not None:
-            os.close(src_fd)
-    return total
 
 
 def _copy_xattrs(src: Path, dst_fd: int) -> None:
@@ -193,160 +184,214 @@ def needs_in_place(st: os.stat_result) -> bool:
     return hasattr(os, "geteuid") and os.geteuid() != 0 and st.st_uid != os.geteuid()
 
 
-def replace_file(path: Path, data: Content, expected: os.stat_result, *, keep_mtime: bool = True,
-                 before_commit: Callable[[], None] | None = None) -> None:
-    """Atomically give ``path`` the content ``data`` (bytes, or parts: bytes and Tail ranges of the original;
-    see module docstring), keeping mode, owner and xattrs, and atime/mtime when ``keep_mtime``.
-
-    ``expected`` is the stat taken when the original was read; if the file changed since, FileChanged is raised
-    and nothing is written. ``before_commit`` (tests) runs just before the point of no return. Raises
-    MetadataError (one line) on any OS error; the original is then byte-identical and no temp file remains.
-    """
-    if needs_in_place(expected):
-        try:
-            whole = materialise(path, data)
-        except OSError as exc:
-            raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
-        _replace_in_place(path, whole, expected, keep_mtime=keep_mtime, before_commit=before_commit)
-        return
-    tmp = temp_path(path, "tmp")
+def verify_unchanged(path: Path, expected: FileIdentity) -> None:
+    """Raise FileChanged unless ``path`` still has the identity ``expected`` (stat and content fingerprint)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except OSError as exc:
-        raise MetadataError(f"{path}: cannot create a temp file: {_describe(exc)}") from None
-    with discard_on_failure(tmp, f"{path}: write failed"):
-        try:
-            written = _write_parts(fd, path, data, expected)
-            if os.fstat(fd).st_size != written:
-                raise MetadataError(f"{path}: internal check failed: temp file has the wrong size")
-            os.fchmod(fd, stat.S_IMODE(expected.st_mode))
-            if hasattr(os, "fchown") and (expected.st_uid, expected.st_gid) != (os.geteuid(), os.getegid()):
-                with contextlib.suppress(PermissionError):
-                    # Group may fail for a non-root user outside the group: keeping the mode matters more.
-                    os.fchown(fd, expected.st_uid, expected.st_gid)
-            _copy_xattrs(path, fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if keep_mtime:
-            os.utime(tmp, ns=(expected.st_atime_ns, expected.st_mtime_ns))
-        _check_unchanged(path, expected)
-        if before_commit is not None:
-            before_commit()
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _check_unchanged(path: Path, expected: os.stat_result) -> None:
-    try:
-        now = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise FileChanged(f"{path}: file vanished during the write; left alone") from None
-    if not same_file_state(now, expected):
-        raise FileChanged(f"{path}: file changed during the write; left alone")
-
-
-def _replace_in_place(path: Path, data: bytes, expected: os.stat_result, *, keep_mtime: bool,
-                      before_commit: Callable[[], None] | None) -> None:
-    backup = temp_path(path, "bak")
-    with discard_on_failure(backup, f"{path}: write failed"):
-        with open_noatime(path) as f:
-            original = f.read()
-        if len(original) != expected.st_size:
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not same_stat(st, expected) or fingerprint_fd(fd, st.st_size) != expected.fingerprint:
             raise FileChanged(f"{path}: file changed during the write; left alone")
-        fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: Path, data: Content, expected: FileIdentity, *, journal: Journal, keep_mtime: bool = True,
+                 before_commit: Hook | None = None) -> None:
+    """Give ``path`` the content ``data`` (bytes, or parts: bytes and Tail ranges of the original), keeping mode,
+    owner and xattrs, and atime/mtime when ``keep_mtime`` — but only if the file still is ``expected``.
+
+    ``journal`` registers the temp file or backup before it exists. ``before_commit`` (tests) runs just before the
+    final identity check. Raises FileChanged when the file is not the one that was read (nothing written),
+    JournalError when the journal cannot be written (nothing written), and MetadataError (one line) on any OS
+    error (the original is then byte-identical and no temp file remains).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileChanged(f"{path}: file vanished before the write; left alone") from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
+    if not same_stat(st, expected):
+        raise FileChanged(f"{path}: file changed since it was read; left alone")
+    src_fd = _open_source(path, expected) if any(isinstance(p, Tail) for p in _parts(data)) else None
+    try:
+        if needs_in_place(st):
+            try:
+                whole = _materialise(data, src_fd)
+            except OSError as exc:
+                raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
+            _replace_in_place(path, whole, expected, st, journal=journal, keep_mtime=keep_mtime,
+                              before_commit=before_commit)
+            return
+        tmp = temp_path(path, "tmp")
+        entry = journal.replace(path, tmp, expected)
         try:
-            write_all(fd, original)
+            _replace_by_rename(path, tmp, data, src_fd, expected, st, entry, keep_mtime=keep_mtime,
+                               before_commit=before_commit)
+        except BaseException:
+            if os.path.lexists(tmp):
+                entry.abandon()  # whatever the temp name holds now, recovery decides by content
+            else:
+                entry.close()
+            raise
+        entry.close()
+    finally:
+        if src_fd is not None:
+            os.close(src_fd)
+
+
+def _replace_by_rename(path: Path, tmp: Path, data: Content, src_fd: int | None, expected: FileIdentity,
+                       st: os.stat_result, entry: Entry, *, keep_mtime: bool, before_commit: Hook | None) -> None:
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot create a temp file: {_describe(exc)}") from None
+    swapped = False
+    with discard_on_failure(tmp, f"{path}: write failed"):
+        try:
+            written = _write_parts(fd, data, src_fd)
+            if os.fstat(fd).st_size != written:
+                raise MetadataError(f"{path}: internal check failed: temp file has the wrong size")
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            if hasattr(os, "fchown") and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):
+                    # Group may fail for a non-root user outside the group: keeping the mode matters more.
+                    os.fchown(fd, st.st_uid, st.st_gid)
+            _copy_xattrs(path, fd)
             os.fsync(fd)
+            done = os.fstat(fd)
         finally:
             os.close(fd)
-        # The copy carries the original's mtime; the file keeps that mtime until the copy is gone, so recovery
-        # can tell "possibly half-written by us" (same mtime) from "changed by someone since" (different).
-        os.utime(backup, ns=(expected.st_atime_ns, expected.st_mtime_ns))
-        _fsync_dir(path.parent)
-    try:
-        _check_unchanged(path, expected)
+        # Complete and durable: from here on the temp file may change places with the target, and recovery
+        # tells the two apart by this inode.
+        entry.note({"temp_dev": done.st_dev, "temp_ino": done.st_ino})
+        if keep_mtime:
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         if before_commit is not None:
-            before_commit()
-        _overwrite(path, data, expected)
-    except BaseException as exc:
-        # The file may be half-written: put the original back from the verified copy before reporting.
+            before_commit(path)
+        verify_unchanged(path, expected)
+        swapped = exchange(tmp, path)
+        if not swapped:
+            os.replace(tmp, path)
+    if swapped:
+        _settle_exchange(path, tmp, expected)
+    fsync_dir(path.parent)
+
+
+class _Unsettled(MetadataError):
+    """A write could not be settled either way: its leftovers stay for the journal's recovery."""
+
+
+def _settle_exchange(path: Path, swapped: Path, expected: FileIdentity) -> None:
+    """After the exchange ``swapped`` holds what was at ``path``: remove it when it is the file we read. If it is
+    not (a replacement landed between the check and the exchange), exchange back and raise FileChanged."""
+    try:
+        fd = os.open(swapped, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         try:
-            _overwrite(path, original, expected)
-            os.unlink(backup)
-        except OSError:
-            pass  # the .bak stays; remove_stale_temp_files restores it on the next start
+            st = os.fstat(fd)
+            # The rename itself moved its ctime: compare everything else.
+            same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+                expected.dev, expected.ino, expected.size, expected.mtime_ns
+            ) and fingerprint_fd(fd, st.st_size) == expected.fingerprint
+        finally:
+            os.close(fd)
+    except OSError:
+        same = False
+    if same:
+        os.unlink(swapped)
+        return
+    try:
+        exchange(swapped, path)  # theirs back at the name, ours at the temp name
+    except OSError as exc:
+        raise _Unsettled(f"{path}: replaced by another program at the moment of the write, and putting its "
+                         f"version back failed ({_describe(exc)}); it is kept as {swapped.name}") from None
+    with contextlib.suppress(OSError):
+        os.unlink(swapped)
+    raise FileChanged(f"{path}: file replaced at the moment of the write; left alone")
+
+
+def _replace_in_place(path: Path, data: bytes, expected: FileIdentity, st: os.stat_result, *, journal: Journal,
+                      keep_mtime: bool, before_commit: Hook | None) -> None:
+    try:
+        with open_noatime(path) as f:
+            original = f.read()
+            if not same_stat(os.fstat(f.fileno()), expected):
+                raise FileChanged(f"{path}: file changed during the write; left alone")
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
+    if len(original) != expected.size:
+        raise FileChanged(f"{path}: file changed during the write; left alone")
+    times = (st.st_atime_ns, st.st_mtime_ns)
+    backup = temp_path(path, "bak")
+    entry = journal.in_place(path, backup, expected, sha256_bytes(original), sha256_bytes(data), times)
+    try:
+        with discard_on_failure(backup, f"{path}: write failed"):
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                         0o600)
+            try:
+                write_all(fd, original)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(path.parent)
+            if before_commit is not None:
+                before_commit(path)
+            verify_unchanged(path, expected)
+        _overwrite_verified(path, data, original, backup, times, keep_mtime=keep_mtime)
+    except BaseException:
+        if os.path.lexists(backup):
+            entry.abandon()  # the backup could not be proven unneeded: recovery decides by content
+        else:
+            entry.close()
+        raise
+    entry.close()
+
+
+def _overwrite_verified(path: Path, data: bytes, original: bytes, backup: Path, times: tuple[int, int], *,
+                        keep_mtime: bool) -> None:
+    """Write ``data`` into ``path`` in place and read it back; on any failure put ``original`` back. The backup is
+    removed only once the file was verified to hold one or the other."""
+    try:
+        overwrite(path, data, times if keep_mtime else None)
+        with open_noatime(path) as f:
+            if sha256_bytes(f.read()) != sha256_bytes(data):
+                raise MetadataError(f"{path}: the file does not read back as written")
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            overwrite(path, original, times)
+            with open_noatime(path) as f:
+                if f.read() == original:
+                    os.unlink(backup)
         if isinstance(exc, OSError):
             raise MetadataError(f"{path}: write failed: {_describe(exc)}") from None
         raise
-    with contextlib.suppress(OSError):
-        os.unlink(backup)
-    _fsync_dir(path.parent)
-    if not keep_mtime:
-        with contextlib.suppress(OSError):
-            os.utime(path)
+    os.unlink(backup)
+    fsync_dir(path.parent)
 
 
-def _overwrite(path: Path, data: bytes, times: os.stat_result | None) -> None:
-    fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        write_all(fd, data)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if times is not None:
-        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+def create_file(target: Path, data: bytes, *, journal: Journal) -> None:
+    """Create ``target`` atomically with ``data`` (temp file, then a no-clobber hard link), mode per umask.
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temp_files(directory: Path) -> int:
-    """Delete capwatch temp files left in ``directory`` by a killed process and restore originals from
-    in-place backups. Files of a still-running writer (live pid, recent) are left alone. Returns how many
-    leftovers were cleaned up; never raises for an unreadable directory (returns 0)."""
-    import time
-
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return 0
-    cleaned = 0
-    now = time.time()
-    for name in names:
-        m = _TEMP_RE.match(name)
-        if m is None:
-            continue
-        leftover = Path(directory) / name
+    Raises FileChanged when the name appeared meanwhile (never clobbers someone else's file), JournalError when the
+    journal cannot be written, and MetadataError when the file cannot be written.
+    """
+    tmp = temp_path(target, "tmp")
+    with journal.create(target, tmp), discard_on_failure(tmp, f"{target}: cannot write"):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
         try:
-            st = os.lstat(leftover)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if _pid_alive(int(m["pid"])) and now - st.st_ctime < LIVE_GRACE_SECONDS:
-            continue
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         try:
-            if m["kind"] == "bak":
-                target = Path(directory) / m["name"]
-                if target.exists() and os.stat(target).st_mtime_ns == st.st_mtime_ns:
-                    original = leftover.read_bytes()
-                    if len(original) == st.st_size:
-                        _overwrite(target, original, st)
-            os.unlink(leftover)
-            cleaned += 1
-        except OSError:
-            continue
-    if cleaned:
-        _fsync_dir(Path(directory))
-    return cleaned
+            os.link(tmp, target)  # fails if the name appeared meanwhile
+        except FileExistsError:
+            raise FileChanged(f"{target}: appeared during the write; left alone") from None
+        os.unlink(tmp)
+        fsync_dir(target.parent)

@@ -70,6 +70,8 @@ class TiffInfo:
     width: int | None = None
     height: int | None = None
     dimensions: list[tuple[int, int]] = field(default_factory=list)
+    #: Tags that are present but were not read (a value past the end of the data or over a size cap).
+    unread: tuple[str, ...] = ()
 
 
 def _header(src: ByteSource) -> tuple[str, int]:
@@ -167,25 +169,32 @@ def read_tiff(src: ByteSource) -> TiffInfo:
     px, py = _int(src, exif.get(TAG_PIXEL_X), order), _int(src, exif.get(TAG_PIXEL_Y), order)
     width, height = (px, py) if px and py else max(dims, key=lambda d: d[0] * d[1], default=(None, None))
 
-    def blob(tag: int) -> bytes | None:
-        entry = by_tag.get(tag)
-        return None if entry is None else _value(src, entry)
+    unread: list[str] = []
 
+    def blob(tag: int, name: str, limit: int = 1 << 24) -> bytes | None:
+        entry = by_tag.get(tag)
+        value = None if entry is None else _value(src, entry, limit)
+        if entry is not None and value is None:
+            unread.append(f"{name} ({entry.value_size} bytes)")
+        return value
+
+    description = blob(TAG_IMAGE_DESCRIPTION, "EXIF ImageDescription", 1 << 20)
     return TiffInfo(
         order=order,
-        image_description=_text(src, by_tag.get(TAG_IMAGE_DESCRIPTION)),
+        image_description=None if description is None else description.rstrip(b"\x00"),
         make=_text(src, by_tag.get(TAG_MAKE)),
         model=_text(src, by_tag.get(TAG_MODEL)),
         software=_text(src, by_tag.get(TAG_SOFTWARE)),
         date_time_original=_text(src, exif.get(TAG_DATE_TIME_ORIGINAL)),
         create_date=_text(src, exif.get(TAG_CREATE_DATE)),
-        xp_comment=_value(src, by_tag[TAG_XP_COMMENT], 1 << 20) if TAG_XP_COMMENT in by_tag else None,
-        xmp=blob(TAG_XMP),
-        iptc=blob(TAG_IPTC),
-        photoshop=blob(TAG_PHOTOSHOP),
+        xp_comment=blob(TAG_XP_COMMENT, "EXIF XPComment", 1 << 20),
+        xmp=blob(TAG_XMP, "TIFF XMP"),
+        iptc=blob(TAG_IPTC, "TIFF IPTC"),
+        photoshop=blob(TAG_PHOTOSHOP, "TIFF Photoshop resources"),
         width=width,
         height=height,
         dimensions=dims,
+        unread=tuple(unread),
     )
 
 

@@ -18,6 +18,8 @@ class HeifMetadata:
     xmp: bytes | None
     width: int | None
     height: int | None
+    #: Metadata items present but not read (over MAX_ITEM).
+    unread: tuple[str, ...] = ()
 
 
 def _boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int, int]]:
@@ -98,9 +100,13 @@ def read_heif(src: ByteSource) -> HeifMetadata:
                         if qtype == b"ispe" and qs + 12 <= len(meta):
                             dims.append(struct.unpack_from(">II", meta, qs + 4))
     exif = xmp = None
+    unread: list[str] = []
     for item_id, item_kind in types.items():
         extents = locations.get(item_id)
-        if not extents or sum(length for _, length in extents) > MAX_ITEM:
+        if not extents:
+            continue
+        if sum(length for _, length in extents) > MAX_ITEM:
+            unread.append(f"HEIF {item_kind.upper()} item over {MAX_ITEM >> 20} MiB")
             continue
         blob = b"".join(src.read_at(off, length) for off, length in extents)
         if item_kind == "exif" and len(blob) > 4:
@@ -110,7 +116,7 @@ def read_heif(src: ByteSource) -> HeifMetadata:
         elif item_kind == "xmp":
             xmp = blob
     width, height = max(dims, key=lambda d: d[0] * d[1], default=(None, None))
-    return HeifMetadata(exif, xmp, width, height)
+    return HeifMetadata(exif, xmp, width, height, tuple(unread))
 
 
 def _iloc(meta: bytes, start: int, end: int) -> dict[int, list[tuple[int, int]]]:

@@ -57,6 +57,10 @@ def _data(src: ByteSource, chunk: Chunk) -> bytes:
     return src.read_at(chunk.offset + 8, chunk.length)
 
 
+class TextTooLarge(CorruptError):
+    """A text chunk holds more than capwatch reads (MAX_TEXT_CHUNK)."""
+
+
 def parse_itxt(data: bytes) -> tuple[bytes, str]:
     """(keyword, text) of an iTXt chunk; raises CorruptError when malformed."""
     try:
@@ -67,18 +71,13 @@ def parse_itxt(data: bytes) -> tuple[bytes, str]:
         if flag:
             if method != 0:
                 raise CorruptError("iTXt chunk with unknown compression")
-            text = zlib.decompressobj().decompress(text, MAX_TEXT_CHUNK)
+            inflater = zlib.decompressobj()
+            text = inflater.decompress(text, MAX_TEXT_CHUNK)
+            if inflater.unconsumed_tail:
+                raise TextTooLarge(f"compressed iTXt chunk holds more than {MAX_TEXT_CHUNK >> 20} MiB of text")
         return keyword, text.decode("utf-8", errors="replace")
     except (ValueError, IndexError, zlib.error):
         raise CorruptError("malformed PNG iTXt chunk") from None
-
-
-def _xmp_payload(data: bytes) -> bytes | None:
-    keyword, _ = data.split(b"\x00", 1) if b"\x00" in data else (data, b"")
-    if keyword != XMP_KEYWORD:
-        return None
-    _kw, text = parse_itxt(data)
-    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,8 @@ class PngMetadata:
     description: str | None  # tEXt/iTXt "Description"
     width: int | None
     height: int | None
+    #: Chunks capwatch cares about that it did not read (over MAX_TEXT_CHUNK).
+    unread: tuple[str, ...] = ()
 
 
 def read_png(src: ByteSource) -> PngMetadata:
@@ -98,21 +99,48 @@ def read_png(src: ByteSource) -> PngMetadata:
     width, height = struct.unpack(">II", _data(src, chunks[0])[:8])
     exif = xmp = None
     description = None
+    unread: list[str] = []
     for c in chunks:
         if c.type == b"eXIf" and exif is None:
             exif = _strip_exif_header(_data(src, c))
-        elif c.type == b"iTXt" and c.length <= MAX_TEXT_CHUNK:
+        elif c.type in (b"iTXt", b"tEXt", b"zTXt"):
+            keyword = src.read_at(c.offset + 8, min(c.length, 80)).split(b"\x00", 1)[0]
+            if keyword not in (XMP_KEYWORD, b"Description"):
+                continue
+            label = "XMP" if keyword == XMP_KEYWORD else "Description"
+            if c.length > MAX_TEXT_CHUNK:
+                unread.append(f"PNG {label} chunk of {c.length} bytes (over {MAX_TEXT_CHUNK >> 20} MiB)")
+                continue
             data = _data(src, c)
-            payload = _xmp_payload(data)
-            if payload is not None and xmp is None:
-                xmp = payload
-            elif data.startswith(b"Description\x00") and description is None:
-                description = parse_itxt(data)[1]
-        elif c.type == b"tEXt" and description is None and c.length <= MAX_TEXT_CHUNK:
-            data = _data(src, c)
-            if data.startswith(b"Description\x00"):
-                description = data[12:].decode("latin-1")
-    return PngMetadata(exif, xmp, description, width, height)
+            if c.type == b"iTXt":
+                try:
+                    text = parse_itxt(data)[1]
+                except TextTooLarge as exc:
+                    unread.append(f"PNG {label} chunk: {exc}")
+                    continue
+            elif c.type == b"tEXt" and keyword == b"Description":
+                text = data[len(keyword) + 1:].decode("latin-1")
+            elif c.type == b"zTXt" and keyword == b"Description":
+                inflater = zlib.decompressobj()
+                try:
+                    raw = inflater.decompress(data[len(keyword) + 2:], MAX_TEXT_CHUNK)
+                except zlib.error:
+                    unread.append("PNG Description in a damaged zTXt chunk")
+                    continue
+                if inflater.unconsumed_tail:
+                    unread.append(f"PNG Description zTXt chunk over {MAX_TEXT_CHUNK >> 20} MiB")
+                    continue
+                text = raw.decode("latin-1")
+            else:
+                # XMP belongs in iTXt; capwatch does not rewrite XMP kept elsewhere, and it must not be overlooked
+                # (a description in it would be hidden by ours, and a second packet would be added).
+                unread.append(f"PNG {label} in a {c.type.decode()} chunk")
+                continue
+            if keyword == XMP_KEYWORD and c.type == b"iTXt" and xmp is None:
+                xmp = text.encode("utf-8")
+            elif keyword == b"Description" and description is None:
+                description = text
+    return PngMetadata(exif, xmp, description, width, height, tuple(unread))
 
 
 def _strip_exif_header(data: bytes) -> bytes:

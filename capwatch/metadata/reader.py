@@ -19,11 +19,16 @@ from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
 from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.boilerplate import is_boilerplate
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
-from capwatch.metadata.records import Description, FileMetadata, Provenance
+from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fd, stat_key
+from capwatch.metadata.records import Description, FileMetadata, FileSnapshot, Provenance, SidecarFile
 from capwatch.metadata.sidecar import existing_sidecars
 from capwatch.metadata.xmp import XmpError, XmpInfo, normalise, parse_xmp, xmp_date_to_iso
 
 MAX_SIDECAR = 16 << 20
+MAX_GIF_SCAN = 32 << 20
+MAX_RAF_PREVIEW = 1 << 20
+#: How often a file that changes while it is being read is read again before giving up.
+READ_ATTEMPTS = 3
 
 
 @dataclass
@@ -40,6 +45,8 @@ class Embedded:
     height: int | None = None
     has_extended_xmp: bool = False
     problems: list[str] = field(default_factory=list)
+    #: Blocks present but not read (over a size cap): a writer must not write such a file.
+    unread: list[str] = field(default_factory=list)
 
 
 def _tiff_or_none(block: bytes | None, emb: Embedded) -> exif.TiffInfo | None:
@@ -47,10 +54,12 @@ def _tiff_or_none(block: bytes | None, emb: Embedded) -> exif.TiffInfo | None:
         return None
     emb.exif_block = block
     try:
-        return exif.read_tiff(BytesSource(block))
+        info = exif.read_tiff(BytesSource(block))
     except CorruptError as exc:
         emb.problems.append(f"EXIF: {exc}")
         return None
+    emb.unread.extend(info.unread)
+    return info
 
 
 def read_embedded(fmt: str, src: ByteSource) -> Embedded:
@@ -66,6 +75,7 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         p = png.read_png(src)
         emb.tiff = _tiff_or_none(p.exif, emb)
         emb.xmp, emb.text, emb.width, emb.height = p.xmp, p.description, p.width, p.height
+        emb.unread.extend(p.unread)
     elif fmt == "webp":
         w = webp.read_webp(src)
         emb.tiff = _tiff_or_none(w.exif, emb)
@@ -74,11 +84,15 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         t = exif.read_tiff(src)
         emb.tiff, emb.xmp, emb.width, emb.height = t, t.xmp, t.width, t.height
         emb.irb, emb.iim = t.photoshop, t.iptc
+        emb.unread.extend(t.unread)
     elif fmt == "raw" and src.read_at(0, 15) == b"FUJIFILMCCD-RAW":
         head = src.read_at(84, 8)
         if len(head) == 8:
             offset, length = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
-            preview = BytesSource(src.read_at(offset, min(length, 1 << 20)))
+            if length > MAX_RAF_PREVIEW:
+                # Only its start is read: metadata sits there; a description further in would be overlooked.
+                emb.unread.append(f"RAF preview of {length} bytes (read: the first {MAX_RAF_PREVIEW >> 20} MiB)")
+            preview = BytesSource(src.read_at(offset, min(length, MAX_RAF_PREVIEW)))
             try:
                 j = jpeg.read_jpeg(preview)
                 emb.tiff = _tiff_or_none(j.exif, emb)
@@ -89,6 +103,7 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         h = isobmff.read_heif(src)
         emb.tiff = _tiff_or_none(h.exif, emb)
         emb.xmp, emb.width, emb.height = h.xmp, h.width, h.height
+        emb.unread.extend(h.unread)
     elif fmt == "gif":
         head = src.read_at(0, 10)
         if len(head) == 10:
@@ -105,7 +120,7 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
 def _gif_xmp(src: ByteSource) -> bytes | None:
     # GIF keeps XMP in an application extension "XMP DataXMP" followed by a 258-byte "magic trailer"; GIFs are
     # small, so a bounded read and search is enough.
-    data = src.read_at(0, min(src.size, 32 << 20))
+    data = src.read_at(0, min(src.size, MAX_GIF_SCAN))
     start = data.find(b"\x21\xff\x0bXMP DataXMP")
     if start < 0:
         return None
@@ -247,36 +262,103 @@ def read_metadata(path: Path) -> FileMetadata:
     naming the file) when the file cannot be opened or its container is malformed. Malformed or hostile XMP and
     damaged EXIF/IPTC inside a readable container are skipped rather than fatal.
     """
+    return read_snapshot(path).metadata
+
+
+def read_snapshot(path: Path) -> FileSnapshot:
+    """Read ``path`` (symlinks resolved) and its XMP sidecars consistently: metadata, the file's identity
+    (stat + content fingerprint) and each sidecar's, taken so that the stat before and after the read agree.
+
+    Raises MetadataError (one line, naming ``path``) when the file cannot be opened or its container is
+    malformed, and FileChanged when it kept changing while being read. What could not be fully read (a block
+    over a size cap, malformed XMP, damaged EXIF/IPTC, an unreadable sidecar) is listed in ``unreadable``.
+    """
     path = Path(path)
-    try:
-        with open_noatime(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise MetadataError(f"{path}: empty file")
-            head = f.read(HEAD_SIZE)
-            fmt = detect_format(head, path.suffix)
-            try:
-                emb = read_embedded(fmt, FileSource(f, size))
-            except CorruptError as exc:
-                raise MetadataError(f"{path}: {exc}") from None
-    except MetadataError:
-        raise
-    except IsADirectoryError:
-        raise MetadataError(f"{path}: is a directory") from None
-    except OSError as exc:
-        raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    target = Path(os.path.realpath(path))
+    for _ in range(READ_ATTEMPTS):
+        fmt, emb, identity = _read_embedded_consistently(path, target)
+        if identity is not None:
+            break
+    else:
+        raise FileChanged(f"{path}: kept changing while being read; left for later")
+    unreadable = [*emb.unread, *emb.problems]
     xmp_info = None
     if emb.xmp:
         try:
             xmp_info = parse_xmp(emb.xmp)
-        except XmpError:
-            xmp_info = None
-    sidecars = [info for p in existing_sidecars(path) if (info := read_sidecar(p)) is not None]
+        except XmpError as exc:
+            unreadable.append(f"embedded XMP: {exc}")
+    sidecar_files: list[SidecarFile] = []
+    sidecars: list[XmpInfo] = []
+    for sidecar in existing_sidecars(target):
+        try:
+            read = _read_sidecar_consistently(sidecar)
+        except FileChanged:
+            raise
+        except MetadataError as exc:
+            unreadable.append(str(exc))
+            continue
+        if read is None:
+            continue  # vanished meanwhile: it is not there
+        sidecar_identity, data = read
+        sidecar_files.append(SidecarFile(sidecar, sidecar_identity))
+        if data is None:
+            unreadable.append(f"sidecar {sidecar.name} is larger than {MAX_SIDECAR >> 20} MiB")
+            continue
+        try:
+            sidecars.append(parse_xmp(data))
+        except XmpError as exc:
+            unreadable.append(f"sidecar {sidecar.name}: {exc}")
     infos = [i for i in [xmp_info, *sidecars] if i is not None]
-    return FileMetadata(
+    metadata = FileMetadata(
         format=fmt,
         description=describe(emb, xmp_info, sidecars),
         taken_at=_taken_at(emb, infos),
         width=emb.width,
         height=emb.height,
     )
+    return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
+
+
+def _read_embedded_consistently(path: Path, target: Path) -> tuple[str, Embedded, FileIdentity | None]:
+    """(format, blocks, identity) of one read; identity None when the file changed during the read."""
+    try:
+        with open_noatime(target) as f:
+            st = os.fstat(f.fileno())
+            if st.st_size == 0:
+                raise MetadataError(f"{path}: empty file")
+            head = f.read(HEAD_SIZE)
+            fmt = detect_format(head, target.suffix)
+            try:
+                emb = read_embedded(fmt, FileSource(f, st.st_size))
+            except CorruptError as exc:
+                raise MetadataError(f"{path}: {exc}") from None
+            fingerprint = fingerprint_fd(f.fileno(), st.st_size)
+            changed = stat_key(os.fstat(f.fileno())) != stat_key(st)
+    except MetadataError:
+        raise
+    except IsADirectoryError:
+        raise MetadataError(f"{path}: is a directory") from None
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return fmt, emb, None if changed else FileIdentity.of(st, fingerprint)
+
+
+def _read_sidecar_consistently(path: Path) -> tuple[FileIdentity, bytes | None] | None:
+    """(identity, content or None when over MAX_SIDECAR) of a sidecar; None when it vanished. Raises FileChanged
+    when it kept changing and MetadataError when it cannot be read."""
+    for _ in range(READ_ATTEMPTS):
+        try:
+            with open_noatime(path) as f:
+                st = os.fstat(f.fileno())
+                data = f.read(MAX_SIDECAR + 1) if st.st_size <= MAX_SIDECAR else None
+                fingerprint = fingerprint_fd(f.fileno(), st.st_size)
+                if stat_key(os.fstat(f.fileno())) == stat_key(st):
+                    return FileIdentity.of(st, fingerprint), data
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise MetadataError(f"{path}: cannot read sidecar: {exc.strerror or exc}") from None
+    raise FileChanged(f"{path}: kept changing while being read; left for later")

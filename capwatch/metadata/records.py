@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from capwatch.metadata.identity import FileIdentity
+from capwatch.metadata.sidecar import signature
 
 DescriptionKind = Literal["ours", "human", "boilerplate"]
 
@@ -46,9 +51,57 @@ class FileMetadata:
 
 
 @dataclass(frozen=True)
+class SidecarFile:
+    """An XMP sidecar as it was read."""
+
+    path: Path
+    identity: FileIdentity
+
+
+@dataclass(frozen=True)
+class FileSnapshot:
+    """One consistent read of an image file and its XMP sidecars: what they said and exactly which versions of
+    them said it (the stat before and after the read agree).
+
+    ``path`` is the file actually read (symlinks resolved: that is the file a write goes to). ``unreadable`` names
+    what could not be fully read (a chunk over a size cap, malformed XMP, a damaged EXIF block): a writer must not
+    write such a file, since whatever it could not read would be lost or hidden.
+    """
+
+    path: Path
+    identity: FileIdentity
+    metadata: FileMetadata
+    sidecars: tuple[SidecarFile, ...] = ()
+    unreadable: tuple[str, ...] = ()
+
+    @property
+    def sidecar_signature(self) -> str:
+        """A short digest of the sidecars' names and stats ("" without sidecars): changes whenever one does."""
+        return signature((s.path.name, s.identity.size, s.identity.mtime_ns, s.identity.ctime_ns)
+                         for s in self.sidecars)
+
+    def same_as(self, other: FileSnapshot) -> bool:
+        """True when ``other`` read the very same versions of the file and of its sidecars."""
+        return self.identity == other.identity and self.sidecars == other.sidecars
+
+
+@dataclass(frozen=True)
+class WriteHooks:
+    """Callbacks at the two moments where another program's edit matters most (tests and debugging drive
+    concurrent editors with them). Each gets the path of the file about to be written."""
+
+    #: After the caption was computed, before the writer reads the file again.
+    before_write: Callable[[Path], None] | None = None
+    #: After the new content is ready, right before the final identity check and the rename.
+    before_commit: Callable[[Path], None] | None = None
+
+
+@dataclass(frozen=True)
 class WriteResult:
     """``written``: the places that now carry the caption because of this call, e.g. ("exif", "xmp", "iptc") or
-    ("sidecar",). ``skipped``: why nothing (or not everything) was written, else None."""
+    ("sidecar",). ``skipped``: why nothing (or not everything) was written, else None. ``snapshot``: the file as
+    it is after the call (what an index must record), None when metadata writing is off."""
 
     written: tuple[str, ...]
     skipped: str | None
+    snapshot: FileSnapshot | None = None

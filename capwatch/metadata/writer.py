@@ -4,6 +4,12 @@ What is written (design.md): XMP dc:description x-default + capwatch provenance;
 UTF-8 (and XPComment when ``windows_xp_tags``); IPTC Caption-Abstract only where IPTC already exists. JPEG, PNG and
 WebP are edited in place (image data byte-identical, verified before the file is replaced); everything else, and
 embedded writes that are not safe (XMP over one JPEG segment, ExtendedXMP, read-only file), go to a sidecar.
+
+Every write is a transaction against the file as it was read (see ``capwatch.metadata.atomic``): the writer reads
+the file and its sidecars once (a :class:`FileSnapshot`); when the caller says which snapshot the caption was made
+from, any difference means the file changed meanwhile and nothing is written (FileChanged). Whose description the
+file holds is decided from that read, at write time; what could not be fully read is never rewritten; and the
+result carries a fresh snapshot of the file as it is after the write, which is what an index must record.
 """
 
 from __future__ import annotations
@@ -19,25 +25,34 @@ from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
 from capwatch.metadata.binary import BytesSource, CorruptError, FileSource, open_noatime
+from capwatch.metadata.identity import FileChanged, same_stat
+from capwatch.metadata.journal import Journal
 from capwatch.metadata.jpeg import EmbedNotSafe
-from capwatch.metadata.reader import Embedded, describe, read_embedded, read_metadata
-from capwatch.metadata.records import Provenance, WriteResult
-from capwatch.metadata.sidecar import sidecar_targets
+from capwatch.metadata.reader import MAX_SIDECAR, Embedded, describe, read_embedded, read_snapshot
+from capwatch.metadata.records import FileSnapshot, Provenance, SidecarFile, WriteHooks, WriteResult
+from capwatch.metadata.sidecar import existing_sidecars, sidecar_candidates
 from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp, wrap_packet
 
 EMBEDDABLE = frozenset({"jpeg", "png", "webp"})
 #: Whitespace padding in embedded XMP so other tools can edit in place (the XMP spec suggests 2 KB).
 XMP_PADDING = 2048
+NO_HOOKS = WriteHooks()
 
 
 def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
-                  force: bool = False) -> WriteResult:
+                  force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
+                  hooks: WriteHooks = NO_HOOKS) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
 
+    ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
+    ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
+    temp files and backups for crash recovery (default: this user's journal).
+
     Returns what was written, or why nothing was: ``metadata.write = none``; a person's description kept
-    (``existing = "keep"`` and not ``force``); the file already carries exactly this caption. Raises MetadataError
-    (one line) when the file cannot be read or written safely; the file is then byte-identical and no temp file
-    remains.
+    (``existing = "keep"`` and not ``force``); the file already carries exactly this caption. Raises FileChanged
+    when the file or a sidecar is not the one in ``expected`` or changes during the write (nothing written: read
+    it again), and MetadataError (one line) when the file cannot be read or written safely, including when part
+    of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
     path = Path(path)
     # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
@@ -47,32 +62,33 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
         raise MetadataError(f"{path}: refusing to write an empty caption")
     if config.write == "none":
         return WriteResult((), "metadata writing is off (metadata.write = none)")
-    current = read_metadata(path)
-    desc = current.description
+    snap = read_snapshot(path)
+    if expected is not None and not snap.same_as(expected):
+        raise FileChanged(f"{path}: changed while it was being captioned; nothing written")
+    desc = snap.metadata.description
     if desc is not None and desc.kind == "human" and config.existing == "keep" and not force:
-        return WriteResult((), f"kept the existing description from {desc.origin} (metadata.existing = keep)")
-    if (desc is not None and desc.kind == "ours" and desc.text == text and desc.provenance is not None
-            and (desc.provenance.model, desc.provenance.revision) == (provenance.model, provenance.revision)
-            and (desc.origin == "sidecar") == (config.write == "sidecar") and config.write != "both"):
-        # Same words from the same model: rewriting only to move the timestamp would churn backups and sync.
-        return WriteResult((), "unchanged: the file already carries this caption")
+        return WriteResult((), f"kept the existing description from {desc.origin} (metadata.existing = keep)", snap)
+    if snap.unreadable:
+        raise MetadataError(f"{path}: could not fully read {snap.unreadable[0]}; nothing written, so nothing in "
+                            "it is lost")
+    journal = journal if journal is not None else Journal.default()
     written: list[str] = []
     notes: list[str] = []
     sidecar = config.write in ("sidecar", "both")
     if config.write in ("embedded", "both"):
-        if current.format not in EMBEDDABLE:
+        if snap.metadata.format not in EMBEDDABLE:
             sidecar = True
         else:
             try:
-                written += _write_embedded(path, current.format, text, provenance, config)
+                written += _write_embedded(snap, text, provenance, config, journal, hooks)
             except EmbedNotSafe as exc:
                 notes.append(f"not embedded ({exc})")
                 sidecar = True
     if sidecar:
-        written += _write_sidecars(path, text, provenance, config)
+        written += _write_sidecars(snap, text, provenance, journal, hooks)
     if not written:
-        return WriteResult((), "unchanged: the file already carries this caption")
-    return WriteResult(tuple(dict.fromkeys(written)), None)
+        return WriteResult((), "unchanged: the file already carries this caption", snap)
+    return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(path))
 
 
 def _is_read_only(path: Path, st: os.stat_result) -> bool:
@@ -80,11 +96,14 @@ def _is_read_only(path: Path, st: os.stat_result) -> bool:
     return not (st.st_mode & stat.S_IWUSR) or not os.access(path, os.W_OK)
 
 
-def _write_embedded(path: Path, fmt: str, caption: str, provenance: Provenance,
-                    config: MetadataConfig) -> list[str]:
+def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
+                    journal: Journal, hooks: WriteHooks) -> list[str]:
+    path, fmt = snap.path, snap.metadata.format
     try:
         with open_noatime(path) as f:
             st = os.fstat(f.fileno())
+            if not same_stat(st, snap.identity):
+                raise FileChanged(f"{path}: changed while it was being captioned; nothing written")
             if _is_read_only(path, st):
                 raise EmbedNotSafe("the file is read-only")
             src = FileSource(f, st.st_size)
@@ -96,16 +115,17 @@ def _write_embedded(path: Path, fmt: str, caption: str, provenance: Provenance,
                     data = src.read_at(0, jpeg.header_end(src, layout))
                 else:
                     data = f.read()
-                    if len(data) != st.st_size:
-                        raise atomic.FileChanged(f"{path}: file changed while being read; left alone")
                 plan = plan_embedded(data, fmt, caption, provenance, config, file_size=st.st_size)
             except (CorruptError, XmpError) as exc:
                 raise MetadataError(f"{path}: {exc}") from None
+            if not same_stat(os.fstat(f.fileno()), snap.identity):
+                raise FileChanged(f"{path}: changed while it was being read; nothing written")
     except OSError as exc:
         raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not plan.changed:
         return []
-    atomic.replace_file(path, plan.parts, st, keep_mtime=config.keep_mtime)
+    atomic.replace_file(path, plan.parts, snap.identity, journal=journal, keep_mtime=config.keep_mtime,
+                        before_commit=hooks.before_commit)
     return list(plan.written)
 
 
@@ -218,48 +238,49 @@ def _verify_metadata(new: bytes, fmt: str, caption: str) -> None:
         raise CorruptError("internal check failed: caption does not read back")
 
 
-def _write_sidecars(path: Path, caption: str, provenance: Provenance, config: MetadataConfig) -> list[str]:
+def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, journal: Journal,
+                    hooks: WriteHooks) -> list[str]:
+    """Merge the caption into every sidecar the snapshot saw (or create ``name.ext.xmp`` when it saw none)."""
     written = False
-    for target in sidecar_targets(path):
-        existing: bytes | None = None
-        st: os.stat_result | None = None
-        try:
-            with open(target, "rb") as f:
-                st = os.fstat(f.fileno())
-                existing = f.read()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise MetadataError(f"{target}: cannot read sidecar: {exc.strerror or exc}") from None
+    if existing_sidecars(snap.path) != [s.path for s in snap.sidecars]:
+        raise FileChanged(f"{snap.path}: its sidecars changed while it was being captioned; nothing written")
+    targets: list[tuple[Path, SidecarFile | None]] = [(s.path, s) for s in snap.sidecars]
+    if not targets:
+        targets = [(sidecar_candidates(snap.path)[0], None)]
+    for target, known in targets:
+        existing = _read_sidecar_as_seen(target, known)
         try:
             packet = wrap_packet(merge_caption(existing, caption, provenance), 0) + b"\n"
         except XmpError as exc:
             raise MetadataError(f"{target}: {exc}") from None
         if existing == packet:
             continue
-        if st is None:
-            _create_file(target, packet)
+        if known is None:
+            atomic.create_file(target, packet, journal=journal)
         else:
-            atomic.replace_file(target, packet, st, keep_mtime=False)
+            atomic.replace_file(target, packet, known.identity, journal=journal, keep_mtime=False,
+                                before_commit=hooks.before_commit)
         written = True
     return ["sidecar"] if written else []
 
 
-def _create_file(target: Path, data: bytes) -> None:
-    """Create a new sidecar atomically (temp file, then a no-clobber hard link), mode per umask.
-
-    Raises MetadataError when it cannot be written or FileChanged when the name appeared meanwhile."""
-    tmp = atomic.temp_path(target, "tmp")
-    with atomic.discard_on_failure(tmp, f"{target}: cannot write sidecar"):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            atomic.write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, target)  # fails if a sidecar appeared meanwhile: never clobber someone else's file
-        except FileExistsError:
-            raise atomic.FileChanged(f"{target}: sidecar appeared during the write; left alone") from None
-        os.unlink(tmp)
+def _read_sidecar_as_seen(target: Path, known: SidecarFile | None) -> bytes | None:
+    """The sidecar's bytes, provided it is still the version the snapshot read (None: it did not exist and still
+    does not). Raises FileChanged otherwise, MetadataError when it cannot be read."""
+    try:
+        with open(target, "rb") as f:
+            st = os.fstat(f.fileno())
+            if known is None or not same_stat(st, known.identity) or st.st_size > MAX_SIDECAR:
+                raise FileChanged(f"{target}: sidecar changed while the image was being captioned; nothing written")
+            data = f.read()
+            if not same_stat(os.fstat(f.fileno()), known.identity):
+                raise FileChanged(f"{target}: sidecar changed while being read; nothing written")
+            return data
+    except FileNotFoundError:
+        if known is not None:
+            raise FileChanged(f"{target}: sidecar vanished while the image was being captioned; nothing written") \
+                from None
+        return None
+    except OSError as exc:
+        raise MetadataError(f"{target}: cannot read sidecar: {exc.strerror or exc}") from None
 
