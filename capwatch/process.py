@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 HUMAN_KEPT = "has a description written by a person; kept (use --force to replace it)"
 ALREADY_CAPTIONED = "already captioned by capwatch and unchanged"
 INDEX_ONLY = "has a description written by a person; caption kept in the index only"
+WRITING_OFF = "metadata writing is off (metadata.write = none)"
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class Processor:
         now = _now_iso(self.clock)
         if self.hooks.before_write is not None:
             self.hooks.before_write(path)
-        if job.index_only:
+        if job.index_only or self.config.metadata.write == "none":
             return self._record_index_only(job, text, now)
         provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=now)
         try:
@@ -258,21 +259,17 @@ class Processor:
             return FileOutcome(path, text, model_id, skipped=str(exc), changed=True)
         except CapwatchError as exc:
             return self._fail(job.path, str(exc), job.snap)
-        if result.snapshot is None:
-            # metadata.write = none: the caption lives in the index only, for the content that was captioned.
-            record = replace(record_from_snapshot(job.path, job.snap, job.previous, self.config), caption=text,
-                             source="model", status="captioned", model=model_id,
-                             model_revision=self.captioner.revision, captioned_at=now, error=None)
-        else:
-            # What the file holds now, read after the write: ours, or the words of whoever wrote last.
-            record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
+        assert result.snapshot is not None  # metadata writing is on
+        # What the file holds now, read after the write: ours, or the words of whoever wrote last.
+        record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
         if self.index is not None:
             self.index.upsert(record)
         return FileOutcome(path, text, model_id, written=result.written, skipped=result.skipped)
 
     def _record_index_only(self, job: _Job, text: str, now: str) -> FileOutcome:
-        """The person's description stays; the model's caption is searchable from the index. Recorded only
-        when the file is still the one that was captioned."""
+        """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
+        the caption itself when metadata writing is off. Recorded only when the file is still the one that was
+        captioned."""
         path = Path(job.path)
         try:
             snap = read_snapshot(path)
@@ -283,11 +280,16 @@ class Processor:
         if not snap.same_as(job.snap):
             return FileOutcome(path, text, self.captioner.model_id, changed=True,
                                skipped=f"{path}: changed while it was being captioned; nothing recorded")
-        record = replace(record_from_snapshot(job.path, snap, job.previous, self.config), model_caption=text,
+        record = replace(record_from_snapshot(job.path, snap, job.previous, self.config),
                          model=self.captioner.model_id, model_revision=self.captioner.revision, captioned_at=now)
+        if job.index_only:
+            record = replace(record, model_caption=text)
+        else:
+            record = replace(record, caption=text, source="model", status="captioned", error=None)
         if self.index is not None:
             self.index.upsert(record)
-        return FileOutcome(path, text, self.captioner.model_id, skipped=INDEX_ONLY)
+        return FileOutcome(path, text, self.captioner.model_id,
+                           skipped=INDEX_ONLY if job.index_only else WRITING_OFF)
 
 
 def recover_writes(logger: logging.Logger) -> None:

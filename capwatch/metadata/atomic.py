@@ -35,7 +35,7 @@ from pathlib import Path
 from capwatch.errors import MetadataError
 from capwatch.metadata.binary import open_noatime
 from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, write_all
-from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fd, same_stat
+from capwatch.metadata.identity import FileChanged, FileIdentity, same_stat, unchanged
 from capwatch.metadata.journal import Entry, Journal, sha256_bytes
 
 __all__ = ["Content", "FileChanged", "Part", "Tail", "create_file", "is_temp_file", "replace_file", "temp_path",
@@ -194,7 +194,7 @@ def verify_unchanged(path: Path, expected: FileIdentity) -> None:
         raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
     try:
         st = os.fstat(fd)
-        if not same_stat(st, expected) or fingerprint_fd(fd, st.st_size) != expected.fingerprint:
+        if not unchanged(st, expected, fd):
             raise FileChanged(f"{path}: file changed during the write; left alone")
     finally:
         os.close(fd)
@@ -291,15 +291,10 @@ def _settle_exchange(path: Path, swapped: Path, expected: FileIdentity) -> None:
     """After the exchange ``swapped`` holds what was at ``path``: remove it when it is the file we read. If it is
     not (a replacement landed between the check and the exchange), exchange back and raise FileChanged."""
     try:
-        fd = os.open(swapped, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        try:
-            st = os.fstat(fd)
-            # The rename itself moved its ctime: compare everything else.
-            same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
-                expected.dev, expected.ino, expected.size, expected.mtime_ns
-            ) and fingerprint_fd(fd, st.st_size) == expected.fingerprint
-        finally:
-            os.close(fd)
+        st = os.lstat(swapped)
+        # The same inode we verified a moment ago (the rename itself moved its ctime: compare the rest).
+        same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+            expected.dev, expected.ino, expected.size, expected.mtime_ns)
     except OSError:
         same = False
     if same:

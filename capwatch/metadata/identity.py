@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from capwatch.errors import MetadataError
@@ -61,7 +62,7 @@ def fingerprint_file(path: str | os.PathLike[str]) -> str:
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """A file as it was read: stat identity and content fingerprint."""
+    """A file as it was read: stat identity and content fingerprint (``read_ns``: when, wall clock)."""
 
     dev: int
     ino: int
@@ -69,11 +70,29 @@ class FileIdentity:
     mtime_ns: int
     ctime_ns: int
     fingerprint: str
+    read_ns: int = field(default=0, compare=False)
 
     @classmethod
     def of(cls, st: os.stat_result, fingerprint: str) -> FileIdentity:
-        """The identity of a file whose stat is ``st`` and whose content has ``fingerprint``."""
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, fingerprint)
+        """The identity of a file whose stat is ``st`` (taken just now) and whose content has ``fingerprint``."""
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, fingerprint, time.time_ns())
+
+    @property
+    def settled(self) -> bool:
+        """True when the file's last change lay well before it was read, so that any later change must move its
+        ctime: then an unchanged stat proves unchanged content and the fingerprint need not be read again.
+
+        The kernel stamps ctime from a clock that ticks every few milliseconds (whole seconds on some file systems:
+        FAT, some network mounts); a change within the same tick as the previous one would keep the ctime, so a
+        file changed just before it was read is not settled.
+        """
+        if self.ctime_ns % 1_000_000_000 == 0:
+            margin = 3_000_000_000  # a file system that stores whole seconds (2 s on FAT)
+        elif self.ctime_ns % 10_000_000 == 0:
+            margin = 200_000_000
+        else:
+            margin = 50_000_000
+        return self.read_ns - self.ctime_ns > margin
 
     def matches_stat(self, st: os.stat_result) -> bool:
         """True when ``st`` still describes this file untouched (same inode, size, mtime and ctime)."""
@@ -82,6 +101,14 @@ class FileIdentity:
     def same_content(self, other: FileIdentity) -> bool:
         """True when ``other`` is the same unchanged file (stat identity and fingerprint)."""
         return self == other
+
+
+def unchanged(st: os.stat_result, identity: FileIdentity, fd: int) -> bool:
+    """True when the open file ``fd`` whose stat is ``st`` is still the file ``identity`` describes: same stat,
+    and (unless the identity is ``settled``) the same fingerprint. Raises OSError when it cannot be read."""
+    if not same_stat(st, identity):
+        return False
+    return identity.settled or fingerprint_fd(fd, st.st_size) == identity.fingerprint
 
 
 def same_stat(st: os.stat_result, identity: FileIdentity) -> bool:

@@ -19,7 +19,7 @@ from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
 from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.boilerplate import is_boilerplate
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
-from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fd, stat_key
+from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fd, same_stat, stat_key
 from capwatch.metadata.records import Description, FileMetadata, FileSnapshot, Provenance, SidecarFile
 from capwatch.metadata.sidecar import existing_sidecars
 from capwatch.metadata.xmp import XmpError, XmpInfo, normalise, parse_xmp, xmp_date_to_iso
@@ -265,9 +265,12 @@ def read_metadata(path: Path) -> FileMetadata:
     return read_snapshot(path).metadata
 
 
-def read_snapshot(path: Path) -> FileSnapshot:
+def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnapshot:
     """Read ``path`` (symlinks resolved) and its XMP sidecars consistently: metadata, the file's identity
     (stat + content fingerprint) and each sidecar's, taken so that the stat before and after the read agree.
+
+    ``known``, an earlier snapshot of the same file, spares reading a fingerprint again for a file (or sidecar)
+    whose stat is unchanged since a settled read (see ``FileIdentity.settled``).
 
     Raises MetadataError (one line, naming ``path``) when the file cannot be opened or its container is
     malformed, and FileChanged when it kept changing while being read. What could not be fully read (a block
@@ -276,7 +279,7 @@ def read_snapshot(path: Path) -> FileSnapshot:
     path = Path(path)
     target = Path(os.path.realpath(path))
     for _ in range(READ_ATTEMPTS):
-        fmt, emb, identity = _read_embedded_consistently(path, target)
+        fmt, emb, identity = _read_embedded_consistently(path, target, known.identity if known else None)
         if identity is not None:
             break
     else:
@@ -290,9 +293,10 @@ def read_snapshot(path: Path) -> FileSnapshot:
             unreadable.append(f"embedded XMP: {exc}")
     sidecar_files: list[SidecarFile] = []
     sidecars: list[XmpInfo] = []
+    known_sidecars = {s.path: s.identity for s in known.sidecars} if known else {}
     for sidecar in existing_sidecars(target):
         try:
-            read = _read_sidecar_consistently(sidecar)
+            read = _read_sidecar_consistently(sidecar, known_sidecars.get(sidecar))
         except FileChanged:
             raise
         except MetadataError as exc:
@@ -320,7 +324,14 @@ def read_snapshot(path: Path) -> FileSnapshot:
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 
 
-def _read_embedded_consistently(path: Path, target: Path) -> tuple[str, Embedded, FileIdentity | None]:
+def _fingerprint(fd: int, st: os.stat_result, known: FileIdentity | None) -> str:
+    if known is not None and known.settled and same_stat(st, known):
+        return known.fingerprint
+    return fingerprint_fd(fd, st.st_size)
+
+
+def _read_embedded_consistently(path: Path, target: Path,
+                                known: FileIdentity | None) -> tuple[str, Embedded, FileIdentity | None]:
     """(format, blocks, identity) of one read; identity None when the file changed during the read."""
     try:
         with open_noatime(target) as f:
@@ -333,7 +344,7 @@ def _read_embedded_consistently(path: Path, target: Path) -> tuple[str, Embedded
                 emb = read_embedded(fmt, FileSource(f, st.st_size))
             except CorruptError as exc:
                 raise MetadataError(f"{path}: {exc}") from None
-            fingerprint = fingerprint_fd(f.fileno(), st.st_size)
+            fingerprint = _fingerprint(f.fileno(), st, known)
             changed = stat_key(os.fstat(f.fileno())) != stat_key(st)
     except MetadataError:
         raise
@@ -346,7 +357,7 @@ def _read_embedded_consistently(path: Path, target: Path) -> tuple[str, Embedded
     return fmt, emb, None if changed else FileIdentity.of(st, fingerprint)
 
 
-def _read_sidecar_consistently(path: Path) -> tuple[FileIdentity, bytes | None] | None:
+def _read_sidecar_consistently(path: Path, known: FileIdentity | None) -> tuple[FileIdentity, bytes | None] | None:
     """(identity, content or None when over MAX_SIDECAR) of a sidecar; None when it vanished. Raises FileChanged
     when it kept changing and MetadataError when it cannot be read."""
     for _ in range(READ_ATTEMPTS):
@@ -354,7 +365,7 @@ def _read_sidecar_consistently(path: Path) -> tuple[FileIdentity, bytes | None] 
             with open_noatime(path) as f:
                 st = os.fstat(f.fileno())
                 data = f.read(MAX_SIDECAR + 1) if st.st_size <= MAX_SIDECAR else None
-                fingerprint = fingerprint_fd(f.fileno(), st.st_size)
+                fingerprint = _fingerprint(f.fileno(), st, known)
                 if stat_key(os.fstat(f.fileno())) == stat_key(st):
                     return FileIdentity.of(st, fingerprint), data
         except FileNotFoundError:

@@ -62,7 +62,7 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
         raise MetadataError(f"{path}: refusing to write an empty caption")
     if config.write == "none":
         return WriteResult((), "metadata writing is off (metadata.write = none)")
-    snap = read_snapshot(path)
+    snap = read_snapshot(path, known=expected)
     if expected is not None and not snap.same_as(expected):
         raise FileChanged(f"{path}: changed while it was being captioned; nothing written")
     desc = snap.metadata.description
@@ -88,7 +88,7 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
         written += _write_sidecars(snap, text, provenance, journal, hooks)
     if not written:
         return WriteResult((), "unchanged: the file already carries this caption", snap)
-    return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(path))
+    return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(path, known=snap))
 
 
 def _is_read_only(path: Path, st: os.stat_result) -> bool:
