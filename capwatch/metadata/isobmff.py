@@ -104,6 +104,8 @@ def read_heif(src: ByteSource) -> HeifMetadata:
     for item_id, item_kind in types.items():
         extents = locations.get(item_id)
         if not extents:
+            # Stored inside the meta box (idat) or by reference: capwatch does not read those.
+            unread.append(f"HEIF {item_kind.upper()} item stored where capwatch does not read it")
             continue
         if sum(length for _, length in extents) > MAX_ITEM:
             unread.append(f"HEIF {item_kind.upper()} item over {MAX_ITEM >> 20} MiB")

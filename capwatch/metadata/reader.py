@@ -109,6 +109,9 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         if len(head) == 10:
             emb.width, emb.height = int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
         emb.xmp = _gif_xmp(src)
+        if emb.xmp is None and src.size > MAX_GIF_SCAN:
+            # Only the first part was searched: an XMP packet further in would be overlooked.
+            emb.unread.append(f"GIF over {MAX_GIF_SCAN >> 20} MiB (XMP looked for in the first part only)")
     elif fmt == "bmp":
         head = src.read_at(14, 12)
         if len(head) >= 12 and int.from_bytes(head[:4], "little") >= 40:
