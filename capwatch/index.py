@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from capwatch.errors import IndexUnavailable
 from capwatch.search import ParsedQuery, SearchFilters
@@ -60,8 +60,7 @@ class ImageRecord:
     sidecars: str | None = None
 
 
-@dataclass(frozen=True)
-class IndexedState:
+class IndexedState(NamedTuple):
     """What the index compares to notice a changed file without opening it: size, mtime, ctime and the
     sidecar digest (the last two None when not recorded yet)."""
 

@@ -80,7 +80,10 @@ def hooks_from_env(env: Mapping[str, str]) -> WriteHooks:
         argv = shlex.split(command)
 
         def run(path: Path) -> None:
-            subprocess.run([*argv, os.fspath(path)], check=False)
+            try:
+                subprocess.run([*argv, os.fspath(path)], check=False)
+            except OSError as exc:
+                log.warning("write hook %r could not run: %s", command, exc.strerror or exc)
 
         return run
 

@@ -652,6 +652,11 @@ class _Engine:
                  len(result.moved), len(result.removed), len(result.to_caption))
         for _path, message in result.errors:
             log.warning("%s", message)
+        # Settle writes left unsettled by a killed `capwatch caption`/`scan` (or by this daemon, after an error
+        # that had to leave its backup): live writers' entries are locked and left alone.
+        from capwatch.process import recover_writes
+
+        recover_writes(log)
         todo = list(result.to_caption)
         self.pipeline.note_backfill(todo)
         for path in todo:

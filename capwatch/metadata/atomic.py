@@ -233,13 +233,11 @@ def replace_file(path: Path, data: Content, expected: FileIdentity, *, journal: 
         try:
             _replace_by_rename(path, tmp, data, src_fd, expected, st, entry, keep_mtime=keep_mtime,
                                before_commit=before_commit)
-        except BaseException:
+        finally:
             if os.path.lexists(tmp):
-                entry.abandon()  # whatever the temp name holds now, recovery decides by content
+                entry.abandon()  # whatever the temp name holds now, recovery decides by inode
             else:
                 entry.close()
-            raise
-        entry.close()
     finally:
         if src_fd is not None:
             os.close(src_fd)
@@ -275,7 +273,10 @@ def _replace_by_rename(path: Path, tmp: Path, data: Content, src_fd: int | None,
         if before_commit is not None:
             before_commit(path)
         verify_unchanged(path, expected)
-        swapped = exchange(tmp, path)
+        try:
+            swapped = exchange(tmp, path)
+        except FileNotFoundError:
+            raise FileChanged(f"{path}: file vanished during the write; left alone") from None
         if not swapped:
             os.replace(tmp, path)
     if swapped:
@@ -298,7 +299,8 @@ def _settle_exchange(path: Path, swapped: Path, expected: FileIdentity) -> None:
     except OSError:
         same = False
     if same:
-        os.unlink(swapped)
+        with contextlib.suppress(OSError):
+            os.unlink(swapped)  # if this fails, the journal entry stays and the next run removes it
         return
     try:
         exchange(swapped, path)  # theirs back at the name, ours at the temp name

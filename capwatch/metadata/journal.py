@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,6 @@ from capwatch.metadata.identity import FileIdentity
 log = logging.getLogger(__name__)
 
 ENTRY_SUFFIX = ".json"
-#: A hidden entry older than this was never made visible, so its write never began: it can go.
-ABANDONED_SECONDS = 3600.0
 
 
 class JournalError(MetadataError):
@@ -163,12 +162,10 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"cannot create the write journal {self.directory}: {exc.strerror or exc}") from None
 
-    def begin(self, record: Mapping[str, Any], *, durable: bool = True) -> Entry:
-        """Register a write described by ``record`` and return its locked entry.
-
-        ``durable`` fsyncs the entry and the journal directory before returning (needed before anything that a
-        power loss must not leave unresolved). Raises JournalError when the journal cannot be written: the caller
-        must then not start the write.
+    def begin(self, record: Mapping[str, Any]) -> Entry:
+        """Register a write described by ``record`` and return its locked entry, fsynced with its directory (so
+        not even a power loss can leave a temp file nobody knows about). Raises JournalError when the journal
+        cannot be written: the caller must then not start the write.
         """
         self._ensure()
         token = secrets.token_hex(6)
@@ -185,11 +182,9 @@ class Journal:
             # Locked before it has its visible name: recover() never sees an unlocked entry of a live writer.
             fcntl.flock(fd, fcntl.LOCK_EX)
             write_all(fd, payload)
-            if durable:
-                os.fsync(fd)
+            os.fsync(fd)
             os.rename(hidden, visible)
-            if durable:
-                fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -207,7 +202,7 @@ class Journal:
     @contextlib.contextmanager
     def create(self, target: Path, temp: Path) -> Iterator[Entry]:
         """Register a temp file that will be hard-linked as the new file ``target``."""
-        entry = self.begin({"kind": "create", "target": _encode(target), "temp": _encode(temp)}, durable=False)
+        entry = self.begin({"kind": "create", "target": _encode(target), "temp": _encode(temp)})
         try:
             yield entry
         finally:
@@ -250,8 +245,9 @@ class Journal:
                 except OSError as exc:
                     if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                         live += 1
-                        continue
-                    raise
+                    else:
+                        kept.append(f"journal entry {entry_path}: cannot lock it ({exc.strerror or exc}); left")
+                    continue
                 if not os.path.exists(entry_path):
                     continue  # the writer settled it between our open and our lock
                 try:
@@ -279,8 +275,7 @@ class Journal:
         return RecoveryReport(settled, tuple(restored), removed, tuple(kept), live, tuple(messages))
 
     def _drop_abandoned(self) -> None:
-        import time
-
+        """Remove hidden entries whose writer died before making them visible (its write never began)."""
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -289,9 +284,19 @@ class Journal:
             if not (name.startswith(".") and name.endswith(".new")):
                 continue
             path = self.directory / name
-            with contextlib.suppress(OSError):
-                if time.time() - os.lstat(path).st_mtime > ABANDONED_SECONDS:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            try:
+                # Its writer locks it right after creating it: unlocked and not brand new means that writer died.
+                if time.time() - os.fstat(fd).st_mtime > 60:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     os.unlink(path)
+            except OSError:
+                pass  # still being created by a live writer
+            finally:
+                os.close(fd)
 
     def _resolve(self, record: Mapping[str, Any]) -> _Outcome:
         kind = record["kind"]
