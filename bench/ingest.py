@@ -147,7 +147,7 @@ def _rss_kb(pid: int) -> int:
 
 def bench_reconcile(work: Path, count: int) -> dict[str, Any]:
     from capwatch.config import Config, RootConfig
-    from capwatch.index import ImageRecord, Index
+    from capwatch.library.index import ImageRecord, Index
     from capwatch.scan import reconcile
 
     root = work / "tree"

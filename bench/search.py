@@ -7,7 +7,7 @@ The index is built through capwatch's own Index.upsert_many (so the FTS triggers
 use) from synthetic captions: a Zipfian (s=1.1) vocabulary of ~6,000 words (the first ~400 real caption words,
 the rest pronounceable made-up words), 6–18 words per caption, and a camera-style path layout
 (/photos/YYYY/YYYY-MM-DD event/IMG_NNNN.JPG). Queries are 1–3 content words drawn from the same distribution.
-For every query both sides run the identical SQL statements (capwatch.index.build_window_sql, then
+For every query both sides run the identical SQL statements (capwatch.library.index.build_window_sql, then
 build_search_sql); capwatch adds query parsing, the Python call path and result objects. With --full, a third
 column times plain bm25 over every match (no rank window) for reference.
 Prints p50/p99 per side and the ratio, build time, bytes/image.
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from capwatch.index import RANK_WINDOW, ImageRecord, Index, build_search_sql, build_window_sql  # noqa: E402
+from capwatch.library.index import RANK_WINDOW, ImageRecord, Index, build_search_sql, build_window_sql  # noqa: E402
 from capwatch.search import SearchFilters, parse_query  # noqa: E402
 
 CORE = """a the of on in with and at an to is are two man woman people person group dog cat bird horse car bike

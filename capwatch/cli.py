@@ -26,7 +26,7 @@ from capwatch.config import Config, RootConfig, apply_overrides, load_config
 from capwatch.errors import CapwatchError
 
 if TYPE_CHECKING:
-    from capwatch.index import Index
+    from capwatch.library.index import Index
     from capwatch.models.captioner import Captioner
     from capwatch.process import FileOutcome, Processor
 
@@ -111,7 +111,7 @@ def _load(ctx: click.Context) -> Config:
 
 
 def _open_index(config: Config, *, readonly: bool = False) -> Index:
-    from capwatch.index import Index
+    from capwatch.library.index import Index
 
     return Index.open(config.index_path(), busy_timeout=config.index.busy_timeout_seconds, readonly=readonly)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from capwatch.index import Index
+from capwatch.library.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ class Pipeline:
         return todo, unchanged
 
     def _unchanged(self, index: Index, path: Path, st: os.stat_result) -> bool:
-        from capwatch.index import IndexedState
+        from capwatch.library.index import IndexedState
         from capwatch.metadata import fingerprint_file
         from capwatch.scan import sidecar_digest
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
-from capwatch.index import ImageRecord, Index, normalise_path
+from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
 from capwatch.scan import is_utf8_path, printable_path, record_from_snapshot
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.errors import CapwatchError
-from capwatch.index import ImageRecord, Index, IndexedState, normalise_path
+from capwatch.library.index import ImageRecord, Index, IndexedState, normalise_path
 from capwatch.metadata import Description, FileChanged, FileSnapshot, fingerprint_file, is_temp_file, read_snapshot
 from capwatch.metadata.sidecar import EXTENSIONS as SIDECAR_EXTENSIONS
 from capwatch.metadata.sidecar import sidecar_names, signature

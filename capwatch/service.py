@@ -34,7 +34,7 @@ from typing import Any
 
 from capwatch.config import Config, RootConfig, load_config
 from capwatch.errors import CapwatchError
-from capwatch.index import Index, normalise_path
+from capwatch.library.index import Index, normalise_path
 from capwatch.instance import (
     DaemonAlreadyRunning,
     InstanceLock,

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from capwatch.config import Config, LibraryConfig, MetadataConfig, ModelConfig, RootConfig
-from capwatch.index import Index
+from capwatch.library.index import Index
 from capwatch.models.captioner import open_captioner
 from capwatch.process import HUMAN_KEPT, Processor
 from capwatch.scan import reconcile

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capwatch.index import ImageRecord, Index
+from capwatch.library.index import ImageRecord, Index
 from tests.conftest import CliRunner, assert_one_line_error, read_only_dir
 
 

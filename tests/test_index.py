@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from capwatch.errors import IndexUnavailable
-from capwatch.index import SCHEMA_VERSION, ImageRecord, Index, IndexedState
+from capwatch.library.index import SCHEMA_VERSION, ImageRecord, Index, IndexedState
 from capwatch.search import SearchFilters, make_filters, parse_query
 from tests.conftest import read_only_dir
 

@@ -198,7 +198,7 @@ def test_a_dropped_image_is_captioned_written_and_searchable_once(daemon: tuple[
     written = subprocess.run(["exiftool", "-s3", "-XMP-dc:Description", str(root / "blobs.jpg")],
                              capture_output=True, text=True, check=True).stdout.strip()
     assert written == caption
-    from capwatch.index import Index
+    from capwatch.library.index import Index
     from capwatch.search import make_filters, parse_query
 
     word = caption.split()[0]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from capwatch.config import Config, LibraryConfig, RootConfig
-from capwatch.index import Index
+from capwatch.library.index import Index
 from capwatch.scan import FoundFile, glob_regex, is_candidate, iter_image_files, reconcile
 from tests.conftest import FIXTURES, CliRunner, assert_one_line_error
 
