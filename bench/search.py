@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from capwatch.library.index import RANK_WINDOW, ImageRecord, Index, build_search_sql, build_window_sql  # noqa: E402
-from capwatch.search import SearchFilters, parse_query  # noqa: E402
+from capwatch.library.search import SearchFilters, parse_query  # noqa: E402
 
 CORE = """a the of on in with and at an to is are two man woman people person group dog cat bird horse car bike
 bicycle street road building house city sky tree trees grass field water beach sea ocean lake river mountain snow

@@ -208,7 +208,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
       capwatch search --paths -0 sunset | xargs -0 ls -l
     """
-    from capwatch.search import make_filters, parse_query
+    from capwatch.library.search import make_filters, parse_query
 
     if as_json and paths_only:
         raise click.UsageError("--json and --paths cannot be used together")

@@ -11,7 +11,7 @@ import pytest
 
 from capwatch.errors import IndexUnavailable
 from capwatch.library.index import SCHEMA_VERSION, ImageRecord, Index, IndexedState
-from capwatch.search import SearchFilters, make_filters, parse_query
+from capwatch.library.search import SearchFilters, make_filters, parse_query
 from tests.conftest import read_only_dir
 
 

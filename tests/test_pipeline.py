@@ -199,7 +199,7 @@ def test_a_dropped_image_is_captioned_written_and_searchable_once(daemon: tuple[
                              capture_output=True, text=True, check=True).stdout.strip()
     assert written == caption
     from capwatch.library.index import Index
-    from capwatch.search import make_filters, parse_query
+    from capwatch.library.search import make_filters, parse_query
 
     word = caption.split()[0]
     with Index.open(db) as index:

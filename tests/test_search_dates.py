@@ -12,7 +12,7 @@ import metadata_corpus as mc
 import pytest
 
 from capwatch.errors import QueryError
-from capwatch.search import make_filters, parse_date_bound
+from capwatch.library.search import make_filters, parse_date_bound
 from tests.conftest import CliRunner, assert_one_line_error, isolated_env
 
 NOW = dt.datetime(2026, 3, 15, 12, 0, 0)

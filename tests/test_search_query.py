@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capwatch.errors import QueryError
-from capwatch.search import make_filters, parse_date_bound, parse_query
+from capwatch.library.search import make_filters, parse_date_bound, parse_query
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from capwatch.errors import IndexUnavailable
-from capwatch.search import ParsedQuery, SearchFilters
+from capwatch.library.search import ParsedQuery, SearchFilters
 
 if TYPE_CHECKING:
     # Imported when migrating only: sqlite_utils pulls in numpy, ~140 ms that `capwatch search` should not pay.
