@@ -6,7 +6,7 @@
    files/s until every one is captioned and searchable.
 2. Latency: images copied one at a time (spaced out, so queueing does not dominate); time from the copy's
    close to the file being findable through the index, p50/p99.
-3. Reconcile: 100 000 already-indexed, unchanged files; ``capwatch.scan.reconcile`` vs
+3. Reconcile: 100 000 already-indexed, unchanged files; ``capwatch.library.scan.reconcile`` vs
    ``find ROOT -printf '%s %T@\\n'`` over the same tree, warm cache, best of 3 (target: ratio <= 3).
 4. Idle RSS of the daemon after the model was unloaded (target <= 120 MB).
 
@@ -148,7 +148,7 @@ def _rss_kb(pid: int) -> int:
 def bench_reconcile(work: Path, count: int) -> dict[str, Any]:
     from capwatch.config import Config, RootConfig
     from capwatch.library.index import ImageRecord, Index
-    from capwatch.scan import reconcile
+    from capwatch.library.scan import reconcile
 
     root = work / "tree"
     per_dir = 1000

@@ -541,7 +541,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
     descriptions already in the files are imported and searchable at once. Safe to interrupt and run again:
     a write cut short is finished or undone by the next run.
     """
-    from capwatch.scan import reconcile
+    from capwatch.library.scan import reconcile
 
     config = _load(ctx)
     roots = _roots(config, dirs)

@@ -25,7 +25,7 @@ from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
-from capwatch.scan import is_utf8_path, printable_path, record_from_snapshot
+from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner

@@ -84,7 +84,7 @@ class IndexOnlyProcessor:
 
     def process_batch(self, paths: Sequence[Path]) -> list[IndexOutcome]:
         """Return one outcome per path (``error`` set for unreadable files); never raises for one file."""
-        from capwatch.scan import read_record
+        from capwatch.library.scan import read_record
 
         outcomes: list[IndexOutcome] = []
         records = []
@@ -353,7 +353,7 @@ def _group(number: int) -> str:
 
 
 def _stat(path: Path) -> FileState | None:
-    from capwatch.scan import sidecar_digest
+    from capwatch.library.scan import sidecar_digest
 
     try:
         st = os.stat(path)
@@ -616,7 +616,7 @@ class _Engine:
     # -- backfill: reconcile roots and queue what needs a caption ------------------------------------------
 
     def _backfill_loop(self) -> None:
-        from capwatch.scan import reconcile
+        from capwatch.library.scan import reconcile
 
         index = self._open_index()
         try:

@@ -3,7 +3,7 @@
 One observer per root: inotify where it works, a polling observer when the configuration asks for one
 (NFS/SMB, where inotify sees no remote changes) or when the kernel runs out of inotify watches — then one
 log line names ``fs.inotify.max_user_watches`` and the fallback taken. Events are filtered with the library
-rules (:func:`capwatch.scan.is_candidate`: extensions, include/exclude globs, hidden names, our own temp files);
+rules (:func:`capwatch.library.scan.is_candidate`: extensions, include/exclude globs, hidden names, our own temp files);
 symlinks that lead out of a root are ignored unless ``library.follow_symlinks`` is set.
 
 The handler runs on watchdog's threads and only forwards :class:`WatchEvent` values to a sink (a thread-safe
@@ -37,7 +37,7 @@ from watchdog.observers.polling import PollingObserver
 
 from capwatch.config import LibraryConfig, RootConfig, WatchConfig
 from capwatch.metadata.sidecar import possible_sidecar_names
-from capwatch.scan import is_candidate
+from capwatch.library.scan import is_candidate
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from capwatch.config import Config, LibraryConfig, MetadataConfig, ModelConfig, 
 from capwatch.library.index import Index
 from capwatch.models.captioner import open_captioner
 from capwatch.process import HUMAN_KEPT, Processor
-from capwatch.scan import reconcile
+from capwatch.library.scan import reconcile
 from tests.conftest import FIXTURES, CliRunner
 
 MODEL = FIXTURES / "models" / "vit-gpt2-tiny-greedy"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.library.index import Index
-from capwatch.scan import FoundFile, glob_regex, is_candidate, iter_image_files, reconcile
+from capwatch.library.scan import FoundFile, glob_regex, is_candidate, iter_image_files, reconcile
 from tests.conftest import FIXTURES, CliRunner, assert_one_line_error
 
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
