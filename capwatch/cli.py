@@ -28,7 +28,7 @@ from capwatch.errors import CapwatchError
 if TYPE_CHECKING:
     from capwatch.library.index import Index
     from capwatch.models.captioner import Captioner
-    from capwatch.process import FileOutcome, Processor
+    from capwatch.library.process import FileOutcome, Processor
 
 log = logging.getLogger("capwatch")
 
@@ -468,7 +468,7 @@ def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json:
 
 def _recover_writes() -> None:
     """Settle writes a killed capwatch left behind (every writing command starts with this)."""
-    from capwatch.process import recover_writes
+    from capwatch.library.process import recover_writes
 
     recover_writes(log)
 
@@ -476,7 +476,7 @@ def _recover_writes() -> None:
 def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                force: bool = False) -> Processor:
     from capwatch.metadata import Journal
-    from capwatch.process import Processor, hooks_from_env
+    from capwatch.library.process import Processor, hooks_from_env
 
     return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
                      hooks=hooks_from_env(os.environ))

@@ -32,7 +32,7 @@ DONE_STATUSES = frozenset({"captioned", "described", "error"})
 
 
 class Outcome(Protocol):
-    """What the pipeline reads from one processed file (``capwatch.process.FileOutcome`` fits)."""
+    """What the pipeline reads from one processed file (``capwatch.library.process.FileOutcome`` fits)."""
 
     @property
     def path(self) -> Path: ...
@@ -45,7 +45,7 @@ class Outcome(Protocol):
 
 
 class BatchProcessor(Protocol):
-    """Anything that processes a batch of files end to end (``capwatch.process.Processor`` fits)."""
+    """Anything that processes a batch of files end to end (``capwatch.library.process.Processor`` fits)."""
 
     def process_batch(self, paths: Sequence[Path]) -> Sequence[Outcome]: ...
 

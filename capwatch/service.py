@@ -177,7 +177,7 @@ class Daemon:
         try:
             Index.open(self.index_path, busy_timeout=self.config.index.busy_timeout_seconds).close()
             if self._caption:
-                from capwatch.process import recover_writes
+                from capwatch.library.process import recover_writes
 
                 recover_writes(log)
             self._start_engine()
@@ -420,7 +420,7 @@ class _Engine:
         if self.captioner is None:
             return IndexOnlyProcessor(self.config, index)
         from capwatch.metadata import Journal
-        from capwatch.process import Processor, hooks_from_env
+        from capwatch.library.process import Processor, hooks_from_env
 
         processor: BatchProcessor = Processor(self.config, index, self.captioner, journal=Journal.default(),
                                               hooks=hooks_from_env(os.environ))
@@ -654,7 +654,7 @@ class _Engine:
             log.warning("%s", message)
         # Settle writes left unsettled by a killed `capwatch caption`/`scan` (or by this daemon, after an error
         # that had to leave its backup): live writers' entries are locked and left alone.
-        from capwatch.process import recover_writes
+        from capwatch.library.process import recover_writes
 
         recover_writes(log)
         todo = list(result.to_caption)

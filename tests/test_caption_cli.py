@@ -13,7 +13,7 @@ from PIL import Image
 from capwatch.config import Config, LibraryConfig, MetadataConfig, ModelConfig, RootConfig
 from capwatch.library.index import Index
 from capwatch.models.captioner import open_captioner
-from capwatch.process import HUMAN_KEPT, Processor
+from capwatch.library.process import HUMAN_KEPT, Processor
 from capwatch.library.scan import reconcile
 from tests.conftest import FIXTURES, CliRunner
 
