@@ -64,7 +64,7 @@ def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _live(db: Path) -> dict[str, Any] | None:
-    from capwatch.service import read_live_state
+    from capwatch.daemon.service import read_live_state
 
     return read_live_state(db)
 

@@ -643,7 +643,7 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
     Reconciles the roots at start (backfill), then follows changes. SIGTERM/Ctrl-C stop cleanly, SIGHUP re-reads
     the configuration. Under systemd it reports READY, STATUS and WATCHDOG.
     """
-    from capwatch.service import run_daemon
+    from capwatch.daemon.service import run_daemon
 
     app: AppContext = ctx.obj
     config = _load(ctx)

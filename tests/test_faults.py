@@ -17,7 +17,7 @@ from daemon_helpers import IMAGES, MODELS, rows, start_daemon, stop_daemon, wait
 from PIL import Image
 
 from capwatch.metadata import is_temp_file, read_metadata
-from capwatch.service import read_live_state
+from capwatch.daemon.service import read_live_state
 
 MODEL = MODELS / "vit-gpt2-tiny-greedy"
 

@@ -147,7 +147,7 @@ import pytest  # noqa: E402
 from daemon_helpers import IMAGES, MODELS, rows, wait_until, write_config  # noqa: E402
 
 from capwatch.config import load_config  # noqa: E402
-from capwatch.service import read_live_state, run_daemon  # noqa: E402
+from capwatch.daemon.service import read_live_state, run_daemon  # noqa: E402
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from daemon_helpers import (
 )
 
 from capwatch.config import load_config
-from capwatch.service import DaemonAlreadyRunning, SystemdNotifier, live_state_path, read_live_state, run_daemon
+from capwatch.daemon.service import DaemonAlreadyRunning, SystemdNotifier, live_state_path, read_live_state, run_daemon
 
 
 class ThreadDaemon:
