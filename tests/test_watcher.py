@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from capwatch.config import LibraryConfig, RootConfig, WatchConfig
-from capwatch.watcher import Watcher, WatchEvent, default_observer_factory
+from capwatch.daemon.watcher import Watcher, WatchEvent, default_observer_factory
 
 TIMEOUT = 15.0
 
@@ -199,7 +199,7 @@ def test_inotify_exhaustion_falls_back_to_polling_with_one_log_line(
     sink = Sink()
     watcher = Watcher(LibraryConfig(), WatchConfig(poll_interval_seconds=0.2), sink, observer_factory=factory)
     try:
-        with caplog.at_level(logging.WARNING, logger="capwatch.watcher"):
+        with caplog.at_level(logging.WARNING, logger="capwatch.daemon.watcher"):
             assert watcher.start_root(RootConfig(library)) == "polling"
         lines = [r.getMessage() for r in caplog.records if "inotify" in r.getMessage()]
         assert len(lines) == 1

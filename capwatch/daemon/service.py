@@ -46,7 +46,7 @@ from capwatch.instance import (
 from capwatch.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
 from capwatch.sdnotify import SystemdNotifier
 from capwatch.settle import FileState, Settler
-from capwatch.watcher import Watcher, WatchEvent, roots_for
+from capwatch.daemon.watcher import Watcher, WatchEvent, roots_for
 
 log = logging.getLogger(__name__)
 
