@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capwatch.settle import FileState, Settler, is_temp_name
+from capwatch.daemon.settle import FileState, Settler, is_temp_name
 
 
 class Clock:

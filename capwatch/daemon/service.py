@@ -45,7 +45,7 @@ from capwatch.instance import (
 )
 from capwatch.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
 from capwatch.sdnotify import SystemdNotifier
-from capwatch.settle import FileState, Settler
+from capwatch.daemon.settle import FileState, Settler
 from capwatch.daemon.watcher import Watcher, WatchEvent, roots_for
 
 log = logging.getLogger(__name__)
