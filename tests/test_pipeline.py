@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from capwatch.pipeline import JobQueue
+from capwatch.daemon.pipeline import JobQueue
 
 A, B, C, D = (Path(f"/lib/{n}.jpg") for n in "abcd")
 

@@ -43,7 +43,7 @@ from capwatch.instance import (
     read_live_state,
     write_json_atomic,
 )
-from capwatch.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
+from capwatch.daemon.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
 from capwatch.sdnotify import SystemdNotifier
 from capwatch.daemon.settle import FileState, Settler
 from capwatch.daemon.watcher import Watcher, WatchEvent, roots_for
