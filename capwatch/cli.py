@@ -243,7 +243,7 @@ def _model_label(config: Config) -> str:
 
 
 def _live_state(index_path: Path) -> dict[str, Any] | None:
-    from capwatch.instance import read_live_state
+    from capwatch.daemon.instance import read_live_state
 
     return read_live_state(index_path)
 

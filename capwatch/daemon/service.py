@@ -35,7 +35,7 @@ from typing import Any
 from capwatch.config import Config, RootConfig, load_config
 from capwatch.errors import CapwatchError
 from capwatch.library.index import Index, normalise_path
-from capwatch.instance import (
+from capwatch.daemon.instance import (
     DaemonAlreadyRunning,
     InstanceLock,
     live_state_path,
