@@ -44,7 +44,7 @@ from capwatch.daemon.instance import (
     write_json_atomic,
 )
 from capwatch.daemon.pipeline import BatchProcessor, JobQueue, Pipeline, PipelineStats
-from capwatch.sdnotify import SystemdNotifier
+from capwatch.daemon.sdnotify import SystemdNotifier
 from capwatch.daemon.settle import FileState, Settler
 from capwatch.daemon.watcher import Watcher, WatchEvent, roots_for
 
