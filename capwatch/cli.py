@@ -27,8 +27,8 @@ from capwatch.errors import CapwatchError
 
 if TYPE_CHECKING:
     from capwatch.library.index import Index
-    from capwatch.models.captioner import Captioner
     from capwatch.library.process import FileOutcome, Processor
+    from capwatch.models.captioner import Captioner
 
 log = logging.getLogger("capwatch")
 
@@ -475,8 +475,8 @@ def _recover_writes() -> None:
 
 def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                force: bool = False) -> Processor:
-    from capwatch.metadata import Journal
     from capwatch.library.process import Processor, hooks_from_env
+    from capwatch.metadata import Journal
 
     return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
                      hooks=hooks_from_env(os.environ))

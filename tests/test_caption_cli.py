@@ -12,9 +12,9 @@ from PIL import Image
 
 from capwatch.config import Config, LibraryConfig, MetadataConfig, ModelConfig, RootConfig
 from capwatch.library.index import Index
-from capwatch.models.captioner import open_captioner
 from capwatch.library.process import HUMAN_KEPT, Processor
 from capwatch.library.scan import reconcile
+from capwatch.models.captioner import open_captioner
 from tests.conftest import FIXTURES, CliRunner
 
 MODEL = FIXTURES / "models" / "vit-gpt2-tiny-greedy"

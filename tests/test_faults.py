@@ -16,8 +16,8 @@ import pytest
 from daemon_helpers import IMAGES, MODELS, rows, start_daemon, stop_daemon, wait_until, write_config
 from PIL import Image
 
-from capwatch.metadata import is_temp_file, read_metadata
 from capwatch.daemon.service import read_live_state
+from capwatch.metadata import is_temp_file, read_metadata
 
 MODEL = MODELS / "vit-gpt2-tiny-greedy"
 

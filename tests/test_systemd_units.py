@@ -37,8 +37,8 @@ def _capwatch_command() -> str:
 @pytest.mark.skipif(not _analyze_works(), reason="systemd-analyze is not available here")
 def test_system_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at the capwatch installed here.
-    text = (UNITS / "capwatch.daemon.service").read_text().replace("/usr/local/bin/capwatch", _capwatch_command())
-    unit = tmp_path / "capwatch.daemon.service"
+    text = (UNITS / "capwatch.service").read_text().replace("/usr/local/bin/capwatch", _capwatch_command())
+    unit = tmp_path / "capwatch.service"
     unit.write_text(text)
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
                             check=False)
@@ -49,7 +49,7 @@ def test_system_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 @pytest.mark.skipif(not _analyze_works(), reason="systemd-analyze is not available here")
 def test_user_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = (UNITS / "capwatch-user.service").read_text().replace("%h/.local/bin/capwatch", _capwatch_command())
-    unit = tmp_path / "capwatch.daemon.service"
+    unit = tmp_path / "capwatch.service"
     unit.write_text(text)
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
@@ -61,7 +61,7 @@ def test_user_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_system_unit_is_a_sandboxed_notify_service() -> None:
-    service = _parse("capwatch.daemon.service")["Service"]
+    service = _parse("capwatch.service")["Service"]
     assert service["Type"] == "notify"
     assert service["Restart"] == "on-failure"
     assert service["WatchdogSec"]

@@ -397,8 +397,8 @@ class Pipeline:
 
     def _unchanged(self, index: Index, path: Path, st: os.stat_result) -> bool:
         from capwatch.library.index import IndexedState
-        from capwatch.metadata import fingerprint_file
         from capwatch.library.scan import sidecar_digest
+        from capwatch.metadata import fingerprint_file
 
         record = index.get(path)
         if record is None or record.status not in DONE_STATUSES:

@@ -33,8 +33,6 @@ from types import FrameType
 from typing import Any
 
 from capwatch.config import Config, RootConfig, load_config
-from capwatch.errors import CapwatchError
-from capwatch.library.index import Index, normalise_path
 from capwatch.daemon.instance import (
     DaemonAlreadyRunning,
     InstanceLock,
@@ -47,6 +45,8 @@ from capwatch.daemon.pipeline import BatchProcessor, JobQueue, Pipeline, Pipelin
 from capwatch.daemon.sdnotify import SystemdNotifier
 from capwatch.daemon.settle import FileState, Settler
 from capwatch.daemon.watcher import Watcher, WatchEvent, roots_for
+from capwatch.errors import CapwatchError
+from capwatch.library.index import Index, normalise_path
 
 log = logging.getLogger(__name__)
 
@@ -419,8 +419,8 @@ class _Engine:
         index = self._open_index()
         if self.captioner is None:
             return IndexOnlyProcessor(self.config, index)
-        from capwatch.metadata import Journal
         from capwatch.library.process import Processor, hooks_from_env
+        from capwatch.metadata import Journal
 
         processor: BatchProcessor = Processor(self.config, index, self.captioner, journal=Journal.default(),
                                               hooks=hooks_from_env(os.environ))

@@ -36,8 +36,8 @@ from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from capwatch.config import LibraryConfig, RootConfig, WatchConfig
-from capwatch.metadata.sidecar import possible_sidecar_names
 from capwatch.library.scan import is_candidate
+from capwatch.metadata.sidecar import possible_sidecar_names
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
-from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
 from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot
+from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
