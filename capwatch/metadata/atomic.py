@@ -328,13 +328,7 @@ def _replace_in_place(path: Path, data: bytes, expected: FileIdentity, st: os.st
     entry = journal.in_place(path, backup, expected, sha256_bytes(original), sha256_bytes(data), times)
     try:
         with discard_on_failure(backup, f"{path}: write failed"):
-            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                         0o600)
-            try:
-                write_all(fd, original)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_new_file(backup, original, 0o600)
             fsync_dir(path.parent)
             if before_commit is not None:
                 before_commit(path)
@@ -371,6 +365,17 @@ def _overwrite_verified(path: Path, data: bytes, original: bytes, backup: Path, 
     fsync_dir(path.parent)
 
 
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (never over an existing name or through a symlink) holding ``data``, fsynced. Raises
+    OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def create_file(target: Path, data: bytes, *, journal: Journal) -> None:
     """Create ``target`` atomically with ``data`` (temp file, then a no-clobber hard link), mode per umask.
 
@@ -379,13 +384,7 @@ def create_file(target: Path, data: bytes, *, journal: Journal) -> None:
     """
     tmp = temp_path(target, "tmp")
     with journal.create(target, tmp), discard_on_failure(tmp, f"{target}: cannot write"):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                     0o666)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new_file(tmp, data, 0o666)
         try:
             os.link(tmp, target)  # fails if the name appeared meanwhile
         except FileExistsError:
