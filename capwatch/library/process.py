@@ -128,7 +128,8 @@ class Processor:
     def process_batch(self, paths: Sequence[Path], *, skip_captioned: bool = True) -> list[FileOutcome]:
         """Caption ``paths`` (in batches of ``model.batch_size``) and return one outcome per path, in order.
 
-        ``skip_captioned`` skips files whose index row already holds our caption for the same content.
+        ``skip_captioned`` skips files that already carry a capwatch caption (recording what they hold) and files
+        whose index row holds our caption for the same content.
         Never raises for a single bad file; raises ModelError when the model itself cannot run and
         IndexUnavailable when the index cannot be written.
         """
