@@ -187,7 +187,7 @@ def test_damaged_image_becomes_an_error_row_and_the_rest_is_indexed(run_cli: Cli
 
 
 def _paths_of(found: Iterable[FoundFile]) -> list[str]:
-    return [f.path for f in found]
+    return [path for path, _st, _sidecars in found]
 
 
 def test_walk_honours_hidden_excludes_extensions_and_include(library: Path) -> None:

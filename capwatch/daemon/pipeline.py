@@ -403,11 +403,11 @@ class Pipeline:
         record = index.get(path)
         if record is None or record.status not in DONE_STATUSES:
             return False
-        now = IndexedState(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecar_digest(path))
+        sidecars = sidecar_digest(path)
         recorded = IndexedState(record.size, record.mtime_ns, record.ctime_ns, record.sidecars)
-        if not recorded.differs(now):
+        if not recorded.differs(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecars):
             return True
-        if not record.fingerprint or recorded.sidecars != now.sidecars:
+        if not record.fingerprint or recorded.sidecars != sidecars:
             return False  # a sidecar changed: the description may have, even if the image did not
         try:
             fingerprint = fingerprint_file(path)
@@ -417,7 +417,8 @@ class Pipeline:
             return False
         # Same content, new stat (a touch, a chmod, a copy over itself): record the state so the next reconcile
         # does not open the file again.
-        index.update_stat(record.path, now, record.fingerprint)
+        index.update_stat(record.path, IndexedState(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecars),
+                          record.fingerprint)
         return True
 
     def _model_loop(self) -> None:

@@ -69,16 +69,16 @@ class IndexedState(NamedTuple):
     ctime_ns: int | None
     sidecars: str | None
 
-    def differs(self, now: IndexedState) -> bool:
-        """True when ``now`` (the current state, every field known) is not what was recorded."""
-        if (self.size, self.mtime_ns) != (now.size, now.mtime_ns):
+    def differs(self, size: int, mtime_ns: int, ctime_ns: int, sidecars: str) -> bool:
+        """True when the file's current state (every field known) is not what was recorded."""
+        if self.size != size or self.mtime_ns != mtime_ns:
             return True
-        if self.ctime_ns is not None and self.ctime_ns != now.ctime_ns:
+        if self.ctime_ns is not None and self.ctime_ns != ctime_ns:
             return True
         if self.sidecars is None:
             # Recorded before sidecars were tracked: a file that has sidecars must be read once.
-            return bool(now.sidecars)
-        return self.sidecars != now.sidecars
+            return bool(sidecars)
+        return self.sidecars != sidecars
 
     @property
     def complete(self) -> bool:
@@ -525,7 +525,8 @@ class Index:
         rows = self._guard(lambda: self._conn.execute(
             "SELECT path, size, mtime_ns, ctime_ns, sidecars FROM images WHERE path >= ? AND path < ?", (lo, hi)
         ).fetchall())
-        return {p: IndexedState(s, m, c, x) for p, s, m, c, x in rows}
+        make = tuple.__new__  # a million rows: skip the named tuple's argument checking
+        return {row[0]: make(IndexedState, row[1:]) for row in rows}
 
     def iter_records(self, root: str | Path | None = None, *, status: Status | None = None) -> Iterator[ImageRecord]:
         """Every record (optionally under ``root`` and/or with ``status``), ordered by path."""

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.errors import CapwatchError
@@ -151,18 +150,9 @@ def _file_patterns(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{r})" for r in relevant)) if relevant else None
 
 
-class FoundFile(NamedTuple):
-    """A candidate image found by :func:`iter_image_files`: its path, stat, and the digest of its sidecars.
-    (A named tuple: one is made per file on every reconcile, and a frozen dataclass costs three times as much.)"""
-
-    path: str
-    st: os.stat_result
-    sidecars: str
-
-    @property
-    def state(self) -> IndexedState:
-        """The state the index compares with what it recorded."""
-        return IndexedState(self.st.st_size, self.st.st_mtime_ns, self.st.st_ctime_ns, self.sidecars)
+#: A candidate image found by :func:`iter_image_files`: (absolute path, stat, digest of its XMP sidecars). A plain
+#: tuple: one is made per file on every reconcile of up to millions of files.
+FoundFile = tuple[str, os.stat_result, str]
 
 
 def iter_image_files(root: RootConfig, library: LibraryConfig, *,
@@ -214,7 +204,8 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
                 skip(shown, f"{shown}: the name is not valid UTF-8; rename it to have it indexed")
                 continue
             try:
-                if entry.is_symlink():
+                link = entry.is_symlink()
+                if link:
                     if not follow:
                         continue
                     is_dir = entry.is_dir()
@@ -244,10 +235,12 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
                 if name[0] == "." and is_temp_file(name):
                     continue
                 st = entry.stat()
-                if entry.is_symlink():
+                if link:
                     sidecars = sidecar_digest(Path(entry.path))  # the target's sidecars, as the reader sees them
+                elif sidecar_entries:
+                    sidecars = _sidecar_digest(name, sidecar_entries)
                 else:
-                    sidecars = _sidecar_digest(name, sidecar_entries) if sidecar_entries else ""
+                    sidecars = ""
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ELOOP):
                     continue  # vanished, or a dangling/looping link: nothing to index
@@ -255,7 +248,7 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
                 skip(shown, f"{shown}: {exc.strerror or exc}")
                 continue
             if stat.S_ISREG(st.st_mode):
-                yield FoundFile(entry.path, st, sidecars)
+                yield entry.path, st, sidecars
 
 
 def _sidecar_digest(name: str, entries: dict[str, os.DirEntry[str]]) -> str:
@@ -371,18 +364,17 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     pop = missing.pop
     skipped: list[tuple[str, str]] = []
     fill: list[tuple[str, int, str]] = []
-    for found in iter_image_files(root, config.library, on_skip=lambda p, m: skipped.append((p, m))):
+    for path, st, sidecars in iter_image_files(root, config.library, on_skip=lambda p, m: skipped.append((p, m))):
         seen += 1
-        path, st = found.path, found.st
         old = pop(path, None)
         if old is None:
             fresh.append((path, st))
-        elif old.differs(found.state):
+        elif old.differs(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecars):
             changed.append((path, st))
         else:
             unchanged += 1
             if not old.complete:
-                fill.append((path, st.st_ctime_ns, found.sidecars))  # a row from before schema 4
+                fill.append((path, st.st_ctime_ns, sidecars))  # a row from before schema 4
         if progress is not None and not seen & 1023:
             progress(seen)
     if progress is not None:
