@@ -27,7 +27,9 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +39,7 @@ from typing import Any
 from capwatch import paths
 from capwatch.config import ModelConfig
 from capwatch.errors import ModelError
-from capwatch.models import hub
+from capwatch.models import hub, stamp
 from capwatch.models.modelinfo import ModelInfo, PrecisionInfo, inspect_dir
 from capwatch.models.registry import (
     REGISTRY,
@@ -51,6 +53,8 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 MARKER_DIR = ".capwatch"
 STAGING_DIR = ".staging"
 MARKER_FORMAT = 1
+#: Room left free on the cache's file system after a pull, on top of the files themselves.
+FREE_SPACE_MARGIN = 64 << 20
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -123,11 +127,11 @@ def resolve_model(
     cache directory, or ``--model DIR``).
     """
     if config.dir is not None:
-        return _resolve_dir(config.dir, config.precision)
+        return _resolve_dir(config.dir, config.precision, env)
     spec = get_spec(config.name, registry)
     wanted = spec.default_precision if config.precision == "auto" else config.precision
     spec.precision(wanted)  # unknown precision: one clear line before anything else
-    found = _find_complete(models_root(env) / spec.name, spec, wanted)
+    found = _find_complete(models_root(env) / spec.name, spec, wanted, env, verify=True)
     if found is not None:
         return found
     if download and not is_offline(env):
@@ -160,7 +164,7 @@ def pull(
     chosen = precision or spec.default_precision
     files = spec.files(chosen)
     home = models_root(env) / spec.name
-    found = _find_complete(home, spec, chosen)
+    found = _find_complete(home, spec, chosen, env, verify=True)
     if is_offline(env):
         if found is not None:
             return found
@@ -169,10 +173,13 @@ def pull(
     if found is not None and spec.pinned:
         return found
     base = (endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    cache = paths.cache_dir(env)
     try:
+        _refuse_links(cache, home)
         home.mkdir(parents=True, exist_ok=True)
+        _refuse_links(cache, home)  # created by someone else a moment ago, as a link
         with _model_lock(home):
-            return _pull_locked(spec, chosen, files, home, base, env, progress)
+            return _pull_locked(spec, chosen, files, home, cache, base, env, progress)
     except OSError as exc:
         raise ModelError(f"cannot write model {spec.name} into {home}: {exc.strerror or exc}") from None
 
@@ -183,7 +190,7 @@ def list_models(env: Mapping[str, str], *, registry: Sequence[ModelSpec] = REGIS
     out = []
     for spec in registry:
         home = root / spec.name
-        cached = tuple(p for p in spec.precision_names if _find_complete(home, spec, p) is not None)
+        cached = tuple(p for p in spec.precision_names if _find_complete(home, spec, p, env) is not None)
         out.append(ModelStatus(
             name=spec.name, repo=spec.repo, family=spec.family, default=spec.default, cached_precisions=cached,
             bytes_on_disk=_tree_bytes(home), description=spec.description,
@@ -208,9 +215,10 @@ def model_info(
         if not (directory / "config.json").is_file() and not any(directory.glob("*.onnx")) \
                 and not any(directory.glob("onnx/*.onnx")):
             raise ModelError(f"{directory}: not a model directory (no config.json and no ONNX graphs)")
-        return inspect_dir(directory, provenance=_any_marker(directory), verified=_verified(directory))
+        key = stamp.existing_key(env)
+        return inspect_dir(directory, provenance=_stamped_marker(directory, key), verified=_verified(directory, key))
     home = models_root(env) / spec.name
-    cached = [c for c in (_find_complete(home, spec, p) for p in spec.precision_names) if c is not None]
+    cached = [c for c in (_find_complete(home, spec, p, env) for p in spec.precision_names) if c is not None]
     approx = tuple((p.precision, p.approx_bytes) for p in spec.precisions)
     if not cached:
         return ModelInfo(
@@ -220,7 +228,7 @@ def model_info(
             approx_bytes=approx,
         )
     directory = cached[0].dir
-    info = inspect_dir(directory, family_hint=spec.family, verified=_verified(directory))
+    info = inspect_dir(directory, family_hint=spec.family, verified=_verified(directory, stamp.existing_key(env)))
     return dataclasses.replace(
         info, name=spec.name, repo=spec.repo, revision=spec.revision, commit=cached[0].revision,
         task_prompts=info.task_prompts or spec.task_prompts, description=spec.description, licence=spec.licence,
@@ -232,12 +240,14 @@ def model_info(
 # Resolving
 
 
-def _resolve_dir(directory: Path, precision: str) -> ResolvedModel:
+def _resolve_dir(directory: Path, precision: str, env: Mapping[str, str]) -> ResolvedModel:
     directory = directory.expanduser()
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
         raise ModelError(f"model directory {directory} {what} (from --model, $CAPWATCH_MODEL or model.dir)")
-    marker = _any_marker(directory)
+    # The repository and commit a folder claims become the provenance written into every photo: believed only from
+    # a marker capwatch stamped itself.
+    marker = _stamped_marker(directory, stamp.existing_key(env))
     model_id = str(marker.get("repo")) if marker and marker.get("repo") else directory.resolve().name
     revision = str(marker["commit"]) if marker and marker.get("commit") else None
     return ResolvedModel(dir=directory, model_id=model_id, revision=revision, precision=precision, name=None)
@@ -258,76 +268,150 @@ def _marker_path(model_dir: Path, precision: str) -> Path:
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
+    """A completion marker (a regular file, never read through a link, at most 1 MiB), or None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, (1 << 20) + 1)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw.decode("utf-8")) if len(raw) <= 1 << 20 else None
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
 
 
-def _any_marker(model_dir: Path) -> dict[str, Any] | None:
-    """The newest completion marker in ``model_dir`` (any precision), for provenance of a copied directory."""
-    markers = sorted((model_dir / MARKER_DIR).glob("*.json")) if (model_dir / MARKER_DIR).is_dir() else []
-    best: dict[str, Any] | None = None
-    for path in markers:
+def _markers(model_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(precision, marker) for every readable marker in ``model_dir`` (none when the marker folder is a link)."""
+    folder = model_dir / MARKER_DIR
+    if not _is_real_dir(folder):
+        return []
+    out = []
+    for path in sorted(folder.glob("*.json")):
         data = _read_marker(path)
-        if data is not None and (best is None or str(data.get("pulled_at", "")) > str(best.get("pulled_at", ""))):
+        if data is not None:
+            out.append((path.stem, data))
+    return out
+
+
+def _stamped_marker(model_dir: Path, key: bytes | None) -> dict[str, Any] | None:
+    """The newest marker in ``model_dir`` that capwatch stamped itself (provenance of a copied directory)."""
+    best: dict[str, Any] | None = None
+    for precision, data in _markers(model_dir) if key is not None else []:
+        assert key is not None
+        if stamp.is_valid(key, model_dir, precision, data) and (
+                best is None or str(data.get("pulled_at", "")) > str(best.get("pulled_at", ""))):
             best = data
     return best
 
 
-def _verified(model_dir: Path) -> frozenset[str]:
-    """Precisions in ``model_dir`` whose completion marker is present and intact."""
-    folder = model_dir / MARKER_DIR
-    if not folder.is_dir():
+def _verified(model_dir: Path, key: bytes | None) -> frozenset[str]:
+    """Precisions in ``model_dir`` whose files capwatch hashed itself and that are untouched since (stamp)."""
+    if key is None:
         return frozenset()
-    out = set()
-    for path in folder.glob("*.json"):
-        marker = _read_marker(path)
-        if marker is not None and _marker_intact(model_dir, marker):
-            out.add(path.stem)
-    return frozenset(out)
+    return frozenset(p for p, data in _markers(model_dir) if stamp.is_valid(key, model_dir, p, data))
 
 
 def _marker_intact(model_dir: Path, marker: dict[str, Any]) -> bool:
-    # A stat per file, not a re-hash: this runs at every daemon start and the graphs are hundreds of MB. The hash
-    # was checked when the file arrived; a truncated or deleted file still shows up here.
+    """Every listed file is a regular file (not a link) of the listed size: cheap, no hashing."""
     files = marker.get("files")
     if not isinstance(files, list) or not files:
         return False
     for entry in files:
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            return False
+        relative = Path(entry["path"])
+        if relative.is_absolute() or ".." in relative.parts:
             return False
         try:
-            size = (model_dir / str(entry["path"])).stat().st_size
-        except (OSError, KeyError):
+            st = os.lstat(model_dir / relative)
+        except OSError:
             return False
-        if size != entry.get("size"):
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.get("size"):
             return False
     return True
 
 
-def _find_complete(home: Path, spec: ModelSpec, precision: str) -> ResolvedModel | None:
-    """The cached copy of ``spec`` at ``precision`` whose marker is present and intact, else None."""
-    if not home.is_dir():
+def _find_complete(home: Path, spec: ModelSpec, precision: str, env: Mapping[str, str], *,
+                   verify: bool = False) -> ResolvedModel | None:
+    """The cached copy of ``spec`` at ``precision`` whose marker is present and whose files are intact, else None.
+
+    A copy capwatch has stamped is taken at once. One it has not (a cache copied from another machine, or planted)
+    is, with ``verify``, hashed once: every file must match the registry's sha256 pin where there is one, and the
+    marker's sum otherwise; then it is stamped. Without ``verify`` (listing) an unstamped intact copy counts as
+    cached. Links inside the cache are never followed.
+    """
+    if not _is_real_dir(home) or not _is_real_dir(home.parent):
         return None
-    if spec.pinned:
-        candidates = [home / spec.revision]
-    else:
-        candidates = [p for p in home.iterdir() if p.is_dir() and is_commit(p.name)]
+    candidates = [home / spec.revision] if spec.pinned else [p for p in home.iterdir() if is_commit(p.name)]
+    key = stamp.local_key(env) if verify else stamp.existing_key(env)
     best: tuple[str, ResolvedModel] | None = None
     for model_dir in candidates:
-        marker = _read_marker(_marker_path(model_dir, precision))
+        if not _is_real_dir(model_dir):
+            continue
+        marker = _read_marker(_marker_path(model_dir, precision)) if _is_real_dir(model_dir / MARKER_DIR) else None
         if marker is None or marker.get("repo") != spec.repo or not _marker_intact(model_dir, marker):
             continue
         if not spec.pinned and marker.get("revision") != spec.revision:
             continue
-        stamp = str(marker.get("pulled_at", ""))
+        if verify and not (key is not None and stamp.is_valid(key, model_dir, precision, marker)):
+            assert key is not None
+            if not _reverify(spec, model_dir, precision, marker, key):
+                continue
+        stamp_time = str(marker.get("pulled_at", ""))
         resolved = ResolvedModel(dir=model_dir, model_id=spec.repo, revision=model_dir.name, precision=precision,
                                  name=spec.name)
-        if best is None or stamp > best[0]:  # for a branch, the most recently pulled commit wins
-            best = (stamp, resolved)
+        if best is None or stamp_time > best[0]:  # for a branch, the most recently pulled commit wins
+            best = (stamp_time, resolved)
     return best[1] if best else None
+
+
+def _reverify(spec: ModelSpec, model_dir: Path, precision: str, marker: dict[str, Any], key: bytes) -> bool:
+    """Hash every file of an unstamped copy; stamp it when all match (registry pins first, then the marker)."""
+    pins = {f.path: f.sha256 for f in spec.files(precision) if f.sha256}
+    for entry in marker["files"]:
+        expected = pins.get(entry["path"]) or entry.get("sha256")
+        try:
+            actual = stamp.sha256_nofollow(model_dir / entry["path"])
+        except OSError:
+            return False
+        if actual != expected:
+            return False
+    signed = stamp.compute(key, model_dir, precision, marker["files"])
+    if signed is None:
+        return False
+    _write_json_atomic(_marker_path(model_dir, precision), {**marker, "stamp": signed})
+    return True
+
+
+def _is_real_dir(path: Path) -> bool:
+    """True for a directory that is not a symlink."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _refuse_links(root: Path, path: Path) -> None:
+    """Raise ModelError when ``path``, or any folder between ``root`` (the cache directory, which the user may
+    have made a link on purpose) and it, is a symbolic link: nothing capwatch writes may land outside its cache."""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ModelError(f"model cache: cannot check {current}: {exc.strerror or exc}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ModelError(f"model cache: {current} is a symbolic link; capwatch never follows links inside its "
+                             "cache (remove it)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,12 +421,12 @@ def _find_complete(home: Path, spec: ModelSpec, precision: str) -> ResolvedModel
 @contextlib.contextmanager
 def _model_lock(home: Path) -> Iterator[None]:
     # Two pulls of one model (a CLI pull while the daemon auto-pulls) would fight over the same staging files.
-    with open(home / ".lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    fd = os.open(home / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _pull_locked(
@@ -350,6 +434,7 @@ def _pull_locked(
     precision: str,
     files: tuple[FileSpec, ...],
     home: Path,
+    cache: Path,
     endpoint: str,
     env: Mapping[str, str],
     progress: ProgressCallback | None,
@@ -365,33 +450,78 @@ def _pull_locked(
         raise ModelError(f"{endpoint} served {spec.repo} at commit {commit} instead of the pinned {spec.revision}")
     model_dir = home / commit
     staging = home / STAGING_DIR / commit
-    records: list[dict[str, Any]] = []
+    for folder in (model_dir, staging):
+        _refuse_links(cache, folder)
+    # Every size and checksum first: the whole pull is checked against the free space before a byte arrives.
+    plan: list[tuple[FileSpec, hub.RemoteFile, str | None, int]] = []
     for file in files:
         remote = first if file is anchor else _head(spec, file, commit, endpoint, env)
         if remote is None:  # an optional file the repository does not have
             continue
         expected_sha = _expected_sha256(spec, file, remote, commit)
         expected_size = remote.size if remote.size is not None else file.size
+        if expected_size is None:
+            raise ModelError(f"{spec.repo}/{file.path}@{commit[:12]}: neither {endpoint} nor the registry gives "
+                             "its size; refusing an unbounded download")
+        plan.append((file, remote, expected_sha, expected_size))
+    _check_free_space(spec, cache, model_dir, staging, [(f.path, size) for f, _r, _s, size in plan])
+    records: list[dict[str, Any]] = []
+    for file, remote, expected_sha, expected_size in plan:
         target = model_dir / file.path
+        part = staging / f"{file.path}.part"
+        _refuse_links(cache, target)
+        _refuse_links(cache, part)
         if progress is not None:
-            progress(file.path, 0, expected_size or 0)
-        if not _already_in_place(target, expected_size, expected_sha, remote.git_sha1):
-            staged = _download(spec, file, commit, endpoint, staging, expected_size, env, progress)
-            _verify(spec, file, commit, staged, expected_size, expected_sha, remote.git_sha1, staging)
+            progress(file.path, 0, expected_size)
+        computed = _already_in_place(target, expected_size, expected_sha, remote.git_sha1)
+        if computed is None:
+            staged = _download(spec, file, commit, endpoint, part, expected_size, env, progress)
+            computed = _verify(spec, file, commit, staged, expected_size, expected_sha, remote.git_sha1, staging)
             target.parent.mkdir(parents=True, exist_ok=True)
+            _refuse_links(cache, target)
             os.replace(staged, target)
-        size = target.stat().st_size
-        records.append({"path": file.path, "size": size, "sha256": expected_sha or _sha256(target)})
+        size = os.lstat(target).st_size
+        records.append({"path": file.path, "size": size, "sha256": computed})
         if progress is not None:
             progress(file.path, size, size)
-    marker = {
+    marker: dict[str, Any] = {
         "format": MARKER_FORMAT, "name": spec.name, "repo": spec.repo, "revision": spec.revision, "commit": commit,
         "precision": precision, "endpoint": endpoint, "files": records,
         "pulled_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+    # capwatch hashed every file itself just now: stamp the marker so later starts trust it without hashing.
+    signed = stamp.compute(stamp.local_key(env), model_dir, precision, records)
+    if signed is not None:
+        marker["stamp"] = signed
+    _refuse_links(cache, _marker_path(model_dir, precision))
     _write_json_atomic(_marker_path(model_dir, precision), marker)
     _drop_staging(staging)
     return ResolvedModel(dir=model_dir, model_id=spec.repo, revision=commit, precision=precision, name=spec.name)
+
+
+def _check_free_space(spec: ModelSpec, cache: Path, model_dir: Path, staging: Path,
+                      files: Sequence[tuple[str, int]]) -> None:
+    """Raise ModelError when the files still to download do not fit on the cache's file system (with a margin)."""
+    needed = 0
+    for relative, size in files:
+        with contextlib.suppress(OSError):
+            if os.lstat(model_dir / relative).st_size == size:
+                continue  # already in place (checked by hash later)
+        try:
+            have = os.lstat(staging / f"{relative}.part").st_size
+        except OSError:
+            have = 0
+        needed += max(0, size - have)
+    if not needed:
+        return
+    probe = next((p for p in (staging, model_dir, model_dir.parent, cache) if p.exists()), cache)
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # cannot tell: the download itself reports a full disk
+    if free < needed + FREE_SPACE_MARGIN:
+        raise ModelError(f"not enough free space to pull {spec.name}: it needs {needed / 1e6:,.0f} MB more in "
+                         f"{cache}, which has {free / 1e6:,.0f} MB free")
 
 
 def _head(
@@ -426,17 +556,22 @@ def _expected_sha256(spec: ModelSpec, file: FileSpec, remote: hub.RemoteFile, co
     return expected
 
 
-def _already_in_place(target: Path, size: int | None, sha256: str | None, git_sha1: str | None) -> bool:
-    """True when a verified copy from an earlier (interrupted or other-precision) pull is already in place."""
+def _already_in_place(target: Path, size: int, sha256: str | None, git_sha1: str | None) -> str | None:
+    """The sha256 of a verified copy already in place from an earlier (interrupted or other-precision) pull, or
+    None when there is none (missing, a link, another size or another content)."""
     try:
-        actual = target.stat().st_size
+        st = os.lstat(target)
     except OSError:
-        return False
-    if size is not None and actual != size:
-        return False
-    if sha256 is not None:
-        return _sha256(target) == sha256
-    return git_sha1 is not None and _git_blob_sha1(target) == git_sha1
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return None
+    try:
+        actual = stamp.sha256_nofollow(target)
+        if sha256 is not None:
+            return actual if actual == sha256 else None
+        return actual if git_sha1 is not None and _git_blob_sha1(target) == git_sha1 else None
+    except OSError:
+        return None
 
 
 def _download(
@@ -444,17 +579,25 @@ def _download(
     file: FileSpec,
     commit: str,
     endpoint: str,
-    staging: Path,
-    size: int | None,
+    part: Path,
+    size: int,
     env: Mapping[str, str],
     progress: ProgressCallback | None,
 ) -> Path:
-    """Fetch one file into ``staging/<path>.part`` (resuming a partial one). Returns the part file, unverified."""
-    part = staging / f"{file.path}.part"
+    """Fetch one file into ``part`` (resuming a partial one). Returns the part file, unverified. Raises ModelError."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(part)
+    except FileNotFoundError:
+        pass
+    else:
+        # Resume only what capwatch itself left there: a regular file of this user.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ModelError(f"model cache: {part} is not a partial download of this user; remove it")
 
     def report(done: int) -> None:
         if progress is not None:
-            progress(file.path, done, size or 0)
+            progress(file.path, done, size)
 
     try:
         hub.download_file(endpoint, spec.repo, commit, file.path, part, size, env, report)
@@ -472,23 +615,25 @@ def _verify(
     sha256: str | None,
     git_sha1: str | None,
     staging: Path,
-) -> None:
-    """Check size and checksum of a downloaded file; on a mismatch delete it (and the staging area) and raise."""
+) -> str:
+    """Check size and checksum of a downloaded file and return its sha256 (computed here); on a mismatch delete it
+    (and the staging area) and raise ModelError."""
     where = f"{spec.repo}/{file.path}@{commit[:12]}"
-    actual = staged.stat().st_size
+    actual = os.lstat(staged).st_size
     problem = None
+    computed = ""
     if size is not None and actual != size:
         problem = f"size {actual} bytes, expected {size}"
-    elif sha256 is not None:
-        got = _sha256(staged)
-        if got != sha256:
-            problem = f"sha256 {got}, expected {sha256}"
-    elif git_sha1 is not None:
-        got = _git_blob_sha1(staged)
-        if got != git_sha1:
-            problem = f"git blob sha1 {got}, expected {git_sha1}"
+    else:
+        computed = stamp.sha256_nofollow(staged)
+        if sha256 is not None and computed != sha256:
+            problem = f"sha256 {computed}, expected {sha256}"
+        elif sha256 is None and git_sha1 is not None:
+            got = _git_blob_sha1(staged)
+            if got != git_sha1:
+                problem = f"git blob sha1 {got}, expected {git_sha1}"
     if problem is None:
-        return
+        return computed
     staged.unlink(missing_ok=True)
     # The resumable part of a corrupt download must not be resumed either: start clean next time.
     _drop_staging(staging)
@@ -499,21 +644,17 @@ def _verify(
 # Files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _git_blob_sha1(path: Path) -> str:
-    """The git object id of a file, which the hub reports as the ETag of files not stored in LFS."""
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+    """The git object id of a file (never read through a link), which the hub reports as the ETag of files not
+    stored in LFS. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        digest = hashlib.sha1(f"blob {os.fstat(fd).st_size}\0".encode(), usedforsecurity=False)
+        while block := os.read(fd, 1 << 20):
             digest.update(block)
-    return digest.hexdigest()
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def _drop_staging(staging: Path) -> None:
@@ -523,13 +664,20 @@ def _drop_staging(staging: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as JSON: a fresh temp name (never an existing file or link), then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _tree_bytes(root: Path) -> int:
