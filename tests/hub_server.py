@@ -8,8 +8,9 @@
 * unknown repository / revision / file: ``404`` with the hub's ``X-Error-Code``.
 
 ``/cdn/<sha256>`` serves the bytes with ``Range`` support (``206`` + ``Content-Range``). Faults for tests: cut the
-connection in the middle of a body a given number of times, or serve bytes that do not match the advertised
-sha256. Every request is logged (method, path, Range header) so tests can assert what the client did.
+connection in the middle of a body a given number of times, serve bytes that do not match the advertised
+sha256, or point an LFS redirect somewhere else (``redirect``: another scheme, a file on the client's machine).
+Every request is logged (method, path, Range header) so tests can assert what the client did.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class FakeHub:
         self._cdn = cdn
         self.honour_range = honour_range
         self._failures: list[int] = []
+        #: sha256 -> the Location an LFS redirect for that content points at instead of this hub's (or its CDN's)
+        self._locations: dict[str, str] = {}
+        #: path -> the X-Linked-Size announced for an LFS file instead of its real size
+        self._sizes: dict[str, int] = {}
         self.requests: list[Request] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -91,6 +96,14 @@ class FakeHub:
     def corrupt(self, data: bytes, served: bytes) -> None:
         """Serve ``served`` wherever ``data`` is asked for, while still advertising ``data``'s sha256."""
         (self._cdn or self)._blobs[sha256(data)].data = served
+
+    def redirect(self, data: bytes, location: str) -> None:
+        """Point the LFS redirect for ``data`` at ``location`` (still advertising ``data``'s sha256 and size)."""
+        self._locations[sha256(data)] = location
+
+    def announce_size(self, path: str, size: int) -> None:
+        """Announce ``size`` bytes (X-Linked-Size) for the LFS file at ``path``, whatever its real size."""
+        self._sizes[path] = size
 
     def fail_next(self, status: int, times: int = 1) -> None:
         """Answer the next ``times`` requests, whatever they are, with ``status`` (e.g. 503)."""
@@ -194,10 +207,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.owner.is_lfs(file_path):
             digest = sha256(data)
             self.send_response(302)
-            self.send_header("Location", f"{(self.owner._cdn or self.owner).url}/cdn/{digest}")
+            default = f"{(self.owner._cdn or self.owner).url}/cdn/{digest}"
+            self.send_header("Location", self.owner._locations.get(digest, default))
             self.send_header("X-Repo-Commit", commit)
             self.send_header("X-Linked-Etag", f'"{digest}"')
-            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Linked-Size", str(self.owner._sizes.get(file_path, len(data))))
             self.send_header("ETag", f'"{digest}"')
             self.send_header("Content-Length", "0")
             self.end_headers()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,37 @@ def test_a_cache_link_is_one_line_through_the_cli(tmp_path: Path, run_cli: CliRu
     result = run_cli("models", "pull", "vit-gpt2", env={"CAPWATCH_CACHE_DIR": str(cache), "CAPWATCH_OFFLINE": "",
                                                       "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert "symbolic link" in assert_one_line_error(result)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB file system (tmpfs), for what a full disk does; skipped where it cannot be mounted."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_pull_that_does_not_fit_is_refused_before_any_download(tmp_path: Path, hub: FakeHub,
+                                                                  small_disk: Path) -> None:
+    env = {"CAPWATCH_CACHE_DIR": str(small_disk / "cache"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    with pytest.raises(ModelError) as info:
+        pull("tiny", "int8", env, endpoint=hub.url, registry=[_spec()])
+    assert "not enough free space" in _one_line(info.value)
+    assert not any(r.method == "GET" for r in hub.requests)
+
+
+def test_a_file_announced_far_larger_than_the_model_is_refused(tmp_path: Path) -> None:
+    files = _repo_files()
+    with FakeHub() as server:
+        server.add_commit(REPO, COMMIT, files)
+        server.announce_size("onnx/encoder_model_quantized.onnx", 10 ** 15)
+        with pytest.raises(ModelError) as info:
+            pull("tiny", "int8", _env(tmp_path), endpoint=server.url, registry=[_spec()])
+        assert "far more than the whole model" in _one_line(info.value)
+        assert not any(r.method == "GET" for r in server.requests)

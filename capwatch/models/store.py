@@ -463,6 +463,11 @@ def _pull_locked(
         if expected_size is None:
             raise ModelError(f"{spec.repo}/{file.path}@{commit[:12]}: neither {endpoint} nor the registry gives "
                              "its size; refusing an unbounded download")
+        # Without a registry pin the size is the mirror's word: no single file may be far larger than the model.
+        ceiling = max(2 * spec.precision(precision).approx_bytes, 64 << 20)
+        if file.size is None and expected_size > ceiling:
+            raise ModelError(f"{spec.repo}/{file.path}@{commit[:12]}: {endpoint} announces {expected_size:,} bytes, "
+                             f"far more than the whole model ({spec.precision(precision).approx_bytes:,}); refused")
         plan.append((file, remote, expected_sha, expected_size))
     _check_free_space(spec, cache, model_dir, staging, [(f.path, size) for f, _r, _s, size in plan])
     records: list[dict[str, Any]] = []
@@ -534,10 +539,11 @@ def _head(
 
 
 def _network_message(spec: ModelSpec, endpoint: str, problem: str, env: Mapping[str, str]) -> str:
+    # Also a mirror that was too slow: what arrived is kept, and the next pull resumes it.
     return (
         f"cannot download {spec.name} from {endpoint} ({problem or 'no answer'}): run "
-        f"`capwatch models pull {spec.name}` on a machine with network and copy {models_root(env)} here, "
-        f"or use --model DIR"
+        f"`capwatch models pull {spec.name}` again later (it resumes), or on a machine with network and copy "
+        f"{models_root(env)} here, or use --model DIR"
     )
 
 
