@@ -25,9 +25,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import os
-import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,7 +37,8 @@ from typing import Any
 from capwatch import paths
 from capwatch.config import ModelConfig
 from capwatch.errors import ModelError
-from capwatch.models import hub, stamp
+from capwatch.models import cache, hub, stamp
+from capwatch.models.cache import MARKER_DIR, MARKER_FORMAT
 from capwatch.models.modelinfo import ModelInfo, PrecisionInfo, inspect_dir
 from capwatch.models.registry import (
     REGISTRY,
@@ -50,9 +49,7 @@ from capwatch.models.registry import (
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-MARKER_DIR = ".capwatch"
 STAGING_DIR = ".staging"
-MARKER_FORMAT = 1
 #: Room left free on the cache's file system after a pull, on top of the files themselves.
 FREE_SPACE_MARGIN = 64 << 20
 
@@ -173,13 +170,13 @@ def pull(
     if found is not None and spec.pinned:
         return found
     base = (endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    cache = paths.cache_dir(env)
+    cache_root = paths.cache_dir(env)
     try:
-        _refuse_links(cache, home)
+        cache.refuse_links(cache_root, home)
         home.mkdir(parents=True, exist_ok=True)
-        _refuse_links(cache, home)  # created by someone else a moment ago, as a link
+        cache.refuse_links(cache_root, home)  # created by someone else a moment ago, as a link
         with _model_lock(home):
-            return _pull_locked(spec, chosen, files, home, cache, base, env, progress)
+            return _pull_locked(spec, chosen, files, home, cache_root, base, env, progress)
     except OSError as exc:
         raise ModelError(f"cannot write model {spec.name} into {home}: {exc.strerror or exc}") from None
 
@@ -216,7 +213,8 @@ def model_info(
                 and not any(directory.glob("onnx/*.onnx")):
             raise ModelError(f"{directory}: not a model directory (no config.json and no ONNX graphs)")
         key = stamp.existing_key(env)
-        return inspect_dir(directory, provenance=_stamped_marker(directory, key), verified=_verified(directory, key))
+        return inspect_dir(directory, provenance=cache.stamped_marker(directory, key),
+                           verified=cache.verified(directory, key))
     home = models_root(env) / spec.name
     cached = [c for c in (_find_complete(home, spec, p, env) for p in spec.precision_names) if c is not None]
     approx = tuple((p.precision, p.approx_bytes) for p in spec.precisions)
@@ -228,7 +226,7 @@ def model_info(
             approx_bytes=approx,
         )
     directory = cached[0].dir
-    info = inspect_dir(directory, family_hint=spec.family, verified=_verified(directory, stamp.existing_key(env)))
+    info = inspect_dir(directory, family_hint=spec.family, verified=cache.verified(directory, stamp.existing_key(env)))
     return dataclasses.replace(
         info, name=spec.name, repo=spec.repo, revision=spec.revision, commit=cached[0].revision,
         task_prompts=info.task_prompts or spec.task_prompts, description=spec.description, licence=spec.licence,
@@ -247,7 +245,7 @@ def _resolve_dir(directory: Path, precision: str, env: Mapping[str, str]) -> Res
         raise ModelError(f"model directory {directory} {what} (from --model, $CAPWATCH_MODEL or model.dir)")
     # The repository and commit a folder claims become the provenance written into every photo: believed only from
     # a marker capwatch stamped itself.
-    marker = _stamped_marker(directory, stamp.existing_key(env))
+    marker = cache.stamped_marker(directory, stamp.existing_key(env))
     model_id = str(marker.get("repo")) if marker and marker.get("repo") else directory.resolve().name
     revision = str(marker["commit"]) if marker and marker.get("commit") else None
     return ResolvedModel(dir=directory, model_id=model_id, revision=revision, precision=precision, name=None)
@@ -263,80 +261,6 @@ def _not_cached_message(spec: ModelSpec, precision: str, env: Mapping[str, str])
     )
 
 
-def _marker_path(model_dir: Path, precision: str) -> Path:
-    return model_dir / MARKER_DIR / f"{precision}.json"
-
-
-def _read_marker(path: Path) -> dict[str, Any] | None:
-    """A completion marker (a regular file, never read through a link, at most 1 MiB), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        raw = os.read(fd, (1 << 20) + 1)
-    finally:
-        os.close(fd)
-    try:
-        data = json.loads(raw.decode("utf-8")) if len(raw) <= 1 << 20 else None
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
-
-
-def _markers(model_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(precision, marker) for every readable marker in ``model_dir`` (none when the marker folder is a link)."""
-    folder = model_dir / MARKER_DIR
-    if not _is_real_dir(folder):
-        return []
-    out = []
-    for path in sorted(folder.glob("*.json")):
-        data = _read_marker(path)
-        if data is not None:
-            out.append((path.stem, data))
-    return out
-
-
-def _stamped_marker(model_dir: Path, key: bytes | None) -> dict[str, Any] | None:
-    """The newest marker in ``model_dir`` that capwatch stamped itself (provenance of a copied directory)."""
-    best: dict[str, Any] | None = None
-    for precision, data in _markers(model_dir) if key is not None else []:
-        assert key is not None
-        if stamp.is_valid(key, model_dir, precision, data) and (
-                best is None or str(data.get("pulled_at", "")) > str(best.get("pulled_at", ""))):
-            best = data
-    return best
-
-
-def _verified(model_dir: Path, key: bytes | None) -> frozenset[str]:
-    """Precisions in ``model_dir`` whose files capwatch hashed itself and that are untouched since (stamp)."""
-    if key is None:
-        return frozenset()
-    return frozenset(p for p, data in _markers(model_dir) if stamp.is_valid(key, model_dir, p, data))
-
-
-def _marker_intact(model_dir: Path, marker: dict[str, Any]) -> bool:
-    """Every listed file is a regular file (not a link) of the listed size: cheap, no hashing."""
-    files = marker.get("files")
-    if not isinstance(files, list) or not files:
-        return False
-    for entry in files:
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            return False
-        relative = Path(entry["path"])
-        if relative.is_absolute() or ".." in relative.parts:
-            return False
-        try:
-            st = os.lstat(model_dir / relative)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.get("size"):
-            return False
-    return True
-
-
 def _find_complete(home: Path, spec: ModelSpec, precision: str, env: Mapping[str, str], *,
                    verify: bool = False) -> ResolvedModel | None:
     """The cached copy of ``spec`` at ``precision`` whose marker is present and whose files are intact, else None.
@@ -346,16 +270,17 @@ def _find_complete(home: Path, spec: ModelSpec, precision: str, env: Mapping[str
     marker's sum otherwise; then it is stamped. Without ``verify`` (listing) an unstamped intact copy counts as
     cached. Links inside the cache are never followed.
     """
-    if not _is_real_dir(home) or not _is_real_dir(home.parent):
+    if not cache.is_real_dir(home) or not cache.is_real_dir(home.parent):
         return None
     candidates = [home / spec.revision] if spec.pinned else [p for p in home.iterdir() if is_commit(p.name)]
     key = stamp.local_key(env) if verify else stamp.existing_key(env)
     best: tuple[str, ResolvedModel] | None = None
     for model_dir in candidates:
-        if not _is_real_dir(model_dir):
+        if not cache.is_real_dir(model_dir):
             continue
-        marker = _read_marker(_marker_path(model_dir, precision)) if _is_real_dir(model_dir / MARKER_DIR) else None
-        if marker is None or marker.get("repo") != spec.repo or not _marker_intact(model_dir, marker):
+        marker = cache.read_marker(cache.marker_path(model_dir, precision)) \
+            if cache.is_real_dir(model_dir / MARKER_DIR) else None
+        if marker is None or marker.get("repo") != spec.repo or not cache.marker_intact(model_dir, marker):
             continue
         if not spec.pinned and marker.get("revision") != spec.revision:
             continue
@@ -385,33 +310,8 @@ def _reverify(spec: ModelSpec, model_dir: Path, precision: str, marker: dict[str
     signed = stamp.compute(key, model_dir, precision, marker["files"])
     if signed is None:
         return False
-    _write_json_atomic(_marker_path(model_dir, precision), {**marker, "stamp": signed})
+    cache.write_json_atomic(cache.marker_path(model_dir, precision), {**marker, "stamp": signed})
     return True
-
-
-def _is_real_dir(path: Path) -> bool:
-    """True for a directory that is not a symlink."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _refuse_links(root: Path, path: Path) -> None:
-    """Raise ModelError when ``path``, or any folder between ``root`` (the cache directory, which the user may
-    have made a link on purpose) and it, is a symbolic link: nothing capwatch writes may land outside its cache."""
-    current = root
-    for part in path.relative_to(root).parts:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise ModelError(f"model cache: cannot check {current}: {exc.strerror or exc}") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise ModelError(f"model cache: {current} is a symbolic link; capwatch never follows links inside its "
-                             "cache (remove it)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -434,7 +334,7 @@ def _pull_locked(
     precision: str,
     files: tuple[FileSpec, ...],
     home: Path,
-    cache: Path,
+    cache_root: Path,
     endpoint: str,
     env: Mapping[str, str],
     progress: ProgressCallback | None,
@@ -451,7 +351,7 @@ def _pull_locked(
     model_dir = home / commit
     staging = home / STAGING_DIR / commit
     for folder in (model_dir, staging):
-        _refuse_links(cache, folder)
+        cache.refuse_links(cache_root, folder)
     # Every size and checksum first: the whole pull is checked against the free space before a byte arrives.
     plan: list[tuple[FileSpec, hub.RemoteFile, str | None, int]] = []
     for file in files:
@@ -469,13 +369,13 @@ def _pull_locked(
             raise ModelError(f"{spec.repo}/{file.path}@{commit[:12]}: {endpoint} announces {expected_size:,} bytes, "
                              f"far more than the whole model ({spec.precision(precision).approx_bytes:,}); refused")
         plan.append((file, remote, expected_sha, expected_size))
-    _check_free_space(spec, cache, model_dir, staging, [(f.path, size) for f, _r, _s, size in plan])
+    _check_free_space(spec, cache_root, model_dir, staging, [(f.path, size) for f, _r, _s, size in plan])
     records: list[dict[str, Any]] = []
     for file, remote, expected_sha, expected_size in plan:
         target = model_dir / file.path
         part = staging / f"{file.path}.part"
-        _refuse_links(cache, target)
-        _refuse_links(cache, part)
+        cache.refuse_links(cache_root, target)
+        cache.refuse_links(cache_root, part)
         if progress is not None:
             progress(file.path, 0, expected_size)
         computed = _already_in_place(target, expected_size, expected_sha, remote.git_sha1)
@@ -483,7 +383,7 @@ def _pull_locked(
             staged = _download(spec, file, commit, endpoint, part, expected_size, env, progress)
             computed = _verify(spec, file, commit, staged, expected_size, expected_sha, remote.git_sha1, staging)
             target.parent.mkdir(parents=True, exist_ok=True)
-            _refuse_links(cache, target)
+            cache.refuse_links(cache_root, target)
             os.replace(staged, target)
         size = os.lstat(target).st_size
         records.append({"path": file.path, "size": size, "sha256": computed})
@@ -498,13 +398,13 @@ def _pull_locked(
     signed = stamp.compute(stamp.local_key(env), model_dir, precision, records)
     if signed is not None:
         marker["stamp"] = signed
-    _refuse_links(cache, _marker_path(model_dir, precision))
-    _write_json_atomic(_marker_path(model_dir, precision), marker)
+    cache.refuse_links(cache_root, cache.marker_path(model_dir, precision))
+    cache.write_json_atomic(cache.marker_path(model_dir, precision), marker)
     _drop_staging(staging)
     return ResolvedModel(dir=model_dir, model_id=spec.repo, revision=commit, precision=precision, name=spec.name)
 
 
-def _check_free_space(spec: ModelSpec, cache: Path, model_dir: Path, staging: Path,
+def _check_free_space(spec: ModelSpec, cache_root: Path, model_dir: Path, staging: Path,
                       files: Sequence[tuple[str, int]]) -> None:
     """Raise ModelError when the files still to download do not fit on the cache's file system (with a margin)."""
     needed = 0
@@ -519,14 +419,14 @@ def _check_free_space(spec: ModelSpec, cache: Path, model_dir: Path, staging: Pa
         needed += max(0, size - have)
     if not needed:
         return
-    probe = next((p for p in (staging, model_dir, model_dir.parent, cache) if p.exists()), cache)
+    probe = next((p for p in (staging, model_dir, model_dir.parent, cache_root) if p.exists()), cache_root)
     try:
         free = shutil.disk_usage(probe).free
     except OSError:
         return  # cannot tell: the download itself reports a full disk
     if free < needed + FREE_SPACE_MARGIN:
         raise ModelError(f"not enough free space to pull {spec.name}: it needs {needed / 1e6:,.0f} MB more in "
-                         f"{cache}, which has {free / 1e6:,.0f} MB free")
+                         f"{cache_root}, which has {free / 1e6:,.0f} MB free")
 
 
 def _head(
@@ -667,23 +567,6 @@ def _drop_staging(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
         staging.parent.rmdir()  # only when no other commit is half-downloaded
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` with ``data`` as JSON: a fresh temp name (never an existing file or link), then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _tree_bytes(root: Path) -> int:
