@@ -11,6 +11,7 @@ Every error names the file, the dotted key and what is allowed, on one line, e.g
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -18,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from capwatch import paths
 from capwatch.errors import ConfigError
@@ -37,6 +38,77 @@ DEFAULT_EXTENSIONS: tuple[str, ...] = (
 
 #: Folders that NAS systems and desktop tools fill with thumbnails, never photos of the user.
 DEFAULT_EXCLUDE: tuple[str, ...] = ("**/@eaDir/**", "**/#recycle/**", "**/.thumbnails/**", "**/.Trash-*/**")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Inclusive bounds of a numeric setting, in capwatch's config or in a model's JSON files.
+
+    Every int and float field of the config dataclasses carries one (``Annotated[float, Range(0, 86400)]``): the
+    loader refuses a field without one, so a new numeric key cannot be added unbounded.
+    """
+
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        return f"{_number(self.lo)} to {_number(self.hi)}"
+
+    def problem(self, value: object, *, integer: bool) -> str | None:
+        """Return why ``value`` is not allowed (one line, naming the range), or None when it is allowed.
+
+        ``integer`` asks for an int (bool and float are refused, even 3.0); otherwise an int or a float that is
+        finite. Huge ints are compared exactly, never converted to float (which could overflow).
+        """
+        kind = "an integer" if integer else "a number"
+        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else int | float)
+        if wrong_type:
+            return f"expected {kind}, got {short_repr(value)} (allowed: {self})"
+        assert isinstance(value, int | float)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"expected a finite number from {self}, got {value}"
+        if value < self.lo or value > self.hi:
+            if self.lo == 0:
+                kind = "a non-negative integer" if integer else "a non-negative number"
+            return f"expected {kind} from {self}, got {short_repr(value)}"
+        return None
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, so a message about a huge value stays one short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an integer of more than {limit} digits"  # repr() of a huge int is slow, or refused past 4300
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+#: Generation limits shared by the [model] overrides below and the check of a model's own generation settings
+#: (capwatch.models.generate). Every real model of the supported families is far inside them: ViT-GPT2 uses
+#: num_beams 4 and a max_length of 16, Florence-2 num_beams 3, no_repeat_ngram_size 3 and max_length 1025.
+#: Beam search keeps num_beams decoder rows per image, so the beam count multiplies memory and time.
+NUM_BEAMS = Range(1, 32)
+#: Tokens generated after the decoder start token: 4x the 1024 Florence-2's authors allow; buffers grow with it.
+NEW_TOKENS = Range(1, 4096)
+#: min_length counts the whole decoder sequence, start token included, so it may be one more than NEW_TOKENS.
+MIN_LENGTH = Range(0, NEW_TOKENS.hi + 1)
+#: Larger n-grams ban nothing a caption would repeat, and the ban's work grows with n.
+NO_REPEAT_NGRAM = Range(0, 16)
+#: Beam scores are divided by length ** length_penalty; within +-10 that stays finite in float32 for any allowed
+#: length (4097 ** 10 < 2 ** 128).
+LENGTH_PENALTY = Range(-10, 10)
+
+
+#: Largest config file read: the commented example is 6 KB; a long list of roots and globs still fits easily.
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+_DAY = 86_400
+#: Any duration in seconds: up to a day. Longer waits, timeouts or idle times are mistakes, and values like inf or
+#: 1e300 overflow where they are turned into milliseconds or deadlines.
+_SECONDS = Range(0, _DAY)
 
 
 @dataclass(frozen=True)
@@ -62,7 +134,7 @@ class IndexConfig:
     #: None means ``<XDG state dir>/capwatch/index.db``.
     path: Path | None = None
     #: Seconds to wait for another process's write lock before giving up with a clear message.
-    busy_timeout_seconds: float = 30.0
+    busy_timeout_seconds: Annotated[float, _SECONDS] = 30.0
 
 
 @dataclass(frozen=True)
@@ -75,18 +147,19 @@ class ModelConfig:
     #: reference output), else int8, else fp16.
     precision: Precision = "auto"
     #: onnxruntime intra-op threads; 0 = all cores.
-    threads: int = 0
+    threads: Annotated[int, Range(0, 1024)] = 0
     #: Unload the model after this many idle seconds (0 = never) so an idle daemon stays small.
-    idle_unload_seconds: float = 300.0
-    batch_size: int = 8
+    idle_unload_seconds: Annotated[float, _SECONDS] = 300.0
+    #: Images per model call; memory grows with it (and with num_beams).
+    batch_size: Annotated[int, Range(1, 256)] = 8
     #: Florence-2 task: short (<CAPTION>), detailed (<DETAILED_CAPTION>), paragraph (<MORE_DETAILED_CAPTION>).
     caption_length: CaptionLength = "short"
     # Generation overrides; unset means "as the model's generation_config.json says".
-    num_beams: int | None = None
-    max_new_tokens: int | None = None
-    min_length: int | None = None
-    length_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
+    num_beams: Annotated[int, NUM_BEAMS] | None = None
+    max_new_tokens: Annotated[int, NEW_TOKENS] | None = None
+    min_length: Annotated[int, MIN_LENGTH] | None = None
+    length_penalty: Annotated[float, LENGTH_PENALTY] | None = None
+    no_repeat_ngram_size: Annotated[int, NO_REPEAT_NGRAM] | None = None
     early_stopping: bool | None = None
 
 
@@ -103,15 +176,17 @@ class MetadataConfig:
 @dataclass(frozen=True)
 class WatchConfig:
     #: A file is processed once its size and mtime have not changed for this long.
-    settle_seconds: float = 2.0
+    settle_seconds: Annotated[float, _SECONDS] = 2.0
     #: Use a polling observer (NFS/SMB mounts, where inotify sees no remote changes).
     poll: bool = False
-    poll_interval_seconds: float = 30.0
+    #: The watcher never polls faster than every 0.1 s, whatever this says.
+    poll_interval_seconds: Annotated[float, Range(0.1, _DAY)] = 30.0
     #: Collect up to model.batch_size images, waiting at most this long for a batch to fill.
-    batch_wait_ms: int = 500
-    queue_size: int = 1024
+    batch_wait_ms: Annotated[int, Range(0, 60_000)] = 500
+    queue_size: Annotated[int, Range(1, 1_000_000)] = 1024
     #: Re-check roots that were missing or unmounted this often.
-    recheck_missing_seconds: float = 60.0
+    #: The daemon never re-checks more often than every 0.5 s, whatever this says.
+    recheck_missing_seconds: Annotated[float, Range(0.5, _DAY)] = 60.0
 
 
 @dataclass(frozen=True)
@@ -159,21 +234,33 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] = os.envi
 
 
 def load_config_file(path: Path) -> Config:
-    """Parse and validate one TOML file. Raises ConfigError naming the file on any problem."""
+    """Parse and validate one TOML file and return its Config.
+
+    Raises ConfigError (one line naming the file, and the dotted key when one is at fault) when the file is missing,
+    unreadable, larger than :data:`MAX_CONFIG_FILE_BYTES`, not UTF-8, not TOML (including nesting too deep for the
+    parser and integers with more digits than Python converts) or has a key or value that is not allowed.
+    """
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{path}: too large for a config file (more than {MAX_CONFIG_FILE_BYTES} bytes)")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+    except ValueError as exc:  # an integer with more digits than int() converts
+        raise ConfigError(f"{path}: invalid TOML: {str(exc).splitlines()[0]}") from None
     config: Config = _build(Config, data, _Ctx(path, ""))
     return dataclasses.replace(config, source=path)
 
@@ -220,7 +307,7 @@ def _build(cls: type[Any], data: object, ctx: _Ctx) -> Any:
         data = {"path": data}  # `roots = ["~/Pictures"]` is shorthand for a table with only a path
     if not isinstance(data, dict):
         raise ctx.fail(f"expected a table, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # keep Annotated[..., Range]
     names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -229,13 +316,23 @@ def _build(cls: type[Any], data: object, ctx: _Ctx) -> Any:
     return cls(**values)
 
 
-def _coerce(value: object, tp: Any, ctx: _Ctx) -> Any:
+def _coerce(value: object, tp: Any, ctx: _Ctx, bounds: Range | None = None) -> Any:
+    """Return ``value`` checked against (and converted to) the field type ``tp``.
+
+    ``bounds`` is the Range of an ``Annotated[int|float, Range]`` field. Raises ConfigError (one line naming the
+    file and key) for a bad value, TypeError for a field type the loader does not support, including a number
+    without a Range (a programming error, caught by the tests).
+    """
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        ranges = [e for e in extras if isinstance(e, Range)]
+        return _coerce(value, base, ctx, ranges[0] if ranges else bounds)
     if origin in (Union, types.UnionType):
         inner = [a for a in get_args(tp) if a is not type(None)]
         if len(inner) != 1:
             raise TypeError(f"unsupported config type {tp}")
-        return _coerce(value, inner[0], ctx)
+        return _coerce(value, inner[0], ctx, bounds)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -253,18 +350,14 @@ def _coerce(value: object, tp: Any, ctx: _Ctx) -> Any:
         if not isinstance(value, bool):
             raise ctx.fail(f"expected true or false, got {value!r}")
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ctx.fail(f"expected an integer, got {value!r}")
-        if value < 0:
-            raise ctx.fail(f"expected a non-negative integer, got {value}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ctx.fail(f"expected a number, got {value!r}")
-        if value < 0:
-            raise ctx.fail(f"expected a non-negative number, got {value}")
-        return float(value)
+    if tp is int or tp is float:
+        if bounds is None:
+            raise TypeError(f"config field {ctx.key} is a number without a Range")
+        problem = bounds.problem(value, integer=tp is int)
+        if problem is not None:
+            raise ctx.fail(problem)
+        # In range, so float() cannot overflow (TOML integers may be arbitrarily large).
+        return value if tp is int else float(typing.cast(float, value))
     if tp is str:
         if not isinstance(value, str) or not value:
             raise ctx.fail(f"expected a non-empty string, got {value!r}")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +29,7 @@ from capwatch.config import ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
 from capwatch.models import vision_encoder_decoder as ved
 from capwatch.models.generate import GenerationSettings, generate
-from capwatch.models.layout import ModelDir, open_model_dir
+from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
 from capwatch.models.preprocess import Preprocessor, load_image
 from capwatch.models.session import SessionGroup
 from capwatch.models.tokenizer import TextDecoder
@@ -73,15 +74,37 @@ class Captioner(abc.ABC):
         self.config = config
         self.model_id = model_id or model.path.name
         self.revision = revision
+        #: Positions of the text decoder (config.json), None when unstated: generation never runs past them.
+        self.max_positions = decoder_positions(model.config)
         try:
             self.preprocessor = Preprocessor.from_config(model.preprocessor_config)
-            self.settings = GenerationSettings.from_configs(model.generation_config, model.config, config)
         except ValueError as exc:
-            raise ModelError(f"{model.path}: {exc}") from None
+            raise ModelError(f"{model.path / 'preprocessor_config.json'}: {exc}") from None
+        self.settings = self.initial_settings(model, config)
         paths = {stem: model.onnx_file(stem, config.precision) for stem in self.graph_stems()}
         self.sessions = SessionGroup(paths, config.threads, config.idle_unload_seconds, clock, self._on_load)
         self.text = TextDecoder.from_dir(model.path, self.special_token_ids())
         self._clock = clock
+
+    def initial_settings(self, model: ModelDir, config: ModelConfig) -> GenerationSettings:
+        """The generation settings this captioner uses by default (families override where their configs differ).
+
+        Raises ModelError (one line) when they are invalid; see :meth:`generation_settings`.
+        """
+        return self.generation_settings(model.generation_config, model.config, config)
+
+    def generation_settings(
+        self, generation_config: Mapping[str, Any], model_config: Mapping[str, Any], overrides: ModelConfig
+    ) -> GenerationSettings:
+        """Return the merged generation settings (see GenerationSettings.from_configs).
+
+        Raises ModelError (one line, naming the model directory) when the merged settings are invalid, e.g. a
+        ``model.min_length`` from capwatch's config above the model's max_length.
+        """
+        try:
+            return GenerationSettings.from_configs(generation_config, model_config, overrides)
+        except ValueError as exc:
+            raise ModelError(f"{self.model.path}: generation settings: {exc}") from None
 
     def _available_precision(self, model: ModelDir) -> Precision:
         """The best precision this directory has every graph for: fp32 (the reference), then int8, then fp16."""
@@ -146,13 +169,15 @@ class Captioner(abc.ABC):
         Runs in chunks of ``config.batch_size`` images. With fp32 graphs the result is identical to captioning one
         image at a time. int8 graphs (onnxruntime dynamic quantisation) pick one activation scale per tensor, i.e.
         per call, so an image's int8 caption can depend slightly on its batch-mates (measured in bench/caption.py).
-        ``settings`` replaces the configured generation settings for this call. Raises ModelError when the model
-        cannot be loaded.
+        ``settings`` replaces the configured generation settings for this call. A length budget beyond the decoder's
+        positions (``model.max_new_tokens`` or a built-in default meant for a bigger model) is cut to them: the model
+        cannot produce more, and its graph would fail on the first position past its table. Raises ModelError when
+        the model cannot be loaded.
         """
         pixels = np.asarray(pixel_values, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixel_values must be [b,3,H,W], got shape {pixels.shape}")
-        use = settings or self.settings
+        use = (settings or self.settings).fit_positions(self.max_positions)
         chunk = max(1, self.config.batch_size)
         results: list[CaptionResult] = []
         with self.sessions.use() as sessions:

@@ -19,7 +19,6 @@ whitespace collapsed, no space before punctuation, first letter capitalised.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +33,7 @@ from capwatch.config import CaptionLength, ModelConfig
 from capwatch.errors import ModelError
 from capwatch.models.captioner import Captioner
 from capwatch.models.generate import DecoderState, GenerationSettings, generate
-from capwatch.models.layout import ModelDir, check_names
+from capwatch.models.layout import ModelDir, check_names, read_json
 
 VISION = "vision_encoder"
 EMBED = "embed_tokens"
@@ -60,6 +59,9 @@ DEFAULT_TASK_PROMPTS: Mapping[str, str] = {
 #: Config files that may carry the prompt table: transformers.js reads it from the image processor's config
 #: (preprocessor_config.json); transformers' native processor saves its settings in processor_config.json.
 _PROMPT_SOURCES = ("processor_config.json", "preprocessor_config.json")
+#: Longest task prompt accepted from a processor config. Real ones are under 60 characters; the prompt's tokens join
+#: the image's 577 in the text encoder, whose attention cost grows with the square of their sum.
+MAX_PROMPT_CHARS = 1000
 
 _REMOVE_RE = re.compile(r"</?s>|<pad>|<loc_\d+>")
 _SPACE_RE = re.compile(r"\s+")
@@ -69,19 +71,20 @@ _SPACE_BEFORE_PUNCT_RE = re.compile(r"\s+([.,;:!?])")
 def task_prompt(model_dir: Path, caption_length: CaptionLength) -> str:
     """Return the prompt text for ``caption_length``, from the model's processor config when it has one.
 
-    Raises ModelError when a processor config exists but is not valid JSON.
+    Raises ModelError (one line, naming the file) when a processor config exists but cannot be read, is too large
+    or is not a JSON object (see :func:`~capwatch.models.layout.read_json`).
     """
     task = TASK_FOR_LENGTH[caption_length]
     for name in _PROMPT_SOURCES:
         path = model_dir / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path}: cannot read processor config: {exc}") from None
-        table = data.get("task_prompts_without_inputs") if isinstance(data, dict) else None
+        data = read_json(path, required=False)
+        table = data.get("task_prompts_without_inputs")
         if isinstance(table, dict) and isinstance(table.get(task), str) and table[task].strip():
+            if len(table[task]) > MAX_PROMPT_CHARS:
+                raise ModelError(f"{path}: task_prompts_without_inputs.{task}: expected at most {MAX_PROMPT_CHARS} "
+                                 f"characters, got {len(table[task])}")
             return str(table[task])
     return DEFAULT_TASK_PROMPTS[task]
 
@@ -319,14 +322,6 @@ class Florence2Captioner(Captioner):
         model = dataclasses.replace(model, config=lifted)
         super().__init__(model, config, model_id=model_id, revision=revision, clock=clock)
         self.text_view = text_view
-        overrides = config
-        if config.max_new_tokens is None and not _states_length(model.generation_config, self.text_view):
-            overrides = dataclasses.replace(config, max_new_tokens=DEFAULT_MAX_NEW_TOKENS[config.caption_length])
-        try:
-            # Generation keys of older exports and max_position_embeddings live in text_config.
-            self.settings = GenerationSettings.from_configs(model.generation_config, self.text_view, overrides)
-        except ValueError as exc:
-            raise ModelError(f"{model.path}: {exc}") from None
         self.task = TASK_FOR_LENGTH[config.caption_length]
         self.prompt = task_prompt(model.path, config.caption_length)
         bos = self.text_view.get("bos_token_id", 0)
@@ -335,6 +330,19 @@ class Florence2Captioner(Captioner):
             raise ModelError(f"{model.path}: config.json: bos_token_id/eos_token_id must be integers")
         # As Florence2Processor builds it: "<s>" + prompt + "</s>", the prompt itself without special tokens.
         self.prompt_ids: tuple[int, ...] = (bos, *self.text.encode(self.prompt), eos)
+
+    def initial_settings(self, model: ModelDir, config: ModelConfig) -> GenerationSettings:
+        """Generation settings from text_config's view of config.json, with a caption budget per length.
+
+        Generation keys of older exports and max_position_embeddings live in text_config; when no config sets a
+        length, :data:`DEFAULT_MAX_NEW_TOKENS` for ``config.caption_length`` applies (in one go, so that the check
+        of min_length against max_length sees the budget that applies). Raises ModelError (one line) when invalid.
+        """
+        text_view = text_config_view(model.config)
+        overrides = config
+        if config.max_new_tokens is None and not _states_length(model.generation_config, text_view):
+            overrides = dataclasses.replace(config, max_new_tokens=DEFAULT_MAX_NEW_TOKENS[config.caption_length])
+        return self.generation_settings(model.generation_config, text_view, overrides)
 
     def graph_stems(self) -> Sequence[str]:
         return (VISION, EMBED, ENCODER, DECODER)

@@ -13,11 +13,14 @@ result can no longer change (finished greedy rows, beam groups that are done) ar
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from capwatch.config import LENGTH_PENALTY, NEW_TOKENS, NO_REPEAT_NGRAM, NUM_BEAMS, Range
 
 if TYPE_CHECKING:
     from capwatch.config import ModelConfig
@@ -27,6 +30,79 @@ _BIG = np.float32(1.0e9)
 #: transformers' GenerationConfig().max_length; a config that leaves it at this value gets it counted in
 #: *new* tokens.
 _DEFAULT_MAX_LENGTH = 20
+
+#: repetition_penalty divides (or multiplies) a seen token's score: must be positive; real configs use 1.0-2.0.
+REPETITION_PENALTY = Range(0.01, 100)
+#: Token ids when the vocabulary size is unknown: far above any real tokenizer's (the largest have ~256 000).
+ANY_TOKEN_ID = Range(0, (1 << 22) - 1)
+#: eos_token_id may list several ids (every one ends a sequence); real configs list one to three.
+MAX_EOS_IDS = 32
+#: Generation keys that hold token ids. Each may be one id or (taking the first, as transformers does for these) a
+#: list, except pad_token_id, which is only ever one id.
+TOKEN_ID_KEYS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
+                 "forced_eos_token_id")
+
+
+def new_token_limit(max_positions: int | None) -> int:
+    """Return the most tokens generation may add after the decoder start token.
+
+    A decoder with ``max_positions`` positions is fed positions 0 .. max_length - 2 (the last token generated is never
+    fed back), so it can produce ``max_positions`` new tokens, i.e. max_length up to ``max_positions + 1`` (Florence-2:
+    1024 positions, max_length 1025). Never more than :data:`capwatch.config.NEW_TOKENS` allows; that bound alone
+    when ``max_positions`` is None (unknown).
+    """
+    top = int(NEW_TOKENS.hi)
+    return top if max_positions is None else max(1, min(top, max_positions))
+
+
+def check_generation_keys(
+    data: Mapping[str, Any], *, max_positions: int | None, vocab_size: int | None, prefix: str = ""
+) -> None:
+    """Check the generation keys of one config mapping (generation_config.json, or config.json and its text part).
+
+    Absent and null keys are not checked (defaults apply). Lengths are bounded by :func:`new_token_limit`, token
+    ids by ``vocab_size`` (0 .. vocab_size - 1; :data:`ANY_TOKEN_ID` when unknown), the rest by the Ranges in
+    :mod:`capwatch.config`. Keys capwatch does not use (temperature, top_k, ...) are ignored. Returns None; raises
+    ValueError with one line ``<prefix><key>: expected ..., got ...`` naming the allowed range, for the first bad key.
+    """
+    new = new_token_limit(max_positions)
+    why = f"; the decoder has {max_positions} positions" if max_positions is not None and new == max_positions else ""
+    lengths = {"max_length": Range(1, new + 1), "max_new_tokens": Range(1, new), "min_length": Range(0, new + 1),
+               "min_new_tokens": Range(0, new)}
+    others = {"num_beams": (NUM_BEAMS, True), "num_return_sequences": (NUM_BEAMS, True),
+              "no_repeat_ngram_size": (NO_REPEAT_NGRAM, True), "length_penalty": (LENGTH_PENALTY, False),
+              "repetition_penalty": (REPETITION_PENALTY, False)}
+    checks = {**{k: (r, True, why) for k, r in lengths.items()}, **{k: (r, i, "") for k, (r, i) in others.items()}}
+    for key, (bounds, integer, note) in checks.items():
+        value = data.get(key)
+        if value is not None and (problem := bounds.problem(value, integer=integer)) is not None:
+            raise ValueError(f"{prefix}{key}: {problem}{note}")
+    for low, high, what in (("min_length", "max_length", "max_length"),
+                            ("min_new_tokens", "max_new_tokens", "max_new_tokens"),
+                            ("num_return_sequences", "num_beams", "num_beams")):
+        if data.get(low) is not None and data.get(high) is not None and data[low] > data[high]:
+            raise ValueError(f"{prefix}{low}: expected at most {what} ({data[high]}), got {data[low]}")
+    early = data.get("early_stopping")
+    if early is not None and not (isinstance(early, bool) or early == "never"):
+        raise ValueError(f"{prefix}early_stopping: expected true, false or \"never\", got {early!r}")
+    ids = ANY_TOKEN_ID if vocab_size is None else Range(0, vocab_size - 1)
+    vocab = "" if vocab_size is None else f"; the vocabulary has {vocab_size} tokens"
+    for key in TOKEN_ID_KEYS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list) and key != "pad_token_id":
+            # An empty eos list means "no EOS"; the others take their first entry, so they need one.
+            smallest = 0 if key == "eos_token_id" else 1
+            if not smallest <= len(value) <= MAX_EOS_IDS:
+                raise ValueError(f"{prefix}{key}: expected a token id or a list of {smallest} to {MAX_EOS_IDS} token "
+                                 f"ids, got a list of {len(value)}")
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if (problem := ids.problem(item, integer=True)) is not None:
+                raise ValueError(f"{prefix}{key}: {problem}{vocab}")
 
 
 class DecoderState(Protocol):
@@ -88,17 +164,66 @@ class GenerationSettings:
     num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_return_sequences < 1 or self.num_return_sequences > self.num_beams:
-            raise ValueError(
-                f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), "
-                f"got {self.num_return_sequences}"
-            )
+        """Check the merged settings, whatever their source (model files, capwatch's config, code).
+
+        Raises ValueError (one line naming the setting and its allowed range) for a value outside the bounds of
+        :func:`check_generation_keys` (without a model's position limit, which only the caller knows) or for a
+        min_length above max_length.
+        """
+        new = new_token_limit(None)
+        checks: list[tuple[str, object, Range, bool]] = [
+            ("max_length", self.max_length, Range(1, new + 1), True),
+            ("max_new_tokens", self.max_new_tokens, Range(1, new), True),
+            ("min_length", self.min_length, Range(0, new + 1), True),
+            ("min_new_tokens", self.min_new_tokens, Range(0, new), True),
+            ("num_beams", self.num_beams, NUM_BEAMS, True),
+            ("num_return_sequences", self.num_return_sequences, Range(1, self.num_beams), True),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size, NO_REPEAT_NGRAM, True),
+            ("length_penalty", self.length_penalty, LENGTH_PENALTY, False),
+            ("repetition_penalty", self.repetition_penalty, REPETITION_PENALTY, False),
+            ("decoder_start_token_id", self.decoder_start_token_id, ANY_TOKEN_ID, True),
+            ("pad_token_id", self.pad_token_id, ANY_TOKEN_ID, True),
+            *[(name, value, ANY_TOKEN_ID, True) for name, value in (
+                ("bos_token_id", self.bos_token_id), ("forced_bos_token_id", self.forced_bos_token_id),
+                ("forced_eos_token_id", self.forced_eos_token_id), *(("eos_token_id", t) for t in self.eos_token_id))],
+        ]
+        for name, value, bounds, integer in checks:
+            if value is not None and (problem := bounds.problem(value, integer=integer)) is not None:
+                raise ValueError(f"{name}: {problem}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.effective_min_length > self.effective_max_length:
+            raise ValueError(f"min_length: expected at most max_length ({self.effective_max_length}), "
+                             f"got {self.effective_min_length}")
+
+    @property
+    def effective_max_length(self) -> int:
+        """The decoder sequence length generation stops at (start token included): max_new_tokens wins."""
+        return self.max_length if self.max_new_tokens is None else self.max_new_tokens + 1
+
+    @property
+    def effective_min_length(self) -> int:
+        """The length before which EOS is banned (start token included): min_new_tokens wins."""
+        return self.min_length if self.min_new_tokens is None else self.min_new_tokens + 1
+
+    def fit_positions(self, max_positions: int | None) -> GenerationSettings:
+        """Return these settings with the length budget cut to what a decoder with ``max_positions`` can take.
+
+        The budget from capwatch's config (``model.max_new_tokens``) or a built-in default is an "at most": a model
+        with fewer positions simply cannot produce more, so it is cut rather than refused. (A model whose own
+        files ask for more is refused when its directory is opened.) A minimum length above the cut maximum is cut
+        to it too (EOS stays banned to the end, as before). Returns ``self`` when nothing needs cutting.
+        """
+        limit = new_token_limit(max_positions)
+        if self.effective_max_length - 1 <= limit:
+            return self
+        return dataclasses.replace(
+            self,
+            max_length=limit + 1,
+            max_new_tokens=None if self.max_new_tokens is None else limit,
+            min_length=min(self.min_length, limit + 1),
+            min_new_tokens=None if self.min_new_tokens is None else min(self.min_new_tokens, limit),
+        )
 
     @classmethod
     def from_configs(
@@ -112,8 +237,18 @@ class GenerationSettings:
         resolved for a one-token decoder prompt: ``max_new_tokens`` becomes ``max_length = max_new_tokens +
         1``, and a ``max_length`` left at transformers' default of 20 means 20 *new* tokens (capped by
         ``max_position_embeddings``), exactly as ``generate()`` does. Raises ValueError when no decoder start
-        token can be found or a value is invalid.
+        token can be found or a value is invalid (also for values of the wrong type, when the mappings were not
+        checked with :func:`check_generation_keys` first).
         """
+        try:
+            return cls._from_configs(generation_config, model_config, overrides)
+        except (TypeError, OverflowError, IndexError) as exc:  # int(None), int(inf), [][0]: unchecked mappings
+            raise ValueError(f"invalid generation setting: {exc}") from None
+
+    @classmethod
+    def _from_configs(
+        cls, generation_config: Mapping[str, Any], model_config: Mapping[str, Any], overrides: ModelConfig
+    ) -> GenerationSettings:
         merged: dict[str, Any] = {}
         if not generation_config:
             # as transformers' GenerationConfig.from_model_config: top-level keys, then the decoder's

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capwatch.models.layout import read_json
+from capwatch.models.layout import MAX_TOKENIZER_BYTES, check_model_files, read_json
 from capwatch.models.registry import FAMILY_GRAPHS, PRECISION_SUFFIX
 
 
@@ -121,7 +121,7 @@ def _precisions(directory: Path, family: str | None, verified: Collection[str]) 
 def _tokenizer_kind(directory: Path) -> str | None:
     path = directory / "tokenizer.json"
     if path.is_file():
-        data = read_json(path)
+        data = read_json(path, max_bytes=MAX_TOKENIZER_BYTES)
         model = data.get("model") if isinstance(data.get("model"), dict) else {}
         kind = str(model.get("type") or "unknown model") if isinstance(model, dict) else "unknown model"
         pre = data.get("pre_tokenizer")
@@ -186,11 +186,13 @@ def inspect_dir(
 
     ``provenance`` (a store completion marker: name, repo, revision, commit) and ``verified`` (precisions whose
     files a marker vouches for) come from the caller. Missing files give None/empty fields. Raises ModelError (one
-    line) when a JSON file is unreadable or not a JSON object.
+    line, naming the file) when a JSON file is unreadable, too large, nested too deeply or not a JSON object, and
+    (naming the key and its allowed range) when a setting is out of bounds, exactly as opening the model would.
     """
     config = read_json(directory / "config.json", required=False)
     generation = read_json(directory / "generation_config.json", required=False)
     preprocessor = read_json(directory / "preprocessor_config.json", required=False)
+    check_model_files(directory, config, generation, preprocessor)
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     family = family_hint or (_FAMILY_OF_MODEL_TYPE.get(model_type, model_type) if model_type else None)
     origin = provenance or {}

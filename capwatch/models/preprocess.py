@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from capwatch.config import Range, short_repr
 from capwatch.errors import ImageError
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
 from capwatch.models.rawpreview import extract_preview
@@ -36,6 +37,16 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 #: antialiased resize then averages so many source pixels that the DCT-scaled decode changes the result by less
 #: than one 8-bit level in practice (measured in tests/test_preprocess.py).
 DRAFT_HEADROOM = 4
+
+#: Model input sides (size, crop_size, shortest_edge) accepted from preprocessor_config.json: ViT-GPT2 uses 224,
+#: Florence-2 768. An input of 4096x4096 already takes 200 MB as float32; a bigger one is a broken config.
+IMAGE_SIDE = Range(1, 4096)
+#: Pixels are in 0..1 after rescaling (0..255 without): a mean or std outside +-255 cannot be meant; a std near 0
+#: turns every pixel into +-inf.
+IMAGE_MEAN = Range(-255, 255)
+IMAGE_STD = Range(0.001, 255)
+#: 1/255 in every real config (1/127.5 in some); it must shrink 8-bit values, never zero or flip them.
+RESCALE_FACTOR = Range(1e-6, 1)
 
 # PIL resample codes as transformers stores them in preprocessor_config.json (PILImageResampling values).
 _RESAMPLE = {
@@ -66,55 +77,79 @@ class Preprocessor:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, where: str = "preprocessor_config.json") -> Preprocessor:
-        """Build from a ``preprocessor_config.json`` mapping.
+    def from_config(cls, config: Mapping[str, Any]) -> Preprocessor:
+        """Build from a ``preprocessor_config.json`` mapping, checking every key this class uses.
 
-        Unknown keys are ignored (transformers ignores what a processor does not use). Raises ValueError with a
-        one-line message naming the key when a value has the wrong shape (callers turn it into a ModelError).
+        Unknown keys are ignored (transformers ignores what a processor does not use); null means the default, as
+        an absent key does. Returns the Preprocessor; raises ValueError with one line ``<key>: expected ..., got
+        ...`` naming the allowed range when a value has the wrong type or shape or is out of bounds (callers add
+        the file name and turn it into a ModelError).
         """
-        kind = str(config.get("image_processor_type", ""))
-        clip_like = kind.startswith(("CLIP", "Florence", "Siglip"))
+
+        def get(name: str, default: Any) -> Any:
+            value = config.get(name)
+            return default if value is None else value
+
+        kind = get("image_processor_type", "")
+        clip_like = isinstance(kind, str) and kind.startswith(("CLIP", "Florence", "Siglip"))
         size: tuple[int, int] | None = None
         shortest: int | None = None
-        raw_size = config.get("size", {"height": 224, "width": 224})
-        if isinstance(raw_size, int):
-            size = (raw_size, raw_size)
+        raw_size = get("size", {"height": 224, "width": 224})
+        if isinstance(raw_size, int) and not isinstance(raw_size, bool):
+            size = (_side("size", raw_size), _side("size", raw_size))
         elif isinstance(raw_size, Mapping) and "height" in raw_size and "width" in raw_size:
-            size = (int(raw_size["height"]), int(raw_size["width"]))
+            size = (_side("size.height", raw_size["height"]), _side("size.width", raw_size["width"]))
         elif isinstance(raw_size, Mapping) and "shortest_edge" in raw_size:
-            shortest = int(raw_size["shortest_edge"])
+            shortest = _side("size.shortest_edge", raw_size["shortest_edge"])
         else:
-            raise ValueError(f"{where}: size: expected {{height, width}} or {{shortest_edge}}, got {raw_size!r}")
+            raise ValueError(f"size: expected {{height, width}} or {{shortest_edge}}, got {short_repr(raw_size)}")
         crop: tuple[int, int] | None = None
         raw_crop = config.get("crop_size")
-        if isinstance(raw_crop, int):
-            crop = (raw_crop, raw_crop)
-        elif isinstance(raw_crop, Mapping) and "height" in raw_crop:
-            crop = (int(raw_crop["height"]), int(raw_crop["width"]))
-        resample = int(config.get("resample", 3 if clip_like else 2))
-        if resample not in _RESAMPLE:
-            raise ValueError(f"{where}: resample: unknown PIL filter {resample}")
+        if isinstance(raw_crop, int) and not isinstance(raw_crop, bool):
+            crop = (_side("crop_size", raw_crop), _side("crop_size", raw_crop))
+        elif isinstance(raw_crop, Mapping) and "height" in raw_crop and "width" in raw_crop:
+            crop = (_side("crop_size.height", raw_crop["height"]), _side("crop_size.width", raw_crop["width"]))
+        elif raw_crop is not None:
+            raise ValueError(f"crop_size: expected {{height, width}} or an integer, got {short_repr(raw_crop)}")
+        resample = get("resample", 3 if clip_like else 2)
+        if isinstance(resample, bool) or not isinstance(resample, int) or resample not in _RESAMPLE:
+            raise ValueError(f"resample: unknown PIL filter {short_repr(resample)} (allowed: 0 to {max(_RESAMPLE)})")
 
-        def triple(name: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
-            value = config.get(name, default)
-            if isinstance(value, int | float):
-                return (float(value),) * 3
+        def flag(name: str, default: bool) -> bool:
+            value = get(name, default)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected true or false, got {short_repr(value)}")
+            return value
+
+        def number(name: str, default: float, bounds: Range) -> float:
+            value = get(name, default)
+            if (problem := bounds.problem(value, integer=False)) is not None:
+                raise ValueError(f"{name}: {problem}")
+            return float(value)
+
+        def triple(name: str, default: tuple[float, float, float], bounds: Range) -> tuple[float, float, float]:
+            value = get(name, default)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = [value] * 3
             if not isinstance(value, list | tuple) or len(value) != 3:
-                raise ValueError(f"{where}: {name}: expected 3 numbers, got {value!r}")
+                raise ValueError(f"{name}: expected 3 numbers (one per RGB channel), got {short_repr(value)}")
+            for i, item in enumerate(value):
+                if (problem := bounds.problem(item, integer=False)) is not None:
+                    raise ValueError(f"{name}.{i}: {problem}")
             return (float(value[0]), float(value[1]), float(value[2]))
 
         return cls(
-            do_resize=bool(config.get("do_resize", True)),
+            do_resize=flag("do_resize", True),
             size=size,
             shortest_edge=shortest,
             resample=resample,
-            do_center_crop=bool(config.get("do_center_crop", False)) and crop is not None,
+            do_center_crop=flag("do_center_crop", False) and crop is not None,
             crop_size=crop,
-            do_rescale=bool(config.get("do_rescale", True)),
-            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
-            do_normalize=bool(config.get("do_normalize", True)),
-            image_mean=triple("image_mean", (0.5, 0.5, 0.5)),
-            image_std=triple("image_std", (0.5, 0.5, 0.5)),
+            do_rescale=flag("do_rescale", True),
+            rescale_factor=number("rescale_factor", 1 / 255, RESCALE_FACTOR),
+            do_normalize=flag("do_normalize", True),
+            image_mean=triple("image_mean", (0.5, 0.5, 0.5), IMAGE_MEAN),
+            image_std=triple("image_std", (0.5, 0.5, 0.5), IMAGE_STD),
         )
 
     @property
@@ -152,6 +187,14 @@ class Preprocessor:
             std = np.asarray(self.image_std, dtype=np.float32)
             array = (array - mean) / std
         return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _side(key: str, value: object) -> int:
+    """Return ``value`` as an image side; raises ValueError naming ``key`` and :data:`IMAGE_SIDE` otherwise."""
+    if (problem := IMAGE_SIDE.problem(value, integer=True)) is not None:
+        raise ValueError(f"{key}: {problem}")
+    assert isinstance(value, int)
+    return value
 
 
 def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:

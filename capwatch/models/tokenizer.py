@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from capwatch.errors import ModelError
+from capwatch.models.layout import MAX_TOKENIZER_BYTES, read_capped
 
 
 class TextDecoder:
@@ -23,14 +24,20 @@ class TextDecoder:
 
         ``special_ids`` (decoder start, BOS, EOS, pad, ... from the model's configs) are always removed before
         decoding, even when a vocab.json/merges.txt tokenizer does not know them as special. Raises ModelError
-        when neither tokenizer.json nor vocab.json + merges.txt exists or they cannot be parsed.
+        (one line, naming the file) when neither tokenizer.json nor vocab.json + merges.txt exists, a file is
+        larger than :data:`~capwatch.models.layout.MAX_TOKENIZER_BYTES`, or it cannot be parsed (the tokenizers
+        library refuses nesting deeper than 128 levels with an ordinary error).
         """
         tokenizer_json = path / "tokenizer.json"
         vocab, merges = path / "vocab.json", path / "merges.txt"
+        source = tokenizer_json if tokenizer_json.is_file() else vocab  # named in the error message
         try:
             if tokenizer_json.is_file():
-                tokenizer = Tokenizer.from_file(str(tokenizer_json))
+                # Read here, with the size cap, and parse the very bytes that were checked.
+                tokenizer = Tokenizer.from_buffer(read_capped(tokenizer_json, MAX_TOKENIZER_BYTES))
             elif vocab.is_file() and merges.is_file():
+                for name in (vocab, merges):
+                    _check_size(name)
                 # GPT-2 / BART style byte-level BPE, as transformers' slow tokenizers read these two files.
                 tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
                 tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,9 +46,11 @@ class TextDecoder:
                 raise ModelError(f"{path}: missing tokenizer.json (or vocab.json + merges.txt)")
         except ModelError:
             raise
+        except FileNotFoundError as exc:  # removed between is_file() and reading it
+            raise ModelError(f"{exc.filename}: cannot read: file not found") from None
         except Exception as exc:  # tokenizers raises bare Exception subclasses from Rust
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"{path}: cannot load the tokenizer: {first}") from None
+            raise ModelError(f"{source}: cannot load the tokenizer: {first}") from None
         return cls(tokenizer, special_ids)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -54,3 +63,13 @@ class TextDecoder:
         """Return the token ids of ``text`` without special tokens added (used for task prompts)."""
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
         return ids
+
+
+def _check_size(path: Path) -> None:
+    """Raise ModelError when ``path`` (read by the tokenizers library itself) exceeds the tokenizer size cap."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelError(f"{path}: too large (more than {MAX_TOKENIZER_BYTES} bytes allowed for this file)")
