@@ -19,7 +19,7 @@ from capwatch.errors import ModelError
 from capwatch.models.store import model_info, models_root, pull, resolve_model
 from tests.conftest import FIXTURES, CliRunner, assert_one_line_error
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loopback_only")]
 
 VICTIM = b"export PATH=$HOME/bin:$PATH\n"
 

@@ -6,11 +6,28 @@ import ctypes
 import errno
 import functools
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+def open_regular(path: Path) -> int | None:
+    """A read-only descriptor of the regular file at ``path``, never through a symlink; None when ``path`` is
+    missing, a link or not a regular file (the caller closes the descriptor). Raises nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def fsync_dir(directory: Path) -> None:

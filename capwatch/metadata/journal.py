@@ -46,7 +46,7 @@ from typing import Any
 
 from capwatch import paths
 from capwatch.errors import MetadataError
-from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, write_all
+from capwatch.metadata.fsops import exchange, fsync_dir, open_regular, overwrite, write_all
 from capwatch.metadata.identity import FileIdentity
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,10 @@ def sha256_bytes(data: bytes | memoryview) -> str:
 
 def _sha256_file(path: Path) -> tuple[str, int] | None:
     """(hex sha256, size) of a regular file at ``path`` (not followed if a symlink), or None when it is not one."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+    fd = open_regular(path)
+    if fd is None:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         digest = hashlib.sha256()
         size = 0
         while chunk := os.read(fd, 1 << 20):

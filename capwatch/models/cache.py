@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from capwatch.errors import ModelError
+from capwatch.metadata.fsops import open_regular
 from capwatch.models import stamp
 
 MARKER_DIR = ".capwatch"
@@ -29,13 +30,10 @@ def marker_path(model_dir: Path, precision: str) -> Path:
 
 def read_marker(path: Path) -> dict[str, Any] | None:
     """A completion marker (a regular file, never read through a link, at most 1 MiB), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+    fd = open_regular(path)
+    if fd is None:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         raw = os.read(fd, (1 << 20) + 1)
     finally:
         os.close(fd)
