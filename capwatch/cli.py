@@ -442,7 +442,7 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print captions; write nothing into files or the index.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file: path, caption, model, written, "
               "skipped, error.")
-@click.option("--force", is_flag=True, help="Replace descriptions written by people too.")
+@click.option("--force", is_flag=True, help="Replace descriptions people wrote too: their words are lost.")
 @click.pass_context
 def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json: bool, force: bool) -> None:
     """Caption FILES now: write the caption into each file and the index (unless --dry-run).
@@ -531,8 +531,8 @@ class _Progress:
 @_global_options
 @click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-caption", is_flag=True, help="Only index: record images and import existing descriptions.")
-@click.option("--force", is_flag=True, help="Caption again files that already have our caption, and replace "
-              "descriptions written by people.")
+@click.option("--force", is_flag=True, help="Caption every file again and REPLACE DESCRIPTIONS PEOPLE WROTE: their "
+              "words are lost. To redo only capwatch's own captions use `capwatch recaption`.")
 @click.pass_context
 def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bool) -> None:
     """Reconcile DIRS (default: configured roots) with the index, then caption what needs it.
@@ -574,6 +574,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         captioned = failed = 0
         if not no_caption and to_caption:
             captioned, failed = _caption_all(config, index, to_caption, force)
+        # Files that failed in an earlier run and have not changed since are not retried by a scan.
+        failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
         click.echo(f"capwatch: warning: {missing_root} is missing, unmounted or empty; its index entries were kept",
                    err=True)
@@ -586,6 +588,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
     failures = totals["errors"] + failed
     if failures:
         summary += f"; {failures} failed (listed above)"
+    if earlier_failures := max(0, failed_rows - failures):
+        summary += f"; {earlier_failures} failed before and are unchanged since (retry: capwatch recaption --errors)"
     click.echo(summary)
     ctx.exit(1 if failures or missing else 0)
 
@@ -598,23 +602,49 @@ def _report_failure(path: str | Path, message: str) -> None:
 
 def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:
     captioner = _open_captioner(config)
-    processor = _processor(config, index, captioner, force=force)
-    size = max(1, config.model.batch_size)
-    captioned = failed = 0
+    try:
+        tally = _caption_many(_processor(config, index, captioner, force=force), paths, skip_captioned=not force)
+    finally:
+        captioner.close()
+    return tally.captioned, tally.failed
+
+
+@dataclass
+class _Tally:
+    """What a run over many files did: captioned (new words written or recorded), kept (a person's description
+    left alone), unchanged (the same caption again), failed."""
+
+    captioned: int = 0
+    kept: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+
+def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bool,
+                  label: str = "captioning") -> _Tally:
+    """Process ``paths`` in batches with a progress bar on a TTY; report each failure in one line at the end."""
+    from capwatch.library.process import HUMAN_KEPT
+
+    size = max(1, processor.config.model.batch_size)
+    tally = _Tally()
     failures: list[tuple[Path, str]] = []
     show = sys.stderr.isatty()
     started = time.monotonic()
-    bar_ctx = click.progressbar(length=len(paths), label="captioning", file=sys.stderr, show_eta=True,
+    bar_ctx = click.progressbar(length=len(paths), label=label, file=sys.stderr, show_eta=True,
                                 show_pos=True, item_show_func=lambda rate: rate) if show else None
     try:
         for start in range(0, len(paths), size):
-            outcomes = processor.process(paths[start:start + size], skip_captioned=not force)
+            outcomes = processor.process(paths[start:start + size], skip_captioned=skip_captioned)
             for outcome in outcomes:
                 if outcome.error:
-                    failed += 1
+                    tally.failed += 1
                     failures.append((outcome.path, outcome.error))
-                elif outcome.caption and not outcome.skipped:
-                    captioned += 1
+                elif outcome.skipped == HUMAN_KEPT:
+                    tally.kept += 1
+                elif outcome.written or (outcome.caption and not outcome.skipped):
+                    tally.captioned += 1
+                else:
+                    tally.unchanged += 1
             if bar_ctx is not None:
                 done = start + len(outcomes)
                 rate = 60 * done / max(time.monotonic() - started, 1e-6)
@@ -622,10 +652,106 @@ def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -
     finally:
         if bar_ctx is not None:
             bar_ctx.render_finish()
-        captioner.close()
     for path, message in failures:
         _report_failure(path, message)
-    return captioned, failed
+    return tally
+
+
+# -- recaption --------------------------------------------------------------------------------------------------
+
+
+def _current_model(config: Config) -> tuple[str, str | None]:
+    """The model id and revision captions would be made with now, without loading or downloading anything."""
+    from capwatch.errors import ModelError
+    from capwatch.models.registry import get_spec
+    from capwatch.models.store import resolve_model
+
+    if config.model.dir is not None:
+        resolved = resolve_model(config.model, os.environ)
+        return resolved.model_id, resolved.revision
+    spec = get_spec(config.model.name)
+    try:
+        resolved = resolve_model(config.model, os.environ)
+        return resolved.model_id, resolved.revision
+    except ModelError:
+        return spec.repo, spec.revision if spec.pinned else None
+
+
+def _model_ids(names: Sequence[str]) -> frozenset[str]:
+    """Model ids as the index records them for each name given: a registry name stands for its repository."""
+    from capwatch.models.registry import REGISTRY
+
+    ids = set(names)
+    ids.update(spec.repo for spec in REGISTRY if spec.name in names)
+    return frozenset(ids)
+
+
+@cli.command()
+@_global_options
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model-changed", is_flag=True,
+              help="Captions made by another model, or another revision of it, than the one configured now.")
+@click.option("--from-model", "from_model", multiple=True, metavar="NAME",
+              help="Captions made by this model: a name from `capwatch models list`, a repository id, or a model "
+                   "directory's name (repeatable).")
+@click.option("--before", metavar="DATE", help="Captions made before DATE (YYYY, YYYY-MM-DD, 30d, ...).")
+@click.option("--errors", is_flag=True, help="Retry the files whose last attempt failed.")
+@click.option("--dry-run", is_flag=True, help="List the files that would be captioned again; change nothing.")
+@click.pass_context
+def recaption(ctx: click.Context, dirs: tuple[Path, ...], model_changed: bool, from_model: tuple[str, ...],
+              before: str | None, errors: bool, dry_run: bool) -> None:
+    """Caption again the files in DIRS (default: configured roots, else the whole index) whose caption capwatch
+    wrote, as chosen.
+
+    A description a person wrote is never replaced: every file is read again first, so words added since the
+    last scan are kept too (use `scan --force` to replace people's words). Criteria combine: --model-changed
+    --before 2024 takes captions of another model made before 2024; --errors adds the failed files. Safe to
+    interrupt and run again: files already done are not chosen again.
+
+    \b
+    Examples:
+      capwatch recaption --model-changed            # after switching models
+      capwatch recaption --from-model vit-gpt2 ~/Pictures/2023
+      capwatch recaption --errors                   # retry what failed
+    """
+    from capwatch.library.recaption import make_criteria, select
+
+    config = _load(ctx)
+    # Without DIRS: the configured roots, or else everything the index holds.
+    roots = [Path(r.path) for r in _roots(config, dirs)] if dirs or config.library.roots else None
+    current = _current_model(config) if model_changed else None
+    criteria = make_criteria(model_changed=model_changed, current=current, from_model=_model_ids(from_model),
+                             before=before, errors=errors)
+    if dry_run:
+        with _open_index(config, readonly=True) as index:
+            chosen = list(select(index, roots, criteria))
+        for record in chosen:
+            why = f"failed: {record.error}" if record.status == "error" else \
+                f"{record.model or '?'} {(record.model_revision or '')[:12]}, {record.captioned_at or '?'}"
+            click.echo(f"{record.path}  ({why.strip()})")
+        click.echo(f"{len(chosen)} files would be captioned again")
+        return
+    _recover_writes()
+    with _open_index(config) as index:
+        chosen_paths = [Path(r.path) for r in select(index, roots, criteria)]
+        if not chosen_paths:
+            click.echo("0 files to caption again")
+            return
+        captioner = _open_captioner(config)
+        try:
+            tally = _caption_many(_processor(config, index, captioner), chosen_paths, skip_captioned=False,
+                                  label="re-captioning")
+        finally:
+            captioner.close()
+    summary = f"{len(chosen_paths)} files: {tally.captioned} captioned again"
+    if tally.unchanged:
+        summary += f", {tally.unchanged} unchanged (the same caption)"
+    if tally.kept:
+        summary += f", {tally.kept} kept (a person's description)"
+    if tally.failed:
+        summary += f"; {tally.failed} failed (listed above)"
+    click.echo(summary)
+    ctx.exit(1 if tally.failed else 0)
 
 
 # -- watch ------------------------------------------------------------------------------------------------------
