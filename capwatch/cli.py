@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ class AppContext:
     db: str | None
     model: str | None
     verbosity: int
+    #: --system / $CAPWATCH_SYSTEM: the system service's configuration, index, live state and model cache.
+    system: bool = False
 
     def config(self) -> Config:
         """Load the configuration (raises ConfigError) and apply --db / --model."""
@@ -71,6 +74,11 @@ def _setup_logging(config: Config, verbosity: int) -> None:
     root.propagate = False
 
 
+#: The paragraph every command's ``--help`` ends with: the global options are hidden in its option list.
+_GLOBAL_OPTIONS_HELP = ("The global options (--config PATH, --db PATH, --model NAME|DIR, -v, -q, ...; see `capwatch "
+                        "--help`) work here too, before or after the command.")
+
+
 def _global_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Accept the global options after the subcommand too (``capwatch caption --model DIR FILE``).
 
@@ -87,6 +95,7 @@ def _global_options(command: Callable[..., Any]) -> Callable[..., Any]:
             db=kwargs.pop("g_db") or app.db,
             model=kwargs.pop("g_model") or app.model,
             verbosity=app.verbosity + kwargs.pop("g_verbose") - kwargs.pop("g_quiet"),
+            system=kwargs.pop("g_system") or app.system,
         )
         return command(*args, **kwargs)
 
@@ -96,7 +105,10 @@ def _global_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model", "g_model", metavar="NAME|DIR", hidden=True),
         click.option("-v", "--verbose", "g_verbose", count=True, hidden=True),
         click.option("-q", "--quiet", "g_quiet", count=True, hidden=True),
+        click.option("--system", "g_system", is_flag=True, hidden=True),
     ]
+    # Hidden here, so each command's help says where to find them.
+    wrapper.__doc__ = inspect.cleandoc(command.__doc__ or "") + "\n\n" + _GLOBAL_OPTIONS_HELP
     decorated: Callable[..., Any] = wrapper
     for option in options:
         decorated = option(decorated)
@@ -105,6 +117,8 @@ def _global_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _load(ctx: click.Context) -> Config:
     app: AppContext = ctx.obj
+    if app.system:
+        _enter_system_mode(ctx.command_path.split(" ", 1)[-1])
     config = app.config()
     _setup_logging(config, app.verbosity)
     return config
@@ -116,24 +130,97 @@ def _open_index(config: Config, *, readonly: bool = False) -> Index:
     return Index.open(config.index_path(), busy_timeout=config.index.busy_timeout_seconds, readonly=readonly)
 
 
+#: Commands that only read the system service's index and live state: with --system, anyone who may read those runs
+#: them. Every other command needs the service's own files (write journal, model key and cache, index) and runs with
+#: --system only as the user that owns them.
+_SYSTEM_READERS_MAY_RUN = frozenset({"search", "status", "models list"})
+
+
+def _enter_system_mode(command: str) -> None:
+    """Give this process the environment systemd gives the system service (``capwatch --system COMMAND``).
+
+    ``CONFIGURATION_DIRECTORY``, ``STATE_DIRECTORY`` and ``CACHE_DIRECTORY`` name the unit's directories
+    (capwatch.paths.system_dirs), and the caller's own ``$CAPWATCH_CONFIG``/``_DB``/``_MODEL``/``_CACHE_DIR`` go, so
+    the configuration, index, live state, write journal and model cache are the service's (--config, --db and
+    --model on the command line still apply). Raises ConfigError (one line) when ``command`` writes and this
+    process is not the user that owns the service's state directory: root included, since files it made there
+    would belong to root and the service could not use them.
+    """
+    from capwatch import paths
+    from capwatch.errors import ConfigError
+
+    environment = paths.system_environment(os.environ)
+    for key in paths.PERSONAL_VARIABLES:
+        os.environ.pop(key, None)
+    os.environ.update(environment)
+    if command in _SYSTEM_READERS_MAY_RUN:
+        return
+    state = paths.system_dirs(os.environ)[1]
+    try:
+        owner = os.stat(state).st_uid
+    except FileNotFoundError:
+        raise ConfigError(f"--system: {state} does not exist: install and start the system service first "
+                          "(`capwatch service install --system`)") from None
+    except OSError as exc:
+        raise ConfigError(f"--system {command}: cannot look at {state}: {exc.strerror or exc}") from None
+    if os.geteuid() != owner:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise ConfigError(f"--system {command} changes the service's files in {state}, which belong to {name}: "
+                          f"run it as that user (sudo -u {name} capwatch --system {command} ...); only search, "
+                          "status and models list run as anyone who may read the index")
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--config", "config_path", metavar="PATH", envvar="CAPWATCH_CONFIG",
+class _ReaderGone(Exception):
+    """Standard output's reader went away (``capwatch status | head -1``)."""
+
+
+class _CapwatchGroup(click.Group):
+    """The top-level group. click turns a broken pipe into exit status 1; for capwatch, as for any Unix filter, a
+    reader that stops reading is no failure, so it reaches :func:`main` (exit 0) instead."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        """Parse the options (``--help`` and ``--version`` print here); raises _ReaderGone as :meth:`invoke` does."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except BrokenPipeError as exc:
+            raise _ReaderGone() from exc
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; raises _ReaderGone when its output's reader closed the pipe."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise _ReaderGone() from exc
+
+
+@click.group(cls=_CapwatchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="PATH",
               help="Configuration file (default: $CAPWATCH_CONFIG, then ~/.config/capwatch/config.toml).")
 @click.option("--db", metavar="PATH", help="Index database file (default: $CAPWATCH_DB, config, XDG state dir).")
 @click.option("--model", metavar="NAME|DIR", help="Model name from `capwatch models list`, or a model directory "
               "(default: $CAPWATCH_MODEL, then config).")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
 @click.option("-q", "--quiet", count=True, help="Less log output (-q: warnings only, -qq: errors only).")
+@click.option("--system", is_flag=True, envvar="CAPWATCH_SYSTEM",
+              help="Use the system service's files: /etc/capwatch/config.toml, its index and live state in "
+              "/var/lib/capwatch, its models in /var/cache/capwatch (default: $CAPWATCH_SYSTEM). search and status "
+              "work for anyone in group capwatch.")
 @click.version_option(__version__, prog_name="capwatch")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, db: str | None, model: str | None, verbose: int,
-        quiet: int) -> None:
+        quiet: int, system: bool) -> None:
     """Keep a photo library captioned by a local model, with captions inside the files and searchable.
 
-    The options above may also follow the command (capwatch caption --model DIR FILE).
+    The options below may also follow the command (capwatch caption --model DIR FILE).
 
     \b
     Quick start:
@@ -141,7 +228,7 @@ def cli(ctx: click.Context, config_path: str | None, db: str | None, model: str 
       capwatch search red bike          # find photos by words
       capwatch watch ~/Pictures         # keep captioning new photos as they arrive
     """
-    ctx.obj = AppContext(config_path=config_path, db=db, model=model, verbosity=verbose - quiet)
+    ctx.obj = AppContext(config_path=config_path, db=db, model=model, verbosity=verbose - quiet, system=system)
 
 
 # -- search -----------------------------------------------------------------------------------------------------
@@ -208,6 +295,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
       capwatch search --paths -0 sunset | xargs -0 ls -l
     """
+    from capwatch.errors import QueryError
     from capwatch.library.search import make_filters, parse_query
 
     if as_json and paths_only:
@@ -231,6 +319,9 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
             out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+    if not hits and in_dir is not None and not os.path.isdir(in_dir):
+        # Rows below a folder that is gone (an unmounted root) are still searched; a typo finds nothing.
+        raise QueryError(f"--in {in_dir}: that folder does not exist (and nothing indexed below it matches)")
     if not hits and not as_json and not paths_only:
         click.echo("no matches", err=True)
 
@@ -240,6 +331,27 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
 
 def _model_label(config: Config) -> str:
     return str(config.model.dir) if config.model.dir is not None else config.model.name
+
+
+def _running_model(live: dict[str, Any], configured: str) -> str:
+    """The model line of `status` while a daemon runs: the model it runs (id, revision, precision), not ours."""
+    label = str(live.get("model") or configured)
+    model_id, revision, precision = live.get("model_id"), live.get("model_revision"), live.get("model_precision")
+    details = [str(model_id) + (f" @ {str(revision)[:12]}" if revision else "")] if model_id else []
+    if precision:
+        details.append(str(precision))
+    text = f"{label} ({', '.join(details)})" if details else label
+    if label != configured:
+        text += f"  [this configuration says {configured}: reload the daemon to switch]"
+    return text
+
+
+def _check_readable(index_path: Path) -> None:
+    """Raise IndexUnavailable (one line naming the file or folder) when a permission keeps this user from reading
+    the index at ``index_path``, e.g. ``--system status`` outside the service's group. A missing index is fine."""
+    from capwatch.library.index import check_readable
+
+    check_readable(index_path)
 
 
 def _live_state(index_path: Path) -> dict[str, Any] | None:
@@ -256,6 +368,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show counts by status and source, recent errors, the index and the model (and the daemon, if running)."""
     config = _load(ctx)
     index_path = config.index_path()
+    _check_readable(index_path)
     live = _live_state(index_path)
     if index_path.exists():
         with _open_index(config, readonly=True) as index:
@@ -270,7 +383,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "images": images, "captioned": captioned, "pending": int(by_status.get("pending", 0)),
         "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
         "by_status": by_status, "by_source": by_source, "last_errors": errors,
-        "index": str(index_path), "index_bytes": size, "model": _model_label(config),
+        # While a daemon runs, the model is the one it runs (its configuration may not be ours).
+        "index": str(index_path), "index_bytes": size,
+        "model": str(live.get("model") or _model_label(config)) if live else _model_label(config),
+        "model_id": live.get("model_id") if live else None,
+        "model_revision": live.get("model_revision") if live else None,
+        "model_state": live.get("model_state") if live else None,
         "daemon": live,
     }
     if as_json:
@@ -278,7 +396,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
                else f"index      {index_path} (not created yet: run `capwatch scan DIR`)")
-    click.echo(f"model      {payload['model']}")
+    click.echo(f"model      {_running_model(live, _model_label(config)) if live else payload['model']}")
     click.echo(f"images     {images}")
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
                f"embedded {by_source.get('embedded', 0)})")
@@ -297,8 +415,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if live.get("backfill_total"):
             click.echo(f"  backfill {live.get('backfill_done', 0)} / {live.get('backfill_total')}")
         click.echo(f"  rate     {float(live.get('rate_per_minute') or 0):.1f} images/min; "
-                   f"{live.get('captioned', 0)} captioned, {live.get('errors', 0)} errors since start")
-        click.echo(f"  model    {'loaded' if live.get('model_loaded') else 'not loaded (idle)'}")
+                   f"{live.get('captioned', 0)} captioned, {live.get('errors', 0)} errors since the daemon started")
+        state = live.get("model_status") or ("loaded" if live.get("model_loaded") else "unloaded")
+        click.echo(f"  model    {state}")
         for root in live.get("missing_roots") or []:
             click.echo(f"  missing  {root} (kept in the index; re-checked periodically)")
     else:
@@ -451,6 +570,11 @@ def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json:
     program changes while it is being captioned is read and captioned again; nothing is written over a change.
     """
     config = _load(ctx)
+    unusable = _nothing_to_caption(files)
+    if unusable:
+        for outcome in unusable:
+            _emit(outcome, as_json)
+        ctx.exit(1)
     if not dry_run:
         _recover_writes()
     captioner = _open_captioner(config)
@@ -464,6 +588,19 @@ def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json:
                 _emit(outcome, as_json)
     captioner.close()
     ctx.exit(1 if failed else 0)
+
+
+def _nothing_to_caption(files: Sequence[Path]) -> list[FileOutcome]:
+    """When none of ``files`` names a regular file (each is missing, unreachable, a folder, ...), return their
+    failed outcomes in order; otherwise an empty list, and the processor reports the bad ones among the others.
+
+    Asked before anything else, so a typo costs neither a model download nor a model load. Never raises.
+    """
+    from capwatch.library.process import FileOutcome, stat_file
+
+    checked = [stat_file(path) for path in files]
+    failed = [c for c in checked if isinstance(c, FileOutcome)]
+    return failed if len(failed) == len(checked) else []
 
 
 def _recover_writes() -> None:
@@ -556,7 +693,11 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
             result = reconcile(root, config, index, progress=progress)
             progress.done()
             if result.root_missing:
-                missing.append(str(root.path))
+                problem = result.root_problem or "missing"
+                problem += " (unmounted?)" if problem == "empty" else ""
+                kept = f"its {result.kept} indexed images were kept until it is back" if result.kept \
+                    else "nothing is indexed there"
+                missing.append(f"{root.path} is {problem}; {kept}")
                 continue
             totals["seen"] += result.seen
             totals["new"] += len(result.new)
@@ -577,8 +718,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
-        click.echo(f"capwatch: warning: {missing_root} is missing, unmounted or empty; its index entries were kept",
-                   err=True)
+        click.echo(f"capwatch: warning: {missing_root}", err=True)
     summary = (f"{totals['seen']} images: {totals['new']} new, {totals['changed']} changed, "
                f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")
     if no_caption:
@@ -781,6 +921,67 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
     ctx.exit(run_daemon(config, roots, reload=app.config, caption=not no_caption))
 
 
+# -- service ----------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def service() -> None:
+    """Run capwatch as a systemd service: install the unit for the capwatch you are running."""
+
+
+@service.command("install")
+@click.option("--user", "scope", flag_value="user",
+              help="A user service, for your own photos: ~/.config/systemd/user/capwatch.service (the default).")
+@click.option("--system", "scope", flag_value="system",
+              help="The system-wide service, run as user capwatch: /etc/systemd/system/capwatch.service (needs "
+              "root; also `capwatch --system service install`).")
+@click.option("--dry-run", is_flag=True, help="Print the unit on stdout; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing unit that differs; install a system unit even when "
+              "the permission bits say user capwatch cannot run this capwatch (an ACL may allow it).")
+@click.option("--unit-dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Write capwatch.service into DIR instead (tests, packaging; no root needed).")
+@click.pass_context
+def service_install(ctx: click.Context, scope: str | None, dry_run: bool, force: bool, unit_dir: Path | None) -> None:
+    """Write capwatch.service with ExecStart= the absolute path of this capwatch, then print the next commands.
+
+    Works from a venv or pipx install: the unit runs the same capwatch you typed. An existing unit that differs is
+    left alone unless --force. The unit comes from the template shipped with capwatch (systemd/ in its sources).
+
+    \b
+    Examples:
+      capwatch service install --user
+      sudo /opt/capwatch/bin/capwatch service install --system
+      capwatch service install --system --dry-run
+    """
+    from capwatch.daemon import unit
+
+    app: AppContext = ctx.obj
+    chosen: unit.Scope = "system" if (scope or ("system" if app.system else "user")) == "system" else "user"
+    command = unit.capwatch_command()
+    text = unit.render_unit(chosen, command)
+    directory = unit_dir if unit_dir is not None else unit.default_unit_dir(chosen)
+    problem = unit.unreachable_by(command) if chosen == "system" else None
+    if dry_run:
+        click.echo(text, nl=False)
+        click.echo(f"capwatch: dry run: would write {directory / unit.UNIT_NAME}", err=True)
+        if problem:
+            click.echo(f"capwatch: warning: {problem}: the service would fail to start (203/EXEC)", err=True)
+        return
+    if chosen == "system" and unit_dir is None and os.geteuid() != 0:
+        raise unit.UnitError(f"installing the system service writes {directory / unit.UNIT_NAME}: run it as root "
+                             f"(sudo {' '.join(command)} service install --system)")
+    if problem and not force:
+        raise unit.UnitError(f"{problem}, so the service could not start (203/EXEC): install capwatch where user "
+                             f"{unit.SERVICE_USER} can run it (e.g. a venv in /opt/capwatch) and run that one's "
+                             "`capwatch service install --system` (--force if an ACL allows it)")
+    path, written = unit.install_unit(text, directory, force=force)
+    click.echo(f"{'wrote' if written else 'unchanged'} {path}")
+    click.echo("  " + next(line for line in text.splitlines() if line.startswith("ExecStart=")))
+    click.echo("next:")
+    for step in unit.next_steps(chosen):
+        click.echo(f"  {step}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -795,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # standalone_mode=False: click returns ctx.exit()'s code instead of exiting, and lets errors reach us.
         code = cli.main(args=list(argv) if argv is not None else None, prog_name="capwatch",
                         standalone_mode=False)
+        sys.stdout.flush()  # a reader that left is noticed here (see below), not by the interpreter at exit
         if isinstance(code, int):
             sys.exit(code)
     except click.exceptions.Exit as exc:
@@ -811,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except BrokenPipeError:
+    except (BrokenPipeError, _ReaderGone):
         # `capwatch search ... | head`: the reader left; that is not an error.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import platformdirs
+
 from capwatch import paths
 from capwatch.errors import ConfigError
 
@@ -120,9 +122,24 @@ class RootConfig:
     exclude: tuple[str, ...] = ()
 
 
+def default_roots() -> tuple[RootConfig, ...]:
+    """The roots used when the configuration names none: the user's pictures folder, when it exists.
+
+    That folder is ``XDG_PICTURES_DIR`` (the environment, then ``user-dirs.dirs``), else ``~/Pictures``, as
+    platformdirs reads it from the process environment. Returns an empty tuple when the folder does not exist (a
+    service user's home has none), so ``scan`` and ``watch`` without folders ask for them. Never raises.
+    """
+    try:
+        pictures = Path(platformdirs.user_pictures_dir())
+    except (OSError, RuntimeError, KeyError):  # no home directory to expand ~ into
+        return ()
+    return (RootConfig(pictures),) if pictures.is_absolute() and os.path.isdir(pictures) else ()
+
+
 @dataclass(frozen=True)
 class LibraryConfig:
-    roots: tuple[RootConfig, ...] = ()
+    #: Default: the user's pictures folder when it exists (see :func:`default_roots`), else none.
+    roots: tuple[RootConfig, ...] = field(default_factory=default_roots)
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     include_hidden: bool = False
@@ -143,6 +160,11 @@ class ModelConfig:
     name: str = "florence-2-base-ft"
     #: A local model directory in the Hugging Face / transformers.js ONNX layout.
     dir: Path | None = None
+    #: A hub repository ("owner/model") in that layout, for a model the registry does not know; ``name`` is then
+    #: its folder in the cache. Its files are checked against the sums the hub reports (nothing is pinned).
+    repo: str | None = None
+    #: With ``repo``: a commit (reproducible) or a branch/tag; None means "main".
+    revision: str | None = None
     #: auto: a named model's recommended precision (int8); for a model directory, fp32 when it has it (the
     #: reference output), else int8, else fp16.
     precision: Precision = "auto"
@@ -278,6 +300,9 @@ def apply_overrides(config: Config, *, db: str | Path | None = None, model: str 
         candidate = Path(text).expanduser()
         if candidate.is_dir() or os.sep in text or text.startswith("."):
             new_model = dataclasses.replace(config.model, dir=candidate)
+        elif text != config.model.name:
+            # Another model by name: the configured repository and revision belonged to the configured one.
+            new_model = dataclasses.replace(config.model, name=text, dir=None, repo=None, revision=None)
         else:
             new_model = dataclasses.replace(config.model, name=text, dir=None)
         config = dataclasses.replace(config, model=new_model)

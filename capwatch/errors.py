@@ -29,6 +29,15 @@ class ModelError(CapwatchError):
     """A captioning model cannot be found, downloaded, verified or loaded."""
 
 
+class ModelUnreachable(ModelError):
+    """The model hub (or mirror) could not be reached, or was too slow: the same download may work later, and it
+    resumes what arrived. ``problem`` says what went wrong on the wire ("connection refused")."""
+
+    def __init__(self, message: str, *, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 class ImageError(CapwatchError):
     """One image cannot be read or decoded; other images are unaffected."""
 

@@ -2,6 +2,8 @@
 
 systemd sets ``STATE_DIRECTORY``, ``CACHE_DIRECTORY`` and ``CONFIGURATION_DIRECTORY`` for units that declare
 ``StateDirectory=`` etc.; those win over the XDG defaults so a system service never writes into a home directory.
+``capwatch --system`` gives any process the same three variables (:func:`system_environment`), so it finds the
+system service's files.
 """
 
 from __future__ import annotations
@@ -48,3 +50,31 @@ def default_index_path(env: Mapping[str, str] = os.environ) -> Path:
 def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
     """``config.toml`` inside :func:`config_dir`."""
     return config_dir(env) / "config.toml"
+
+
+# -- the system service's directories ---------------------------------------------------------------------------
+
+#: What ``capwatch --system`` (or ``$CAPWATCH_SYSTEM=1``) stops taking from the caller's environment: these describe
+#: the caller's own setup, and the system service never sees them.
+PERSONAL_VARIABLES = ("CAPWATCH_CONFIG", "CAPWATCH_DB", "CAPWATCH_MODEL", "CAPWATCH_CACHE_DIR")
+
+
+def system_dirs(env: Mapping[str, str] = os.environ) -> tuple[Path, Path, Path]:
+    """Return the system unit's (configuration, state, cache) directories.
+
+    They are what ``ConfigurationDirectory=``, ``StateDirectory=`` and ``CacheDirectory=capwatch`` give the service:
+    ``/etc/capwatch``, ``/var/lib/capwatch`` and ``/var/cache/capwatch``, each below ``$CAPWATCH_SYSTEM_ROOT`` when
+    that is set (for tests, and for packagers who stage a root file system). Never raises; creates nothing.
+    """
+    root = Path(env.get("CAPWATCH_SYSTEM_ROOT") or "/")
+    return root / "etc" / APP, root / "var" / "lib" / APP, root / "var" / "cache" / APP
+
+
+def system_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Return ``env`` as the system service sees it: the directories systemd hands the unit
+    (``CONFIGURATION_DIRECTORY``, ``STATE_DIRECTORY``, ``CACHE_DIRECTORY``, see :func:`system_dirs`) and none of
+    :data:`PERSONAL_VARIABLES`. Never raises."""
+    config, state, cache = system_dirs(env)
+    out = {key: value for key, value in env.items() if key not in PERSONAL_VARIABLES}
+    out.update({"CONFIGURATION_DIRECTORY": str(config), "STATE_DIRECTORY": str(state), "CACHE_DIRECTORY": str(cache)})
+    return out

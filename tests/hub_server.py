@@ -74,6 +74,9 @@ class FakeHub:
         #: path -> the X-Linked-Size announced for an LFS file instead of its real size
         self._sizes: dict[str, int] = {}
         self.requests: list[Request] = []
+        #: When set, every GET of LFS content waits (up to 60 s) until this event is set: a download held in
+        #: progress for as long as a test needs to look at the client meanwhile.
+        self.hold: threading.Event | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -225,6 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound")
             return
         cut = False
+        if body and self.owner.hold is not None:
+            self.owner.hold.wait(60)
         if body:
             with self.owner._lock:
                 if blob.cuts_left > 0:

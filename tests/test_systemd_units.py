@@ -64,6 +64,7 @@ def test_system_unit_is_a_sandboxed_notify_service() -> None:
     service = _parse("capwatch.service")["Service"]
     assert service["Type"] == "notify"
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # a config error is not fixed by restarting every 10 s
     assert service["WatchdogSec"]
     assert service["User"] == "capwatch"
     assert service["StateDirectory"] == "capwatch"

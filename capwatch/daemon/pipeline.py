@@ -441,14 +441,23 @@ class Pipeline:
                 batch, todo = self._handoff.popleft()
                 self._handoff_cond.notify_all()
             try:
+                started = time.monotonic()
                 outcomes = processor.process_batch(todo) if todo else []
+                seconds = time.monotonic() - started
                 self._count(batch, outcomes, [])
-                self._report(outcomes)
+                self._report(outcomes, seconds)
             finally:
                 self.queue.done(batch)
 
-    def _report(self, outcomes: Sequence[Outcome]) -> None:
-        """Log each failure once, and send files that changed while being captioned back to be read again."""
+    def _report(self, outcomes: Sequence[Outcome], seconds: float = 0.0) -> None:
+        """Log one INFO line per file the model captioned (path, its share of the batch's ``seconds``, caption) and
+        one WARNING per failure (nowhere else), and send files that changed while being captioned back to be read
+        again. Skipped files are logged at DEBUG only."""
+        from capwatch.library.process import ALREADY_CAPTIONED
+
+        captioned = {id(o) for o in outcomes if _model_captioned(o, ALREADY_CAPTIONED)}
+        # The model runs a batch at once: each file's time is its share of the batch.
+        each = seconds / len(captioned) if captioned else 0.0
         for outcome in outcomes:
             if outcome.error:
                 log.warning("%s", outcome.error)
@@ -456,6 +465,20 @@ class Pipeline:
                 log.info("%s", outcome.skipped or f"{outcome.path}: changed while being captioned; queued again")
                 if self._requeue is not None:
                     self._requeue(outcome.path)
+            elif id(outcome) in captioned:
+                note = f" ({outcome.skipped})" if outcome.skipped else ""
+                log.info("captioned %s in %.1f s: %s%s", outcome.path, each, getattr(outcome, "caption", ""), note)
+            elif outcome.skipped:
+                log.debug("%s: %s", outcome.path, outcome.skipped)
+        if outcomes:
+            log.debug("batch of %d file(s) done in %.2f s", len(outcomes), seconds)
+
+
+def _model_captioned(outcome: Outcome, already: str) -> bool:
+    """True when the model made ``outcome``'s caption just now (``already``: the skip note of a file that carried
+    one before)."""
+    caption = getattr(outcome, "caption", None)  # index-only outcomes have none
+    return bool(caption) and not outcome.error and not outcome.changed and outcome.skipped != already
 
 
 def _read_ahead(path: Path) -> None:

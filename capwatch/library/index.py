@@ -2,13 +2,18 @@
 
 Schema changes happen only through the numbered migrations in ``MIGRATIONS``; the applied ones are recorded in
 ``capwatch_migrations``. An ``Index`` wraps one connection and is meant for one thread: open one per thread.
+A writable Index leaves ``-wal`` and ``-shm`` beside the file when it closes (:func:`keep_wal_files`), so users who
+may only read the index (the system service's group) can open it read-only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import os
 import sqlite3
+import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -260,6 +265,110 @@ def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> IndexUnav
     return IndexUnavailable(f"index {path}: {exc}")
 
 
+def _wal_files(path: Path) -> tuple[Path, Path]:
+    return Path(f"{path}-wal"), Path(f"{path}-shm")
+
+
+def keep_wal_files(path: Path) -> None:
+    """Make sure the WAL files of the index at ``path`` exist: create ``-wal`` and ``-shm`` empty where they are
+    missing, with the index file's mode and (when run as root) owner, as SQLite itself makes them.
+
+    Why: SQLite opens a WAL database read-only only when both files exist, or the opener may create them in the
+    index's folder (https://www.sqlite.org/walformat.html, "persistent WAL"; 3.22+ needs no write access to them).
+    The last writer to close deletes them, which would lock out every reader that may read the index but not write
+    its folder (the system service's group, ``capwatch --system search``). Python cannot set SQLite's
+    ``SQLITE_FCNTL_PERSIST_WAL``, so capwatch puts them back: an empty ``-wal`` and ``-shm`` are exactly what a
+    persistent-WAL close leaves, and every SQLite connection rebuilds the ``-shm`` from the ``-wal`` when no other
+    connection has it open. Never replaces an existing file (O_EXCL), never follows a symlink; never raises.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    for name in _wal_files(path):
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         st.st_mode & 0o666)
+        except OSError:
+            continue  # there already (another connection opened meanwhile), or the folder is not writable
+        try:
+            os.fchmod(fd, st.st_mode & 0o666)  # as SQLite does: the index's mode, whatever the umask
+            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+                os.fchown(fd, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _group_hint(path: Path) -> str:
+    """Return `` (its group NAME may read it: ...)`` when ``path``'s group may read it (enter it, for a folder) and
+    this process is not in that group, else "". Never raises."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    needed = 0o010 if stat.S_ISDIR(st.st_mode) else 0o040
+    if not st.st_mode & needed or st.st_gid in (os.getegid(), *os.getgroups()):
+        return ""
+    try:
+        name = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        name = str(st.st_gid)
+    return f" (its group {name} may read it: `sudo usermod -aG {name} $USER`, then log in again)"
+
+
+def _is_wal_database(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header.startswith(b"SQLite format 3\0") and header[19] == 2
+
+
+def check_readable(path: Path, *, wait_seconds: float = 1.0) -> None:
+    """Check that this process can open the index at ``path`` read-only, as far as permissions go.
+
+    Returns when it can, or when ``path`` simply does not exist (the caller decides what that means). Raises
+    IndexUnavailable with one line naming what is missing: search permission on a folder on the way, read
+    permission on the index or on its ``-wal``/``-shm`` files, or (a WAL index whose ``-wal``/``-shm`` are absent)
+    write permission on the folder, which SQLite then needs to create them. Absent WAL files are waited for up to
+    ``wait_seconds``: a writer closing deletes them and (capwatch) puts them back a moment later.
+    """
+    path = Path(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        blocked = next((p for p in reversed(path.parents) if p != path and not os.access(p, os.X_OK)), path.parent)
+        raise IndexUnavailable(
+            f"cannot read index {path}: no permission to enter {blocked}{_group_hint(blocked)}"
+        ) from None
+    except OSError as exc:
+        raise IndexUnavailable(f"cannot read index {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.R_OK):
+        raise IndexUnavailable(f"cannot read index {path}: permission denied{_group_hint(path)}")
+    folder = path.parent
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        missing = [p for p in _wal_files(path) if not os.path.lexists(p)]
+        if not missing or os.access(folder, os.W_OK) or not _is_wal_database(path):
+            break
+        if time.monotonic() >= deadline:
+            names = " and ".join(p.name for p in missing)
+            raise IndexUnavailable(
+                f"cannot read index {path}: {names} missing and {folder} not writable for you (SQLite reads a WAL "
+                f"index only when both exist; running the daemon or any writing capwatch command as the index's "
+                f"owner puts them back)"
+            )
+        time.sleep(0.05)
+    for name in _wal_files(path):
+        if os.path.lexists(name) and not os.access(name, os.R_OK):
+            raise IndexUnavailable(f"cannot read index {path}: {name} is not readable for you{_group_hint(name)}")
+
+
 class Index:
     """The caption index at one path. Use :meth:`open`; close it (or use ``with``) when done."""
 
@@ -267,6 +376,8 @@ class Index:
         self._conn = conn
         self.path = path
         self._busy_timeout = busy_timeout
+        #: Set by :meth:`open` for a writable index: leave the WAL files in place on close (see keep_wal_files).
+        self._keep_wal_files = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -274,11 +385,15 @@ class Index:
     def open(cls, path: str | Path, *, busy_timeout: float = 30.0, readonly: bool = False) -> Index:
         """Open (creating and migrating when writable) the index at ``path``.
 
-        ``readonly`` opens an existing index without taking write locks or creating files (search, status).
+        ``readonly`` opens an existing index without taking write locks or creating files (search, status); it
+        works for a user who may only read the index and its ``-wal``/``-shm`` files (see :func:`check_readable`).
         Raises IndexUnavailable with one line when the file cannot be created, is damaged, locked past
-        ``busy_timeout``, or was written by a newer capwatch.
+        ``busy_timeout``, was written by a newer capwatch, or (read-only) a permission this process lacks stops
+        SQLite from reading it (the line names the file or folder).
         """
         path = Path(path).expanduser()
+        if readonly:
+            check_readable(path)
         if readonly and not path.exists():
             raise IndexUnavailable(f"no index at {path} yet; run `capwatch scan DIR` first (or pass --db)")
         if path.is_dir():
@@ -295,8 +410,11 @@ class Index:
         try:
             conn = cls._connect(path, busy_timeout, readonly)
             index = cls(conn, path, busy_timeout)
+            index._keep_wal_files = not readonly
             index._check_and_migrate(readonly)
         except sqlite3.Error as exc:
+            if readonly:
+                check_readable(path)  # a permission problem SQLite reported in its own words: name it
             raise _translate(exc, path, busy_timeout) from None
         return index
 
@@ -376,8 +494,25 @@ class Index:
                 )
 
     def close(self) -> None:
-        """Close the connection; the object must not be used afterwards."""
+        """Close the connection; the object must not be used afterwards.
+
+        Closing the last writable connection checkpoints the WAL into the file and SQLite deletes ``-wal`` and
+        ``-shm``; a writable Index then puts both back, empty (see :func:`keep_wal_files`). Never raises for that.
+        """
+        keep, self._keep_wal_files = self._keep_wal_files, False
         self._conn.close()
+        if keep:
+            keep_wal_files(self.path)
+
+    def __del__(self) -> None:
+        # A writable Index dropped without close() (the daemon's model thread lets its processor go when it ends)
+        # closes here, so the WAL files stay as close() leaves them. Closing from another thread than the one
+        # that opened it is refused by sqlite3; nothing more can be done then, and nothing may escape __del__.
+        if getattr(self, "_keep_wal_files", False):
+            try:  # noqa: SIM105 - no module globals here: at interpreter exit they may be gone already
+                self.close()
+            except Exception:
+                pass
 
     def __enter__(self) -> Index:
         return self

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import shlex
+import stat
 import subprocess
 import time
 import unicodedata
@@ -89,6 +90,26 @@ def hooks_from_env(env: Mapping[str, str]) -> WriteHooks:
 
     return WriteHooks(before_write=hook(env.get("CAPWATCH_HOOK_BEFORE_WRITE")),
                       before_commit=hook(env.get("CAPWATCH_HOOK_BEFORE_COMMIT")))
+
+
+def stat_file(path: str | Path) -> tuple[str, os.stat_result] | FileOutcome:
+    """Return the stored form of ``path`` and its stat when it names a regular file (a symlink to one included),
+    else the failed outcome saying why: a name that is not UTF-8, no such file, not reachable, not a regular file
+    (a folder, a device). Never raises; `caption` asks this before it loads a model."""
+    spath = normalise_path(path)
+    if not is_utf8_path(spath):
+        return FileOutcome(Path(printable_path(spath)), None, None,
+                           error=f"{printable_path(spath)}: the file name is not valid UTF-8; rename it")
+    try:
+        st = os.stat(spath)
+    except FileNotFoundError:
+        return FileOutcome(Path(spath), None, None, error=f"{spath}: no such file")
+    except OSError as exc:
+        return FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}")
+    if not stat.S_ISREG(st.st_mode):
+        what = "is a folder, not an image file" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        return FileOutcome(Path(spath), None, None, error=f"{spath}: {what}")
+    return spath, st
 
 
 def _now_iso(clock: Callable[[], float]) -> str:
@@ -181,18 +202,10 @@ class Processor:
         return FileOutcome(Path(path), None, None, error=message)
 
     def _prepare(self, path: Path, skip_captioned: bool) -> _Job | FileOutcome:
-        spath = normalise_path(path)
-        if not is_utf8_path(spath):
-            return FileOutcome(Path(printable_path(spath)), None, None,
-                               error=f"{printable_path(spath)}: the file name is not valid UTF-8; rename it")
-        try:
-            st = os.stat(spath)
-        except FileNotFoundError:
-            return FileOutcome(Path(spath), None, None, error=f"{spath}: no such file")
-        except OSError as exc:
-            return FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}")
-        if not os.path.isfile(spath):
-            return FileOutcome(Path(spath), None, None, error=f"{spath}: not a regular file")
+        checked = stat_file(path)
+        if isinstance(checked, FileOutcome):
+            return checked
+        spath, st = checked
         try:
             snap = read_snapshot(Path(spath))
         except FileChanged as exc:

@@ -3,7 +3,8 @@
 Only files whose size or mtime differ from the index are opened (metadata read for description import, and a
 fingerprint). Files that vanished are matched against new files by fingerprint first, so a move or rename keeps
 its caption without running the model again. A root that is missing, unmounted or suddenly empty never wipes
-its rows: the result says ``root_missing`` and nothing is removed.
+its rows: the result says ``root_missing`` (and why, in ``root_problem``), nothing is removed, and the caller
+reports it (once: ``scan`` on stderr, the daemon in its log).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class ReconcileResult:
     removed: tuple[str, ...] = ()
     errors: tuple[tuple[str, str], ...] = ()
     root_missing: bool = False
+    #: Why the root was not reconciled ("missing", "empty", "not a directory", "unreadable (...)"), and how many
+    #: indexed images below it were kept: what the caller tells the user.
+    root_problem: str | None = None
+    kept: int = 0
     #: Files whose row is pending after this reconcile: what `scan` (without --no-caption) captions next.
     to_caption: tuple[Path, ...] = ()
     imported: int = field(default=0)
@@ -340,21 +345,18 @@ def _root_state(root: Path) -> str | None:
 
 def reconcile(root: RootConfig, config: Config, index: Index, *,
               progress: Callable[[int], None] | None = None) -> ReconcileResult:
-    """Bring the index in line with the files below ``root`` and say what changed.
+    """Bring the index in line with the files below ``root`` and return what changed.
 
-    Never raises for a single file (unreadable files become error rows). Raises IndexUnavailable when the
-    index cannot be written.
+    A root that is missing, unreadable, not a folder, or empty while the index has images below it is left alone:
+    the result has ``root_missing`` and ``root_problem`` set, and nothing is logged (the caller reports it). Never
+    raises for a single file (unreadable files become error rows). Raises IndexUnavailable when the index cannot
+    be written.
     """
     base = Path(normalise_path(root.path))
     known = index.stat_map(base)
     problem = _root_state(base)
     if problem is not None and (known or problem != "empty"):
-        if known:
-            log.warning("root %s is %s; keeping its %d indexed images until it is back", base, problem,
-                        len(known))
-        else:
-            log.warning("root %s is %s", base, problem)
-        return ReconcileResult(root=base, root_missing=True)
+        return ReconcileResult(root=base, root_missing=True, root_problem=problem, kept=len(known))
 
     seen = 0
     unchanged = 0

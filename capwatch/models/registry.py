@@ -91,6 +91,9 @@ class ModelSpec:
     #: caption_length -> task prompt (Florence-2); empty for models that take no prompt.
     task_prompts: tuple[tuple[str, str], ...] = ()
     notes: str = ""
+    #: True for a spec built from the configuration's ``model.repo`` (see :func:`custom_spec`), which
+    #: ``capwatch models pull NAME`` does not know.
+    from_config: bool = False
 
     @property
     def precision_names(self) -> tuple[Precision, ...]:
@@ -246,3 +249,46 @@ def get_spec(name: str, registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:
             return spec
     known = ", ".join(s.name for s in registry)
     raise ModelError(f"unknown model {name!r}; known models: {known} (or use --model DIR for a local directory)")
+
+
+#: What a model named only by its hub repository (``[model] repo``) is assumed to weigh at most: the store refuses
+#: any of its files announced at more than twice this (no registry pin bounds them).
+CUSTOM_MODEL_BYTES = 2 << 30
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# The name becomes a folder in the cache: no separators, no dot-only names.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def custom_spec(name: str, repo: str, revision: str | None = None) -> ModelSpec:
+    """The spec of a model named by its hub repository (``[model] repo`` + ``revision``) rather than the registry.
+
+    ``name`` is its folder in the cache; ``revision`` a commit (reproducible) or a branch (default ``main``). No
+    file is pinned: each is checked against the sha256 (LFS) or git blob sha1 the hub reports. Each precision asks
+    for the graphs every family needs (``encoder_model``, ``decoder_model_merged``) and Florence-2's other two as
+    optional files, so one spec fits both families; which family it is, config.json says when the captioner opens
+    (``family`` is set to the family whose graphs are the required ones). Returns the spec; raises ModelError (one
+    line) for a name, repository or revision capwatch cannot use safely.
+    """
+    if not _NAME_RE.match(name):
+        raise ModelError(f"model name {name!r} cannot name a model folder (letters, digits, '.', '_', '-')")
+    if not _REPO_RE.match(repo) or ".." in repo:
+        raise ModelError(f"model repo {repo!r} is not a hub repository name like 'owner/model'")
+    revision = revision or "main"
+    if len(revision) > 200 or not revision.isprintable() or any(ch.isspace() for ch in revision):
+        raise ModelError(f"model revision {revision!r} is not a commit, branch or tag name")
+
+    def graphs(precision: Precision) -> tuple[FileSpec, ...]:
+        suffix = PRECISION_SUFFIX[precision]
+        required = set(FAMILY_GRAPHS["vision-encoder-decoder"])
+        return tuple(FileSpec(f"onnx/{graph}{suffix}.onnx", optional=graph not in required)
+                     for graph in FAMILY_GRAPHS["florence2"])
+
+    return ModelSpec(
+        name=name, repo=repo, revision=revision, family="vision-encoder-decoder",
+        description=f"{repo}@{revision} (from the configuration's model.repo)", licence="see the repository",
+        shared_files=_shared(),
+        precisions=tuple(PrecisionSpec(p, graphs(p), CUSTOM_MODEL_BYTES) for p in ("int8", "fp32", "fp16")),
+        default_precision="int8",
+        from_config=True,
+    )

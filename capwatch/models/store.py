@@ -36,7 +36,7 @@ from typing import Any
 
 from capwatch import paths
 from capwatch.config import ModelConfig
-from capwatch.errors import ModelError
+from capwatch.errors import ModelError, ModelUnreachable
 from capwatch.models import cache, hub, stamp
 from capwatch.models.cache import MARKER_DIR, MARKER_FORMAT
 from capwatch.models.modelinfo import ModelInfo, PrecisionInfo, inspect_dir
@@ -44,6 +44,7 @@ from capwatch.models.registry import (
     REGISTRY,
     FileSpec,
     ModelSpec,
+    custom_spec,
     get_spec,
     is_commit,
 )
@@ -54,10 +55,12 @@ STAGING_DIR = ".staging"
 FREE_SPACE_MARGIN = 64 << 20
 
 ProgressCallback = Callable[[str, int, int], None]
+#: Called once per pull with (path, size) of every file it will fetch, before the first byte arrives.
+PlanCallback = Callable[[Sequence[tuple[str, int]]], None]
 
 __all__ = [
-    "ModelInfo", "ModelStatus", "PrecisionInfo", "ProgressCallback", "ResolvedModel", "is_offline", "list_models",
-    "model_info", "models_root", "pull", "resolve_model",
+    "ModelInfo", "ModelStatus", "PlanCallback", "PrecisionInfo", "ProgressCallback", "ResolvedModel", "find_model",
+    "is_offline", "list_models", "model_info", "model_spec", "models_root", "pull", "resolve_model",
 ]
 
 
@@ -125,15 +128,57 @@ def resolve_model(
     """
     if config.dir is not None:
         return _resolve_dir(config.dir, config.precision, env)
-    spec = get_spec(config.name, registry)
-    wanted = spec.default_precision if config.precision == "auto" else config.precision
-    spec.precision(wanted)  # unknown precision: one clear line before anything else
-    found = _find_complete(models_root(env) / spec.name, spec, wanted, env, verify=True)
+    found = find_model(config, env, registry=registry)
     if found is not None:
         return found
+    spec = model_spec(config, registry)
+    wanted = spec.default_precision if config.precision == "auto" else config.precision
     if download and not is_offline(env):
-        return pull(spec.name, wanted, env, registry=registry)
+        return pull(spec.name, wanted, env, registry=_with_spec(spec, registry))
     raise ModelError(_not_cached_message(spec, wanted, env))
+
+
+def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:
+    """The spec of the named model ``config`` asks for: the registry entry called ``config.name``, or, with
+    ``config.repo`` set, a spec for that hub repository (cached under ``config.name``).
+
+    Checks ``config.precision`` against it too. Never touches the disk or the network. Raises ModelError (one line)
+    for an unknown name, a precision the model does not publish, an unusable repository or revision, or a revision
+    without a repository.
+    """
+    if config.repo is not None:
+        spec = custom_spec(config.name, config.repo, config.revision)
+    elif config.revision is not None:
+        raise ModelError(f"model.revision {config.revision!r} needs model.repo (the registry pins its own models)")
+    else:
+        spec = get_spec(config.name, registry)
+    if config.precision != "auto":
+        spec.precision(config.precision)
+    return spec
+
+
+def find_model(
+    config: ModelConfig, env: Mapping[str, str], *, registry: Sequence[ModelSpec] = REGISTRY
+) -> ResolvedModel | None:
+    """The model ``config`` points at if it is there now, without touching the network.
+
+    ``config.dir`` set: that directory, or None while it does not exist (a mount not there yet). Otherwise the
+    complete, verified cached copy of the named model (see :func:`model_spec`) at its precision, or None when the
+    cache has none (a partial download does not count). Raises ModelError (one line) for an unknown name or
+    precision, or a ``dir`` that exists but is not a directory.
+    """
+    if config.dir is not None:
+        if not config.dir.expanduser().exists():
+            return None
+        return _resolve_dir(config.dir, config.precision, env)
+    spec = model_spec(config, registry)
+    wanted = spec.default_precision if config.precision == "auto" else config.precision
+    return _find_complete(models_root(env) / spec.name, spec, wanted, env, verify=True)
+
+
+def _with_spec(spec: ModelSpec, registry: Sequence[ModelSpec]) -> Sequence[ModelSpec]:
+    # A spec built from the configuration (model.repo) goes first, so it wins over a registry entry of its name.
+    return registry if spec in registry else (spec, *registry)
 
 
 def pull(
@@ -144,6 +189,7 @@ def pull(
     endpoint: str | None = None,
     progress: ProgressCallback | None = None,
     registry: Sequence[ModelSpec] = REGISTRY,
+    on_plan: PlanCallback | None = None,
 ) -> ResolvedModel:
     """Download the files of ``name`` at ``precision`` (default: the model's default precision) into the cache.
 
@@ -151,11 +197,14 @@ def pull(
     and sha256 before it is moved into the model directory; the precision is marked complete only when every file
     is in place. An already complete copy of a pinned revision is returned without touching the network.
     ``endpoint`` defaults to ``$HF_ENDPOINT`` or https://huggingface.co. ``progress(path, done, total)`` is called
-    when each file starts, after every 1 MiB that arrives, and when it is in place. With ``$CAPWATCH_OFFLINE``
-    set the network is never touched.
+    when each file starts, after every 1 MiB that arrives, and when it is in place; ``on_plan`` once with every
+    file's path and size, before the first byte arrives (for progress over the whole model). An exception raised
+    by either callback ends the pull (what arrived is kept for the next one) and propagates. With
+    ``$CAPWATCH_OFFLINE`` set the network is never touched.
 
     Raises ModelError (one line) for an unknown name or precision, a missing repository/revision/file (HTTP 404),
-    no network, a checksum mismatch (the file is deleted, nothing is marked complete) or a file-system error.
+    no network (ModelUnreachable: trying again later may work), a checksum mismatch (the file is deleted, nothing
+    is marked complete) or a file-system error.
     """
     spec = get_spec(name, registry)
     chosen = precision or spec.default_precision
@@ -176,7 +225,7 @@ def pull(
         home.mkdir(parents=True, exist_ok=True)
         cache.refuse_links(cache_root, home)  # created by someone else a moment ago, as a link
         with _model_lock(home):
-            return _pull_locked(spec, chosen, files, home, cache_root, base, env, progress)
+            return _pull_locked(spec, chosen, files, home, cache_root, base, env, progress, on_plan)
     except OSError as exc:
         raise ModelError(f"cannot write model {spec.name} into {home}: {exc.strerror or exc}") from None
 
@@ -254,6 +303,10 @@ def _resolve_dir(directory: Path, precision: str, env: Mapping[str, str]) -> Res
 def _not_cached_message(spec: ModelSpec, precision: str, env: Mapping[str, str]) -> str:
     flag = "" if precision == spec.default_precision else f" --precision {precision}"
     why = "offline ($CAPWATCH_OFFLINE) and " if is_offline(env) else ""
+    if spec.from_config:
+        # `models pull` knows registry names only; a model.repo model is pulled by the command that uses it.
+        return (f"model {spec.name} ({spec.repo}@{spec.revision}, {precision}) is {why}not in the cache "
+                f"{models_root(env)}: run capwatch once with network access (it downloads it), or use --model DIR")
     return (
         f"model {spec.name} ({precision}) is {why}not in the cache {models_root(env)}: run "
         f"`capwatch models pull {spec.name}{flag}` (on a machine with network, then copy that directory here), "
@@ -338,6 +391,7 @@ def _pull_locked(
     endpoint: str,
     env: Mapping[str, str],
     progress: ProgressCallback | None,
+    on_plan: PlanCallback | None = None,
 ) -> ResolvedModel:
     # Resolve the revision once, from the first required file, and fetch every file at that commit: a branch
     # that moves in the middle of a pull must not mix files from two commits.
@@ -370,6 +424,8 @@ def _pull_locked(
                              f"far more than the whole model ({spec.precision(precision).approx_bytes:,}); refused")
         plan.append((file, remote, expected_sha, expected_size))
     _check_free_space(spec, cache_root, model_dir, staging, [(f.path, size) for f, _r, _s, size in plan])
+    if on_plan is not None:
+        on_plan([(f.path, size) for f, _r, _s, size in plan])
     records: list[dict[str, Any]] = []
     for file, remote, expected_sha, expected_size in plan:
         target = model_dir / file.path
@@ -435,15 +491,16 @@ def _head(
     try:
         return hub.head_file(endpoint, spec.repo, revision, file.path, env, optional=file.optional)
     except hub.Unreachable as exc:
-        raise ModelError(_network_message(spec, endpoint, str(exc), env)) from None
+        raise ModelUnreachable(_network_message(spec, endpoint, str(exc), env), problem=str(exc)) from None
 
 
 def _network_message(spec: ModelSpec, endpoint: str, problem: str, env: Mapping[str, str]) -> str:
     # Also a mirror that was too slow: what arrived is kept, and the next pull resumes it.
+    # `models pull` knows registry names only; a model.repo model is pulled again by whatever uses it next.
+    again = "try again later" if spec.from_config else f"run `capwatch models pull {spec.name}` again later"
     return (
-        f"cannot download {spec.name} from {endpoint} ({problem or 'no answer'}): run "
-        f"`capwatch models pull {spec.name}` again later (it resumes), or on a machine with network and copy "
-        f"{models_root(env)} here, or use --model DIR"
+        f"cannot download {spec.name} from {endpoint} ({problem or 'no answer'}): {again} (it resumes), or on a "
+        f"machine with network and copy {models_root(env)} here, or use --model DIR"
     )
 
 
@@ -508,7 +565,7 @@ def _download(
     try:
         hub.download_file(endpoint, spec.repo, commit, file.path, part, size, env, report)
     except hub.Unreachable as exc:
-        raise ModelError(_network_message(spec, endpoint, str(exc), env)) from None
+        raise ModelUnreachable(_network_message(spec, endpoint, str(exc), env), problem=str(exc)) from None
     return part
 
 
