@@ -1,0 +1,366 @@
+"""`capwatch caption`, `scan` and `recaption`: captioning files now, from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from capwatch.config import Config
+
+if TYPE_CHECKING:
+    from capwatch.library.index import Index
+    from capwatch.library.process import FileOutcome, Processor
+    from capwatch.models.captioner import Captioner
+
+from capwatch.cli.app import _global_options, _load, _open_captioner, _open_index, _roots, cli, log
+
+# -- caption ----------------------------------------------------------------------------------------------------
+
+
+def _emit(outcome: FileOutcome, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(outcome.as_json(), ensure_ascii=False))
+    elif outcome.error:
+        _report_failure(outcome.path, outcome.error)
+    else:
+        note = f"  [{outcome.skipped}]" if outcome.skipped else ""
+        written = f"  (written: {', '.join(outcome.written)})" if outcome.written else ""
+        click.echo(f"{outcome.path}: {outcome.caption or ''}{written}{note}")
+
+
+@cli.command()
+@_global_options
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print captions; write nothing into files or the index.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file: path, caption, model, written, "
+              "skipped, error.")
+@click.option("--force", is_flag=True, help="Replace descriptions people wrote too: their words are lost.")
+@click.pass_context
+def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json: bool, force: bool) -> None:
+    """Caption FILES now: write the caption into each file and the index (unless --dry-run).
+
+    A symlink is followed: the file it points to is written and the link stays a link. A file that another
+    program changes while it is being captioned is read and captioned again; nothing is written over a change.
+    """
+    config = _load(ctx)
+    unusable = _nothing_to_caption(files)
+    if unusable:
+        for outcome in unusable:
+            _emit(outcome, as_json)
+        ctx.exit(1)
+    if not dry_run:
+        _recover_writes()
+    captioner = _open_captioner(config)
+    failed = False
+    with _maybe_index(config, dry_run) as index:
+        processor = _processor(config, index, captioner, dry_run=dry_run, force=force)
+        size = max(1, config.model.batch_size)
+        for start in range(0, len(files), size):
+            for outcome in processor.process(files[start:start + size], skip_captioned=False):
+                failed |= outcome.error is not None
+                _emit(outcome, as_json)
+    captioner.close()
+    ctx.exit(1 if failed else 0)
+
+
+def _nothing_to_caption(files: Sequence[Path]) -> list[FileOutcome]:
+    """When none of ``files`` names a regular file (each is missing, unreachable, a folder, ...), return their
+    failed outcomes in order; otherwise an empty list, and the processor reports the bad ones among the others.
+
+    Asked before anything else, so a typo costs neither a model download nor a model load. Never raises.
+    """
+    from capwatch.library.process import FileOutcome, stat_file
+
+    checked = [stat_file(path) for path in files]
+    failed = [c for c in checked if isinstance(c, FileOutcome)]
+    return failed if len(failed) == len(checked) else []
+
+
+def _recover_writes() -> None:
+    """Settle writes a killed capwatch left behind (every writing command starts with this)."""
+    from capwatch.library.process import recover_writes
+
+    recover_writes(log)
+
+
+def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
+               force: bool = False) -> Processor:
+    from capwatch.library.process import Processor, hooks_from_env
+    from capwatch.metadata import Journal
+
+    return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
+                     hooks=hooks_from_env(os.environ))
+
+
+@contextmanager
+def _maybe_index(config: Config, skip: bool) -> Iterator[Index | None]:
+    if skip:
+        yield None
+        return
+    index = _open_index(config)
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+# -- scan -------------------------------------------------------------------------------------------------------
+
+
+
+
+class _Progress:
+    """A one-line counter on a TTY (stderr), silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.label = label
+        self.started = time.monotonic()
+
+    def __call__(self, count: int) -> None:
+        if self.enabled:
+            rate = count / max(time.monotonic() - self.started, 1e-6)
+            click.echo(f"\r{self.label}: {count} files ({rate:,.0f}/s)   ", err=True, nl=False)
+
+    def done(self) -> None:
+        if self.enabled:
+            click.echo("", err=True)
+
+
+@cli.command()
+@_global_options
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-caption", is_flag=True, help="Only index: record images and import existing descriptions.")
+@click.option("--force", is_flag=True, help="Caption every file again and REPLACE DESCRIPTIONS PEOPLE WROTE: their "
+              "words are lost. To redo only capwatch's own captions use `capwatch recaption`.")
+@click.pass_context
+def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bool) -> None:
+    """Reconcile DIRS (default: configured roots) with the index, then caption what needs it.
+
+    Unchanged files are skipped by their state alone (size, times, sidecars); moved files keep their captions;
+    descriptions already in the files are imported and searchable at once. Safe to interrupt and run again:
+    a write cut short is finished or undone by the next run.
+    """
+    from capwatch.library.scan import reconcile
+
+    config = _load(ctx)
+    roots = _roots(config, dirs)
+    _recover_writes()
+    totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
+                              "errors": 0}
+    to_caption: list[Path] = []
+    missing: list[str] = []
+    with _open_index(config) as index:
+        for root in roots:
+            progress = _Progress(f"scanning {root.path}")
+            result = reconcile(root, config, index, progress=progress)
+            progress.done()
+            if result.root_missing:
+                problem = result.root_problem or "missing"
+                problem += " (unmounted?)" if problem == "empty" else ""
+                kept = f"its {result.kept} indexed images were kept until it is back" if result.kept \
+                    else "nothing is indexed there"
+                missing.append(f"{root.path} is {problem}; {kept}")
+                continue
+            totals["seen"] += result.seen
+            totals["new"] += len(result.new)
+            totals["changed"] += len(result.changed)
+            totals["moved"] += len(result.moved)
+            totals["removed"] += len(result.removed)
+            totals["imported"] += result.imported
+            totals["errors"] += len(result.errors)
+            for path, message in result.errors:
+                _report_failure(path, message)
+            to_caption.extend(result.to_caption)
+            if force:
+                to_caption.extend(Path(r.path) for r in index.iter_records(root.path)
+                                  if r.status in ("captioned", "described", "error"))
+        captioned = failed = 0
+        if not no_caption and to_caption:
+            captioned, failed = _caption_all(config, index, to_caption, force)
+        # Files that failed in an earlier run and have not changed since are not retried by a scan.
+        failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
+    for missing_root in missing:
+        click.echo(f"capwatch: warning: {missing_root}", err=True)
+    summary = (f"{totals['seen']} images: {totals['new']} new, {totals['changed']} changed, "
+               f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")
+    if no_caption:
+        summary += f"; {len(to_caption)} waiting for a caption"
+    else:
+        summary += f"; {captioned} captioned"
+    failures = totals["errors"] + failed
+    if failures:
+        summary += f"; {failures} failed (listed above)"
+    if earlier_failures := max(0, failed_rows - failures):
+        summary += f"; {earlier_failures} failed before and are unchanged since (retry: capwatch recaption --errors)"
+    click.echo(summary)
+    ctx.exit(1 if failures or missing else 0)
+
+
+def _report_failure(path: str | Path, message: str) -> None:
+    """One line on stderr per failed file (messages usually start with the path already)."""
+    text = message.removeprefix(f"{path}: ")
+    click.echo(f"{path}: error: {text}", err=True)
+
+
+def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:
+    captioner = _open_captioner(config)
+    try:
+        tally = _caption_many(_processor(config, index, captioner, force=force), paths, skip_captioned=not force)
+    finally:
+        captioner.close()
+    return tally.captioned, tally.failed
+
+
+@dataclass
+class _Tally:
+    """What a run over many files did: captioned (new words written or recorded), kept (a person's description
+    left alone), unchanged (the same caption again), failed."""
+
+    captioned: int = 0
+    kept: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+
+def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bool,
+                  label: str = "captioning") -> _Tally:
+    """Process ``paths`` in batches with a progress bar on a TTY; report each failure in one line at the end."""
+    from capwatch.library.process import HUMAN_KEPT
+
+    size = max(1, processor.config.model.batch_size)
+    tally = _Tally()
+    failures: list[tuple[Path, str]] = []
+    show = sys.stderr.isatty()
+    started = time.monotonic()
+    bar_ctx = click.progressbar(length=len(paths), label=label, file=sys.stderr, show_eta=True,
+                                show_pos=True, item_show_func=lambda rate: rate) if show else None
+    try:
+        for start in range(0, len(paths), size):
+            outcomes = processor.process(paths[start:start + size], skip_captioned=skip_captioned)
+            for outcome in outcomes:
+                if outcome.error:
+                    tally.failed += 1
+                    failures.append((outcome.path, outcome.error))
+                elif outcome.skipped == HUMAN_KEPT:
+                    tally.kept += 1
+                elif outcome.written or (outcome.caption and not outcome.skipped):
+                    tally.captioned += 1
+                else:
+                    tally.unchanged += 1
+            if bar_ctx is not None:
+                done = start + len(outcomes)
+                rate = 60 * done / max(time.monotonic() - started, 1e-6)
+                bar_ctx.update(len(outcomes), f"{rate:,.1f} img/min")
+    finally:
+        if bar_ctx is not None:
+            bar_ctx.render_finish()
+    for path, message in failures:
+        _report_failure(path, message)
+    return tally
+
+
+# -- recaption --------------------------------------------------------------------------------------------------
+
+
+def _current_model(config: Config) -> tuple[str, str | None]:
+    """The model id and revision captions would be made with now, without loading or downloading anything."""
+    from capwatch.errors import ModelError
+    from capwatch.models.registry import get_spec
+    from capwatch.models.store import resolve_model
+
+    if config.model.dir is not None:
+        resolved = resolve_model(config.model, os.environ)
+        return resolved.model_id, resolved.revision
+    spec = get_spec(config.model.name)
+    try:
+        resolved = resolve_model(config.model, os.environ)
+        return resolved.model_id, resolved.revision
+    except ModelError:
+        return spec.repo, spec.revision if spec.pinned else None
+
+
+def _model_ids(names: Sequence[str]) -> frozenset[str]:
+    """Model ids as the index records them for each name given: a registry name stands for its repository."""
+    from capwatch.models.registry import REGISTRY
+
+    ids = set(names)
+    ids.update(spec.repo for spec in REGISTRY if spec.name in names)
+    return frozenset(ids)
+
+
+@cli.command()
+@_global_options
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model-changed", is_flag=True,
+              help="Captions made by another model, or another revision of it, than the one configured now.")
+@click.option("--from-model", "from_model", multiple=True, metavar="NAME",
+              help="Captions made by this model: a name from `capwatch models list`, a repository id, or a model "
+                   "directory's name (repeatable).")
+@click.option("--before", metavar="DATE", help="Captions made before DATE (YYYY, YYYY-MM-DD, 30d, ...).")
+@click.option("--errors", is_flag=True, help="Retry the files whose last attempt failed.")
+@click.option("--dry-run", is_flag=True, help="List the files that would be captioned again; change nothing.")
+@click.pass_context
+def recaption(ctx: click.Context, dirs: tuple[Path, ...], model_changed: bool, from_model: tuple[str, ...],
+              before: str | None, errors: bool, dry_run: bool) -> None:
+    """Caption again the files in DIRS (default: configured roots, else the whole index) whose caption capwatch
+    wrote, as chosen.
+
+    A description a person wrote is never replaced: every file is read again first, so words added since the
+    last scan are kept too (use `scan --force` to replace people's words). Criteria combine: --model-changed
+    --before 2024 takes captions of another model made before 2024; --errors adds the failed files. Safe to
+    interrupt and run again: files already done are not chosen again.
+
+    \b
+    Examples:
+      capwatch recaption --model-changed            # after switching models
+      capwatch recaption --from-model vit-gpt2 ~/Pictures/2023
+      capwatch recaption --errors                   # retry what failed
+    """
+    from capwatch.library.recaption import make_criteria, select
+
+    config = _load(ctx)
+    # Without DIRS: the configured roots, or else everything the index holds.
+    roots = [Path(r.path) for r in _roots(config, dirs)] if dirs or config.library.roots else None
+    current = _current_model(config) if model_changed else None
+    criteria = make_criteria(model_changed=model_changed, current=current, from_model=_model_ids(from_model),
+                             before=before, errors=errors)
+    if dry_run:
+        with _open_index(config, readonly=True) as index:
+            chosen = list(select(index, roots, criteria))
+        for record in chosen:
+            why = f"failed: {record.error}" if record.status == "error" else \
+                f"{record.model or '?'} {(record.model_revision or '')[:12]}, {record.captioned_at or '?'}"
+            click.echo(f"{record.path}  ({why.strip()})")
+        click.echo(f"{len(chosen)} files would be captioned again")
+        return
+    _recover_writes()
+    with _open_index(config) as index:
+        chosen_paths = [Path(r.path) for r in select(index, roots, criteria)]
+        if not chosen_paths:
+            click.echo("0 files to caption again")
+            return
+        captioner = _open_captioner(config)
+        try:
+            tally = _caption_many(_processor(config, index, captioner), chosen_paths, skip_captioned=False,
+                                  label="re-captioning")
+        finally:
+            captioner.close()
+    summary = f"{len(chosen_paths)} files: {tally.captioned} captioned again"
+    if tally.unchanged:
+        summary += f", {tally.unchanged} unchanged (the same caption)"
+    if tally.kept:
+        summary += f", {tally.kept} kept (a person's description)"
+    if tally.failed:
+        summary += f"; {tally.failed} failed (listed above)"
+    click.echo(summary)
+    ctx.exit(1 if tally.failed else 0)

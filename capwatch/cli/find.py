@@ -1,0 +1,210 @@
+"""`capwatch search` and `capwatch status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from capwatch.config import Config
+
+if TYPE_CHECKING:
+    pass
+
+from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, cli
+
+# -- search -----------------------------------------------------------------------------------------------------
+
+
+class _SearchCommand(click.Command):
+    """Lets ``-word`` (exclude) through as a search word instead of an unknown option.
+
+    Anything that is not one of the command's own options is moved behind ``--``, so ``capwatch search cat -dog``
+    and ``capwatch search -dog cat --json`` work as a person expects.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value: dict[str, bool] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                for name in (*param.opts, *param.secondary_opts):
+                    takes_value[name] = not param.is_flag and not param.count
+        options: list[str] = []
+        words: list[str] = []
+        rest = iter(args)
+        for arg in rest:
+            if arg == "--":
+                words.extend(rest)
+                break
+            name = arg.split("=", 1)[0]
+            if name in takes_value:
+                options.append(arg)
+                if takes_value[name] and "=" not in arg:
+                    options.append(next(rest, ""))
+            else:
+                words.append(arg)
+        return super().parse_args(ctx, [*options, "--", *words])
+
+
+@cli.command(cls=_SearchCommand)
+@_global_options
+@click.argument("words", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: path, caption, score, source, "
+              "model, taken_at.")
+@click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line.")
+@click.option("-0", "--null", "null_sep", is_flag=True, help="With --paths: separate paths by NUL (for xargs -0).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most N results.")
+@click.option("--in", "in_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Only images below DIR.")
+@click.option("--since", metavar="DATE", help="Taken on or after DATE (YYYY, YYYY-MM, YYYY-MM-DD, 30d, today).")
+@click.option("--until", metavar="DATE", help="Taken on or before DATE (the whole day/month/year named).")
+@click.option("--source", type=click.Choice(["human", "model", "embedded"]),
+              help="Only captions written by people, by the model, or found in the file as camera boilerplate.")
+@click.pass_context
+def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only: bool, null_sep: bool, limit: int,
+           in_dir: Path | None, since: str | None, until: str | None, source: str | None) -> None:
+    """Find images whose caption (or path) matches WORDS.
+
+    \b
+    Words are ANDed.  "a phrase" matches words in order.  -word excludes.
+    OR between two words means either.  bik* matches words starting with bik.
+    Dates use the date taken (EXIF), or the file's time when the camera gave none.
+
+    \b
+    Examples:
+      capwatch search red bike leaning on a wall
+      capwatch search '"golden retriever"' beach -snow
+      capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
+      capwatch search --paths -0 sunset | xargs -0 ls -l
+    """
+    from capwatch.errors import QueryError
+    from capwatch.library.search import make_filters, parse_query
+
+    if as_json and paths_only:
+        raise click.UsageError("--json and --paths cannot be used together")
+    if null_sep and not paths_only:
+        raise click.UsageError("-0 only goes with --paths")
+    config = _load(ctx)
+    query = parse_query(list(words))
+    filters = make_filters(in_dir=str(in_dir) if in_dir else None, since=since, until=until, source=source)
+    styled = sys.stdout.isatty() and not as_json and not paths_only
+    marks = ("\x1b[1m", "\x1b[22m") if styled else ("", "")
+    with _open_index(config, readonly=True) as index:
+        hits = index.search(query, filters, limit=limit, highlight=marks)
+    out = sys.stdout
+    for hit in hits:
+        if as_json:
+            out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
+                                  "source": hit.source, "model": hit.model, "taken_at": hit.taken_at},
+                                 ensure_ascii=False) + "\n")
+        elif paths_only:
+            out.write(hit.path + ("\0" if null_sep else "\n"))
+        else:
+            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+    if not hits and in_dir is not None and not os.path.isdir(in_dir):
+        # Rows below a folder that is gone (an unmounted root) are still searched; a typo finds nothing.
+        raise QueryError(f"--in {in_dir}: that folder does not exist (and nothing indexed below it matches)")
+    if not hits and not as_json and not paths_only:
+        click.echo("no matches", err=True)
+
+
+# -- status -----------------------------------------------------------------------------------------------------
+
+
+def _model_label(config: Config) -> str:
+    return str(config.model.dir) if config.model.dir is not None else config.model.name
+
+
+def _running_model(live: dict[str, Any], configured: str) -> str:
+    """The model line of `status` while a daemon runs: the model it runs (id, revision, precision), not ours."""
+    label = str(live.get("model") or configured)
+    model_id, revision, precision = live.get("model_id"), live.get("model_revision"), live.get("model_precision")
+    details = [str(model_id) + (f" @ {str(revision)[:12]}" if revision else "")] if model_id else []
+    if precision:
+        details.append(str(precision))
+    text = f"{label} ({', '.join(details)})" if details else label
+    if label != configured:
+        text += f"  [this configuration says {configured}: reload the daemon to switch]"
+    return text
+
+
+def _check_readable(index_path: Path) -> None:
+    """Raise IndexUnavailable (one line naming the file or folder) when a permission keeps this user from reading
+    the index at ``index_path``, e.g. ``--system status`` outside the service's group. A missing index is fine."""
+    from capwatch.library.index import check_readable
+
+    check_readable(index_path)
+
+
+def _live_state(index_path: Path) -> dict[str, Any] | None:
+    from capwatch.daemon.instance import read_live_state
+
+    return read_live_state(index_path)
+
+
+@cli.command()
+@_global_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show counts by status and source, recent errors, the index and the model (and the daemon, if running)."""
+    config = _load(ctx)
+    index_path = config.index_path()
+    _check_readable(index_path)
+    live = _live_state(index_path)
+    if index_path.exists():
+        with _open_index(config, readonly=True) as index:
+            stats = index.stats()
+        images, captioned, size = stats.images, stats.captioned, stats.size_bytes
+        by_status, by_source = stats.by_status, stats.by_source
+        errors = [{"path": e.path, "error": e.error, "at": e.updated_at} for e in stats.last_errors]
+    else:
+        images = captioned = size = 0
+        by_status, by_source, errors = {}, {}, []
+    payload = {
+        "images": images, "captioned": captioned, "pending": int(by_status.get("pending", 0)),
+        "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
+        "by_status": by_status, "by_source": by_source, "last_errors": errors,
+        # While a daemon runs, the model is the one it runs (its configuration may not be ours).
+        "index": str(index_path), "index_bytes": size,
+        "model": str(live.get("model") or _model_label(config)) if live else _model_label(config),
+        "model_id": live.get("model_id") if live else None,
+        "model_revision": live.get("model_revision") if live else None,
+        "model_state": live.get("model_state") if live else None,
+        "daemon": live,
+    }
+    if as_json:
+        click.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
+               else f"index      {index_path} (not created yet: run `capwatch scan DIR`)")
+    click.echo(f"model      {_running_model(live, _model_label(config)) if live else payload['model']}")
+    click.echo(f"images     {images}")
+    click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
+               f"embedded {by_source.get('embedded', 0)})")
+    click.echo(f"pending    {payload['pending']}")
+    click.echo(f"errors     {payload['errors']}")
+    for entry in errors:
+        # Most messages already start with the file's path; do not say it twice.
+        message = str(entry["error"])
+        click.echo(f"  {message}" if message.startswith(str(entry["path"])) else f"  {entry['path']}: {message}")
+    if live:
+        click.echo(f"daemon     running since {live.get('started', '?')} (pid {live.get('pid')}), "
+                   f"{live.get('state', '')}")
+        click.echo(f"  queue    {live.get('queue', 0)} ({live.get('queue_live', 0)} live, "
+                   f"{live.get('queue_backfill', 0)} backfill), {live.get('in_flight', 0)} in flight, "
+                   f"{live.get('settling', 0)} settling")
+        if live.get("backfill_total"):
+            click.echo(f"  backfill {live.get('backfill_done', 0)} / {live.get('backfill_total')}")
+        click.echo(f"  rate     {float(live.get('rate_per_minute') or 0):.1f} images/min; "
+                   f"{live.get('captioned', 0)} captioned, {live.get('errors', 0)} errors since the daemon started")
+        state = live.get("model_status") or ("loaded" if live.get("model_loaded") else "unloaded")
+        click.echo(f"  model    {state}")
+        for root in live.get("missing_roots") or []:
+            click.echo(f"  missing  {root} (kept in the index; re-checked periodically)")
+    else:
+        click.echo("daemon     not running")

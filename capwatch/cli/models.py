@@ -1,0 +1,115 @@
+"""`capwatch models list|pull|info`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    pass
+
+from capwatch.cli.app import _global_options, _human_bytes, _load, cli
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+
+
+
+@cli.group()
+def models() -> None:
+    """List, download and inspect captioning models."""
+
+
+@models.command("list")
+@_global_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """Known models, which one is the default, and what is in the local cache."""
+    from capwatch.models.store import list_models
+
+    config = _load(ctx)
+    for status in list_models(os.environ):
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(status)))
+            continue
+        chosen = "*" if status.name == config.model.name and config.model.dir is None else " "
+        cached = ",".join(status.cached_precisions) if status.cached_precisions else "-"
+        default = "default" if status.default else ""
+        click.echo(f"{chosen} {status.name:<20} {default:<8} {status.family:<23} cached: {cached:<14} "
+                   f"{_human_bytes(status.bytes_on_disk):>9}  {status.description}")
+
+
+@models.command("pull")
+@_global_options
+@click.argument("name")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), help="Default: the configured one.")
+@click.pass_context
+def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
+    """Download model NAME into the cache (resumable; every file verified by sha256).
+
+    Set HF_ENDPOINT to use a mirror and HF_TOKEN for a token; CAPWATCH_OFFLINE=1 forbids any download.
+    """
+    from capwatch.models.store import pull
+
+    config = _load(ctx)
+    show = sys.stderr.isatty()
+
+    def progress(file: str, done: int, total: int) -> None:
+        if show:
+            pct = f"{100 * done / total:5.1f}%" if total else ""
+            click.echo(f"\r{file}: {_human_bytes(done)} of {_human_bytes(total)} {pct}   ", err=True, nl=False)
+
+    configured = None if config.model.precision == "auto" else config.model.precision
+    resolved = pull(name, precision or configured, os.environ, progress=progress)
+    if show:
+        click.echo("", err=True)
+    commit = f" (commit {resolved.revision[:12]})" if resolved.revision else ""
+    click.echo(f"{name} {resolved.precision} -> {resolved.dir}{commit}")
+
+
+@models.command("info")
+@_global_options
+@click.argument("name_or_dir")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_context
+def models_info(ctx: click.Context, name_or_dir: str, as_json: bool) -> None:
+    """Details of a known model or of any model directory."""
+    from capwatch.models.store import model_info
+
+    _load(ctx)
+    info = model_info(name_or_dir, os.environ)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), ensure_ascii=False))
+        return
+    lines: list[tuple[str, object]] = [
+        ("name", info.name or "-"),
+        ("repo", f"{info.repo}@{info.revision}" if info.repo else "-"),
+        ("commit", info.commit or "-"),
+        ("dir", info.dir or "not downloaded"),
+        ("family", f"{info.family} ({info.model_type})" if info.model_type else info.family or "-"),
+    ]
+    for prec in info.precisions:
+        state = "complete" if prec.complete else "incomplete"
+        if prec.verified:
+            state += ", verified"
+        lines.append((f"  {prec.precision}", f"{_human_bytes(prec.bytes)} in {len(prec.files)} graph files, {state}"))
+    for prec_name, size in info.approx_bytes:
+        if not any(p.precision == prec_name for p in info.precisions):
+            lines.append((f"  {prec_name}", f"~{_human_bytes(size)} to download"))
+    lines += [
+        ("tokenizer", info.tokenizer or "-"),
+        ("special tokens", ", ".join(f"{k}={v}" for k, v in info.special_tokens) or "-"),
+        ("image size", "x".join(map(str, info.image_size)) if info.image_size else "-"),
+        ("generation", ", ".join(f"{k}={v}" for k, v in info.generation) or "-"),
+        ("task prompts", ", ".join(f"{k} {v!r}" for k, v in info.task_prompts) or "-"),
+        ("licence", info.licence or "-"),
+        ("about", info.description or "-"),
+    ]
+    for key, value in lines:
+        click.echo(f"{key:<16} {value}")
