@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from capwatch.errors import IndexUnavailable
-from capwatch.library.index import SCHEMA_VERSION, ImageRecord, Index, IndexedState
+from capwatch.library.index import ImageRecord, Index, IndexedState
+from capwatch.library.migrations import SCHEMA_VERSION
 from capwatch.library.search import SearchFilters, make_filters, parse_query
 from tests.conftest import read_only_dir
 

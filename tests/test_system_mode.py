@@ -28,7 +28,8 @@ from conftest import CliResult, CliRunner, assert_one_line_error, isolated_env
 from daemon_helpers import copy_images, start_daemon, stop_daemon, wait_until
 
 from capwatch.daemon.instance import live_state_path, lock_path, read_live_state
-from capwatch.library.index import Index, check_readable, keep_wal_files
+from capwatch.library.access import check_readable, keep_wal_files
+from capwatch.library.index import Index
 
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="switching to another user needs root")

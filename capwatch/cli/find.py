@@ -135,7 +135,7 @@ def _running_model(live: dict[str, Any], configured: str) -> str:
 def _check_readable(index_path: Path) -> None:
     """Raise IndexUnavailable (one line naming the file or folder) when a permission keeps this user from reading
     the index at ``index_path``, e.g. ``--system status`` outside the service's group. A missing index is fine."""
-    from capwatch.library.index import check_readable
+    from capwatch.library.access import check_readable
 
     check_readable(index_path)
 

@@ -1,31 +1,27 @@
 """The caption index: one SQLite file (WAL) with a row per image and an FTS5 table kept in sync by triggers.
 
-Schema changes happen only through the numbered migrations in ``MIGRATIONS``; the applied ones are recorded in
-``capwatch_migrations``. An ``Index`` wraps one connection and is meant for one thread: open one per thread.
-A writable Index leaves ``-wal`` and ``-shm`` beside the file when it closes (:func:`keep_wal_files`), so users who
-may only read the index (the system service's group) can open it read-only.
+Schema changes happen only through the numbered migrations in ``capwatch.library.migrations``; the applied ones
+are recorded in ``capwatch_migrations``. An ``Index`` wraps one connection and is meant for one thread: open one
+per thread.
+A writable Index leaves ``-wal`` and ``-shm`` beside the file when it closes (``capwatch.library.access``), so users
+who may only read the index (the system service's group) can open it read-only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import grp
 import os
 import sqlite3
-import stat
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from capwatch.errors import IndexUnavailable
+from capwatch.library.access import check_readable, keep_wal_files
+from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
 from capwatch.library.search import ParsedQuery, SearchFilters
-
-if TYPE_CHECKING:
-    # Imported when migrating only: sqlite_utils pulls in numpy, ~140 ms that `capwatch search` should not pay.
-    import sqlite_utils
 
 Source = Literal["model", "human", "embedded"]
 Status = Literal["pending", "captioned", "described", "error"]
@@ -126,107 +122,6 @@ class IndexStats:
 _COLUMNS = [f.name for f in fields(ImageRecord)]
 
 
-def _migration_1(db: sqlite_utils.Database) -> None:
-    db.execute(
-        """
-        CREATE TABLE images (
-            id INTEGER PRIMARY KEY,
-            path TEXT NOT NULL UNIQUE,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            fingerprint TEXT,
-            width INTEGER,
-            height INTEGER,
-            taken_at TEXT,
-            -- taken_at, or the file's mtime in local time when the camera recorded none: what --since/--until use
-            sort_date TEXT NOT NULL,
-            caption TEXT,
-            source TEXT CHECK (source IS NULL OR source IN ('model', 'human', 'embedded')),
-            model TEXT,
-            model_revision TEXT,
-            captioned_at TEXT,
-            status TEXT NOT NULL DEFAULT 'pending'
-                CHECK (status IN ('pending', 'captioned', 'described', 'error')),
-            error TEXT,
-            model_caption TEXT,
-            updated_at TEXT NOT NULL
-        )
-        """
-    )
-    db.execute("CREATE INDEX images_fingerprint ON images(fingerprint)")
-    db.execute("CREATE INDEX images_status ON images(status)")
-    db.execute("CREATE INDEX images_sort_date ON images(sort_date)")
-
-
-def _migration_2(db: sqlite_utils.Database) -> None:
-    # External-content FTS5: the text lives once, in `images`; the triggers keep the inverted index in step.
-    db.execute(
-        """
-        CREATE VIRTUAL TABLE images_fts USING fts5(
-            caption, model_caption, path, content='images', content_rowid='id',
-            tokenize='unicode61 remove_diacritics 2'
-        )
-        """
-    )
-    # Caption words weigh ten times path words in the ranking.
-    db.execute("INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25(10.0, 5.0, 1.0)')")
-    db.execute(
-        """
-        CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
-            INSERT INTO images_fts(rowid, caption, model_caption, path)
-            VALUES (new.id, new.caption, new.model_caption, new.path);
-        END
-        """
-    )
-    db.execute(
-        """
-        CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
-            INSERT INTO images_fts(images_fts, rowid, caption, model_caption, path)
-            VALUES ('delete', old.id, old.caption, old.model_caption, old.path);
-        END
-        """
-    )
-    db.execute(
-        """
-        CREATE TRIGGER images_fts_update AFTER UPDATE OF caption, model_caption, path ON images
-        WHEN old.caption IS NOT new.caption OR old.model_caption IS NOT new.model_caption
-            OR old.path IS NOT new.path BEGIN
-            INSERT INTO images_fts(images_fts, rowid, caption, model_caption, path)
-            VALUES ('delete', old.id, old.caption, old.model_caption, old.path);
-            INSERT INTO images_fts(rowid, caption, model_caption, path)
-            VALUES (new.id, new.caption, new.model_caption, new.path);
-        END
-        """
-    )
-    db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
-
-
-def _migration_3(db: sqlite_utils.Database) -> None:
-    # Reconcile reads (path, size, mtime_ns) for every file under a root on each start; a covering index turns
-    # that into one ordered index scan instead of a table lookup per row (measured 104 -> 66 ms for 68 000 rows,
-    # for ~57 bytes per image).
-    db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns)")
-
-
-def _migration_4(db: sqlite_utils.Database) -> None:
-    # A file's state is more than size and mtime: an in-place edit that keeps both still moves the ctime, and an
-    # edited XMP sidecar changes the description without touching the image. Both join the stat-only reconcile,
-    # so its covering index grows by them (old rows have NULLs, filled in as reconcile sees the files).
-    db.execute("ALTER TABLE images ADD COLUMN ctime_ns INTEGER")
-    db.execute("ALTER TABLE images ADD COLUMN sidecars TEXT")
-    db.execute("DROP INDEX images_stat")
-    db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns, ctime_ns, sidecars)")
-
-
-#: (version, name, apply). Append only; never edit a released migration.
-MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
-    (1, "images table", _migration_1),
-    (2, "full-text index over caption and path", _migration_2),
-    (3, "covering index for stat-only reconcile", _migration_3),
-    (4, "ctime and sidecar state", _migration_4),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
 #: At most this many matches are scored per search (the most recently indexed ones); see Index.search.
 RANK_WINDOW = 10_000
 
@@ -263,110 +158,6 @@ def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> IndexUnav
     if "disk" in message and "full" in message:
         return IndexUnavailable(f"disk full while writing index {path}")
     return IndexUnavailable(f"index {path}: {exc}")
-
-
-def _wal_files(path: Path) -> tuple[Path, Path]:
-    return Path(f"{path}-wal"), Path(f"{path}-shm")
-
-
-def keep_wal_files(path: Path) -> None:
-    """Make sure the WAL files of the index at ``path`` exist: create ``-wal`` and ``-shm`` empty where they are
-    missing, with the index file's mode and (when run as root) owner, as SQLite itself makes them.
-
-    Why: SQLite opens a WAL database read-only only when both files exist, or the opener may create them in the
-    index's folder (https://www.sqlite.org/walformat.html, "persistent WAL"; 3.22+ needs no write access to them).
-    The last writer to close deletes them, which would lock out every reader that may read the index but not write
-    its folder (the system service's group, ``capwatch --system search``). Python cannot set SQLite's
-    ``SQLITE_FCNTL_PERSIST_WAL``, so capwatch puts them back: an empty ``-wal`` and ``-shm`` are exactly what a
-    persistent-WAL close leaves, and every SQLite connection rebuilds the ``-shm`` from the ``-wal`` when no other
-    connection has it open. Never replaces an existing file (O_EXCL), never follows a symlink; never raises.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return
-    for name in _wal_files(path):
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         st.st_mode & 0o666)
-        except OSError:
-            continue  # there already (another connection opened meanwhile), or the folder is not writable
-        try:
-            os.fchmod(fd, st.st_mode & 0o666)  # as SQLite does: the index's mode, whatever the umask
-            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-                os.fchown(fd, st.st_uid, st.st_gid)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _group_hint(path: Path) -> str:
-    """Return `` (its group NAME may read it: ...)`` when ``path``'s group may read it (enter it, for a folder) and
-    this process is not in that group, else "". Never raises."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ""
-    needed = 0o010 if stat.S_ISDIR(st.st_mode) else 0o040
-    if not st.st_mode & needed or st.st_gid in (os.getegid(), *os.getgroups()):
-        return ""
-    try:
-        name = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        name = str(st.st_gid)
-    return f" (its group {name} may read it: `sudo usermod -aG {name} $USER`, then log in again)"
-
-
-def _is_wal_database(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            header = handle.read(20)
-    except OSError:
-        return False
-    return len(header) == 20 and header.startswith(b"SQLite format 3\0") and header[19] == 2
-
-
-def check_readable(path: Path, *, wait_seconds: float = 1.0) -> None:
-    """Check that this process can open the index at ``path`` read-only, as far as permissions go.
-
-    Returns when it can, or when ``path`` simply does not exist (the caller decides what that means). Raises
-    IndexUnavailable with one line naming what is missing: search permission on a folder on the way, read
-    permission on the index or on its ``-wal``/``-shm`` files, or (a WAL index whose ``-wal``/``-shm`` are absent)
-    write permission on the folder, which SQLite then needs to create them. Absent WAL files are waited for up to
-    ``wait_seconds``: a writer closing deletes them and (capwatch) puts them back a moment later.
-    """
-    path = Path(path)
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return
-    except PermissionError:
-        blocked = next((p for p in reversed(path.parents) if p != path and not os.access(p, os.X_OK)), path.parent)
-        raise IndexUnavailable(
-            f"cannot read index {path}: no permission to enter {blocked}{_group_hint(blocked)}"
-        ) from None
-    except OSError as exc:
-        raise IndexUnavailable(f"cannot read index {path}: {exc.strerror or exc}") from None
-    if not os.access(path, os.R_OK):
-        raise IndexUnavailable(f"cannot read index {path}: permission denied{_group_hint(path)}")
-    folder = path.parent
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        missing = [p for p in _wal_files(path) if not os.path.lexists(p)]
-        if not missing or os.access(folder, os.W_OK) or not _is_wal_database(path):
-            break
-        if time.monotonic() >= deadline:
-            names = " and ".join(p.name for p in missing)
-            raise IndexUnavailable(
-                f"cannot read index {path}: {names} missing and {folder} not writable for you (SQLite reads a WAL "
-                f"index only when both exist; running the daemon or any writing capwatch command as the index's "
-                f"owner puts them back)"
-            )
-        time.sleep(0.05)
-    for name in _wal_files(path):
-        if os.path.lexists(name) and not os.access(name, os.R_OK):
-            raise IndexUnavailable(f"cannot read index {path}: {name} is not readable for you{_group_hint(name)}")
 
 
 class Index:

@@ -1,0 +1,116 @@
+"""The index's schema, as numbered migrations: append only, never edit a released one.
+
+Each is applied in its own transaction by :meth:`capwatch.library.index.Index.migrate`, which records it in
+``capwatch_migrations``; tests run them from an empty file and from every earlier version with rows in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # Imported when migrating only: sqlite_utils pulls in numpy, ~140 ms that `capwatch search` should not pay.
+    import sqlite_utils
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            fingerprint TEXT,
+            width INTEGER,
+            height INTEGER,
+            taken_at TEXT,
+            -- taken_at, or the file's mtime in local time when the camera recorded none: what --since/--until use
+            sort_date TEXT NOT NULL,
+            caption TEXT,
+            source TEXT CHECK (source IS NULL OR source IN ('model', 'human', 'embedded')),
+            model TEXT,
+            model_revision TEXT,
+            captioned_at TEXT,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'captioned', 'described', 'error')),
+            error TEXT,
+            model_caption TEXT,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX images_fingerprint ON images(fingerprint)")
+    db.execute("CREATE INDEX images_status ON images(status)")
+    db.execute("CREATE INDEX images_sort_date ON images(sort_date)")
+
+
+def _migration_2(db: sqlite_utils.Database) -> None:
+    # External-content FTS5: the text lives once, in `images`; the triggers keep the inverted index in step.
+    db.execute(
+        """
+        CREATE VIRTUAL TABLE images_fts USING fts5(
+            caption, model_caption, path, content='images', content_rowid='id',
+            tokenize='unicode61 remove_diacritics 2'
+        )
+        """
+    )
+    # Caption words weigh ten times path words in the ranking.
+    db.execute("INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25(10.0, 5.0, 1.0)')")
+    db.execute(
+        """
+        CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
+            INSERT INTO images_fts(rowid, caption, model_caption, path)
+            VALUES (new.id, new.caption, new.model_caption, new.path);
+        END
+        """
+    )
+    db.execute(
+        """
+        CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
+            INSERT INTO images_fts(images_fts, rowid, caption, model_caption, path)
+            VALUES ('delete', old.id, old.caption, old.model_caption, old.path);
+        END
+        """
+    )
+    db.execute(
+        """
+        CREATE TRIGGER images_fts_update AFTER UPDATE OF caption, model_caption, path ON images
+        WHEN old.caption IS NOT new.caption OR old.model_caption IS NOT new.model_caption
+            OR old.path IS NOT new.path BEGIN
+            INSERT INTO images_fts(images_fts, rowid, caption, model_caption, path)
+            VALUES ('delete', old.id, old.caption, old.model_caption, old.path);
+            INSERT INTO images_fts(rowid, caption, model_caption, path)
+            VALUES (new.id, new.caption, new.model_caption, new.path);
+        END
+        """
+    )
+    db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+
+
+def _migration_3(db: sqlite_utils.Database) -> None:
+    # Reconcile reads (path, size, mtime_ns) for every file under a root on each start; a covering index turns
+    # that into one ordered index scan instead of a table lookup per row (measured 104 -> 66 ms for 68 000 rows,
+    # for ~57 bytes per image).
+    db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns)")
+
+
+def _migration_4(db: sqlite_utils.Database) -> None:
+    # A file's state is more than size and mtime: an in-place edit that keeps both still moves the ctime, and an
+    # edited XMP sidecar changes the description without touching the image. Both join the stat-only reconcile,
+    # so its covering index grows by them (old rows have NULLs, filled in as reconcile sees the files).
+    db.execute("ALTER TABLE images ADD COLUMN ctime_ns INTEGER")
+    db.execute("ALTER TABLE images ADD COLUMN sidecars TEXT")
+    db.execute("DROP INDEX images_stat")
+    db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns, ctime_ns, sidecars)")
+
+
+#: (version, name, apply). Append only; never edit a released migration.
+MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
+    (1, "images table", _migration_1),
+    (2, "full-text index over caption and path", _migration_2),
+    (3, "covering index for stat-only reconcile", _migration_3),
+    (4, "ctime and sidecar state", _migration_4),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
