@@ -80,19 +80,7 @@ def marker_intact(model_dir: Path, marker: dict[str, Any]) -> bool:
     files = marker.get("files")
     if not isinstance(files, list) or not files:
         return False
-    for entry in files:
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            return False
-        relative = Path(entry["path"])
-        if relative.is_absolute() or ".." in relative.parts:
-            return False
-        try:
-            st = os.lstat(model_dir / relative)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.get("size"):
-            return False
-    return True
+    return all(isinstance(entry, dict) and stamp.listed_file(model_dir, entry) is not None for entry in files)
 
 
 def is_real_dir(path: Path) -> bool:

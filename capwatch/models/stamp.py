@@ -99,18 +99,24 @@ def _file_facts(model_dir: Path, entry: Mapping[str, Any]) -> list[Any] | None:
     """[path, size, sha256, dev, ino, mtime_ns, ctime_ns] of one listed file as it is now; None when it is missing,
     not a regular file (a symlink included) or has another size than listed. (ctime: content rewritten in place
     with its size and mtime put back still moves it.)"""
-    relative = entry.get("path")
     sha256 = entry.get("sha256")
-    if not isinstance(relative, str) or not isinstance(sha256, str) or ".." in Path(relative).parts \
-            or Path(relative).is_absolute():
+    st = listed_file(model_dir, entry)
+    if st is None or not isinstance(sha256, str):
+        return None
+    return [entry["path"], st.st_size, sha256, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def listed_file(model_dir: Path, entry: Mapping[str, Any]) -> os.stat_result | None:
+    """The lstat of a file a marker lists (``path`` relative, inside ``model_dir``), when it is a regular file (not
+    a link) of the listed ``size``; None otherwise, and for a path that is absolute or climbs out with ``..``."""
+    relative = entry.get("path")
+    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
         return None
     try:
         st = os.lstat(model_dir / relative)
     except OSError:
         return None
-    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.get("size"):
-        return None
-    return [relative, st.st_size, sha256, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    return st if stat.S_ISREG(st.st_mode) and st.st_size == entry.get("size") else None
 
 
 def compute(key: bytes, model_dir: Path, precision: str, files: Sequence[Mapping[str, Any]]) -> str | None:
