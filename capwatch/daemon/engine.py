@@ -50,6 +50,10 @@ class IndexOnlyProcessor:
         self._config = config
         self._index = index
 
+    def close(self) -> None:
+        """Close the index (the pipeline calls this on the model thread when it ends)."""
+        self._index.close()
+
     def process_batch(self, paths: Sequence[Path]) -> list[IndexOutcome]:
         """Return one outcome per path (``error`` set for unreadable files); never raises for one file."""
         from capwatch.library.scan import read_record
@@ -90,6 +94,12 @@ class _ModelGuard:
         except ModelError as exc:
             self._on_failure(exc)
             return []
+
+    def close(self) -> None:
+        """Close the processor's index (the pipeline calls this on the model thread when it ends)."""
+        index = getattr(self._processor, "index", None)
+        if index is not None:
+            index.close()
 
 
 def _group(number: int) -> str:

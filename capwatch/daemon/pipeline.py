@@ -426,6 +426,16 @@ class Pipeline:
             processor = self._make_processor()
         finally:
             self._ready.set()
+        try:
+            self._run_batches(processor)
+        finally:
+            # The processor's index connection belongs to this thread: close it here, where sqlite3 allows it
+            # (and so that the index keeps the WAL files read-only readers need).
+            close = getattr(processor, "close", None)
+            if callable(close):
+                close()
+
+    def _run_batches(self, processor: BatchProcessor) -> None:
         while True:
             with self._handoff_cond:
                 while not self._handoff and not self._stop.is_set():
