@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -28,6 +29,21 @@ def open_regular(path: Path) -> int | None:
         pass
     os.close(fd)
     return None
+
+
+def sha256_regular(path: Path) -> str | None:
+    """The hex sha256 of the regular file at ``path``, never read through a symlink; None when ``path`` is missing,
+    a link or not a regular file. Raises OSError when reading fails."""
+    fd = open_regular(path)
+    if fd is None:
+        return None
+    try:
+        digest = hashlib.sha256()
+        while block := os.read(fd, 1 << 20):
+            digest.update(block)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:

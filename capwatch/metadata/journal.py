@@ -46,7 +46,7 @@ from typing import Any
 
 from capwatch import paths
 from capwatch.errors import MetadataError
-from capwatch.metadata.fsops import exchange, fsync_dir, open_regular, overwrite, write_all
+from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, sha256_regular, write_all
 from capwatch.metadata.identity import FileIdentity
 
 log = logging.getLogger(__name__)
@@ -75,22 +75,6 @@ class RecoveryReport:
 def sha256_bytes(data: bytes | memoryview) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> tuple[str, int] | None:
-    """(hex sha256, size) of a regular file at ``path`` (not followed if a symlink), or None when it is not one."""
-    fd = open_regular(path)
-    if fd is None:
-        return None
-    try:
-        digest = hashlib.sha256()
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-        return digest.hexdigest(), size
-    finally:
-        os.close(fd)
 
 
 def _identity_dict(identity: FileIdentity) -> dict[str, Any]:
@@ -308,8 +292,8 @@ class Journal:
     def _resolve_in_place(self, record: Mapping[str, Any]) -> _Outcome:
         target, backup = Path(record["target"]), Path(record["backup"])
         expected = record["expected"]
-        checked = _sha256_file(backup)
-        if checked is None or checked[0] != record["old_sha256"]:
+        checked = sha256_regular(backup)
+        if checked is None or checked != record["old_sha256"]:
             # No complete backup: the in-place overwrite only starts after the backup is written and fsynced,
             # so the target was never touched. A partial backup is ours (named by the entry): remove it.
             removed = 0
@@ -325,8 +309,8 @@ class Journal:
         if (st.st_dev, st.st_ino) != (expected["dev"], expected["ino"]):
             return _Outcome(keep=True, message=f"{target}: replaced by another program since capwatch's "
                                                f"interrupted write; the original is kept in {backup}")
-        current = _sha256_file(target)
-        if current is not None and current[0] in (record["new_sha256"], record["old_sha256"]):
+        current = sha256_regular(target)
+        if current is not None and current in (record["new_sha256"], record["old_sha256"]):
             os.unlink(backup)
             return _Outcome(removed=1)
         # Half-written by us (or, rarely, edited by someone after the crash): restore the verified original, but
@@ -336,8 +320,8 @@ class Journal:
         if sha256_bytes(original) != record["old_sha256"]:
             return _Outcome(keep=True, message=f"{backup}: backup changed during recovery; kept")
         overwrite(target, original, (int(record["atime_ns"]), int(record["mtime_ns"])))
-        verify = _sha256_file(target)
-        if verify is None or verify[0] != record["old_sha256"]:
+        verify = sha256_regular(target)
+        if verify is None or verify != record["old_sha256"]:
             return _Outcome(keep=True, message=f"{target}: could not be restored; the original is kept in {backup}")
         os.unlink(backup)
         note = f"; what it held is kept in {saved}" if saved else ""

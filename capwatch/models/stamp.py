@@ -26,6 +26,7 @@ from typing import Any
 
 from capwatch import paths
 from capwatch.errors import ModelError
+from capwatch.metadata.fsops import sha256_regular
 
 KEY_NAME = "model-key"
 KEY_BYTES = 32
@@ -145,13 +146,7 @@ def is_valid(key: bytes, model_dir: Path, precision: str, marker: Mapping[str, A
 
 def sha256_nofollow(path: Path) -> str:
     """The sha256 of the regular file at ``path`` (never through a symlink). Raises OSError (ELOOP for a link)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        digest = hashlib.sha256()
-        while block := os.read(fd, 1 << 20):
-            digest.update(block)
-        return digest.hexdigest()
-    finally:
-        os.close(fd)
+    digest = sha256_regular(path)
+    if digest is None:
+        raise OSError(errno.EINVAL, "missing, a symbolic link, or not a regular file", os.fspath(path))
+    return digest

@@ -11,6 +11,7 @@ the caller (``capwatch.models.hub``) decides every redirect itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import socket
 import threading
@@ -264,12 +265,7 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         self._limits = limits
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        limits = self._limits
-
-        def connection(host: str, **kwargs: Any) -> http.client.HTTPConnection:
-            return _HTTPConnection(host, limits=limits, **kwargs)
-
-        return self.do_open(connection, req)
+        return self.do_open(functools.partial(_HTTPConnection, limits=self._limits), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
@@ -279,11 +275,6 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self._limits = limits
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        limits = self._limits
-
-        def connection(host: str, **kwargs: Any) -> http.client.HTTPConnection:
-            return _HTTPSConnection(host, limits=limits, **kwargs)
-
-        return self.do_open(connection, req)
+        return self.do_open(functools.partial(_HTTPSConnection, limits=self._limits), req)
 
 
