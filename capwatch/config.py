@@ -27,6 +27,9 @@ from capwatch import paths
 from capwatch.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "int8", "fp16"]
+#: onnxruntime execution providers by short name (capwatch.models.session.ORT_PROVIDERS has the full names).
+Provider = Literal["cpu", "cuda", "tensorrt", "rocm", "migraphx", "openvino", "directml", "coreml", "qnn", "xnnpack",
+                   "cann", "dnnl", "acl", "armnn"]
 CaptionLength = Literal["short", "detailed", "paragraph"]
 WriteMode = Literal["embedded", "sidecar", "both", "none"]
 ExistingPolicy = Literal["keep", "overwrite"]
@@ -168,10 +171,17 @@ class ModelConfig:
     #: auto: a named model's recommended precision (int8); for a model directory, fp32 when it has it (the
     #: reference output), else int8, else fp16.
     precision: Precision = "auto"
-    #: onnxruntime intra-op threads; 0 = all cores.
+    #: onnxruntime intra-op threads; 0 = one per physical core this process may run on.
     threads: Annotated[int, Range(0, 1024)] = 0
+    #: onnxruntime execution providers, most wanted first (e.g. ["cuda", "cpu"]); those the installed onnxruntime
+    #: lacks are skipped with one log line, and the CPU is always the last resort.
+    providers: tuple[Provider, ...] = ("cpu",)
     #: Unload the model after this many idle seconds (0 = never) so an idle daemon stays small.
     idle_unload_seconds: Annotated[float, _SECONDS] = 300.0
+    #: Run equivalent rewrites of the published graphs where capwatch has one (ViT-GPT2: cross-attention keys and
+    #: values computed once per image instead of at every token), made and verified against the published graph
+    #: on first use and cached; false runs the published graphs as they are.
+    rewrite_graphs: bool = True
     #: Images per model call; memory grows with it (and with num_beams).
     batch_size: Annotated[int, Range(1, 256)] = 8
     #: Florence-2 task: short (<CAPTION>), detailed (<DETAILED_CAPTION>), paragraph (<MORE_DETAILED_CAPTION>).

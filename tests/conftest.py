@@ -99,10 +99,13 @@ def read_only_dir(path: Path) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The write journal (and anything else in the state dir) of in-process and child capwatch runs goes to a
-    fresh folder per test, never into the real home directory."""
+    """The write journal (and anything else in the state and cache dirs) of in-process and child capwatch runs goes
+    to a fresh folder per test, never into the real home directory."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    # rewritten model graphs (capwatch.models.derived) too
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from capwatch.config import ModelConfig
-from capwatch.models.captioner import Captioner, open_captioner
+from capwatch.models.captioner import Captioner, VisionEncoderDecoderCaptioner, open_captioner
+from capwatch.models.derived import DerivedCache
 from capwatch.models.generate import GenerationSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -40,9 +41,19 @@ def _settings(cap: Captioner, kwargs: dict[str, Any]) -> GenerationSettings:
     return GenerationSettings.from_configs({**cap.model.generation_config, **kwargs}, cap.model.config, ModelConfig())
 
 
-def _open(model_dir: Path, precision: str = "fp32", batch_size: int = 8) -> Captioner:
+@pytest.fixture(params=["published", "split"])
+def graphs(request: pytest.FixtureRequest, tmp_path: Path) -> DerivedCache | None:
+    """Every parity test runs on the published merged decoder and on its split (cross-attention once per image)."""
+    return DerivedCache(tmp_path / "derived", b"k" * 32) if request.param == "split" else None
+
+
+def _open(model_dir: Path, derived: DerivedCache | None, precision: str = "fp32", batch_size: int = 8) -> Captioner:
     config = ModelConfig(dir=model_dir, precision=precision, threads=1, batch_size=batch_size)  # type: ignore[arg-type]
-    return open_captioner(model_dir, config)
+    cap = open_captioner(model_dir, config, derived=derived)
+    with cap.sessions.use():  # the rewrite is made (and probed) at the first load: check it was used
+        assert isinstance(cap, VisionEncoderDecoderCaptioner)
+        assert (cap.split is not None) == (derived is not None)
+    return cap
 
 
 def test_there_are_at_least_two_fixture_models_with_greedy_and_beam_defaults() -> None:
@@ -66,10 +77,12 @@ def test_goldens_are_not_degenerate() -> None:
 
 
 @pytest.mark.parametrize(("model_dir", "variant"), _cases())
-def test_fp32_tokens_equal_transformers_for_its_pixel_tensors(model_dir: Path, variant: str) -> None:
+def test_fp32_tokens_equal_transformers_for_its_pixel_tensors(
+    model_dir: Path, variant: str, graphs: DerivedCache | None
+) -> None:
     goldens = _goldens(model_dir)
     pixels = np.load(model_dir / "pixel_values.npz")
-    with _open(model_dir) as cap:
+    with _open(model_dir, graphs) as cap:
         batch = np.stack([pixels[name] for name in goldens["images"]])
         results = cap.caption_pixels(batch, settings=_settings(cap, goldens["variants"][variant]))
     got = [list(r.token_ids) for r in results]
@@ -78,9 +91,11 @@ def test_fp32_tokens_equal_transformers_for_its_pixel_tensors(model_dir: Path, v
 
 
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda p: p.name)
-def test_files_through_capwatch_preprocessing_give_the_default_goldens(model_dir: Path) -> None:
+def test_files_through_capwatch_preprocessing_give_the_default_goldens(
+    model_dir: Path, graphs: DerivedCache | None
+) -> None:
     goldens = _goldens(model_dir)
-    with _open(model_dir) as cap:
+    with _open(model_dir, graphs) as cap:
         batch = np.stack([cap.preprocess_file(IMAGES / name) for name in goldens["images"]])
         results = cap.caption_pixels(batch)
     assert [list(r.token_ids) for r in results] == [goldens["token_ids"]["default"][n] for n in goldens["images"]]
@@ -88,11 +103,13 @@ def test_files_through_capwatch_preprocessing_give_the_default_goldens(model_dir
 
 
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda p: p.name)
-def test_batched_equals_one_at_a_time_and_chunking_does_not_matter(model_dir: Path) -> None:
+def test_batched_equals_one_at_a_time_and_chunking_does_not_matter(
+    model_dir: Path, graphs: DerivedCache | None
+) -> None:
     goldens = _goldens(model_dir)
     pixels = np.stack([np.load(model_dir / "pixel_values.npz")[n] for n in goldens["images"]])
     for variant, kwargs in goldens["variants"].items():
-        with _open(model_dir, batch_size=3) as cap:
+        with _open(model_dir, graphs, batch_size=3) as cap:
             settings = _settings(cap, kwargs)
             batched = cap.caption_pixels(pixels, settings=settings)
             single = [cap.caption_pixels(pixels[i : i + 1], settings=settings)[0] for i in range(len(pixels))]
@@ -100,10 +117,10 @@ def test_batched_equals_one_at_a_time_and_chunking_does_not_matter(model_dir: Pa
 
 
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda p: p.name)
-def test_int8_variant_runs_and_yields_well_formed_sequences(model_dir: Path) -> None:
+def test_int8_variant_runs_and_yields_well_formed_sequences(model_dir: Path, graphs: DerivedCache | None) -> None:
     goldens = _goldens(model_dir)
     pixels = np.stack([np.load(model_dir / "pixel_values.npz")[n] for n in goldens["images"]])
-    with _open(model_dir, precision="int8") as cap:
+    with _open(model_dir, graphs, precision="int8") as cap:
         assert "_quantized" in str(cap.model.onnx_file("decoder_model_merged", "int8"))
         settings = cap.settings
         results = cap.caption_pixels(pixels)

@@ -238,12 +238,14 @@ def _human_bytes(size: int) -> str:
 
 def _open_captioner(config: Config) -> Captioner:
     from capwatch.models.captioner import open_captioner
+    from capwatch.models.derived import DerivedCache
     from capwatch.models.store import resolve_model
 
     resolved = resolve_model(config.model, os.environ, download=True)
     # A named model runs the precision that was resolved (and pulled) for it, not whatever else is cached.
     model = dataclasses.replace(config.model, precision=resolved.precision)  # type: ignore[arg-type]
-    return open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision)
+    return open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision,
+                          derived=DerivedCache.from_env(os.environ))
 
 # --------------------------------------------------------------------------------------------------------------
 

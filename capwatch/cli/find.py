@@ -126,6 +126,8 @@ def _running_model(live: dict[str, Any], configured: str) -> str:
     details = [str(model_id) + (f" @ {str(revision)[:12]}" if revision else "")] if model_id else []
     if precision:
         details.append(str(precision))
+    if live.get("model_provider"):
+        details.append(f"on {live['model_provider']}")
     text = f"{label} ({', '.join(details)})" if details else label
     if label != configured:
         text += f"  [this configuration says {configured}: reload the daemon to switch]"
@@ -175,6 +177,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "model_id": live.get("model_id") if live else None,
         "model_revision": live.get("model_revision") if live else None,
         "model_state": live.get("model_state") if live else None,
+        "model_provider": live.get("model_provider") if live else None,
         "daemon": live,
     }
     if as_json:

@@ -73,6 +73,18 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
     click.echo(f"{name} {resolved.precision} -> {resolved.dir}{commit}")
 
 
+def _providers_line(requested: tuple[str, ...]) -> str:
+    """Where the configured model.providers make the model run, and what this onnxruntime has."""
+    import onnxruntime as ort
+
+    from capwatch.models.session import resolve_providers, short_provider
+
+    chosen, missing = resolve_providers(requested)
+    have = ", ".join(short_provider(p) for p in ort.get_available_providers())
+    line = f"{short_provider(chosen[0])} (this onnxruntime has: {have})"
+    return line + (f"; not available: {', '.join(missing)}" if missing else "")
+
+
 @models.command("info")
 @_global_options
 @click.argument("name_or_dir")
@@ -80,12 +92,15 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
 @click.pass_context
 def models_info(ctx: click.Context, name_or_dir: str, as_json: bool) -> None:
     """Details of a known model or of any model directory."""
+    from capwatch.models.session import resolve_providers, short_provider
     from capwatch.models.store import model_info
 
-    _load(ctx)
+    config = _load(ctx)
     info = model_info(name_or_dir, os.environ)
     if as_json:
-        click.echo(json.dumps(info.to_dict(), ensure_ascii=False))
+        chosen, missing = resolve_providers(config.model.providers)
+        click.echo(json.dumps({**info.to_dict(), "provider": short_provider(chosen[0]), "providers_missing": missing},
+                              ensure_ascii=False))
         return
     lines: list[tuple[str, object]] = [
         ("name", info.name or "-"),
@@ -110,6 +125,7 @@ def models_info(ctx: click.Context, name_or_dir: str, as_json: bool) -> None:
         ("task prompts", ", ".join(f"{k} {v!r}" for k, v in info.task_prompts) or "-"),
         ("licence", info.licence or "-"),
         ("about", info.description or "-"),
+        ("runs on", _providers_line(config.model.providers)),
     ]
     for key, value in lines:
         click.echo(f"{key:<16} {value}")

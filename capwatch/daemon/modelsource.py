@@ -311,10 +311,12 @@ class ModelSource:
             resolved = self._pull(config, model_spec(config.model))
         self._set("loading", f"loading model {self.label}")
         from capwatch.models.captioner import open_captioner
+        from capwatch.models.derived import DerivedCache
 
         # A named model runs the precision that was resolved (and pulled) for it, not whatever else is cached.
         model_config = dataclasses.replace(config.model, precision=resolved.precision)  # type: ignore[arg-type]
-        return open_captioner(resolved.dir, model_config, model_id=resolved.model_id, revision=resolved.revision)
+        return open_captioner(resolved.dir, model_config, model_id=resolved.model_id, revision=resolved.revision,
+                              derived=DerivedCache.from_env(self._env))
 
     def _open_with_factory(self, config: Config) -> Any:
         assert self._factory is not None

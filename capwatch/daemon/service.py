@@ -72,12 +72,14 @@ STOP_TIMEOUT_SECONDS = 30.0
 def default_captioner_factory(config: Config) -> Any:
     """Open the configured model (pulled into the cache on first use). Raises ModelError."""
     from capwatch.models.captioner import open_captioner
+    from capwatch.models.derived import DerivedCache
     from capwatch.models.store import resolve_model
 
     resolved = resolve_model(config.model, os.environ, download=True)
     # A named model runs the precision that was resolved (and pulled) for it, not whatever else is cached.
     model = dataclasses.replace(config.model, precision=resolved.precision)  # type: ignore[arg-type]
-    return open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision)
+    return open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision,
+                          derived=DerivedCache.from_env(os.environ))
 
 
 def run_daemon(
@@ -402,7 +404,7 @@ class Daemon:
         show."""
         report: dict[str, Any] = {"model_state": "off", "model_status": "captioning off (--no-caption)",
                                   "model_id": None, "model_revision": None, "model_precision": None,
-                                  "model_progress": None, "model_error": None}
+                                  "model_provider": None, "model_progress": None, "model_error": None}
         captioner, source = self._captioner, self._model_source
         if not self._caption:
             return report
@@ -416,7 +418,8 @@ class Daemon:
                 state, text = "unloaded", "unloaded while idle (loads again with the next file)"
             report.update(model_state=state, model_status=text, model_id=_text(getattr(captioner, "model_id", None)),
                           model_revision=_text(getattr(captioner, "revision", None)),
-                          model_precision=_text(getattr(getattr(captioner, "config", None), "precision", None)))
+                          model_precision=_text(getattr(getattr(captioner, "config", None), "precision", None)),
+                          model_provider=_text(getattr(captioner, "provider", None)))
         elif source is not None:
             snap = source.snapshot()
             report.update(model_state="loading" if snap.state == "ready" else snap.state, model_status=snap.text,

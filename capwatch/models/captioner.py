@@ -28,6 +28,14 @@ from PIL import Image
 from capwatch.config import ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
 from capwatch.models import vision_encoder_decoder as ved
+from capwatch.models.derived import (
+    DerivedCache,
+    ProbeSpec,
+    SplitDecoder,
+    signed_graph,
+    signed_is_exact,
+    split_decoder,
+)
 from capwatch.models.generate import GenerationSettings, generate
 from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
 from capwatch.models.preprocess import Preprocessor, load_image
@@ -62,8 +70,12 @@ class Captioner(abc.ABC):
         model_id: str | None = None,
         revision: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        derived: DerivedCache | None = None,
     ) -> None:
         """Read the model's configs and locate its graphs (nothing is loaded yet).
+
+        ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`); None runs the published
+        graphs as they are.
 
         Raises ModelError (one line) when a file is missing or a config value is invalid.
         """
@@ -82,7 +94,9 @@ class Captioner(abc.ABC):
             raise ModelError(f"{model.path / 'preprocessor_config.json'}: {exc}") from None
         self.settings = self.initial_settings(model, config)
         paths = {stem: model.onnx_file(stem, config.precision) for stem in self.graph_stems()}
-        self.sessions = SessionGroup(paths, config.threads, config.idle_unload_seconds, clock, self._on_load)
+        self.derived = derived if config.rewrite_graphs else None
+        self.sessions = SessionGroup(paths, config.threads, config.idle_unload_seconds, clock, self._on_load,
+                                     self.prepare_graphs, config.providers)
         self.text = TextDecoder.from_dir(model.path, self.special_token_ids())
         self._clock = clock
 
@@ -133,6 +147,21 @@ class Captioner(abc.ABC):
         self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
     ) -> list[list[int]]:
         """Token ids per image (decoder start first, as transformers' generate() returns them)."""
+
+    def prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
+        """The graphs to load instead of the published ``paths`` (by stem); called once, before the first load.
+
+        Rewrites are made and verified on first use, then cached (:mod:`capwatch.models.derived`). Here: int8
+        graphs with uint8 MatMul weights get int8 ones with the same real values, on CPUs where that is exact (and
+        faster). Families add their own (ViT-GPT2: the split decoder).
+        """
+        on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
+        if self.derived is None or self.config.precision != "int8" or not on_cpu or not signed_is_exact():
+            return paths
+        shapes = {}
+        if (size := self.preprocessor.output_size) is not None:
+            shapes["pixel_values"] = (1, 3, *size)
+        return {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
 
     def postprocess(self, text: str) -> str:
         """Turn decoded text into the caption (families override to strip task artefacts)."""
@@ -207,6 +236,11 @@ class Captioner(abc.ABC):
     def loaded(self) -> bool:
         return self.sessions.loaded
 
+    @property
+    def provider(self) -> str | None:
+        """The execution provider the model runs on (cpu, cuda, ...), None while it is not loaded."""
+        return self.sessions.provider
+
     def close(self) -> None:
         self.sessions.unload()
 
@@ -225,21 +259,49 @@ class VisionEncoderDecoderCaptioner(Captioner):
 
     _layout: ved.DecoderLayout
     _broadcast: bool
+    _item_inputs: Callable[[np.ndarray], ved.ItemInputs]
+    #: The verified split of the merged decoder in use, None while the published graph runs.
+    split: SplitDecoder | None = None
 
     def graph_stems(self) -> Sequence[str]:
         return ved.graph_stems()
 
+    def prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
+        """The encoder plus the split decoder pair (cross-attention keys/values computed once per image) when it can
+        be made and verified; else the published graphs."""
+        hidden = self._encoder_width()
+        if self.derived is None or hidden is None:
+            return paths
+        on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
+        signed = self.config.precision == "int8" and on_cpu and signed_is_exact()
+        encoder = super().prepare_graphs({ved.ENCODER: paths[ved.ENCODER]})[ved.ENCODER]
+        probe = ProbeSpec(self.model.path / "config.json", hidden, self.settings.decoder_start_token_id)
+        self.split = split_decoder(paths[ved.DECODER], self.derived, probe, signed=signed)
+        if self.split is None:
+            return {ved.ENCODER: encoder, ved.DECODER: paths[ved.DECODER]}
+        return {ved.ENCODER: encoder, ved.CROSS: self.split.cross, ved.STEP: self.split.step}
+
+    def _encoder_width(self) -> int | None:
+        """The encoder's hidden size from config.json (the width of encoder_hidden_states), None when unstated."""
+        encoder = self.model.config.get("encoder")
+        width = encoder.get("hidden_size") if isinstance(encoder, Mapping) else None
+        return width if isinstance(width, int) and not isinstance(width, bool) and 0 < width <= 1 << 16 else None
+
     def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         ved.check_encoder(sessions[ved.ENCODER], self.sessions_path(ved.ENCODER))
-        self._layout = ved.DecoderLayout.from_session(
-            sessions[ved.DECODER], self.sessions_path(ved.DECODER), self.model.config
-        )
-        enc_input = {i.name: i for i in sessions[ved.DECODER].get_inputs()}["encoder_hidden_states"]
-        hidden = (
-            enc_input.shape[2] if isinstance(enc_input.shape[2], int) else self._layout.heads * self._layout.head_dim
-        )
+        if ved.STEP in sessions and self.split is not None:
+            names = (*self.split.data_outputs, *self.split.shape_outputs)
+            decoder = sessions[ved.STEP]
+            self._layout = ved.DecoderLayout.from_session(decoder, self.split.step, self.model.config, names)
+            self._item_inputs = ved.SplitInputs(sessions[ved.CROSS], self.split.data_outputs,
+                                                self.split.shape_outputs)
+        else:
+            decoder = sessions[ved.DECODER]
+            self._layout = ved.DecoderLayout.from_session(decoder, self.sessions_path(ved.DECODER), self.model.config)
+            self._item_inputs = ved.published_inputs
+        hidden = self._encoder_width() or self._layout.heads * self._layout.head_dim
         self._broadcast = ved.encoder_broadcasts(
-            sessions[ved.DECODER], self._layout, hidden, self.settings.decoder_start_token_id
+            decoder, self._layout, hidden, self.settings.decoder_start_token_id, self._item_inputs
         )
 
     def sessions_path(self, stem: str) -> Path:
@@ -249,12 +311,19 @@ class VisionEncoderDecoderCaptioner(Captioner):
         self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
     ) -> list[list[int]]:
         hidden = ved.encode(sessions[ved.ENCODER], pixel_values)
-        decoder = ved.VitGpt2Decoder(sessions[ved.DECODER], self._layout, broadcast_encoder=self._broadcast)
+        graph = sessions[ved.STEP] if ved.STEP in sessions else sessions[ved.DECODER]
+        decoder = ved.VitGpt2Decoder(graph, self._layout, broadcast_encoder=self._broadcast,
+                                     item_inputs=self._item_inputs)
         return generate(decoder, hidden, pixel_values.shape[0], settings)
 
 
 def open_captioner(
-    model_dir: Path, config: ModelConfig, *, model_id: str | None = None, revision: str | None = None
+    model_dir: Path,
+    config: ModelConfig,
+    *,
+    model_id: str | None = None,
+    revision: str | None = None,
+    derived: DerivedCache | None = None,
 ) -> Captioner:
     """Return the captioner for the model directory ``model_dir``, chosen by ``config.json``'s ``model_type``.
 
@@ -271,5 +340,5 @@ def open_captioner(
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         raise ModelError(f"{model.path}: model_type {model.model_type!r} is not available in this build") from None
-    captioner: Captioner = cls(model, config, model_id=model_id, revision=revision)
+    captioner: Captioner = cls(model, config, model_id=model_id, revision=revision, derived=derived)
     return captioner

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from capwatch.config import CaptionLength, ModelConfig
 from capwatch.errors import ModelError
 from capwatch.models.captioner import Captioner
+from capwatch.models.derived import DerivedCache
 from capwatch.models.generate import DecoderState, GenerationSettings, generate
 from capwatch.models.layout import ModelDir, check_names, read_json
 
@@ -313,14 +314,19 @@ class Florence2Captioner(Captioner):
         model_id: str | None = None,
         revision: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        derived: DerivedCache | None = None,
     ) -> None:
-        """Read configs, tokenizer and task prompt; nothing is loaded yet. Raises ModelError (one line)."""
+        """Read configs, tokenizer and task prompt; nothing is loaded yet. Raises ModelError (one line).
+
+        ``derived`` is accepted for the common signature: Florence-2's merged decoder already caches the
+        cross-attention keys/values (its ``past_key_values.*.encoder.*``), so it has nothing to split.
+        """
         text_view = text_config_view(model.config)
         # Adapter: the base class reads generation keys from config.json's top level (and a "decoder" sub-config);
         # Florence-2 keeps them, and max_position_embeddings, in "text_config". Expose the missing ones at the top.
         lifted = {**model.config, **{k: v for k, v in text_view.items() if k not in model.config}}
         model = dataclasses.replace(model, config=lifted)
-        super().__init__(model, config, model_id=model_id, revision=revision, clock=clock)
+        super().__init__(model, config, model_id=model_id, revision=revision, clock=clock, derived=derived)
         self.text_view = text_view
         self.task = TASK_FOR_LENGTH[config.caption_length]
         self.prompt = task_prompt(model.path, config.caption_length)

@@ -7,10 +7,11 @@ time costs hundreds of MB. :class:`LazySession` creates its ``InferenceSession``
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,58 @@ from typing import Any
 import onnxruntime as ort
 
 from capwatch.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+#: capwatch's provider names (config ``model.providers``) -> onnxruntime's.
+ORT_PROVIDERS: Mapping[str, str] = {
+    "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider", "migraphx": "MIGraphXExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+    "directml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider", "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider", "cann": "CANNExecutionProvider", "dnnl": "DnnlExecutionProvider",
+    "acl": "ACLExecutionProvider", "armnn": "ArmNNExecutionProvider",
+}
+
+
+def short_provider(name: str) -> str:
+    """capwatch's short name for an onnxruntime provider name (the name itself when capwatch has none)."""
+    return next((short for short, full in ORT_PROVIDERS.items() if full == name), name)
+
+
+def resolve_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """The onnxruntime providers to ask for, and the requested ones this onnxruntime lacks (short names).
+
+    Requested order is kept; the CPU provider is always last (the fallback for any node another provider cannot run,
+    and for everything when none of the others is there). ``available`` defaults to onnxruntime's own list.
+    """
+    have = set(ort.get_available_providers() if available is None else available)
+    chosen = [ORT_PROVIDERS[name] for name in requested if ORT_PROVIDERS.get(name) in have]
+    missing = [name for name in requested if ORT_PROVIDERS.get(name) not in have]
+    chosen = [name for name in dict.fromkeys(chosen) if name != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
+    return chosen, missing
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads of one core count once), at least 1.
+
+    Matrix kernels gain little from a core's second hardware thread and lose when two sessions' threads share
+    cores, so this is the default thread count. Falls back to :func:`available_cores` where the topology is not in
+    sysfs.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return available_cores()
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            return available_cores()
+    return max(1, len(cores))
 
 
 def available_cores() -> int:
@@ -29,13 +82,14 @@ def available_cores() -> int:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """Options for one inference session: ``threads`` intra-op threads (0 = all available cores).
+    """Options for one inference session: ``threads`` intra-op threads (0 = one per physical core, see
+    :func:`physical_cores`).
 
     Graph optimisation is fully on; the graph runs sequentially (one inter-op thread): these models are chains of
     matmuls where intra-op parallelism is what pays.
     """
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads if threads > 0 else available_cores()
+    options.intra_op_num_threads = threads if threads > 0 else physical_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -46,9 +100,11 @@ def session_options(threads: int) -> ort.SessionOptions:
 class LazySession:
     """One ONNX graph; the session is created on first :meth:`get` and released by :meth:`unload`."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        """``providers``: onnxruntime provider names, most wanted first (see :func:`resolve_providers`)."""
         self.path = path
         self._threads = threads
+        self._providers = list(providers)
         self._session: ort.InferenceSession | None = None
 
     @property
@@ -60,7 +116,7 @@ class LazySession:
         if self._session is None:
             try:
                 self._session = ort.InferenceSession(
-                    str(self.path), sess_options=session_options(self._threads), providers=["CPUExecutionProvider"]
+                    str(self.path), sess_options=session_options(self._threads), providers=self._providers
                 )
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -69,6 +125,11 @@ class LazySession:
 
     def unload(self) -> None:
         self._session = None
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the loaded session runs on (onnxruntime names), [] when not loaded."""
+        return list(self._session.get_providers()) if self._session is not None else []
 
 
 class SessionGroup:
@@ -85,8 +146,16 @@ class SessionGroup:
         idle_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         on_load: Callable[[Mapping[str, ort.InferenceSession]], None] | None = None,
+        prepare: Callable[[Mapping[str, Path]], Mapping[str, Path]] | None = None,
+        providers: Sequence[str] = ("cpu",),
     ) -> None:
-        self._sessions = {name: LazySession(path, threads) for name, path in paths.items()}
+        """``prepare``, when given, is called once before the first load with ``paths`` and returns the graphs to
+        load instead (rewritten ones, see :mod:`capwatch.models.derived`). ``providers``: capwatch's short names
+        (config ``model.providers``); those onnxruntime lacks are skipped with one warning at the first load."""
+        self._threads = threads
+        self._providers, self._missing = resolve_providers(providers)
+        self._sessions = {name: LazySession(path, threads, self._providers) for name, path in paths.items()}
+        self._prepare = prepare
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._lock = threading.RLock()
@@ -104,6 +173,16 @@ class SessionGroup:
         Raises ModelError when a graph cannot be loaded.
         """
         with self._lock:
+            if self._prepare is not None:
+                prepared = self._prepare({name: s.path for name, s in self._sessions.items()})
+                self._sessions = {name: LazySession(path, self._threads, self._providers)
+                                  for name, path in prepared.items()}
+                self._prepare = None
+            if self._missing:
+                available = ", ".join(short_provider(p) for p in ort.get_available_providers())
+                log.warning("model: %s not available in this onnxruntime (it has: %s); running on %s",
+                            ", ".join(self._missing), available, short_provider(self._providers[0]))
+                self._missing = []
             was_loaded = all(s.loaded for s in self._sessions.values())
             sessions = {name: s.get() for name, s in self._sessions.items()}
             if not was_loaded and self._on_load is not None:
@@ -134,6 +213,20 @@ class SessionGroup:
             for session in self._sessions.values():
                 session.unload()
 
+    @property
+    def provider(self) -> str | None:
+        """The provider the first graph runs on (capwatch's short name), None when nothing is loaded."""
+        for session in self._sessions.values():
+            if session.providers:
+                return short_provider(session.providers[0])
+        return None
+
+    @property
+    def first_provider(self) -> str:
+        """The provider the sessions will ask for first (onnxruntime's name), loaded or not."""
+        return self._providers[0]
+
     def describe(self) -> dict[str, Any]:
-        """Paths and load state, for ``capwatch status``."""
-        return {name: {"path": str(s.path), "loaded": s.loaded} for name, s in self._sessions.items()}
+        """Paths, load state and providers in use, for ``capwatch status``."""
+        return {name: {"path": str(s.path), "loaded": s.loaded, "providers": [short_provider(p) for p in s.providers]}
+                for name, s in self._sessions.items()}

@@ -1,0 +1,455 @@
+"""Rewritten graphs (see :mod:`capwatch.models.rewrite`), made once per source graph and kept in the cache.
+
+Two recipes:
+
+* ``split``: a merged ViT-GPT2-style decoder cut into a cross graph (once per image) and a step graph (once per
+  token), see :func:`split_decoder`;
+* ``s8``: a dynamically quantised graph whose uint8 MatMul weights are turned into int8 ones with the same real
+  values (onnxruntime's u8s8 kernels are the fast ones on CPUs with VNNI), see :func:`signed_graph`.
+
+Layout under ``<cache dir>/derived/``::
+
+    sources/<dev>-<ino>.json           the sha256 of a source graph, for the file facts it was computed on (HMAC'd)
+    <source sha256>-<recipe>-v<VERSION>/  the rewritten graph(s) and manifest.json (stamped like a pulled model)
+    <source sha256>-<recipe>-v<VERSION>.failed   why the rewrite was refused (not retried until VERSION changes)
+
+A rewrite is used only after a probe showed that it computes what the published graph computes: the same next
+tokens (and logits within float noise) for a split decoder, through row reordering and dropping as generation does;
+bit-identical outputs for ``s8``. The rewrite and its probe run in a child process for graphs above
+:data:`IN_PROCESS_BYTES`: loading a 600 MB graph as ONNX protobufs and two sessions at once peaks at several GB,
+which a long-running daemon should not keep.
+
+The cache is untrusted (it may be shared or copied): a manifest counts only with a stamp made by this user's key
+(:mod:`capwatch.models.stamp`), and the sha256 memo of a source is HMAC'd under the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capwatch import paths
+from capwatch.errors import ModelError
+from capwatch.metadata.fsops import sha256_regular
+from capwatch.models import cache, stamp
+
+log = logging.getLogger(__name__)
+
+#: Bump when a rewrite or its probe changes: older results are then made again.
+VERSION = 1
+#: Source graphs up to this size are rewritten in the calling process; bigger ones in a child process.
+IN_PROCESS_BYTES = 64 << 20
+#: Graphs above this size are saved with their weights in a separate file (protobuf's 2 GiB limit).
+EXTERNAL_DATA_BYTES = 1536 << 20
+_CHILD_TIMEOUT_SECONDS = 3600.0
+#: x86 CPU flags with which onnxruntime's u8s8 kernels accumulate exactly (vpdpbusd into int32); without them its
+#: AVX2 kernel pairs products in saturating int16 (vpmaddubsw), which can differ from the published uint8 graph.
+_EXACT_U8S8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def signed_is_exact(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on CPUs where int8 weights give exactly the uint8 weights' results (and run faster): x86-64 with VNNI."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(_EXACT_U8S8_FLAGS.intersection(line.partition(":")[2].split()))
+    return False
+
+
+@dataclass(frozen=True)
+class DerivedCache:
+    """Where rewritten graphs live and the key that stamps them."""
+
+    root: Path
+    key: bytes
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DerivedCache | None:
+        """The cache under ``paths.cache_dir(env)``, with this user's stamp key; None (after one warning line) when
+        the key cannot be read or made, in which case the published graphs run."""
+        try:
+            return cls(paths.cache_dir(env) / "derived", stamp.local_key(env))
+        except ModelError as exc:
+            log.warning("running the published graphs: %s", exc)
+            return None
+
+
+@dataclass(frozen=True)
+class SplitDecoder:
+    """A verified split of a merged decoder: ``cross`` runs once per image, ``step`` once per token."""
+
+    cross: Path
+    step: Path
+    data_outputs: tuple[str, ...]
+    shape_outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What the split probe needs to drive the decoder: the model's config.json, the encoder width, the start token."""
+
+    config_path: Path
+    hidden: int
+    start_token: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One rewrite: ``recipe`` (split | s8) of ``source``; ``signed`` also turns uint8 MatMul weights into int8
+    (split only; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes input shapes for an s8 probe
+    (other dimensions: 1 for batch-like names, 3 for the rest)."""
+
+    recipe: str
+    source: Path
+    signed: bool = False
+    probe: ProbeSpec | None = None
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.recipe + ("-s8" if self.signed and self.recipe == "split" else "")
+
+    def to_json(self) -> dict[str, Any]:
+        probe = self.probe
+        return {"recipe": self.recipe, "source": str(self.source), "signed": self.signed,
+                "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "probe": None if probe is None else [str(probe.config_path), probe.hidden, probe.start_token]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Job:
+        probe = data.get("probe")
+        return cls(str(data["recipe"]), Path(data["source"]), bool(data["signed"]),
+                   None if probe is None else ProbeSpec(Path(probe[0]), int(probe[1]), int(probe[2])),
+                   {str(k): tuple(int(d) for d in v) for k, v in dict(data.get("shapes", {})).items()})
+
+
+def split_decoder(source: Path, store: DerivedCache, probe: ProbeSpec, *, signed: bool = False) -> SplitDecoder | None:
+    """The verified split pair of the merged decoder ``source``: from the cache, or made, probed and cached now.
+
+    Returns None (after one warning line) when the graph cannot be split or the pair does not match the published
+    graph on the probe; the caller then runs the published graph. Raises ModelError only when ``source`` cannot be
+    read.
+    """
+    manifest = _derived(Job("split", source, signed, probe), store)
+    if manifest is None:
+        return None
+    target = Path(manifest["_dir"])
+    return SplitDecoder(target / "cross.onnx", target / "step.onnx", tuple(manifest["data_outputs"]),
+                        tuple(manifest["shape_outputs"]))
+
+
+def signed_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[int, ...]]) -> Path | None:
+    """``source`` with its uint8 MatMul weights as int8 (same outputs, bit for bit, on the probe): from the cache,
+    or made now. None when it has no such weights (quietly) or the probe differs (one warning line). Use only where
+    :func:`signed_is_exact`. Raises ModelError only when ``source`` cannot be read."""
+    manifest = _derived(Job("s8", source, True, None, dict(shapes)), store)
+    return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
+
+
+_FALLBACK = {"split": "keeping the published decoder (cross-attention recomputed at every step)",
+             "s8": "keeping the published uint8 weights"}
+
+
+def _derived(job: Job, store: DerivedCache) -> dict[str, Any] | None:
+    """The stamped manifest of ``job``'s result (with ``_dir`` added), made first when missing; None when refused."""
+    try:
+        digest = _source_digest(job.source, store)
+    except OSError as exc:
+        raise ModelError(f"{job.source}: cannot read: {exc.strerror or exc}") from None
+    name = f"{digest}-{job.name}-v{VERSION}"
+    target = store.root / name
+    failed = store.root / f"{name}.failed"
+    try:
+        cache.refuse_links(store.root.parent, target)
+        found = _load_manifest(target, store.key)
+        if found is not None:
+            return found
+        if failed.is_file() and not failed.is_symlink():
+            return None  # refused before (logged then): not probed again at every start
+        store.root.mkdir(parents=True, exist_ok=True)
+        with _exclusive(store.root / ".lock"):
+            # another capwatch process may have made it while this one waited
+            found = _load_manifest(target, store.key)
+            if found is not None:
+                return found
+            if job.source.stat().st_size <= IN_PROCESS_BYTES:
+                make(job, target, store.key)
+            else:
+                _make_in_child(job, target, store.key)
+            found = _load_manifest(target, store.key)
+        if found is None:
+            raise _Refused("the rewritten graphs did not verify after they were written")
+        return found
+    except _Refused as why:
+        if isinstance(why, _NothingToDo):
+            log.debug("%s: %s", job.source, why)
+        else:
+            log.warning("%s: %s: %s", job.source, _FALLBACK[job.recipe], why)
+        with contextlib.suppress(OSError):
+            cache.write_json_atomic(failed, {"format": cache.MARKER_FORMAT, "version": VERSION, "reason": str(why)})
+        return None
+    except (OSError, ModelError) as exc:
+        log.warning("%s: %s: cannot use the cache %s: %s", job.source, _FALLBACK[job.recipe], store.root,
+                    getattr(exc, "strerror", None) or exc)
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed, never through a link) for the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Refused(Exception):
+    """The rewrite or its probe failed; the message says why in a few words."""
+
+
+class _NothingToDo(_Refused):
+    """The graph has nothing this recipe changes (not worth a warning)."""
+
+
+def make(job: Job, target: Path, key: bytes) -> None:
+    """Rewrite ``job.source``, probe the result against it, and publish it at ``target`` with a stamped manifest.
+
+    Raises _Refused (the graph cannot be rewritten, or the probe differs) or OSError.
+    """
+    import onnx
+
+    from capwatch.models.rewrite import RewriteError, signed_weights, split_invariant
+
+    graphs: dict[str, onnx.ModelProto] = {}
+    extra: dict[str, Any] = {}
+    try:
+        source = onnx.load(str(job.source))
+        if job.recipe == "split":
+            split = split_invariant(source)
+            graphs = {"cross.onnx": split.cross, "step.onnx": split.step}
+            extra = {"data_outputs": list(split.data_outputs), "shape_outputs": list(split.shape_outputs)}
+            del split
+        else:
+            graphs = {"graph.onnx": source}
+        del source
+    except RewriteError as exc:
+        raise _Refused(str(exc)) from None
+    if job.signed:
+        extra["signed_matmuls"] = sum(signed_weights(g) for g in graphs.values())
+        if job.recipe == "s8" and not extra["signed_matmuls"]:
+            raise _NothingToDo("no uint8 MatMul weights to sign")
+    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        names: list[str] = []
+        for name, graph in graphs.items():
+            external = graph.ByteSize() > EXTERNAL_DATA_BYTES
+            onnx.save_model(graph, str(work / name), save_as_external_data=external, location=f"{name}.data")
+            names += [name, f"{name}.data"] if external else [name]
+        graphs.clear()  # the protobufs: the probe's sessions need the memory
+        if job.recipe == "split":
+            assert job.probe is not None
+            _probe_split(job.source, work / "cross.onnx", work / "step.onnx", tuple(extra["data_outputs"]),
+                         tuple(extra["shape_outputs"]), job.probe)
+        else:
+            _probe_same_outputs(job.source, work / "graph.onnx", job.shapes)
+        files = _json_files(work, names)
+        if target.exists():
+            cache.refuse_links(target.parent, target)
+            shutil.rmtree(target)
+        os.rename(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    manifest = {"format": cache.MARKER_FORMAT, "version": VERSION, "recipe": job.name, "source": str(job.source),
+                "files": files, **extra}
+    manifest["stamp"] = stamp.compute(key, target, job.name, files)
+    cache.write_json_atomic(target / "manifest.json", manifest)
+
+
+def _probe_same_outputs(source: Path, rewritten: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise _Refused unless ``rewritten`` gives bit-identical outputs to ``source`` on random inputs."""
+    from capwatch.models.session import LazySession
+
+    published = LazySession(source, 0).get()
+    candidate = LazySession(rewritten, 0).get()
+    rng = np.random.default_rng(20240611)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in published.get_inputs():
+        dims = shapes.get(spec.name) or tuple(
+            d if isinstance(d, int) and d > 0 else (1 if "batch" in str(d).lower() else 3) for d in spec.shape)
+        if spec.type == "tensor(float)":
+            feeds[spec.name] = rng.normal(size=dims).astype(np.float32)
+        elif spec.type == "tensor(int64)":
+            feeds[spec.name] = (np.ones(dims, dtype=np.int64) if "mask" in spec.name
+                                else rng.integers(0, 4, size=dims, dtype=np.int64))
+        elif spec.type == "tensor(bool)":
+            feeds[spec.name] = np.ones(dims, dtype=bool)
+        else:
+            raise _Refused(f"no probe input for {spec.name} of type {spec.type}")
+    try:
+        want = published.run(None, feeds)
+        got = candidate.run(None, feeds)
+    except Exception as exc:  # onnxruntime's own error types
+        raise _Refused(f"the probe could not run: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    for spec, a, b in zip(published.get_outputs(), want, got, strict=True):
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise _Refused(f"output {spec.name} differs from the published graph's on the probe")
+
+
+def _probe_split(source: Path, cross: Path, step: Path, data: tuple[str, ...], shapes: tuple[str, ...],
+                 probe: ProbeSpec) -> None:
+    """Raise _Refused unless the split pair steps exactly like the published graph on random encoder states."""
+    from capwatch.models import vision_encoder_decoder as ved
+    from capwatch.models.layout import read_json
+    from capwatch.models.session import LazySession
+
+    config = read_json(probe.config_path)
+    published = LazySession(source, 0).get()
+    cross_session = LazySession(cross, 0).get()
+    step_session = LazySession(step, 0).get()
+    reference_layout = ved.DecoderLayout.from_session(published, source, config)
+    layout = ved.DecoderLayout.from_session(step_session, step, config, item_names=(*data, *shapes))
+    if (layout.layers, layout.heads, layout.head_dim) != (
+            reference_layout.layers, reference_layout.heads, reference_layout.head_dim):
+        raise _Refused("the step graph's cache layout differs from the published graph's")
+    rng = np.random.default_rng(20240611)
+    first = rng.normal(size=(1, 9, probe.hidden)).astype(np.float32)
+    # The second item is a permutation of the first's values: the same range, so an int8 graph's dynamic
+    # quantisation picks the same scale whether the encoder states are quantised per item or all together.
+    second = rng.permutation(first.ravel()).reshape(first.shape)
+    encoder = np.concatenate([first, second])
+    reference = ved.VitGpt2Decoder(published, reference_layout)
+    candidate = ved.VitGpt2Decoder(step_session, layout, item_inputs=ved.SplitInputs(cross_session, data, shapes))
+    ref_state = reference.start(encoder, 2)
+    new_state = candidate.start(encoder, 2)
+    tokens = np.full((4, 1), probe.start_token, dtype=np.int64)
+    # Beam reorder inside each item, then the first item dropped: both change how rows are fed.
+    selections = {2: np.array([1, 0, 3, 2]), 4: np.array([2, 3])}
+    for index in range(6):
+        try:
+            want, ref_state = reference.step(ref_state, tokens)
+            got, new_state = candidate.step(new_state, tokens)
+        except Exception as exc:  # onnxruntime's own error types
+            raise _Refused(f"the step graph failed on the probe: {str(exc).splitlines()[0]}") from None
+        scale = float(np.abs(want).max()) or 1.0
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5 * scale):
+            raise _Refused(f"the step graph's logits differ from the published graph's at step {index}")
+        if not np.array_equal(got.argmax(axis=1), want.argmax(axis=1)):
+            raise _Refused(f"the step graph's next tokens differ from the published graph's at step {index}")
+        tokens = want.argmax(axis=1).astype(np.int64).reshape(-1, 1)
+        if index in selections:
+            rows = selections[index]
+            ref_state = reference.select(ref_state, rows)
+            new_state = candidate.select(new_state, rows)
+            tokens = tokens[rows]
+
+
+def _load_manifest(target: Path, key: bytes) -> dict[str, Any] | None:
+    """The manifest at ``target`` (with ``_dir`` added) when stamped by ``key`` and every file is as stamped."""
+    manifest = cache.read_marker(target / "manifest.json")
+    if manifest is None or manifest.get("version") != VERSION:
+        return None
+    recipe = manifest.get("recipe")
+    if not isinstance(recipe, str) or not stamp.is_valid(key, target, recipe, manifest):
+        return None
+    if recipe.startswith("split"):
+        data, shapes = manifest.get("data_outputs"), manifest.get("shape_outputs")
+        if not (isinstance(data, list) and isinstance(shapes, list) and all(isinstance(n, str) for n in data + shapes)):
+            return None
+    return {**manifest, "_dir": str(target)}
+
+
+def _source_digest(source: Path, store: DerivedCache) -> str:
+    """The sha256 of ``source``, from the memo when the file is unchanged since it was hashed (no re-read of a
+    600 MB graph at every start). Raises OSError when the file cannot be read."""
+    st = os.stat(source)
+    facts = [os.path.realpath(source), st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    memo = store.root / "sources" / f"{st.st_dev}-{st.st_ino}.json"
+    recorded = cache.read_marker(memo)
+    if (recorded is not None and recorded.get("facts") == facts and isinstance(recorded.get("sha256"), str)
+            and hmac.compare_digest(str(recorded.get("mac", "")), _memo_mac(store.key, facts, recorded["sha256"]))):
+        return str(recorded["sha256"])
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    sha = digest.hexdigest()
+    with contextlib.suppress(OSError, ModelError):
+        cache.refuse_links(store.root.parent, memo)
+        mac = _memo_mac(store.key, facts, sha)
+        cache.write_json_atomic(memo, {"format": cache.MARKER_FORMAT, "facts": facts, "sha256": sha, "mac": mac})
+    return sha
+
+
+def _memo_mac(key: bytes, facts: list[Any], sha: str) -> str:
+    message = json.dumps({"facts": facts, "sha256": sha}, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _make_in_child(job: Job, target: Path, key: bytes) -> None:
+    """Run :func:`make` in a child process; the job and the stamp key go through its stdin, never its argv."""
+    request = json.dumps({"job": job.to_json(), "target": str(target), "key": key.hex()})
+    try:
+        done = subprocess.run([sys.executable, "-m", "capwatch.models.derived"], input=request, capture_output=True,
+                              text=True, timeout=_CHILD_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _Refused(f"the rewrite process failed: {exc}") from None
+    if done.returncode == 3:
+        raise _NothingToDo(done.stderr.strip())
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise _Refused(lines[-1] if lines else f"the rewrite process exited with {done.returncode}")
+
+
+def _main() -> int:
+    """Child-process entry: one JSON request on stdin (job, target, key); exit 0 made, 3 nothing to do, 1 refused."""
+    try:
+        request = json.loads(sys.stdin.readline())
+        make(Job.from_json(request["job"]), Path(request["target"]), bytes.fromhex(request["key"]))
+    except _NothingToDo as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    except (_Refused, ModelError, OSError, ValueError, KeyError, TypeError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _json_files(directory: Path, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Manifest entries (path, size, sha256) of ``names``' files in ``directory``; raises OSError when one is
+    unreadable."""
+    entries = []
+    for name in names:
+        path = directory / name
+        sha = sha256_regular(path)
+        if sha is None:
+            raise OSError(f"{path} is not a regular file")
+        entries.append({"path": name, "size": path.stat().st_size, "sha256": sha})
+    return entries
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

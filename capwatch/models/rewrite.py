@@ -1,0 +1,335 @@
+"""Graph rewrites that make a published decoder cheaper to run, without changing what it computes.
+
+Optimum's merged decoders (ViT-GPT2 and other VisionEncoderDecoder exports) recompute the cross-attention keys and
+values from ``encoder_hidden_states`` at every generation step, although they depend on the encoder output alone:
+for a GPT-2 small decoder over 197 ViT states that is ~2.8 GMAC per step, about half of a step's cost.
+:func:`split_invariant` cuts such a graph in two:
+
+* a *cross* graph, run once per image: every node computed from ``encoder_hidden_states`` (and constants) alone;
+* a *step* graph, run once per token: the rest, fed the cross graph's results instead of the encoder states.
+
+The ``If`` on ``use_cache_branch`` of a merged decoder is resolved to its cached branch first (step 0 then runs it
+with empty pasts): that branch alone is kept, so the rewritten pair holds each weight once.
+
+Shapes are the one subtlety. The step graph may take the ``Shape`` of a tensor that moved to the cross graph (GPT-2
+reshapes its heads with ``x.size()``). Feeding the whole tensor just for its shape would double the memory the
+cross results take, so such ``Shape`` nodes move to the cross graph too and their results are fed as small int64
+tensors whose leading entry (the batch) the caller sets to the number of rows it feeds
+(:attr:`SplitGraphs.shape_outputs`); :func:`capwatch.models.derived` checks on a probe that this holds for the graph
+at hand before the pair is ever used.
+
+This module needs the ``onnx`` package and is imported only when a rewrite is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+from onnx import helper
+
+#: Operators whose result depends on a tensor's shape only, never its values.
+_SHAPE_OPS = frozenset({"Shape"})
+#: Operators without inputs that are not constants.
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                               "Multinomial", "Bernoulli"})
+
+
+class RewriteError(Exception):
+    """The graph does not have the form a rewrite needs; the caller keeps the original graph."""
+
+
+@dataclass(frozen=True)
+class SplitGraphs:
+    """The result of :func:`split_invariant`.
+
+    ``cross`` maps the source input to ``data_outputs`` (tensors with the batch on axis 0, fed row by row) and
+    ``shape_outputs`` (1-D int64 shapes whose entry 0 is the batch). ``step`` has the source graph's inputs minus
+    the source (and minus the cache switch), plus all of those outputs by the same names, and the same outputs.
+    """
+
+    cross: onnx.ModelProto
+    step: onnx.ModelProto
+    data_outputs: tuple[str, ...]
+    shape_outputs: tuple[str, ...]
+
+
+def split_invariant(
+    model: onnx.ModelProto, source: str = "encoder_hidden_states", cache_switch: str = "use_cache_branch"
+) -> SplitGraphs:
+    """Split ``model`` into the part computed from ``source`` alone and the rest (see the module docstring).
+
+    A top-level ``If`` on the graph input ``cache_switch`` is replaced by its ``then`` branch (the cached one, as
+    Optimum's merged decoders define it). Returns the two graphs; raises RewriteError when the graph has no such
+    input, nothing depends on ``source`` alone, or names would clash.
+    """
+    graph = _resolve_cache_branch(model.graph, cache_switch)
+    inputs = {i.name for i in graph.input}
+    if source not in inputs:
+        raise RewriteError(f"the graph has no input {source!r}")
+    constants = {t.name for t in graph.initializer}
+    invariant = {source}  # values computed from the source (and constants) alone
+    shape_like: set[str] = set()  # invariant values that depend on the source's shape only
+    hoisted: list[onnx.NodeProto] = []
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        used = [n for n in _node_inputs(node) if n]
+        if _has_subgraph(node) or node.op_type in _NONDETERMINISTIC:
+            kept.append(node)
+        elif all(n in constants for n in used):
+            constants.update(node.output)
+            kept.append(node)
+        elif all(n in constants or n in invariant for n in used):
+            invariant.update(node.output)
+            if node.op_type in _SHAPE_OPS or all(n in constants or n in shape_like for n in used):
+                shape_like.update(node.output)
+                kept.append(node)  # cheap: stays in the step graph (copied into the cross graph where needed)
+            else:
+                hoisted.append(node)
+        else:
+            kept.append(node)
+    if not hoisted:
+        raise RewriteError(f"nothing is computed from {source!r} alone")
+    hoisted_values = {o for n in hoisted for o in n.output}
+
+    # Shape nodes of hoisted values move to the cross graph: their results are fed, not the values.
+    movable = {id(n) for n in kept if n.op_type in _SHAPE_OPS and n.input[0] in hoisted_values | {source}}
+    step_nodes = _closure([n for n in kept if id(n) not in movable], [], {o.name for o in graph.output})
+    read = _ordered(name for node in step_nodes for name in _node_inputs(node))
+    read += tuple(o.name for o in graph.output)
+    moved_outputs = {o for n in kept if id(n) in movable for o in n.output}
+    data_outputs = tuple(name for name in _ordered(read) if name in hoisted_values)
+    shape_outputs = tuple(name for name in _ordered(read) if name in moved_outputs)
+    if source in read:
+        raise RewriteError(f"the step graph would still need {source!r} itself")
+    types = _value_types(model, graph)
+
+    # The cross graph: what the fed values need, from the source and constants.
+    cross_nodes = _closure(list(graph.node), [], set(data_outputs) | set(shape_outputs))
+    cross_graph = helper.make_graph(
+        cross_nodes, "capwatch_cross",
+        [i for i in graph.input if i.name == source],
+        [_value_info(name, types) for name in (*data_outputs, *shape_outputs)],
+        _used_initializers(graph.initializer, cross_nodes),
+    )
+
+    new_inputs = [i for i in graph.input if i.name not in (source, cache_switch)]
+    new_inputs += [_value_info(name, types) for name in (*data_outputs, *shape_outputs)]
+    step_graph = helper.make_graph(
+        step_nodes, "capwatch_step", new_inputs, list(graph.output),
+        _used_initializers(graph.initializer, step_nodes),
+    )
+    return SplitGraphs(_model_like(model, cross_graph), _model_like(model, step_graph), data_outputs, shape_outputs)
+
+
+def _resolve_cache_branch(graph: onnx.GraphProto, cache_switch: str) -> onnx.GraphProto:
+    """``graph`` with a top-level ``If(cache_switch)`` inlined as its then-branch (a copy; ``graph`` is unchanged).
+
+    Raises RewriteError when the branch would redefine a name of the outer graph.
+    """
+    switch = [n for n in graph.node if n.op_type == "If" and list(n.input) == [cache_switch]]
+    if not switch:
+        return graph
+    if len(switch) > 1:
+        raise RewriteError(f"more than one If on {cache_switch!r}")
+    branch = next(a.g for a in switch[0].attribute if a.name == "then_branch")
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {o for n in graph.node if n is not switch[0] for o in n.output}
+    clash = defined & ({o for n in branch.node for o in n.output} | {t.name for t in branch.initializer})
+    if clash:
+        raise RewriteError(f"the cached branch redefines {sorted(clash)[0]!r}")
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node is not switch[0]:
+            nodes.append(node)
+            continue
+        nodes.extend(branch.node)
+        for outer, inner in zip(node.output, branch.output, strict=True):
+            if outer == inner.name:
+                continue
+            if outer in {o for n in branch.node for o in n.output}:
+                raise RewriteError(f"the cached branch redefines {outer!r}")
+            nodes.append(helper.make_node("Identity", [inner.name], [outer], name=f"capwatch_out_{outer}"))
+    flat = onnx.GraphProto()
+    flat.CopyFrom(graph)
+    del flat.node[:]
+    flat.node.extend(nodes)
+    flat.initializer.extend(branch.initializer)
+    flat.value_info.extend(branch.value_info)
+    return flat
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """The node's inputs, plus the outer-scope names its subgraphs read (If/Loop/Scan bodies)."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            names.extend(_outer_names(sub))
+    return names
+
+
+def _outer_names(graph: onnx.GraphProto) -> Iterator[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in _node_inputs(node):
+            if name and name not in local:
+                yield name
+        local.update(node.output)
+    for out in graph.output:
+        if out.name not in local:
+            yield out.name
+
+
+def _ordered(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _closure(
+    all_nodes: Sequence[onnx.NodeProto], roots: Sequence[onnx.NodeProto], targets: set[str]
+) -> list[onnx.NodeProto]:
+    """The nodes of ``all_nodes`` (in their order) needed to compute ``targets``, starting from ``roots``' needs."""
+    producer = {o: n for n in all_nodes for o in n.output}
+    needed: set[int] = set()
+    pending = [producer[t] for t in targets if t in producer] + list(roots)
+    while pending:
+        node = pending.pop()
+        if id(node) in needed:
+            continue
+        needed.add(id(node))
+        pending.extend(producer[n] for n in _node_inputs(node) if n in producer)
+    return [n for n in all_nodes if id(n) in needed]
+
+
+def _used_initializers(initializers: Iterable[onnx.TensorProto], nodes: Sequence[onnx.NodeProto]) -> list[
+        onnx.TensorProto]:
+    used = {n for node in nodes for n in _node_inputs(node)}
+    return [t for t in initializers if t.name in used]
+
+
+def _value_types(model: onnx.ModelProto, graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Element types (and ranks) of the graph's values, by onnx shape inference on a weightless copy."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    light.graph.CopyFrom(graph)
+    for tensor in light.graph.initializer:
+        # inference reads shapes and constant values of small tensors; big weights only need their dims
+        if tensor.ByteSize() > 4096:
+            dims, dtype, name = list(tensor.dims), tensor.data_type, tensor.name
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "capwatch-absent"
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception as exc:  # onnx raises InferenceError and others
+        raise RewriteError(f"shape inference failed: {exc}") from None
+    types = {v.name: v.type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    for tensor in graph.initializer:
+        types.setdefault(tensor.name, helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
+    return types
+
+
+def _value_info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
+    """A graph input/output for ``name``: its inferred element type and rank, every dimension left symbolic."""
+    known = types.get(name)
+    if known is None or not known.HasField("tensor_type") or not known.tensor_type.elem_type:
+        raise RewriteError(f"cannot tell the type of {name!r}")
+    tensor = known.tensor_type
+    if not tensor.HasField("shape"):
+        raise RewriteError(f"cannot tell the rank of {name!r}")
+    dims = [f"{name}_d{i}" for i in range(len(tensor.shape.dim))]
+    return helper.make_tensor_value_info(name, tensor.elem_type, dims)
+
+
+def _model_like(model: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="capwatch")
+    out.ir_version = model.ir_version
+    out.functions.extend(model.functions)
+    return out
+
+
+def signed_weights(model: onnx.ModelProto) -> int:
+    """Turn the uint8 weights of dynamically quantised MatMuls into int8 ones with the same real values, in place.
+
+    ``MatMulInteger(A, B, a_zero, b_zero)`` computes with ``B - b_zero``: ``B - 128`` with ``b_zero - 128`` is the
+    same integer, so the product is unchanged wherever the kernel accumulates without saturation (onnxruntime's
+    u8s8 kernels on CPUs with VNNI; on AVX2 without it, ``vpmaddubsw`` may saturate, so the caller decides where to
+    use this). Only weights that are initialisers read by nothing but MatMulInteger's B input (with a uint8
+    initialiser zero point, or none) are changed, in the graph and its subgraphs (the branches of a merged
+    decoder). Returns the number of MatMuls changed; 0 (and nothing changed) when a weight's name is defined twice.
+    """
+    graphs = list(_graphs(model.graph))
+    tensors: dict[str, tuple[onnx.GraphProto, onnx.TensorProto]] = {}
+    weights: list[str] = []
+    computed: set[str] = set()
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for graph in graphs:
+        weights += [t.name for t in graph.initializer]
+        computed.update(o for n in graph.node for o in n.output)
+        tensors.update({t.name: (graph, t) for t in graph.initializer})
+        for node in graph.node:
+            for position, name in enumerate(node.input):
+                readers.setdefault(name, []).append((node, position))
+            for attr in node.attribute:  # names a subgraph reads from this scope count as readers too
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    for name in _outer_names(sub):
+                        readers.setdefault(name, []).append((node, -1))
+    if len(weights) != len(set(weights)) or computed.intersection(weights):
+        return 0  # a shadowed weight: which tensor a reader means would need scope tracking
+    changed = 0
+    converted: set[str] = set()
+    for graph in graphs:
+        for node in graph.node:
+            if node.op_type != "MatMulInteger" or len(node.input) < 2:
+                continue
+            weight = tensors.get(node.input[1], (graph, None))[1]
+            zero_name = node.input[3] if len(node.input) > 3 else ""
+            zero = tensors.get(zero_name, (graph, None))[1] if zero_name else None
+            if weight is None or weight.data_type != onnx.TensorProto.UINT8:
+                continue
+            if zero_name and (zero is None or zero.data_type != onnx.TensorProto.UINT8):
+                continue
+            names = [weight.name] + ([zero_name] if zero_name else [])
+            wanted = {weight.name: 1, zero_name: 3}
+            if any(r.op_type != "MatMulInteger" or p != wanted[n] for n in names for r, p in readers[n]):
+                continue  # shared with another kind of reader: its meaning would change there
+            for name in names:
+                if name not in converted:
+                    _shift_to_int8(tensors[name][1])
+                    converted.add(name)
+            if not zero_name:
+                offset = f"{weight.name}_capwatch_zero"
+                if offset not in tensors:
+                    home = tensors[weight.name][0]
+                    home.initializer.append(onnx.numpy_helper.from_array(np.array(-128, dtype=np.int8), offset))
+                    tensors[offset] = (home, home.initializer[-1])
+                inputs = list(node.input) + [""] * (4 - len(node.input))
+                inputs[3] = offset
+                node.ClearField("input")
+                node.input.extend(inputs)
+            changed += 1
+    return changed
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _graphs(sub)
+
+
+def _shift_to_int8(tensor: onnx.TensorProto) -> None:
+    values = onnx.numpy_helper.to_array(tensor).astype(np.int16) - 128
+    shifted = onnx.numpy_helper.from_array(values.astype(np.int8), tensor.name)
+    tensor.CopyFrom(shifted)

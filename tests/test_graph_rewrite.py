@@ -1,0 +1,336 @@
+"""The split of ViT-GPT2's merged decoder (cross-attention keys/values once per image) and its cache.
+
+Token parity of the split with transformers is in test_vit_gpt2_parity.py (every case runs on both graphs); here:
+what the rewrite produces, that it is made once and reused, and that anything wrong with it (a graph that computes
+something else, a tampered or planted cache entry, a folder it cannot write) falls back to the published graph.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from capwatch.config import ModelConfig
+from capwatch.models import derived, rewrite
+from capwatch.models.captioner import VisionEncoderDecoderCaptioner, open_captioner
+from capwatch.models.derived import DerivedCache
+from capwatch.models.rewrite import RewriteError, split_invariant
+from tests.conftest import CliRunner
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+GREEDY = FIXTURES / "vit-gpt2-tiny-greedy"
+BEAM = FIXTURES / "vit-gpt2-tiny-beam"
+FLORENCE = FIXTURES / "florence2-tiny"
+
+
+def _pixels(model_dir: Path) -> np.ndarray:
+    data = np.load(model_dir / "pixel_values.npz")
+    return np.stack([data[name] for name in data.files])
+
+
+def _goldens(model_dir: Path) -> list[list[int]]:
+    goldens = json.loads((model_dir / "goldens.json").read_text())
+    return [goldens["token_ids"]["default"][name] for name in np.load(model_dir / "pixel_values.npz").files]
+
+
+def _open(model_dir: Path, store: DerivedCache | None, precision: str = "fp32") -> VisionEncoderDecoderCaptioner:
+    config = ModelConfig(dir=model_dir, precision=precision, threads=1)  # type: ignore[arg-type]
+    cap = open_captioner(model_dir, config, derived=store)
+    assert isinstance(cap, VisionEncoderDecoderCaptioner)
+    return cap
+
+
+def _tokens(cap: VisionEncoderDecoderCaptioner, model_dir: Path) -> list[list[int]]:
+    """Token ids per fixture image, one image per call: int8 graphs quantise activations per call, so in a batch
+    an image's tokens may depend on its batch-mates (the published graph's and the split's in different ways)."""
+    pixels = _pixels(model_dir)
+    return [list(cap.caption_pixels(pixels[i : i + 1])[0].token_ids) for i in range(len(pixels))]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DerivedCache:
+    return DerivedCache(tmp_path / "cache" / "derived", b"k" * 32)
+
+
+@pytest.mark.parametrize("name", ["decoder_model_merged.onnx", "decoder_model_merged_quantized.onnx"])
+@pytest.mark.parametrize("model_dir", [GREEDY, BEAM], ids=lambda p: p.name)
+def test_split_moves_every_cross_attention_projection_out_of_the_step_graph(model_dir: Path, name: str) -> None:
+    source = onnx.load(str(model_dir / "onnx" / name))
+    split = split_invariant(source)
+    step_inputs = {i.name for i in split.step.graph.input}
+    assert "encoder_hidden_states" not in step_inputs
+    assert "use_cache_branch" not in step_inputs
+    assert {*split.data_outputs, *split.shape_outputs} <= step_inputs
+    assert not any(n.op_type == "If" for n in split.step.graph.node)
+    layers = json.loads((model_dir / "config.json").read_text())["decoder"]["n_layer"]
+    # one key and one value per layer, each already in the layout the attention MatMul reads
+    assert len(split.data_outputs) == 2 * layers
+    heavy = {"Gemm", "MatMul", "MatMulInteger"}
+    assert sum(n.op_type in heavy for n in split.cross.graph.node) >= layers
+    # each weight is kept once: the pair is no bigger than the published graph (which holds both branches)
+    weights = {t.name: t.ByteSize() for g in (split.cross, split.step) for t in g.graph.initializer}
+    shared = {t.name for t in split.cross.graph.initializer} & {t.name for t in split.step.graph.initializer}
+    assert all(weights[n] < 4096 for n in shared)
+    assert sum(weights.values()) <= sum(t.ByteSize() for t in source.graph.initializer) + 4096 * len(shared)
+    onnx.checker.check_model(split.cross)
+    onnx.checker.check_model(split.step)
+
+
+def test_florence2_decoder_has_nothing_to_split() -> None:
+    # its cached branch reads the cross-attention keys/values from past_key_values.*.encoder.*
+    with pytest.raises(RewriteError, match="nothing is computed"):
+        split_invariant(onnx.load(str(FLORENCE / "onnx" / "decoder_model_merged.onnx")))
+
+
+def test_a_graph_without_the_source_input_is_refused() -> None:
+    model = onnx.load(str(GREEDY / "onnx" / "encoder_model.onnx"))
+    with pytest.raises(RewriteError, match="no input 'encoder_hidden_states'"):
+        split_invariant(model)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_split_is_made_once_then_loaded_from_the_cache(store: DerivedCache, precision: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _open(GREEDY, store, precision)
+    published = _open(GREEDY, None, precision)
+    assert _tokens(first, GREEDY) == _tokens(published, GREEDY)
+    assert first.split is not None and published.split is None
+    manifest = first.split.step.parent / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+
+    def no_rewrite(*args: object) -> None:
+        raise AssertionError("rewritten again")
+
+    monkeypatch.setattr(derived, "make", no_rewrite)
+    again = _open(GREEDY, store, precision)
+    assert _tokens(again, GREEDY) == _tokens(published, GREEDY)
+    assert again.split == first.split
+    assert manifest.stat().st_mtime_ns == before
+
+
+def test_fp32_split_gives_the_transformers_goldens_and_is_used(store: DerivedCache) -> None:
+    cap = _open(GREEDY, store)
+    assert _tokens(cap, GREEDY) == _goldens(GREEDY)
+    with cap.sessions.use() as sessions:
+        assert set(sessions) == {"encoder_model", "decoder_cross", "decoder_step"}
+
+
+def _corrupt_cross(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the rewrite return a pair whose cross graph scales one value: a real graph that computes the wrong thing."""
+    real = rewrite.split_invariant
+
+    def wrong(model: onnx.ModelProto) -> rewrite.SplitGraphs:
+        split = real(model)
+        graph = split.cross.graph
+        target = split.data_outputs[0]
+        for node in graph.node:
+            node.output[:] = [f"{o}_raw" if o == target else o for o in node.output]
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.5, dtype=np.float32), "capwatch_test_k"))
+        graph.node.append(helper.make_node("Mul", [f"{target}_raw", "capwatch_test_k"], [target]))
+        return split
+
+    monkeypatch.setattr(rewrite, "split_invariant", wrong)
+
+
+def test_a_split_that_computes_something_else_is_refused_by_the_probe(
+        store: DerivedCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _corrupt_cross(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="capwatch.models.derived"):
+        cap = _open(GREEDY, store)
+        assert _tokens(cap, GREEDY) == _goldens(GREEDY)
+    assert cap.split is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "keeping the published decoder" in lines[0] and "differ" in lines[0]
+    assert not [p for p in store.root.iterdir() if p.is_dir() and p.name != "sources"]
+    # refused once, not probed again at every start
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="capwatch.models.derived"):
+        again = _open(GREEDY, store)
+        assert _tokens(again, GREEDY) == _goldens(GREEDY)
+    assert again.split is None
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("tamper", ["step graph edited", "manifest from another key", "memo edited"])
+def test_a_tampered_cache_entry_is_made_again_not_used(store: DerivedCache, tamper: str) -> None:
+    first = _open(GREEDY, store)
+    _tokens(first, GREEDY)
+    assert first.split is not None
+    folder = first.split.step.parent
+    if tamper == "step graph edited":
+        data = bytearray(first.split.step.read_bytes())
+        data[-100] ^= 0xFF
+        first.split.step.write_bytes(bytes(data))
+    elif tamper == "manifest from another key":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["stamp"] = "0" * 64
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        memo = next((store.root / "sources").iterdir())
+        record = json.loads(memo.read_text())
+        record["sha256"] = "f" * 64
+        memo.write_text(json.dumps(record))
+    again = _open(GREEDY, store)
+    assert _tokens(again, GREEDY) == _goldens(GREEDY)
+    assert again.split is not None
+    assert again.split.step.parent == folder
+    assert json.loads((folder / "manifest.json").read_text())["stamp"] != "0" * 64
+
+
+def test_a_symlink_in_the_cache_is_never_followed(store: DerivedCache, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    first = _open(GREEDY, DerivedCache(tmp_path / "elsewhere", store.key))
+    _tokens(first, GREEDY)
+    assert first.split is not None
+    store.root.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (store.root / first.split.step.parent.name).symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="capwatch.models.derived"):
+        cap = _open(GREEDY, store)
+        assert _tokens(cap, GREEDY) == _goldens(GREEDY)
+    assert cap.split is None
+    assert list(outside.iterdir()) == []
+    assert any("symbolic link" in r.getMessage() for r in caplog.records)
+
+
+def test_big_graphs_are_rewritten_in_a_child_process(store: DerivedCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(derived, "IN_PROCESS_BYTES", 0)
+
+    def not_here(*args: object) -> None:
+        raise AssertionError("rewritten in the calling process")
+
+    monkeypatch.setattr(derived, "make", not_here)
+    cap = _open(BEAM, store)
+    assert _tokens(cap, BEAM) == _goldens(BEAM)
+    assert cap.split is not None
+
+
+def test_a_cache_that_cannot_be_written_runs_the_published_graph(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="capwatch.models.derived"):
+        cap = _open(GREEDY, DerivedCache(blocked / "derived", b"k" * 32))
+        assert _tokens(cap, GREEDY) == _goldens(GREEDY)
+    assert cap.split is None
+    assert len(caplog.records) == 1
+    assert "keeping the published decoder" in caplog.records[0].getMessage()
+
+
+def test_rewrite_graphs_false_runs_the_published_graph(store: DerivedCache) -> None:
+    config = ModelConfig(dir=GREEDY, precision="fp32", threads=1, rewrite_graphs=False)
+    cap = open_captioner(GREEDY, config, derived=store)
+    assert [list(r.token_ids) for r in cap.caption_pixels(_pixels(GREEDY))] == _goldens(GREEDY)
+    assert isinstance(cap, VisionEncoderDecoderCaptioner) and cap.split is None
+    assert not store.root.exists()
+
+
+def test_caption_cli_makes_the_split_in_the_user_cache_once(run_cli: CliRunner, tmp_path: Path) -> None:
+    photo = tmp_path / "a.png"
+    shutil.copy(Path(__file__).parent / "fixtures" / "images" / "checker.png", photo)
+    published = tmp_path / "published.toml"
+    published.write_text("[model]\nrewrite_graphs = false\n")
+    reference = run_cli("--config", published, "--model", GREEDY, "caption", "--dry-run", "--json", photo)
+    assert reference.code == 0, reference.err
+    want = json.loads(reference.out)["caption"]
+    assert not (tmp_path / "home" / ".cache" / "capwatch" / "derived").exists()
+    for _ in range(2):
+        result = run_cli("--model", GREEDY, "caption", "--dry-run", "--json", photo)
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["caption"] == want
+        assert result.err_lines == []
+    made = list((tmp_path / "home" / ".cache" / "capwatch" / "derived").glob("*-split*/manifest.json"))
+    assert len(made) == 1
+
+
+# -- int8 weights (s8) --------------------------------------------------------------------------------------------
+
+
+def test_signed_weights_turns_the_published_uint8_encoder_into_int8_with_the_same_real_values() -> None:
+    source = onnx.load(str(GREEDY / "onnx" / "encoder_model_quantized.onnx"))
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in source.graph.initializer}
+    changed = rewrite.signed_weights(source)
+    assert changed == sum(n.op_type == "MatMulInteger" for n in source.graph.node) > 0
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in source.graph.initializer}
+    for node in (n for n in source.graph.node if n.op_type == "MatMulInteger"):
+        weight, zero = node.input[1], node.input[3]
+        assert after[weight].dtype == np.int8 and after[zero].dtype == np.int8
+        assert np.array_equal(after[weight].astype(np.int32) - after[zero].astype(np.int32),
+                              before[weight].astype(np.int32) - before[zero].astype(np.int32))
+
+
+@pytest.mark.parametrize("path", [GREEDY / "onnx" / "encoder_model.onnx",
+                                  GREEDY / "onnx" / "decoder_model_merged_quantized.onnx",
+                                  FLORENCE / "onnx" / "decoder_model_merged_quantized.onnx"], ids=lambda p: p.name)
+def test_signed_weights_leaves_fp32_and_int8_weight_graphs_alone(path: Path) -> None:
+    model = onnx.load(str(path))
+    before = model.SerializeToString()
+    assert rewrite.signed_weights(model) == 0
+    assert model.SerializeToString() == before
+
+
+def _matmul_integer_graph(shared_with_gather: bool) -> onnx.ModelProto:
+    weight = onnx.numpy_helper.from_array(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, "w")
+    zero = onnx.numpy_helper.from_array(np.array(128, dtype=np.uint8), "wz")
+    nodes = [helper.make_node("MatMulInteger", ["a", "w", "az", "wz"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [2, 4])]
+    if shared_with_gather:
+        nodes.append(helper.make_node("Gather", ["w", "i"], ["g"]))
+        outputs.append(helper.make_tensor_value_info("g", onnx.TensorProto.UINT8, [1, 4]))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [2, 3]),
+         helper.make_tensor_value_info("az", onnx.TensorProto.UINT8, []),
+         helper.make_tensor_value_info("i", onnx.TensorProto.INT64, [1])],
+        outputs, [weight, zero])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_weight_another_operator_reads_keeps_its_uint8_values() -> None:
+    shared = _matmul_integer_graph(shared_with_gather=True)
+    assert rewrite.signed_weights(shared) == 0
+    alone = _matmul_integer_graph(shared_with_gather=False)
+    assert rewrite.signed_weights(alone) == 1
+
+
+@pytest.mark.parametrize(("flags", "machine", "exact"), [
+    ("fpu sse2 avx2 avx512f avx512_vnni", "x86_64", True),
+    ("fpu sse2 avx2 avx_vnni", "x86_64", True),
+    ("fpu sse2 avx2 fma", "x86_64", False),
+    ("fp asimd asimddp", "aarch64", False),
+])
+def test_int8_weights_are_used_only_where_onnxruntime_accumulates_them_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, machine: str, exact: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(derived.platform, "machine", lambda: machine)
+    assert derived.signed_is_exact(cpuinfo) is exact
+
+
+@pytest.mark.skipif(not derived.signed_is_exact(), reason="int8 weights are exact only on CPUs with VNNI")
+@pytest.mark.parametrize("model_dir", [GREEDY, BEAM], ids=lambda p: p.name)
+def test_int8_captioner_runs_int8_weights_with_the_published_graphs_tokens(store: DerivedCache,
+                                                                           model_dir: Path) -> None:
+    cap = _open(model_dir, store, "int8")
+    assert _tokens(cap, model_dir) == _tokens(_open(model_dir, None, "int8"), model_dir)
+    with cap.sessions.use() as sessions:
+        encoder = sessions["encoder_model"]
+    assert "-s8-v" in str(cap.sessions.describe()["encoder_model"]["path"])
+    assert encoder is not None
+    manifest = json.loads((Path(cap.sessions.describe()["encoder_model"]["path"]).parent / "manifest.json")
+                          .read_text())
+    assert manifest["signed_matmuls"] > 0
+
+
+def test_fp32_captioner_never_signs_weights(store: DerivedCache) -> None:
+    cap = _open(GREEDY, store)
+    _tokens(cap, GREEDY)
+    assert "-s8" not in json.dumps(cap.sessions.describe())
