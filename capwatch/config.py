@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -27,6 +28,8 @@ from capwatch import paths
 from capwatch.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "int8", "fp16"]
+#: A precision a single graph may have (``model.graph_precision``).
+GraphPrecisionName = Literal["fp32", "int8", "fp16"]
 #: onnxruntime execution providers by short name (capwatch.models.session.ORT_PROVIDERS has the full names).
 Provider = Literal["cpu", "cuda", "tensorrt", "rocm", "migraphx", "openvino", "directml", "coreml", "qnn", "xnnpack",
                    "cann", "dnnl", "acl", "armnn"]
@@ -171,6 +174,10 @@ class ModelConfig:
     #: auto: a named model's recommended precision (int8); for a model directory, fp32 when it has it (the
     #: reference output), else int8, else fp16.
     precision: Precision = "auto"
+    #: Precision per graph (ONNX file stem), overriding ``precision`` for the graphs named, e.g.
+    #: {vision_encoder = "fp32"} runs Florence-2's image encoder in fp32 and the rest as ``precision`` says (as
+    #: transformers.js's per-graph dtype). Empty with precision "auto": the registry model's measured best mix.
+    graph_precision: dict[str, GraphPrecisionName] = field(default_factory=dict)
     #: onnxruntime intra-op threads; 0 = one per physical core this process may run on.
     threads: Annotated[int, Range(0, 1024)] = 0
     #: onnxruntime execution providers, most wanted first (e.g. ["cuda", "cpu"]); those the installed onnxruntime
@@ -351,6 +358,9 @@ def _build(cls: type[Any], data: object, ctx: _Ctx) -> Any:
     return cls(**values)
 
 
+_TABLE_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
 def _coerce(value: object, tp: Any, ctx: _Ctx, bounds: Range | None = None) -> Any:
     """Return ``value`` checked against (and converted to) the field type ``tp``.
 
@@ -374,6 +384,18 @@ def _coerce(value: object, tp: Any, ctx: _Ctx, bounds: Range | None = None) -> A
             choices = ", ".join(repr(a) for a in allowed)
             raise ctx.fail(f"expected one of {choices}, got {value!r}")
         return value
+    if origin is dict:
+        key_type, value_type = get_args(tp)
+        if key_type is not str:
+            raise TypeError(f"unsupported config type {tp}")
+        if not isinstance(value, dict):
+            raise ctx.fail(f"expected a table (e.g. {{ name = value }}), got {_describe(value)}")
+        table = {}
+        for key, item in value.items():
+            if not _TABLE_KEY.match(key):
+                raise ctx.child(key).fail("expected a name of letters, digits and '_' (at most 64)")
+            table[key] = _coerce(item, value_type, ctx.child(key))
+        return table
     if origin is tuple:
         (item_type, _ellipsis) = get_args(tp)
         if not isinstance(value, list):

@@ -207,12 +207,12 @@ def test_int8_beams_with_shared_encoder_rows_decode_each_image_as_if_alone() -> 
 
 def test_auto_precision_takes_fp32_when_present_else_what_the_directory_has(tmp_path: Path) -> None:
     source = Path(__file__).parent / "fixtures" / "models" / "vit-gpt2-tiny-greedy"
-    assert open_captioner(source, ModelConfig()).config.precision == "fp32"
+    assert open_captioner(source, ModelConfig()).precision == "fp32"
     only_int8 = tmp_path / "int8-only"
     shutil.copytree(source, only_int8)
     for graph in (only_int8 / "onnx").glob("*.onnx"):
         if not graph.stem.endswith("_quantized"):
             graph.unlink()
-    assert open_captioner(only_int8, ModelConfig()).config.precision == "int8"
+    assert open_captioner(only_int8, ModelConfig()).precision == "int8"
     with pytest.raises(ModelError, match="fp32"):
         open_captioner(only_int8, ModelConfig(precision="fp32"))

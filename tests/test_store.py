@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -488,3 +489,43 @@ def test_a_pulled_model_captions_exactly_like_its_source_directory(env: dict[str
             open_captioner(source, ModelConfig(dir=source, precision="int8", threads=1)) as original:
         assert [r.token_ids for r in pulled.caption_pixels(pixels)] == [
             r.token_ids for r in original.caption_pixels(pixels)]
+
+
+def test_a_per_graph_precision_pulls_each_graph_at_its_own_precision(hub: FakeHub, env: dict[str, str]) -> None:
+    files = _repo_files()
+    config = ModelConfig(name="tiny", precision="int8", graph_precision={"encoder_model": "fp32"})
+    pulled = pull("tiny", "int8+encoder_model=fp32", env, endpoint=hub.url, registry=[_spec()])
+    assert pulled.precision == "int8+encoder_model=fp32"
+    assert (pulled.dir / "onnx/encoder_model.onnx").read_bytes() == files["onnx/encoder_model.onnx"]
+    assert (pulled.dir / "onnx/decoder_model_merged_quantized.onnx").read_bytes() == \
+        files["onnx/decoder_model_merged_quantized.onnx"]
+    assert not (pulled.dir / "onnx/encoder_model_quantized.onnx").exists()
+    assert not (pulled.dir / "onnx/decoder_model_merged.onnx").exists()
+    assert _marker(pulled.dir, "int8+encoder_model=fp32").is_file()
+    before = len(hub.requests)
+    assert resolve_model(config, env, registry=[_spec()]) == pulled
+    assert len(hub.requests) == before
+    # the plain int8 set is another precision: only its missing graph is downloaded
+    int8 = pull("tiny", "int8", env, endpoint=hub.url, registry=[_spec()])
+    assert hub.count("GET", f"/{REPO}/resolve/{COMMIT}/onnx/decoder_model_merged_quantized.onnx") == 1
+    assert (int8.dir / "onnx/encoder_model_quantized.onnx").is_file()
+
+
+def test_auto_precision_takes_the_registry_models_default_mix(hub: FakeHub, env: dict[str, str]) -> None:
+    spec = dataclasses.replace(_spec(), default_graph_precision=(("encoder_model", "fp32"),))
+    env = {**env, "HF_ENDPOINT": hub.url}
+    resolved = resolve_model(ModelConfig(name="tiny"), env, download=True, registry=[spec])
+    assert resolved.precision == "int8+encoder_model=fp32"
+    assert (resolved.dir / "onnx/encoder_model.onnx").is_file()
+    # a configured graph_precision replaces the default mix
+    own = resolve_model(ModelConfig(name="tiny", graph_precision={"decoder_model_merged": "fp32"}), env,
+                        download=True, registry=[spec])
+    assert own.precision == "int8+decoder_model_merged=fp32"
+
+
+def test_a_graph_the_model_does_not_have_is_a_one_line_error(env: dict[str, str]) -> None:
+    config = ModelConfig(name="tiny", graph_precision={"vision_encoder": "fp32"})
+    with pytest.raises(ModelError) as caught:
+        resolve_model(config, env, registry=[_spec()])
+    assert "has no graph 'vision_encoder'" in _assert_one_line(caught.value)
+    assert "encoder_model" in str(caught.value)

@@ -65,9 +65,11 @@ def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json:
         processor = _processor(config, index, captioner, dry_run=dry_run, force=force)
         size = max(1, config.model.batch_size)
         for start in range(0, len(files), size):
+            processor.decode_ahead(files[start + size:start + 2 * size])  # decoded while this chunk is captioned
             for outcome in processor.process(files[start:start + size], skip_captioned=False):
                 failed |= outcome.error is not None
                 _emit(outcome, as_json)
+        processor.close()
     captioner.close()
     ctx.exit(1 if failed else 0)
 
@@ -246,6 +248,7 @@ def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bo
                                 show_pos=True, item_show_func=lambda rate: rate) if show else None
     try:
         for start in range(0, len(paths), size):
+            processor.decode_ahead(paths[start + size:start + 2 * size])  # decoded while this chunk is captioned
             outcomes = processor.process(paths[start:start + size], skip_captioned=skip_captioned)
             for outcome in outcomes:
                 if outcome.error:
@@ -262,6 +265,7 @@ def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bo
                 rate = 60 * done / max(time.monotonic() - started, 1e-6)
                 bar_ctx.update(len(outcomes), f"{rate:,.1f} img/min")
     finally:
+        processor.close()
         if bar_ctx is not None:
             bar_ctx.render_finish()
     for path, message in failures:

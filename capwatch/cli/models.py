@@ -55,7 +55,8 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
 
     Set HF_ENDPOINT to use a mirror and HF_TOKEN for a token; CAPWATCH_OFFLINE=1 forbids any download.
     """
-    from capwatch.models.store import pull
+    from capwatch.models.registry import get_spec, precision_key
+    from capwatch.models.store import pull, wanted_precision
 
     config = _load(ctx)
     show = sys.stderr.isatty()
@@ -65,8 +66,9 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
             pct = f"{100 * done / total:5.1f}%" if total else ""
             click.echo(f"\r{file}: {_human_bytes(done)} of {_human_bytes(total)} {pct}   ", err=True, nl=False)
 
-    configured = None if config.model.precision == "auto" else config.model.precision
-    resolved = pull(name, precision or configured, os.environ, progress=progress)
+    # --precision names the precision of every graph; otherwise the configuration's (per graph, too) applies
+    wanted = precision_key(precision) if precision else wanted_precision(get_spec(name), config.model)
+    resolved = pull(name, wanted, os.environ, progress=progress)
     if show:
         click.echo("", err=True)
     commit = f" (commit {resolved.revision[:12]})" if resolved.revision else ""

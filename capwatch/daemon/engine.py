@@ -95,8 +95,18 @@ class _ModelGuard:
             self._on_failure(exc)
             return []
 
+    def decode_ahead(self, paths: Sequence[Path]) -> None:
+        """Start decoding ``paths`` while the model works on the batch before them (see Processor.decode_ahead)."""
+        ahead = getattr(self._processor, "decode_ahead", None)
+        if callable(ahead):
+            ahead(paths)
+
     def close(self) -> None:
-        """Close the processor's index (the pipeline calls this on the model thread when it ends)."""
+        """Stop the processor's decode thread and close its index (the pipeline calls this on the model thread
+        when it ends)."""
+        close = getattr(self._processor, "close", None)
+        if callable(close):
+            close()
         index = getattr(self._processor, "index", None)
         if index is not None:
             index.close()

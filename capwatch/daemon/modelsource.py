@@ -71,7 +71,8 @@ def model_label(model: ModelConfig) -> str:
 
 def _identity(model: ModelConfig) -> tuple[object, ...]:
     # What decides which files are the model; the other [model] keys only change how it runs.
-    return (model.dir, model.name if model.dir is None else None, model.precision, model.repo, model.revision)
+    return (model.dir, model.name if model.dir is None else None, model.precision,
+            tuple(sorted(model.graph_precision.items())), model.repo, model.revision)
 
 
 def _megabytes(size: int) -> str:
@@ -327,9 +328,9 @@ class ModelSource:
         """Download ``spec`` (resuming), with progress into the snapshot. Returns where it is. Raises ModelError
         (ModelUnreachable: no network), _Cancelled when stopped."""
         from capwatch.models.registry import REGISTRY
-        from capwatch.models.store import pull
+        from capwatch.models.store import pull, wanted_precision
 
-        precision = None if config.model.precision == "auto" else config.model.precision
+        precision = wanted_precision(spec, config.model)
         with self._lock:
             self._sizes, self._done = {}, {}
             self._state, self._retry_at = "downloading", None

@@ -248,6 +248,8 @@ class Pipeline:
         self._stop = threading.Event()
         self._handoff: collections.deque[tuple[list[Path], list[Path]]] = collections.deque()
         self._handoff_cond = threading.Condition()
+        #: The processor's decode_ahead, once the model thread has made it (None: the processor has none).
+        self._decode_ahead: Callable[[Sequence[Path]], None] | None = None
         self._counters = _Counters(clock)
         self._backfill_paths: set[Path] = set()
         self._threads: list[threading.Thread] = []
@@ -374,6 +376,10 @@ class Pipeline:
                         return
                     self._handoff.append((batch, todo))
                     self._handoff_cond.notify_all()
+                    ahead = self._decode_ahead
+                if ahead is not None and todo:
+                    # decoded on the processor's own thread while the model works on the batch before this one
+                    ahead(todo)
                 if unchanged:
                     self._count(unchanged, [], unchanged)
         finally:
@@ -424,6 +430,9 @@ class Pipeline:
     def _model_loop(self) -> None:
         try:
             processor = self._make_processor()
+            ahead = getattr(processor, "decode_ahead", None)
+            with self._handoff_cond:
+                self._decode_ahead = ahead if callable(ahead) else None
         finally:
             self._ready.set()
         try:

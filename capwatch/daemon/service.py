@@ -418,7 +418,7 @@ class Daemon:
                 state, text = "unloaded", "unloaded while idle (loads again with the next file)"
             report.update(model_state=state, model_status=text, model_id=_text(getattr(captioner, "model_id", None)),
                           model_revision=_text(getattr(captioner, "revision", None)),
-                          model_precision=_text(getattr(getattr(captioner, "config", None), "precision", None)),
+                          model_precision=_text(getattr(captioner, "precision", None)),
                           model_provider=_text(getattr(captioner, "provider", None)))
         elif source is not None:
             snap = source.snapshot()

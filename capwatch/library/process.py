@@ -15,9 +15,11 @@ import os
 import shlex
 import stat
 import subprocess
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot
 from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
+from capwatch.metadata.identity import FileIdentity
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
@@ -126,6 +129,36 @@ def clean_caption(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """An image decoded and preprocessed ahead of its turn (:meth:`Processor.decode_ahead`): the model input, or
+    why the file cannot be decoded, and the file's identity while it was read (its fingerprint is not needed:
+    the result is used only for a snapshot with the same stat, taken from a file that had settled)."""
+
+    identity: FileIdentity
+    pixels: Any | None
+    error: str | None
+
+
+def _decode(captioner: Captioner, path: str) -> _Decoded | None:
+    """Decode ``path`` for ``captioner``; None when the file changed meanwhile or had just changed (its stat then
+    proves nothing about its content, see FileIdentity.settled)."""
+    try:
+        before = os.stat(path)
+        identity = FileIdentity.of(before, "")
+        if not identity.settled:
+            return None
+        try:
+            pixels, error = captioner.preprocess_file(Path(path)), None
+        except ImageError as exc:
+            pixels, error = None, str(exc)
+        if not identity.matches_stat(os.stat(path)):
+            return None
+    except OSError:
+        return None  # decoded again in its turn, which reports the error
+    return _Decoded(identity, pixels, error)
+
+
 class Processor:
     """Runs jobs against one index and one captioner with one configuration.
 
@@ -145,6 +178,46 @@ class Processor:
         self.clock = clock
         self.journal = journal if journal is not None else Journal.default()
         self.hooks = hooks if hooks is not None else WriteHooks()
+        self._ahead: dict[str, Future[_Decoded | None]] = {}
+        self._ahead_lock = threading.Lock()
+        self._decoder: ThreadPoolExecutor | None = None
+
+    def decode_ahead(self, paths: Sequence[Path]) -> None:
+        """Start decoding ``paths`` (JPEG decode, orientation, resize, normalise) on a background thread, so that
+        they are ready when :meth:`process_batch` reaches them while the model is busy with the previous batch.
+
+        Thread-safe; returns at once. Purely an optimisation: a path whose decode is not used (not processed, or
+        the file changed meanwhile) costs only that decode. At most ``4 * model.batch_size`` decodes are held.
+        """
+        limit = 4 * max(1, self.config.model.batch_size)
+        with self._ahead_lock:
+            if self._decoder is None:
+                self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capwatch-decode")
+            for path in paths:
+                spath = normalise_path(path)
+                if spath in self._ahead or len(self._ahead) >= limit:
+                    continue
+                self._ahead[spath] = self._decoder.submit(_decode, self.captioner, spath)
+
+    def close(self) -> None:
+        """Stop the decode-ahead thread (decodes not taken are dropped)."""
+        with self._ahead_lock:
+            decoder, self._decoder = self._decoder, None
+            self._ahead.clear()
+        if decoder is not None:
+            decoder.shutdown(wait=True, cancel_futures=True)
+
+    def _pixels(self, job: _Job) -> Any:
+        """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
+        Raises ImageError or OSError."""
+        with self._ahead_lock:
+            future = self._ahead.pop(job.path, None)
+        decoded = future.result() if future is not None else None
+        if decoded is not None and decoded.identity.matches_stat_of(job.snap.identity):
+            if decoded.error is not None:
+                raise ImageError(decoded.error)
+            return decoded.pixels
+        return self.captioner.preprocess_file(Path(job.path))
 
     def process_batch(self, paths: Sequence[Path], *, skip_captioned: bool = True) -> list[FileOutcome]:
         """Caption ``paths`` (in batches of ``model.batch_size``) and return one outcome per path, in order.
@@ -242,7 +315,7 @@ class Processor:
         tensors = []
         for position, job in chunk:
             try:
-                tensors.append(self.captioner.preprocess_file(Path(job.path)))
+                tensors.append(self._pixels(job))
                 ready.append((position, job))
             except ImageError as exc:
                 results.append((position, self._fail(job.path, str(exc), job.snap)))

@@ -94,6 +94,11 @@ class FileIdentity:
             margin = 50_000_000
         return self.read_ns - self.ctime_ns > margin
 
+    def matches_stat_of(self, other: FileIdentity) -> bool:
+        """True when ``other`` has this identity's inode, size, mtime and ctime (fingerprints not compared)."""
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == (
+            other.dev, other.ino, other.size, other.mtime_ns, other.ctime_ns)
+
     def matches_stat(self, st: os.stat_result) -> bool:
         """True when ``st`` still describes this file untouched (same inode, size, mtime and ctime)."""
         return same_stat(st, self)

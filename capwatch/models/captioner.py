@@ -13,9 +13,9 @@ implements :meth:`Captioner.graph_stems`, :meth:`Captioner.check_graphs` and :me
 from __future__ import annotations
 
 import abc
-import dataclasses
 import importlib
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from capwatch.models.derived import (
 from capwatch.models.generate import GenerationSettings, generate
 from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
 from capwatch.models.preprocess import Preprocessor, load_image
+from capwatch.models.registry import precision_key, split_precision_key
 from capwatch.models.session import SessionGroup
 from capwatch.models.tokenizer import TextDecoder
 
@@ -81,8 +82,21 @@ class Captioner(abc.ABC):
         """
         self.model_dir = model.path
         self.model = model
-        if config.precision == "auto":
-            config = dataclasses.replace(config, precision=self._available_precision(model))
+        # config.precision may be a resolved key with per-graph exceptions (registry.precision_key); the
+        # configured graph_precision adds to them.
+        base, graphs = split_precision_key(config.precision)
+        graphs.update(config.graph_precision)
+        unknown = sorted(set(graphs) - set(self.graph_stems()))
+        if unknown:
+            raise ModelError(f"model.graph_precision: {model.path} has no graph {unknown[0]!r} (its graphs: "
+                             f"{', '.join(self.graph_stems())})")
+        if base == "auto":
+            base = self._available_precision(model)
+        #: The precision each graph runs at.
+        self.graph_precisions: dict[str, Precision] = {
+            stem: graphs.get(stem, typing.cast(Precision, base)) for stem in self.graph_stems()}
+        #: The precision key the model runs at (``int8``, ``int8+vision_encoder=fp32``; see registry.precision_key).
+        self.precision = precision_key(base, graphs)
         self.config = config
         self.model_id = model_id or model.path.name
         self.revision = revision
@@ -93,7 +107,7 @@ class Captioner(abc.ABC):
         except ValueError as exc:
             raise ModelError(f"{model.path / 'preprocessor_config.json'}: {exc}") from None
         self.settings = self.initial_settings(model, config)
-        paths = {stem: model.onnx_file(stem, config.precision) for stem in self.graph_stems()}
+        paths = {stem: model.onnx_file(stem, self.graph_precisions[stem]) for stem in self.graph_stems()}
         self.derived = derived if config.rewrite_graphs else None
         self.sessions = SessionGroup(paths, config.threads, config.idle_unload_seconds, clock, self._on_load,
                                      self.prepare_graphs, config.providers)
@@ -156,12 +170,13 @@ class Captioner(abc.ABC):
         faster). Families add their own (ViT-GPT2: the split decoder).
         """
         on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
-        if self.derived is None or self.config.precision != "int8" or not on_cpu or not signed_is_exact():
+        if self.derived is None or not on_cpu or not signed_is_exact():
             return paths
         shapes = {}
         if (size := self.preprocessor.output_size) is not None:
             shapes["pixel_values"] = (1, 3, *size)
-        return {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
+        return {stem: signed_graph(path, self.derived, shapes) or path if self.graph_precisions[stem] == "int8"
+                else path for stem, path in paths.items()}
 
     def postprocess(self, text: str) -> str:
         """Turn decoded text into the caption (families override to strip task artefacts)."""
@@ -273,7 +288,7 @@ class VisionEncoderDecoderCaptioner(Captioner):
         if self.derived is None or hidden is None:
             return paths
         on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
-        signed = self.config.precision == "int8" and on_cpu and signed_is_exact()
+        signed = self.graph_precisions[ved.DECODER] == "int8" and on_cpu and signed_is_exact()
         encoder = super().prepare_graphs({ved.ENCODER: paths[ved.ENCODER]})[ved.ENCODER]
         probe = ProbeSpec(self.model.path / "config.json", hidden, self.settings.decoder_start_token_id)
         self.split = split_decoder(paths[ved.DECODER], self.derived, probe, signed=signed)
@@ -305,7 +320,7 @@ class VisionEncoderDecoderCaptioner(Captioner):
         )
 
     def sessions_path(self, stem: str) -> Path:
-        return self.model.onnx_file(stem, self.config.precision)
+        return self.model.onnx_file(stem, self.graph_precisions[stem])
 
     def generate_ids(
         self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings

@@ -354,7 +354,7 @@ class Florence2Captioner(Captioner):
         return (VISION, EMBED, ENCODER, DECODER)
 
     def _path(self, stem: str) -> Path:
-        return self.model.onnx_file(stem, self.config.precision)
+        return self.model.onnx_file(stem, self.graph_precisions[stem])
 
     def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         """Raise ModelError naming the graph and tensor when a graph lacks a Florence-2 tensor name."""

@@ -23,6 +23,7 @@ was actually downloaded is recorded next to the files).
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +43,31 @@ FAMILY_GRAPHS: Mapping[Family, tuple[str, ...]] = {
 }
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+#: Graphs whose precision differs from the model's, as (graph stem, precision) pairs sorted by stem.
+GraphPrecision = tuple[tuple[str, Precision], ...]
+_GRAPH_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def precision_key(base: str, graphs: Mapping[str, str] | GraphPrecision = ()) -> str:
+    """One name for a precision with per-graph exceptions, used for cache markers and shown in ``status``:
+    ``int8``, or ``int8+vision_encoder=fp32`` (graphs sorted; those equal to ``base`` left out)."""
+    items = sorted(dict(graphs).items())
+    parts = [f"{stem}={precision}" for stem, precision in items if precision != base]
+    return base if not parts else f"{base}+{','.join(parts)}"
+
+
+def split_precision_key(key: str) -> tuple[str, dict[str, Precision]]:
+    """The base precision and the per-graph exceptions of a :func:`precision_key`. Raises ModelError (one line)
+    for a malformed key or an unknown precision."""
+    base, _, rest = key.partition("+")
+    graphs: dict[str, Precision] = {}
+    for item in filter(None, rest.split(",")):
+        stem, _, precision = item.partition("=")
+        if not _GRAPH_RE.match(stem) or precision not in PRECISION_SUFFIX:
+            raise ModelError(f"precision {key!r}: expected graph=fp32|int8|fp16 after '+', got {item!r}")
+        graphs[stem] = typing.cast(Precision, precision)
+    return base, graphs
 
 
 def is_commit(revision: str) -> bool:
@@ -67,7 +93,8 @@ class FileSpec:
 class PrecisionSpec:
     """The ONNX graphs of one precision and the approximate total download (graphs + shared files)."""
 
-    precision: Precision
+    #: A plain precision, or a :func:`precision_key` with per-graph exceptions.
+    precision: str
     files: tuple[FileSpec, ...]
     approx_bytes: int
 
@@ -86,6 +113,9 @@ class ModelSpec:
     shared_files: tuple[FileSpec, ...]
     precisions: tuple[PrecisionSpec, ...]
     default_precision: Precision
+    #: Graphs that run at another precision than ``default_precision`` by default (measured faster; see
+    #: bench/caption_florence.py), used when the configuration says precision "auto" and no graph_precision.
+    default_graph_precision: GraphPrecision = ()
     #: True for the model capwatch uses when the configuration names none.
     default: bool = False
     #: caption_length -> task prompt (Florence-2); empty for models that take no prompt.
@@ -96,12 +126,36 @@ class ModelSpec:
     from_config: bool = False
 
     @property
-    def precision_names(self) -> tuple[Precision, ...]:
+    def precision_names(self) -> tuple[str, ...]:
         """The precisions this repository publishes, in registry order."""
         return tuple(p.precision for p in self.precisions)
 
+    @property
+    def default_key(self) -> str:
+        """The precision key of the default precision with the default per-graph exceptions."""
+        return precision_key(self.default_precision, self.default_graph_precision)
+
     def precision(self, precision: str) -> PrecisionSpec:
-        """The files of one precision. Raises ModelError (one line) when the repository does not publish it."""
+        """The files of one precision, or of a :func:`precision_key` mix (each excepted graph's file taken from its
+        own precision). Raises ModelError (one line) when the repository does not publish a precision or a graph
+        named."""
+        base, graphs = split_precision_key(precision)
+        found = self._plain(base)
+        files = list(found.files)
+        approx = found.approx_bytes
+        for stem, other in graphs.items():
+            ours = f"onnx/{stem}{PRECISION_SUFFIX[typing.cast(Precision, base)]}.onnx"
+            where = next((i for i, f in enumerate(files) if f.path == ours), None)
+            if where is None:
+                known = ", ".join(f.path.removeprefix("onnx/").split(".")[0] for f in found.files)
+                raise ModelError(f"model {self.name} has no graph {stem!r} (its graphs: {known})")
+            theirs = f"onnx/{stem}{PRECISION_SUFFIX[other]}.onnx"
+            source = self._plain(other)
+            files[where] = next((f for f in source.files if f.path == theirs), FileSpec(theirs))
+            approx += source.approx_bytes // max(1, len(source.files))
+        return PrecisionSpec(precision_key(base, graphs), tuple(files), approx)
+
+    def _plain(self, precision: str) -> PrecisionSpec:
         for spec in self.precisions:
             if spec.precision == precision:
                 return spec

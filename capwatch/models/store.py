@@ -47,6 +47,7 @@ from capwatch.models.registry import (
     custom_spec,
     get_spec,
     is_commit,
+    precision_key,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -132,7 +133,7 @@ def resolve_model(
     if found is not None:
         return found
     spec = model_spec(config, registry)
-    wanted = spec.default_precision if config.precision == "auto" else config.precision
+    wanted = wanted_precision(spec, config)
     if download and not is_offline(env):
         return pull(spec.name, wanted, env, registry=_with_spec(spec, registry))
     raise ModelError(_not_cached_message(spec, wanted, env))
@@ -142,9 +143,9 @@ def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY) ->
     """The spec of the named model ``config`` asks for: the registry entry called ``config.name``, or, with
     ``config.repo`` set, a spec for that hub repository (cached under ``config.name``).
 
-    Checks ``config.precision`` against it too. Never touches the disk or the network. Raises ModelError (one line)
-    for an unknown name, a precision the model does not publish, an unusable repository or revision, or a revision
-    without a repository.
+    Checks ``config.precision`` and ``config.graph_precision`` against it too. Never touches the disk or the
+    network. Raises ModelError (one line) for an unknown name, a precision or graph the model does not publish, an
+    unusable repository or revision, or a revision without a repository.
     """
     if config.repo is not None:
         spec = custom_spec(config.name, config.repo, config.revision)
@@ -152,8 +153,7 @@ def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY) ->
         raise ModelError(f"model.revision {config.revision!r} needs model.repo (the registry pins its own models)")
     else:
         spec = get_spec(config.name, registry)
-    if config.precision != "auto":
-        spec.precision(config.precision)
+    spec.precision(wanted_precision(spec, config))
     return spec
 
 
@@ -172,8 +172,18 @@ def find_model(
             return None
         return _resolve_dir(config.dir, config.precision, env)
     spec = model_spec(config, registry)
-    wanted = spec.default_precision if config.precision == "auto" else config.precision
+    wanted = wanted_precision(spec, config)
     return _find_complete(models_root(env) / spec.name, spec, wanted, env, verify=True)
+
+
+def wanted_precision(spec: ModelSpec, config: ModelConfig) -> str:
+    """The precision key (see registry.precision_key) the configuration asks of ``spec``: with precision "auto"
+    and no graph_precision, the model's default mix; otherwise the configured precision (auto: the default one)
+    with the configured per-graph exceptions."""
+    if config.precision == "auto" and not config.graph_precision:
+        return spec.default_key
+    base = spec.default_precision if config.precision == "auto" else config.precision
+    return precision_key(base, config.graph_precision)
 
 
 def _with_spec(spec: ModelSpec, registry: Sequence[ModelSpec]) -> Sequence[ModelSpec]:

@@ -1,0 +1,119 @@
+"""Decoding ahead (Processor.decode_ahead): the next batch is decoded while the model works, and a decode is used
+only for the very file the model then captions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from capwatch.config import Config, ModelConfig
+from capwatch.library.index import Index
+from capwatch.library.process import Processor, clean_caption
+from capwatch.models.captioner import open_captioner
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODEL = FIXTURES / "models" / "vit-gpt2-tiny-greedy"
+IMAGES = FIXTURES / "images"
+
+
+def _processor(index: Index) -> Processor:
+    config = Config(model=ModelConfig(dir=MODEL, precision="fp32", threads=1, batch_size=2))
+    return Processor(config, index, open_captioner(MODEL, config.model), dry_run=True)
+
+
+def _caption_of(image: Path, tmp_path: Path) -> str:
+    with Index.open(tmp_path / "reference.db") as index:
+        processor = _processor(index)
+        try:
+            outcome = processor.process([image])[0]
+        finally:
+            processor.close()
+    assert outcome.caption
+    return outcome.caption
+
+
+def _settle(*paths: Path) -> None:
+    # a file changed just now is not decoded ahead (its stat could miss a change in the same clock tick)
+    past = time.time() - 5
+    for path in paths:
+        os.utime(path, (past, past))
+    time.sleep(0.1)
+
+
+def test_captions_with_decoding_ahead_equal_captions_without(tmp_path: Path) -> None:
+    names = ["blobs.jpg", "checker.png", "gradient.jpg", "red.png", "oriented.jpg"]
+    photos = []
+    for name in names:
+        shutil.copy(IMAGES / name, tmp_path / name)
+        photos.append(tmp_path / name)
+    _settle(*photos)
+    want = [_caption_of(p, tmp_path) for p in photos]
+    with Index.open(tmp_path / "i.db") as index:
+        processor = _processor(index)
+        try:
+            processor.decode_ahead(photos)
+            for path in photos:
+                assert processor._ahead[str(path)].result() is not None  # decoded ahead, on the decode thread
+            got = [o.caption for o in processor.process(photos)]
+            assert processor._ahead == {}
+        finally:
+            processor.close()
+    assert got == want
+    assert len(set(want)) > 1  # the images give different captions: a mix-up would show
+
+
+def test_a_file_replaced_after_its_decode_is_captioned_as_it_is_now(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    shutil.copy(IMAGES / "checker.png", photo)
+    other = tmp_path / "other.jpg"
+    shutil.copy(IMAGES / "blobs.jpg", other)
+    _settle(photo, other)
+    old, new = _caption_of(photo, tmp_path), _caption_of(other, tmp_path)
+    assert old != new
+    with Index.open(tmp_path / "i.db") as index:
+        processor = _processor(index)
+        try:
+            processor.decode_ahead([photo])
+            assert processor._ahead[str(photo)].result() is not None
+            os.replace(other, photo)  # another program swaps in other content under the same name
+            outcome = processor.process([photo])[0]
+        finally:
+            processor.close()
+    assert outcome.caption == new
+
+
+def test_a_file_rewritten_in_place_after_its_decode_is_decoded_again(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    shutil.copy(IMAGES / "checker.png", photo)
+    _settle(photo)
+    replacement = (IMAGES / "red.png").read_bytes()
+    new = _caption_of(IMAGES / "red.png", tmp_path)
+    with Index.open(tmp_path / "i.db") as index:
+        processor = _processor(index)
+        try:
+            processor.decode_ahead([photo])
+            assert processor._ahead[str(photo)].result() is not None
+            st = photo.stat()
+            photo.write_bytes(replacement)  # same inode; mtime put back, as a careless tool might
+            os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+            outcome = processor.process([photo])[0]
+        finally:
+            processor.close()
+    assert outcome.caption == new
+
+
+def test_a_file_changed_just_before_is_not_decoded_ahead(tmp_path: Path) -> None:
+    photo = tmp_path / "fresh.png"
+    shutil.copy(IMAGES / "checker.png", photo)
+    with Index.open(tmp_path / "i.db") as index:
+        processor = _processor(index)
+        try:
+            processor.decode_ahead([photo])
+            assert processor._ahead[str(photo)].result() is None
+            outcome = processor.process([photo])[0]
+        finally:
+            processor.close()
+    assert outcome.caption == clean_caption(outcome.caption or "")
+    assert outcome.error is None
