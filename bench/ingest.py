@@ -1,6 +1,11 @@
 """Daemon ingest benchmark: throughput, event-to-searchable latency, reconcile cost, idle memory.
 
     python bench/ingest.py [--files 200] [--latency-files 40] [--reconcile-files 100000] [--model DIR]
+                           [--precision int8] [--num-beams 1] [--transformers HF_DIR]
+
+With ``--transformers`` (a transformers save of the same model, e.g. bench/_work/vit-gpt2-random-hf made by
+bench/caption.py), the same images are also captioned by transformers ``generate()`` one at a time (greedy, or
+``--num-beams``) in this run, and the daemon's throughput is printed as a ratio to it.
 
 1. Throughput: N images dropped at once into a watched folder (real ``capwatch watch`` process, fixture model):
    files/s until every one is captioned and searchable.
@@ -47,13 +52,37 @@ def _images(directory: Path, count: int, offset: int = 0) -> list[Path]:
     return out
 
 
-def _config(path: Path, *, db: Path, root: Path, model: Path, idle_unload: float = 300.0) -> Path:
+def _config(path: Path, *, db: Path, root: Path, model: Path, idle_unload: float = 300.0, precision: str = "fp32",
+            num_beams: int | None = None) -> Path:
+    beams = f"num_beams = {num_beams}\n" if num_beams else ""
     path.write_text(
         f'[library]\nroots = ["{root}"]\n[index]\npath = "{db}"\n'
-        f'[model]\ndir = "{model}"\nprecision = "fp32"\nbatch_size = 8\nidle_unload_seconds = {idle_unload}\n'
-        "[watch]\nsettle_seconds = 2.0\nbatch_wait_ms = 500\n"
+        f'[model]\ndir = "{model}"\nprecision = "{precision}"\nbatch_size = 8\nidle_unload_seconds = {idle_unload}\n'
+        f"{beams}[watch]\nsettle_seconds = 2.0\nbatch_wait_ms = 500\n"
     )
     return path
+
+
+def bench_transformers(hf_dir: Path, model_dir: Path, images: list[Path], num_beams: int) -> dict[str, Any]:
+    """transformers generate() one image at a time on ``images`` (the daemon's own preprocessing gives the pixels)."""
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
+    from capwatch.models.preprocess import Preprocessor, load_image
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = VisionEncoderDecoderModel.from_pretrained(hf_dir).eval()
+    prep = Preprocessor.from_config(json.loads((model_dir / "preprocessor_config.json").read_text()))
+    pixels = [torch.from_numpy(prep(load_image(p, target_size=prep.output_size))[None]) for p in images]
+    with torch.no_grad():
+        model.generate(pixels[0], num_beams=num_beams)  # warm-up
+        started = time.perf_counter()
+        for pv in pixels:
+            model.generate(pv, num_beams=num_beams)
+        seconds = time.perf_counter() - started
+    rate = len(images) / seconds
+    print(f"transformers generate(), one at a time, num_beams {num_beams}: {rate:.2f} files/s")
+    return {"transformers_files_per_s": round(rate, 2)}
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -90,11 +119,13 @@ def _connect(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
 
 
-def bench_daemon(work: Path, model: Path, files: int, latency_files: int) -> dict[str, Any]:
+def bench_daemon(work: Path, model: Path, files: int, latency_files: int, precision: str = "fp32",
+                 num_beams: int | None = None) -> dict[str, Any]:
     root = work / "photos"
     root.mkdir()
     db = work / "index.db"
-    config = _config(work / "config.toml", db=db, root=root, model=model, idle_unload=3.0)
+    config = _config(work / "config.toml", db=db, root=root, model=model, idle_unload=3.0, precision=precision,
+                     num_beams=num_beams)
     staging = work / "staging"
     burst = _images(staging / "burst", files)
     spaced = _images(staging / "spaced", latency_files, offset=files)
@@ -199,6 +230,9 @@ def main() -> None:
     parser.add_argument("--latency-files", type=int, default=40, help="images copied one at a time (latency)")
     parser.add_argument("--reconcile-files", type=int, default=100_000)
     parser.add_argument("--model", type=Path, default=FIXTURE_MODEL, help="model directory (default: tiny fixture)")
+    parser.add_argument("--precision", default="fp32", help="the daemon's model.precision")
+    parser.add_argument("--num-beams", type=int, help="the daemon's model.num_beams (default: the model's own)")
+    parser.add_argument("--transformers", type=Path, help="a transformers save of the model: measured alongside")
     parser.add_argument("--skip-daemon", action="store_true")
     parser.add_argument("--skip-reconcile", action="store_true")
     args = parser.parse_args()
@@ -208,7 +242,14 @@ def main() -> None:
         if not args.skip_daemon:
             daemon_dir = work / "daemon"
             daemon_dir.mkdir()
-            summary.update(bench_daemon(daemon_dir, args.model, args.files, args.latency_files))
+            summary.update(bench_daemon(daemon_dir, args.model, args.files, args.latency_files, args.precision,
+                                        args.num_beams))
+            if args.transformers is not None:
+                sample = _images(work / "transformers", min(args.files, 16))
+                summary.update(bench_transformers(args.transformers, args.model, sample, args.num_beams or 1))
+                ratio = summary["throughput_files_per_s"] / summary["transformers_files_per_s"]
+                summary["throughput_vs_transformers"] = round(ratio, 2)
+                print(f"daemon throughput vs transformers one at a time: {ratio:.2f}x")
         if not args.skip_reconcile:
             reconcile_dir = work / "reconcile"
             reconcile_dir.mkdir()

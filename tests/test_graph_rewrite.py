@@ -334,3 +334,28 @@ def test_fp32_captioner_never_signs_weights(store: DerivedCache) -> None:
     cap = _open(GREEDY, store)
     _tokens(cap, GREEDY)
     assert "-s8" not in json.dumps(cap.sessions.describe())
+
+
+def test_entries_nothing_can_use_any_more_are_pruned_when_a_new_one_is_made(store: DerivedCache,
+                                                                            tmp_path: Path) -> None:
+    gone = tmp_path / "gone-model"
+    shutil.copytree(GREEDY, gone)
+    old = _open(gone, store)
+    _tokens(old, gone)
+    assert old.split is not None
+    old_entry = old.split.step.parent
+    stale = store.root / f"{'0' * 64}-split-v{derived.VERSION + 1}"
+    stale.mkdir()
+    (stale / "step.onnx").write_bytes(b"from another capwatch version")
+    shutil.rmtree(gone)  # the model folder is deleted (or the model moved to another revision)
+    fresh = _open(BEAM, store)
+    _tokens(fresh, BEAM)
+    assert fresh.split is not None and fresh.split.step.is_file()
+    assert not old_entry.exists() and not stale.exists()
+    # an entry whose source is still there is kept
+    kept = _open(GREEDY, store)
+    _tokens(kept, GREEDY)
+    again = _open(GREEDY, DerivedCache(store.root, store.key))
+    _tokens(again, GREEDY)
+    assert derived.prune(store.root) == []
+    assert kept.split is not None and kept.split.step.is_file()

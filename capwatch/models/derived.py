@@ -193,6 +193,8 @@ def _derived(job: Job, store: DerivedCache) -> dict[str, Any] | None:
             found = _load_manifest(target, store.key)
             if found is not None:
                 return found
+            # A new entry is the moment to drop those nothing can use any more (they can weigh as much as a model).
+            prune(store.root)
             if job.source.stat().st_size <= IN_PROCESS_BYTES:
                 make(job, target, store.key)
             else:
@@ -365,6 +367,54 @@ def _probe_split(source: Path, cross: Path, step: Path, data: tuple[str, ...], s
             ref_state = reference.select(ref_state, rows)
             new_state = candidate.select(new_state, rows)
             tokens = tokens[rows]
+
+
+def prune(root: Path) -> list[Path]:
+    """Remove the entries under ``root`` that no capwatch will use again: made by another VERSION, or from a source
+    graph that is gone or has changed since (a model updated to a new revision, a folder deleted), and the memo of
+    a source that is gone. Entries whose manifest cannot be read are left alone (another process may be writing
+    them). Returns what was removed; raises nothing."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        path = Path(entry.path)
+        name = entry.name
+        if entry.is_symlink() or name.startswith("."):
+            continue
+        version = name.rsplit("-v", 1)[-1].removesuffix(".failed")
+        stale = "-v" in name and version != str(VERSION)
+        if not stale and entry.is_dir() and name != "sources":
+            manifest = cache.read_marker(path / "manifest.json")
+            source = manifest.get("source") if manifest is not None else None
+            if isinstance(source, str):
+                digest = name.split("-", 1)[0]
+                stale = not _still_source(Path(source), digest, root)
+        if stale:
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _still_source(source: Path, digest: str, root: Path) -> bool:
+    """True while ``source`` exists and its memo (when the file is unchanged since) still says ``digest``; a changed
+    file counts as still the source until it is hashed again (no hashing here)."""
+    try:
+        st = os.stat(source)
+    except OSError:
+        return False
+    memo = cache.read_marker(root / "sources" / f"{st.st_dev}-{st.st_ino}.json")
+    if memo is None or not isinstance(memo.get("facts"), list) or len(memo["facts"]) != 6:
+        return True
+    if memo["facts"][1:] != [st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]:
+        return True
+    return memo.get("sha256") == digest
 
 
 def _load_manifest(target: Path, key: bytes) -> dict[str, Any] | None:
