@@ -7,9 +7,11 @@ something else, a tampered or planted cache entry, a folder it cannot write) fal
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +361,16 @@ def test_entries_nothing_can_use_any_more_are_pruned_when_a_new_one_is_made(stor
     _tokens(again, GREEDY)
     assert derived.prune(store.root) == []
     assert kept.split is not None and kept.split.step.is_file()
+
+
+def test_an_idle_unload_releases_every_session_of_the_split(store: DerivedCache) -> None:
+    cap = _open(GREEDY, store)
+    _tokens(cap, GREEDY)
+    with cap.sessions.use() as sessions:
+        alive = [weakref.ref(s) for s in sessions.values()]
+    del sessions
+    assert len(alive) == 3
+    cap.sessions.unload()
+    gc.collect()
+    assert [r() for r in alive] == [None, None, None]
+    assert _tokens(cap, GREEDY) == _goldens(GREEDY)  # and loads again on the next image

@@ -274,7 +274,6 @@ class VisionEncoderDecoderCaptioner(Captioner):
 
     _layout: ved.DecoderLayout
     _broadcast: bool
-    _item_inputs: Callable[[np.ndarray], ved.ItemInputs]
     #: The verified split of the merged decoder in use, None while the published graph runs.
     split: SplitDecoder | None = None
 
@@ -284,16 +283,17 @@ class VisionEncoderDecoderCaptioner(Captioner):
     def prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
         """The encoder plus the split decoder pair (cross-attention keys/values computed once per image) when it can
         be made and verified; else the published graphs."""
-        hidden = self._encoder_width()
-        if self.derived is None or hidden is None:
+        if self.derived is None:
             return paths
-        on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
-        signed = self.graph_precisions[ved.DECODER] == "int8" and on_cpu and signed_is_exact()
-        encoder = super().prepare_graphs({ved.ENCODER: paths[ved.ENCODER]})[ved.ENCODER]
-        probe = ProbeSpec(self.model.path / "config.json", hidden, self.settings.decoder_start_token_id)
-        self.split = split_decoder(paths[ved.DECODER], self.derived, probe, signed=signed)
+        hidden = self._encoder_width()
+        if hidden is not None:
+            on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
+            signed = self.graph_precisions[ved.DECODER] == "int8" and on_cpu and signed_is_exact()
+            probe = ProbeSpec(self.model.path / "config.json", hidden, self.settings.decoder_start_token_id)
+            self.split = split_decoder(paths[ved.DECODER], self.derived, probe, signed=signed)
         if self.split is None:
-            return {ved.ENCODER: encoder, ved.DECODER: paths[ved.DECODER]}
+            return super().prepare_graphs(paths)  # int8 weights where they apply, on the published graphs
+        encoder = super().prepare_graphs({ved.ENCODER: paths[ved.ENCODER]})[ved.ENCODER]
         return {ved.ENCODER: encoder, ved.CROSS: self.split.cross, ved.STEP: self.split.step}
 
     def _encoder_width(self) -> int | None:
@@ -308,16 +308,20 @@ class VisionEncoderDecoderCaptioner(Captioner):
             names = (*self.split.data_outputs, *self.split.shape_outputs)
             decoder = sessions[ved.STEP]
             self._layout = ved.DecoderLayout.from_session(decoder, self.split.step, self.model.config, names)
-            self._item_inputs = ved.SplitInputs(sessions[ved.CROSS], self.split.data_outputs,
-                                                self.split.shape_outputs)
         else:
             decoder = sessions[ved.DECODER]
             self._layout = ved.DecoderLayout.from_session(decoder, self.sessions_path(ved.DECODER), self.model.config)
-            self._item_inputs = ved.published_inputs
         hidden = self._encoder_width() or self._layout.heads * self._layout.head_dim
         self._broadcast = ved.encoder_broadcasts(
-            decoder, self._layout, hidden, self.settings.decoder_start_token_id, self._item_inputs
+            decoder, self._layout, hidden, self.settings.decoder_start_token_id, self._item_inputs(sessions)
         )
+
+    def _item_inputs(self, sessions: Mapping[str, ort.InferenceSession]) -> Callable[[np.ndarray], ved.ItemInputs]:
+        """How the decoder gets its per-image inputs from these sessions (built per call: nothing may keep a
+        session alive after an idle unload)."""
+        if ved.STEP in sessions and self.split is not None:
+            return ved.SplitInputs(sessions[ved.CROSS], self.split.data_outputs, self.split.shape_outputs)
+        return ved.published_inputs
 
     def sessions_path(self, stem: str) -> Path:
         return self.model.onnx_file(stem, self.graph_precisions[stem])
@@ -328,7 +332,7 @@ class VisionEncoderDecoderCaptioner(Captioner):
         hidden = ved.encode(sessions[ved.ENCODER], pixel_values)
         graph = sessions[ved.STEP] if ved.STEP in sessions else sessions[ved.DECODER]
         decoder = ved.VitGpt2Decoder(graph, self._layout, broadcast_encoder=self._broadcast,
-                                     item_inputs=self._item_inputs)
+                                     item_inputs=self._item_inputs(sessions))
         return generate(decoder, hidden, pixel_values.shape[0], settings)
 
 

@@ -7,6 +7,7 @@ time costs hundreds of MB. :class:`LazySession` creates its ``InferenceSession``
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -95,6 +96,21 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
     return options
+
+
+def _return_memory() -> None:
+    """Ask glibc to give freed heap memory back to the system.
+
+    A released ViT-GPT2 int8 model leaves its ~300 MB in malloc's free lists (measured: 658 MB while captioning,
+    371 MB after the sessions are gone, 97 MB after this), which an idle daemon must not keep. No-op where the C
+    library has no ``malloc_trim`` (musl, macOS).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc by its soname: no ldconfig lookup
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 class LazySession:
@@ -209,9 +225,11 @@ class SessionGroup:
             self._lock.release()
 
     def unload(self) -> None:
+        """Release every session, and hand the memory back to the system (see :func:`_return_memory`)."""
         with self._lock:
             for session in self._sessions.values():
                 session.unload()
+            _return_memory()
 
     @property
     def provider(self) -> str | None:
