@@ -188,24 +188,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         t_hf, ref = timed(lambda b=beams: hf(b, 1))
         add(("transformers", mode, 1, t_hf / n, "1.00x", "reference"))
-        t, fp32 = timed(lambda b=beams: cw("fp32", b, 1))
-        add(("capwatch fp32", mode, 1, t / n, f"{t_hf / t:.2f}x",
-                     f"{sum(a == b for a, b in zip(fp32, ref, strict=True))}/{n} identical to transformers"))
-        t, fp32b = timed(lambda b=beams: cw("fp32", b, args.batch))
-        add(("capwatch fp32", mode, args.batch, t / n, f"{t_hf / t:.2f}x",
-                     f"{sum(a == b for a, b in zip(fp32b, ref, strict=True))}/{n} identical to transformers"))
-        t, int8 = timed(lambda b=beams: cw("int8", b, 1))
-        add(("capwatch int8", mode, 1, t / n, f"{t_hf / t:.2f}x",
-                     f"{sum(a == b for a, b in zip(int8, fp32, strict=True))}/{n} identical to fp32"))
-        t, int8b = timed(lambda b=beams: cw("int8", b, args.batch))
-        add(("capwatch int8", mode, args.batch, t / n, f"{t_hf / t:.2f}x",
-                     f"{sum(a == b for a, b in zip(int8b, fp32, strict=True))}/{n} identical to fp32"))
-        t, mix = timed(lambda b=beams: cw("mix", b, 1))
-        add(("capwatch mix", mode, 1, t / n, f"{t_hf / t:.2f}x",
-                     f"{sum(a == b for a, b in zip(mix, fp32, strict=True))}/{n} identical to fp32"))
-        t, mixb = timed(lambda b=beams: cw("mix", b, args.batch))
-        add(("capwatch mix", mode, args.batch, t / n, f"{t_hf / t:.2f}x",
-                     f"{sum(a == b for a, b in zip(mixb, fp32, strict=True))}/{n} identical to fp32"))
+        results: dict[tuple[str, int], list[list[int]]] = {}
+        for name in ("fp32", "int8", "mix"):
+            # fp32 must equal transformers token for token; the others are compared with capwatch's fp32
+            against, label = (ref, "transformers") if name == "fp32" else (results["fp32", 1], "fp32")
+            for batch in (1, args.batch):
+                t, results[name, batch] = timed(lambda m=name, b=beams, k=batch: cw(m, b, k))
+                same = sum(a == b for a, b in zip(results[name, batch], against, strict=True))
+                add((f"capwatch {name}", mode, batch, t / n, f"{t_hf / t:.2f}x", f"{same}/{n} identical to {label}"))
 
     hf_rows = {mode: per for engine, mode, _b, per, _r, _n in rows if engine == "transformers"}
     best = min((per, engine, mode, batch) for engine, mode, batch, per, _r, _n in rows if engine != "transformers")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from capwatch.config import Config, ModelConfig
@@ -64,6 +65,19 @@ def test_captions_with_decoding_ahead_equal_captions_without(tmp_path: Path) -> 
     assert len(set(want)) > 1  # the images give different captions: a mix-up would show
 
 
+def _caption_after(photo: Path, tmp_path: Path, change: Callable[[], None]) -> str | None:
+    """Decode ``photo`` ahead, let ``change`` alter the file, then caption it: the caption the processor writes."""
+    with Index.open(tmp_path / "i.db") as index:
+        processor = _processor(index)
+        try:
+            processor.decode_ahead([photo])
+            assert processor._ahead[str(photo)].result() is not None
+            change()
+            return processor.process([photo])[0].caption
+        finally:
+            processor.close()
+
+
 def test_a_file_replaced_after_its_decode_is_captioned_as_it_is_now(tmp_path: Path) -> None:
     photo = tmp_path / "photo.png"
     shutil.copy(IMAGES / "checker.png", photo)
@@ -72,36 +86,23 @@ def test_a_file_replaced_after_its_decode_is_captioned_as_it_is_now(tmp_path: Pa
     _settle(photo, other)
     old, new = _caption_of(photo, tmp_path), _caption_of(other, tmp_path)
     assert old != new
-    with Index.open(tmp_path / "i.db") as index:
-        processor = _processor(index)
-        try:
-            processor.decode_ahead([photo])
-            assert processor._ahead[str(photo)].result() is not None
-            os.replace(other, photo)  # another program swaps in other content under the same name
-            outcome = processor.process([photo])[0]
-        finally:
-            processor.close()
-    assert outcome.caption == new
+    # another program swaps in other content under the same name
+    assert _caption_after(photo, tmp_path, lambda: os.replace(other, photo)) == new
 
 
 def test_a_file_rewritten_in_place_after_its_decode_is_decoded_again(tmp_path: Path) -> None:
     photo = tmp_path / "photo.png"
     shutil.copy(IMAGES / "checker.png", photo)
     _settle(photo)
-    replacement = (IMAGES / "red.png").read_bytes()
     new = _caption_of(IMAGES / "red.png", tmp_path)
-    with Index.open(tmp_path / "i.db") as index:
-        processor = _processor(index)
-        try:
-            processor.decode_ahead([photo])
-            assert processor._ahead[str(photo)].result() is not None
-            st = photo.stat()
-            photo.write_bytes(replacement)  # same inode; mtime put back, as a careless tool might
-            os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
-            outcome = processor.process([photo])[0]
-        finally:
-            processor.close()
-    assert outcome.caption == new
+    assert new != _caption_of(photo, tmp_path)
+    st = photo.stat()
+
+    def rewrite() -> None:
+        photo.write_bytes((IMAGES / "red.png").read_bytes())  # same inode; mtime put back, as a careless tool might
+        os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    assert _caption_after(photo, tmp_path, rewrite) == new
 
 
 def test_a_file_changed_just_before_is_not_decoded_ahead(tmp_path: Path) -> None:
