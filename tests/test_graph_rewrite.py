@@ -20,6 +20,7 @@ import pytest
 from onnx import helper
 
 from capwatch.config import ModelConfig
+from capwatch.errors import ModelError
 from capwatch.models import derived, rewrite
 from capwatch.models.captioner import VisionEncoderDecoderCaptioner, open_captioner
 from capwatch.models.derived import DerivedCache
@@ -374,3 +375,17 @@ def test_an_idle_unload_releases_every_session_of_the_split(store: DerivedCache)
     gc.collect()
     assert [r() for r in alive] == [None, None, None]
     assert _tokens(cap, GREEDY) == _goldens(GREEDY)  # and loads again on the next image
+
+
+def test_a_graph_onnx_cannot_parse_keeps_the_published_graph(store: DerivedCache, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(GREEDY, model)
+    decoder = model / "onnx" / "decoder_model_merged.onnx"
+    decoder.write_bytes(decoder.read_bytes() + b"\x07\x00garbage")  # protobuf no longer parses; the file is unusable
+    with caplog.at_level(logging.WARNING, logger="capwatch.models.derived"):
+        cap = _open(model, store)
+        with pytest.raises(ModelError, match="cannot load ONNX graph"):
+            _tokens(cap, model)
+    assert cap.split is None
+    assert any("cannot rewrite the graph" in r.getMessage() for r in caplog.records)

@@ -257,12 +257,17 @@ def make(job: Job, target: Path, key: bytes) -> None:
         else:
             graphs = {"graph.onnx": source}
         del source
+        if job.signed:
+            extra["signed_matmuls"] = sum(signed_weights(g) for g in graphs.values())
     except RewriteError as exc:
         raise _Refused(str(exc)) from None
-    if job.signed:
-        extra["signed_matmuls"] = sum(signed_weights(g) for g in graphs.values())
-        if job.recipe == "s8" and not extra["signed_matmuls"]:
-            raise _NothingToDo("no uint8 MatMul weights to sign")
+    except OSError:
+        raise  # the cache or the disk, not the graph: tried again next time
+    except Exception as exc:  # onnx's and protobuf's own error types, on a graph onnxruntime may still run as is
+        raise _Refused(f"cannot rewrite the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
+    if job.recipe == "s8" and not extra["signed_matmuls"]:
+        raise _NothingToDo("no uint8 MatMul weights to sign")
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         names: list[str] = []
