@@ -69,3 +69,12 @@ def test_models_info_says_where_the_model_runs(run_cli: CliRunner, tmp_path: Pat
     assert line.split()[2] == "cpu" and "not available: tensorrt" in line
     data = json.loads(run_cli("--config", config, "models", "info", "--json", GREEDY).out)
     assert data["provider"] == "cpu" and data["providers_missing"] == ["tensorrt"]
+
+
+def test_status_names_the_provider_the_daemon_runs_on() -> None:
+    from capwatch.cli.find import _running_model
+
+    live = {"model": "vit-gpt2", "model_id": "Xenova/vit-gpt2-image-captioning", "model_revision": "215b4edcb7ec",
+            "model_precision": "int8+encoder_model=fp32", "model_provider": "cuda"}
+    line = _running_model(live, "vit-gpt2")
+    assert line == "vit-gpt2 (Xenova/vit-gpt2-image-captioning @ 215b4edcb7ec, int8+encoder_model=fp32, on cuda)"
