@@ -103,8 +103,9 @@ def split_invariant(
     moved_outputs = {o for n in kept if id(n) in movable for o in n.output}
     data_outputs = tuple(name for name in _ordered(read) if name in hoisted_values)
     shape_outputs = tuple(name for name in _ordered(read) if name in moved_outputs)
-    if source in read:
-        raise RewriteError(f"the step graph would still need {source!r} itself")
+    for needed in (source, cache_switch):
+        if needed in read:
+            raise RewriteError(f"the step graph would still need {needed!r} itself")
     types = _value_types(model, graph)
 
     # The cross graph: what the fed values need, from the source and constants.
