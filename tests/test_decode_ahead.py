@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from capwatch.config import Config, ModelConfig
+from capwatch.daemon.pipeline import JobQueue, Pipeline
 from capwatch.library.index import Index
 from capwatch.library.process import Processor, clean_caption
 from capwatch.models.captioner import open_captioner
@@ -118,3 +120,35 @@ def test_a_file_changed_just_before_is_not_decoded_ahead(tmp_path: Path) -> None
             processor.close()
     assert outcome.caption == clean_caption(outcome.caption or "")
     assert outcome.error is None
+
+
+def test_the_daemon_pipeline_decodes_each_batch_while_the_model_works_on_the_one_before(tmp_path: Path) -> None:
+    photos = []
+    for i, name in enumerate(["blobs.jpg", "checker.png", "gradient.jpg", "red.png", "oriented.jpg", "gray.png"]):
+        photos.append(tmp_path / f"{i}-{name}")
+        shutil.copy(IMAGES / name, photos[-1])
+    _settle(*photos)
+    made: list[Processor] = []
+
+    def make_processor() -> Processor:
+        made.append(_processor(Index.open(tmp_path / "i.db")))
+        return made[0]
+
+    queue = JobQueue(64)
+    pipeline = Pipeline(queue, make_processor=make_processor, open_index=lambda: Index.open(tmp_path / "i.db"),
+                        batch_size=2, batch_wait_seconds=0.0)
+    stop = threading.Event()
+    for photo in photos:
+        assert queue.put_backfill(photo, stop)
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 60
+        while pipeline.stats().processed < len(photos) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        pipeline.stop()
+        made[0].close()
+    assert pipeline.stats().processed == len(photos)
+    # every batch after the first was handed over while the model still worked on the one before
+    assert made[0].decoded_ahead >= 2
+    assert made[0]._ahead == {}

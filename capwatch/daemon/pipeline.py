@@ -368,6 +368,12 @@ class Pipeline:
                     continue
                 todo, unchanged = self._prepare(index, batch)
                 with self._handoff_cond:
+                    ahead = self._decode_ahead
+                if ahead is not None and todo:
+                    # Decoded on the processor's own thread while the model works on the batch before this one;
+                    # asked before the hand-off, so the model thread never reaches a file before its decode is.
+                    ahead(todo)
+                with self._handoff_cond:
                     # One batch prepared ahead of the model hides the I/O; more would only hold memory.
                     while self._handoff and not self._stop.is_set():
                         self._handoff_cond.wait(0.2)
@@ -376,10 +382,6 @@ class Pipeline:
                         return
                     self._handoff.append((batch, todo))
                     self._handoff_cond.notify_all()
-                    ahead = self._decode_ahead
-                if ahead is not None and todo:
-                    # decoded on the processor's own thread while the model works on the batch before this one
-                    ahead(todo)
                 if unchanged:
                     self._count(unchanged, [], unchanged)
         finally:

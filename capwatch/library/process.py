@@ -178,6 +178,8 @@ class Processor:
         self.clock = clock
         self.journal = journal if journal is not None else Journal.default()
         self.hooks = hooks if hooks is not None else WriteHooks()
+        #: Files whose decode made ahead was used (the rest were decoded in their turn).
+        self.decoded_ahead = 0
         self._ahead: dict[str, Future[_Decoded | None]] = {}
         self._ahead_lock = threading.Lock()
         self._decoder: ThreadPoolExecutor | None = None
@@ -214,6 +216,7 @@ class Processor:
             future = self._ahead.pop(job.path, None)
         decoded = future.result() if future is not None else None
         if decoded is not None and decoded.identity.matches_stat_of(job.snap.identity):
+            self.decoded_ahead += 1
             if decoded.error is not None:
                 raise ImageError(decoded.error)
             return decoded.pixels
@@ -236,9 +239,15 @@ class Processor:
             else:
                 jobs.append((position, result))
         size = max(1, self.config.model.batch_size)
-        for start in range(0, len(jobs), size):
-            for position, outcome in self._caption_chunk(jobs[start:start + size]):
-                outcomes[position] = outcome
+        try:
+            for start in range(0, len(jobs), size):
+                for position, outcome in self._caption_chunk(jobs[start:start + size]):
+                    outcomes[position] = outcome
+        finally:
+            # Decodes of files that did not reach the model (skipped, failed, kept) are dropped with the batch.
+            with self._ahead_lock:
+                for path in paths:
+                    self._ahead.pop(normalise_path(path), None)
         return [outcomes[i] for i in range(len(paths))]
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
