@@ -64,12 +64,14 @@ def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json:
     with _maybe_index(config, dry_run) as index:
         processor = _processor(config, index, captioner, dry_run=dry_run, force=force)
         size = max(1, config.model.batch_size)
-        for start in range(0, len(files), size):
-            processor.decode_ahead(files[start + size:start + 2 * size])  # decoded while this chunk is captioned
-            for outcome in processor.process(files[start:start + size], skip_captioned=False):
-                failed |= outcome.error is not None
-                _emit(outcome, as_json)
-        processor.close()
+        try:
+            for start in range(0, len(files), size):
+                processor.decode_ahead(files[start + size:start + 2 * size])  # decoded while this one is captioned
+                for outcome in processor.process(files[start:start + size], skip_captioned=False):
+                    failed |= outcome.error is not None
+                    _emit(outcome, as_json)
+        finally:
+            processor.close()
     captioner.close()
     ctx.exit(1 if failed else 0)
 
