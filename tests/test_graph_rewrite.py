@@ -389,3 +389,33 @@ def test_a_graph_onnx_cannot_parse_keeps_the_published_graph(store: DerivedCache
             _tokens(cap, model)
     assert cap.split is None
     assert any("cannot rewrite the graph" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rewrite_that_would_not_fit_in_memory_is_not_started(store: DerivedCache, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    source = GREEDY / "onnx" / "decoder_model_merged.onnx"
+    monkeypatch.setattr(derived, "memory_available", lambda: derived.PEAK_PER_SOURCE_BYTE * source.stat().st_size - 1)
+    with caplog.at_level(logging.INFO, logger="capwatch.models.derived"):
+        cap = _open(GREEDY, store)
+        assert _tokens(cap, GREEDY) == _goldens(GREEDY)
+    assert cap.split is None
+    assert any("needs about" in r.getMessage() for r in caplog.records)
+    assert not list(store.root.glob("*.failed"))  # tried again when memory allows
+    monkeypatch.setattr(derived, "memory_available", lambda: None)
+    again = _open(GREEDY, store)
+    assert _tokens(again, GREEDY) == _goldens(GREEDY)
+    assert again.split is not None
+
+
+def test_memory_available_is_lowered_by_a_cgroup_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    assert derived.memory_available(meminfo, tmp_path / "no-cgroup") == 20_000_000 * 1024
+    relative = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[-1].lstrip("/")
+    group = tmp_path / "cgroup" / relative
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text("1572864000\n")
+    (group / "memory.current").write_text("104857600\n")
+    assert derived.memory_available(meminfo, tmp_path / "cgroup") == 1572864000 - 104857600
+    (group / "memory.max").write_text("max\n")
+    assert derived.memory_available(meminfo, tmp_path / "cgroup") == 20_000_000 * 1024

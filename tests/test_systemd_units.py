@@ -76,6 +76,7 @@ def test_system_unit_is_a_sandboxed_notify_service() -> None:
     assert service["IOSchedulingClass"] == "idle"
     assert int(service["Nice"]) > 0
     assert service["MemoryMax"]
+    assert service["OOMPolicy"] == "continue"  # a killed helper process does not stop the service
     assert "-HUP" in service["ExecReload"]
     assert service["ExecStart"].split()[-1] == "watch"
 
