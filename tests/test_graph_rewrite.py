@@ -355,6 +355,8 @@ def test_entries_nothing_can_use_any_more_are_pruned_when_a_new_one_is_made(stor
     _tokens(fresh, BEAM)
     assert fresh.split is not None and fresh.split.step.is_file()
     assert not old_entry.exists() and not stale.exists()
+    memos = [json.loads(m.read_text())["facts"][0] for m in (store.root / "sources").iterdir()]
+    assert memos and not any(str(gone) in m for m in memos)  # the deleted model's memo went too
     # an entry whose source is still there is kept
     kept = _open(GREEDY, store)
     _tokens(kept, GREEDY)

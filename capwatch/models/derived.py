@@ -436,6 +436,17 @@ def prune(root: Path) -> list[Path]:
                 else:
                     path.unlink()
                 removed.append(path)
+    try:
+        memos = list(os.scandir(root / "sources"))
+    except OSError:
+        memos = []
+    for memo in memos:
+        record = cache.read_marker(Path(memo.path)) if memo.is_file(follow_symlinks=False) else None
+        facts = record.get("facts") if record is not None else None
+        if isinstance(facts, list) and facts and isinstance(facts[0], str) and not os.path.exists(facts[0]):
+            with contextlib.suppress(OSError):
+                os.unlink(memo.path)
+                removed.append(Path(memo.path))
     return removed
 
 
