@@ -66,8 +66,14 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
             pct = f"{100 * done / total:5.1f}%" if total else ""
             click.echo(f"\r{file}: {_human_bytes(done)} of {_human_bytes(total)} {pct}   ", err=True, nl=False)
 
-    # --precision names the precision of every graph; otherwise the configuration's (per graph, too) applies
-    wanted = precision_key(precision) if precision else wanted_precision(get_spec(name), config.model)
+    # --precision names the precision of every graph; otherwise the configured precision applies, and the
+    # configured graph_precision too when NAME is the configured model (its graph names may not exist in another)
+    if precision:
+        wanted = precision_key(precision)
+    elif name == config.model.name and config.model.dir is None:
+        wanted = wanted_precision(get_spec(name), config.model)
+    else:
+        wanted = wanted_precision(get_spec(name), dataclasses.replace(config.model, graph_precision={}))
     resolved = pull(name, wanted, os.environ, progress=progress)
     if show:
         click.echo("", err=True)
