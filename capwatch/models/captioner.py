@@ -169,14 +169,19 @@ class Captioner(abc.ABC):
         graphs with uint8 MatMul weights get int8 ones with the same real values, on CPUs where that is exact (and
         faster). Families add their own (ViT-GPT2: the split decoder).
         """
-        on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
-        if self.derived is None or not on_cpu or not signed_is_exact():
+        if self.derived is None or not self._signs_int8():
             return paths
         shapes = {}
         if (size := self.preprocessor.output_size) is not None:
             shapes["pixel_values"] = (1, 3, *size)
         return {stem: signed_graph(path, self.derived, shapes) or path if self.graph_precisions[stem] == "int8"
                 else path for stem, path in paths.items()}
+
+    def _signs_int8(self) -> bool:
+        """True when int8 graphs get signed weights here: rewrites are on, the model runs on the CPU, and the CPU
+        accumulates them exactly (see derived.signed_is_exact)."""
+        on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
+        return self.derived is not None and on_cpu and signed_is_exact()
 
     def postprocess(self, text: str) -> str:
         """Turn decoded text into the caption (families override to strip task artefacts)."""
@@ -287,8 +292,7 @@ class VisionEncoderDecoderCaptioner(Captioner):
             return paths
         hidden = self._encoder_width()
         if hidden is not None:
-            on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
-            signed = self.graph_precisions[ved.DECODER] == "int8" and on_cpu and signed_is_exact()
+            signed = self.graph_precisions[ved.DECODER] == "int8" and self._signs_int8()
             probe = ProbeSpec(self.model.path / "config.json", hidden, self.settings.decoder_start_token_id)
             self.split = split_decoder(paths[ved.DECODER], self.derived, probe, signed=signed)
         if self.split is None:

@@ -98,11 +98,10 @@ def split_invariant(
     # Shape nodes of hoisted values move to the cross graph: their results are fed, not the values.
     movable = {id(n) for n in kept if n.op_type in _SHAPE_OPS and n.input[0] in hoisted_values | {source}}
     step_nodes = _closure([n for n in kept if id(n) not in movable], [], {o.name for o in graph.output})
-    read = _ordered(name for node in step_nodes for name in _node_inputs(node))
-    read += tuple(o.name for o in graph.output)
+    read = _ordered([*(name for node in step_nodes for name in _node_inputs(node)), *(o.name for o in graph.output)])
     moved_outputs = {o for n in kept if id(n) in movable for o in n.output}
-    data_outputs = tuple(name for name in _ordered(read) if name in hoisted_values)
-    shape_outputs = tuple(name for name in _ordered(read) if name in moved_outputs)
+    data_outputs = tuple(name for name in read if name in hoisted_values)
+    shape_outputs = tuple(name for name in read if name in moved_outputs)
     for needed in (source, cache_switch):
         if needed in read:
             raise RewriteError(f"the step graph would still need {needed!r} itself")
