@@ -148,12 +148,13 @@ def test_kill_9_of_scan_mid_write_leaves_no_temp_file_after_the_next_scan(tmp_pa
                             stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: ready.exists() or proc.poll() is not None, what="the write to reach its hook")
+        # Group commit: every file of the batch has its complete temp file before the first one lands.
         temps = [n for n in os.listdir(photos) if is_temp_file(n)]
-        assert len(temps) == 1, os.listdir(photos)
+        assert len(temps) == 2, os.listdir(photos)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    assert (photos / temps[0]).exists()
+    assert all((photos / temp).exists() for temp in temps)
     assert {p.name: p.read_bytes() for p in photos.iterdir() if not is_temp_file(p.name)} == originals
 
     result = run_cli("--db", db, "--model", MODEL, "scan", photos, env={"XDG_STATE_HOME": str(state)})

@@ -28,7 +28,17 @@ from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot
-from capwatch.metadata import FileChanged, FileSnapshot, Journal, Provenance, WriteHooks, read_snapshot, write_caption
+from capwatch.metadata import (
+    CaptionWrite,
+    FileChanged,
+    FileSnapshot,
+    Journal,
+    Provenance,
+    WriteHooks,
+    WriteResult,
+    read_snapshot,
+    write_captions,
+)
 from capwatch.metadata.identity import FileIdentity
 
 if TYPE_CHECKING:
@@ -333,37 +343,57 @@ class Processor:
         if not ready:
             return results
         captions = self.captioner.caption_pixels(np.stack(tensors))
-        for (position, job), caption in zip(ready, captions, strict=True):
-            results.append((position, self._finish(job, clean_caption(caption.text))))
-        return results
+        finished = [(position, job, clean_caption(caption.text))
+                    for (position, job), caption in zip(ready, captions, strict=True)]
+        return results + self._finish(finished)
 
-    def _finish(self, job: _Job, text: str) -> FileOutcome:
+    def _finish(self, finished: list[tuple[int, _Job, str]]) -> list[tuple[int, FileOutcome]]:
+        """Write the captions of one model batch into their files, group-committed, and record what each file
+        holds afterwards in the index (one transaction)."""
         model_id = self.captioner.model_id
-        path = Path(job.path)
-        if not text:
-            # Nothing to write or search; recorded as an error so that `status` shows it and --force retries it.
-            return self._fail(job.path, f"{job.path}: the model produced an empty caption", job.snap)
-        if self.dry_run:
-            return FileOutcome(path, text, model_id, skipped=HUMAN_KEPT if job.human_skip else None)
-        now = _now_iso(self.clock)
-        if self.hooks.before_write is not None:
-            self.hooks.before_write(path)
-        if job.index_only or self.config.metadata.write == "none":
-            return self._record_index_only(job, text, now)
-        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=now)
+        results: list[tuple[int, FileOutcome]] = []
+        writes: list[tuple[int, _Job, str]] = []
+        for position, job, text in finished:
+            path = Path(job.path)
+            if not text:
+                # Nothing to write or search; recorded as an error so that `status` shows it and --force retries.
+                results.append((position, self._fail(job.path, f"{job.path}: the model produced an empty caption",
+                                                     job.snap)))
+            elif self.dry_run:
+                results.append((position, FileOutcome(path, text, model_id,
+                                                      skipped=HUMAN_KEPT if job.human_skip else None)))
+            else:
+                if self.hooks.before_write is not None:
+                    self.hooks.before_write(path)
+                if job.index_only or self.config.metadata.write == "none":
+                    results.append((position, self._record_index_only(job, text, _now_iso(self.clock))))
+                else:
+                    writes.append((position, job, text))
+        if not writes:
+            return results
+        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock))
+        requests = [CaptionWrite(Path(job.path), text, provenance, job.snap) for _, job, text in writes]
         try:
-            result = write_caption(path, text, provenance, self.config.metadata, force=self.force,
-                                   expected=job.snap, journal=self.journal, hooks=self.hooks)
-        except FileChanged as exc:
-            return FileOutcome(path, text, model_id, skipped=str(exc), changed=True)
-        except CapwatchError as exc:
-            return self._fail(job.path, str(exc), job.snap)
-        assert result.snapshot is not None  # metadata writing is on
-        # What the file holds now, read after the write: ours, or the words of whoever wrote last.
-        record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
-        if self.index is not None:
-            self.index.upsert(record)
-        return FileOutcome(path, text, model_id, written=result.written, skipped=result.skipped)
+            landed: Sequence[object] = write_captions(requests, self.config.metadata, force=self.force,
+                                                      journal=self.journal, hooks=self.hooks)
+        except CapwatchError as exc:  # the journal cannot be written: no file of the batch was touched
+            landed = [exc] * len(writes)
+        records: list[ImageRecord] = []
+        for (position, job, text), result in zip(writes, landed, strict=True):
+            path = Path(job.path)
+            if isinstance(result, FileChanged):
+                results.append((position, FileOutcome(path, text, model_id, skipped=str(result), changed=True)))
+            elif isinstance(result, CapwatchError):
+                results.append((position, self._fail(job.path, str(result), job.snap)))
+            else:
+                assert isinstance(result, WriteResult) and result.snapshot is not None  # metadata writing is on
+                # What the file holds now, read after the write: ours, or the words of whoever wrote last.
+                records.append(record_from_snapshot(job.path, result.snapshot, job.previous, self.config))
+                results.append((position, FileOutcome(path, text, model_id, written=result.written,
+                                                      skipped=result.skipped)))
+        if self.index is not None and records:
+            self.index.upsert_many(records)
+        return results
 
     def _record_index_only(self, job: _Job, text: str, now: str) -> FileOutcome:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as

@@ -1,7 +1,8 @@
 """Captions in image files: read descriptions (and whose words they are), write captions losslessly.
 
 Public API (everything else in this package is an implementation detail):
-``read_metadata``, ``read_snapshot``, ``write_caption``, ``is_temp_file``, the write ``Journal`` (crash recovery),
+``read_metadata``, ``read_snapshot``, ``write_caption`` (and ``write_captions`` with ``CaptionWrite``: a batch,
+group-committed), ``is_temp_file``, the write ``Journal`` (crash recovery),
 ``FileChanged`` (a write refused because the file changed since it was read), and the records ``Provenance``,
 ``Description``, ``FileMetadata``, ``FileIdentity``, ``FileSnapshot``, ``WriteResult``, ``WriteHooks``.
 Provenance lives in the XMP namespace ``https://capwatch.invalid/ns/1.0/`` (prefix ``capwatch``), see
@@ -13,9 +14,10 @@ from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fi
 from capwatch.metadata.journal import Journal, RecoveryReport
 from capwatch.metadata.reader import read_metadata, read_snapshot
 from capwatch.metadata.records import Description, FileMetadata, FileSnapshot, Provenance, WriteHooks, WriteResult
-from capwatch.metadata.writer import write_caption
+from capwatch.metadata.writer import CaptionWrite, write_caption, write_captions
 
 __all__ = [
+    "CaptionWrite",
     "Description",
     "FileChanged",
     "FileIdentity",
@@ -31,4 +33,5 @@ __all__ = [
     "read_metadata",
     "read_snapshot",
     "write_caption",
+    "write_captions",
 ]

@@ -18,6 +18,12 @@ and the inode keeps its owner: a complete copy of the original is written and fs
 ``.<name>.capwatch-<pid>-<random>.bak`` (journal entry with the sha256 of the old and the new content first); the
 identity is checked; the new content is written into the file and fsynced; the file is verified; only then is the
 copy removed.
+
+Group commit (:func:`replace_files`): a batch of files pays the waits once instead of once per file: one journal
+entry for all of them, every temp file written before any is fsynced (so the file system commits them together),
+one journal note with every temp inode, then the identity check and exchange file by file, and one fsync per
+directory at the end. Each file keeps the guarantees of :func:`replace_file`: nothing lands unless it is still the
+file that was read, right before its own exchange.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, write_all
 from capwatch.metadata.identity import FileChanged, FileIdentity, same_stat, unchanged
 from capwatch.metadata.journal import Entry, Journal, sha256_bytes
 
-__all__ = ["Content", "FileChanged", "Part", "Tail", "create_file", "is_temp_file", "replace_file", "temp_path",
-           "write_all"]
+__all__ = ["Content", "FileChanged", "Part", "Replacement", "Tail", "create_file", "is_temp_file", "replace_file",
+           "replace_files", "temp_path", "write_all"]
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.capwatch-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|bak)$")
 
@@ -243,6 +249,180 @@ def replace_file(path: Path, data: Content, expected: FileIdentity, *, journal: 
             os.close(src_fd)
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """One file of a group commit: give ``path`` the content ``data`` if it still is ``expected``."""
+
+    path: Path
+    data: Content
+    expected: FileIdentity
+    #: Called with ``path`` right before its final identity check (tests drive concurrent editors with it).
+    before_commit: Hook | None = None
+
+
+@dataclass
+class _Staged:
+    """A group member on its way: its temp file, the open descriptors, and the stat of the file it replaces."""
+
+    number: int
+    item: Replacement
+    st: os.stat_result
+    tmp: Path
+    src_fd: int | None = None
+    fd: int | None = None
+    inode: tuple[int, int] | None = None
+
+
+def replace_files(items: Sequence[Replacement], *, journal: Journal, keep_mtime: bool = True,
+                  ) -> list[MetadataError | None]:
+    """Group commit: :func:`replace_file` for each of ``items``, with the same guarantees per file, but one journal
+    entry, one pass of fsyncs over temp files all written first, one journal note and one fsync per directory for
+    the whole group.
+
+    Gives one result per item, in order: None when the new content landed, else the FileChanged or MetadataError
+    that :func:`replace_file` would have raised for that file (nothing written to it). Hard-linked files and files
+    whose owner cannot be kept are edited in place one by one (:func:`replace_file`). Raises JournalError when the
+    journal cannot be written (nothing written to any file).
+    """
+    results: list[MetadataError | None] = [None] * len(items)
+    staged: list[_Staged] = []
+    in_place: list[int] = []
+    for number, item in enumerate(items):
+        try:
+            st = _stat_as_read(item.path, item.expected)
+        except MetadataError as exc:
+            results[number] = exc
+            continue
+        if needs_in_place(st):
+            in_place.append(number)
+        else:
+            staged.append(_Staged(number, item, st, temp_path(item.path, "tmp")))
+    if staged:
+        entry = journal.replace_group([(s.item.path, s.tmp, s.item.expected) for s in staged])
+        try:
+            _commit_group(staged, results, entry, keep_mtime=keep_mtime)
+        finally:
+            for member in staged:
+                for fd in (member.fd, member.src_fd):
+                    if fd is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+            if any(os.path.lexists(s.tmp) for s in staged):
+                entry.abandon()  # whatever a temp name holds now, recovery decides by inode
+            else:
+                entry.close()
+    # After the group, so that a journal failure above still means nothing was written to any file.
+    for number in in_place:
+        item = items[number]
+        try:
+            replace_file(item.path, item.data, item.expected, journal=journal, keep_mtime=keep_mtime,
+                         before_commit=item.before_commit)
+        except MetadataError as exc:
+            results[number] = exc
+    return results
+
+
+def _stat_as_read(path: Path, expected: FileIdentity) -> os.stat_result:
+    """``path``'s stat, provided it still is the file that was read. Raises FileChanged or MetadataError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileChanged(f"{path}: file vanished before the write; left alone") from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
+    if not same_stat(st, expected):
+        raise FileChanged(f"{path}: file changed since it was read; left alone")
+    return st
+
+
+def _commit_group(staged: list[_Staged], results: list[MetadataError | None], entry: Entry, *,
+                  keep_mtime: bool) -> None:
+    """The phases of :func:`replace_files` after its journal entry exists; a member that fails gets its error in
+    ``results``, its temp file removed, and drops out."""
+
+    def fail(member: _Staged, exc: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(member.tmp)
+        if isinstance(exc, OSError):
+            exc = MetadataError(f"{member.item.path}: write failed: {_describe(exc)}")
+        assert isinstance(exc, MetadataError)
+        results[member.number] = exc
+
+    # 1. Every temp file written, none fsynced yet: the file system can then commit them all in one go.
+    for member in staged:
+        item = member.item
+        try:
+            if any(isinstance(p, Tail) for p in _parts(item.data)):
+                member.src_fd = _open_source(item.path, item.expected)
+            member.fd = os.open(member.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                | getattr(os, "O_CLOEXEC", 0), 0o600)
+            written = _write_parts(member.fd, item.data, member.src_fd)
+            if os.fstat(member.fd).st_size != written:
+                raise MetadataError(f"{item.path}: internal check failed: temp file has the wrong size")
+            _give_attributes(member.fd, item.path, member.st)
+        except (OSError, MetadataError) as exc:
+            fail(member, exc)
+    # 2. The durability pass.
+    for member in staged:
+        if results[member.number] is not None or member.fd is None:
+            continue
+        try:
+            os.fsync(member.fd)
+            done = os.fstat(member.fd)
+            member.inode = (done.st_dev, done.st_ino)
+        except OSError as exc:
+            fail(member, exc)
+        finally:
+            os.close(member.fd)
+            member.fd = None
+        if member.src_fd is not None:
+            os.close(member.src_fd)
+            member.src_fd = None
+    # 3. One note: from here on each temp file may change places with its target (recovery tells them apart by
+    # these inodes; the keys are the members' places in the journal entry).
+    live = [(slot, m) for slot, m in enumerate(staged) if results[m.number] is None and m.inode is not None]
+    entry.note({"temp_inodes": {str(slot): list(m.inode) for slot, m in live if m.inode is not None}})
+    # 4. File by file, the identity check right before the exchange.
+    directories: dict[Path, None] = {}
+    for _, member in live:
+        item = member.item
+        try:
+            if keep_mtime:
+                os.utime(member.tmp, ns=(member.st.st_atime_ns, member.st.st_mtime_ns))
+            if item.before_commit is not None:
+                item.before_commit(item.path)
+            verify_unchanged(item.path, item.expected)
+            try:
+                swapped = exchange(member.tmp, item.path)
+            except FileNotFoundError:
+                raise FileChanged(f"{item.path}: file vanished during the write; left alone") from None
+            if not swapped:
+                os.replace(member.tmp, item.path)
+        except (OSError, MetadataError) as exc:
+            fail(member, exc)
+            continue
+        directories[item.path.parent] = None
+        if swapped:
+            try:
+                _settle_exchange(item.path, member.tmp, item.expected)
+            except MetadataError as exc:
+                # Exchanged back (FileChanged), or unsettled: then its leftovers stay for the journal's recovery.
+                results[member.number] = exc
+    # 5. One fsync per directory makes every rename in it durable.
+    for directory in directories:
+        fsync_dir(directory)
+
+
+def _give_attributes(fd: int, path: Path, st: os.stat_result) -> None:
+    """Mode, owner (where allowed) and extended attributes of the file at ``path`` onto the temp file ``fd``."""
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    if hasattr(os, "fchown") and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        with contextlib.suppress(PermissionError):
+            # Group may fail for a non-root user outside the group: keeping the mode matters more.
+            os.fchown(fd, st.st_uid, st.st_gid)
+    _copy_xattrs(path, fd)
+
+
 def _replace_by_rename(path: Path, tmp: Path, data: Content, src_fd: int | None, expected: FileIdentity,
                        st: os.stat_result, entry: Entry, *, keep_mtime: bool, before_commit: Hook | None) -> None:
     try:
@@ -255,12 +435,7 @@ def _replace_by_rename(path: Path, tmp: Path, data: Content, src_fd: int | None,
             written = _write_parts(fd, data, src_fd)
             if os.fstat(fd).st_size != written:
                 raise MetadataError(f"{path}: internal check failed: temp file has the wrong size")
-            os.fchmod(fd, stat.S_IMODE(st.st_mode))
-            if hasattr(os, "fchown") and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                with contextlib.suppress(PermissionError):
-                    # Group may fail for a non-root user outside the group: keeping the mode matters more.
-                    os.fchown(fd, st.st_uid, st.st_gid)
-            _copy_xattrs(path, fd)
+            _give_attributes(fd, path, st)
             os.fsync(fd)
             done = os.fstat(fd)
         finally:

@@ -15,6 +15,9 @@ drops the lock when the writer dies, however it dies. :meth:`Journal.recover` re
     we read at the temp name: the exchange happened, the target holds our new version, the old one goes. Any
     other inode there: another program replaced the target at that very instant; if the target holds our inode,
     exchange back, so their version stays.
+``replace_group`` (group commit: several ``replace`` writes under one entry)
+    One registration for a batch of files, and one note with every complete temp file's inode, each item then
+    resolved exactly as a ``replace`` entry; the entry goes once every item is settled.
 ``create`` (a new sidecar linked into place)
     A temp file still there is ours: delete it.
 ``in_place`` (hard-linked files and files we do not own, edited in place after a full backup)
@@ -39,7 +42,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +183,15 @@ class Journal:
         return self.begin({"kind": "replace", "target": _encode(target), "temp": _encode(temp),
                            "expected": _identity_dict(expected)})
 
+    def replace_group(self, items: Sequence[tuple[Path, Path, FileIdentity]]) -> Entry:
+        """Register several (target, temp, expected) writes under one entry: a batch pays for one registration
+        instead of one per file. Before any exchange the caller notes every complete temp file's inode at once
+        (``{"temp_inodes": {"<item>": [dev, ino], ...}}``); it closes the entry once every write is settled, or
+        abandons it to recovery."""
+        return self.begin({"kind": "replace_group", "items": [
+            {"target": _encode(target), "temp": _encode(temp), "expected": _identity_dict(expected)}
+            for target, temp, expected in items]})
+
     @contextlib.contextmanager
     def create(self, target: Path, temp: Path) -> Iterator[Entry]:
         """Register a temp file that will be hard-linked as the new file ``target``."""
@@ -240,8 +252,7 @@ class Journal:
                     outcome = _Outcome(keep=True, message=f"journal entry {entry_path}: {exc.strerror or exc}; "
                                                           "kept for the next run")
                 removed += outcome.removed
-                if outcome.restored:
-                    restored.append(outcome.restored)
+                restored.extend(outcome.restored)
                 if outcome.message:
                     messages.append(outcome.message)
                 if outcome.keep:
@@ -285,6 +296,8 @@ class Journal:
             return _remove_temp(Path(record["temp"]))
         if kind == "replace":
             return _resolve_replace(record)
+        if kind == "replace_group":
+            return _resolve_group(record)
         if kind == "in_place":
             return self._resolve_in_place(record)
         return _Outcome(keep=True, message=f"journal entry of unknown kind {kind!r}; kept")
@@ -325,7 +338,7 @@ class Journal:
             return _Outcome(keep=True, message=f"{target}: could not be restored; the original is kept in {backup}")
         os.unlink(backup)
         note = f"; what it held is kept in {saved}" if saved else ""
-        return _Outcome(removed=1, restored=str(target),
+        return _Outcome(removed=1, restored=(str(target),),
                         message=f"{target}: restored from its backup after an interrupted write{note}")
 
     def _save_conflict(self, target: Path) -> Path | None:
@@ -346,7 +359,7 @@ class Journal:
 class _Outcome:
     keep: bool = False
     removed: int = 0
-    restored: str | None = None
+    restored: tuple[str, ...] = ()
     message: str | None = None
 
 
@@ -396,10 +409,30 @@ def _resolve_replace(record: Mapping[str, Any]) -> _Outcome:
     if _inode(target) == ours and exchange(temp, target) and _inode(temp) == ours:
         # Another program's file was swapped out at the instant of our write: it goes back, ours goes.
         os.unlink(temp)
-        return _Outcome(removed=1, restored=str(target),
+        return _Outcome(removed=1, restored=(str(target),),
                         message=f"{target}: another program's version put back after an interrupted write")
     return _Outcome(keep=True, message=f"{temp}: left from an interrupted write of {target}, holding a file that "
                                        "is neither capwatch's nor the one it read; left alone")
+
+
+def _resolve_group(record: Mapping[str, Any]) -> _Outcome:
+    """Each item of a ``replace_group`` entry resolved as its own ``replace`` entry; the entry is kept while any
+    item is (items already settled resolve to nothing the next time)."""
+    inodes = record.get("temp_inodes", {})
+    outcomes: list[_Outcome] = []
+    for number, item in enumerate(record["items"]):
+        single = dict(item)
+        if str(number) in inodes:
+            single["temp_dev"], single["temp_ino"] = inodes[str(number)]
+        try:
+            outcomes.append(_resolve_replace(single))
+        except OSError as exc:
+            outcomes.append(_Outcome(keep=True, message=f"{item['target']}: {exc.strerror or exc}; kept for the "
+                                                        "next run"))
+    messages = [o.message for o in outcomes if o.message]
+    return _Outcome(keep=any(o.keep for o in outcomes), removed=sum(o.removed for o in outcomes),
+                    restored=tuple(r for o in outcomes for r in o.restored),
+                    message="; ".join(messages) if messages else None)
 
 
 def _utc_now() -> str:

@@ -18,6 +18,7 @@ import os
 import stat
 import struct
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,16 +55,94 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     it again), and MetadataError (one line) when the file cannot be read or written safely, including when part
     of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
-    path = Path(path)
+    prepared = _prepare(CaptionWrite(Path(path), caption, provenance, expected), config, force=force)
+    if isinstance(prepared, WriteResult):
+        return prepared
+    snap, text = prepared
+    journal = journal if journal is not None else Journal.default()
+    return _write_prepared(snap, text, provenance, config, journal, hooks)
+
+
+@dataclass(frozen=True)
+class CaptionWrite:
+    """One file of :func:`write_captions`: the arguments :func:`write_caption` takes for one file."""
+
+    path: Path
+    caption: str
+    provenance: Provenance
+    expected: FileSnapshot | None = None
+
+
+def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, force: bool = False,
+                   journal: Journal | None = None, hooks: WriteHooks = NO_HOOKS) -> list[WriteResult | MetadataError]:
+    """:func:`write_caption` for a batch of files, group-committed: the files whose caption goes into the file
+    itself by rename share one journal entry, one fsync pass and one fsync per directory
+    (:func:`capwatch.metadata.atomic.replace_files`); every other write (sidecars, hard-linked files edited in
+    place) goes as :func:`write_caption` does it. Each file is checked against its ``expected`` snapshot right
+    before its own write lands, exactly as one at a time.
+
+    Gives one entry per request, in order: the WriteResult, or the FileChanged / MetadataError that
+    :func:`write_caption` would have raised for that file. Raises JournalError when the journal cannot be written
+    (then nothing was written to any file of the group).
+    """
+    journal = journal if journal is not None else Journal.default()
+    results: list[WriteResult | MetadataError | None] = [None] * len(requests)
+    group: list[tuple[int, FileSnapshot, Plan]] = []
+    for number, request in enumerate(requests):
+        try:
+            prepared = _prepare(request, config, force=force)
+            if isinstance(prepared, WriteResult):
+                results[number] = prepared
+                continue
+            snap, text = prepared
+            if config.write != "embedded" or snap.metadata.format not in EMBEDDABLE:
+                results[number] = _write_prepared(snap, text, request.provenance, config, journal, hooks)
+                continue
+            try:
+                plan = _plan_file(snap, text, request.provenance, config)
+            except EmbedNotSafe:
+                sidecars = _write_sidecars(snap, text, request.provenance, journal, hooks)
+                results[number] = WriteResult(tuple(sidecars), None, read_snapshot(snap.path, known=snap)) \
+                    if sidecars else WriteResult((), UNCHANGED, snap)
+                continue
+            if not plan.changed:
+                results[number] = WriteResult((), UNCHANGED, snap)
+                continue
+            group.append((number, snap, plan))
+        except MetadataError as exc:
+            results[number] = exc
+    landed = atomic.replace_files(
+        [atomic.Replacement(snap.path, plan.parts, snap.identity, hooks.before_commit) for _, snap, plan in group],
+        journal=journal, keep_mtime=config.keep_mtime)
+    for (number, snap, plan), error in zip(group, landed, strict=True):
+        if error is not None:
+            results[number] = error
+            continue
+        try:
+            results[number] = WriteResult(plan.written, None, read_snapshot(snap.path, known=snap))
+        except MetadataError as exc:
+            results[number] = exc
+    return [r if r is not None else MetadataError("internal error: no result") for r in results]
+
+
+UNCHANGED = "unchanged: the file already carries this caption"
+
+
+def _prepare(request: CaptionWrite, config: MetadataConfig, *, force: bool
+             ) -> WriteResult | tuple[FileSnapshot, str]:
+    """What every write starts with: the caption cleaned, the file read and checked against ``expected``, and
+    the decisions that need no writing. Gives the final WriteResult when nothing is to be written, else the
+    snapshot and the cleaned caption. Raises FileChanged and MetadataError as :func:`write_caption` does."""
+    path = request.path
     # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
-    text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in caption))
+    text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in request.caption))
     text = " ".join(text.split())
     if not text:
         raise MetadataError(f"{path}: refusing to write an empty caption")
     if config.write == "none":
         return WriteResult((), "metadata writing is off (metadata.write = none)")
-    snap = read_snapshot(path, known=expected)
-    if expected is not None and not snap.same_as(expected):
+    snap = read_snapshot(path, known=request.expected)
+    if request.expected is not None and not snap.same_as(request.expected):
         raise FileChanged(f"{path}: changed while it was being captioned; nothing written")
     desc = snap.metadata.description
     if desc is not None and desc.kind == "human" and config.existing == "keep" and not force:
@@ -71,9 +150,14 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     if snap.unreadable:
         raise MetadataError(f"{path}: could not fully read {snap.unreadable[0]}; nothing written, so nothing in "
                             "it is lost")
-    journal = journal if journal is not None else Journal.default()
+    return snap, text
+
+
+def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance, config: MetadataConfig,
+                    journal: Journal, hooks: WriteHooks) -> WriteResult:
+    """The writes of one prepared file: embedded where the format and config allow it, else (or when embedding
+    is not safe) its sidecars. Raises FileChanged and MetadataError as :func:`write_caption` does."""
     written: list[str] = []
-    notes: list[str] = []
     sidecar = config.write in ("sidecar", "both")
     if config.write in ("embedded", "both"):
         if snap.metadata.format not in EMBEDDABLE:
@@ -81,14 +165,13 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
         else:
             try:
                 written += _write_embedded(snap, text, provenance, config, journal, hooks)
-            except EmbedNotSafe as exc:
-                notes.append(f"not embedded ({exc})")
+            except EmbedNotSafe:
                 sidecar = True
     if sidecar:
         written += _write_sidecars(snap, text, provenance, journal, hooks)
     if not written:
-        return WriteResult((), "unchanged: the file already carries this caption", snap)
-    return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(path, known=snap))
+        return WriteResult((), UNCHANGED, snap)
+    return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(snap.path, known=snap))
 
 
 def _is_read_only(path: Path, st: os.stat_result) -> bool:
@@ -98,6 +181,17 @@ def _is_read_only(path: Path, st: os.stat_result) -> bool:
 
 def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
                     journal: Journal, hooks: WriteHooks) -> list[str]:
+    plan = _plan_file(snap, caption, provenance, config)
+    if not plan.changed:
+        return []
+    atomic.replace_file(snap.path, plan.parts, snap.identity, journal=journal, keep_mtime=config.keep_mtime,
+                        before_commit=hooks.before_commit)
+    return list(plan.written)
+
+
+def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig) -> Plan:
+    """The new content of the file ``snap`` read, checked to still be that file. Raises EmbedNotSafe (use a
+    sidecar), FileChanged, and MetadataError (unreadable or malformed)."""
     path, fmt = snap.path, snap.metadata.format
     try:
         with open_noatime(path) as f:
@@ -122,11 +216,7 @@ def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, co
                 raise FileChanged(f"{path}: changed while it was being read; nothing written")
     except OSError as exc:
         raise MetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not plan.changed:
-        return []
-    atomic.replace_file(path, plan.parts, snap.identity, journal=journal, keep_mtime=config.keep_mtime,
-                        before_commit=hooks.before_commit)
-    return list(plan.written)
+    return plan
 
 
 @dataclass(frozen=True)
