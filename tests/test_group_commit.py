@@ -89,18 +89,28 @@ def test_a_group_commit_lands_the_same_bytes_as_one_file_at_a_time(tmp_path: Pat
     assert not [p for p in group.rglob("*") if is_temp_file(p.name)]
 
 
-def test_a_file_edited_right_before_its_turn_is_left_as_the_editor_made_it_and_the_rest_land(
+def test_files_edited_right_before_their_turn_are_left_as_the_editors_made_them_and_the_rest_land(
         tmp_path: Path) -> None:
-    files = [mc.make_jpeg(tmp_path / f"{n}.jpg") for n in range(4)]
-    victim = files[2]
-    edited: list[Path] = []
+    files = [mc.make_jpeg(tmp_path / f"{n}.jpg") for n in range(5)]
+    replaced, in_place = files[1], files[3]
+    edited: dict[Path, bytes] = {}
 
     def editor(path: Path) -> None:
-        # A real editor at the worst moment: every temp file of the group is complete and durable.
-        if path == victim:
-            assert sum(is_temp_file(n) for n in os.listdir(tmp_path)) == len(files) - len(edited)
+        # Real edits at the worst moment: every temp file of the group is complete and durable. One editor
+        # replaces the file (exiftool); the other patches it in place and puts size and mtime back, so only the
+        # ctime and the content tell.
+        assert sum(is_temp_file(n) for n in os.listdir(tmp_path)) >= 1
+        if path == replaced:
             mc.exiftool("-overwrite_original", "-XMP-dc:Description=Edited by a person", path)
-        edited.append(path)
+        elif path == in_place:
+            st = os.stat(path)
+            with open(path, "r+b") as f:
+                f.seek(14)
+                f.write(b"\x00\x48")  # JFIF density: 72 dpi
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        else:
+            return
+        edited[path] = path.read_bytes()
 
     from capwatch.metadata import WriteHooks
     snaps = [read_snapshot(p) for p in files]
@@ -108,9 +118,11 @@ def test_a_file_edited_right_before_its_turn_is_left_as_the_editor_made_it_and_t
                               zip(files, snaps, strict=True)],
                              EMBEDDED, journal=Journal(tmp_path / "journal"), hooks=WriteHooks(before_commit=editor))
 
-    assert isinstance(results[2], FileChanged)
-    assert mc.exiftool("-s3", "-XMP-dc:Description", victim).strip() == "Edited by a person"
-    for n in (0, 1, 3):
+    assert set(edited) == {replaced, in_place}
+    for path in edited:
+        assert isinstance(results[files.index(path)], FileChanged)
+        assert path.read_bytes() == edited[path]
+    for n in (0, 2, 4):
         result = results[n]
         assert isinstance(result, WriteResult) and result.written, result
         assert read_metadata(files[n]).description is not None
