@@ -10,6 +10,9 @@ that master set (copying is not timed) and does the same job on all files:
 
 * capwatch      write_caption() per file (reads the metadata, applies policy, patches EXIF, merges XMP, verifies
                 the image data, temp file + fsync + rename + directory fsync, keeps mode/owner/times);
+* capwatch group   write_captions() over batches of ``--batch`` files (what the processor does with one model
+                batch): the same work and durability, group-committed (one journal entry, one fsync pass, one
+                journal note, one directory fsync per batch);
 * exiftool      ONE ``exiftool -overwrite_original -ImageDescription=... -XMP-dc:Description=...`` over all files;
 * copy+rename   read each file, write it to a temp file in the same directory, rename over the original
                 (no fsync) -- the cost floor of any rewrite-the-file approach;
@@ -17,7 +20,8 @@ that master set (copying is not timed) and does the same job on all files:
 * capwatch (no fsync)  capwatch with os.fsync patched out for that run, to compare like for like with copy+rename.
 
 Sidecar writes (metadata.write = "sidecar": the image is untouched, a small .xmp is written) are timed separately.
-The best of ``--rounds`` rounds is reported per contender, then the ratios. Target: capwatch <= 1.2x copy+rename.
+The best of ``--rounds`` rounds is reported per contender, then the ratios. Target: capwatch group <= 1.2x
+copy+rename.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from capwatch.config import MetadataConfig  # noqa: E402
-from capwatch.metadata import Provenance, read_metadata, write_caption  # noqa: E402
+from capwatch.metadata import CaptionWrite, Provenance, read_metadata, write_caption, write_captions  # noqa: E402
 
 WORK = REPO / "bench" / "_work" / "metadata"
 CAPTION = "a dog running on a sandy beach next to the ocean at sunset"
@@ -90,6 +94,14 @@ def run_capwatch(files: list[Path]) -> None:
     config = MetadataConfig()
     for f in files:
         write_caption(f, CAPTION, PROVENANCE, config)
+
+
+def run_capwatch_group(files: list[Path], batch: int) -> None:
+    config = MetadataConfig()
+    for start in range(0, len(files), batch):
+        results = write_captions([CaptionWrite(f, CAPTION, PROVENANCE) for f in files[start:start + batch]], config)
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert not failed, failed
 
 
 def run_capwatch_no_fsync(files: list[Path]) -> None:
@@ -163,6 +175,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--regenerate", action="store_true")
+    parser.add_argument("--batch", type=int, default=8, help="files per group commit (a model batch)")
     args = parser.parse_args()
     if shutil.which("exiftool") is None:
         sys.exit("exiftool is required (Debian: libimage-exiftool-perl)")
@@ -173,6 +186,8 @@ def main() -> None:
         "copy+rename": timed("copy", master, run_copy, args.rounds),
         "copy+fsync+rename": timed("copyfsync", master, run_copy_fsync, args.rounds),
         "capwatch": timed("capwatch", master, run_capwatch, args.rounds),
+        f"capwatch group {args.batch}": timed("capwatchgroup", master,
+                                              lambda files: run_capwatch_group(files, args.batch), args.rounds),
         "capwatch (no fsync)": timed("capwatchnofsync", master, run_capwatch_no_fsync, args.rounds),
         "exiftool": timed("exiftool", master, run_exiftool, args.rounds),
         "capwatch sidecar": timed("sidecar", master, run_sidecar, args.rounds),
@@ -187,10 +202,15 @@ def main() -> None:
     print(f"capwatch / exiftool          = {results['capwatch'] / results['exiftool']:.2f}")
     print(f"capwatch / copy+fsync+rename = {results['capwatch'] / results['copy+fsync+rename']:.2f}  "
           "(same durability: the fair floor)")
+    group = results[f"capwatch group {args.batch}"]
+    print(f"capwatch group {args.batch} / capwatch one at a time = {group / results['capwatch']:.2f}")
+    print(f"capwatch group {args.batch} / copy+fsync+rename = {group / results['copy+fsync+rename']:.2f}")
     print(f"capwatch (no fsync) / copy+rename = {results['capwatch (no fsync)'] / base:.2f}  (like for like)")
-    ok = results["capwatch"] <= 1.2 * base
-    print(f"target capwatch <= 1.2x copy+rename: {'met' if ok else 'NOT met'}")
-    for name in ("copy", "copyfsync", "capwatch", "capwatchnofsync", "exiftool", "sidecar"):
+    # The processor writes each model batch as one group: that is the figure the target is about.
+    ok = group <= 1.2 * base
+    print(f"target capwatch group {args.batch} <= 1.2x copy+rename: {'met' if ok else 'NOT met'} "
+          f"({group / base:.2f}x; one at a time {results['capwatch'] / base:.2f}x)")
+    for name in ("copy", "copyfsync", "capwatch", "capwatchgroup", "capwatchnofsync", "exiftool", "sidecar"):
         shutil.rmtree(WORK / name, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def open_regular(path: Path) -> int | None:
@@ -80,6 +81,30 @@ def overwrite(path: Path, data: bytes, times: tuple[int, int] | None) -> None:
         os.close(fd)
     if times is not None:
         os.utime(path, ns=times)
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    function = getattr(libc, "sync_file_range", None)
+    if function is None:
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    result: Callable[..., int] = function
+    return result
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages to disk now, without waiting (Linux
+    sync_file_range SYNC_FILE_RANGE_WRITE): a later fsync then finds most of the work done. Not a durability
+    guarantee (only fsync is); a no-op where unsupported. Raises nothing."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 @functools.cache
