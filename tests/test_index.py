@@ -36,6 +36,25 @@ def test_new_index_is_created_with_every_migration_recorded(tmp_path: Path) -> N
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_opening_an_index_waits_for_another_connection_that_is_writing_to_it(tmp_path: Path) -> None:
+    # SQLite refuses the switch to WAL at once, without waiting, while another connection holds a lock: two
+    # programs opening a new index at the same moment (the daemon's threads, a scan beside it) lost one of them.
+    import threading
+
+    path = tmp_path / "index.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE unrelated (x)")  # still in the rollback-journal mode of a new file
+    other.execute("BEGIN IMMEDIATE")
+    done = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    done.start()
+    try:
+        with Index.open(path, busy_timeout=20) as index:
+            assert index.schema_version() == SCHEMA_VERSION
+    finally:
+        done.join()
+        other.close()
+
+
 def test_upgrade_from_version_1_makes_existing_rows_searchable(tmp_path: Path) -> None:
     db = tmp_path / "index.db"
     conn = sqlite3.connect(db, isolation_level=None)

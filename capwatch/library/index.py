@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -224,7 +225,7 @@ class Index:
             conn.execute("PRAGMA mmap_size = 1073741824")
         else:
             # WAL: readers (search) never wait for the daemon's writes; NORMAL sync is safe with WAL.
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn, busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         # Reading the schema forces SQLite to look at the file, so damage shows up here, not later.
@@ -529,6 +530,28 @@ class Index:
                       model=r[5], taken_at=r[6])
             for r in rows
         ]
+
+
+def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """Switch ``conn``'s file to WAL, waiting up to ``busy_timeout`` for other connections. Raises
+    sqlite3.OperationalError when it stays locked that long.
+
+    SQLite answers a journal-mode change that meets another connection's lock with "database is locked" at once,
+    without its busy handler: two programs opening a new index at the same moment (the daemon's threads, a scan
+    beside it) would otherwise fail one of them immediately."""
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+                or "locked" in str(exc)
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _prefix_range(directory: str) -> tuple[str, str]:
