@@ -16,6 +16,7 @@ from pathlib import Path
 
 from capwatch.errors import MetadataError
 from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
+from capwatch.metadata import keywords as kw
 from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.boilerplate import is_boilerplate
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
@@ -234,6 +235,66 @@ def describe(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -
     return Description(text, "human" if kind == "human" else "boilerplate", None, cand.origin)
 
 
+def _iptc_keywords(emb: Embedded) -> tuple[str, ...]:
+    # A damaged IPTC block is already noted in ``problems`` by _iptc_caption; its keywords are then unknown.
+    try:
+        if emb.irb is not None and iptc.has_iptc(emb.irb):
+            return iptc.keywords_from_irb(emb.irb)
+        if emb.iim is not None:
+            return iptc.keywords_from_iim(emb.iim)
+    except CorruptError:
+        pass
+    return ()
+
+
+def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
+                sidecars: list[XmpInfo]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keywords, capwatch's among them) from the sidecars, the embedded XMP and IPTC (see ``FileMetadata``).
+
+    A keyword is capwatch's when a packet's capwatch:Keywords lists exactly that text; an IPTC keyword that is the
+    64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one.
+    """
+    infos = [i for i in [*sidecars, xmp_info] if i is not None]
+    ours = {kw.key(k): k for info in infos for k in info.our_keywords}
+    ours_exact = {normalise(k) for info in infos for k in info.our_keywords}
+    found: list[str] = []
+    mine: list[str] = []
+    seen: set[str] = set()
+    cuts: dict[str, str] = {}
+
+    def add(keyword: str, *, from_iptc: bool = False) -> None:
+        text = normalise(keyword)
+        if not text:
+            return
+        if from_iptc and kw.key(text) in cuts:
+            return  # the IPTC copy of a longer keyword already found
+        if from_iptc and kw.key(text) not in ours:
+            full = next((k for k in ours.values() if kw.iptc_key(k) == kw.key(text)), None)
+            text = full if full is not None else text
+        if kw.key(text) in seen:
+            return
+        seen.add(kw.key(text))
+        cuts[kw.iptc_key(text)] = text
+        found.append(text)
+        if text in ours_exact:
+            mine.append(text)
+
+    for info in sidecars:
+        for k in info.subjects:
+            add(k)
+        for k in info.hierarchical:
+            add(kw.leaf(k))
+    if xmp_info is not None:
+        for k in xmp_info.subjects:
+            add(k)
+    for k in _iptc_keywords(emb):
+        add(k, from_iptc=True)
+    if xmp_info is not None:
+        for k in xmp_info.hierarchical:
+            add(kw.leaf(k))
+    return tuple(found), tuple(mine)
+
+
 def _taken_at(emb: Embedded, infos: list[XmpInfo]) -> str | None:
     if emb.tiff:
         for raw in (emb.tiff.date_time_original, emb.tiff.create_date):
@@ -317,12 +378,16 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         except XmpError as exc:
             unreadable.append(f"sidecar {sidecar.name}: {exc}")
     infos = [i for i in [xmp_info, *sidecars] if i is not None]
+    keywords, model_keywords = keywords_of(emb, xmp_info, sidecars)
     metadata = FileMetadata(
         format=fmt,
         description=describe(emb, xmp_info, sidecars),
         taken_at=_taken_at(emb, infos),
         width=emb.width,
         height=emb.height,
+        keywords=keywords,
+        model_keywords=model_keywords,
+        ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 

@@ -1,7 +1,10 @@
 """``write_caption``: put a caption into a file's metadata (and/or XMP sidecars) per ``MetadataConfig``.
 
 What is written (design.md): XMP dc:description x-default + capwatch provenance; EXIF IFD0 ImageDescription as
-UTF-8 (and XPComment when ``windows_xp_tags``); IPTC Caption-Abstract only where IPTC already exists. JPEG, PNG and
+UTF-8 (and XPComment when ``windows_xp_tags``); IPTC Caption-Abstract only where IPTC already exists. With
+``keywords``, in the same write: XMP dc:subject and (where IPTC exists) IPTC 2:25 Keywords, merged with a person's
+keywords (rules: ``capwatch.metadata.keywords``; the IPTC and XMP lists end up holding the same keywords, so the
+updated IPTC digest tells the truth); with ``text`` and ``[metadata] write_text``, capwatch:Text (OCR). JPEG, PNG and
 WebP are edited in place (image data byte-identical, verified before the file is replaced); everything else, and
 embedded writes that are not safe (XMP over one JPEG segment, ExtendedXMP, read-only file), go to a sidecar.
 
@@ -18,12 +21,14 @@ import os
 import stat
 import struct
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
+from capwatch.metadata import keywords as kw
 from capwatch.metadata.binary import BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.identity import FileChanged, same_stat
 from capwatch.metadata.journal import Journal
@@ -41,8 +46,16 @@ NO_HOOKS = WriteHooks()
 
 def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
-                  hooks: WriteHooks = NO_HOOKS) -> WriteResult:
+                  hooks: WriteHooks = NO_HOOKS, keywords: Sequence[str] | None = None,
+                  text: str | None = None) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
+
+    ``keywords`` are capwatch's keywords for the image (from the model, in order): merged into dc:subject and IPTC
+    Keywords in the same atomic write; a person's keywords stay, capwatch's earlier ones are replaced, and one a
+    person removed is not added again (``capwatch.metadata.keywords``). None leaves the keywords as they are;
+    ``[]`` removes capwatch's. ``text`` (OCR) goes into capwatch:Text when ``config.write_text`` is on ("" removes
+    it; None keeps what is there); never into the description. Keywords and text travel with the caption: when
+    the caption is not written (a person's description kept), neither are they.
 
     ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
     ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
@@ -56,9 +69,9 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     """
     path = Path(path)
     # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
-    text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in caption))
-    text = " ".join(text.split())
-    if not text:
+    cleaned = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in caption))
+    cleaned = " ".join(cleaned.split())
+    if not cleaned:
         raise MetadataError(f"{path}: refusing to write an empty caption")
     if config.write == "none":
         return WriteResult((), "metadata writing is off (metadata.write = none)")
@@ -72,6 +85,7 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
         raise MetadataError(f"{path}: could not fully read {snap.unreadable[0]}; nothing written, so nothing in "
                             "it is lost")
     journal = journal if journal is not None else Journal.default()
+    extra = Extras(None if keywords is None else kw.clean_keywords(keywords), text if config.write_text else None)
     written: list[str] = []
     notes: list[str] = []
     sidecar = config.write in ("sidecar", "both")
@@ -80,12 +94,12 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
             sidecar = True
         else:
             try:
-                written += _write_embedded(snap, text, provenance, config, journal, hooks)
+                written += _write_embedded(snap, cleaned, provenance, config, journal, hooks, extra)
             except EmbedNotSafe as exc:
                 notes.append(f"not embedded ({exc})")
                 sidecar = True
     if sidecar:
-        written += _write_sidecars(snap, text, provenance, journal, hooks)
+        written += _write_sidecars(snap, cleaned, provenance, journal, hooks, extra)
     if not written:
         return WriteResult((), "unchanged: the file already carries this caption", snap)
     return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(path, known=snap))
@@ -96,8 +110,20 @@ def _is_read_only(path: Path, st: os.stat_result) -> bool:
     return not (st.st_mode & stat.S_IWUSR) or not os.access(path, os.W_OK)
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What travels with a caption: capwatch's keywords (cleaned; None = leave keywords alone) and OCR text (None =
+    leave capwatch:Text alone)."""
+
+    keywords: tuple[str, ...] | None = None
+    text: str | None = None
+
+
+NO_EXTRAS = Extras()
+
+
 def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
-                    journal: Journal, hooks: WriteHooks) -> list[str]:
+                    journal: Journal, hooks: WriteHooks, extra: Extras) -> list[str]:
     path, fmt = snap.path, snap.metadata.format
     try:
         with open_noatime(path) as f:
@@ -115,7 +141,7 @@ def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, co
                     data = src.read_at(0, jpeg.header_end(src, layout))
                 else:
                     data = f.read()
-                plan = plan_embedded(data, fmt, caption, provenance, config, file_size=st.st_size)
+                plan = plan_embedded(data, fmt, caption, provenance, config, file_size=st.st_size, extra=extra)
             except (CorruptError, XmpError) as exc:
                 raise MetadataError(f"{path}: {exc}") from None
             if not same_stat(os.fstat(f.fileno()), snap.identity):
@@ -139,9 +165,10 @@ class Plan:
 
 
 def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, config: MetadataConfig, *,
-                  file_size: int) -> Plan:
+                  file_size: int, extra: Extras = NO_EXTRAS) -> Plan:
     """Compute the new file content (pure; nothing is written) and verify it before returning.
 
+    ``extra``: keywords and OCR text to write with the caption (see ``write_caption``).
     ``data`` is the whole file, except for JPEG where it may end after the first SOS segment header
     (``file_size`` is the size of the whole file). Raises CorruptError / XmpError for malformed input and
     EmbedNotSafe when a sidecar must be used instead.
@@ -149,8 +176,17 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
     emb = read_embedded(fmt, BytesSource(data))
     if emb.has_extended_xmp:
         raise EmbedNotSafe("the file uses ExtendedXMP")
-    if emb.xmp is not None and parse_xmp(emb.xmp).has_extended:
+    old_info = parse_xmp(emb.xmp) if emb.xmp is not None else None
+    if old_info is not None and old_info.has_extended:
         raise EmbedNotSafe("the XMP refers to ExtendedXMP")
+    has_iptc = fmt == "jpeg" and emb.irb is not None and iptc.has_iptc(emb.irb)
+    previous_ours = old_info.our_keywords if old_info is not None else ()
+    iptc_human: tuple[str, ...] = ()
+    if extra.keywords is not None and has_iptc:
+        assert emb.irb is not None
+        in_iptc = iptc.keywords_from_irb(emb.irb)
+        mine = kw.owned_iptc(in_iptc, previous_ours)
+        iptc_human = tuple(v for v, ours in zip(in_iptc, mine, strict=True) if not ours)
     written = ["exif", "xmp"]
     tiff_block = emb.exif_block
     values: dict[int, tuple[int, bytes]] = {
@@ -165,7 +201,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
             # resolution from JFIF like exiftool does, so no information is invented.
             values.update(_mandatory_jpeg_ifd0(data))
     new_tiff = exif.set_ifd0_tags(tiff_block, values)
-    xml = merge_caption(emb.xmp, caption, provenance)
+    xml = merge_caption(emb.xmp, caption, provenance, keywords=extra.keywords, other_human=iptc_human,
+                        text=extra.text)
     packet = wrap_packet(xml, XMP_PADDING)
     if fmt == "jpeg":
         if len(packet) > jpeg.MAX_XMP_PACKET:
@@ -173,12 +210,16 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
         if len(packet) > jpeg.MAX_XMP_PACKET:
             raise EmbedNotSafe(f"XMP of {len(packet)} bytes is larger than one JPEG segment")
         irb = None
-        if emb.irb is not None and iptc.has_iptc(emb.irb):
-            irb = iptc.set_caption_irb(emb.irb, caption)
+        if has_iptc:
+            assert emb.irb is not None
+            update = None
+            if extra.keywords is not None:
+                update = iptc.KeywordUpdate(previous_ours, parse_xmp(xml.encode("utf-8")).subjects)
+            irb = iptc.set_caption_irb(emb.irb, caption, update)
             written.append("iptc")
         sos = jpeg.parse_layout(BytesSource(data)).sos_offset
         head = jpeg.rebuild_head(data, new_tiff, packet, irb)
-        _verify_metadata(head + data[sos:], fmt, caption)  # new header + the original SOS header
+        _verify_metadata(head + data[sos:], fmt, caption, extra)  # new header + the original SOS header
         parts: tuple[atomic.Part, ...] = (head, atomic.Tail(sos, file_size - sos))
         return Plan(parts, tuple(written), head != data[:sos])
     if fmt == "png":
@@ -189,7 +230,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
         raise EmbedNotSafe(f"cannot embed into {fmt}")
     if image_data(data, fmt) != image_data(new, fmt):
         raise CorruptError("internal check failed: image data would change")
-    _verify_metadata(new, fmt, caption)
+    _verify_metadata(new, fmt, caption, extra)
     return Plan((new,), tuple(written), new != data)
 
 
@@ -229,17 +270,26 @@ def image_data(data: bytes, fmt: str) -> bytes:
     raise CorruptError(f"no image data rule for {fmt}")
 
 
-def _verify_metadata(new: bytes, fmt: str, caption: str) -> None:
-    # Belt and braces: the rebuilt metadata must parse and carry the caption as ours before anything is written.
+def _verify_metadata(new: bytes, fmt: str, caption: str, extra: Extras) -> None:
+    # Belt and braces: the rebuilt metadata must parse and carry the caption (and our keywords, in XMP and IPTC
+    # alike) as ours before anything is written.
     emb: Embedded = read_embedded(fmt, BytesSource(new))
     info = parse_xmp(emb.xmp) if emb.xmp else None
     desc = describe(emb, info, [])
     if desc is None or desc.text != caption or desc.kind != "ours":
         raise CorruptError("internal check failed: caption does not read back")
+    if extra.keywords is not None and info is not None:
+        subjects = set(info.subjects)
+        if not set(info.our_keywords) <= subjects:
+            raise CorruptError("internal check failed: keywords do not read back")
+        if emb.irb is not None and iptc.has_iptc(emb.irb):
+            in_iptc = {kw.key(k) for k in iptc.keywords_from_irb(emb.irb)}
+            if not {kw.iptc_key(k) for k in subjects} <= in_iptc:
+                raise CorruptError("internal check failed: IPTC keywords do not read back")
 
 
 def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, journal: Journal,
-                    hooks: WriteHooks) -> list[str]:
+                    hooks: WriteHooks, extra: Extras) -> list[str]:
     """Merge the caption into every sidecar the snapshot saw (or create ``name.ext.xmp`` when it saw none)."""
     written = False
     if existing_sidecars(snap.path) != [s.path for s in snap.sidecars]:
@@ -250,7 +300,8 @@ def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, jo
     for target, known in targets:
         existing = _read_sidecar_as_seen(target, known)
         try:
-            packet = wrap_packet(merge_caption(existing, caption, provenance), 0) + b"\n"
+            xml = merge_caption(existing, caption, provenance, keywords=extra.keywords, text=extra.text)
+            packet = wrap_packet(xml, 0) + b"\n"
         except XmpError as exc:
             raise MetadataError(f"{target}: {exc}") from None
         if existing == packet:
