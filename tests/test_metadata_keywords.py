@@ -303,6 +303,11 @@ def test_ocr_text_goes_into_capwatchs_namespace_only_when_enabled_and_never_the_
     assert read_metadata(path).ocr_text == "EXIT 12\nGleis 3 – 出口 <&>"
     write_caption(path, "another caption", LATER, on, text="")
     assert read_metadata(path).ocr_text is None
+    # A page of text is cut at a character boundary, so OCR text alone never forces a sidecar.
+    page = write_caption(path, "another caption", LATER, on, text="出口 " * 6000)
+    assert page.written == ("exif", "xmp")
+    stored = read_metadata(path).ocr_text
+    assert stored is not None and stored.startswith("出口 出口") and len(stored.encode()) <= 16_000
 
 
 def test_keywords_travel_with_the_caption_so_a_kept_persons_description_leaves_the_file_untouched(

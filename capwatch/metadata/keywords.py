@@ -17,6 +17,12 @@ The rules (the XMP, IPTC and sidecar writers all apply them, so every place agre
   dc:subject no longer holds was removed by someone, and is added to ``capwatch:RejectedKeywords``; capwatch never
   adds a rejected keyword again (case-insensitively), whatever a later model says. A person adding it back makes
   it theirs.
+- **IPTC and XMP agree afterwards**: a person's keywords found only in IPTC 2:25 are appended to dc:subject (after
+  the person's XMP ones, before ours), and a person's XMP keywords missing from IPTC are appended to IPTC, so that
+  the Photoshop IPTC digest capwatch updates is truthful and MWG readers see one list. A keyword a person deleted
+  in XMP with a tool that left a stale IPTC copy therefore comes back from that copy.
+- **Without the record, nothing is ours**: a tool that rewrites the XMP and drops capwatch's namespace turns our
+  earlier keywords into a person's (they then stay). Keywords that capwatch 1 wrote before this existed: likewise.
 - **Cleaning** (ours only; a person's are never changed): NFC; newlines, tabs and other control characters are
   replaced by a space (a keyword is one line in every tool; refusing it would fail the whole write for one odd
   label); whitespace runs collapse to one space; characters XML 1.0 cannot carry (surrogates, U+FFFE/U+FFFF) are

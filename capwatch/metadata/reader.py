@@ -255,26 +255,28 @@ def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
     64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one.
     """
     infos = [i for i in [*sidecars, xmp_info] if i is not None]
-    ours = {kw.key(k): k for info in infos for k in info.our_keywords}
     ours_exact = {normalise(k) for info in infos for k in info.our_keywords}
+    ours_by_cut = {kw.iptc_key(k): normalise(k) for info in infos for k in info.our_keywords}
     found: list[str] = []
     mine: list[str] = []
     seen: set[str] = set()
-    cuts: dict[str, str] = {}
+    cuts: set[str] = set()
 
     def add(keyword: str, *, from_iptc: bool = False) -> None:
         text = normalise(keyword)
         if not text:
             return
-        if from_iptc and kw.key(text) in cuts:
-            return  # the IPTC copy of a longer keyword already found
-        if from_iptc and kw.key(text) not in ours:
-            full = next((k for k in ours.values() if kw.iptc_key(k) == kw.key(text)), None)
-            text = full if full is not None else text
-        if kw.key(text) in seen:
+        folded = text.casefold()
+        if from_iptc:
+            if folded in cuts:
+                return  # the IPTC copy of a keyword already found (cut to 64 bytes when it was longer)
+            if folded in ours_by_cut:
+                text = ours_by_cut[folded]  # our keyword, which IPTC holds cut
+                folded = text.casefold()
+        if folded in seen:
             return
-        seen.add(kw.key(text))
-        cuts[kw.iptc_key(text)] = text
+        seen.add(folded)
+        cuts.add(kw.iptc_key(text) if len(text) > kw.IPTC_KEYWORD_LIMIT // 4 else folded)
         found.append(text)
         if text in ours_exact:
             mine.append(text)
