@@ -237,7 +237,8 @@ def test_keywords_that_push_jpeg_xmp_over_one_segment_go_to_a_sidecar_and_the_fi
     assert result.written == ("sidecar",)
     assert path.read_bytes() == before
     sidecar = tmp_path / "full.jpg.xmp"
-    assert xmp_subjects(sidecar) == ours
+    # The new sidecar starts with the person's keywords from the file, then ours.
+    assert xmp_subjects(sidecar) == [f"person keyword number {i:05d}" for i in range(1400)] + ours
     meta = read_metadata(path)
     assert len(meta.keywords) == 1400 + 200 and meta.model_keywords == tuple(ours)
 
@@ -266,6 +267,17 @@ def test_raw_and_tiff_sidecars_merge_keywords_the_same_way(tmp_path: Path) -> No
     meta = read_metadata(raw)
     assert meta.keywords == ("Heron", "Paris", "bird", "lake", "Grey heron")
     assert meta.model_keywords == ("bird", "lake")
+
+
+def test_a_new_sidecar_starts_with_the_keywords_a_person_put_into_the_file(tmp_path: Path) -> None:
+    tiff = mc.make_tiff(tmp_path / "scan.tif")
+    mc.exiftool_batch([["-charset", "iptc=UTF8", "-IPTC:Keywords=Oma", "-XMP-dc:Subject=Garten", tiff]])
+    before = tiff.read_bytes()
+    write_caption(tiff, "A garden", PROV, CFG, keywords=["garden", "oma"])
+    assert tiff.read_bytes() == before
+    assert xmp_subjects(tmp_path / "scan.tif.xmp") == ["Garten", "Oma", "garden"]
+    meta = read_metadata(tiff)
+    assert (meta.human_keywords, meta.model_keywords) == (("Garten", "Oma"), ("garden",))
 
 
 def test_keywords_a_file_carries_are_read_from_iptc_xmp_and_lightroom_hierarchy(tmp_path: Path) -> None:

@@ -297,10 +297,14 @@ def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, jo
     targets: list[tuple[Path, SidecarFile | None]] = [(s.path, s) for s in snap.sidecars]
     if not targets:
         targets = [(sidecar_candidates(snap.path)[0], None)]
+    # A new sidecar starts with the keywords a person put into the file itself: readers that prefer the sidecar
+    # (darktable, Lightroom for RAW) would otherwise no longer show them. Existing sidecars keep their own list.
+    seed = snap.metadata.human_keywords if not snap.sidecars and extra.keywords is not None else ()
     for target, known in targets:
         existing = _read_sidecar_as_seen(target, known)
         try:
-            xml = merge_caption(existing, caption, provenance, keywords=extra.keywords, text=extra.text)
+            xml = merge_caption(existing, caption, provenance, keywords=extra.keywords, other_human=seed,
+                                text=extra.text)
             packet = wrap_packet(xml, 0) + b"\n"
         except XmpError as exc:
             raise MetadataError(f"{target}: {exc}") from None
