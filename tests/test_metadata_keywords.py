@@ -243,6 +243,23 @@ def test_keywords_that_push_jpeg_xmp_over_one_segment_go_to_a_sidecar_and_the_fi
     assert len(meta.keywords) == 1400 + 200 and meta.model_keywords == tuple(ours)
 
 
+def test_iptc_split_over_several_app13_segments_is_read_whole_and_the_caption_goes_to_a_sidecar(
+    tmp_path: Path
+) -> None:
+    path = mc.make_jpeg(tmp_path / "split.jpg")
+    person = [f"person keyword {i:05d}" for i in range(2900)]  # ~75 KB of IPTC: exiftool splits the IRB
+    mc.exiftool_batch([["-m", "-sep", ",", "-IPTC:Keywords=" + ",".join(person), path]])
+    assert len(iptc_keywords(path)) == 2900
+    before = path.read_bytes()
+    assert read_metadata(path).keywords == tuple(person)
+
+    result = write_caption(path, CAPTION, PROV, CFG, keywords=["dog"])
+
+    assert result.written == ("sidecar",) and path.read_bytes() == before
+    assert xmp_subjects(tmp_path / "split.jpg.xmp") == [*person, "dog"]
+    assert read_metadata(path).model_keywords == ("dog",)
+
+
 def test_raw_and_tiff_sidecars_merge_keywords_the_same_way(tmp_path: Path) -> None:
     raw = tmp_path / "DSC_0001.NEF"
     raw.write_bytes(mc.make_tiff(tmp_path / "src.tif").read_bytes())

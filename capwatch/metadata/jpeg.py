@@ -128,16 +128,22 @@ def _single(segments: list[Segment], kind: str, strict: bool = True) -> Segment 
 
 def read_jpeg(src: ByteSource, *, strict: bool = False) -> JpegMetadata:
     """Metadata segments of a JPEG. Raises CorruptError for a malformed header, and with ``strict`` for
-    duplicate metadata segments (otherwise the first one counts, as most readers do)."""
+    duplicate metadata segments (otherwise the first one counts, as most readers do).
+
+    Several Photoshop APP13 segments are one IRB split over them (Photoshop and exiftool split an IRB over 64 KB,
+    e.g. IPTC with thousands of keywords): their payloads are joined in order, as exiftool reads them. A true
+    duplicate then reads as repeated resources, of which the first counts, as before.
+    """
     layout = parse_layout(src)
     exif = _single(layout.segments, "exif", strict)
     xmp = _single(layout.segments, "xmp", strict)
     ps = _single(layout.segments, "photoshop", strict)
+    irb = b"".join(payload(src, s)[len(PHOTOSHOP_SIG) :] for s in layout.segments if s.kind == "photoshop")
     return JpegMetadata(
         exif=payload(src, exif)[6:] if exif else None,
         xmp=payload(src, xmp)[len(XMP_SIG) :] if xmp else None,
         has_extended_xmp=any(s.kind == "xmp-ext" for s in layout.segments),
-        photoshop=payload(src, ps)[len(PHOTOSHOP_SIG) :] if ps else None,
+        photoshop=irb if ps else None,
         width=layout.width,
         height=layout.height,
     )

@@ -174,6 +174,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
     EmbedNotSafe when a sidecar must be used instead.
     """
     emb = read_embedded(fmt, BytesSource(data))
+    if fmt == "jpeg" and sum(s.kind == "photoshop" for s in jpeg.parse_layout(BytesSource(data)).segments) > 1:
+        raise EmbedNotSafe("its IPTC spans several APP13 segments")
     if emb.has_extended_xmp:
         raise EmbedNotSafe("the file uses ExtendedXMP")
     old_info = parse_xmp(emb.xmp) if emb.xmp is not None else None
