@@ -260,6 +260,22 @@ def test_iptc_split_over_several_app13_segments_is_read_whole_and_the_caption_go
     assert read_metadata(path).model_keywords == ("dog",)
 
 
+def test_keywords_in_extended_xmp_are_read_and_carried_into_the_sidecar(tmp_path: Path) -> None:
+    path = mc.make_jpeg(tmp_path / "ext.jpg")
+    person = [f"person keyword {i:05d}" for i in range(3000)]  # ~100 KB: exiftool moves dc:subject to ExtendedXMP
+    mc.exiftool_batch([["-m", "-sep", ",", "-XMP-dc:Subject=" + ",".join(person), path]])
+    assert _tags(path, "-XMP:HasExtendedXMP").get("XMP-xmpNote:HasExtendedXMP")
+    before = path.read_bytes()
+    assert read_metadata(path).keywords == tuple(person)
+
+    assert write_caption(path, CAPTION, PROV, CFG, keywords=["dog"]).written == ("sidecar",)
+
+    assert path.read_bytes() == before
+    assert xmp_subjects(tmp_path / "ext.jpg.xmp") == [*person, "dog"]
+    meta = read_metadata(path)
+    assert len(meta.keywords) == 3001 and meta.model_keywords == ("dog",)
+
+
 def test_raw_and_tiff_sidecars_merge_keywords_the_same_way(tmp_path: Path) -> None:
     raw = tmp_path / "DSC_0001.NEF"
     raw.write_bytes(mc.make_tiff(tmp_path / "src.tif").read_bytes())

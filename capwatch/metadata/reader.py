@@ -11,7 +11,7 @@ count as absent.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from capwatch.errors import MetadataError
@@ -45,6 +45,7 @@ class Embedded:
     width: int | None = None
     height: int | None = None
     has_extended_xmp: bool = False
+    extended_xmp: bytes | None = None  # JPEG ExtendedXMP, reassembled (read for keywords; never written)
     problems: list[str] = field(default_factory=list)
     #: Blocks present but not read (over a size cap): a writer must not write such a file.
     unread: list[str] = field(default_factory=list)
@@ -71,6 +72,7 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         j = jpeg.read_jpeg(src)
         emb.tiff = _tiff_or_none(j.exif, emb)
         emb.xmp, emb.irb, emb.has_extended_xmp = j.xmp, j.photoshop, j.has_extended_xmp
+        emb.extended_xmp = j.extended_xmp
         emb.width, emb.height = j.width, j.height
     elif fmt == "png":
         p = png.read_png(src)
@@ -357,6 +359,8 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
             xmp_info = parse_xmp(emb.xmp)
         except XmpError as exc:
             unreadable.append(f"embedded XMP: {exc}")
+    if xmp_info is not None and emb.extended_xmp is not None:
+        xmp_info = _with_extended(xmp_info, emb.extended_xmp, unreadable)
     sidecar_files: list[SidecarFile] = []
     sidecars: list[XmpInfo] = []
     known_sidecars = {s.path: s.identity for s in known.sidecars} if known else {}
@@ -392,6 +396,24 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
+
+
+def _with_extended(info: XmpInfo, packet: bytes, unreadable: list[str]) -> XmpInfo:
+    """``info`` with the keyword lists and OCR text of the ExtendedXMP packet added (exiftool moves the largest
+    properties there, e.g. a dc:subject of thousands of keywords)."""
+    try:
+        ext = parse_xmp(packet)
+    except XmpError as exc:
+        unreadable.append(f"ExtendedXMP: {exc}")
+        return info
+    return replace(
+        info,
+        subjects=info.subjects + ext.subjects,
+        hierarchical=info.hierarchical + ext.hierarchical,
+        our_keywords=info.our_keywords + ext.our_keywords,
+        rejected_keywords=info.rejected_keywords + ext.rejected_keywords,
+        text=info.text if info.text is not None else ext.text,
+    )
 
 
 def _fingerprint(fd: int, st: os.stat_result, known: FileIdentity | None) -> str:
