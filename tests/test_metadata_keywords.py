@@ -188,6 +188,8 @@ def test_newlines_and_control_characters_in_keywords_become_spaces(tmp_path: Pat
     write_caption(path, CAPTION, PROV, CFG, keywords=["exit\n12", "a\tb\r\nc", "  \n ", "x\x00y", "Exit 12"])
     assert xmp_subjects(path) == ["exit 12", "a b c", "x y"]
     assert kw.clean_keyword("line\u2028sep\ud800") == "line sep"  # no lone surrogates in XML
+    with pytest.raises(TypeError):
+        write_caption(path, CAPTION, PROV, CFG, keywords="dog")  # not the keywords d, o, g
 
 
 def test_long_keywords_are_cut_to_64_bytes_in_iptc_at_a_character_boundary(tmp_path: Path) -> None:

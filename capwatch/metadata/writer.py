@@ -55,7 +55,8 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     person removed is not added again (``capwatch.metadata.keywords``). None leaves the keywords as they are;
     ``[]`` removes capwatch's. ``text`` (OCR) goes into capwatch:Text when ``config.write_text`` is on ("" removes
     it; None keeps what is there); never into the description. Keywords and text travel with the caption: when
-    the caption is not written (a person's description kept), neither are they.
+    the caption is not written (a person's description kept), neither are they. Raises TypeError when
+    ``keywords`` is one string rather than a list of them.
 
     ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
     ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
@@ -68,6 +69,9 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
     path = Path(path)
+    if isinstance(keywords, str):
+        # A str is a Sequence[str] too: "dog" would become the keywords d, o, g.
+        raise TypeError("keywords must be a list of keywords, not one string")
     # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
     cleaned = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in caption))
     cleaned = " ".join(cleaned.split())
