@@ -210,6 +210,8 @@ class MetadataConfig:
     index_only_when_described: bool = False
     keep_mtime: bool = True
     windows_xp_tags: bool = False
+    #: Write text found in the image (OCR) into the file's XMP, in capwatch's namespace (never the description).
+    write_text: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ group-committed), ``is_temp_file``, the write ``Journal`` (crash recovery),
 ``FileChanged`` (a write refused because the file changed since it was read), and the records ``Provenance``,
 ``Description``, ``FileMetadata``, ``FileIdentity``, ``FileSnapshot``, ``WriteResult``, ``WriteHooks``.
 Provenance lives in the XMP namespace ``https://capwatch.invalid/ns/1.0/`` (prefix ``capwatch``), see
-``capwatch.metadata.xmp``.
+``capwatch.metadata.xmp``; so does the list of keywords capwatch added, which is how a re-caption replaces only
+those (merge rules: ``capwatch.metadata.keywords``).
 """
 
 from capwatch.metadata.atomic import is_temp_file

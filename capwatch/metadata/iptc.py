@@ -1,6 +1,7 @@
-"""IPTC IIM inside a Photoshop image resource block (IRB): read Caption-Abstract, rewrite it as UTF-8.
+"""IPTC IIM inside a Photoshop image resource block (IRB): read Caption-Abstract and Keywords, rewrite them as UTF-8.
 
-Only the 2:120 dataset and the 1:90 CodedCharacterSet change (other text datasets are transcoded to UTF-8 when
+Only the 2:120 dataset, capwatch's own 2:25 Keywords (merged as ``capwatch.metadata.keywords`` says) and the 1:90
+CodedCharacterSet change (other text datasets are transcoded to UTF-8 when
 the block was not UTF-8 before, so 1:90 stays truthful); the Photoshop IPTC digest (resource 0x0425) is updated so
 MWG readers (exiftool, Lightroom) treat the IPTC as in sync with XMP. Every other resource is kept, in order.
 """
@@ -11,6 +12,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from capwatch.metadata import keywords as kw
 from capwatch.metadata.binary import CorruptError
 
 PHOTOSHOP_SIGNATURE = b"Photoshop 3.0\x00"
@@ -138,6 +140,62 @@ def caption_from_iim(iim: bytes) -> str | None:
     return None
 
 
+def keywords_from_iim(iim: bytes) -> tuple[str, ...]:
+    """Keywords (2:25, repeatable) from raw IIM data, honouring 1:90, in order; blanks skipped. Raises
+    CorruptError on a malformed block."""
+    datasets = parse_iim(iim)
+    utf8 = is_utf8(datasets)
+    values = (decode_value(v.rstrip(b"\x00"), utf8).strip() for r, d, v in datasets if r == 2 and d == 25)
+    return tuple(v for v in values if v)
+
+
+def keywords_from_irb(irb: bytes) -> tuple[str, ...]:
+    """Keywords (2:25) from an IRB; () without IPTC. Raises CorruptError."""
+    for r in parse_irb(irb):
+        if r.rid == RESOURCE_IPTC:
+            return keywords_from_iim(r.data)
+    return ()
+
+
+@dataclass(frozen=True)
+class KeywordUpdate:
+    """What to do with 2:25: drop the datasets that are capwatch's (``previous_ours``, see ``kw.owned_iptc``) and
+    append every keyword of ``subjects`` (the merged dc:subject) that the remaining ones lack."""
+
+    previous_ours: tuple[str, ...]
+    subjects: tuple[str, ...]
+
+
+def _merge_keywords(datasets: list[tuple[int, int, bytes]], update: KeywordUpdate) -> list[tuple[int, int, bytes]]:
+    """``datasets`` (already UTF-8) with 2:25 merged per ``update``; a person's datasets stay as they are."""
+    positions = [i for i, x in enumerate(datasets) if x[0] == 2 and x[1] == 25]
+    values = [datasets[i][2].rstrip(b"\x00").decode("utf-8", errors="replace") for i in positions]
+    mine = kw.owned_iptc(values, update.previous_ours)
+    dropped = {i for i, ours in zip(positions, mine, strict=True) if ours}
+    kept_values = [v for v, ours in zip(values, mine, strict=True) if not ours]
+    taken = {kw.key(v) for v in kept_values}
+    new: list[tuple[int, int, bytes]] = []
+    for subject in update.subjects:
+        value = kw.iptc_bytes(subject.strip())
+        if value and kw.key(value.decode("utf-8")) not in taken:
+            taken.add(kw.key(value.decode("utf-8")))
+            new.append((2, 25, value))
+    kept_positions = [i for i in positions if i not in dropped]
+    if kept_positions:
+        insert_at = kept_positions[-1] + 1
+    else:
+        insert_at = next((i for i, x in enumerate(datasets) if x[0] > 2 or (x[0] == 2 and x[1] > 25)), len(datasets))
+    out: list[tuple[int, int, bytes]] = []
+    for i, x in enumerate(datasets):
+        if i == insert_at:
+            out += new
+        if i not in dropped:
+            out.append(x)
+    if insert_at == len(datasets):
+        out += new
+    return out
+
+
 def has_iptc(irb: bytes) -> bool:
     """True when the IRB holds an IPTC-NAA resource."""
     return any(r.rid == RESOURCE_IPTC for r in parse_irb(irb))
@@ -151,8 +209,9 @@ def truncate_utf8(text: str, limit: int = CAPTION_LIMIT) -> bytes:
     return data[:limit].decode("utf-8", errors="ignore").encode("utf-8")
 
 
-def set_caption_iim(iim: bytes, caption: str) -> bytes:
-    """Return IIM data with 2:120 = ``caption`` (UTF-8, ≤ 2000 bytes) and 1:90 = UTF-8. Raises CorruptError."""
+def set_caption_iim(iim: bytes, caption: str, keywords: KeywordUpdate | None = None) -> bytes:
+    """Return IIM data with 2:120 = ``caption`` (UTF-8, ≤ 2000 bytes), 2:25 merged per ``keywords`` (None: left
+    as they are; each ≤ 64 bytes) and 1:90 = UTF-8. Raises CorruptError."""
     datasets = parse_iim(iim)
     if not is_utf8(datasets):
         # Declaring UTF-8 must not turn existing Latin-1 text into mojibake: transcode the other text datasets.
@@ -173,11 +232,14 @@ def set_caption_iim(iim: bytes, caption: str) -> bytes:
             (i for i, x in enumerate(datasets) if x[0] > 2 or (x[0] == 2 and x[1] > 120)), len(datasets)
         )
         datasets.insert(insert_at, (2, 120, value))
+    if keywords is not None:
+        datasets = _merge_keywords(datasets, keywords)
     return build_iim(datasets)
 
 
-def set_caption_irb(irb: bytes, caption: str) -> bytes:
-    """Return the IRB with its IPTC caption set and the IPTC digest (0x0425) updated or added.
+def set_caption_irb(irb: bytes, caption: str, keywords: KeywordUpdate | None = None) -> bytes:
+    """Return the IRB with its IPTC caption (and keywords, see ``set_caption_iim``) set and the IPTC digest
+    (0x0425) updated or added.
 
     Raises CorruptError when the IRB or IIM is malformed, ValueError when the IRB holds no IPTC.
     """
@@ -186,7 +248,7 @@ def set_caption_irb(irb: bytes, caption: str) -> bytes:
     if index is None:
         raise ValueError("no IPTC resource")
     old = resources[index]
-    iim = set_caption_iim(old.data, caption)
+    iim = set_caption_iim(old.data, caption, keywords)
     resources[index] = Resource(old.signature, old.rid, old.name_field, iim)
     digest = hashlib.md5(iim, usedforsecurity=False).digest()
     d_index = next((i for i, r in enumerate(resources) if r.rid == RESOURCE_DIGEST), None)

@@ -116,6 +116,40 @@ class JpegMetadata:
     photoshop: bytes | None  # IRB (after "Photoshop 3.0\0")
     width: int | None
     height: int | None
+    #: The ExtendedXMP packet reassembled from its chunks (None when absent or incomplete); read-only: capwatch
+    #: never writes ExtendedXMP (a file that has it gets a sidecar).
+    extended_xmp: bytes | None = None
+
+
+#: ExtendedXMP reassembled from more chunks than this is not read (a 64 KB chunk each: 16 MiB).
+MAX_EXTENDED_CHUNKS = 256
+
+
+def extended_xmp(src: ByteSource, segments: list[Segment]) -> bytes | None:
+    """The ExtendedXMP packet (XMP spec part 3: 32-byte GUID, 4-byte full length, 4-byte offset, then data) put
+    together from its APP1 chunks of the first GUID seen; None when there is none, or when the chunks do not
+    cover exactly the announced length (then nothing of it is trusted)."""
+    chunks = [s for s in segments if s.kind == "xmp-ext"]
+    if not chunks or len(chunks) > MAX_EXTENDED_CHUNKS:
+        return None
+    guid: bytes | None = None
+    total = 0
+    parts: dict[int, bytes] = {}
+    for seg in chunks:
+        body = payload(src, seg)[len(XMP_EXT_SIG) :]
+        if len(body) < 40:
+            return None
+        if guid is None:
+            guid, total = body[:32], int.from_bytes(body[32:36], "big")
+        if body[:32] != guid:
+            continue  # another (stale) ExtendedXMP: only the first one is read
+        parts[int.from_bytes(body[36:40], "big")] = body[40:]
+    out = bytearray()
+    for offset in sorted(parts):
+        if offset != len(out):
+            return None
+        out += parts[offset]
+    return bytes(out) if len(out) == total else None
 
 
 def _single(segments: list[Segment], kind: str, strict: bool = True) -> Segment | None:
@@ -128,18 +162,25 @@ def _single(segments: list[Segment], kind: str, strict: bool = True) -> Segment 
 
 def read_jpeg(src: ByteSource, *, strict: bool = False) -> JpegMetadata:
     """Metadata segments of a JPEG. Raises CorruptError for a malformed header, and with ``strict`` for
-    duplicate metadata segments (otherwise the first one counts, as most readers do)."""
+    duplicate metadata segments (otherwise the first one counts, as most readers do).
+
+    Several Photoshop APP13 segments are one IRB split over them (Photoshop and exiftool split an IRB over 64 KB,
+    e.g. IPTC with thousands of keywords): their payloads are joined in order, as exiftool reads them. A true
+    duplicate then reads as repeated resources, of which the first counts, as before.
+    """
     layout = parse_layout(src)
     exif = _single(layout.segments, "exif", strict)
     xmp = _single(layout.segments, "xmp", strict)
     ps = _single(layout.segments, "photoshop", strict)
+    irb = b"".join(payload(src, s)[len(PHOTOSHOP_SIG) :] for s in layout.segments if s.kind == "photoshop")
     return JpegMetadata(
         exif=payload(src, exif)[6:] if exif else None,
         xmp=payload(src, xmp)[len(XMP_SIG) :] if xmp else None,
         has_extended_xmp=any(s.kind == "xmp-ext" for s in layout.segments),
-        photoshop=payload(src, ps)[len(PHOTOSHOP_SIG) :] if ps else None,
+        photoshop=irb if ps else None,
         width=layout.width,
         height=layout.height,
+        extended_xmp=extended_xmp(src, layout.segments),
     )
 
 

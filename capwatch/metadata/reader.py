@@ -11,11 +11,12 @@ count as absent.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from capwatch.errors import MetadataError
 from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
+from capwatch.metadata import keywords as kw
 from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.boilerplate import is_boilerplate
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
@@ -44,6 +45,7 @@ class Embedded:
     width: int | None = None
     height: int | None = None
     has_extended_xmp: bool = False
+    extended_xmp: bytes | None = None  # JPEG ExtendedXMP, reassembled (read for keywords; never written)
     problems: list[str] = field(default_factory=list)
     #: Blocks present but not read (over a size cap): a writer must not write such a file.
     unread: list[str] = field(default_factory=list)
@@ -70,6 +72,7 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         j = jpeg.read_jpeg(src)
         emb.tiff = _tiff_or_none(j.exif, emb)
         emb.xmp, emb.irb, emb.has_extended_xmp = j.xmp, j.photoshop, j.has_extended_xmp
+        emb.extended_xmp = j.extended_xmp
         emb.width, emb.height = j.width, j.height
     elif fmt == "png":
         p = png.read_png(src)
@@ -234,6 +237,68 @@ def describe(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -
     return Description(text, "human" if kind == "human" else "boilerplate", None, cand.origin)
 
 
+def _iptc_keywords(emb: Embedded) -> tuple[str, ...]:
+    # A damaged IPTC block is already noted in ``problems`` by _iptc_caption; its keywords are then unknown.
+    try:
+        if emb.irb is not None and iptc.has_iptc(emb.irb):
+            return iptc.keywords_from_irb(emb.irb)
+        if emb.iim is not None:
+            return iptc.keywords_from_iim(emb.iim)
+    except CorruptError:
+        pass
+    return ()
+
+
+def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
+                sidecars: list[XmpInfo]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keywords, capwatch's among them) from the sidecars, the embedded XMP and IPTC (see ``FileMetadata``).
+
+    A keyword is capwatch's when a packet's capwatch:Keywords lists exactly that text; an IPTC keyword that is the
+    64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one.
+    """
+    infos = [i for i in [*sidecars, xmp_info] if i is not None]
+    ours_exact = {normalise(k) for info in infos for k in info.our_keywords}
+    ours_by_cut = {kw.iptc_key(k): normalise(k) for info in infos for k in info.our_keywords}
+    found: list[str] = []
+    mine: list[str] = []
+    seen: set[str] = set()
+    cuts: set[str] = set()
+
+    def add(keyword: str, *, from_iptc: bool = False) -> None:
+        text = normalise(keyword)
+        if not text:
+            return
+        folded = text.casefold()
+        if from_iptc:
+            if folded in cuts:
+                return  # the IPTC copy of a keyword already found (cut to 64 bytes when it was longer)
+            if folded in ours_by_cut:
+                text = ours_by_cut[folded]  # our keyword, which IPTC holds cut
+                folded = text.casefold()
+        if folded in seen:
+            return
+        seen.add(folded)
+        cuts.add(kw.iptc_key(text) if len(text) > kw.IPTC_KEYWORD_LIMIT // 4 else folded)
+        found.append(text)
+        if text in ours_exact:
+            mine.append(text)
+
+    for info in sidecars:
+        for k in info.subjects:
+            add(k)
+        for k in info.hierarchical:
+            add(kw.leaf(k))
+    if xmp_info is not None:
+        for k in xmp_info.subjects:
+            add(k)
+    for k in _iptc_keywords(emb):
+        add(k, from_iptc=True)
+    if xmp_info is not None:
+        for k in xmp_info.hierarchical:
+            add(kw.leaf(k))
+    return tuple(found), tuple(mine)
+
+
 def _taken_at(emb: Embedded, infos: list[XmpInfo]) -> str | None:
     if emb.tiff:
         for raw in (emb.tiff.date_time_original, emb.tiff.create_date):
@@ -294,6 +359,8 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
             xmp_info = parse_xmp(emb.xmp)
         except XmpError as exc:
             unreadable.append(f"embedded XMP: {exc}")
+    if xmp_info is not None and emb.extended_xmp is not None:
+        xmp_info = _with_extended(xmp_info, emb.extended_xmp, unreadable)
     sidecar_files: list[SidecarFile] = []
     sidecars: list[XmpInfo] = []
     known_sidecars = {s.path: s.identity for s in known.sidecars} if known else {}
@@ -317,14 +384,36 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         except XmpError as exc:
             unreadable.append(f"sidecar {sidecar.name}: {exc}")
     infos = [i for i in [xmp_info, *sidecars] if i is not None]
+    keywords, model_keywords = keywords_of(emb, xmp_info, sidecars)
     metadata = FileMetadata(
         format=fmt,
         description=describe(emb, xmp_info, sidecars),
         taken_at=_taken_at(emb, infos),
         width=emb.width,
         height=emb.height,
+        keywords=keywords,
+        model_keywords=model_keywords,
+        ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
+
+
+def _with_extended(info: XmpInfo, packet: bytes, unreadable: list[str]) -> XmpInfo:
+    """``info`` with the keyword lists and OCR text of the ExtendedXMP packet added (exiftool moves the largest
+    properties there, e.g. a dc:subject of thousands of keywords)."""
+    try:
+        ext = parse_xmp(packet)
+    except XmpError as exc:
+        unreadable.append(f"ExtendedXMP: {exc}")
+        return info
+    return replace(
+        info,
+        subjects=info.subjects + ext.subjects,
+        hierarchical=info.hierarchical + ext.hierarchical,
+        our_keywords=info.our_keywords + ext.our_keywords,
+        rejected_keywords=info.rejected_keywords + ext.rejected_keywords,
+        text=info.text if info.text is not None else ext.text,
+    )
 
 
 def _fingerprint(fd: int, st: os.stat_result, known: FileIdentity | None) -> str:

@@ -41,13 +41,27 @@ class Description:
 class FileMetadata:
     """What ``read_metadata`` found. ``format`` comes from magic bytes (jpeg png webp gif tiff heif avif raw bmp
     unknown); ``taken_at`` is local 'YYYY-MM-DDTHH:MM:SS'; width/height are the stored pixel dimensions
-    (before EXIF orientation is applied), None when the header does not say."""
+    (before EXIF orientation is applied), None when the header does not say.
+
+    ``keywords``: every keyword the file and its sidecars carry (XMP dc:subject, IPTC Keywords, the leaves of
+    lr:hierarchicalSubject), de-duplicated case-insensitively, in order (sidecars first); ``model_keywords``: those
+    of them that capwatch wrote (recorded in its provenance namespace); the rest are a person's
+    (``human_keywords``). ``ocr_text``: text capwatch found in the image and wrote (capwatch:Text), if any."""
 
     format: str
     description: Description | None
     taken_at: str | None
     width: int | None
     height: int | None
+    keywords: tuple[str, ...] = ()
+    model_keywords: tuple[str, ...] = ()
+    ocr_text: str | None = None
+
+    @property
+    def human_keywords(self) -> tuple[str, ...]:
+        """The keywords that are not capwatch's: a person's (or another tool's)."""
+        ours = set(self.model_keywords)
+        return tuple(k for k in self.keywords if k not in ours)
 
 
 @dataclass(frozen=True)

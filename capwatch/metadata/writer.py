@@ -1,7 +1,10 @@
 """``write_caption``: put a caption into a file's metadata (and/or XMP sidecars) per ``MetadataConfig``.
 
 What is written (design.md): XMP dc:description x-default + capwatch provenance; EXIF IFD0 ImageDescription as
-UTF-8 (and XPComment when ``windows_xp_tags``); IPTC Caption-Abstract only where IPTC already exists. JPEG, PNG and
+UTF-8 (and XPComment when ``windows_xp_tags``); IPTC Caption-Abstract only where IPTC already exists. With
+``keywords``, in the same write: XMP dc:subject and (where IPTC exists) IPTC 2:25 Keywords, merged with a person's
+keywords (rules: ``capwatch.metadata.keywords``; the IPTC and XMP lists end up holding the same keywords, so the
+updated IPTC digest tells the truth); with ``text`` and ``[metadata] write_text``, capwatch:Text (OCR). JPEG, PNG and
 WebP are edited in place (image data byte-identical, verified before the file is replaced); everything else, and
 embedded writes that are not safe (XMP over one JPEG segment, ExtendedXMP, read-only file), go to a sidecar.
 
@@ -25,6 +28,7 @@ from pathlib import Path
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
+from capwatch.metadata import keywords as kw
 from capwatch.metadata.binary import BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.identity import FileChanged, same_stat
 from capwatch.metadata.journal import Journal
@@ -42,8 +46,17 @@ NO_HOOKS = WriteHooks()
 
 def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
-                  hooks: WriteHooks = NO_HOOKS) -> WriteResult:
+                  hooks: WriteHooks = NO_HOOKS, keywords: Sequence[str] | None = None,
+                  text: str | None = None) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
+
+    ``keywords`` are capwatch's keywords for the image (from the model, in order): merged into dc:subject and IPTC
+    Keywords in the same atomic write; a person's keywords stay, capwatch's earlier ones are replaced, and one a
+    person removed is not added again (``capwatch.metadata.keywords``). None leaves the keywords as they are;
+    ``[]`` removes capwatch's. ``text`` (OCR) goes into capwatch:Text when ``config.write_text`` is on ("" removes
+    it; None keeps what is there); never into the description. Keywords and text travel with the caption: when
+    the caption is not written (a person's description kept), neither are they. Raises TypeError when
+    ``keywords`` is one string rather than a list of them.
 
     ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
     ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
@@ -55,12 +68,13 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     it again), and MetadataError (one line) when the file cannot be read or written safely, including when part
     of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
-    prepared = _prepare(CaptionWrite(Path(path), caption, provenance, expected), config, force=force)
+    request = CaptionWrite(Path(path), caption, provenance, expected, keywords=keywords, text=text)
+    prepared = _prepare(request, config, force=force)
     if isinstance(prepared, WriteResult):
         return prepared
-    snap, text = prepared
+    snap, cleaned = prepared
     journal = journal if journal is not None else Journal.default()
-    return _write_prepared(snap, text, provenance, config, journal, hooks)
+    return _write_prepared(snap, cleaned, provenance, config, journal, hooks, _extras(request, config))
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,10 @@ class CaptionWrite:
     caption: str
     provenance: Provenance
     expected: FileSnapshot | None = None
+    #: capwatch's keywords for the image (None: leave the file's keywords alone); see write_caption.
+    keywords: Sequence[str] | None = None
+    #: Text read in the image (None: leave capwatch:Text alone); written only with ``write_text``.
+    text: str | None = None
 
 
 def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, force: bool = False,
@@ -95,13 +113,14 @@ def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, 
                 results[number] = prepared
                 continue
             snap, text = prepared
+            extra = _extras(request, config)
             if config.write != "embedded" or snap.metadata.format not in EMBEDDABLE:
-                results[number] = _write_prepared(snap, text, request.provenance, config, journal, hooks)
+                results[number] = _write_prepared(snap, text, request.provenance, config, journal, hooks, extra)
                 continue
             try:
-                plan = _plan_file(snap, text, request.provenance, config)
+                plan = _plan_file(snap, text, request.provenance, config, extra)
             except EmbedNotSafe:
-                sidecars = _write_sidecars(snap, text, request.provenance, journal, hooks)
+                sidecars = _write_sidecars(snap, text, request.provenance, journal, hooks, extra)
                 results[number] = WriteResult(tuple(sidecars), None, read_snapshot(snap.path, known=snap)) \
                     if sidecars else WriteResult((), UNCHANGED, snap)
                 continue
@@ -134,6 +153,9 @@ def _prepare(request: CaptionWrite, config: MetadataConfig, *, force: bool
     the decisions that need no writing. Gives the final WriteResult when nothing is to be written, else the
     snapshot and the cleaned caption. Raises FileChanged and MetadataError as :func:`write_caption` does."""
     path = request.path
+    if isinstance(request.keywords, str):
+        # A str is a Sequence[str] too: "dog" would become the keywords d, o, g.
+        raise TypeError("keywords must be a list of keywords, not one string")
     # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
     text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in request.caption))
     text = " ".join(text.split())
@@ -153,8 +175,13 @@ def _prepare(request: CaptionWrite, config: MetadataConfig, *, force: bool
     return snap, text
 
 
+def _extras(request: CaptionWrite, config: MetadataConfig) -> Extras:
+    keywords = None if request.keywords is None else kw.clean_keywords(request.keywords)
+    return Extras(keywords, request.text if config.write_text else None)
+
+
 def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance, config: MetadataConfig,
-                    journal: Journal, hooks: WriteHooks) -> WriteResult:
+                    journal: Journal, hooks: WriteHooks, extra: Extras) -> WriteResult:
     """The writes of one prepared file: embedded where the format and config allow it, else (or when embedding
     is not safe) its sidecars. Raises FileChanged and MetadataError as :func:`write_caption` does."""
     written: list[str] = []
@@ -164,11 +191,11 @@ def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance, confi
             sidecar = True
         else:
             try:
-                written += _write_embedded(snap, text, provenance, config, journal, hooks)
+                written += _write_embedded(snap, text, provenance, config, journal, hooks, extra)
             except EmbedNotSafe:
                 sidecar = True
     if sidecar:
-        written += _write_sidecars(snap, text, provenance, journal, hooks)
+        written += _write_sidecars(snap, text, provenance, journal, hooks, extra)
     if not written:
         return WriteResult((), UNCHANGED, snap)
     return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(snap.path, known=snap))
@@ -179,9 +206,21 @@ def _is_read_only(path: Path, st: os.stat_result) -> bool:
     return not (st.st_mode & stat.S_IWUSR) or not os.access(path, os.W_OK)
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What travels with a caption: capwatch's keywords (cleaned; None = leave keywords alone) and OCR text (None =
+    leave capwatch:Text alone)."""
+
+    keywords: tuple[str, ...] | None = None
+    text: str | None = None
+
+
+NO_EXTRAS = Extras()
+
+
 def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
-                    journal: Journal, hooks: WriteHooks) -> list[str]:
-    plan = _plan_file(snap, caption, provenance, config)
+                    journal: Journal, hooks: WriteHooks, extra: Extras) -> list[str]:
+    plan = _plan_file(snap, caption, provenance, config, extra)
     if not plan.changed:
         return []
     atomic.replace_file(snap.path, plan.parts, snap.identity, journal=journal, keep_mtime=config.keep_mtime,
@@ -189,7 +228,8 @@ def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, co
     return list(plan.written)
 
 
-def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig) -> Plan:
+def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
+               extra: Extras) -> Plan:
     """The new content of the file ``snap`` read, checked to still be that file. Raises EmbedNotSafe (use a
     sidecar), FileChanged, and MetadataError (unreadable or malformed)."""
     path, fmt = snap.path, snap.metadata.format
@@ -209,7 +249,7 @@ def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance, config:
                     data = src.read_at(0, jpeg.header_end(src, layout))
                 else:
                     data = f.read()
-                plan = plan_embedded(data, fmt, caption, provenance, config, file_size=st.st_size)
+                plan = plan_embedded(data, fmt, caption, provenance, config, file_size=st.st_size, extra=extra)
             except (CorruptError, XmpError) as exc:
                 raise MetadataError(f"{path}: {exc}") from None
             if not same_stat(os.fstat(f.fileno()), snap.identity):
@@ -229,18 +269,30 @@ class Plan:
 
 
 def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, config: MetadataConfig, *,
-                  file_size: int) -> Plan:
+                  file_size: int, extra: Extras = NO_EXTRAS) -> Plan:
     """Compute the new file content (pure; nothing is written) and verify it before returning.
 
+    ``extra``: keywords and OCR text to write with the caption (see ``write_caption``).
     ``data`` is the whole file, except for JPEG where it may end after the first SOS segment header
     (``file_size`` is the size of the whole file). Raises CorruptError / XmpError for malformed input and
     EmbedNotSafe when a sidecar must be used instead.
     """
     emb = read_embedded(fmt, BytesSource(data))
+    if fmt == "jpeg" and sum(s.kind == "photoshop" for s in jpeg.parse_layout(BytesSource(data)).segments) > 1:
+        raise EmbedNotSafe("its IPTC spans several APP13 segments")
     if emb.has_extended_xmp:
         raise EmbedNotSafe("the file uses ExtendedXMP")
-    if emb.xmp is not None and parse_xmp(emb.xmp).has_extended:
+    old_info = parse_xmp(emb.xmp) if emb.xmp is not None else None
+    if old_info is not None and old_info.has_extended:
         raise EmbedNotSafe("the XMP refers to ExtendedXMP")
+    has_iptc = fmt == "jpeg" and emb.irb is not None and iptc.has_iptc(emb.irb)
+    previous_ours = old_info.our_keywords if old_info is not None else ()
+    iptc_human: tuple[str, ...] = ()
+    if extra.keywords is not None and has_iptc:
+        assert emb.irb is not None
+        in_iptc = iptc.keywords_from_irb(emb.irb)
+        mine = kw.owned_iptc(in_iptc, previous_ours)
+        iptc_human = tuple(v for v, ours in zip(in_iptc, mine, strict=True) if not ours)
     written = ["exif", "xmp"]
     tiff_block = emb.exif_block
     values: dict[int, tuple[int, bytes]] = {
@@ -255,7 +307,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
             # resolution from JFIF like exiftool does, so no information is invented.
             values.update(_mandatory_jpeg_ifd0(data))
     new_tiff = exif.set_ifd0_tags(tiff_block, values)
-    xml = merge_caption(emb.xmp, caption, provenance)
+    xml = merge_caption(emb.xmp, caption, provenance, keywords=extra.keywords, other_human=iptc_human,
+                        text=extra.text)
     packet = wrap_packet(xml, XMP_PADDING)
     if fmt == "jpeg":
         if len(packet) > jpeg.MAX_XMP_PACKET:
@@ -263,12 +316,16 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
         if len(packet) > jpeg.MAX_XMP_PACKET:
             raise EmbedNotSafe(f"XMP of {len(packet)} bytes is larger than one JPEG segment")
         irb = None
-        if emb.irb is not None and iptc.has_iptc(emb.irb):
-            irb = iptc.set_caption_irb(emb.irb, caption)
+        if has_iptc:
+            assert emb.irb is not None
+            update = None
+            if extra.keywords is not None:
+                update = iptc.KeywordUpdate(previous_ours, parse_xmp(xml.encode("utf-8")).subjects)
+            irb = iptc.set_caption_irb(emb.irb, caption, update)
             written.append("iptc")
         sos = jpeg.parse_layout(BytesSource(data)).sos_offset
         head = jpeg.rebuild_head(data, new_tiff, packet, irb)
-        _verify_metadata(head + data[sos:], fmt, caption)  # new header + the original SOS header
+        _verify_metadata(head + data[sos:], fmt, caption, extra)  # new header + the original SOS header
         parts: tuple[atomic.Part, ...] = (head, atomic.Tail(sos, file_size - sos))
         return Plan(parts, tuple(written), head != data[:sos])
     if fmt == "png":
@@ -279,7 +336,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
         raise EmbedNotSafe(f"cannot embed into {fmt}")
     if image_data(data, fmt) != image_data(new, fmt):
         raise CorruptError("internal check failed: image data would change")
-    _verify_metadata(new, fmt, caption)
+    _verify_metadata(new, fmt, caption, extra)
     return Plan((new,), tuple(written), new != data)
 
 
@@ -319,17 +376,26 @@ def image_data(data: bytes, fmt: str) -> bytes:
     raise CorruptError(f"no image data rule for {fmt}")
 
 
-def _verify_metadata(new: bytes, fmt: str, caption: str) -> None:
-    # Belt and braces: the rebuilt metadata must parse and carry the caption as ours before anything is written.
+def _verify_metadata(new: bytes, fmt: str, caption: str, extra: Extras) -> None:
+    # Belt and braces: the rebuilt metadata must parse and carry the caption (and our keywords, in XMP and IPTC
+    # alike) as ours before anything is written.
     emb: Embedded = read_embedded(fmt, BytesSource(new))
     info = parse_xmp(emb.xmp) if emb.xmp else None
     desc = describe(emb, info, [])
     if desc is None or desc.text != caption or desc.kind != "ours":
         raise CorruptError("internal check failed: caption does not read back")
+    if extra.keywords is not None and info is not None:
+        subjects = set(info.subjects)
+        if not set(info.our_keywords) <= subjects:
+            raise CorruptError("internal check failed: keywords do not read back")
+        if emb.irb is not None and iptc.has_iptc(emb.irb):
+            in_iptc = {kw.key(k) for k in iptc.keywords_from_irb(emb.irb)}
+            if not {kw.iptc_key(k) for k in subjects} <= in_iptc:
+                raise CorruptError("internal check failed: IPTC keywords do not read back")
 
 
 def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, journal: Journal,
-                    hooks: WriteHooks) -> list[str]:
+                    hooks: WriteHooks, extra: Extras) -> list[str]:
     """Merge the caption into every sidecar the snapshot saw (or create ``name.ext.xmp`` when it saw none)."""
     written = False
     if existing_sidecars(snap.path) != [s.path for s in snap.sidecars]:
@@ -337,10 +403,15 @@ def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, jo
     targets: list[tuple[Path, SidecarFile | None]] = [(s.path, s) for s in snap.sidecars]
     if not targets:
         targets = [(sidecar_candidates(snap.path)[0], None)]
+    # A new sidecar starts with the keywords a person put into the file itself: readers that prefer the sidecar
+    # (darktable, Lightroom for RAW) would otherwise no longer show them. Existing sidecars keep their own list.
+    seed = snap.metadata.human_keywords if not snap.sidecars and extra.keywords is not None else ()
     for target, known in targets:
         existing = _read_sidecar_as_seen(target, known)
         try:
-            packet = wrap_packet(merge_caption(existing, caption, provenance), 0) + b"\n"
+            xml = merge_caption(existing, caption, provenance, keywords=extra.keywords, other_human=seed,
+                                text=extra.text)
+            packet = wrap_packet(xml, 0) + b"\n"
         except XmpError as exc:
             raise MetadataError(f"{target}: {exc}") from None
         if existing == packet:

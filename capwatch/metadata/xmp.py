@@ -6,7 +6,10 @@ capwatch provenance namespace (stable, documented; never change the URI, readers
 ``xmlns:capwatch="https://capwatch.invalid/ns/1.0/"`` with simple properties ``capwatch:Source`` ("capwatch"),
 ``capwatch:Model``, ``capwatch:ModelRevision`` (absent when unknown), ``capwatch:CreatedAt`` (ISO 8601 UTC) and
 ``capwatch:Caption`` (the exact text capwatch wrote: if a person later edits dc:description, the texts differ and
-the description counts as theirs).
+the description counts as theirs), ``capwatch:Keywords`` (rdf:Bag: exactly the dc:subject items capwatch added),
+``capwatch:RejectedKeywords`` (rdf:Bag: keywords capwatch added that someone removed since; never added again)
+and ``capwatch:Text`` (text found in the image by OCR, when ``[metadata] write_text`` is on; never put into
+dc:description). How keywords merge: ``capwatch.metadata.keywords``.
 
 Never write what could not be fully read: ``merge_caption`` refuses (XmpError) to replace a dc:description of any
 other form than the attribute, simple text or the standard rdf:Alt, and ``parse_xmp`` reads the description from
@@ -16,6 +19,7 @@ the same top-level rdf:Description elements that ``merge_caption`` writes.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from xml.dom import Node
 from xml.dom.minidom import Attr, Document, Element
@@ -27,6 +31,7 @@ import defusedxml.minidom as SafeMinidom
 from defusedxml import DefusedXmlException
 
 from capwatch.errors import MetadataError
+from capwatch.metadata import keywords as kw
 from capwatch.metadata.records import Provenance
 
 NS_RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -38,6 +43,7 @@ NS_XMP = "http://ns.adobe.com/xap/1.0/"
 NS_PHOTOSHOP = "http://ns.adobe.com/photoshop/1.0/"
 NS_EXIF = "http://ns.adobe.com/exif/1.0/"
 NS_XMP_NOTE = "http://ns.adobe.com/xmp/note/"
+NS_LR = "http://ns.adobe.com/lightroom/1.0/"
 NS_CAPWATCH = "https://capwatch.invalid/ns/1.0/"
 CAPWATCH_PREFIX = "capwatch"
 PACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"
@@ -60,6 +66,11 @@ class XmpInfo:
     date_time_original: str | None  # exif:DateTimeOriginal
     create_date: str | None  # xmp:CreateDate
     has_extended: bool
+    subjects: tuple[str, ...] = ()  # dc:subject items, in order
+    hierarchical: tuple[str, ...] = ()  # lr:hierarchicalSubject entries ("a|b|c"), in order
+    our_keywords: tuple[str, ...] = ()  # capwatch:Keywords
+    rejected_keywords: tuple[str, ...] = ()  # capwatch:RejectedKeywords
+    text: str | None = None  # capwatch:Text (OCR)
 
 
 def _q(ns: str, local: str) -> str:
@@ -130,6 +141,14 @@ def parse_xmp(packet: bytes) -> XmpInfo:
                 dates[key] = value
         if _prop(desc, NS_XMP_NOTE, "HasExtendedXMP"):
             has_extended = True
+    lists: dict[tuple[str, str], tuple[str, ...]] = {}
+    for desc in top:
+        for ns, local in ((NS_DC, "subject"), (NS_LR, "hierarchicalSubject"), (NS_CAPWATCH, "Keywords"),
+                          (NS_CAPWATCH, "RejectedKeywords")):
+            items = _items(desc, ns, local)
+            if items is not None and (ns, local) not in lists:
+                lists[ns, local] = items
+    text = next((t for t in (_prop_raw(desc, NS_CAPWATCH, "Text") for desc in top) if t is not None), None)
     provenance = None
     if props.get("Model") and props.get("CreatedAt"):
         provenance = Provenance(props["Model"], props.get("ModelRevision") or None, props["CreatedAt"])
@@ -141,7 +160,40 @@ def parse_xmp(packet: bytes) -> XmpInfo:
         date_time_original=dates.get("exif"),
         create_date=dates.get("xmp"),
         has_extended=has_extended,
+        subjects=lists.get((NS_DC, "subject"), ()),
+        hierarchical=lists.get((NS_LR, "hierarchicalSubject"), ()),
+        our_keywords=lists.get((NS_CAPWATCH, "Keywords"), ()),
+        rejected_keywords=lists.get((NS_CAPWATCH, "RejectedKeywords"), ()),
+        text=text,
     )
+
+
+def _prop_raw(desc: EtElement, ns: str, local: str) -> str | None:
+    """Like ``_prop`` but the element text as written (OCR text keeps its line breaks), NFC."""
+    attr = desc.get(_q(ns, local))
+    if attr is None:
+        el = desc.find(_q(ns, local))
+        if el is None or len(el):
+            return None
+        attr = el.text or ""
+    return unicodedata.normalize("NFC", attr)
+
+
+def _items(desc: EtElement, ns: str, local: str) -> tuple[str, ...] | None:
+    """The items of an array property (rdf:Bag/Seq/Alt ``rdf:li`` texts, stripped, blanks skipped), a simple
+    value or attribute as one item (some writers do that), None when ``desc`` lacks the property."""
+    attr = desc.get(_q(ns, local))
+    if attr is not None:
+        return (attr.strip(),) if attr.strip() else ()
+    el = desc.find(_q(ns, local))
+    if el is None:
+        return None
+    container = next((child for child in el if child.tag in _CONTAINERS), None)
+    if container is None:
+        value = (el.text or "").strip() if len(el) == 0 else ""
+        return (value,) if value else ()
+    texts = ((li.text or "").strip() for li in container.findall(_q(NS_RDF, "li")) if len(li) == 0)
+    return tuple(unicodedata.normalize("NFC", t) for t in texts if t)
 
 
 _CONTAINERS = frozenset({_q(NS_RDF, "Alt"), _q(NS_RDF, "Bag"), _q(NS_RDF, "Seq")})
@@ -260,20 +312,32 @@ def _set_text(doc: Document, el: Element, text: str) -> None:
     el.appendChild(doc.createTextNode(text))
 
 
-def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) -> str:
+def merge_caption(packet: bytes | None, caption: str, provenance: Provenance, *,
+                  keywords: Sequence[str] | None = None, other_human: Sequence[str] = (),
+                  text: str | None = None) -> str:
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
 
+    ``keywords`` (capwatch's, cleaned here) are merged into dc:subject by the rules of
+    ``capwatch.metadata.keywords``, together with ``other_human`` (a person's keywords from another place of the
+    same file, e.g. IPTC); None leaves dc:subject and the recorded capwatch:Keywords as they are, ``[]`` removes
+    capwatch's. ``text`` sets capwatch:Text ("" removes it); None keeps what the packet has.
+
     When the packet already carries exactly this caption as capwatch's, from the same model and revision, its
     capwatch:CreatedAt is kept, so merging our own output again returns the same XML and the caller writes
-    nothing. Raises XmpError when the packet is malformed or hostile, or when its dc:description has a form this
-    function does not fully understand (see ``_check_description``): nothing is replaced then.
+    nothing. Raises XmpError when the packet is malformed or hostile, or when its dc:description (or, with
+    ``keywords``, its dc:subject) has a form this function does not fully understand (see
+    ``_check_description`` and ``_subject_items``): nothing is replaced then.
     """
     doc = _parse_dom(packet) if packet and packet.strip(b"\x00 \t\r\n") else _skeleton()
     rdf = _find_rdf(doc)
     rdf_prefix = rdf.prefix or "rdf"
     descriptions = _children(rdf, NS_RDF, "Description")
     _check_description(descriptions)
+    recorded_ours = _recorded_list(descriptions, "Keywords")
+    recorded_rejected = _recorded_list(descriptions, "RejectedKeywords")
+    recorded_text = next((t for t in (_dom_text(d, NS_CAPWATCH, "Text") for d in descriptions) if t is not None),
+                         None)
     if not descriptions:
         new = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Description")
         new.setAttributeNS(NS_RDF, f"{rdf_prefix}:about", "")
@@ -292,6 +356,12 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) ->
             if attr.namespaceURI == NS_CAPWATCH:
                 desc.removeAttributeNode(attr)
     _set_description(doc, target, rdf_prefix, caption)
+    ours, rejected = recorded_ours, recorded_rejected
+    if keywords is not None:
+        # Before the provenance is appended: a new dc:subject then sits where it will be found next time, so
+        # merging our own output again yields the same XML.
+        ours, rejected = _merge_subject(doc, descriptions, target, rdf_prefix, kw.clean_keywords(keywords),
+                                        other_human, recorded_ours, recorded_rejected)
     cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX)
     values = [("Source", "capwatch"), ("Model", provenance.model)]
     if provenance.revision:
@@ -300,6 +370,14 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) ->
     for local, value in values:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
         el.appendChild(doc.createTextNode(value))
+        target.appendChild(el)
+    for local, items in (("Keywords", ours), ("RejectedKeywords", rejected)):
+        if items:
+            target.appendChild(_bag(doc, NS_CAPWATCH, f"{cw}:{local}", rdf_prefix, items))
+    text = recorded_text if text is None else clean_text(text)
+    if text:
+        el = doc.createElementNS(NS_CAPWATCH, f"{cw}:Text")
+        el.appendChild(doc.createTextNode(text))
         target.appendChild(el)
     root = doc.documentElement
     assert root is not None
@@ -463,6 +541,144 @@ def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: s
         default.setAttributeNS(NS_XML, "xml:lang", "x-default")
         alt.insertBefore(default, alt.firstChild)
     _set_text(doc, default, caption)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Keywords and OCR text
+
+#: capwatch:Text is cut to this many UTF-8 bytes, so that OCR text alone never pushes a JPEG's XMP over one
+#: segment (a whiteboard photo can hold pages of text; the index keeps all of it).
+TEXT_LIMIT = 16_000
+
+
+def clean_text(text: str) -> str:
+    """OCR text as capwatch writes it: NFC; line breaks kept as ``\\n`` (other control characters and characters
+    XML 1.0 cannot carry become a space); trailing spaces on lines and blank lines at the ends removed; cut to
+    ``TEXT_LIMIT`` bytes at a character boundary."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = "".join(
+        ch if ch == "\n" or (unicodedata.category(ch) not in ("Cc", "Cs") and ch not in "\ufffe\uffff") else " "
+        for ch in text
+    )
+    text = "\n".join(line.rstrip() for line in text.split("\n")).strip()
+    data = text.encode("utf-8")
+    if len(data) > TEXT_LIMIT:
+        text = data[:TEXT_LIMIT].decode("utf-8", errors="ignore").rstrip()
+    return text
+
+
+def _dom_text(desc: Element, ns: str, local: str) -> str | None:
+    if desc.hasAttributeNS(ns, local):
+        return str(desc.getAttributeNS(ns, local))
+    for el in _children(desc, ns, local):
+        return None if any(isinstance(c, Element) for c in el.childNodes) else _text_of(el)
+    return None
+
+
+def _recorded_list(descriptions: list[Element], local: str) -> tuple[str, ...]:
+    """A capwatch bag (Keywords, RejectedKeywords) as recorded: the first top-level rdf:Description with it."""
+    for desc in descriptions:
+        for prop in _children(desc, NS_CAPWATCH, local):
+            for container in prop.childNodes:
+                if isinstance(container, Element) and container.namespaceURI == NS_RDF:
+                    items = (_text_of(li).strip() for li in _children(container, NS_RDF, "li"))
+                    return tuple(unicodedata.normalize("NFC", t) for t in items if t)
+    return ()
+
+
+def _bag(doc: Document, ns: str, qname: str, rdf_prefix: str, items: Sequence[str]) -> Element:
+    """A new property element ``qname`` (in ``ns``) holding an rdf:Bag of ``items``."""
+    prop = doc.createElementNS(ns, qname)
+    bag = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Bag")
+    for item in items:
+        li = doc.createElementNS(NS_RDF, f"{rdf_prefix}:li")
+        li.appendChild(doc.createTextNode(item))
+        bag.appendChild(li)
+    prop.appendChild(bag)
+    return prop
+
+
+def _subject_error(what: str) -> XmpError:
+    return XmpError(f"dc:subject has an unexpected form ({what}); not changed")
+
+
+def _subject_items(prop: Element) -> tuple[Element | None, list[tuple[Element | None, str]]]:
+    """(container, [(rdf:li or None for a simple value, text)]) of one dc:subject element.
+
+    Understood: an rdf:Bag or rdf:Seq of ``rdf:li`` holding text (xml:lang allowed), or simple text (some writers
+    put one keyword there). Raises XmpError for anything else (rdf:Alt, rdf:parseType, rdf:resource, items with
+    element content, text beside the container, more than one container).
+    """
+    _check_attributes(prop, _LANG, inner=False)
+    elements = [c for c in prop.childNodes if isinstance(c, Element)]
+    if not elements:
+        text = _text_of(prop).strip()
+        return None, [(None, text)] if text else []
+    container = elements[0]
+    if len(elements) > 1 or container.namespaceURI != NS_RDF or container.localName not in ("Bag", "Seq"):
+        raise _subject_error(_name(elements[-1]) if len(elements) > 1 else _name(container))
+    if _has_text(prop) or _has_text(container):
+        raise _subject_error("text beside the rdf:Bag")
+    _check_attributes(container, frozenset(), inner=True)
+    items: list[tuple[Element | None, str]] = []
+    for li in container.childNodes:
+        if not isinstance(li, Element):
+            continue
+        if li.namespaceURI != NS_RDF or li.localName != "li":
+            raise _subject_error(f"{_name(li)} inside the rdf:Bag")
+        _check_attributes(li, _LANG, inner=True)
+        if any(isinstance(c, Element) for c in li.childNodes):
+            raise _subject_error("rdf:li with element content")
+        items.append((li, _text_of(li)))
+    return container, items
+
+
+def _merge_subject(doc: Document, descriptions: list[Element], target: Element, rdf_prefix: str,
+                   wanted: Sequence[str], other_human: Sequence[str], recorded_ours: Sequence[str],
+                   recorded_rejected: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Merge ``wanted`` into dc:subject in place (a person's items untouched, ours replaced); returns the new
+    (capwatch:Keywords, capwatch:RejectedKeywords). Raises XmpError for a dc:subject it does not understand."""
+    holders = [d for d in descriptions if d.hasAttributeNS(NS_DC, "subject") or _children(d, NS_DC, "subject")]
+    props = [p for d in holders for p in _children(d, NS_DC, "subject")]
+    attrs = [d for d in holders if d.hasAttributeNS(NS_DC, "subject")]
+    if len(props) + len(attrs) > 1:
+        raise XmpError("dc:subject is given more than once; not changed")
+    container: Element | None = None
+    items: list[tuple[Element | None, str]] = []
+    holder = holders[0] if holders else target
+    prop = props[0] if props else None
+    if attrs:
+        value = str(holder.getAttributeNS(NS_DC, "subject")).strip()
+        items = [(None, value)] if value else []
+    elif prop is not None:
+        container, items = _subject_items(prop)
+    texts = [text for _, text in items]
+    result = kw.merge(texts, recorded_ours, recorded_rejected, wanted, other_human=other_human)
+    if container is None:
+        # Absent, the attribute form or simple text: becomes the standard rdf:Bag (the person's value its item).
+        if attrs:
+            holder.removeAttributeNS(NS_DC, "subject")
+        final = result.subjects(texts)
+        new = _bag(doc, NS_DC, f"{_prefix_for(holder, NS_DC, 'dc')}:subject", rdf_prefix, final) if final else None
+        if prop is not None and new is not None:
+            holder.replaceChild(new, prop)
+        elif prop is not None:
+            holder.removeChild(prop)
+        elif new is not None:
+            holder.appendChild(new)
+        return result.ours, result.rejected
+    keep = set(result.human)
+    for i, (li, _) in enumerate(items):
+        if i not in keep and li is not None:
+            container.removeChild(li)
+    prefix = container.prefix or rdf_prefix
+    for item in (*result.added_human, *result.ours):
+        li = doc.createElementNS(NS_RDF, f"{prefix}:li")
+        li.appendChild(doc.createTextNode(item))
+        container.appendChild(li)
+    if not _children(container, NS_RDF, "li") and len(items) > 0 and prop is not None:
+        holder.removeChild(prop)  # it held only our keywords, and ours are gone: no empty bag left behind
+    return result.ours, result.rejected
 
 
 def wrap_packet(xml: str, padding: int = 0) -> bytes:
