@@ -226,3 +226,32 @@ def test_florence_engine_reads_as_transformers_post_processes() -> None:
     for name, answer in zip(goldens["images"], goldens["tasks"]["<OCR>"]["answer_beam"], strict=True):
         with Image.open(model / "goldens" / f"{name}.png") as img:
             assert chosen.read(img.convert("RGB")) == answer
+
+
+def test_photo_without_text_costs_the_detector_only() -> None:
+    fresh = RapidOcrReader(threads=2)
+    assert fresh.read(_photo("astronaut")) == ""
+    engine = fresh._engine
+    # the detector ran; the angle classifier and the recogniser were never even loaded
+    assert engine.text_det is not None and engine.text_cls is None and engine.text_rec is None
+
+
+# -- configuration ----------------------------------------------------------------------------------------------
+
+
+def test_ocr_section_is_read_and_checked(tmp_path: Path) -> None:
+    from capwatch.config import load_config_file
+
+    path = tmp_path / "config.toml"
+    path.write_text('[ocr]\nengine = "rapidocr"\nmax_pixels = 2000000\n[metadata]\nmax_keywords = 5\n'
+                    '[model]\nkeywords = false\n')
+    config = load_config_file(path)
+    assert config.ocr == OcrConfig(engine="rapidocr", max_pixels=2_000_000)
+    assert config.metadata.max_keywords == 5 and config.model.keywords is False
+    for bad, key in (('[ocr]\nengine = "tesseract"\n', "ocr.engine"), ("[ocr]\nmax_pixels = 0\n", "ocr.max_pixels"),
+                     ("[metadata]\nmax_keywords = -1\n", "metadata.max_keywords"),
+                     ('[model]\nkeywords = "yes"\n', "model.keywords")):
+        path.write_text(bad)
+        with pytest.raises(ConfigError) as err:
+            load_config_file(path)
+        assert key in str(err.value) and "\n" not in str(err.value)

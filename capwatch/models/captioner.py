@@ -8,6 +8,11 @@
 Every family shares this base: preprocessing from ``preprocessor_config.json``, generation settings from the
 configs plus the user's overrides, the tokenizer, and a :class:`~capwatch.models.session.SessionGroup`. A family
 implements :meth:`Captioner.graph_stems`, :meth:`Captioner.check_graphs` and :meth:`Captioner.generate_ids`.
+
+Two entry points: :meth:`Captioner.caption_batch` (captions) and :meth:`Captioner.describe_batch`, which gives an
+:class:`ImageDescription` per image -- caption, keywords, text in the image -- as :class:`DescribeOptions` asks
+(``DescribeOptions.from_config(config)``). Florence-2 produces all three from one vision-encoder pass per image;
+other families give the caption alone.
 """
 
 from __future__ import annotations
