@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from capwatch.config import Config, MetadataConfig, ModelConfig, OcrConfig
@@ -168,3 +170,18 @@ def test_task_prompts_come_from_the_processor_config() -> None:
     config = json.loads((FIXTURE / "preprocessor_config.json").read_text())
     assert florence2.prompt_for_task(FIXTURE, OD_TASK) == config["task_prompts_without_inputs"][OD_TASK]
     assert florence2.prompt_for_task(FIXTURE, OCR_TASK) == "What is the text in the image?"
+
+
+_PIECES = ["<s>", "</s>", "<pad>", "<od>", "</od>", "car", " traffic light", "Ünïcode", "\n", " ", "<", ">", "<loc_",
+           "<loc_0>", "<loc_999>", "<loc_512>", "<loc_123456789012345678901234567890>", "<ground>", "<obj>"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=60), st.integers(1, 20000), st.integers(1, 20000))
+@settings(max_examples=100, deadline=None)
+def test_parser_takes_any_output(pieces: list[str], width: int, height: int) -> None:
+    detections = parse_od("".join(pieces), (width, height))
+    for d in detections:
+        assert d.label.isascii() and d.label == d.label.strip()
+        assert all(v >= 0 for v in d.box)
+    keywords = keywords_from_detections(detections, 5)
+    assert len(keywords) == len(set(keywords)) <= 5
