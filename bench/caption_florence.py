@@ -1,6 +1,7 @@
 """Florence-2-base-size captioning: transformers (PyTorch) vs capwatch (onnxruntime), side by side.
 
     python bench/caption_florence.py [--images 8] [--batch 8] [--threads 2] [--max-new-tokens 20] [--rebuild]
+    python bench/caption_florence.py --keywords [--keyword-tokens 20,40] [--beams 3] [--precisions fp32,int8,mix]
 
 Builds (once, into bench/_work/, gitignored) a Florence-2 with the base-ft architecture -- DaViT
 (128/256/512/1024, depths 1/1/9/1, window 12) at 768x768 -> 577 image tokens, BART 6+6 layers d_model 768, 51289
@@ -15,11 +16,18 @@ tensors:
 and prints seconds per image, the speed ratio to transformers, whether tokens equal transformers', and for int8 the
 share of captions identical to fp32. Random weights never emit </s> early here, so every caption runs to
 ``--max-new-tokens`` (a fixed, comparable amount of decoding work; real short captions are 10-20 tokens).
+
+``--keywords`` measures instead what keywords cost on top of the caption (issue 12's anchor: caption + keywords
+<= 1.4x caption alone): capwatch ``describe_pixels`` with the caption only, then with the caption and the ``<OD>``
+keywords on the same image features, alternately ``--repeat`` times (the best of each counts), per precision; it
+prints seconds per image and the ratio. The <OD> output of
+random weights also runs to its budget (``--keyword-tokens``; a real answer is 5-7 tokens per object).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -93,6 +101,57 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+MIXES: dict[str, tuple[str, dict[str, str]]] = {
+    "fp32": ("fp32", {}), "int8": ("int8", {}), "mix": ("int8", {"vision_encoder": "fp32"})}
+
+
+def keywords_bench(model_dir: Path, args: argparse.Namespace) -> None:
+    """Caption alone vs caption + keywords (describe_pixels), per precision, beam count and <OD> budget."""
+    from capwatch.models.captioner import DescribeOptions, open_captioner
+    from capwatch.models.derived import DerivedCache
+    from capwatch.models.florence2 import OD_TASK, Florence2Captioner
+
+    key_file = WORK / "derived-key"
+    if not key_file.is_file():
+        key_file.write_bytes(os.urandom(32))
+    derived = DerivedCache(WORK / "derived", key_file.read_bytes())
+    pics = images(args.images)
+    budgets = [int(b) for b in args.keyword_tokens.split(",")]
+    print(f"Florence-2-base architecture, random weights; {len(pics)} images -> 768x768, caption "
+          f"{args.max_new_tokens} new tokens, {args.threads} threads, batch {args.batch}", flush=True)
+    print(f"{'precision':9s} {'beams':>5s} {'od tokens':>9s} {'caption s/img':>13s} {'+keywords s/img':>15s} "
+          f"{'ratio':>6s}  captions", flush=True)
+    caption_only, with_keywords = DescribeOptions(keywords=False), DescribeOptions(keywords=True)
+    for name in args.precisions.split(","):
+        precision, graphs = MIXES[name]
+        for beams in (int(b) for b in args.beams.split(",")):
+            cap = open_captioner(model_dir, ModelConfig(
+                precision=precision, graph_precision=graphs, num_beams=beams,  # type: ignore[arg-type]
+                threads=args.threads, idle_unload_seconds=0, batch_size=args.batch), derived=derived)
+            assert isinstance(cap, Florence2Captioner)
+            pixels = np.stack([cap.preprocess_image(im) for im in pics])
+            sizes = [im.size for im in pics]
+            base = cap.task_settings[OD_TASK]
+            cap.describe_pixels(pixels, with_keywords, image_sizes=sizes)  # warm-up: sessions, allocations
+            for budget in budgets:
+                # Random weights never emit </s>: the budget is the amount of <OD> decoding measured.
+                cap.task_settings[OD_TASK] = dataclasses.replace(base, max_length=budget + 1, max_new_tokens=budget)
+                # Alternate the two and keep each one's best: other load on the box hits both alike.
+                t_cap = t_kw = float("inf")
+                for _ in range(args.repeat):
+                    t, alone = timed(lambda c=cap, p=pixels, s=sizes: c.describe_pixels(p, caption_only,
+                                                                                        image_sizes=s))
+                    t_cap = min(t_cap, t)
+                    t, both = timed(lambda c=cap, p=pixels, s=sizes: c.describe_pixels(p, with_keywords,
+                                                                                       image_sizes=s))
+                    t_kw = min(t_kw, t)
+                same = sum(a.caption == b.caption for a, b in zip(alone, both, strict=True))
+                n = len(pics)
+                print(f"{name:9s} {beams:5d} {budget:9d} {t_cap / n:13.3f} {t_kw / n:15.3f} {t_kw / t_cap:5.2f}x  "
+                      f"{same}/{n} identical", flush=True)
+            cap.close()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
@@ -102,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="re-export the model even if bench/_work has it")
     parser.add_argument("--skip-transformers-beam", action="store_true")
     parser.add_argument("--export-only", action="store_true", help="build bench/_work and stop")
+    parser.add_argument("--keywords", action="store_true", help="caption alone vs caption + <OD> keywords")
+    parser.add_argument("--keyword-tokens", default="20,40", help="<OD> token budgets to measure (comma-separated)")
+    parser.add_argument("--beams", default="3", help="with --keywords: beam counts (comma-separated)")
+    parser.add_argument("--precisions", default="fp32,int8,mix", help="with --keywords: precisions to measure")
+    parser.add_argument("--repeat", type=int, default=2, help="with --keywords: runs of each (the best counts)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -116,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         t, (model_dir, model, tok) = timed(lambda: ff.build_model_dir(spec, WORK, goldens=False))
         stamp.write_text(want)
         print(f"  export + quantize: {t:.0f} s", file=sys.stderr)
+    elif args.keywords:
+        keywords_bench(model_dir, args)
+        return
     else:
         model = ff.build_model(spec, tok.get_vocab_size(), tok.token_to_id("<image>"))
     model.eval()

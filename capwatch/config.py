@@ -37,6 +37,8 @@ CaptionLength = Literal["short", "detailed", "paragraph"]
 WriteMode = Literal["embedded", "sidecar", "both", "none"]
 ExistingPolicy = Literal["keep", "overwrite"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+#: Where text in images comes from: nowhere, the rapidocr package (extra ``capwatch[ocr]``), or Florence-2's <OCR>.
+OcrEngine = Literal["off", "rapidocr", "florence"]
 
 #: Extensions (lower case, no dot) capwatch treats as images by default.
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
@@ -200,6 +202,9 @@ class ModelConfig:
     length_penalty: Annotated[float, LENGTH_PENALTY] | None = None
     no_repeat_ngram_size: Annotated[int, NO_REPEAT_NGRAM] | None = None
     early_stopping: bool | None = None
+    #: Keywords from the model's object detection (Florence-2 <OD>, on the caption's image features); models
+    #: without a detector (ViT-GPT2) produce none.
+    keywords: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,17 @@ class MetadataConfig:
     windows_xp_tags: bool = False
     #: Write text found in the image (OCR) into the file's XMP, in capwatch's namespace (never the description).
     write_text: bool = False
+    #: Most keywords the model adds per image (largest objects first).
+    max_keywords: Annotated[int, Range(0, 200)] = 10
+
+
+@dataclass(frozen=True)
+class OcrConfig:
+    """Text in images (capwatch.text)."""
+
+    engine: OcrEngine = "off"
+    #: Largest image handed to the OCR engine, in pixels; bigger ones are scaled down first (memory, time).
+    max_pixels: Annotated[int, Range(1, 100_000_000)] = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,7 @@ class Config:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ocr: OcrConfig = field(default_factory=OcrConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 

@@ -15,6 +15,7 @@ What it writes, for each fixture directory ``OUT_DIR/florence2-*``:
 * ``onnx/vision_encoder.onnx``, ``onnx/embed_tokens.onnx``, ``onnx/encoder_model.onnx``,
   ``onnx/decoder_model_merged.onnx`` (tensor names as onnx-community/Florence-2-base-ft publishes them) and the
   ``_quantized`` int8 variants (onnxruntime ``quantize_dynamic`` with ``EnableSubgraph``);
+* ``goldens_tasks.json`` (<OD>, <OCR>): run ``python tools/florence_task_goldens.py`` after a rebuild;
 * ``goldens.json`` + ``goldens/*.png``: transformers' native ``Florence2ForConditionalGeneration.generate()`` token
   ids for several images, greedy and beam search, together with the exact pixel tensors that produced them
   (``goldens/pixels.npy``) so parity can be checked with and without capwatch's own preprocessing.
@@ -60,6 +61,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Florence-2's captioning tasks; the prompts are read from transformers' own processor at build time (see
 #: _task_prompts) so the fixture carries exactly what the reference implementation uses.
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+#: The keyword and text tasks capwatch also runs; their prompts go into the fixture's processor config (as in the real
+#: models'), but not into the tokenizer's training corpus (that would change the committed fixture). Their goldens
+#: are made by tools/florence_task_goldens.py.
+OTHER_TASKS: Mapping[str, str] = MappingProxyType({"<OD>": "description_with_bboxes", "<OCR>": "pure_text"})
 
 
 #: The smallest sensible DaViT: two stages, one block each, 64x64 input -> 8x8 + 1 = 65 image tokens.
@@ -465,7 +470,7 @@ def preprocessor_config(size: int, prompts: dict[str, str], image_seq_length: in
         "image_std": list(IMAGENET_STD),
         "do_convert_rgb": True,
         "image_seq_length": image_seq_length,
-        "tasks_answer_post_processing_type": {t: "pure_text" for t in prompts},
+        "tasks_answer_post_processing_type": {t: OTHER_TASKS.get(t, "pure_text") for t in prompts},
         "task_prompts_without_inputs": prompts,
     }
 
@@ -601,7 +606,8 @@ def build_model_dir(spec: FixtureSpec, out_root: Path, *, goldens: bool
         model.config.save_pretrained(stage)  # config.json
         (stage / "generation_config.json").write_text(json.dumps(generation_config(spec), indent=2) + "\n")
         (stage / "preprocessor_config.json").write_text(
-            json.dumps(preprocessor_config(spec.image_size, caption_prompts, n_img), indent=2) + "\n")
+            json.dumps(preprocessor_config(spec.image_size, {**caption_prompts, **{t: prompts[t] for t in OTHER_TASKS}},
+                                           n_img), indent=2) + "\n")
         tok.save(str(stage / "tokenizer.json"))
         (stage / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "BartTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",

@@ -8,6 +8,11 @@
 Every family shares this base: preprocessing from ``preprocessor_config.json``, generation settings from the
 configs plus the user's overrides, the tokenizer, and a :class:`~capwatch.models.session.SessionGroup`. A family
 implements :meth:`Captioner.graph_stems`, :meth:`Captioner.check_graphs` and :meth:`Captioner.generate_ids`.
+
+Two entry points: :meth:`Captioner.caption_batch` (captions) and :meth:`Captioner.describe_batch`, which gives an
+:class:`ImageDescription` per image -- caption, keywords, text in the image -- as :class:`DescribeOptions` asks
+(``DescribeOptions.from_config(config)``). Florence-2 produces all three from one vision-encoder pass per image;
+other families give the caption alone.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from capwatch.config import ModelConfig, Precision
+from capwatch.config import Config, ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
 from capwatch.models import vision_encoder_decoder as ved
 from capwatch.models.derived import (
@@ -54,6 +59,42 @@ FAMILIES: Mapping[str, str] = {
 class CaptionResult:
     text: str
     token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DescribeOptions:
+    """What :meth:`Captioner.describe_batch` produces besides (or instead of) the caption.
+
+    ``keywords``: labels of the model's object detection as keywords, at most ``max_keywords`` (Florence-2's
+    ``<OD>``; a model without a detector gives none). ``text``: text in the image read by the model itself
+    (Florence-2's ``<OCR>``; other models give None). Both reuse the caption's image features.
+    """
+
+    caption: bool = True
+    keywords: bool = True
+    max_keywords: int = 10
+    text: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> DescribeOptions:
+        """The options a configuration asks for: ``[model] keywords``, ``[metadata] max_keywords``, and the text
+        only when ``[ocr] engine = "florence"`` (rapidocr reads text outside the captioning model)."""
+        return cls(keywords=config.model.keywords, max_keywords=config.metadata.max_keywords,
+                   text=config.ocr.engine == "florence")
+
+
+@dataclass(frozen=True)
+class ImageDescription:
+    """Everything the model says about one image.
+
+    ``caption``: None only when not asked for. ``keywords``: lower-case, singular, de-duplicated, largest objects
+    first (empty when not asked for or the model has no detector). ``text``: the text read in the image ("" when
+    there is none), None when not asked for or the model cannot read text.
+    """
+
+    caption: CaptionResult | None
+    keywords: tuple[str, ...] = ()
+    text: str | None = None
 
 
 class Captioner(abc.ABC):
@@ -244,6 +285,29 @@ class Captioner(abc.ABC):
         if not images:
             return []
         return self.caption_pixels(np.stack([self.preprocess_image(img) for img in images]))
+
+    def describe_batch(self, images: Sequence[Image.Image], options: DescribeOptions) -> list[ImageDescription]:
+        """Caption, keywords and text of decoded images, as ``options`` asks; one description per image, in order.
+
+        The caption is the one :meth:`caption_batch` gives. Keyword boxes are scaled to each image's own size (their
+        areas rank the keywords). Raises ModelError when the model cannot be loaded, ImageError when an image cannot
+        be preprocessed.
+        """
+        if not images:
+            return []
+        pixels = np.stack([self.preprocess_image(img) for img in images])
+        return self.describe_pixels(pixels, options, image_sizes=[img.size for img in images])
+
+    def describe_pixels(self, pixel_values: np.ndarray, options: DescribeOptions, *,
+                        image_sizes: Sequence[tuple[int, int]] | None = None) -> list[ImageDescription]:
+        """As :meth:`describe_batch` for a preprocessed batch [b,3,H,W]; ``image_sizes`` are the (width, height) of
+        the images behind it (default: the model's input size).
+
+        This base version captions only: a family without a detector or text reader gives no keywords and no text.
+        """
+        if not options.caption:
+            return [ImageDescription(caption=None) for _ in range(len(pixel_values))]
+        return [ImageDescription(caption=c) for c in self.caption_pixels(pixel_values)]
 
     def unload_if_idle(self, now: float | None = None) -> bool:
         """Release the ONNX sessions when unused for ``idle_unload_seconds``; True if they were released.

@@ -14,6 +14,10 @@ Pipeline for a batch of images and one task prompt (the caption length):
 
 Decoded text is post-processed into a clean sentence: ``<s>``, ``</s>``, ``<pad>`` and ``<loc_N>`` removed,
 whitespace collapsed, no space before punctuation, first letter capitalised.
+
+:meth:`Florence2Captioner.describe_pixels` runs step 1 once per image and steps 2-4 once per task on those image
+features: ``<CAPTION>`` (or the configured length), ``<OD>`` for keywords and ``<OCR>`` for text in the image. The
+task outputs are parsed as transformers' ``post_process_generation`` does (:mod:`capwatch.models.florence_post`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import onnxruntime as ort
 
 from capwatch.config import CaptionLength, ModelConfig
 from capwatch.errors import ModelError
-from capwatch.models.captioner import Captioner
+from capwatch.models.captioner import Captioner, CaptionResult, DescribeOptions, ImageDescription
 from capwatch.models.derived import DerivedCache
+from capwatch.models.florence_post import clean_pure_text, parse_od
 from capwatch.models.generate import DecoderState, GenerationSettings, generate
+from capwatch.models.keywords import keywords_from_detections
 from capwatch.models.layout import ModelDir, check_names, read_json
 
 VISION = "vision_encoder"
@@ -55,7 +61,14 @@ DEFAULT_TASK_PROMPTS: Mapping[str, str] = {
     "<CAPTION>": "What does the image describe?",
     "<DETAILED_CAPTION>": "Describe in detail what is shown in the image.",
     "<MORE_DETAILED_CAPTION>": "Describe with a paragraph what is shown in the image.",
+    "<OD>": "Locate the objects with category name in the image.",
+    "<OCR>": "What is the text in the image?",
 }
+
+#: The object detection task, whose labels become keywords.
+OD_TASK = "<OD>"
+#: The text reading task.
+OCR_TASK = "<OCR>"
 
 #: Config files that may carry the prompt table: transformers.js reads it from the image processor's config
 #: (preprocessor_config.json); transformers' native processor saves its settings in processor_config.json.
@@ -75,7 +88,13 @@ def task_prompt(model_dir: Path, caption_length: CaptionLength) -> str:
     Raises ModelError (one line, naming the file) when a processor config exists but cannot be read, is too large
     or is not a JSON object (see :func:`~capwatch.models.layout.read_json`).
     """
-    task = TASK_FOR_LENGTH[caption_length]
+    return prompt_for_task(model_dir, TASK_FOR_LENGTH[caption_length])
+
+
+def prompt_for_task(model_dir: Path, task: str) -> str:
+    """Return the prompt text of the task token ``task`` (a key of :data:`DEFAULT_TASK_PROMPTS`), from the model's
+    processor config when it has one, else transformers' own. Raises ModelError as :func:`task_prompt` does.
+    """
     for name in _PROMPT_SOURCES:
         path = model_dir / name
         if not path.is_file():
@@ -247,13 +266,24 @@ def encode(vision: Any, embed: Any, encoder: Any, pixel_values: np.ndarray, prom
     int8 graphs a per-image run keeps each image's dynamic-quantization scales independent of its batch mates.
     Batching pays in the decoder, where one step is a handful of rows.
     """
+    return encode_features(embed, encoder, image_features(vision, pixel_values, shape), prompt_ids, shape)
+
+
+def image_features(vision: Any, pixel_values: np.ndarray, shape: DecoderShape) -> list[np.ndarray]:
+    """The vision encoder's ``image_features`` [1,N,d] of each image of the batch (one run per image, see
+    :func:`encode`); every task prompt of the same images reuses them."""
     pixels = np.ascontiguousarray(pixel_values, dtype=shape.float_dtype)
+    return [vision.run(["image_features"], {"pixel_values": pixels[i : i + 1]})[0] for i in range(pixels.shape[0])]
+
+
+def encode_features(embed: Any, encoder: Any, features: Sequence[np.ndarray], prompt_ids: Sequence[int],
+                    shape: DecoderShape) -> EncodedBatch:
+    """Embed the prompt and run the text encoder over each image's features followed by it."""
     ids = np.asarray([list(prompt_ids)], dtype=np.int64)
     prompt = embed.run(["inputs_embeds"], {"input_ids": ids})[0]
     hidden: list[np.ndarray] = []
-    for i in range(pixels.shape[0]):
-        features = vision.run(["image_features"], {"pixel_values": pixels[i : i + 1]})[0]
-        joint = np.concatenate([features, prompt.astype(features.dtype, copy=False)], axis=1)
+    for item in features:
+        joint = np.concatenate([item, prompt.astype(item.dtype, copy=False)], axis=1)
         mask = np.ones(joint.shape[:2], dtype=shape.mask_dtype)
         hidden.append(encoder.run(["last_hidden_state"], {"inputs_embeds": joint.astype(shape.float_dtype, copy=False),
                                                           "attention_mask": mask})[0])
@@ -270,6 +300,11 @@ def generate_ids(vision: Any, embed: Any, encoder: Any, decoder: Any, pixel_valu
 
 # ------------------------------------------------------------------------------------------------------------
 # Captioner
+
+#: Budget of the other tasks when the model's configs set no length: far above what they produce for a photo (an
+#: object is 5-7 tokens: label and four locations); generation stops at </s>. The user's model.max_new_tokens is the
+#: caption's budget only.
+TASK_MAX_NEW_TOKENS: Mapping[str, int] = {OD_TASK: 256, OCR_TASK: 256}
 
 #: Caption budget per length when neither the user nor the model's configs set one. transformers would fall back
 #: to max_length 20 (which cuts detailed captions mid-sentence); Florence-2's authors caption with
@@ -336,6 +371,20 @@ class Florence2Captioner(Captioner):
             raise ModelError(f"{model.path}: config.json: bos_token_id/eos_token_id must be integers")
         # As Florence2Processor builds it: "<s>" + prompt + "</s>", the prompt itself without special tokens.
         self.prompt_ids: tuple[int, ...] = (bos, *self.text.encode(self.prompt), eos)
+        #: Prompt ids and generation settings of the keyword (<OD>) and text (<OCR>) tasks.
+        self.task_prompt_ids: dict[str, tuple[int, ...]] = {
+            task: (bos, *self.text.encode(prompt_for_task(model.path, task)), eos) for task in TASK_MAX_NEW_TOKENS}
+        self.task_settings: dict[str, GenerationSettings] = {
+            task: self._task_settings(model, config, task) for task in TASK_MAX_NEW_TOKENS}
+
+    def _task_settings(self, model: ModelDir, config: ModelConfig, task: str) -> GenerationSettings:
+        """The generation settings of ``task``: the model's configs with the user's beam and n-gram settings; the
+        length the model's configs state, else :data:`TASK_MAX_NEW_TOKENS` (the caption's budget does not apply)."""
+        text_view = text_config_view(model.config)
+        stated = _states_length(model.generation_config, text_view)
+        overrides = dataclasses.replace(config, min_length=None,
+                                        max_new_tokens=None if stated else TASK_MAX_NEW_TOKENS[task])
+        return self.generation_settings(model.generation_config, text_view, overrides)
 
     def initial_settings(self, model: ModelDir, config: ModelConfig) -> GenerationSettings:
         """Generation settings from text_config's view of config.json, with a caption budget per length.
@@ -378,3 +427,67 @@ class Florence2Captioner(Captioner):
 
     def postprocess(self, text: str) -> str:
         return clean_caption(text)
+
+    def task_ids(self, pixel_values: np.ndarray, task: str) -> list[list[int]]:
+        """Token ids per image of ``task`` (``<OD>`` or ``<OCR>``) alone, as transformers' generate() returns them
+        for that task prompt (the parity tests use this). Raises ModelError when the model cannot be loaded."""
+        settings = self.task_settings[task].fit_positions(self.max_positions)
+        pixels = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+        with self.sessions.use() as sessions:
+            features = image_features(sessions[VISION], pixels, self._shape)
+            return self._run_task(sessions, features, self.task_prompt_ids[task], settings)
+
+    def _run_task(self, sessions: Mapping[str, ort.InferenceSession], features: Sequence[np.ndarray],
+                  prompt_ids: Sequence[int], settings: GenerationSettings) -> list[list[int]]:
+        """One task prompt over images already through the vision encoder: best sequence per image."""
+        encoded = encode_features(sessions[EMBED], sessions[ENCODER], features, prompt_ids, self._shape)
+        decoder = Florence2Decoder(sessions[DECODER], sessions[EMBED], self._shape)
+        sequences = generate(decoder, encoded, len(features), settings)
+        return sequences[:: settings.num_return_sequences]
+
+    def describe_pixels(self, pixel_values: np.ndarray, options: DescribeOptions, *,
+                        image_sizes: Sequence[tuple[int, int]] | None = None) -> list[ImageDescription]:
+        """Caption, keywords (``<OD>``) and text (``<OCR>``) per image of the batch [b,3,H,W], as ``options`` asks.
+
+        The vision encoder runs once per image; each task runs the text encoder and the decoder on its features.
+        The caption equals :meth:`caption_pixels`'s. Keyword boxes are scaled to ``image_sizes`` (width, height per
+        image; default the model's input size) before their areas rank the labels. Raises ModelError when the model
+        cannot be loaded, ValueError for a batch of the wrong shape.
+        """
+        pixels = np.asarray(pixel_values, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [b,3,H,W], got shape {pixels.shape}")
+        count = pixels.shape[0]
+        sizes = list(image_sizes) if image_sizes is not None else [(pixels.shape[3], pixels.shape[2])] * count
+        if len(sizes) != count:
+            raise ValueError(f"{len(sizes)} image sizes for {count} images")
+        want_keywords = options.keywords and options.max_keywords > 0
+        caption_settings = self.settings.fit_positions(self.max_positions)
+        od_settings = self.task_settings[OD_TASK].fit_positions(self.max_positions)
+        ocr_settings = self.task_settings[OCR_TASK].fit_positions(self.max_positions)
+        chunk = max(1, self.config.batch_size)
+        results: list[ImageDescription] = []
+        with self.sessions.use() as sessions:
+            for start in range(0, count, chunk):
+                batch = np.ascontiguousarray(pixels[start : start + chunk])
+                n = batch.shape[0]
+                if not (options.caption or want_keywords or options.text):
+                    results += [ImageDescription(caption=None)] * n
+                    continue
+                features = image_features(sessions[VISION], batch, self._shape)
+                captions: list[CaptionResult | None] = [None] * n
+                keywords: list[tuple[str, ...]] = [()] * n
+                texts: list[str | None] = [None] * n
+                if options.caption:
+                    captions = [CaptionResult(text=self.postprocess(self.text.decode(ids)), token_ids=tuple(ids))
+                                for ids in self._run_task(sessions, features, self.prompt_ids, caption_settings)]
+                if want_keywords:
+                    od = self._run_task(sessions, features, self.task_prompt_ids[OD_TASK], od_settings)
+                    keywords = [keywords_from_detections(parse_od(self.text.decode_raw(ids), sizes[start + i]),
+                                                         options.max_keywords) for i, ids in enumerate(od)]
+                if options.text:
+                    ocr = self._run_task(sessions, features, self.task_prompt_ids[OCR_TASK], ocr_settings)
+                    texts = [clean_pure_text(self.text.decode_raw(ids)) for ids in ocr]
+                results += [ImageDescription(caption=c, keywords=k, text=t)
+                            for c, k, t in zip(captions, keywords, texts, strict=True)]
+        return results

@@ -59,6 +59,12 @@ class TextDecoder:
         text: str = self._tokenizer.decode(kept, skip_special_tokens=True)
         return text.strip()
 
+    def decode_raw(self, ids: Sequence[int]) -> str:
+        """Return ``ids`` decoded with every token kept, special ones included (``<s>``, ``</s>``, ``<loc_N>``), as
+        transformers' ``batch_decode(..., skip_special_tokens=False)`` gives task outputs to its post-processor."""
+        text: str = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+        return text
+
     def encode(self, text: str) -> list[int]:
         """Return the token ids of ``text`` without special tokens added (used for task prompts)."""
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
