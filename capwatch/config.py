@@ -236,6 +236,16 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """``capwatch serve``: where the web page listens. Any host but a loopback address needs the access token."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Range(1, 65535)] = 8765
+    #: Results per search page.
+    page_size: Annotated[int, Range(1, 500)] = 48
+
+
+@dataclass(frozen=True)
 class Config:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -243,6 +253,7 @@ class Config:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 

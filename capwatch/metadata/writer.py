@@ -39,10 +39,13 @@ XMP_PADDING = 2048
 NO_HOOKS = WriteHooks()
 
 
-def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
+def write_caption(path: Path, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
                   hooks: WriteHooks = NO_HOOKS) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
+
+    ``provenance=None`` writes a person's words (an edit in ``capwatch serve``): no capwatch provenance is written
+    and any earlier one is removed, so the caption reads as ``human`` and capwatch never replaces it later.
 
     ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
     ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
@@ -96,7 +99,7 @@ def _is_read_only(path: Path, st: os.stat_result) -> bool:
     return not (st.st_mode & stat.S_IWUSR) or not os.access(path, os.W_OK)
 
 
-def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
+def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance | None, config: MetadataConfig,
                     journal: Journal, hooks: WriteHooks) -> list[str]:
     path, fmt = snap.path, snap.metadata.format
     try:
@@ -138,7 +141,7 @@ class Plan:
     changed: bool
 
 
-def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, config: MetadataConfig, *,
+def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   file_size: int) -> Plan:
     """Compute the new file content (pure; nothing is written) and verify it before returning.
 
@@ -178,7 +181,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
             written.append("iptc")
         sos = jpeg.parse_layout(BytesSource(data)).sos_offset
         head = jpeg.rebuild_head(data, new_tiff, packet, irb)
-        _verify_metadata(head + data[sos:], fmt, caption)  # new header + the original SOS header
+        # new header + the original SOS header
+        _verify_metadata(head + data[sos:], fmt, caption, ours=provenance is not None)
         parts: tuple[atomic.Part, ...] = (head, atomic.Tail(sos, file_size - sos))
         return Plan(parts, tuple(written), head != data[:sos])
     if fmt == "png":
@@ -189,7 +193,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
         raise EmbedNotSafe(f"cannot embed into {fmt}")
     if image_data(data, fmt) != image_data(new, fmt):
         raise CorruptError("internal check failed: image data would change")
-    _verify_metadata(new, fmt, caption)
+    _verify_metadata(new, fmt, caption, ours=provenance is not None)
     return Plan((new,), tuple(written), new != data)
 
 
@@ -229,16 +233,17 @@ def image_data(data: bytes, fmt: str) -> bytes:
     raise CorruptError(f"no image data rule for {fmt}")
 
 
-def _verify_metadata(new: bytes, fmt: str, caption: str) -> None:
-    # Belt and braces: the rebuilt metadata must parse and carry the caption as ours before anything is written.
+def _verify_metadata(new: bytes, fmt: str, caption: str, *, ours: bool = True) -> None:
+    # Belt and braces: the rebuilt metadata must parse and carry the caption (as ours, or for a person's words
+    # as not ours) before anything is written.
     emb: Embedded = read_embedded(fmt, BytesSource(new))
     info = parse_xmp(emb.xmp) if emb.xmp else None
     desc = describe(emb, info, [])
-    if desc is None or desc.text != caption or desc.kind != "ours":
+    if desc is None or desc.text != caption or (desc.kind == "ours") != ours:
         raise CorruptError("internal check failed: caption does not read back")
 
 
-def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, journal: Journal,
+def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance | None, journal: Journal,
                     hooks: WriteHooks) -> list[str]:
     """Merge the caption into every sidecar the snapshot saw (or create ``name.ext.xmp`` when it saw none)."""
     written = False

@@ -260,9 +260,10 @@ def _set_text(doc: Document, el: Element, text: str) -> None:
     el.appendChild(doc.createTextNode(text))
 
 
-def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) -> str:
+def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | None) -> str:
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
+    ``provenance=None`` writes a person's words: every capwatch property is removed, so readers see a human's.
 
     When the packet already carries exactly this caption as capwatch's, from the same model and revision, its
     capwatch:CreatedAt is kept, so merging our own output again returns the same XML and the caller writes
@@ -283,7 +284,7 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) ->
         (d for d in descriptions if _children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
         descriptions[0],
     )
-    created_at = _created_at(descriptions, target, caption, provenance)
+    created_at = _created_at(descriptions, target, caption, provenance) if provenance is not None else ""
     # Drop earlier capwatch provenance wherever it is, so there is exactly one set.
     for desc in descriptions:
         for child in _children_ns(desc, NS_CAPWATCH):
@@ -292,11 +293,13 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance) ->
             if attr.namespaceURI == NS_CAPWATCH:
                 desc.removeAttributeNode(attr)
     _set_description(doc, target, rdf_prefix, caption)
-    cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX)
-    values = [("Source", "capwatch"), ("Model", provenance.model)]
-    if provenance.revision:
-        values.append(("ModelRevision", provenance.revision))
-    values += [("CreatedAt", created_at), ("Caption", caption)]
+    values: list[tuple[str, str]] = []
+    if provenance is not None:
+        values = [("Source", "capwatch"), ("Model", provenance.model)]
+        if provenance.revision:
+            values.append(("ModelRevision", provenance.revision))
+        values += [("CreatedAt", created_at), ("Caption", caption)]
+    cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX) if values else ""
     for local, value in values:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
         el.appendChild(doc.createTextNode(value))

@@ -1,0 +1,89 @@
+"""`capwatch serve`: the local web page (search grid, photo page, status) over the index."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import click
+
+from capwatch.cli.app import _global_options, _load, _open_captioner, cli, log
+from capwatch.errors import ConfigError, IndexUnavailable
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port``; raises ConfigError (one line) when that address cannot be used."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host}: not an address of this machine ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+@cli.command()
+@_global_options
+@click.option("--host", metavar="ADDRESS", help="Address to listen on (default: [serve] host, 127.0.0.1). Any "
+              "other than loopback needs the access token, made on the first such start and printed once.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [serve] port, 8765).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve a local web page: search with thumbnails, a photo page to edit a caption, the status.
+
+    \b
+    Open http://127.0.0.1:8765/ (the address it prints).  / focuses the search box, arrows move
+    through the results.  Captions edited there are written into the file as a person's words.
+    """
+    config = _load(ctx)
+    try:
+        import uvicorn
+
+        from capwatch.web.app import ServeSettings, create_app
+        from capwatch.web.security import LOOPBACK_NAMES, is_loopback, load_or_create_token, new_csrf_secret
+    except ImportError as exc:
+        raise ConfigError(f"capwatch serve needs the web extra ({exc.name} is missing): "
+                          "pip install 'capwatch[web]'") from None
+    from capwatch import paths
+    from capwatch.daemon.instance import read_live_state
+
+    host = host or config.serve.host
+    port = port or config.serve.port
+    index_path = config.index_path()
+    if not index_path.exists():
+        raise IndexUnavailable(f"no index at {index_path} yet; run `capwatch scan DIR` first (or pass --db)")
+    token = None
+    allowed: frozenset[str] | None = LOOPBACK_NAMES
+    if not is_loopback(host):
+        token = load_or_create_token(paths.state_dir(os.environ))
+        allowed = None  # reached by whatever name the network gives it; the token is the gate
+    sock = _listen(host, port)
+    if token is not None and token.created:
+        # The only time the token is shown: a person starting the server reads it here.
+        click.echo(f"access token (shown once, stored in {token.path}): {token.value}")
+    elif token is not None:
+        click.echo(f"access token: in {token.path}")
+
+    def live_state() -> dict[str, Any] | None:
+        return read_live_state(index_path)
+
+    settings = ServeSettings(config=config, csrf=new_csrf_secret(), cache_dir=paths.cache_dir(os.environ),
+                             open_captioner=lambda: _open_captioner(config), live_state=live_state,
+                             token=token, allowed_hosts=allowed)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"capwatch: serving http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), log_level="warning", access_log=False, server_header=False, proxy_headers=False,
+        limit_concurrency=64, timeout_keep_alive=5, lifespan="on", log_config=None,
+    ))
+    log.info("serving %s on %s:%s", index_path, host, port)
+    server.run(sockets=[sock])
