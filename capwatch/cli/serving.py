@@ -35,7 +35,7 @@ def _listen(host: str, port: int) -> socket.socket:
 @_global_options
 @click.option("--host", metavar="ADDRESS", help="Address to listen on (default: [serve] host, 127.0.0.1). Any "
               "other than loopback needs the access token, made on the first such start and printed once.")
-@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [serve] port, 8765).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [serve] port, 8765; 0: any free one).")
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve a local web page: search with thumbnails, a photo page to edit a caption, the status.
@@ -57,7 +57,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     from capwatch.daemon.instance import read_live_state
 
     host = host or config.serve.host
-    port = port or config.serve.port
+    port = config.serve.port if port is None else port
     index_path = config.index_path()
     if not index_path.exists():
         raise IndexUnavailable(f"no index at {index_path} yet; run `capwatch scan DIR` first (or pass --db)")
