@@ -240,9 +240,12 @@ class ServeConfig:
     """``capwatch serve``: where the web page listens. Any host but a loopback address needs the access token."""
 
     host: str = "127.0.0.1"
-    port: Annotated[int, Range(1, 65535)] = 8765
+    #: 0: any free port (the address is printed at start).
+    port: Annotated[int, Range(0, 65535)] = 8765
     #: Results per search page.
     page_size: Annotated[int, Range(1, 500)] = 48
+    #: Run the web page inside `capwatch watch` (the daemon, and so the systemd service) instead of on its own.
+    in_daemon: bool = False
 
 
 @dataclass(frozen=True)

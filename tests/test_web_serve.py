@@ -382,3 +382,38 @@ def test_serve_bad_setups_are_one_line_errors(lib: Library, tmp_path: Path, run_
     assert taken.code == 2 and len(taken.err_lines) == 1 and "cannot listen" in taken.err
     bad = run_cli("--db", lib.config.index_path(), "serve", "--port", "70000", timeout=30)
     assert bad.code == 2 and "Traceback" not in bad.err
+
+
+def test_the_page_can_run_inside_the_daemon(lib: Library, tmp_path: Path) -> None:
+    import signal
+    import urllib.request
+
+    config = _config_file(lib, tmp_path)
+    config.write_text(config.read_text() + "[serve]\nin_daemon = true\nport = 0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "watch", "--no-caption"],
+                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = __import__("re").search(r"serving (http://127\.0\.0\.1:\d+/)", line)
+        assert match, line + proc.stderr.read()
+        page = urllib.request.urlopen(match.group(1) + "?q=bicycle", timeout=30).read().decode()
+        assert "<mark>bicycle</mark>" in page
+        status = urllib.request.urlopen(match.group(1) + "status", timeout=30).read().decode()
+        assert "not running" not in status  # the page sees the daemon it runs in
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0
+
+
+def test_a_missing_index_is_a_message_not_a_500(lib: Library, tmp_path: Path) -> None:
+    gone = dataclasses.replace(lib, config=dataclasses.replace(
+        lib.config, index=dataclasses.replace(lib.config.index, path=tmp_path / "absent.db")))
+    with TestClient(create_app(_settings(gone, tmp_path)), base_url=BASE) as client:
+        for url in ("/", "/?q=cat", "/photo/1", "/thumb/1", "/status"):
+            answer = client.get(url)
+            assert answer.status_code in (200, 503), (url, answer.status_code)
+            assert "Traceback" not in answer.text
+        assert "no index" in client.get("/photo/1").text

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 import click
 
 from capwatch.cli.app import _global_options, _load, _open_captioner, cli, log
+from capwatch.config import Config
 from capwatch.errors import ConfigError, IndexUnavailable
 
 
@@ -31,20 +33,13 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-@cli.command()
-@_global_options
-@click.option("--host", metavar="ADDRESS", help="Address to listen on (default: [serve] host, 127.0.0.1). Any "
-              "other than loopback needs the access token, made on the first such start and printed once.")
-@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [serve] port, 8765; 0: any free one).")
-@click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
-    """Serve a local web page: search with thumbnails, a photo page to edit a caption, the status.
+def prepare_server(config: Config, host: str, port: int, *, need_index: bool = True) -> tuple[Any, socket.socket]:
+    """The uvicorn server for the web page and its listening socket (`capwatch serve`, or `watch` with
+    ``[serve] in_daemon``). Prints the access token when one is made (the only time it is shown).
 
-    \b
-    Open http://127.0.0.1:8765/ (the address it prints).  / focuses the search box, arrows move
-    through the results.  Captions edited there are written into the file as a person's words.
+    Raises ConfigError (one line) when the web extra is not installed, the address cannot be used or the token
+    file is unusable; IndexUnavailable when ``need_index`` and there is no index yet.
     """
-    config = _load(ctx)
     try:
         import uvicorn
 
@@ -56,10 +51,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     from capwatch import paths
     from capwatch.daemon.instance import read_live_state
 
-    host = host or config.serve.host
-    port = config.serve.port if port is None else port
     index_path = config.index_path()
-    if not index_path.exists():
+    if need_index and not index_path.exists():
         raise IndexUnavailable(f"no index at {index_path} yet; run `capwatch scan DIR` first (or pass --db)")
     token = None
     allowed: frozenset[str] | None = LOOPBACK_NAMES
@@ -80,10 +73,50 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
                              open_captioner=lambda: _open_captioner(config), live_state=live_state,
                              token=token, allowed_hosts=allowed)
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"capwatch: serving http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)
+    click.echo(f"capwatch: serving http://{shown}:{sock.getsockname()[1]}/", err=True)
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), log_level="warning", access_log=False, server_header=False, proxy_headers=False,
         limit_concurrency=64, timeout_keep_alive=5, lifespan="on", log_config=None,
     ))
-    log.info("serving %s on %s:%s", index_path, host, port)
+    return server, sock
+
+
+@cli.command()
+@_global_options
+@click.option("--host", metavar="ADDRESS", help="Address to listen on (default: [serve] host, 127.0.0.1). Any "
+              "other than loopback needs the access token, made on the first such start and printed once.")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [serve] port, 8765; 0: any free one).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve a local web page: search with thumbnails, a photo page to edit a caption, the status.
+
+    \b
+    Open http://127.0.0.1:8765/ (the address it prints).  / focuses the search box, arrows move
+    through the results.  Captions edited there are written into the file as a person's words.
+    Ctrl-C stops it.  [serve] in_daemon = true runs it inside `capwatch watch` instead.
+    """
+    config = _load(ctx)
+    server, sock = prepare_server(config, host or config.serve.host,
+                                  config.serve.port if port is None else port)
+    log.info("serving %s", config.index_path())
     server.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """The web page on a thread of another process (the daemon): :meth:`stop` ends it and waits."""
+
+    def __init__(self, server: Any, sock: socket.socket) -> None:
+        self._server = server
+        self._sock = sock
+        # uvicorn installs no signal handlers off the main thread: the daemon keeps its own.
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="capwatch-serve",
+                                        daemon=True)
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()

@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capwatch.config import Config
+from capwatch.errors import CapwatchError
 from capwatch.web.editing import CaptionerSlot
 from capwatch.web.security import LOOPBACK_NAMES, AccessToken
 from capwatch.web.thumbnails import ThumbnailCache
@@ -183,7 +184,7 @@ def create_app(settings: ServeSettings) -> Starlette:
             Route("/status", pages.status, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
-        exception_handlers={404: pages.not_found, 405: pages.not_allowed},
+        exception_handlers={404: pages.not_found, 405: pages.not_allowed, CapwatchError: pages.unavailable},
         lifespan=_lifespan(pages.close),
     )
     app.add_middleware(Guard, settings=settings)

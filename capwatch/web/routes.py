@@ -120,6 +120,10 @@ class Pages:
     async def not_found(self, request: Request, exc: Exception) -> Response:
         return self._error("nothing here: no such page or photo", 404)
 
+    async def unavailable(self, request: Request, exc: Exception) -> Response:
+        """The index cannot be read (not made yet, locked, damaged): its one line, status 503."""
+        return self._error(str(exc).splitlines()[0] if str(exc) else "the index cannot be read", 503)
+
     async def not_allowed(self, request: Request, exc: Exception) -> Response:
         return self._error("this address does not take that kind of request", 405)
 
@@ -151,7 +155,7 @@ class Pages:
             except (QueryError, EditRefused) as exc:
                 bad = str(exc)
             except CapwatchError as exc:  # the index: missing, locked, damaged
-                return self._html("search.html", 503, **context, error=str(exc), results=[], links={})
+                return self._html("search.html", 503, **{**context, "error": str(exc)}, results=[], links={})
         if bad is not None:
             return self._html("search.html", 400, **{**context, "error": bad}, results=[], links={})
         keep = [(k, v) for k, v in parse_qsl(str(request.url.query), keep_blank_values=False)
