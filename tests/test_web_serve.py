@@ -417,3 +417,31 @@ def test_a_missing_index_is_a_message_not_a_500(lib: Library, tmp_path: Path) ->
             assert answer.status_code in (200, 503), (url, answer.status_code)
             assert "Traceback" not in answer.text
         assert "no index" in client.get("/photo/1").text
+
+
+def test_raw_and_heic_thumbnails_come_through_capwatchs_decoders(lib: Library, tmp_path: Path) -> None:
+    from tests.test_raw_heif_decoding import _jpeg, tiff_raw_with_preview
+
+    raw = lib.root / "IMG_0001.CR2"
+    raw.write_bytes(tiff_raw_with_preview(_jpeg((120, 80), (200, 20, 20)), orientation=6))
+    names = ["IMG_0001.CR2"]
+    pillow_heif = pytest.importorskip("pillow_heif")
+    try:
+        pillow_heif.from_pillow(Image.new("RGB", (64, 48), (30, 160, 60))).save(lib.root / "phone.heic", quality=90)
+        names.append("phone.heic")
+    except (OSError, KeyError, ValueError):  # a pillow-heif build without an HEVC encoder: RAW only
+        pass
+    from capwatch.library.scan import reconcile
+
+    with Index.open(lib.config.index_path()) as index:
+        reconcile(lib.config.library.roots[0], lib.config, index)
+        ids = index.ids_for(str(lib.root / n) for n in names)
+    with TestClient(create_app(_settings(lib, tmp_path)), base_url=BASE) as client:
+        thumb = client.get(f"/thumb/{ids[str(raw)]}")
+        assert thumb.status_code == 200
+        image = Image.open(io.BytesIO(thumb.content)).convert("RGB")
+        assert image.size == (80, 120)  # the RAW's orientation 6 applied to its preview
+        assert image.getpixel((70, 5)) == pytest.approx((255, 255, 255), abs=30)  # white corner now top right
+        if "phone.heic" in names:
+            heic = client.get(f"/thumb/{ids[str(lib.root / 'phone.heic')]}")
+            assert heic.status_code == 200 and Image.open(io.BytesIO(heic.content)).size == (64, 48)
