@@ -254,6 +254,19 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """``capwatch serve``: where the web page listens. Any host but a loopback address needs the access token."""
+
+    host: str = "127.0.0.1"
+    #: 0: any free port (the address is printed at start).
+    port: Annotated[int, Range(0, 65535)] = 8765
+    #: Results per search page.
+    page_size: Annotated[int, Range(1, 500)] = 48
+    #: Run the web page inside `capwatch watch` (the daemon, and so the systemd service) instead of on its own.
+    in_daemon: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -262,6 +275,7 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 

@@ -36,8 +36,20 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
     roots = _roots(config, dirs) if dirs else None
     if roots is None and not config.library.roots:
         raise click.UsageError("no folders given and none configured in [library] roots")
-    # On SIGHUP the same --config/--db/--model apply again, so a reload never loses a command-line choice.
-    ctx.exit(run_daemon(config, roots, reload=app.config, caption=not no_caption))
+    web = None
+    if config.serve.in_daemon:
+        # [serve] in_daemon: the web page runs on a thread of the daemon (the daemon makes the index if need be).
+        from capwatch.cli.serving import BackgroundServer, prepare_server
+
+        web = BackgroundServer(*prepare_server(config, config.serve.host, config.serve.port,
+                                               need_index=False)).start()
+    try:
+        # On SIGHUP the same --config/--db/--model apply again, so a reload never loses a command-line choice.
+        code = run_daemon(config, roots, reload=app.config, caption=not no_caption)
+    finally:
+        if web is not None:
+            web.stop()
+    ctx.exit(code)
 
 
 # -- service ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ who may only read the index (the system service's group) can open it read-only.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import sqlite3
 import time
@@ -348,6 +349,51 @@ class Index:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE path = ?"
         row = self._guard(lambda: self._conn.execute(sql, (normalise_path(path),)).fetchone())
         return None if row is None else self._row(row)
+
+    def get_by_id(self, row_id: int) -> ImageRecord | None:
+        """The record whose row id is ``row_id`` (the id :meth:`ids_for` and :meth:`browse` give), or None."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?"
+        row = self._guard(lambda: self._conn.execute(sql, (row_id,)).fetchone())
+        return None if row is None else self._row(row)
+
+    def ids_for(self, paths: Iterable[str]) -> dict[str, int]:
+        """``path -> row id`` for those of ``paths`` (stored form) that have a row."""
+        wanted = list(dict.fromkeys(paths))
+        found: dict[str, int] = {}
+        for start in range(0, len(wanted), 500):  # SQLite's host-parameter limit is far above; keep it modest
+            chunk = wanted[start:start + 500]
+            sql = f"SELECT path, id FROM images WHERE path IN ({', '.join('?' * len(chunk))})"
+            rows: list[tuple[str, int]] = self._guard(functools.partial(self._fetch_all, sql, chunk))
+            found.update(rows)
+        return found
+
+    def _fetch_all(self, sql: str, params: list[Any]) -> list[Any]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def browse(self, filters: SearchFilters, *, status: Status | None = None, path_words: tuple[str, ...] = (),
+               offset: int = 0, limit: int = 50) -> list[tuple[int, ImageRecord]]:
+        """Rows matching ``filters`` (and ``status``; every word of ``path_words`` as a case-insensitive part of
+        the path), newest date first, as ``(row id, record)``: a listing without a full-text query."""
+        where: list[str] = []
+        params: list[Any] = []
+        if filters.in_dir is not None:
+            lo, hi = _prefix_range(normalise_path(filters.in_dir))
+            where.append("path >= ? AND path < ?")
+            params += [lo, hi]
+        for column, op, value in (("sort_date", ">=", filters.since), ("sort_date", "<", filters.until),
+                                  ("source", "=", filters.source), ("status", "=", status)):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                params.append(value)
+        for word in path_words:
+            where.append("instr(lower(path), ?) > 0")
+            params.append(word.lower())
+        sql = f"SELECT id, {', '.join(_COLUMNS)} FROM images"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY sort_date DESC, id DESC LIMIT ? OFFSET ?"
+        rows = self._guard(lambda: self._conn.execute(sql, [*params, limit, offset]).fetchall())
+        return [(int(r[0]), self._row(r[1:])) for r in rows]
 
     def upsert(self, record: ImageRecord) -> None:
         """Insert or replace the row for ``record.path`` (the row id, and so FTS position, is kept)."""

@@ -44,7 +44,7 @@ XMP_PADDING = 2048
 NO_HOOKS = WriteHooks()
 
 
-def write_caption(path: Path, caption: str, provenance: Provenance, config: MetadataConfig, *,
+def write_caption(path: Path, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
                   hooks: WriteHooks = NO_HOOKS, keywords: Sequence[str] | None = None,
                   text: str | None = None) -> WriteResult:
@@ -57,6 +57,8 @@ def write_caption(path: Path, caption: str, provenance: Provenance, config: Meta
     it; None keeps what is there); never into the description. Keywords and text travel with the caption: when
     the caption is not written (a person's description kept), neither are they. Raises TypeError when
     ``keywords`` is one string rather than a list of them.
+    ``provenance=None`` writes a person's words (an edit in ``capwatch serve``): no capwatch provenance is written
+    and any earlier one is removed, so the caption reads as ``human`` and capwatch never replaces it later.
 
     ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
     ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
@@ -83,7 +85,7 @@ class CaptionWrite:
 
     path: Path
     caption: str
-    provenance: Provenance
+    provenance: Provenance | None
     expected: FileSnapshot | None = None
     #: capwatch's keywords for the image (None: leave the file's keywords alone); see write_caption.
     keywords: Sequence[str] | None = None
@@ -180,7 +182,7 @@ def _extras(request: CaptionWrite, config: MetadataConfig) -> Extras:
     return Extras(keywords, request.text if config.write_text else None)
 
 
-def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance, config: MetadataConfig,
+def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance | None, config: MetadataConfig,
                     journal: Journal, hooks: WriteHooks, extra: Extras) -> WriteResult:
     """The writes of one prepared file: embedded where the format and config allow it, else (or when embedding
     is not safe) its sidecars. Raises FileChanged and MetadataError as :func:`write_caption` does."""
@@ -218,7 +220,7 @@ class Extras:
 NO_EXTRAS = Extras()
 
 
-def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
+def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance | None, config: MetadataConfig,
                     journal: Journal, hooks: WriteHooks, extra: Extras) -> list[str]:
     plan = _plan_file(snap, caption, provenance, config, extra)
     if not plan.changed:
@@ -228,7 +230,7 @@ def _write_embedded(snap: FileSnapshot, caption: str, provenance: Provenance, co
     return list(plan.written)
 
 
-def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance, config: MetadataConfig,
+def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance | None, config: MetadataConfig,
                extra: Extras) -> Plan:
     """The new content of the file ``snap`` read, checked to still be that file. Raises EmbedNotSafe (use a
     sidecar), FileChanged, and MetadataError (unreadable or malformed)."""
@@ -268,7 +270,7 @@ class Plan:
     changed: bool
 
 
-def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, config: MetadataConfig, *,
+def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   file_size: int, extra: Extras = NO_EXTRAS) -> Plan:
     """Compute the new file content (pure; nothing is written) and verify it before returning.
 
@@ -325,7 +327,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
             written.append("iptc")
         sos = jpeg.parse_layout(BytesSource(data)).sos_offset
         head = jpeg.rebuild_head(data, new_tiff, packet, irb)
-        _verify_metadata(head + data[sos:], fmt, caption, extra)  # new header + the original SOS header
+        # new header + the original SOS header
+        _verify_metadata(head + data[sos:], fmt, caption, extra, ours=provenance is not None)
         parts: tuple[atomic.Part, ...] = (head, atomic.Tail(sos, file_size - sos))
         return Plan(parts, tuple(written), head != data[:sos])
     if fmt == "png":
@@ -336,7 +339,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance, c
         raise EmbedNotSafe(f"cannot embed into {fmt}")
     if image_data(data, fmt) != image_data(new, fmt):
         raise CorruptError("internal check failed: image data would change")
-    _verify_metadata(new, fmt, caption, extra)
+    _verify_metadata(new, fmt, caption, extra, ours=provenance is not None)
     return Plan((new,), tuple(written), new != data)
 
 
@@ -376,13 +379,13 @@ def image_data(data: bytes, fmt: str) -> bytes:
     raise CorruptError(f"no image data rule for {fmt}")
 
 
-def _verify_metadata(new: bytes, fmt: str, caption: str, extra: Extras) -> None:
-    # Belt and braces: the rebuilt metadata must parse and carry the caption (and our keywords, in XMP and IPTC
-    # alike) as ours before anything is written.
+def _verify_metadata(new: bytes, fmt: str, caption: str, extra: Extras, *, ours: bool = True) -> None:
+    # Belt and braces: the rebuilt metadata must parse and carry the caption (as ours, or for a person's words as
+    # not ours; and our keywords, in XMP and IPTC alike) before anything is written.
     emb: Embedded = read_embedded(fmt, BytesSource(new))
     info = parse_xmp(emb.xmp) if emb.xmp else None
     desc = describe(emb, info, [])
-    if desc is None or desc.text != caption or desc.kind != "ours":
+    if desc is None or desc.text != caption or (desc.kind == "ours") != ours:
         raise CorruptError("internal check failed: caption does not read back")
     if extra.keywords is not None and info is not None:
         subjects = set(info.subjects)
@@ -394,7 +397,7 @@ def _verify_metadata(new: bytes, fmt: str, caption: str, extra: Extras) -> None:
                 raise CorruptError("internal check failed: IPTC keywords do not read back")
 
 
-def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance, journal: Journal,
+def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance | None, journal: Journal,
                     hooks: WriteHooks, extra: Extras) -> list[str]:
     """Merge the caption into every sidecar the snapshot saw (or create ``name.ext.xmp`` when it saw none)."""
     written = False

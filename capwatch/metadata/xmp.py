@@ -312,11 +312,13 @@ def _set_text(doc: Document, el: Element, text: str) -> None:
     el.appendChild(doc.createTextNode(text))
 
 
-def merge_caption(packet: bytes | None, caption: str, provenance: Provenance, *,
+def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | None, *,
                   keywords: Sequence[str] | None = None, other_human: Sequence[str] = (),
                   text: str | None = None) -> str:
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
+    ``provenance=None`` writes a person's words: the caption's capwatch provenance is removed, so readers see a
+    human's (the record of which keywords are capwatch's, and its OCR text, stay).
 
     ``keywords`` (capwatch's, cleaned here) are merged into dc:subject by the rules of
     ``capwatch.metadata.keywords``, together with ``other_human`` (a person's keywords from another place of the
@@ -347,7 +349,7 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance, *,
         (d for d in descriptions if _children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
         descriptions[0],
     )
-    created_at = _created_at(descriptions, target, caption, provenance)
+    created_at = _created_at(descriptions, target, caption, provenance) if provenance is not None else ""
     # Drop earlier capwatch provenance wherever it is, so there is exactly one set.
     for desc in descriptions:
         for child in _children_ns(desc, NS_CAPWATCH):
@@ -362,11 +364,16 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance, *,
         # merging our own output again yields the same XML.
         ours, rejected = _merge_subject(doc, descriptions, target, rdf_prefix, kw.clean_keywords(keywords),
                                         other_human, recorded_ours, recorded_rejected)
-    cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX)
-    values = [("Source", "capwatch"), ("Model", provenance.model)]
-    if provenance.revision:
-        values.append(("ModelRevision", provenance.revision))
-    values += [("CreatedAt", created_at), ("Caption", caption)]
+    values: list[tuple[str, str]] = []
+    if provenance is not None:
+        values = [("Source", "capwatch"), ("Model", provenance.model)]
+        if provenance.revision:
+            values.append(("ModelRevision", provenance.revision))
+        values += [("CreatedAt", created_at), ("Caption", caption)]
+    text = recorded_text if text is None else clean_text(text)
+    # A person's caption (provenance None) drops the caption's provenance only: which keywords are capwatch's and
+    # the text it read stay recorded, since they are not the caption's.
+    cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX) if values or ours or rejected or text else ""
     for local, value in values:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
         el.appendChild(doc.createTextNode(value))
@@ -374,7 +381,6 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance, *,
     for local, items in (("Keywords", ours), ("RejectedKeywords", rejected)):
         if items:
             target.appendChild(_bag(doc, NS_CAPWATCH, f"{cw}:{local}", rdf_prefix, items))
-    text = recorded_text if text is None else clean_text(text)
     if text:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:Text")
         el.appendChild(doc.createTextNode(text))

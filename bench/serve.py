@@ -1,0 +1,209 @@
+"""`capwatch serve` benchmark: first results page, thumbnails of a 24 MP JPEG, idle memory; next to `capwatch search`.
+
+    python bench/serve.py                      # the 1 M-image index of bench/search.py (built once, reused)
+    python bench/serve.py --images 100000      # a smaller one
+
+Anchors (issue 13): first results page <= 150 ms server time on the 1 M-row index; a thumbnail of a 24 MP JPEG
+<= 80 ms on a cold cache and <= 5 ms warm; an idle server <= 120 MB resident.
+
+- *Page*: GET /?q=WORDS through the real ASGI application in this process (Starlette, guard, templates), timed
+  from request to the last byte; beside it, for the same queries, capwatch's search call (what `capwatch search`
+  runs after parsing its arguments: parse_query + Index.search with limit 20 on a read-only index) and the wall
+  time of the `capwatch search` command (a new Python process each time) for a few of them. The bench index's
+  paths (/photos/...) have no files, so the page renders no tiles (a file must exist to be shown); rendering
+  the tiles is timed separately on a page of real files.
+- *Thumbnails*: a 6000x4000 JPEG (photo-like content), GET /thumb/ID with the cache emptied before each cold
+  request; warm = cached file served; 304 = If-None-Match revalidation.
+- *Memory*: a real `capwatch serve` process on the index: VmRSS after start and after one search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from capwatch.config import Config, IndexConfig, LibraryConfig, RootConfig, ServeConfig  # noqa: E402
+from capwatch.library.index import Index  # noqa: E402
+from capwatch.library.scan import reconcile  # noqa: E402
+from capwatch.library.search import SearchFilters, parse_query  # noqa: E402
+from capwatch.web.app import ServeSettings, create_app  # noqa: E402
+
+
+def _search_bench() -> object:
+    spec = importlib.util.spec_from_file_location("bench_search", REPO / "bench" / "search.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _app(config: Config, cache: Path) -> TestClient:
+    settings = ServeSettings(config=config, csrf="bench", cache_dir=cache,
+                             open_captioner=lambda: (_ for _ in ()).throw(RuntimeError("no model in the bench")),
+                             live_state=lambda: None)
+    return TestClient(create_app(settings), base_url="http://127.0.0.1:8765")
+
+
+def _timed_get(client: TestClient, url: str, **kwargs: object) -> tuple[float, int]:
+    started = time.perf_counter()
+    answer = client.get(url, **kwargs)  # type: ignore[arg-type]
+    return (time.perf_counter() - started) * 1000, answer.status_code
+
+
+def bench_pages(db: Path, queries: list[str], cli_runs: int) -> None:
+    config = Config(library=LibraryConfig(roots=(RootConfig(Path("/photos")),)), index=IndexConfig(path=db))
+    with tempfile.TemporaryDirectory() as cache, _app(config, Path(cache)) as client:
+        for q in queries[:20]:  # warm the page cache, as bench/search.py does
+            client.get("/", params={"q": q})
+        page_ms = []
+        for q in queries:
+            ms, code = _timed_get(client, "/", params={"q": q})
+            assert code == 200, (q, code)
+            page_ms.append(ms)
+        first_ms, _ = _timed_get(client, "/")  # the landing page: newest photos, no words
+    search_ms = []
+    with Index.open(db, readonly=True) as index:
+        for q in queries:
+            started = time.perf_counter()
+            index.search(parse_query(q), SearchFilters(), limit=20)
+            search_ms.append((time.perf_counter() - started) * 1000)
+    cli_ms = []
+    env = {**os.environ, "CAPWATCH_OFFLINE": "1"}
+    for q in queries[:cli_runs]:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "capwatch", "--db", str(db), "search", *q.split()], env=env,
+                       capture_output=True, check=False)
+        cli_ms.append((time.perf_counter() - started) * 1000)
+    print(f"results page GET /?q= ({len(queries)} queries, 48 per page): p50 {pct(page_ms, .5):.1f} ms, "
+          f"p99 {pct(page_ms, .99):.1f} ms  (anchor 150 ms: p99 at {pct(page_ms, .99) / 150:.2f}x)")
+    print(f"  capwatch search, library call (limit 20):    p50 {pct(search_ms, .5):.1f} ms, "
+          f"p99 {pct(search_ms, .99):.1f} ms  (page / search p50 = {pct(page_ms, .5) / pct(search_ms, .5):.2f}x)")
+    print(f"  capwatch search, whole command ({len(cli_ms)} runs):     p50 {statistics.median(cli_ms):.0f} ms "
+          "(a new Python process each time)")
+    print(f"landing page GET / (newest 48, no words): {first_ms:.1f} ms")
+
+
+def _photo(path: Path, width: int, height: int) -> None:
+    """A photo-like 24 MP JPEG: smooth gradients plus noise (JPEG decode cost depends on content)."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
+    noise = rng.normal(0, 18, size=(height, width, 3)).astype(np.float32)
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def bench_thumbnails(work: Path, runs: int) -> None:
+    root = work / "photos"
+    root.mkdir(parents=True, exist_ok=True)
+    photo = root / "24mp.jpg"
+    if not photo.exists():
+        _photo(photo, 6000, 4000)
+    db = work / "thumbs.db"
+    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=db),
+                    serve=ServeConfig())
+    with Index.open(db) as index:
+        reconcile(config.library.roots[0], config, index)
+        row_id = index.ids_for([str(photo)])[str(photo)]
+    cache = work / "thumb-cache"
+    cold, warm, revalidate, preview = [], [], [], []
+    with _app(config, cache) as client:
+        for _ in range(runs):
+            shutil.rmtree(cache, ignore_errors=True)
+            ms, code = _timed_get(client, f"/thumb/{row_id}")
+            assert code == 200
+            cold.append(ms)
+        etag = client.get(f"/thumb/{row_id}").headers["etag"]
+        for _ in range(runs * 4):
+            warm.append(_timed_get(client, f"/thumb/{row_id}")[0])
+            revalidate.append(_timed_get(client, f"/thumb/{row_id}", headers={"If-None-Match": etag})[0])
+        for _ in range(max(2, runs // 2)):
+            shutil.rmtree(cache, ignore_errors=True)
+            preview.append(_timed_get(client, f"/preview/{row_id}")[0])
+    print(f"thumbnail 320 px of a 24 MP JPEG: cold p50 {statistics.median(cold):.1f} ms (anchor 80 ms: "
+          f"{statistics.median(cold) / 80:.2f}x), warm p50 {statistics.median(warm):.2f} ms (anchor 5 ms: "
+          f"{statistics.median(warm) / 5:.2f}x), 304 p50 {statistics.median(revalidate):.2f} ms")
+    print(f"preview 1600 px, cold p50 {statistics.median(preview):.1f} ms")
+
+
+def bench_memory(db: Path, query: str) -> None:
+    config = Path(tempfile.mkdtemp()) / "config.toml"
+    config.write_text(f'[library]\nroots = ["/photos"]\n[index]\npath = "{db}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
+                            env={**os.environ, "CAPWATCH_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        assert match, line
+        time.sleep(1.0)
+        idle = _rss_mb(proc.pid)
+        import urllib.parse
+        import urllib.request
+
+        urllib.request.urlopen(match.group(1) + "?q=" + urllib.parse.quote(query), timeout=30).read()
+        time.sleep(0.5)
+        after = _rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    print(f"server RSS: idle {idle:.0f} MB (anchor 120 MB: {idle / 120:.2f}x), after a search {after:.0f} MB "
+          "(the index is memory-mapped: its pages count as the OS page cache, shared)")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--cli-runs", type=int, default=5)
+    parser.add_argument("--thumb-runs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    search: object = _search_bench()
+    db = args.work / f"search-{args.images}.db"
+    rng = random.Random(args.seed)
+    if not db.exists():
+        print(f"building {args.images:,} images into {db} (bench/search.py's builder) ...", flush=True)
+        _, vocab, weights = search.build(db, args.images, args.seed)  # type: ignore[attr-defined]
+    else:
+        vocab = search._vocabulary(6000, rng)  # type: ignore[attr-defined]
+        weights = search._zipf_weights(len(vocab))  # type: ignore[attr-defined]
+    queries = search.make_queries(vocab, weights, args.queries, args.seed)  # type: ignore[attr-defined]
+    print(f"index: {db} ({args.images:,} images)")
+    bench_pages(db, queries, args.cli_runs)
+    bench_thumbnails(args.work / "serve", args.thumb_runs)
+    bench_memory(db, queries[0])
+
+
+if __name__ == "__main__":
+    main()

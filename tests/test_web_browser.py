@@ -1,0 +1,137 @@
+"""`capwatch serve` in a real browser: Debian's chromium, headless, driven by Selenium through chromium-driver.
+
+A real `capwatch serve` process listens on 127.0.0.1 (a free port); the browser loads the page, types a query,
+sees thumbnails, opens a photo, edits its caption, and exiftool then reads the new words from the file on disk.
+On failure a screenshot of the page is saved (path printed; also copied to $CAPWATCH_SCREENSHOT_DIR if set).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import isolated_env
+from tests.web_helpers import RED_CAPTION, Library, build_library, exif_fields
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+webdriver = pytest.importorskip("selenium.webdriver")
+pytestmark = [
+    # In CI (.ci/run installs them) a missing browser must fail the test, never skip it quietly.
+    pytest.mark.skipif(not os.environ.get("CI") and not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                       reason="chromium and chromium-driver are not installed (apt-get install chromium "
+                              "chromium-driver)"),
+    pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed"),
+]
+
+
+def start_server(lib: Library, tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """A real `capwatch serve` on 127.0.0.1 and a free port; returns the process and its address."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{lib.root}"]\n[index]\npath = "{lib.config.index_path()}"\n'
+                      f'[model]\ndir = "{lib.config.model.dir}"\nprecision = "fp32"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
+                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
+    if match is None:
+        proc.kill()
+        raise AssertionError(f"capwatch serve did not start: {line}{proc.stderr.read()}")
+    return proc, match.group(1)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Library, str]]:
+    lib = build_library(tmp_path)
+    proc, url = start_server(lib, tmp_path)
+    try:
+        yield lib, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def browser(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    failed_before = request.session.testsfailed
+    try:
+        yield driver
+    finally:
+        # The call's report is counted before fixtures are torn down: a higher count means this test failed.
+        if request.session.testsfailed > failed_before:
+            shot = tmp_path / "failure.png"
+            driver.save_screenshot(str(shot))
+            target = os.environ.get("CAPWATCH_SCREENSHOT_DIR")
+            if target:
+                Path(target).mkdir(parents=True, exist_ok=True)
+                shutil.copy(shot, Path(target) / f"{request.node.name}.png")
+            print(f"screenshot of the page at the failure: {shot}")
+        driver.quit()
+
+
+def _wait(driver: Any, condition: Any, timeout: float = 20) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def test_search_open_a_photo_and_edit_its_caption_in_chromium(served: tuple[Library, str], browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    lib, url = served
+    browser.get(url)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("/")  # the keyboard shortcut focuses the search box
+    box = browser.switch_to.active_element
+    assert box.get_attribute("id") == "q"
+    box.send_keys("bicycle", Keys.ENTER)
+    _wait(browser, lambda d: "q=bicycle" in d.current_url)
+    tiles = browser.find_elements(By.CSS_SELECTOR, "#results .tile img")
+    assert len(tiles) == 1
+    # The thumbnail really loaded (a decoded WebP, not a broken image).
+    _wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                                              tiles[0]))
+    assert browser.find_element(By.CSS_SELECTOR, "#results mark").text == "bicycle"
+    # Arrow keys move through the results; Enter opens the photo.
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+    focused = browser.switch_to.active_element
+    assert focused.get_attribute("class") == "hit"
+    focused.send_keys(Keys.ENTER)
+    _wait(browser, lambda d: "/photo/" in d.current_url)
+    assert browser.find_element(By.ID, "caption").text == RED_CAPTION
+    preview = browser.find_element(By.CSS_SELECTOR, ".preview img")
+    _wait(browser, lambda d: d.execute_script("return arguments[0].naturalWidth > 0", preview))
+    text = browser.find_element(By.ID, "caption-text")
+    text.clear()
+    text.send_keys("Anna's red bike against the old wall")
+    browser.find_element(By.ID, "save").click()
+    _wait(browser, lambda d: "done=saved" in d.current_url)
+    assert "Saved" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+    assert browser.find_element(By.ID, "caption").text == "Anna's red bike against the old wall"
+    tags = exif_fields(lib.path("red.jpg"))
+    assert tags["XMP-dc:Description"] == "Anna's red bike against the old wall"
+    assert not [k for k in tags if k.startswith("XMP-capwatch")]
+    # The new words are searchable at once.
+    browser.get(url + "?q=anna")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results .tile")) == 1
