@@ -42,7 +42,7 @@ from capwatch.metadata import (
 from capwatch.metadata.identity import FileIdentity
 
 if TYPE_CHECKING:
-    from capwatch.models.captioner import Captioner
+    from capwatch.models.captioner import Captioner, ImageDescription
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,17 @@ def _decode(captioner: Captioner, path: str) -> _Decoded | None:
     return _Decoded(identity, pixels, error)
 
 
+@dataclass(frozen=True)
+class _Said:
+    """What the model (and the OCR engine beside it) said about one image: the cleaned caption, capwatch's
+    keywords (None: the model has no detector or keywords are off, so the file's stay as they are) and the text
+    read in the image (None: not read)."""
+
+    caption: str
+    keywords: tuple[str, ...] | None
+    text: str | None
+
+
 class Processor:
     """Runs jobs against one index and one captioner with one configuration.
 
@@ -188,6 +199,14 @@ class Processor:
         self.clock = clock
         self.journal = journal if journal is not None else Journal.default()
         self.hooks = hooks if hooks is not None else WriteHooks()
+        # Imported here: the model layer pulls in onnxruntime, which commands that never caption should not load.
+        from capwatch.models.captioner import DescribeOptions
+        from capwatch.text import open_text_reader
+
+        #: What the model produces besides the caption ([model] keywords, [ocr] engine = "florence").
+        self.describe = DescribeOptions.from_config(config)
+        #: The OCR engine that runs beside the model ([ocr] engine = "rapidocr"); Florence reads with the model.
+        self.text_reader = open_text_reader(config) if config.ocr.engine == "rapidocr" else None
         #: Files whose decode made ahead was used (the rest were decoded in their turn).
         self.decoded_ahead = 0
         self._ahead: dict[str, Future[_Decoded | None]] = {}
@@ -218,6 +237,8 @@ class Processor:
             self._ahead.clear()
         if decoder is not None:
             decoder.shutdown(wait=True, cancel_futures=True)
+        if self.text_reader is not None:
+            self.text_reader.close()
 
     def _pixels(self, job: _Job) -> Any:
         """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
@@ -342,18 +363,32 @@ class Processor:
                 results.append((position, self._fail(job.path, f"{job.path}: {exc.strerror or exc}", job.snap)))
         if not ready:
             return results
-        captions = self.captioner.caption_pixels(np.stack(tensors))
-        finished = [(position, job, clean_caption(caption.text))
-                    for (position, job), caption in zip(ready, captions, strict=True)]
+        descriptions = self.captioner.describe_pixels(np.stack(tensors), self.describe)
+        finished = [(position, job, self._said(job, description))
+                    for (position, job), description in zip(ready, descriptions, strict=True)]
         return results + self._finish(finished)
 
-    def _finish(self, finished: list[tuple[int, _Job, str]]) -> list[tuple[int, FileOutcome]]:
+    def _said(self, job: _Job, description: ImageDescription) -> _Said:
+        """The model's words on one image, cleaned, with the text the OCR engine beside it reads (a failure of the
+        OCR alone is logged in one line and costs only the text)."""
+        assert description.caption is not None
+        keywords = description.keywords if self.describe.keywords and self.captioner.detects_objects else None
+        text = description.text
+        if self.text_reader is not None:
+            try:
+                text = self.text_reader.read_file(Path(job.path))
+            except ImageError as exc:
+                log.warning("no text read: %s", exc)
+        return _Said(clean_caption(description.caption.text), keywords, text)
+
+    def _finish(self, finished: list[tuple[int, _Job, _Said]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
         holds afterwards in the index (one transaction)."""
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
-        writes: list[tuple[int, _Job, str]] = []
-        for position, job, text in finished:
+        writes: list[tuple[int, _Job, _Said]] = []
+        for position, job, said in finished:
+            text = said.caption
             path = Path(job.path)
             if not text:
                 # Nothing to write or search; recorded as an error so that `status` shows it and --force retries.
@@ -366,21 +401,22 @@ class Processor:
                 if self.hooks.before_write is not None:
                     self.hooks.before_write(path)
                 if job.index_only or self.config.metadata.write == "none":
-                    results.append((position, self._record_index_only(job, text, _now_iso(self.clock))))
+                    results.append((position, self._record_index_only(job, said, _now_iso(self.clock))))
                 else:
-                    writes.append((position, job, text))
+                    writes.append((position, job, said))
         if not writes:
             return results
         provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock))
-        requests = [CaptionWrite(Path(job.path), text, provenance, job.snap) for _, job, text in writes]
+        requests = [CaptionWrite(Path(job.path), said.caption, provenance, job.snap, keywords=said.keywords,
+                                 text=said.text) for _, job, said in writes]
         try:
             landed: Sequence[object] = write_captions(requests, self.config.metadata, force=self.force,
                                                       journal=self.journal, hooks=self.hooks)
         except CapwatchError as exc:  # the journal cannot be written: no file of the batch was touched
             landed = [exc] * len(writes)
         records: list[ImageRecord] = []
-        for (position, job, text), result in zip(writes, landed, strict=True):
-            path = Path(job.path)
+        for (position, job, said), result in zip(writes, landed, strict=True):
+            path, text = Path(job.path), said.caption
             if isinstance(result, FileChanged):
                 results.append((position, FileOutcome(path, text, model_id, skipped=str(result), changed=True)))
             elif isinstance(result, CapwatchError):
@@ -388,18 +424,19 @@ class Processor:
             else:
                 assert isinstance(result, WriteResult) and result.snapshot is not None  # metadata writing is on
                 # What the file holds now, read after the write: ours, or the words of whoever wrote last.
-                records.append(record_from_snapshot(job.path, result.snapshot, job.previous, self.config))
+                record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
+                records.append(replace(record, ocr_text=said.text) if said.text is not None else record)
                 results.append((position, FileOutcome(path, text, model_id, written=result.written,
                                                       skipped=result.skipped)))
         if self.index is not None and records:
             self.index.upsert_many(records)
         return results
 
-    def _record_index_only(self, job: _Job, text: str, now: str) -> FileOutcome:
+    def _record_index_only(self, job: _Job, said: _Said, now: str) -> FileOutcome:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
         the caption itself when metadata writing is off. Recorded only when the file is still the one that was
         captioned."""
-        path = Path(job.path)
+        path, text = Path(job.path), said.caption
         try:
             snap = read_snapshot(path)
         except FileChanged as exc:
@@ -415,6 +452,12 @@ class Processor:
             record = replace(record, model_caption=text)
         else:
             record = replace(record, caption=text, source="model", status="captioned", error=None)
+        if said.keywords is not None:
+            # Searchable beside what the file holds, never written into it here.
+            mine = tuple(k for k in said.keywords if k.casefold() not in {h.casefold() for h in record.keywords})
+            record = replace(record, keywords=record.keywords + mine, model_keywords=tuple(said.keywords))
+        if said.text is not None:
+            record = replace(record, ocr_text=said.text)
         if self.index is not None:
             self.index.upsert(record)
         return FileOutcome(path, text, self.captioner.model_id,

@@ -104,6 +104,10 @@ class Captioner(abc.ABC):
     another thread.
     """
 
+    #: True for families whose :meth:`describe_pixels` gives keywords from an object detector: only their empty
+    #: keyword list means "no objects" (and removes capwatch's earlier keywords from a file).
+    detects_objects: bool = False
+
     def __init__(
         self,
         model: ModelDir,

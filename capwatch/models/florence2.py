@@ -339,6 +339,8 @@ def _states_length(generation_config: Mapping[str, Any], text_view: Mapping[str,
 class Florence2Captioner(Captioner):
     """Florence-2 models: ``vision_encoder``, ``embed_tokens``, ``encoder_model``, ``decoder_model_merged``."""
 
+    detects_objects = True
+
     _shape: DecoderShape
 
     def __init__(
