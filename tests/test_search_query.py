@@ -71,8 +71,9 @@ def test_bad_queries_are_one_line_errors(query: str, message: str) -> None:
 
 def _fts_db() -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:")
-    conn.execute("CREATE VIRTUAL TABLE t USING fts5(caption, path, tokenize='unicode61 remove_diacritics 2')")
-    conn.execute("INSERT INTO t VALUES ('a red bike leaning on a wall', '/p/x.jpg')")
+    conn.execute("CREATE VIRTUAL TABLE t USING fts5(caption, model_caption, keywords, ocr_text, path, cjk, "
+                 "tokenize='porter unicode61 remove_diacritics 2')")
+    conn.execute("INSERT INTO t VALUES ('a red bike leaning on a wall', NULL, 'bike', 'EXIT 12', '/p/x.jpg', NULL)")
     return conn
 
 

@@ -14,7 +14,7 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +24,7 @@ from capwatch.errors import IndexUnavailable
 from capwatch.library.access import check_readable, keep_wal_files
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
 from capwatch.library.search import ParsedQuery, SearchFilters
+from capwatch.library.text_forms import cjk_runs, cjk_tokens
 
 Source = Literal["model", "human", "embedded"]
 Status = Literal["pending", "captioned", "described", "error"]
@@ -61,6 +62,14 @@ class ImageRecord:
     ctime_ns: int | None = None
     #: Digest of the XMP sidecars' names and stats when the file was read ("" = none; None = not known yet).
     sidecars: str | None = None
+    #: Every keyword the file carries (a person's and capwatch's), in the file's order; plus, for a file whose
+    #: description is a person's and stays, the model's keywords kept in the index only. Stored one per line: a
+    #: line break inside a keyword becomes a space.
+    keywords: tuple[str, ...] = ()
+    #: The subset of ``keywords`` that capwatch produced (its model's).
+    model_keywords: tuple[str, ...] = ()
+    #: Text found in the image (OCR), lines joined by newlines; None when none was read.
+    ocr_text: str | None = None
 
 
 class IndexedState(NamedTuple):
@@ -100,6 +109,10 @@ class SearchHit:
     source: Source | None
     model: str | None
     taken_at: str | None
+    #: Where the query matched: caption, model_caption, keywords, text (found in the image) or path.
+    field: str | None = None
+    #: The matching part of that field with the hits marked (the keyword itself; a window of the text).
+    snippet: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +135,18 @@ class IndexStats:
 
 
 _COLUMNS = [f.name for f in fields(ImageRecord)]
+#: Record fields that are tuples of strings, stored one per line.
+_LIST_COLUMNS = ("keywords", "model_keywords")
 
 
 #: At most this many matches are scored per search (the most recently indexed ones); see Index.search.
 RANK_WINDOW = 10_000
+
+
+def _join_lines(items: tuple[str, ...]) -> str | None:
+    """Items one per line (a line break inside one becomes a space); None for no items."""
+    cleaned = [" ".join(item.split()) for item in items]
+    return "\n".join(item for item in cleaned if item) or None
 
 
 def _now_utc() -> str:
@@ -342,7 +363,10 @@ class Index:
 
     @staticmethod
     def _row(values: Iterable[Any]) -> ImageRecord:
-        return ImageRecord(**dict(zip(_COLUMNS, values, strict=True)))
+        row = dict(zip(_COLUMNS, values, strict=True))
+        for name in _LIST_COLUMNS:
+            row[name] = tuple(row[name].split("\n")) if row[name] else ()
+        return ImageRecord(**row)
 
     def get(self, path: str | Path) -> ImageRecord | None:
         """The record for ``path``, or None when the index has no row for it."""
@@ -401,7 +425,7 @@ class Index:
 
     def upsert_many(self, records: Iterable[ImageRecord]) -> int:
         """Insert or replace many rows in one transaction; returns how many were written."""
-        cols = [*_COLUMNS, "sort_date", "updated_at"]
+        cols = [*_COLUMNS, "sort_date", "updated_at", "cjk"]
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "path")
         sql = (
             f"INSERT INTO images ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
@@ -417,6 +441,10 @@ class Index:
                     values["path"] = normalise_path(record.path)
                     values["sort_date"] = _sort_date(record)
                     values["updated_at"] = now
+                    for name in _LIST_COLUMNS:
+                        values[name] = _join_lines(values[name])
+                    values["cjk"] = cjk_tokens(record.caption, record.model_caption, values["keywords"],
+                                               record.ocr_text) or None
                     self._conn.execute(sql, [values[c] for c in cols])
                     count += 1
             return count
@@ -552,8 +580,12 @@ class Index:
         return result
 
     def search(self, query: ParsedQuery, filters: SearchFilters, *, limit: int = 20,
-               highlight: tuple[str, str] = ("[", "]"), window: int = RANK_WINDOW) -> list[SearchHit]:
-        """Rows matching ``query`` and ``filters``, best bm25 first.
+               highlight: tuple[str, str] = ("[", "]"), window: int = RANK_WINDOW,
+               sort: Literal["score", "date"] = "score") -> list[SearchHit]:
+        """Rows matching ``query`` and ``filters``, best bm25 first (``sort="date"``: newest date first), each with
+        the field that matched and a snippet of it (``highlight`` marks the hits).
+
+        A query of ``text:`` terms alone finds them as substrings of the text in images (trigram index).
 
         When more than ``window`` rows match, only the ``window`` most recently indexed of them are ranked:
         scoring every one of 100 000 matches of a common word costs over 100 ms at 1 M images, and among that
@@ -563,19 +595,22 @@ class Index:
 
         def run() -> list[Any]:
             min_rowid = None
-            cut = build_window_sql(query, filters, window=window) if window > 0 else None
+            cut = build_window_sql(query, filters, window=window) \
+                if window > 0 and sort == "score" and query.text_substrings is None else None
             if cut is not None:
                 row = self._conn.execute(*cut).fetchone()
                 min_rowid = None if row is None else int(row[0])
-            sql, params = build_search_sql(query, filters, limit=limit, highlight=highlight, min_rowid=min_rowid)
+            sql, params = build_search_sql(query, filters, limit=limit, highlight=highlight, min_rowid=min_rowid,
+                                           sort=sort)
             return self._conn.execute(sql, params).fetchall()
 
         rows = self._guard(run)
-        return [
-            SearchHit(path=r[0], caption=r[1] or "", highlighted=r[2] or "", score=-float(r[3]), source=r[4],
-                      model=r[5], taken_at=r[6])
-            for r in rows
-        ]
+        hits = []
+        for r in rows:
+            field, snippet = _matched_field(query, (r[2], *r[7:]), highlight)
+            hits.append(SearchHit(path=r[0], caption=r[1] or "", highlighted=r[2] or "", score=-float(r[3]),
+                                  source=r[4], model=r[5], taken_at=r[6], field=field, snippet=snippet))
+        return hits
 
 
 def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
@@ -649,16 +684,63 @@ def build_window_sql(query: ParsedQuery, filters: SearchFilters, *, window: int)
 
 
 def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int,
-                     highlight: tuple[str, str] = ("[", "]"), min_rowid: int | None = None) -> tuple[str, list[Any]]:
-    """The ranked query that :meth:`Index.search` runs (the benchmark's raw baseline runs the same SQL)."""
+                     highlight: tuple[str, str] = ("[", "]"), min_rowid: int | None = None,
+                     sort: Literal["score", "date"] = "score") -> tuple[str, list[Any]]:
+    """The ranked query that :meth:`Index.search` runs (the benchmark's raw baseline runs the same SQL).
+
+    Its rows: path, caption, caption highlighted, rank, source, model, taken_at, then the material for
+    :func:`_matched_field`: model_caption and keywords highlighted, a snippet of the text in the image, and the raw
+    model_caption, keywords and text (for CJK hits, which are marked in the cjk column only)."""
     where, params = _filter_sql(query, filters)
+    table = "images_fts"
+    if query.text_substrings is not None:
+        # Substrings of the text found in images: the trigram index, which has that one column.
+        table = "images_text"
+        where[0] = "images_text MATCH ?"
+        params[0] = " AND ".join('"' + t.replace('"', '""') + '"' for t in query.text_substrings)
     if min_rowid is not None:
         # A rowid bound is applied inside FTS5 (it seeks in the doclists), so only the window gets scored.
-        where.append("images_fts.rowid >= ?")
+        where.append(f"{table}.rowid >= ?")
         params.append(min_rowid)
+    marks = [highlight[0], highlight[1]]
+    if table == "images_fts":
+        shown = ("highlight(images_fts, 0, ?, ?), images_fts.rank, i.source, i.model, i.taken_at, "
+                 "highlight(images_fts, 1, ?, ?), highlight(images_fts, 2, ?, ?), "
+                 "snippet(images_fts, 3, ?, ?, '…', 12)")
+        shown_params = marks * 4
+    else:
+        shown = ("i.caption, images_text.rank, i.source, i.model, i.taken_at, NULL, NULL, "
+                 "snippet(images_text, 0, ?, ?, '…', 12)")
+        shown_params = marks
+    order = f"{table}.rank" if sort == "score" else "i.sort_date DESC, i.id DESC"
     sql = (
-        "SELECT i.path, i.caption, highlight(images_fts, 0, ?, ?), images_fts.rank, i.source, i.model, i.taken_at "
-        "FROM images_fts CROSS JOIN images AS i ON i.id = images_fts.rowid "
-        f"WHERE {' AND '.join(where)} ORDER BY images_fts.rank LIMIT ?"
+        f"SELECT i.path, i.caption, {shown}, i.model_caption, i.keywords, i.ocr_text "
+        f"FROM {table} CROSS JOIN images AS i ON i.id = {table}.rowid "
+        f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
     )
-    return sql, [highlight[0], highlight[1], *params, limit]
+    return sql, [*shown_params, *params, limit]
+
+
+def _matched_field(query: ParsedQuery, row: Sequence[Any], highlight: tuple[str, str]) -> tuple[str | None, str | None]:
+    """(field, snippet) of a result row (its caption highlight and tail, see :func:`build_search_sql`): the first
+    of caption, keywords, text in the image and model_caption where FTS5 marked a hit or where a CJK run of the
+    query occurs; (None, None) when the match is elsewhere (the path)."""
+    caption_marked, model_marked, keywords_marked, text_snippet, model_caption, keywords, ocr_text = row
+    opening = highlight[0]
+    if caption_marked and opening in caption_marked:
+        return "caption", caption_marked
+    if keywords_marked and opening in keywords_marked:
+        return "keywords", ", ".join(k for k in keywords_marked.split("\n") if opening in k)
+    if text_snippet and opening in text_snippet:
+        return "text", " ".join(text_snippet.split())
+    if model_marked and opening in model_marked:
+        return "model_caption", model_marked
+    runs = [run for group in query.groups for term in group for run in cjk_runs(term.text)]
+    # A CJK hit is marked in the cjk column only; without a marker the caption's highlight is the caption itself.
+    for name, value in (("caption", caption_marked), ("keywords", keywords), ("text", ocr_text),
+                        ("model_caption", model_caption)):
+        for run in runs:
+            if value and run in value:
+                line = next(part for part in value.split("\n") if run in part)
+                return name, line.replace(run, f"{highlight[0]}{run}{highlight[1]}")
+    return None, None

@@ -106,11 +106,76 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns, ctime_ns, sidecars)")
 
 
+_FTS5_COLUMNS = ("caption", "model_caption", "keywords", "ocr_text", "path", "cjk")
+
+
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # Keywords and text found in images become searchable, and search forgives word forms and other scripts:
+    # - the porter stemmer over unicode61, so `puppies` finds "puppy" and `running` finds "runs";
+    # - `cjk`: the Chinese/Japanese/Korean characters of a row's text, one token each (capwatch.library.text_forms),
+    #   since unicode61 makes a whole run of them one token and `桜` could not find "日本の桜";
+    # - a trigram index over the text found in images only, so a number or a plate matches inside a longer run
+    #   ("123" in "AB123C"); most photos have no such text, so it stays small.
+    # The whole full-text index is rebuilt once here, in this migration's transaction (redone whole if
+    # interrupted).
+    from capwatch.library.text_forms import cjk_tokens
+
+    for column in ("keywords", "model_keywords", "ocr_text", "cjk"):
+        db.execute(f"ALTER TABLE images ADD COLUMN {column} TEXT")
+    for trigger in ("images_fts_insert", "images_fts_delete", "images_fts_update"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE images_fts")
+    db.conn.create_function("capwatch_cjk", 4, lambda *texts: cjk_tokens(*texts) or None, deterministic=True)
+    db.execute("UPDATE images SET cjk = capwatch_cjk(caption, model_caption, keywords, ocr_text) "
+               "WHERE capwatch_cjk(caption, model_caption, keywords, ocr_text) IS NOT NULL")
+    columns = ", ".join(_FTS5_COLUMNS)
+    new_values = ", ".join(f"new.{c}" for c in _FTS5_COLUMNS)
+    old_values = ", ".join(f"old.{c}" for c in _FTS5_COLUMNS)
+    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in _FTS5_COLUMNS)
+    db.execute(f"""
+        CREATE VIRTUAL TABLE images_fts USING fts5(
+            {columns}, content='images', content_rowid='id',
+            tokenize='porter unicode61 remove_diacritics 2'
+        )
+    """)
+    # A person's or the model's caption weighs most, keywords next, then the text found in the image; path least.
+    db.execute("INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25(10.0, 5.0, 6.0, 3.0, 1.0, 8.0)')")
+    db.execute("CREATE VIRTUAL TABLE images_text USING fts5(ocr_text, content='images', content_rowid='id', "
+               "tokenize='trigram')")
+    db.execute(f"""
+        CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
+            INSERT INTO images_fts(rowid, {columns}) VALUES (new.id, {new_values});
+            INSERT INTO images_text(rowid, ocr_text) SELECT new.id, new.ocr_text WHERE new.ocr_text IS NOT NULL;
+        END
+    """)
+    # Rows without text in the image have no entry in images_text at all (the triggers keep it that way).
+    db.execute("INSERT INTO images_text(rowid, ocr_text) SELECT id, ocr_text FROM images WHERE ocr_text IS NOT NULL")
+    db.execute(f"""
+        CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
+            INSERT INTO images_fts(images_fts, rowid, {columns}) VALUES ('delete', old.id, {old_values});
+            INSERT INTO images_text(images_text, rowid, ocr_text)
+                SELECT 'delete', old.id, old.ocr_text WHERE old.ocr_text IS NOT NULL;
+        END
+    """)
+    db.execute(f"""
+        CREATE TRIGGER images_fts_update AFTER UPDATE OF {columns} ON images
+        WHEN {changed} BEGIN
+            INSERT INTO images_fts(images_fts, rowid, {columns}) VALUES ('delete', old.id, {old_values});
+            INSERT INTO images_fts(rowid, {columns}) VALUES (new.id, {new_values});
+            INSERT INTO images_text(images_text, rowid, ocr_text)
+                SELECT 'delete', old.id, old.ocr_text WHERE old.ocr_text IS NOT NULL;
+            INSERT INTO images_text(rowid, ocr_text) SELECT new.id, new.ocr_text WHERE new.ocr_text IS NOT NULL;
+        END
+    """)
+    db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+
+
 #: (version, name, apply). Append only; never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "images table", _migration_1),
     (2, "full-text index over caption and path", _migration_2),
     (3, "covering index for stat-only reconcile", _migration_3),
     (4, "ctime and sidecar state", _migration_4),
+    (5, "keywords, text in images; stemmed, CJK and trigram search", _migration_5),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -8,6 +8,10 @@ Query language (what a person types after ``capwatch search``):
 - ``OR`` between two terms means either (it binds tighter than the implicit AND: ``red bike OR bicycle``
   is ``red AND (bike OR bicycle)``)
 - a trailing ``*`` is a prefix search: ``bik*``
+- a field before a word or phrase searches only there: ``kw:dog`` (keywords), ``text:"exit 12"`` (text found in
+  the image), ``caption:beach`` (the caption, a person's or the model's), ``path:2019``; plain words search all
+- word forms are forgiven (the index stems English): ``puppies`` finds "puppy", ``running`` finds "runs"
+- Chinese, Japanese and Korean match inside a run of characters: ``桜`` finds "日本の桜"
 
 Every term is emitted as an FTS5 string (``"..."``), so characters FTS5 treats as syntax (``:``, ``^``,
 ``(``, ``+``, ``.``) are just text. Everything the parser cannot understand raises QueryError with one line.
@@ -19,9 +23,15 @@ import datetime as dt
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from capwatch.errors import QueryError
+from capwatch.library.text_forms import cjk_phrase, cjk_runs
+
+Field = Literal["kw", "text", "caption", "path"]
+#: Each query field and the index columns it searches (FTS5 column filter syntax).
+FIELD_COLUMNS: dict[str, str] = {"kw": "keywords", "text": "ocr_text", "caption": "{caption model_caption}",
+                                 "path": "path"}
 
 
 @dataclass(frozen=True)
@@ -29,10 +39,23 @@ class Term:
     text: str
     prefix: bool = False
     phrase: bool = False
+    #: Search only this field (None: every field).
+    field: Field | None = None
 
     def fts5(self) -> str:
-        quoted = '"' + self.text.replace('"', '""') + '"'
-        return quoted + ("*" if self.prefix else "")
+        runs = cjk_runs(self.text)
+        if runs:
+            # CJK characters are matched one by one in the index's cjk column (see capwatch.library.text_forms);
+            # the rest of the term, if any, as usual.
+            parts = [f"cjk : {cjk_phrase(run)}" for run in runs]
+            rest = self.text
+            for run in runs:
+                rest = rest.replace(run, " ")
+            if _has_word(rest):
+                parts.append(Term(" ".join(rest.split()), self.prefix, self.phrase, self.field).fts5())
+            return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+        quoted = '"' + self.text.replace('"', '""') + '"' + ("*" if self.prefix else "")
+        return f"{FIELD_COLUMNS[self.field]} : {quoted}" if self.field else quoted
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,18 @@ class ParsedQuery:
 
     groups: tuple[tuple[Term, ...], ...]
     excluded: tuple[Term, ...]
+
+    @property
+    def text_substrings(self) -> tuple[str, ...] | None:
+        """For a query made only of ``text:`` terms of 3 characters or more (no OR, no exclusion, no prefix): the
+        terms, to be found as substrings of the text in images (a trigram index: "123" inside "AB123C"); else
+        None."""
+        terms = [g[0] for g in self.groups if len(g) == 1]
+        if self.excluded or len(terms) != len(self.groups):
+            return None
+        if all(t.field == "text" and not t.prefix and len(t.text) >= 3 for t in terms):
+            return tuple(t.text for t in terms)
+        return None
 
     @property
     def fts5(self) -> str:
@@ -64,14 +99,14 @@ class SearchFilters:
     source: Literal["model", "human", "embedded"] | None = None
 
 
-_TOKEN = re.compile(r'\s*(-?)("([^"]*)"(\*?)|[^\s"]+)')
+_TOKEN = re.compile(r'\s*(-?)(?:(kw|text|caption|path):(?=\S))?("([^"]*)"(\*?)|[^\s"]+)')
 
 
-def _lex(text: str) -> list[tuple[bool, str, bool]]:
-    """Split into (negated, text, is_phrase) tokens; raises QueryError on an unbalanced quote."""
+def _lex(text: str) -> list[tuple[bool, str, bool, Field | None]]:
+    """Split into (negated, text, is_phrase, field) tokens; raises QueryError on an unbalanced quote."""
     if text.count('"') % 2:
         raise QueryError('unbalanced quote in query: close the "phrase" with a second "')
-    tokens: list[tuple[bool, str, bool]] = []
+    tokens: list[tuple[bool, str, bool, Field | None]] = []
     pos = 0
     while pos < len(text):
         if text[pos:].strip() == "":
@@ -79,11 +114,12 @@ def _lex(text: str) -> list[tuple[bool, str, bool]]:
         match = _TOKEN.match(text, pos)
         if match is None:  # pragma: no cover - the regex accepts every non-space run
             raise QueryError(f"cannot read query near {text[pos:pos + 20]!r}")
-        negated, whole, phrase_body, phrase_star = match.groups()
+        negated, field_name, whole, phrase_body, phrase_star = match.groups()
+        field = cast("Field | None", field_name)
         if phrase_body is not None:
-            tokens.append((bool(negated), phrase_body + phrase_star, True))
+            tokens.append((bool(negated), phrase_body + phrase_star, True, field))
         else:
-            tokens.append((bool(negated), whole, False))
+            tokens.append((bool(negated), whole, False, field))
         pos = match.end()
     return tokens
 
@@ -92,21 +128,21 @@ def _has_word(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
 
-def _term(raw: str, phrase: bool) -> Term:
+def _term(raw: str, phrase: bool, field: Field | None = None) -> Term:
     prefix = raw.endswith("*")
     body = raw[:-1] if prefix else raw
     if phrase:
         body = " ".join(body.split())
         if not _has_word(body):
             raise QueryError(f'nothing to search for in the phrase "{raw}"')
-        return Term(body, prefix=prefix, phrase=True)
+        return Term(body, prefix=prefix, phrase=True, field=field)
     if "*" in body:
         raise QueryError(f"'*' only works at the end of a word (prefix search), not in {raw!r}")
     if not body:
         raise QueryError("'*' on its own matches nothing: put it after the start of a word, e.g. bik*")
     if not _has_word(body):
         raise QueryError(f"nothing to search for in {raw!r}: a term needs a letter or digit")
-    return Term(body, prefix=prefix)
+    return Term(body, prefix=prefix, field=field)
 
 
 def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
@@ -125,7 +161,24 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
     pending_or = False
     pending_not = False
     pending_and = False
-    for negated, raw, phrase in _lex(text):
+    for negated, raw, phrase, field in _lex(text):
+        if field is None and not phrase and raw.endswith(":") and raw[:-1] in FIELD_COLUMNS:
+            raise QueryError(f"{raw} needs a word right after it, e.g. {raw}dog")
+        if field is not None:
+            # A field applies to the word itself; the operators below never carry one.
+            term = _term(raw, phrase, field)
+            if negated or pending_not:
+                if pending_or:
+                    raise QueryError("cannot OR an excluded word: write the exclusion on its own, e.g. cat -dog")
+                excluded.append(term)
+                pending_not = False
+            elif pending_or:
+                groups[-1].append(term)
+                pending_or = False
+            else:
+                groups.append([term])
+            pending_and = False
+            continue
         if not phrase and raw == "OR":
             if negated:
                 raise QueryError("'-OR' is not a word; to find the word 'or' write it in lower case")
