@@ -277,6 +277,9 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
     then ``described`` and, by default, never captioned; a model caption kept for the index only stays);
     camera boilerplate is kept as ``embedded`` but the file stays ``pending``. When the file has none, a model
     caption that lives only in the index (write = none) is kept; anything else becomes ``pending``.
+
+    Keywords are the file's (a person's, and capwatch's as its provenance says); text found in the image is the
+    file's capwatch:Text, else what the index held (it is written into files only with ``write_text``).
     """
     meta = snap.metadata
     identity = snap.identity
@@ -284,6 +287,8 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
         path=path, size=identity.size, mtime_ns=identity.mtime_ns, ctime_ns=identity.ctime_ns,
         sidecars=snap.sidecar_signature, fingerprint=identity.fingerprint,
         width=meta.width, height=meta.height, taken_at=meta.taken_at,
+        keywords=meta.keywords, model_keywords=meta.model_keywords,
+        ocr_text=meta.ocr_text if meta.ocr_text is not None or previous is None else previous.ocr_text,
     )
     desc: Description | None = meta.description
     if desc is not None and desc.kind == "ours":
@@ -294,6 +299,10 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
     if desc is not None and desc.kind == "human":
         # The index holds one caption per file and a person's words win over ours.
         kept = previous if previous is not None and previous.model_caption else None
+        if kept is not None and kept.model_keywords and not meta.model_keywords:
+            # The model's keywords of a file whose description stays a person's live in the index only.
+            mine = tuple(k for k in kept.model_keywords if k.casefold() not in {h.casefold() for h in meta.keywords})
+            base = replace(base, keywords=meta.keywords + mine, model_keywords=kept.model_keywords)
         return replace(base, caption=desc.text, source="human", status="described",
                        model_caption=kept.model_caption if kept else None, model=kept.model if kept else None,
                        model_revision=kept.model_revision if kept else None,
@@ -304,7 +313,8 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
             and config.metadata.write == "none"):
         return replace(base, caption=previous.caption, source="model", status="captioned",
                        model=previous.model, model_revision=previous.model_revision,
-                       captioned_at=previous.captioned_at)
+                       captioned_at=previous.captioned_at, keywords=previous.keywords,
+                       model_keywords=previous.model_keywords)
     return base
 
 
