@@ -6,11 +6,14 @@
 The index is built through capwatch's own Index.upsert_many (so the FTS triggers do the work they do in real
 use) from synthetic captions: a Zipfian (s=1.1) vocabulary of ~6,000 words (the first ~400 real caption words,
 the rest pronounceable made-up words), 6–18 words per caption, and a camera-style path layout
-(/photos/YYYY/YYYY-MM-DD event/IMG_NNNN.JPG). Queries are 1–3 content words drawn from the same distribution.
+(/photos/YYYY/YYYY-MM-DD event/IMG_NNNN.JPG); 40 % of the images get 3-6 keywords and 5 % some text found in the
+image (a sign, a number, a plate). Queries are 1–3 content words drawn from the same distribution.
 For every query both sides run the identical SQL statements (capwatch.library.index.build_window_sql, then
 build_search_sql); capwatch adds query parsing, the Python call path and result objects. With --full, a third
 column times plain bm25 over every match (no rank window) for reference.
 Prints p50/p99 per side and the ratio, build time, bytes/image.
+
+    python bench/search.py --migrate OLD.db   # time the upgrade of a copy of an older index, sizes before/after
 """
 
 from __future__ import annotations
@@ -94,11 +97,17 @@ def build(path: Path, images: int, seed: int) -> tuple[float, list[str], list[fl
             p = f"/photos/{year}/{year}-{month:02d}-{dom:02d} {event}/IMG_{counter:04d}.JPG"
             words = rng.choices(vocab, cum_weights=cum, k=rng.randint(6, 18))
             caption = " ".join(words).capitalize()
+            keywords = tuple(dict.fromkeys(rng.choices(vocab[20:400], k=rng.randint(3, 6)))) \
+                if rng.random() < 0.4 else ()
+            text = None
+            if rng.random() < 0.05:
+                text = f"{rng.choice(vocab[:400]).upper()} {rng.randint(1, 99)}\n" \
+                       f"{rng.choice('ABCDEFGH')}{rng.choice('KLMNPRST')}{rng.randint(100, 999)}"
             batch.append(ImageRecord(
                 path=p, size=3_000_000 + i % 1000, mtime_ns=1_600_000_000_000_000_000 + i,
                 fingerprint=f"{i:032x}", width=4000, height=3000,
                 taken_at=f"{year}-{month:02d}-{dom:02d}T12:00:00", caption=caption, source="model",
-                model="bench", status="captioned",
+                model="bench", status="captioned", keywords=keywords, model_keywords=keywords, ocr_text=text,
             ))
             if len(batch) == 20000:
                 index.upsert_many(batch)
@@ -136,6 +145,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _size(db: Path) -> int:
+    return sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+def migrate(old: Path, work: Path) -> None:
+    """Copy ``old`` (an index of an earlier schema) and time capwatch's upgrade of the copy."""
+    import shutil
+
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / f"migrate-{old.name}"
+    shutil.copyfile(old, copy)
+    conn = sqlite3.connect(copy)
+    version = conn.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0]
+    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    conn.close()
+    before = _size(copy)
+    started = time.perf_counter()
+    with Index.open(copy) as index:
+        after_version = index.schema_version()
+    elapsed = time.perf_counter() - started
+    conn = sqlite3.connect(copy)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("VACUUM")
+    conn.close()
+    after = _size(copy)
+    print(f"{rows:,} rows: schema {version} -> {after_version} in {elapsed:.1f} s; "
+          f"{before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB (vacuumed; {after / before:.2f}x)")
+    copy.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000)
@@ -145,7 +184,12 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--full", action="store_true", help="also time raw bm25 over every match (no window)")
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
+    parser.add_argument("--migrate", type=Path, metavar="OLD_DB",
+                        help="time upgrading a copy of this older index to the current schema, then exit")
     args = parser.parse_args()
+    if args.migrate is not None:
+        migrate(args.migrate, args.work)
+        return
 
     args.work.mkdir(parents=True, exist_ok=True)
     db = args.work / f"search-{args.images}.db"
