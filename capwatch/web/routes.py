@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_ROW_ID = 2**63 - 1
 #: The status page's counts are taken again at most this often (see Pages._stats).
 STATS_SECONDS = 30.0
-#: The only form fields a POST may carry, and at most this many.
+#: At most this many fields in a POST (the forms have two).
 MAX_FIELDS = 8
 
 
