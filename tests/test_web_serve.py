@@ -266,6 +266,7 @@ def test_only_indexed_files_below_a_root_are_served(client: TestClient, lib: Lib
     assert client.get("/static/style.css").status_code == 200
     search = client.get("/", params={"q": "jpg"}).text
     assert f'/photo/{lib.ids["escape.jpg"]}"' not in search and f'/photo/{lib.ids["stray.jpg"]}"' not in search
+    assert '<p class="empty" id="hidden">2 matches are not shown' in search
 
 
 def test_a_loopback_server_answers_only_to_loopback_names(client: TestClient) -> None:

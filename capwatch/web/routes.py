@@ -168,7 +168,7 @@ class Pages:
         page_text = params.get("page", "1")
         page = int(page_text) if page_text.isdigit() and 0 < len(page_text) < 7 else 1
         page = max(1, page)
-        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None}
+        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0}
         bad = None
         if status not in (None, "pending", "error"):
             bad = f"status: expected pending or error, got {status!r}"
@@ -181,6 +181,8 @@ class Pages:
                                                       page_size=self.config.serve.page_size)
                 context["page"] = result
                 context["results"] = [r for r in result.results if servable(r.path, self.roots) is not None]
+                # Rows whose file is gone, or lies below no configured root: said, not shown.
+                context["hidden"] = len(result.results) - len(context["results"])
             except (QueryError, EditRefused) as exc:
                 bad = str(exc)
             except CapwatchError as exc:  # the index: missing, locked, damaged
