@@ -266,6 +266,7 @@ def test_only_indexed_files_below_a_root_are_served(client: TestClient, lib: Lib
     assert client.get("/static/style.css").status_code == 200
     search = client.get("/", params={"q": "jpg"}).text
     assert f'/photo/{lib.ids["escape.jpg"]}"' not in search and f'/photo/{lib.ids["stray.jpg"]}"' not in search
+    assert '<p class="empty" id="hidden">2 matches are not shown' in search
 
 
 def test_a_loopback_server_answers_only_to_loopback_names(client: TestClient) -> None:
@@ -445,3 +446,27 @@ def test_raw_and_heic_thumbnails_come_through_capwatchs_decoders(lib: Library, t
         if "phone.heic" in names:
             heic = client.get(f"/thumb/{ids[str(lib.root / 'phone.heic')]}")
             assert heic.status_code == 200 and Image.open(io.BytesIO(heic.content)).size == (64, 48)
+
+
+@pytest.mark.parametrize(("text", "html"), [
+    ("a \ue000red\ue001 bike", "a <mark>red</mark> bike"),
+    ("<b>\ue000x\ue001</b> & y", "&lt;b&gt;<mark>x</mark>&lt;/b&gt; &amp; y"),
+    ("stray \ue001 close", "stray  close"),
+    ("open \ue000 never closed", "open <mark> never closed</mark>"),
+    ("", ""),
+])
+def test_highlight_marks_become_mark_tags_around_escaped_text(text: str, html: str) -> None:
+    from capwatch.web.routes import marked
+
+    assert str(marked(text)) == html
+
+
+@pytest.mark.parametrize(("typed", "stored"), [
+    ("  two  words \n", "two words"),
+    ("tab\there\x00nul", "tab here nul"),
+    ("cafe\u0301", "caf\u00e9"),  # NFC
+])
+def test_a_persons_caption_is_cleaned_like_every_caption(typed: str, stored: str) -> None:
+    from capwatch.web.editing import clean_person_caption
+
+    assert clean_person_caption(typed) == stored

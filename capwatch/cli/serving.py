@@ -54,6 +54,10 @@ def prepare_server(config: Config, host: str, port: int, *, need_index: bool = T
     index_path = config.index_path()
     if need_index and not index_path.exists():
         raise IndexUnavailable(f"no index at {index_path} yet; run `capwatch scan DIR` first (or pass --db)")
+    if not any(root.path.is_dir() for root in config.library.roots):
+        # Only files below a configured root are shown: with none there, every page would be empty.
+        log.warning("none of the configured [library] roots is a folder here (%s): no photo can be shown",
+                    ", ".join(str(r.path) for r in config.library.roots) or "none configured")
     token = None
     allowed: frozenset[str] | None = LOOPBACK_NAMES
     if not is_loopback(host):

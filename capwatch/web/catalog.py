@@ -79,10 +79,9 @@ def results_page(index: Index, query: str, form: FormFilters, *, page: int, page
     if words and form.status is None:
         hits = run_search(index, words, form, offset=offset, limit=page_size + 1)
         ids = index.ids_for(h.path for h in hits[:page_size])
-        statuses = {rid: rec.status for rid in ids.values() if (rec := index.get_by_id(rid)) is not None}
+        # A hit's status is not looked up (one query per tile): a hit without a caption matched by its path.
         results = tuple(
-            Result(ids[h.path], h.path, h.caption, h.highlighted or h.caption, h.source, h.taken_at,
-                   statuses.get(ids[h.path], ""))
+            Result(ids[h.path], h.path, h.caption, h.highlighted or h.caption, h.source, h.taken_at, "")
             for h in hits[:page_size] if h.path in ids
         )
         return ResultPage(results, page, len(hits) > page_size)

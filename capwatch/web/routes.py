@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
-from capwatch.library.index import ImageRecord, Index
+from capwatch.library.index import ImageRecord, Index, IndexStats
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import MAX_CAPTION, CaptionerSlot, EditRefused, save_person_caption
@@ -33,7 +36,9 @@ from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, ThumbnailCache, cache_
 log = logging.getLogger(__name__)
 #: SQLite row ids are signed 64-bit; a larger number in the address names no photo.
 MAX_ROW_ID = 2**63 - 1
-#: The only form fields a POST may carry, and at most this many.
+#: The status page's counts are taken again at most this often (see Pages._stats).
+STATS_SECONDS = 30.0
+#: At most this many fields in a POST (the forms have two).
 MAX_FIELDS = 8
 
 
@@ -85,6 +90,9 @@ class Pages:
         self.model = model
         self.env = _templates()
         self.roots = tuple(r.path for r in self.config.library.roots)
+        self._readers = threading.local()
+        self._stats_lock = threading.Lock()
+        self._stats_cache: tuple[float, IndexStats, str] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
@@ -94,12 +102,33 @@ class Pages:
 
     @contextmanager
     def _index(self, *, write: bool = False) -> Iterator[Index]:
-        index = Index.open(self.config.index_path(), busy_timeout=self.config.index.busy_timeout_seconds,
-                           readonly=not write)
+        """The index for this request: a writable one opened for an edit, else this thread's reader."""
+        path = self.config.index_path()
+        if not write:
+            yield self._reader(path)
+            return
+        index = Index.open(path, busy_timeout=self.config.index.busy_timeout_seconds)
         try:
             yield index
         finally:
             index.close()
+
+    def _reader(self, path: Path) -> Index:
+        """This thread's read-only Index (an Index belongs to one thread; the pool's threads live on), reopened
+        when the file at ``path`` is another one than it was (an index moved aside and rebuilt). Opening one per
+        request cost more than many searches (mmap set up again each time)."""
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            inode = -1
+        held: tuple[int, Index] | None = getattr(self._readers, "held", None)
+        if held is not None and held[0] == inode:
+            return held[1]
+        index = Index.open(path, busy_timeout=self.config.index.busy_timeout_seconds, readonly=True)
+        if held is not None:
+            held[1].close()
+        self._readers.held = (inode, index)
+        return index
 
     def _html(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         context.setdefault("csrf", self.settings.csrf)
@@ -139,7 +168,7 @@ class Pages:
         page_text = params.get("page", "1")
         page = int(page_text) if page_text.isdigit() and 0 < len(page_text) < 7 else 1
         page = max(1, page)
-        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None}
+        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0}
         bad = None
         if status not in (None, "pending", "error"):
             bad = f"status: expected pending or error, got {status!r}"
@@ -152,6 +181,8 @@ class Pages:
                                                       page_size=self.config.serve.page_size)
                 context["page"] = result
                 context["results"] = [r for r in result.results if servable(r.path, self.roots) is not None]
+                # Rows whose file is gone, or lies below no configured root: said, not shown.
+                context["hidden"] = len(result.results) - len(context["results"])
             except (QueryError, EditRefused) as exc:
                 bad = str(exc)
             except CapwatchError as exc:  # the index: missing, locked, damaged
@@ -287,13 +318,23 @@ class Pages:
         facts: dict[str, Any] = {"index": str(index_path), "exists": index_path.exists(), "stats": None}
         if index_path.exists():
             try:
-                with self._index() as index:
-                    facts["stats"] = index.stats()
+                facts["stats"], facts["counted_at"] = self._stats()
             except CapwatchError as exc:
                 return self._html("status.html", 503, facts=facts, live=live, error=str(exc), query="",
                                   now=_now(), model=self._model_label(live))
         return self._html("status.html", facts=facts, live=live, error=None, query="", now=_now(),
                           model=self._model_label(live))
+
+    def _stats(self) -> tuple[IndexStats, str]:
+        """The index's counts and when they were taken. Counting is a full pass over the index (about a second
+        at 1 M images), so while the page refreshes itself every few seconds the counts are taken again at most
+        every STATS_SECONDS; the daemon's live state is read fresh every time."""
+        with self._stats_lock:
+            now = time.monotonic()
+            if self._stats_cache is None or now - self._stats_cache[0] >= STATS_SECONDS:
+                with self._index() as index:
+                    self._stats_cache = (now, index.stats(), _now())
+            return self._stats_cache[1], self._stats_cache[2]
 
     def _model_label(self, live: dict[str, Any] | None) -> str:
         model = self.config.model

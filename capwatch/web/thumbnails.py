@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,11 @@ def cache_key(fingerprint: str | None, size: int, mtime_ns: int, px: int) -> str
 class ThumbnailCache:
     """WebP renderings of photos at a few sizes, on disk below ``root`` (two-level fan-out by key)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, parallel: int | None = None) -> None:
         self.root = root
+        # A grid asks for dozens at once and the server's thread pool would decode them all together: at most
+        # one decode per core (a 1600 px preview of a 24 MP photo holds ~18 MB while it is made).
+        self._slots = threading.BoundedSemaphore(parallel or max(1, os.cpu_count() or 1))
 
     def _file(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.webp"
@@ -63,11 +67,12 @@ class ThumbnailCache:
         # load_image drafts a JPEG down to DRAFT_HEADROOM x the size it is given: ask for px / headroom so the
         # decode lands at no less than px (a 24 MP JPEG decodes at 1/8 scale for a 320 px thumbnail).
         side = max(1, -(-px // DRAFT_HEADROOM))
-        image = load_image(source, target_size=(side, side))
-        image.thumbnail((px, px), Image.Resampling.LANCZOS if px <= THUMB_PX else Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
-        # method 2: most of WebP's size gain for a fraction of method 4's (the default) encoding time.
-        image.save(buffer, "WEBP", quality=80, method=2)
+        with self._slots:
+            image = load_image(source, target_size=(side, side))
+            image.thumbnail((px, px), Image.Resampling.LANCZOS if px <= THUMB_PX else Image.Resampling.BICUBIC)
+            # method 2: most of WebP's size gain for a fraction of method 4's (the default) encoding time.
+            image.save(buffer, "WEBP", quality=80, method=2)
         target = self._file(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         # A cache file, not a photo: temp file + rename, so a reader never sees half a picture.
