@@ -470,3 +470,35 @@ def test_a_persons_caption_is_cleaned_like_every_caption(typed: str, stored: str
     from capwatch.web.editing import clean_person_caption
 
     assert clean_person_caption(typed) == stored
+
+
+def test_keywords_and_text_in_the_image_show_on_the_photo_page_and_explain_a_hit(
+        client: TestClient, lib: Library) -> None:
+    with Index.open(lib.config.index_path()) as index:
+        red = index.get(lib.path("red.jpg"))
+        assert red is not None
+        index.upsert(dataclasses.replace(red, keywords=("Barn", "tractor"), model_keywords=("tractor",),
+                                         ocr_text="FARM SHOP\nOPEN <8>"))
+    photo = client.get(f"/photo/{lib.ids['red.jpg']}").text
+    assert '<span class="keyword" title="a person\'s">Barn</span>' in photo
+    assert '<span class="keyword ours" title="from the model">tractor</span>' in photo
+    assert "FARM SHOP\nOPEN &lt;8&gt;" in photo  # text as text, escaped
+    grid = client.get("/", params={"q": "kw:tractors"}).text
+    assert f'href="/photo/{lib.ids["red.jpg"]}"' in grid
+    assert '<span class="why">keywords: <mark>tractor</mark></span>' in grid
+    grid = client.get("/", params={"q": "text:shop"}).text
+    assert '<span class="why">text in image: FARM <mark>SHOP</mark> OPEN &lt;8&gt;</span>' in grid
+
+
+def test_search_results_by_date_newest_first(client: TestClient, lib: Library) -> None:
+    with Index.open(lib.config.index_path()) as index:
+        for name, taken in (("red.jpg", "2019-05-01T10:00:00"), ("xss.jpg", "2023-01-01T10:00:00")):
+            row = index.get(lib.path(name))
+            assert row is not None
+            index.upsert(dataclasses.replace(row, caption=f"a shared word {name}", taken_at=taken))
+    newest = client.get("/", params={"q": "shared", "sort": "date"}).text
+    ranked = client.get("/", params={"q": "shared"}).text
+    first, second = f'/photo/{lib.ids["xss.jpg"]}"', f'/photo/{lib.ids["red.jpg"]}"'
+    assert newest.index(first) < newest.index(second)
+    assert 'value="date" selected' in newest and "sort=date" not in ranked
+    assert first in ranked and second in ranked

@@ -710,7 +710,7 @@ def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int,
         shown_params = marks * 4
     else:
         shown = ("i.caption, images_text.rank, i.source, i.model, i.taken_at, NULL, NULL, "
-                 "snippet(images_text, 0, ?, ?, '…', 12)")
+                 "snippet(images_text, 0, ?, ?, '…', 64)")  # trigram tokens: characters, not words
         shown_params = marks
     order = f"{table}.rank" if sort == "score" else "i.sort_date DESC, i.id DESC"
     sql = (

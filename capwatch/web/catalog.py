@@ -30,6 +30,12 @@ class FormFilters:
     until: str | None = None
     source: str | None = None
     status: StatusFilter | None = None
+    #: Search results by rank ("score") or newest date taken first ("date").
+    sort: Literal["score", "date"] = "score"
+
+
+#: How a search hit's field is named on the page.
+FIELD_LABELS = {"keywords": "keywords", "text": "text in image", "model_caption": "model's caption"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class Result:
     source: str | None
     taken_at: str | None
     status: str
+    #: Why a search hit matched when its caption does not show it: ("keywords" | "text in image" | ..., snippet
+    #: with marks); None otherwise.
+    why: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ def run_search(index: Index, query: str, form: FormFilters, *, offset: int, limi
 
         raise QueryError(f"query too long ({len(query)} characters; at most {MAX_QUERY})")
     parsed = parse_query(query)
-    hits = index.search(parsed, _filters(form), limit=offset + limit, highlight=(MARK_OPEN, MARK_CLOSE))
+    hits = index.search(parsed, _filters(form), limit=offset + limit, highlight=(MARK_OPEN, MARK_CLOSE),
+                        sort=form.sort)
     return hits[offset:]
 
 
@@ -81,7 +91,8 @@ def results_page(index: Index, query: str, form: FormFilters, *, page: int, page
         ids = index.ids_for(h.path for h in hits[:page_size])
         # A hit's status is not looked up (one query per tile): a hit without a caption matched by its path.
         results = tuple(
-            Result(ids[h.path], h.path, h.caption, h.highlighted or h.caption, h.source, h.taken_at, "")
+            Result(ids[h.path], h.path, h.caption, h.highlighted or h.caption, h.source, h.taken_at, "",
+                   (FIELD_LABELS[h.field], h.snippet) if h.field in FIELD_LABELS and h.snippet else None)
             for h in hits[:page_size] if h.path in ids
         )
         return ResultPage(results, page, len(hits) > page_size)

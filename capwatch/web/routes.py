@@ -164,7 +164,8 @@ class Pages:
         status = params.get("status") or None
         form = FormFilters(folder=params.get("folder") or None, since=params.get("since") or None,
                            until=params.get("until") or None, source=params.get("source") or None,
-                           status="pending" if status == "pending" else "error" if status == "error" else None)
+                           status="pending" if status == "pending" else "error" if status == "error" else None,
+                           sort="date" if params.get("sort") == "date" else "score")
         page_text = params.get("page", "1")
         page = int(page_text) if page_text.isdigit() and 0 < len(page_text) < 7 else 1
         page = max(1, page)
@@ -190,7 +191,7 @@ class Pages:
         if bad is not None:
             return self._html("search.html", 400, **{**context, "error": bad}, results=[], links={})
         keep = [(k, v) for k, v in parse_qsl(str(request.url.query), keep_blank_values=False)
-                if k in ("q", "folder", "since", "until", "source", "status")]
+                if k in ("q", "folder", "since", "until", "source", "status", "sort")]
         links = {"prev": "/?" + urlencode([*keep, ("page", page - 1)]) if page > 1 else None,
                  "next": "/?" + urlencode([*keep, ("page", page + 1)]) if context["page"].has_next else None}
         return self._html("search.html", **context, links=links)
