@@ -149,7 +149,33 @@ def keywords_bench(model_dir: Path, args: argparse.Namespace) -> None:
                 n = len(pics)
                 print(f"{name:9s} {beams:5d} {budget:9d} {t_cap / n:13.3f} {t_kw / n:15.3f} {t_kw / t_cap:5.2f}x  "
                       f"{same}/{n} identical", flush=True)
+            components(cap, pixels[:1], budgets, args.repeat + 2)
             cap.close()
+
+
+def components(cap: Any, pixels: np.ndarray, budgets: Sequence[int], repeat: int) -> None:
+    """Per-stage cost for one image, best of ``repeat`` (short runs: the best is rarely hit by other load), and the
+    ratio they imply: caption = vision + text encoder + caption decode; keywords add text encoder + <OD> decode."""
+    from capwatch.models import florence2 as f2
+
+    def best(fn: Callable[[], Any]) -> tuple[float, Any]:
+        runs = [timed(fn) for _ in range(repeat)]
+        return min(t for t, _ in runs), runs[-1][1]
+
+    with cap.sessions.use() as s:
+        shape = cap._shape
+        t_v, feats = best(lambda: f2.image_features(s[f2.VISION], pixels, shape))
+        t_e, enc = best(lambda: f2.encode_features(s[f2.EMBED], s[f2.ENCODER], feats, cap.prompt_ids, shape))
+        decoder = f2.Florence2Decoder(s[f2.DECODER], s[f2.EMBED], shape)
+        t_c, _ = best(lambda: f2.generate(decoder, enc, 1, cap.settings))
+        base = cap.task_settings[f2.OD_TASK]
+        for budget in budgets:
+            od = dataclasses.replace(base, max_length=budget + 1, max_new_tokens=budget)
+            t_k, _ = best(lambda o=od: f2.generate(decoder, enc, 1, o))
+            caption = t_v + t_e + t_c
+            print(f"  stages, 1 image, best of {repeat}: vision {t_v:.3f} s, text encoder {t_e:.3f} s, caption decode "
+                  f"{t_c:.3f} s, <OD> decode ({budget} tokens) {t_k:.3f} s -> caption {caption:.3f} s, "
+                  f"+keywords {caption + t_e + t_k:.3f} s = {(caption + t_e + t_k) / caption:.2f}x", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
