@@ -278,7 +278,7 @@ def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
         if folded in seen:
             return
         seen.add(folded)
-        cuts.add(kw.iptc_key(text) if len(text) > kw.IPTC_KEYWORD_LIMIT // 4 else folded)
+        cuts.add(kw.iptc_key(text) if len(text.encode("utf-8")) > kw.IPTC_KEYWORD_LIMIT else folded)
         found.append(text)
         if text in ours_exact:
             mine.append(text)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from xml.dom import Node
-from xml.dom.minidom import Attr, Document, Element
+from xml.dom.minidom import Document, Element
 from xml.etree.ElementTree import Element as EtElement
 from xml.etree.ElementTree import ParseError
 
@@ -30,29 +29,36 @@ import defusedxml.ElementTree as SafeET
 import defusedxml.minidom as SafeMinidom
 from defusedxml import DefusedXmlException
 
-from capwatch.errors import MetadataError
-from capwatch.metadata import keywords as kw
+from capwatch.metadata import xmp_keywords
+from capwatch.metadata.keywords import clean_keywords
 from capwatch.metadata.records import Provenance
+from capwatch.metadata.xmp_dom import (
+    LANG,
+    check_attributes,
+    children,
+    children_ns,
+    has_text,
+    node_name,
+    prefix_for,
+    set_text,
+    text_of,
+)
+from capwatch.metadata.xmp_dom import NS_CAPWATCH as NS_CAPWATCH
+from capwatch.metadata.xmp_dom import NS_DC as NS_DC
+from capwatch.metadata.xmp_dom import NS_RDF as NS_RDF
+from capwatch.metadata.xmp_dom import NS_XML as NS_XML
+from capwatch.metadata.xmp_dom import XmpError as XmpError
+from capwatch.metadata.xmp_keywords import clean_text as clean_text
 
-NS_RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
-NS_DC = "http://purl.org/dc/elements/1.1/"
 NS_X = "adobe:ns:meta/"
-NS_XML = "http://www.w3.org/XML/1998/namespace"
-NS_XMLNS = "http://www.w3.org/2000/xmlns/"
 NS_XMP = "http://ns.adobe.com/xap/1.0/"
 NS_PHOTOSHOP = "http://ns.adobe.com/photoshop/1.0/"
 NS_EXIF = "http://ns.adobe.com/exif/1.0/"
 NS_XMP_NOTE = "http://ns.adobe.com/xmp/note/"
 NS_LR = "http://ns.adobe.com/lightroom/1.0/"
-NS_CAPWATCH = "https://capwatch.invalid/ns/1.0/"
 CAPWATCH_PREFIX = "capwatch"
 PACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"
 XMP_TOOLKIT = "capwatch"
-
-
-class XmpError(MetadataError):
-    """An XMP packet is malformed or hostile (DTD, entities) and cannot be read or merged, or its dc:description
-    has a form that merge_caption will not replace."""
 
 
 @dataclass(frozen=True)
@@ -255,30 +261,6 @@ def xmp_date_to_iso(value: str | None) -> str | None:
 # Merging
 
 
-def _children(el: Element, ns: str, local: str) -> list[Element]:
-    return [c for c in el.childNodes if isinstance(c, Element) and c.namespaceURI == ns and c.localName == local]
-
-
-def _prefix_for(el: Element, ns: str, wanted: str) -> str:
-    """A prefix bound to ``ns`` in scope at ``el``; else declare ``wanted`` (or a free variant) on ``el``."""
-    node: Node | None = el
-    used: set[str] = set()
-    while isinstance(node, Element):
-        for attr in node.attributes.values():
-            name = str(attr.name)
-            if name.startswith("xmlns:"):
-                if attr.value == ns:
-                    return name[6:]
-                used.add(name[6:])
-        node = node.parentNode
-    prefix, n = wanted, 1
-    while prefix in used:
-        n += 1
-        prefix = f"{wanted}{n}"
-    el.setAttributeNS(NS_XMLNS, f"xmlns:{prefix}", ns)
-    return prefix
-
-
 def _skeleton() -> Document:
     xml = (
         f'<x:xmpmeta xmlns:x="{NS_X}" x:xmptk="{XMP_TOOLKIT}">'
@@ -306,12 +288,6 @@ def _find_rdf(doc: Document) -> Element:
     raise XmpError("XMP packet has no rdf:RDF element")
 
 
-def _set_text(doc: Document, el: Element, text: str) -> None:
-    for child in list(el.childNodes):
-        el.removeChild(child)
-    el.appendChild(doc.createTextNode(text))
-
-
 def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | None, *,
                   keywords: Sequence[str] | None = None, other_human: Sequence[str] = (),
                   text: str | None = None) -> str:
@@ -334,25 +310,25 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     doc = _parse_dom(packet) if packet and packet.strip(b"\x00 \t\r\n") else _skeleton()
     rdf = _find_rdf(doc)
     rdf_prefix = rdf.prefix or "rdf"
-    descriptions = _children(rdf, NS_RDF, "Description")
+    descriptions = children(rdf, NS_RDF, "Description")
     _check_description(descriptions)
-    recorded_ours = _recorded_list(descriptions, "Keywords")
-    recorded_rejected = _recorded_list(descriptions, "RejectedKeywords")
-    recorded_text = next((t for t in (_dom_text(d, NS_CAPWATCH, "Text") for d in descriptions) if t is not None),
-                         None)
+    recorded_ours = xmp_keywords.recorded_list(descriptions, "Keywords")
+    recorded_rejected = xmp_keywords.recorded_list(descriptions, "RejectedKeywords")
+    texts = (xmp_keywords.dom_text(d, NS_CAPWATCH, "Text") for d in descriptions)
+    recorded_text = next((t for t in texts if t is not None), None)
     if not descriptions:
         new = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Description")
         new.setAttributeNS(NS_RDF, f"{rdf_prefix}:about", "")
         rdf.appendChild(new)
         descriptions = [new]
     target = next(
-        (d for d in descriptions if _children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
+        (d for d in descriptions if children(d, NS_DC, "description") or d.hasAttributeNS(NS_DC, "description")),
         descriptions[0],
     )
     created_at = _created_at(descriptions, target, caption, provenance) if provenance is not None else ""
     # Drop earlier capwatch provenance wherever it is, so there is exactly one set.
     for desc in descriptions:
-        for child in _children_ns(desc, NS_CAPWATCH):
+        for child in children_ns(desc, NS_CAPWATCH):
             desc.removeChild(child)
         for attr in list(desc.attributes.values()):
             if attr.namespaceURI == NS_CAPWATCH:
@@ -362,8 +338,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     if keywords is not None:
         # Before the provenance is appended: a new dc:subject then sits where it will be found next time, so
         # merging our own output again yields the same XML.
-        ours, rejected = _merge_subject(doc, descriptions, target, rdf_prefix, kw.clean_keywords(keywords),
-                                        other_human, recorded_ours, recorded_rejected)
+        ours, rejected = xmp_keywords.merge_subject(doc, descriptions, target, rdf_prefix, clean_keywords(keywords),
+                                                    other_human, recorded_ours, recorded_rejected)
     values: list[tuple[str, str]] = []
     if provenance is not None:
         values = [("Source", "capwatch"), ("Model", provenance.model)]
@@ -373,14 +349,14 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     text = recorded_text if text is None else clean_text(text)
     # A person's caption (provenance None) drops the caption's provenance only: which keywords are capwatch's and
     # the text it read stay recorded, since they are not the caption's.
-    cw = _prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX) if values or ours or rejected or text else ""
+    cw = prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX) if values or ours or rejected or text else ""
     for local, value in values:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
         el.appendChild(doc.createTextNode(value))
         target.appendChild(el)
     for local, items in (("Keywords", ours), ("RejectedKeywords", rejected)):
         if items:
-            target.appendChild(_bag(doc, NS_CAPWATCH, f"{cw}:{local}", rdf_prefix, items))
+            target.appendChild(xmp_keywords.bag(doc, NS_CAPWATCH, f"{cw}:{local}", rdf_prefix, items))
     if text:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:Text")
         el.appendChild(doc.createTextNode(text))
@@ -395,39 +371,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     return str(again.toxml())
 
 
-def _children_ns(el: Element, ns: str) -> list[Element]:
-    return [c for c in el.childNodes if isinstance(c, Element) and c.namespaceURI == ns]
-
-
-def _name(node: Element | Attr) -> str:
-    """A node's name for a message, with the conventional prefix for RDF, XML and DC whatever the packet uses."""
-    known = {NS_RDF: "rdf", NS_XML: "xml", NS_DC: "dc"}.get(str(node.namespaceURI))
-    return f"{known}:{node.localName}" if known else str(node.nodeName)[:60]
-
-
-def _has_text(el: Element) -> bool:
-    return any(
-        c.nodeType in (Node.TEXT_NODE, Node.CDATA_SECTION_NODE) and str(c.data).strip() for c in el.childNodes
-    )
-
-
-def _text_of(el: Element) -> str:
-    return "".join(str(c.data) for c in el.childNodes if c.nodeType in (Node.TEXT_NODE, Node.CDATA_SECTION_NODE))
-
-
 def _unexpected(what: str) -> XmpError:
     return XmpError(f"dc:description has an unexpected form ({what}); not changed")
-
-
-def _check_attributes(el: Element, allowed: frozenset[tuple[str, str]], *, inner: bool) -> None:
-    # Namespace declarations are always fine; any other attribute (rdf:parseType, rdf:resource, a property
-    # attribute making the value a structure, ...) changes what the element means.
-    for attr in el.attributes.values():
-        if attr.namespaceURI != NS_XMLNS and (str(attr.namespaceURI), str(attr.localName)) not in allowed:
-            raise _unexpected(f"{_name(el)} with {_name(attr)}" if inner else _name(attr))
-
-
-_LANG = frozenset({(NS_XML, "lang")})
 
 
 def _check_description(descriptions: list[Element]) -> None:
@@ -443,7 +388,7 @@ def _check_description(descriptions: list[Element]) -> None:
     count = 0
     for desc in descriptions:
         count += desc.hasAttributeNS(NS_DC, "description")
-        props = _children(desc, NS_DC, "description")
+        props = children(desc, NS_DC, "description")
         count += len(props)
         for prop in props:
             _check_property(prop)
@@ -453,7 +398,7 @@ def _check_description(descriptions: list[Element]) -> None:
 
 def _check_property(prop: Element) -> None:
     """Returns None when one dc:description element is simple text or the standard rdf:Alt; raises XmpError."""
-    _check_attributes(prop, _LANG, inner=False)
+    check_attributes(prop, LANG, inner=False, error=_unexpected)
     elements = [c for c in prop.childNodes if isinstance(c, Element)]
     if not elements:
         return  # simple text
@@ -463,18 +408,18 @@ def _check_property(prop: Element) -> None:
     alt = elements[0]
     if len(elements) > 1 or alt.namespaceURI != NS_RDF or alt.localName != "Alt":
         odd = next(e for e in elements if e.namespaceURI != NS_RDF or e.localName != "Alt")
-        raise _unexpected(_name(odd))
-    if _has_text(prop):
+        raise _unexpected(node_name(odd))
+    if has_text(prop):
         raise _unexpected("text beside rdf:Alt")
-    _check_attributes(alt, frozenset(), inner=True)
-    if _has_text(alt):
+    check_attributes(alt, frozenset(), inner=True, error=_unexpected)
+    if has_text(alt):
         raise _unexpected("text inside rdf:Alt")
     for item in alt.childNodes:
         if not isinstance(item, Element):
             continue
         if item.namespaceURI != NS_RDF or item.localName != "li":
-            raise _unexpected(f"{_name(item)} inside rdf:Alt")
-        _check_attributes(item, _LANG, inner=True)
+            raise _unexpected(f"{node_name(item)} inside rdf:Alt")
+        check_attributes(item, LANG, inner=True, error=_unexpected)
         if any(isinstance(c, Element) for c in item.childNodes):
             raise _unexpected("rdf:li with element content")
 
@@ -483,8 +428,8 @@ def _simple_prop(desc: Element, ns: str, local: str) -> str | None:
     # The same reading as parse_xmp's _prop: the attribute form first, then a simple-text element, stripped.
     if desc.hasAttributeNS(ns, local):
         return str(desc.getAttributeNS(ns, local))
-    for el in _children(desc, ns, local):
-        return None if any(isinstance(c, Element) for c in el.childNodes) else _text_of(el).strip()
+    for el in children(desc, ns, local):
+        return None if any(isinstance(c, Element) for c in el.childNodes) else text_of(el).strip()
     return None
 
 
@@ -500,10 +445,10 @@ def _created_at(descriptions: list[Element], target: Element, caption: str, prov
             if value is not None and local not in recorded:
                 recorded[local] = value
     x_default = None
-    for prop in _children(target, NS_DC, "description")[:1]:
-        for alt in _children(prop, NS_RDF, "Alt")[:1]:
-            items = _children(alt, NS_RDF, "li")
-            x_default = next((_text_of(li) for li in items if li.getAttributeNS(NS_XML, "lang") == "x-default"), None)
+    for prop in children(target, NS_DC, "description")[:1]:
+        for alt in children(prop, NS_RDF, "Alt")[:1]:
+            items = children(alt, NS_RDF, "li")
+            x_default = next((text_of(li) for li in items if li.getAttributeNS(NS_XML, "lang") == "x-default"), None)
     same = (
         x_default == caption
         and recorded.get("Caption") == caption
@@ -521,14 +466,14 @@ def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: s
     """
     if target.hasAttributeNS(NS_DC, "description"):
         target.removeAttributeNS(NS_DC, "description")
-    existing = _children(target, NS_DC, "description")
+    existing = children(target, NS_DC, "description")
     if existing:
         prop = existing[0]
     else:
-        dc = _prefix_for(target, NS_DC, "dc")
+        dc = prefix_for(target, NS_DC, "dc")
         prop = doc.createElementNS(NS_DC, f"{dc}:description")
         target.appendChild(prop)
-    alts = _children(prop, NS_RDF, "Alt")
+    alts = children(prop, NS_RDF, "Alt")
     if not alts:
         # Simple text becomes a language alternative; an xml:lang on the property named the language of the text
         # being replaced, and would otherwise be inherited by the new x-default item.
@@ -540,151 +485,13 @@ def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: s
         prop.appendChild(alt)
     else:
         alt = alts[0]
-    items = _children(alt, NS_RDF, "li")
+    items = children(alt, NS_RDF, "li")
     default = next((li for li in items if li.getAttributeNS(NS_XML, "lang") == "x-default"), None)
     if default is None:
         default = doc.createElementNS(NS_RDF, f"{rdf_prefix}:li")
         default.setAttributeNS(NS_XML, "xml:lang", "x-default")
         alt.insertBefore(default, alt.firstChild)
-    _set_text(doc, default, caption)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Keywords and OCR text
-
-#: capwatch:Text is cut to this many UTF-8 bytes, so that OCR text alone never pushes a JPEG's XMP over one
-#: segment (a whiteboard photo can hold pages of text; the index keeps all of it).
-TEXT_LIMIT = 16_000
-
-
-def clean_text(text: str) -> str:
-    """OCR text as capwatch writes it: NFC; line breaks kept as ``\\n`` (other control characters and characters
-    XML 1.0 cannot carry become a space); trailing spaces on lines and blank lines at the ends removed; cut to
-    ``TEXT_LIMIT`` bytes at a character boundary."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = "".join(
-        ch if ch == "\n" or (unicodedata.category(ch) not in ("Cc", "Cs") and ch not in "\ufffe\uffff") else " "
-        for ch in text
-    )
-    text = "\n".join(line.rstrip() for line in text.split("\n")).strip()
-    data = text.encode("utf-8")
-    if len(data) > TEXT_LIMIT:
-        text = data[:TEXT_LIMIT].decode("utf-8", errors="ignore").rstrip()
-    return text
-
-
-def _dom_text(desc: Element, ns: str, local: str) -> str | None:
-    if desc.hasAttributeNS(ns, local):
-        return str(desc.getAttributeNS(ns, local))
-    for el in _children(desc, ns, local):
-        return None if any(isinstance(c, Element) for c in el.childNodes) else _text_of(el)
-    return None
-
-
-def _recorded_list(descriptions: list[Element], local: str) -> tuple[str, ...]:
-    """A capwatch bag (Keywords, RejectedKeywords) as recorded: the first top-level rdf:Description with it."""
-    for desc in descriptions:
-        for prop in _children(desc, NS_CAPWATCH, local):
-            for container in prop.childNodes:
-                if isinstance(container, Element) and container.namespaceURI == NS_RDF:
-                    items = (_text_of(li).strip() for li in _children(container, NS_RDF, "li"))
-                    return tuple(unicodedata.normalize("NFC", t) for t in items if t)
-    return ()
-
-
-def _bag(doc: Document, ns: str, qname: str, rdf_prefix: str, items: Sequence[str]) -> Element:
-    """A new property element ``qname`` (in ``ns``) holding an rdf:Bag of ``items``."""
-    prop = doc.createElementNS(ns, qname)
-    bag = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Bag")
-    for item in items:
-        li = doc.createElementNS(NS_RDF, f"{rdf_prefix}:li")
-        li.appendChild(doc.createTextNode(item))
-        bag.appendChild(li)
-    prop.appendChild(bag)
-    return prop
-
-
-def _subject_error(what: str) -> XmpError:
-    return XmpError(f"dc:subject has an unexpected form ({what}); not changed")
-
-
-def _subject_items(prop: Element) -> tuple[Element | None, list[tuple[Element | None, str]]]:
-    """(container, [(rdf:li or None for a simple value, text)]) of one dc:subject element.
-
-    Understood: an rdf:Bag or rdf:Seq of ``rdf:li`` holding text (xml:lang allowed), or simple text (some writers
-    put one keyword there). Raises XmpError for anything else (rdf:Alt, rdf:parseType, rdf:resource, items with
-    element content, text beside the container, more than one container).
-    """
-    _check_attributes(prop, _LANG, inner=False)
-    elements = [c for c in prop.childNodes if isinstance(c, Element)]
-    if not elements:
-        text = _text_of(prop).strip()
-        return None, [(None, text)] if text else []
-    container = elements[0]
-    if len(elements) > 1 or container.namespaceURI != NS_RDF or container.localName not in ("Bag", "Seq"):
-        raise _subject_error(_name(elements[-1]) if len(elements) > 1 else _name(container))
-    if _has_text(prop) or _has_text(container):
-        raise _subject_error("text beside the rdf:Bag")
-    _check_attributes(container, frozenset(), inner=True)
-    items: list[tuple[Element | None, str]] = []
-    for li in container.childNodes:
-        if not isinstance(li, Element):
-            continue
-        if li.namespaceURI != NS_RDF or li.localName != "li":
-            raise _subject_error(f"{_name(li)} inside the rdf:Bag")
-        _check_attributes(li, _LANG, inner=True)
-        if any(isinstance(c, Element) for c in li.childNodes):
-            raise _subject_error("rdf:li with element content")
-        items.append((li, _text_of(li)))
-    return container, items
-
-
-def _merge_subject(doc: Document, descriptions: list[Element], target: Element, rdf_prefix: str,
-                   wanted: Sequence[str], other_human: Sequence[str], recorded_ours: Sequence[str],
-                   recorded_rejected: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Merge ``wanted`` into dc:subject in place (a person's items untouched, ours replaced); returns the new
-    (capwatch:Keywords, capwatch:RejectedKeywords). Raises XmpError for a dc:subject it does not understand."""
-    holders = [d for d in descriptions if d.hasAttributeNS(NS_DC, "subject") or _children(d, NS_DC, "subject")]
-    props = [p for d in holders for p in _children(d, NS_DC, "subject")]
-    attrs = [d for d in holders if d.hasAttributeNS(NS_DC, "subject")]
-    if len(props) + len(attrs) > 1:
-        raise XmpError("dc:subject is given more than once; not changed")
-    container: Element | None = None
-    items: list[tuple[Element | None, str]] = []
-    holder = holders[0] if holders else target
-    prop = props[0] if props else None
-    if attrs:
-        value = str(holder.getAttributeNS(NS_DC, "subject")).strip()
-        items = [(None, value)] if value else []
-    elif prop is not None:
-        container, items = _subject_items(prop)
-    texts = [text for _, text in items]
-    result = kw.merge(texts, recorded_ours, recorded_rejected, wanted, other_human=other_human)
-    if container is None:
-        # Absent, the attribute form or simple text: becomes the standard rdf:Bag (the person's value its item).
-        if attrs:
-            holder.removeAttributeNS(NS_DC, "subject")
-        final = result.subjects(texts)
-        new = _bag(doc, NS_DC, f"{_prefix_for(holder, NS_DC, 'dc')}:subject", rdf_prefix, final) if final else None
-        if prop is not None and new is not None:
-            holder.replaceChild(new, prop)
-        elif prop is not None:
-            holder.removeChild(prop)
-        elif new is not None:
-            holder.appendChild(new)
-        return result.ours, result.rejected
-    keep = set(result.human)
-    for i, (li, _) in enumerate(items):
-        if i not in keep and li is not None:
-            container.removeChild(li)
-    prefix = container.prefix or rdf_prefix
-    for item in (*result.added_human, *result.ours):
-        li = doc.createElementNS(NS_RDF, f"{prefix}:li")
-        li.appendChild(doc.createTextNode(item))
-        container.appendChild(li)
-    if not _children(container, NS_RDF, "li") and len(items) > 0 and prop is not None:
-        holder.removeChild(prop)  # it held only our keywords, and ours are gone: no empty bag left behind
-    return result.ours, result.rejected
+    set_text(doc, default, caption)
 
 
 def wrap_packet(xml: str, padding: int = 0) -> bytes:
