@@ -235,7 +235,7 @@ def test_upgrade_from_version_2_adds_the_reconcile_index_and_the_file_state_and_
     with Index.open(db, readonly=True) as index:  # `capwatch search` right after upgrading capwatch
         assert _paths(index, "harbour") == ["/lib/a.jpg"]
     with Index.open(db) as index:
-        assert index.schema_version() == SCHEMA_VERSION == 4
+        assert index.schema_version() == SCHEMA_VERSION
         # ctime and sidecars are not known for old rows: reconcile fills them in without reading the files.
         assert index.stat_map("/lib") == {"/lib/a.jpg": IndexedState(10, 20, None, None)}
         assert _paths(index, "harbour") == ["/lib/a.jpg"]
@@ -258,7 +258,7 @@ def test_upgrade_from_version_3_keeps_rows_and_their_state(tmp_path: Path) -> No
     )
     conn.close()
     with Index.open(db) as index:
-        assert index.schema_version() == 4
+        assert index.schema_version() == SCHEMA_VERSION
         record = index.get("/lib/b.jpg")
         assert record is not None and (record.caption, record.fingerprint, record.ctime_ns) == ("a red bike", "f00d",
                                                                                                 None)

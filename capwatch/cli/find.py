@@ -19,6 +19,9 @@ from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, 
 
 # -- search -----------------------------------------------------------------------------------------------------
 
+#: Fields whose snippet the text output adds under the caption (a caption hit is the caption line itself).
+_SHOWN_FIELDS = {"keywords": "keywords", "text": "text", "path": "path"}
+
 
 class _SearchCommand(click.Command):
     """Lets ``-word`` (exclude) through as a search word instead of an unknown option.
@@ -53,8 +56,9 @@ class _SearchCommand(click.Command):
 @cli.command(cls=_SearchCommand)
 @_global_options
 @click.argument("words", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: path, caption, score, source, "
-              "model, taken_at.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line: path, caption, score, source, model, taken_at, field (where it "
+              "matched: caption, keywords, text, path) and snippet (hits in [brackets]).")
 @click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line.")
 @click.option("-0", "--null", "null_sep", is_flag=True, help="With --paths: separate paths by NUL (for xargs -0).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most N results.")
@@ -64,14 +68,20 @@ class _SearchCommand(click.Command):
 @click.option("--until", metavar="DATE", help="Taken on or before DATE (the whole day/month/year named).")
 @click.option("--source", type=click.Choice(["human", "model", "embedded"]),
               help="Only captions written by people, by the model, or found in the file as camera boilerplate.")
+@click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
+              help="Best match first, or newest (date taken) first.")
 @click.pass_context
 def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only: bool, null_sep: bool, limit: int,
-           in_dir: Path | None, since: str | None, until: str | None, source: str | None) -> None:
-    """Find images whose caption (or path) matches WORDS.
+           in_dir: Path | None, since: str | None, until: str | None, source: str | None, sort: str) -> None:
+    """Find images whose caption, keywords, text in the image or path match WORDS.
 
     \b
-    Words are ANDed.  "a phrase" matches words in order.  -word excludes.
+    Words are ANDed and match any word form (puppies finds puppy).
+    "a phrase" matches exactly these words in order.  -word excludes.
     OR between two words means either.  bik* matches words starting with bik.
+    kw:WORD keywords, caption:WORD caption, text:WORD text in the image
+    (3+ characters match inside words: text:B12 finds AB1234), path:WORD path.
+    CJK matches inside text: 桜 finds 日本の桜.
     Dates use the date taken (EXIF), or the file's time when the camera gave none.
 
     \b
@@ -79,6 +89,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search red bike leaning on a wall
       capwatch search '"golden retriever"' beach -snow
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
+      capwatch search kw:dog text:"exit 12" --sort date
       capwatch search --paths -0 sunset | xargs -0 ls -l
     """
     from capwatch.errors import QueryError
@@ -92,19 +103,24 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     query = parse_query(list(words))
     filters = make_filters(in_dir=str(in_dir) if in_dir else None, since=since, until=until, source=source)
     styled = sys.stdout.isatty() and not as_json and not paths_only
-    marks = ("\x1b[1m", "\x1b[22m") if styled else ("", "")
+    # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
+    marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
     with _open_index(config, readonly=True) as index:
-        hits = index.search(query, filters, limit=limit, highlight=marks)
+        hits = index.search(query, filters, limit=limit, highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
-                                  "source": hit.source, "model": hit.model, "taken_at": hit.taken_at},
+                                  "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
+                                  "field": hit.field, "snippet": hit.snippet},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
             out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+            if hit.field in _SHOWN_FIELDS:
+                # Matched outside the caption: say where, with the hit marked.
+                out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
     if not hits and in_dir is not None and not os.path.isdir(in_dir):
         # Rows below a folder that is gone (an unmounted root) are still searched; a typo finds nothing.
         raise QueryError(f"--in {in_dir}: that folder does not exist (and nothing indexed below it matches)")

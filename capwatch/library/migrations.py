@@ -106,11 +106,82 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns, ctime_ns, sidecars)")
 
 
+#: The full-text columns from schema 5 on, in this order (bm25 weights in FTS_WEIGHTS follow it). The ``cjk_*``
+#: columns hold a copy of the text only for rows that contain CJK (see capwatch.library.search.cjk_spaced).
+FTS_COLUMNS_5 = ("caption", "model_caption", "keywords", "ocr_text", "path", "cjk_caption", "cjk_keywords", "cjk_ocr")
+#: Caption highest, keywords next, the model's caption (beside a person's) and text found in the image below the
+#: caption, the path lowest. CJK copies weigh as their originals.
+FTS_WEIGHTS_5 = (10.0, 5.0, 8.0, 4.0, 1.0, 10.0, 8.0, 4.0)
+
+
+def _fts_triggers(table: str, columns: tuple[str, ...]) -> list[str]:
+    cols = ", ".join(columns)
+    new = ", ".join(f"new.{c}" for c in columns)
+    old = ", ".join(f"old.{c}" for c in columns)
+    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in columns)
+    return [
+        f"CREATE TRIGGER {table}_insert AFTER INSERT ON images BEGIN "
+        f"INSERT INTO {table}(rowid, {cols}) VALUES (new.id, {new}); END",
+        f"CREATE TRIGGER {table}_delete AFTER DELETE ON images BEGIN "
+        f"INSERT INTO {table}({table}, rowid, {cols}) VALUES ('delete', old.id, {old}); END",
+        f"CREATE TRIGGER {table}_update AFTER UPDATE OF {cols} ON images WHEN {changed} BEGIN "
+        f"INSERT INTO {table}({table}, rowid, {cols}) VALUES ('delete', old.id, {old}); "
+        f"INSERT INTO {table}(rowid, {cols}) VALUES (new.id, {new}); END",
+    ]
+
+
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # Keywords (newline-joined, in file order; model_keywords = the subset capwatch wrote) and text found in the
+    # image. Old rows get NULLs: adding nullable columns rewrites nothing.
+    for column in ("keywords", "model_keywords", "ocr_text", "cjk_caption", "cjk_keywords", "cjk_ocr"):
+        db.execute(f"ALTER TABLE images ADD COLUMN {column} TEXT")
+    # Existing captions may hold CJK: give them their per-character copies, so `桜` finds "日本の桜" at once.
+    # The function is registered for this statement only (triggers never call it: any SQLite client may write).
+    from capwatch.library.search import cjk_spaced
+
+    db.conn.create_function("capwatch_cjk", 1, cjk_spaced, deterministic=True)
+    db.execute(
+        "UPDATE images SET cjk_caption = capwatch_cjk(coalesce(caption, '') || char(10) || "
+        "coalesce(model_caption, '')) WHERE capwatch_cjk(coalesce(caption, '') || char(10) || "
+        "coalesce(model_caption, '')) IS NOT NULL"
+    )
+    # Porter over unicode61: `puppies` finds "puppy", `running` finds "runs" (quoted phrases are checked
+    # unstemmed by the search). Rebuilt from the table in this same transaction: an interrupted migration
+    # rolls back whole and runs again on the next open.
+    for trigger in ("images_fts_insert", "images_fts_delete", "images_fts_update"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db.execute("DROP TABLE images_fts")
+    db.execute(
+        f"""
+        CREATE VIRTUAL TABLE images_fts USING fts5(
+            {", ".join(FTS_COLUMNS_5)}, content='images', content_rowid='id',
+            tokenize='porter unicode61 remove_diacritics 2'
+        )
+        """
+    )
+    weights = ", ".join(f"{w:.1f}" for w in FTS_WEIGHTS_5)
+    db.execute(f"INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25({weights})')")
+    for sql in _fts_triggers("images_fts", FTS_COLUMNS_5):
+        db.execute(sql)
+    db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+    # Substrings of text found in images (plates, race numbers, "B12" in "EXIT B12"): a trigram index over the
+    # OCR column only. Captions and keywords are words, searched by word; a trigram index over 1 M captions
+    # would roughly triple the index for a query nobody types.
+    db.execute(
+        "CREATE VIRTUAL TABLE images_ocr_tri USING fts5(ocr_text, content='images', content_rowid='id', "
+        "tokenize='trigram')"
+    )
+    for sql in _fts_triggers("images_ocr_tri", ("ocr_text",)):
+        db.execute(sql)
+    db.execute("INSERT INTO images_ocr_tri(images_ocr_tri) VALUES ('rebuild')")
+
+
 #: (version, name, apply). Append only; never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "images table", _migration_1),
     (2, "full-text index over caption and path", _migration_2),
     (3, "covering index for stat-only reconcile", _migration_3),
     (4, "ctime and sidecar state", _migration_4),
+    (5, "keywords, text in images; porter, CJK and substring search", _migration_5),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
