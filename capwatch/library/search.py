@@ -29,6 +29,7 @@ Every term is emitted as an FTS5 string (``"..."``), so characters FTS5 treats a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -183,6 +184,11 @@ class ParsedQuery:
 
     def compile(self) -> CompiledQuery:
         """Route each term to the index that answers it; see :class:`CompiledQuery`."""
+        return self._compiled
+
+    @functools.cached_property
+    def _compiled(self) -> CompiledQuery:
+        # Computed once: the window query, the ranked query and the snippets each need it.
         word_groups = tuple(g for g in self.groups if not any(t.substring for t in g))
         mixed = tuple(g for g in self.groups if any(t.substring for t in g))
         word_excluded = tuple(t for t in self.excluded if not t.substring)
