@@ -181,8 +181,10 @@ def build_v4(path: Path, images: int, seed: int) -> None:
     Index(conn, path, 30.0).migrate(target=4)
     cols = ["path", "size", "mtime_ns", "fingerprint", "width", "height", "taken_at", "caption", "source", "model",
             "status"]
+    # A path generated twice replaces the first, as Index.upsert_many does in build().
     sql = (f"INSERT INTO images ({', '.join(cols)}, sort_date, updated_at) "
-           f"VALUES ({', '.join('?' * len(cols))}, ?, '2026-01-01T00:00:00Z')")
+           f"VALUES ({', '.join('?' * len(cols))}, ?, '2026-01-01T00:00:00Z') ON CONFLICT(path) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in [*cols[1:], "sort_date"]))
     conn.execute("PRAGMA journal_mode = WAL")
     batch: list[list[object]] = []
     for row in rows:

@@ -5,7 +5,11 @@ the real CLI."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -314,3 +318,57 @@ def test_cli_sort_date_and_score(run_cli: CliRunner, db: Path) -> None:
 def test_cli_bad_field_queries_exit_2_with_one_line(run_cli: CliRunner, db: Path, args: list[str]) -> None:
     line = assert_one_line_error(run_cli("--db", db, "search", *args))
     assert "fts5" not in line.lower() and "sqlite" not in line.lower()
+
+
+def test_a_folder_filter_does_not_hide_where_the_query_matched(index: Index) -> None:
+    for query, field in (("桜", "caption"), ("kw:京都", "keywords"), ("path:sakura", "path")):
+        (hit,) = index.search(parse_query(query), SearchFilters(in_dir="/lib/2020"))
+        assert hit.field == field
+
+
+ROWS = 20_000
+
+
+def test_migration_5_killed_midway_leaves_schema_4_whole_and_runs_again(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    Index(conn, db, 1.0).migrate(target=4)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO images (path, size, mtime_ns, sort_date, caption, status, updated_at) "
+        "VALUES (?, 1, 1, '2020-01-01T00:00:00', ?, 'captioned', 'x')",
+        ((f"/lib/{i:06d}.jpg", f"photo {i} of a harbour with boats number {i * 7} 日本の桜") for i in range(ROWS)),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    wal = Path(f"{db}-wal")
+    start = wal.stat().st_size if wal.exists() else 0
+    script = f"from capwatch.library.index import Index; Index.open({str(db)!r})"
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        # Kill it while migration 5 is writing (its transaction spills pages into the WAL).
+        while child.poll() is None and time.monotonic() < deadline:
+            if wal.exists() and wal.stat().st_size > start + 1_000_000:
+                child.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        child.wait()
+    check = sqlite3.connect(db)
+    version = check.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0]
+    columns = {r[1] for r in check.execute("PRAGMA table_info(images)")}
+    fts = check.execute("SELECT sql FROM sqlite_master WHERE name = 'images_fts'").fetchone()[0]
+    assert check.execute("SELECT count(*) FROM images").fetchone()[0] == ROWS
+    check.close()
+    # All or nothing: schema 4 as it was (the kill came in time, as it does on this machine) or all of 5.
+    assert (version, "keywords" in columns, "porter" in fts) in ((4, False, False), (5, True, True))
+    with Index.open(db) as index:
+        assert index.schema_version() == SCHEMA_VERSION
+        assert len(_paths(index, "boat", limit=3)) == 3
+        assert _paths(index, '"number 7"') == ["/lib/000001.jpg"]
+        assert len(_paths(index, "桜", limit=3)) == 3
+    check = sqlite3.connect(db)
+    assert check.execute("SELECT count(*) FROM images WHERE cjk_caption = '日 本 の 桜'").fetchone()[0] == ROWS
+    check.close()

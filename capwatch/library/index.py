@@ -600,7 +600,7 @@ SortOrder = Literal["score", "date"]
 #: Marks put around hits inside SQL (never in text people write: control characters), swapped for the caller's.
 _OPEN, _CLOSE = "\x02", "\x03"
 #: Where to point first when several fields matched: the order of their weights.
-_SNIPPET_ORDER = ((10, "caption"), (12, "keywords"), (11, "caption"), (13, "text"), (14, "path"))
+_SNIPPET_ORDER = ((10, "caption"), (12, "keywords"), (11, "caption"), (13, "text"))
 
 
 def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit:
@@ -618,10 +618,14 @@ def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit
             field, snippet = name, text
             break
     if field is None:
-        # CJK and substring hits come from other columns (per-character copies, trigrams): mark them here.
+        # CJK and substring hits come from other columns (per-character copies, trigrams): mark them here. The
+        # path comes last: with --in, the folder's name is part of the match and marks every path.
         originals = (("caption", caption), ("keywords", keywords), ("caption", model_caption),
-                     ("text", ocr_text), ("path", path))
+                     ("text", ocr_text), ("path", row[14]), ("path", path))
         for name, text in originals:
+            if text and _OPEN in text:
+                field, snippet = name, text
+                break
             marked = _mark_substrings(text, terms, name)
             if marked is not None:
                 field, snippet = name, marked
