@@ -2,18 +2,20 @@
 
     python bench/search.py                 # 1,000,000 images (builds bench/_work/search-1000000.db once)
     python bench/search.py --images 100000 --queries 300 --rebuild
+    python bench/search.py --migration     # also: build the same images as schema 4, time migration 5 on it
 
 The index is built through capwatch's own Index.upsert_many (so the FTS triggers do the work they do in real
 use) from synthetic captions: a Zipfian (s=1.1) vocabulary of ~6,000 words (the first ~400 real caption words,
 the rest pronounceable made-up words), 6–18 words per caption, and a camera-style path layout
-(/photos/YYYY/YYYY-MM-DD event/IMG_NNNN.JPG); 40 % of the images get 3-6 keywords and 5 % some text found in the
-image (a sign, a number, a plate). Queries are 1–3 content words drawn from the same distribution.
+(/photos/YYYY/YYYY-MM-DD event/IMG_NNNN.JPG). Queries are 1–3 content words drawn from the same distribution.
+Half the images carry 1–8 keywords (same vocabulary), one in ten some text found in it (sign words, exit and
+gate numbers, number plates), one in a hundred a Japanese caption. Besides the word queries (the anchor: p99 <= 50 ms),
+it times kw:WORD, text:SUBSTRING (trigram index, 3–5 characters of a plate or number) and CJK (1–2 characters)
+queries; --migration reports the time of migration 5 on the schema-4 index and the size before and after.
 For every query both sides run the identical SQL statements (capwatch.library.index.build_window_sql, then
 build_search_sql); capwatch adds query parsing, the Python call path and result objects. With --full, a third
 column times plain bm25 over every match (no rank window) for reference.
 Prints p50/p99 per side and the ratio, build time, bytes/image.
-
-    python bench/search.py --migrate OLD.db   # time the upgrade of a copy of an older index, sizes before/after
 """
 
 from __future__ import annotations
@@ -25,12 +27,21 @@ import sqlite3
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from capwatch.library.index import RANK_WINDOW, ImageRecord, Index, build_search_sql, build_window_sql  # noqa: E402
+from capwatch.library.index import (  # noqa: E402
+    RANK_WINDOW,
+    ImageRecord,
+    Index,
+    build_search_sql,
+    build_window_sql,
+    register_functions,
+)
+from capwatch.library.migrations import SCHEMA_VERSION  # noqa: E402
 from capwatch.library.search import SearchFilters, parse_query  # noqa: E402
 
 CORE = """a the of on in with and at an to is are two man woman people person group dog cat bird horse car bike
@@ -73,19 +84,31 @@ def _zipf_weights(n: int, s: float = 1.1) -> list[float]:
     return [1.0 / (rank ** s) for rank in range(1, n + 1)]
 
 
-def build(path: Path, images: int, seed: int) -> tuple[float, list[str], list[float]]:
+#: Words and numbers on signs, for the OCR text of one image in ten.
+SIGNS = ["EXIT", "GATE", "PLATFORM", "OPEN", "SALE", "CAFE", "STOP", "PARKING", "HOTEL", "PHARMACY", "BAKERY",
+         "NO ENTRY", "ONE WAY", "TICKETS", "ARRIVALS", "DEPARTURES", "MARKET", "BUS", "TAXI", "POLICE"]
+#: Japanese caption words for one image in a hundred.
+CJK_WORDS = ["日本", "の", "桜", "京都", "寺", "東京", "駅", "夜景", "富士山", "海", "猫", "犬", "公園", "祭り", "雪",
+             "神社", "川", "橋", "花火", "紅葉", "電車", "ラーメン", "お寺", "城", "山", "湖"]
+
+
+def _plate(rng: random.Random) -> str:
+    letters = "ABCDEFGHJKLMNPRSTUVWXYZ"
+    return (rng.choice(letters) + rng.choice(letters) + f"{rng.randint(0, 9999):04d}"
+            + rng.choice(letters) + rng.choice(letters))
+
+
+def generate(images: int, seed: int) -> tuple[list[str], list[float], Iterator[dict[str, object]]]:
+    """The vocabulary, its weights, and the images as column values (the same for every schema)."""
     rng = random.Random(seed)
     vocab = _vocabulary(6000, rng)
     weights = _zipf_weights(len(vocab))
     cum = list(_accumulate(weights))
-    if path.exists():
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-    started = time.perf_counter()
-    with Index.open(path) as index:
-        batch: list[ImageRecord] = []
+
+    def rows() -> Iterator[dict[str, object]]:
         day = 0
         counter = 0
+        extra = random.Random(seed + 2)  # keywords/OCR/CJK drawn apart: captions and paths stay as before
         for i in range(images):
             if i % 180 == 0:  # a new "event" folder every ~180 photos
                 day += rng.randint(1, 5)
@@ -97,30 +120,123 @@ def build(path: Path, images: int, seed: int) -> tuple[float, list[str], list[fl
             p = f"/photos/{year}/{year}-{month:02d}-{dom:02d} {event}/IMG_{counter:04d}.JPG"
             words = rng.choices(vocab, cum_weights=cum, k=rng.randint(6, 18))
             caption = " ".join(words).capitalize()
-            keywords = tuple(dict.fromkeys(rng.choices(vocab[20:400], k=rng.randint(3, 6)))) \
-                if rng.random() < 0.4 else ()
-            text = None
-            if rng.random() < 0.05:
-                text = f"{rng.choice(vocab[:400]).upper()} {rng.randint(1, 99)}\n" \
-                       f"{rng.choice('ABCDEFGH')}{rng.choice('KLMNPRST')}{rng.randint(100, 999)}"
-            batch.append(ImageRecord(
-                path=p, size=3_000_000 + i % 1000, mtime_ns=1_600_000_000_000_000_000 + i,
-                fingerprint=f"{i:032x}", width=4000, height=3000,
-                taken_at=f"{year}-{month:02d}-{dom:02d}T12:00:00", caption=caption, source="model",
-                model="bench", status="captioned", keywords=keywords, model_keywords=keywords, ocr_text=text,
-            ))
+            if extra.random() < 0.01:
+                caption = "".join(extra.choices(CJK_WORDS, k=extra.randint(2, 6)))
+            keywords = (tuple(dict.fromkeys(extra.choices(vocab[20:], cum_weights=cum[20:], k=extra.randint(1, 8))))
+                        if extra.random() < 0.5 else ())
+            ocr = None
+            if extra.random() < 0.1:
+                parts = [extra.choice(SIGNS), str(extra.randint(1, 99))]
+                if extra.random() < 0.3:
+                    parts.append(_plate(extra))
+                ocr = " ".join(parts)
+            yield {
+                "path": p, "size": 3_000_000 + i % 1000, "mtime_ns": 1_600_000_000_000_000_000 + i,
+                "fingerprint": f"{i:032x}", "width": 4000, "height": 3000,
+                "taken_at": f"{year}-{month:02d}-{dom:02d}T12:00:00", "caption": caption, "source": "model",
+                "model": "bench", "status": "captioned", "keywords": keywords, "ocr_text": ocr,
+            }
+
+    return vocab, weights, rows()
+
+
+def _finish(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("INSERT INTO images_fts(images_fts) VALUES ('optimize')")
+    conn.commit()
+    conn.close()
+
+
+def _fresh(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def build(path: Path, images: int, seed: int) -> tuple[float, list[str], list[float]]:
+    """The index at the current schema, through Index.upsert_many (the FTS triggers do the work they do in use)."""
+    vocab, weights, rows = generate(images, seed)
+    _fresh(path)
+    started = time.perf_counter()
+    with Index.open(path) as index:
+        batch: list[ImageRecord] = []
+        for row in rows:
+            batch.append(ImageRecord(**row))  # type: ignore[arg-type]
             if len(batch) == 20000:
                 index.upsert_many(batch)
                 batch.clear()
         if batch:
             index.upsert_many(batch)
     elapsed = time.perf_counter() - started
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.execute("INSERT INTO images_fts(images_fts) VALUES ('optimize')")
-    conn.commit()
-    conn.close()
+    _finish(path)
     return elapsed, vocab, weights
+
+
+def build_v4(path: Path, images: int, seed: int) -> None:
+    """The same images in a schema-4 index (the release before keywords and OCR text: captions and paths only),
+    written with the SQL that release ran, so migration 5 can be timed on it."""
+    _, _, rows = generate(images, seed)
+    _fresh(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    Index(conn, path, 30.0).migrate(target=4)
+    cols = ["path", "size", "mtime_ns", "fingerprint", "width", "height", "taken_at", "caption", "source", "model",
+            "status"]
+    # A path generated twice replaces the first, as Index.upsert_many does in build().
+    sql = (f"INSERT INTO images ({', '.join(cols)}, sort_date, updated_at) "
+           f"VALUES ({', '.join('?' * len(cols))}, ?, '2026-01-01T00:00:00Z') ON CONFLICT(path) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in [*cols[1:], "sort_date"]))
+    conn.execute("PRAGMA journal_mode = WAL")
+    batch: list[list[object]] = []
+    for row in rows:
+        batch.append([*(row[c] for c in cols), row["taken_at"]])
+        if len(batch) == 20000:
+            conn.execute("BEGIN")
+            conn.executemany(sql, batch)
+            conn.execute("COMMIT")
+            batch.clear()
+    if batch:
+        conn.execute("BEGIN")
+        conn.executemany(sql, batch)
+        conn.execute("COMMIT")
+    conn.close()
+    _finish(path)
+
+
+def _schema(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0] or 0)
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
+def _size(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+def migration(work: Path, images: int, seed: int) -> None:
+    """Build a schema-4 index, time its upgrade to the current schema (one Index.open), print both sizes."""
+    v4 = work / f"search-v4-{images}.db"
+    print(f"building {images:,} images as schema 4 into {v4} ...", flush=True)
+    build_v4(v4, images, seed)
+    before = _size(v4)
+    started = time.perf_counter()
+    with Index.open(v4) as index:
+        version = index.schema_version()
+    elapsed = time.perf_counter() - started
+    conn = sqlite3.connect(v4)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    after_raw = _size(v4)
+    conn.execute("VACUUM")
+    conn.close()
+    after = _size(v4)
+    print(f"migration 4 -> {version}  {elapsed:.1f} s for {images:,} rows ({images / elapsed:,.0f} rows/s), "
+          "one transaction")
+    print(f"size schema 4     {before / 1e6:,.1f} MB ({before / images:,.0f} bytes/image)")
+    print(f"size schema {version}     {after_raw / 1e6:,.1f} MB right after, {after / 1e6:,.1f} MB after VACUUM "
+          f"({after / images:,.0f} bytes/image; same captions and paths, no keywords or OCR text yet)")
 
 
 def _accumulate(values: list[float]) -> list[float]:
@@ -140,39 +256,63 @@ def make_queries(vocab: list[str], weights: list[float], count: int, seed: int) 
     return [" ".join(rng.choices(content, cum_weights=cum, k=rng.randint(1, 3))) for _ in range(count)]
 
 
+def make_field_queries(vocab: list[str], weights: list[float], count: int, seed: int) -> dict[str, list[str]]:
+    """kw:WORD, text:SUBSTRING (of a plate or a sign number) and CJK queries, ``count`` of each."""
+    rng = random.Random(seed + 3)
+    cum = _accumulate(weights[20:])
+    kw = [f"kw:{w}" for w in rng.choices(vocab[20:], cum_weights=cum, k=count)]
+    text = []
+    for _ in range(count):
+        source = _plate(rng) if rng.random() < 0.6 else f"{rng.choice(SIGNS)} {rng.randint(1, 99)}"
+        length = rng.randint(3, 5)
+        start = rng.randint(0, max(0, len(source) - length))
+        piece = source[start:start + length]
+        text.append(f'text:"{piece}"' if " " in piece else f"text:{piece}")
+    cjk_chars = sorted({ch for word in CJK_WORDS for ch in word})
+    cjk = ["".join(rng.choices(cjk_chars, k=rng.randint(1, 2))) if rng.random() < 0.5 else rng.choice(CJK_WORDS)
+           for _ in range(count)]
+    return {"kw:WORD": kw, "text:SUBSTR": text, "CJK": cjk}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _size(db: Path) -> int:
-    return sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
-
-
-def migrate(old: Path, work: Path) -> None:
-    """Copy ``old`` (an index of an earlier schema) and time capwatch's upgrade of the copy."""
-    import shutil
-
-    work.mkdir(parents=True, exist_ok=True)
-    copy = work / f"migrate-{old.name}"
-    shutil.copyfile(old, copy)
-    conn = sqlite3.connect(copy)
-    version = conn.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0]
-    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-    conn.close()
-    before = _size(copy)
-    started = time.perf_counter()
-    with Index.open(copy) as index:
-        after_version = index.schema_version()
-    elapsed = time.perf_counter() - started
-    conn = sqlite3.connect(copy)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.execute("VACUUM")
-    conn.close()
-    after = _size(copy)
-    print(f"{rows:,} rows: schema {version} -> {after_version} in {elapsed:.1f} s; "
-          f"{before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB (vacuumed; {after / before:.2f}x)")
-    copy.unlink()
+def measure(index: Index, raw: sqlite3.Connection, queries: list[str], limit: int,
+            full_too: bool) -> tuple[list[float], list[float], list[float], int]:
+    """Seconds per query for capwatch's search, the same statements in raw sqlite3, and (``full_too``) raw bm25
+    over every match; plus the number of hits capwatch returned."""
+    filters = SearchFilters()
+    ours: list[float] = []
+    theirs: list[float] = []
+    full: list[float] = []
+    hits = 0
+    for i, q in enumerate(queries):
+        parsed = parse_query(q)
+        cut = build_window_sql(parsed, filters, window=RANK_WINDOW)
+        order = (0, 1, 2) if i % 2 == 0 else (2, 1, 0)  # alternate who goes first: no cache advantage
+        for side in order:
+            if side == 0:
+                t0 = time.perf_counter()
+                result = index.search(parse_query(q), filters, limit=limit)
+                ours.append(time.perf_counter() - t0)
+                hits += len(result)
+            elif side == 1:
+                # Exactly the statements capwatch runs: the window bound, then the ranked query.
+                t0 = time.perf_counter()
+                row = raw.execute(*cut).fetchone() if cut else None
+                sql, params = build_search_sql(parsed, filters, limit=limit,
+                                               min_rowid=None if row is None else row[0])
+                raw.execute(sql, params).fetchall()
+                theirs.append(time.perf_counter() - t0)
+            elif full_too:
+                # Reference: bm25 over every match (what a plain FTS5 ORDER BY rank LIMIT does).
+                t0 = time.perf_counter()
+                sql, params = build_search_sql(parsed, filters, limit=limit)
+                raw.execute(sql, params).fetchall()
+                full.append(time.perf_counter() - t0)
+    return ours, theirs, full, hits
 
 
 def main() -> None:
@@ -184,17 +324,16 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--full", action="store_true", help="also time raw bm25 over every match (no window)")
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
-    parser.add_argument("--migrate", type=Path, metavar="OLD_DB",
-                        help="time upgrading a copy of this older index to the current schema, then exit")
+    parser.add_argument("--migration", action="store_true",
+                        help="also build the images as schema 4 and time migration 5 on them")
     args = parser.parse_args()
-    if args.migrate is not None:
-        migrate(args.migrate, args.work)
-        return
 
     args.work.mkdir(parents=True, exist_ok=True)
     db = args.work / f"search-{args.images}.db"
     rng = random.Random(args.seed)
-    if args.rebuild or not db.exists():
+    if args.migration:
+        migration(args.work, args.images, args.seed)
+    if args.rebuild or not db.exists() or _schema(db) != SCHEMA_VERSION:
         print(f"building {args.images:,} images into {db} ...", flush=True)
         build_s, vocab, weights = build(db, args.images, args.seed)
         build_note = f"{build_s:.1f} s ({args.images / build_s:,.0f} images/s, through Index.upsert_many)"
@@ -209,38 +348,14 @@ def main() -> None:
     # The raw side gets the same connection settings capwatch uses for searching (read-only, mmap).
     raw = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     raw.execute("PRAGMA mmap_size = 1073741824")
+    register_functions(raw)
     filters = SearchFilters()
     # Warm the page cache for both sides the same way.
     for q in queries[:50]:
         index.search(parse_query(q), filters, limit=args.limit)
-    ours: list[float] = []
-    theirs: list[float] = []
-    full: list[float] = []
-    hits = 0
-    for i, q in enumerate(queries):
-        parsed = parse_query(q)
-        cut = build_window_sql(parsed, filters, window=RANK_WINDOW)
-        order = (0, 1, 2) if i % 2 == 0 else (2, 1, 0)  # alternate who goes first: no cache advantage
-        for side in order:
-            if side == 0:
-                t0 = time.perf_counter()
-                result = index.search(parse_query(q), filters, limit=args.limit)
-                ours.append(time.perf_counter() - t0)
-                hits += len(result)
-            elif side == 1:
-                # Exactly the statements capwatch runs: the window bound, then the ranked query.
-                t0 = time.perf_counter()
-                row = raw.execute(*cut).fetchone() if cut else None
-                sql, params = build_search_sql(parsed, filters, limit=args.limit,
-                                               min_rowid=None if row is None else row[0])
-                raw.execute(sql, params).fetchall()
-                theirs.append(time.perf_counter() - t0)
-            elif args.full:
-                # Reference: bm25 over every match (what a plain FTS5 ORDER BY rank LIMIT does).
-                t0 = time.perf_counter()
-                sql, params = build_search_sql(parsed, filters, limit=args.limit)
-                raw.execute(sql, params).fetchall()
-                full.append(time.perf_counter() - t0)
+    ours, theirs, full, hits = measure(index, raw, queries, args.limit, args.full)
+    others = {kind: measure(index, raw, qs, args.limit, False)
+              for kind, qs in make_field_queries(vocab, weights, max(50, args.queries // 3), args.seed).items()}
     index.close()
     raw.close()
 
@@ -262,6 +377,11 @@ def main() -> None:
           f"  mean {statistics.mean(ours) / statistics.mean(theirs):.3f}")
     print(f"targets           p99 <= 50 ms: {'met' if pct(ours, .99) <= 0.05 else 'NOT met'}; "
           f"capwatch <= 1.2x raw (p50): {'met' if pct(ours, .5) <= 1.2 * pct(theirs, .5) else 'NOT met'}")
+    print()
+    print(f"{'field queries':18}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'raw p50':>10}{'raw p99':>10}{'hits':>8}")
+    for kind, (mine, raws, _, found) in others.items():
+        print(f"{kind:18}{pct(mine, .5) * ms:10.2f}{pct(mine, .99) * ms:10.2f}{max(mine) * ms:10.2f}"
+              f"{pct(raws, .5) * ms:10.2f}{pct(raws, .99) * ms:10.2f}{found / len(mine):8.1f}")
 
 
 if __name__ == "__main__":

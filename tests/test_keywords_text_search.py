@@ -136,7 +136,7 @@ def test_text_painted_on_a_real_photo_is_read_and_found(tmp_path: Path, run_cli:
     assert "BAKERY" in text
     assert mc.exiftool("-s3", "-XMP-dc:Description", photos / "sign.jpg").strip() != text.strip()
     plain = run_cli("--db", db, "search", "bakery")
-    assert "text in image: [BAKERY]" in plain.out
+    assert "    text: BAKERY GATE A123" in plain.out.splitlines()
 
 
 def test_search_forgives_word_forms_and_finds_cjk_inside_a_run(tmp_path: Path, run_cli: CliRunner) -> None:

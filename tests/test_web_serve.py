@@ -485,7 +485,7 @@ def test_keywords_and_text_in_the_image_show_on_the_photo_page_and_explain_a_hit
     assert "FARM SHOP\nOPEN &lt;8&gt;" in photo  # text as text, escaped
     grid = client.get("/", params={"q": "kw:tractors"}).text
     assert f'href="/photo/{lib.ids["red.jpg"]}"' in grid
-    assert '<span class="why">keywords: <mark>tractor</mark></span>' in grid
+    assert '<span class="why">keywords: Barn, <mark>tractor</mark></span>' in grid
     grid = client.get("/", params={"q": "text:shop"}).text
     assert '<span class="why">text in image: FARM <mark>SHOP</mark> OPEN &lt;8&gt;</span>' in grid
 

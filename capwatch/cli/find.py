@@ -19,6 +19,9 @@ from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, 
 
 # -- search -----------------------------------------------------------------------------------------------------
 
+#: Fields whose snippet the text output adds under the caption (a caption hit is the caption line itself).
+_SHOWN_FIELDS = {"keywords": "keywords", "text": "text", "path": "path"}
+
 
 class _SearchCommand(click.Command):
     """Lets ``-word`` (exclude) through as a search word instead of an unknown option.
@@ -50,21 +53,12 @@ class _SearchCommand(click.Command):
         return super().parse_args(ctx, [*options, "--", *words])
 
 
-#: Hit markers inside the library's results, replaced for the terminal or JSON (control characters, which
-#: captions never hold: capwatch drops them when it stores text).
-_MARKS = ("\x02", "\x03")
-_FIELD_LABELS = {"keywords": "keywords", "text": "text in image", "model_caption": "model caption"}
-
-
-def _marked(text: str, marks: tuple[str, str]) -> str:
-    return text.replace(_MARKS[0], marks[0]).replace(_MARKS[1], marks[1])
-
-
 @cli.command(cls=_SearchCommand)
 @_global_options
 @click.argument("words", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: path, caption, score, source, "
-              "model, taken_at, field (where it matched) and snippet (the hit in [brackets]).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line: path, caption, score, source, model, taken_at, field (where it "
+              "matched: caption, keywords, text, path) and snippet (hits in [brackets]).")
 @click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line.")
 @click.option("-0", "--null", "null_sep", is_flag=True, help="With --paths: separate paths by NUL (for xargs -0).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most N results.")
@@ -75,17 +69,19 @@ def _marked(text: str, marks: tuple[str, str]) -> str:
 @click.option("--source", type=click.Choice(["human", "model", "embedded"]),
               help="Only captions written by people, by the model, or found in the file as camera boilerplate.")
 @click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
-              help="Best match first, or newest date taken first.")
+              help="Best match first, or newest (date taken) first.")
 @click.pass_context
 def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only: bool, null_sep: bool, limit: int,
            in_dir: Path | None, since: str | None, until: str | None, source: str | None, sort: str) -> None:
     """Find images whose caption, keywords, text in the image or path match WORDS.
 
     \b
-    Words are ANDed.  "a phrase" matches words in order.  -word excludes.
+    Words are ANDed and match any word form (puppies finds puppy).
+    "a phrase" matches exactly these words in order.  -word excludes.
     OR between two words means either.  bik* matches words starting with bik.
-    Word forms are forgiven: puppies finds puppy.  桜 finds 日本の桜.
-    kw:WORD, text:WORD (found in the image), caption:WORD, path:WORD search one field.
+    kw:WORD keywords, caption:WORD caption, text:WORD text in the image
+    (3+ characters match inside words: text:B12 finds AB1234), path:WORD path.
+    CJK matches inside text: 桜 finds 日本の桜.
     Dates use the date taken (EXIF), or the file's time when the camera gave none.
 
     \b
@@ -93,7 +89,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search red bike leaning on a wall
       capwatch search '"golden retriever"' beach -snow
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
-      capwatch search kw:dog text:"exit 12"
+      capwatch search kw:dog text:"exit 12" --sort date
       capwatch search --paths -0 sunset | xargs -0 ls -l
     """
     from capwatch.errors import QueryError
@@ -107,25 +103,24 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     query = parse_query(list(words))
     filters = make_filters(in_dir=str(in_dir) if in_dir else None, since=since, until=until, source=source)
     styled = sys.stdout.isatty() and not as_json and not paths_only
+    # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
+    marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
     with _open_index(config, readonly=True) as index:
-        hits = index.search(query, filters, limit=limit, highlight=_MARKS, sort="date" if sort == "date" else "score")
-    bold = ("\x1b[1m", "\x1b[22m")
+        hits = index.search(query, filters, limit=limit, highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
-        snippet = _marked(hit.snippet, ("[", "]")) if hit.snippet else None
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
-                                  "field": hit.field, "snippet": snippet}, ensure_ascii=False) + "\n")
+                                  "field": hit.field, "snippet": hit.snippet},
+                                 ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
-            shown = _marked(hit.highlighted or hit.caption, bold if styled else ("", ""))
-            out.write(f"{hit.path}\n    {shown}\n")
-            if hit.field not in (None, "caption") and hit.snippet:
-                # Why it matched, when the caption does not show it: the keyword, the text in the image.
-                why = _marked(hit.snippet, bold if styled else ("[", "]"))
-                out.write(f"    {_FIELD_LABELS.get(hit.field or '', hit.field)}: {why}\n")
+            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+            if hit.field in _SHOWN_FIELDS:
+                # Matched outside the caption: say where, with the hit marked.
+                out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
     if not hits and in_dir is not None and not os.path.isdir(in_dir):
         # Rows below a folder that is gone (an unmounted root) are still searched; a typo finds nothing.
         raise QueryError(f"--in {in_dir}: that folder does not exist (and nothing indexed below it matches)")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
@@ -23,8 +24,7 @@ from typing import Any, Literal, NamedTuple
 from capwatch.errors import IndexUnavailable
 from capwatch.library.access import check_readable, keep_wal_files
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
-from capwatch.library.search import ParsedQuery, SearchFilters
-from capwatch.library.text_forms import cjk_runs, cjk_tokens
+from capwatch.library.search import CompiledQuery, ParsedQuery, SearchFilters, Term, cjk_spaced, contains_exact
 
 Source = Literal["model", "human", "embedded"]
 Status = Literal["pending", "captioned", "described", "error"]
@@ -62,13 +62,13 @@ class ImageRecord:
     ctime_ns: int | None = None
     #: Digest of the XMP sidecars' names and stats when the file was read ("" = none; None = not known yet).
     sidecars: str | None = None
-    #: Every keyword the file carries (a person's and capwatch's), in the file's order; plus, for a file whose
-    #: description is a person's and stays, the model's keywords kept in the index only. Stored one per line: a
-    #: line break inside a keyword becomes a space.
+    #: Every keyword the file carries, in file order (a person's and capwatch's). Stored newline-joined: when
+    #: stored, runs of whitespace inside a keyword (newlines included) become one space, ends are stripped and
+    #: empty keywords dropped (see :func:`clean_keywords`); commas and semicolons are kept as they are.
     keywords: tuple[str, ...] = ()
-    #: The subset of ``keywords`` that capwatch produced (its model's).
+    #: The subset of ``keywords`` capwatch wrote (a re-caption replaces only these). Same storage rule.
     model_keywords: tuple[str, ...] = ()
-    #: Text found in the image (OCR), lines joined by newlines; None when none was read.
+    #: Text found in the image (OCR), as the engine gave it; None when not looked for or none found.
     ocr_text: str | None = None
 
 
@@ -100,7 +100,13 @@ class IndexedState(NamedTuple):
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One search result; ``score`` is bm25 turned around so that higher is better."""
+    """One search result; ``score`` is bm25 turned around so that higher is better (0.0 when nothing ranks it:
+    a query of ``text:`` substrings ORed with words).
+
+    ``highlighted`` is the caption with the hits marked; ``field`` says where the query matched first
+    ("caption", "keywords", "text" or "path"; None when no positive term can be pointed at) and ``snippet`` shows
+    that field with the hit marked (keywords comma-separated, long text cut around the hit).
+    """
 
     path: str
     caption: str
@@ -109,10 +115,8 @@ class SearchHit:
     source: Source | None
     model: str | None
     taken_at: str | None
-    #: Where the query matched: caption, model_caption, keywords, text (found in the image) or path.
     field: str | None = None
-    #: The matching part of that field with the hits marked (the keyword itself; a window of the text).
-    snippet: str | None = None
+    snippet: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,18 +139,36 @@ class IndexStats:
 
 
 _COLUMNS = [f.name for f in fields(ImageRecord)]
-#: Record fields that are tuples of strings, stored one per line.
-_LIST_COLUMNS = ("keywords", "model_keywords")
+_KEYWORD_COLUMNS = ("keywords", "model_keywords")
+
+
+def clean_keywords(keywords: Iterable[str]) -> tuple[str, ...]:
+    """``keywords`` as the index stores them: whitespace runs (newlines, tabs) inside one become a space, ends
+    stripped, empty ones dropped; order and duplicates kept. Commas and semicolons are part of a keyword."""
+    cleaned = (" ".join(k.split()) for k in keywords)
+    return tuple(k for k in cleaned if k)
+
+
+def _join_keywords(keywords: Iterable[str]) -> str | None:
+    return "\n".join(clean_keywords(keywords)) or None
+
+
+def _split_keywords(stored: str | None) -> tuple[str, ...]:
+    return tuple(stored.split("\n")) if stored else ()
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """Give ``conn`` the SQL functions the search statements call (``capwatch_exact``: quoted terms checked
+    unstemmed). Only queries use them, never triggers, so any SQLite client can still write the index."""
+
+    def exact(phrase: str, prefix: int, *texts: str | None) -> int:
+        return int(contains_exact(phrase, bool(prefix), *texts))
+
+    conn.create_function("capwatch_exact", -1, exact, deterministic=True)
 
 
 #: At most this many matches are scored per search (the most recently indexed ones); see Index.search.
 RANK_WINDOW = 10_000
-
-
-def _join_lines(items: tuple[str, ...]) -> str | None:
-    """Items one per line (a line break inside one becomes a space); None for no items."""
-    cleaned = [" ".join(item.split()) for item in items]
-    return "\n".join(item for item in cleaned if item) or None
 
 
 def _now_utc() -> str:
@@ -250,6 +272,7 @@ class Index:
             _enable_wal(conn, busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        register_functions(conn)
         # Reading the schema forces SQLite to look at the file, so damage shows up here, not later.
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
@@ -364,8 +387,8 @@ class Index:
     @staticmethod
     def _row(values: Iterable[Any]) -> ImageRecord:
         row = dict(zip(_COLUMNS, values, strict=True))
-        for name in _LIST_COLUMNS:
-            row[name] = tuple(row[name].split("\n")) if row[name] else ()
+        for column in _KEYWORD_COLUMNS:
+            row[column] = _split_keywords(row[column])
         return ImageRecord(**row)
 
     def get(self, path: str | Path) -> ImageRecord | None:
@@ -419,13 +442,14 @@ class Index:
         rows = self._guard(lambda: self._conn.execute(sql, [*params, limit, offset]).fetchall())
         return [(int(r[0]), self._row(r[1:])) for r in rows]
 
+
     def upsert(self, record: ImageRecord) -> None:
         """Insert or replace the row for ``record.path`` (the row id, and so FTS position, is kept)."""
         self.upsert_many([record])
 
     def upsert_many(self, records: Iterable[ImageRecord]) -> int:
         """Insert or replace many rows in one transaction; returns how many were written."""
-        cols = [*_COLUMNS, "sort_date", "updated_at", "cjk"]
+        cols = [*_COLUMNS, "sort_date", "updated_at", "cjk_caption", "cjk_keywords", "cjk_ocr"]
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "path")
         sql = (
             f"INSERT INTO images ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
@@ -441,10 +465,14 @@ class Index:
                     values["path"] = normalise_path(record.path)
                     values["sort_date"] = _sort_date(record)
                     values["updated_at"] = now
-                    for name in _LIST_COLUMNS:
-                        values[name] = _join_lines(values[name])
-                    values["cjk"] = cjk_tokens(record.caption, record.model_caption, values["keywords"],
-                                               record.ocr_text) or None
+                    for column in _KEYWORD_COLUMNS:
+                        values[column] = _join_keywords(values[column])
+                    # Per-character copies of CJK text (NULL for other rows): see search.cjk_spaced.
+                    values["cjk_caption"] = cjk_spaced(
+                        "\n".join(t for t in (record.caption, record.model_caption) if t)
+                    )
+                    values["cjk_keywords"] = cjk_spaced(values["keywords"])
+                    values["cjk_ocr"] = cjk_spaced(record.ocr_text)
                     self._conn.execute(sql, [values[c] for c in cols])
                     count += 1
             return count
@@ -581,36 +609,119 @@ class Index:
 
     def search(self, query: ParsedQuery, filters: SearchFilters, *, limit: int = 20,
                highlight: tuple[str, str] = ("[", "]"), window: int = RANK_WINDOW,
-               sort: Literal["score", "date"] = "score") -> list[SearchHit]:
-        """Rows matching ``query`` and ``filters``, best bm25 first (``sort="date"``: newest date first), each with
-        the field that matched and a snippet of it (``highlight`` marks the hits).
-
-        A query of ``text:`` terms alone finds them as substrings of the text in images (trigram index).
+               sort: SortOrder = "score") -> list[SearchHit]:
+        """Rows matching ``query`` and ``filters``: best bm25 first (``sort="score"``) or newest first by the date
+        taken (``sort="date"``), each with the field that matched and a snippet marked with ``highlight``.
 
         When more than ``window`` rows match, only the ``window`` most recently indexed of them are ranked:
         scoring every one of 100 000 matches of a common word costs over 100 ms at 1 M images, and among that
         many the newest are the likelier target (a narrower query or a filter reaches the rest). ``window=0``
         ranks everything. Raises IndexUnavailable for database problems; the query itself cannot fail to parse.
         """
+        compiled = query.compile()
 
         def run() -> list[Any]:
             min_rowid = None
-            cut = build_window_sql(query, filters, window=window) \
-                if window > 0 and sort == "score" and query.text_substrings is None else None
+            cut = build_window_sql(query, filters, window=window) if window > 0 else None
             if cut is not None:
                 row = self._conn.execute(*cut).fetchone()
                 min_rowid = None if row is None else int(row[0])
-            sql, params = build_search_sql(query, filters, limit=limit, highlight=highlight, min_rowid=min_rowid,
-                                           sort=sort)
+            if sort == "date":
+                # Order the matches by date first (ids only), then mark the few shown: highlight() on every
+                # match of the window would be paid before the sort could cut it.
+                sql, params = build_search_sql(query, filters, limit=limit, min_rowid=min_rowid, sort="date",
+                                               ids_only=True)
+                ids = [int(r[0]) for r in self._conn.execute(sql, params).fetchall()]
+                if not ids:
+                    return []
+                sql, params = build_search_sql(query, filters, limit=limit, min_rowid=min_rowid, only_ids=ids)
+                by_id = {r[0]: r for r in self._conn.execute(sql, params).fetchall()}
+                return [by_id[i] for i in ids if i in by_id]
+            sql, params = build_search_sql(query, filters, limit=limit, min_rowid=min_rowid)
             return self._conn.execute(sql, params).fetchall()
 
         rows = self._guard(run)
-        hits = []
-        for r in rows:
-            field, snippet = _matched_field(query, (r[2], *r[7:]), highlight)
-            hits.append(SearchHit(path=r[0], caption=r[1] or "", highlighted=r[2] or "", score=-float(r[3]),
-                                  source=r[4], model=r[5], taken_at=r[6], field=field, snippet=snippet))
-        return hits
+        return [_hit(row, compiled.terms, highlight) for row in rows]
+
+
+SortOrder = Literal["score", "date"]
+#: Marks put around hits inside SQL (never in text people write: control characters), swapped for the caller's.
+_OPEN, _CLOSE = "\x02", "\x03"
+#: Where to point first when several fields matched: the order of their weights.
+_SNIPPET_ORDER = ((10, "caption"), (12, "keywords"), (11, "caption"), (13, "text"))
+
+
+def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit:
+    (_, path, caption, source, model, taken_at, model_caption, keywords, ocr_text, score) = row[:10]
+    caption = caption or ""
+
+    def swap(text: str) -> str:
+        return text.replace(_OPEN, marks[0]).replace(_CLOSE, marks[1])
+
+    field: str | None = None
+    snippet = ""
+    for position, name in _SNIPPET_ORDER:
+        text = row[position]
+        if text and _OPEN in text:
+            field, snippet = name, text
+            break
+    if field is None:
+        # CJK and substring hits come from other columns (per-character copies, trigrams): mark them here. The
+        # path comes last: with --in, the folder's name is part of the match and marks every path.
+        originals = (("caption", caption), ("keywords", keywords), ("caption", model_caption),
+                     ("text", ocr_text), ("path", row[14]), ("path", path))
+        for name, text in originals:
+            if text and _OPEN in text:
+                field, snippet = name, text
+                break
+            marked = _mark_substrings(text, terms, name)
+            if marked is not None:
+                field, snippet = name, marked
+                break
+    if field == "keywords":
+        snippet = snippet.replace("\n", ", ")
+    elif field == "text":
+        snippet = " ".join(snippet.split())
+    highlighted = row[10] or caption
+    if field == "caption" and snippet.replace(_OPEN, "").replace(_CLOSE, "") == caption:
+        highlighted = snippet  # a CJK hit in the caption, marked above
+    return SearchHit(
+        path=path, caption=caption, highlighted=swap(highlighted), score=-float(score or 0.0), source=source,
+        model=model, taken_at=taken_at, field=field, snippet=swap(snippet or caption),
+    )
+
+
+_FIELD_OF_TERM = {"caption": "caption", "keywords": "kw", "text": "text", "path": "path"}
+#: Characters of text kept on each side of the first hit in a snippet made here.
+_CONTEXT = 40
+
+
+def _mark_substrings(text: str | None, terms: tuple[Term, ...], field: str) -> str | None:
+    """``text`` with the terms that look in ``field`` marked, cut around the first hit; None when none of them
+    occurs in it. For hits no FTS5 highlight() shows: CJK (per-character copies), ``text:`` substrings
+    (trigrams), and words when the images table drives the query. Words are marked from their start (their
+    stemmed forms share it, mostly)."""
+    if not text:
+        return None
+    patterns: list[str] = []
+    for term in terms:
+        if term.field not in (None, _FIELD_OF_TERM[field]):
+            continue
+        if term.substring:
+            patterns.append(r"\s+".join(map(re.escape, term.text.split())))
+        elif term.cjk:
+            patterns += [re.escape(part) for part in term.text.split()]
+        else:
+            patterns.append(r"\b" + r"\W+".join(map(re.escape, term.text.split())) + r"\w*")
+    if not patterns:
+        return None
+    pattern = re.compile("|".join(patterns), re.IGNORECASE)
+    first = pattern.search(text)
+    if first is None:
+        return None
+    lo, hi = max(0, first.start() - _CONTEXT), min(len(text), first.end() + _CONTEXT)
+    cut = pattern.sub(lambda m: f"{_OPEN}{m.group(0)}{_CLOSE}", text[lo:hi])
+    return ("…" if lo else "") + cut + ("…" if hi < len(text) else "")
 
 
 def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
@@ -643,8 +754,10 @@ def _prefix_range(directory: str) -> tuple[str, str]:
 
 
 def _filter_sql(query: ParsedQuery, filters: SearchFilters) -> tuple[list[str], list[Any]]:
-    match = query.fts5
-    where = ["images_fts MATCH ?"]
+    """The word-index MATCH (first parameter, with the --in narrowing) and the row filters of ``filters``;
+    the caller adds ``images_fts MATCH ?`` itself."""
+    match = query.compile().match or ""
+    where: list[str] = []
     params: list[Any] = []
     if filters.in_dir is not None:
         directory = normalise_path(filters.in_dir)
@@ -652,7 +765,7 @@ def _filter_sql(query: ParsedQuery, filters: SearchFilters) -> tuple[list[str], 
         where.append("i.path >= ? AND i.path < ?")
         params += [lo, hi]
         leaf = os.path.basename(directory.rstrip(os.sep))
-        if any(ch.isalnum() for ch in leaf):
+        if match and any(ch.isalnum() for ch in leaf):
             # Every path below DIR contains the words of DIR's last name in the path column: letting FTS5
             # intersect on them first spares a table lookup per match; the range check stays the exact test.
             match = f'({match}) AND path : "{leaf.replace(chr(34), chr(34) * 2)}"'
@@ -671,76 +784,98 @@ def _filter_sql(query: ParsedQuery, filters: SearchFilters) -> tuple[list[str], 
 
 def build_window_sql(query: ParsedQuery, filters: SearchFilters, *, window: int) -> tuple[str, list[Any]] | None:
     """SQL giving the smallest row id among the ``window`` newest full-text matches, or None when the filters
-    need the images table (dates, source): then every match is ranked, since the table lookups cost as much
-    as the scoring. The SQL returns no row when fewer than ``window`` match.
+    need the images table (dates, source) or the query has no word-index part: then every match is ranked,
+    since the table lookups cost as much as the scoring. The SQL returns no row when fewer than ``window`` match.
 
     Walking a doclist backwards by rowid is cheap (no scoring, no table lookups).
     """
     if filters.since is not None or filters.until is not None or filters.source is not None:
+        return None
+    if query.compile().match is None:
         return None
     _, params = _filter_sql(query, filters)
     sql = "SELECT rowid FROM images_fts WHERE images_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?"
     return sql, [params[0], window - 1]
 
 
-def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int,
-                     highlight: tuple[str, str] = ("[", "]"), min_rowid: int | None = None,
-                     sort: Literal["score", "date"] = "score") -> tuple[str, list[Any]]:
-    """The ranked query that :meth:`Index.search` runs (the benchmark's raw baseline runs the same SQL).
+def _conditions(compiled: CompiledQuery, skip_group: int | None) -> tuple[list[str], list[Any]]:
+    """SQL conditions for the parts of ``compiled`` the driving MATCH does not cover."""
+    where: list[str] = []
+    params: list[Any] = []
+    tri = "SELECT rowid FROM images_ocr_tri WHERE images_ocr_tri MATCH ?"
+    words = "SELECT rowid FROM images_fts WHERE images_fts MATCH ?"
+    for number, (tri_match, word_match) in enumerate(compiled.substring_groups):
+        if number == skip_group:
+            continue
+        if word_match is None:
+            where.append(f"i.id IN ({tri})")
+            params.append(tri_match)
+        else:
+            where.append(f"(i.id IN ({tri}) OR i.id IN ({words}))")
+            params += [tri_match, word_match]
+    if compiled.exclude_match is not None:
+        where.append(f"i.id NOT IN ({words})")
+        params.append(compiled.exclude_match)
+    for tri_match in compiled.exclude_substring:
+        where.append(f"i.id NOT IN ({tri})")
+        params.append(tri_match)
+    for text, columns, prefix in compiled.exact:
+        where.append(f"capwatch_exact(?, ?, {', '.join('i.' + c for c in columns)})")
+        params += [text, int(prefix)]
+    return where, params
 
-    Its rows: path, caption, caption highlighted, rank, source, model, taken_at, then the material for
-    :func:`_matched_field`: model_caption and keywords highlighted, a snippet of the text in the image, and the raw
-    model_caption, keywords and text (for CJK hits, which are marked in the cjk column only)."""
+
+_ROW = "i.id, i.path, i.caption, i.source, i.model, i.taken_at, i.model_caption, i.keywords, i.ocr_text"
+
+
+def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int, min_rowid: int | None = None,
+                     sort: SortOrder = "score", ids_only: bool = False,
+                     only_ids: list[int] | None = None) -> tuple[str, list[Any]]:
+    """The query that :meth:`Index.search` runs (the benchmark's raw baseline runs the same SQL).
+
+    It is driven by the word index when the query has a word part (ranked by its bm25), else by the OCR trigram
+    index (its bm25), else by the images table (unranked, newest first). ``ids_only`` selects row ids only (to
+    order by date before marking hits); ``only_ids`` restricts the rows to those ids. A row is ``_ROW``, the
+    score, then highlight()s of caption, model caption, keywords and path and a snippet() of the OCR text
+    (NULLs when the word index does not drive).
+    """
+    compiled = query.compile()
     where, params = _filter_sql(query, filters)
-    table = "images_fts"
-    if query.text_substrings is not None:
-        # Substrings of the text found in images: the trigram index, which has that one column.
-        table = "images_text"
-        where[0] = "images_text MATCH ?"
-        params[0] = " AND ".join('"' + t.replace('"', '""') + '"' for t in query.text_substrings)
-    if min_rowid is not None:
-        # A rowid bound is applied inside FTS5 (it seeks in the doclists), so only the window gets scored.
-        where.append(f"{table}.rowid >= ?")
-        params.append(min_rowid)
-    marks = [highlight[0], highlight[1]]
-    if table == "images_fts":
-        shown = ("highlight(images_fts, 0, ?, ?), images_fts.rank, i.source, i.model, i.taken_at, "
-                 "highlight(images_fts, 1, ?, ?), highlight(images_fts, 2, ?, ?), "
-                 "snippet(images_fts, 3, ?, ?, '…', 12)")
-        shown_params = marks * 4
+    match = params.pop(0)
+    skip: int | None = None
+    marks = [_OPEN, _CLOSE]
+    if compiled.match is not None:
+        source = "images_fts CROSS JOIN images AS i ON i.id = images_fts.rowid"
+        where.insert(0, "images_fts MATCH ?")
+        params.insert(0, match)
+        score = "images_fts.rank"
+        order = "images_fts.rank"
+        hl = [f"highlight(images_fts, {c}, ?, ?)" for c in (0, 1, 2)]
+        hl += ["snippet(images_fts, 3, ?, ?, '…', 16)", "highlight(images_fts, 4, ?, ?)"]
+        hl_params = marks * 5
+        if min_rowid is not None:
+            # A rowid bound is applied inside FTS5 (it seeks in the doclists), so only the window gets scored.
+            where.append("images_fts.rowid >= ?")
+            params.append(min_rowid)
+    elif any(word is None for _, word in compiled.substring_groups):
+        skip = next(n for n, (_, word) in enumerate(compiled.substring_groups) if word is None)
+        source = "images_ocr_tri CROSS JOIN images AS i ON i.id = images_ocr_tri.rowid"
+        where.insert(0, "images_ocr_tri MATCH ?")
+        params.insert(0, compiled.substring_groups[skip][0])
+        score = order = "images_ocr_tri.rank"
+        hl, hl_params = ["NULL"] * 5, []
     else:
-        shown = ("i.caption, images_text.rank, i.source, i.model, i.taken_at, NULL, NULL, "
-                 "snippet(images_text, 0, ?, ?, '…', 64)")  # trigram tokens: characters, not words
-        shown_params = marks
-    order = f"{table}.rank" if sort == "score" else "i.sort_date DESC, i.id DESC"
-    sql = (
-        f"SELECT i.path, i.caption, {shown}, i.model_caption, i.keywords, i.ocr_text "
-        f"FROM {table} CROSS JOIN images AS i ON i.id = {table}.rowid "
-        f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
-    )
-    return sql, [*shown_params, *params, limit]
-
-
-def _matched_field(query: ParsedQuery, row: Sequence[Any], highlight: tuple[str, str]) -> tuple[str | None, str | None]:
-    """(field, snippet) of a result row (its caption highlight and tail, see :func:`build_search_sql`): the first
-    of caption, keywords, text in the image and model_caption where FTS5 marked a hit or where a CJK run of the
-    query occurs; (None, None) when the match is elsewhere (the path)."""
-    caption_marked, model_marked, keywords_marked, text_snippet, model_caption, keywords, ocr_text = row
-    opening = highlight[0]
-    if caption_marked and opening in caption_marked:
-        return "caption", caption_marked
-    if keywords_marked and opening in keywords_marked:
-        return "keywords", ", ".join(k for k in keywords_marked.split("\n") if opening in k)
-    if text_snippet and opening in text_snippet:
-        return "text", " ".join(text_snippet.split())
-    if model_marked and opening in model_marked:
-        return "model_caption", model_marked
-    runs = [run for group in query.groups for term in group for run in cjk_runs(term.text)]
-    # A CJK hit is marked in the cjk column only; without a marker the caption's highlight is the caption itself.
-    for name, value in (("caption", caption_marked), ("keywords", keywords), ("text", ocr_text),
-                        ("model_caption", model_caption)):
-        for run in runs:
-            if value and run in value:
-                line = next(part for part in value.split("\n") if run in part)
-                return name, line.replace(run, f"{highlight[0]}{run}{highlight[1]}")
-    return None, None
+        source = "images AS i"
+        score, order = "0.0", "i.sort_date DESC, i.id DESC"
+        hl, hl_params = ["NULL"] * 5, []
+    more, more_params = _conditions(compiled, skip)
+    where += more
+    params += more_params
+    if only_ids is not None:
+        where.append(f"i.id IN ({', '.join('?' * len(only_ids))})")
+        params += only_ids
+    if sort == "date":
+        order = "i.sort_date DESC, i.id DESC"
+    columns = "i.id" if ids_only else f"{_ROW}, {score}, {', '.join(hl)}"
+    sql = f"SELECT {columns} FROM {source} WHERE {' AND '.join(where) or '1'} ORDER BY {order} LIMIT ?"
+    return sql, [*([] if ids_only else hl_params), *params, limit]

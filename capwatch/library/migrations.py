@@ -106,68 +106,74 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX images_stat ON images(path, size, mtime_ns, ctime_ns, sidecars)")
 
 
-_FTS5_COLUMNS = ("caption", "model_caption", "keywords", "ocr_text", "path", "cjk")
+#: The full-text columns from schema 5 on, in this order (bm25 weights in FTS_WEIGHTS follow it). The ``cjk_*``
+#: columns hold a copy of the text only for rows that contain CJK (see capwatch.library.search.cjk_spaced).
+FTS_COLUMNS_5 = ("caption", "model_caption", "keywords", "ocr_text", "path", "cjk_caption", "cjk_keywords", "cjk_ocr")
+#: Caption highest, keywords next, the model's caption (beside a person's) and text found in the image below the
+#: caption, the path lowest. CJK copies weigh as their originals.
+FTS_WEIGHTS_5 = (10.0, 5.0, 8.0, 4.0, 1.0, 10.0, 8.0, 4.0)
+
+
+def _fts_triggers(table: str, columns: tuple[str, ...]) -> list[str]:
+    cols = ", ".join(columns)
+    new = ", ".join(f"new.{c}" for c in columns)
+    old = ", ".join(f"old.{c}" for c in columns)
+    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in columns)
+    return [
+        f"CREATE TRIGGER {table}_insert AFTER INSERT ON images BEGIN "
+        f"INSERT INTO {table}(rowid, {cols}) VALUES (new.id, {new}); END",
+        f"CREATE TRIGGER {table}_delete AFTER DELETE ON images BEGIN "
+        f"INSERT INTO {table}({table}, rowid, {cols}) VALUES ('delete', old.id, {old}); END",
+        f"CREATE TRIGGER {table}_update AFTER UPDATE OF {cols} ON images WHEN {changed} BEGIN "
+        f"INSERT INTO {table}({table}, rowid, {cols}) VALUES ('delete', old.id, {old}); "
+        f"INSERT INTO {table}(rowid, {cols}) VALUES (new.id, {new}); END",
+    ]
 
 
 def _migration_5(db: sqlite_utils.Database) -> None:
-    # Keywords and text found in images become searchable, and search forgives word forms and other scripts:
-    # - the porter stemmer over unicode61, so `puppies` finds "puppy" and `running` finds "runs";
-    # - `cjk`: the Chinese/Japanese/Korean characters of a row's text, one token each (capwatch.library.text_forms),
-    #   since unicode61 makes a whole run of them one token and `桜` could not find "日本の桜";
-    # - a trigram index over the text found in images only, so a number or a plate matches inside a longer run
-    #   ("123" in "AB123C"); most photos have no such text, so it stays small.
-    # The whole full-text index is rebuilt once here, in this migration's transaction (redone whole if
-    # interrupted).
-    from capwatch.library.text_forms import cjk_tokens
-
-    for column in ("keywords", "model_keywords", "ocr_text", "cjk"):
+    # Keywords (newline-joined, in file order; model_keywords = the subset capwatch wrote) and text found in the
+    # image. Old rows get NULLs: adding nullable columns rewrites nothing.
+    for column in ("keywords", "model_keywords", "ocr_text", "cjk_caption", "cjk_keywords", "cjk_ocr"):
         db.execute(f"ALTER TABLE images ADD COLUMN {column} TEXT")
+    # Existing captions may hold CJK: give them their per-character copies, so `桜` finds "日本の桜" at once.
+    # The function is registered for this statement only (triggers never call it: any SQLite client may write).
+    from capwatch.library.search import cjk_spaced
+
+    db.conn.create_function("capwatch_cjk", 1, cjk_spaced, deterministic=True)
+    db.execute(
+        "UPDATE images SET cjk_caption = capwatch_cjk(coalesce(caption, '') || char(10) || "
+        "coalesce(model_caption, '')) WHERE capwatch_cjk(coalesce(caption, '') || char(10) || "
+        "coalesce(model_caption, '')) IS NOT NULL"
+    )
+    # Porter over unicode61: `puppies` finds "puppy", `running` finds "runs" (quoted phrases are checked
+    # unstemmed by the search). Rebuilt from the table in this same transaction: an interrupted migration
+    # rolls back whole and runs again on the next open.
     for trigger in ("images_fts_insert", "images_fts_delete", "images_fts_update"):
-        db.execute(f"DROP TRIGGER {trigger}")
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     db.execute("DROP TABLE images_fts")
-    db.conn.create_function("capwatch_cjk", 4, lambda *texts: cjk_tokens(*texts) or None, deterministic=True)
-    db.execute("UPDATE images SET cjk = capwatch_cjk(caption, model_caption, keywords, ocr_text) "
-               "WHERE capwatch_cjk(caption, model_caption, keywords, ocr_text) IS NOT NULL")
-    columns = ", ".join(_FTS5_COLUMNS)
-    new_values = ", ".join(f"new.{c}" for c in _FTS5_COLUMNS)
-    old_values = ", ".join(f"old.{c}" for c in _FTS5_COLUMNS)
-    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in _FTS5_COLUMNS)
-    db.execute(f"""
+    db.execute(
+        f"""
         CREATE VIRTUAL TABLE images_fts USING fts5(
-            {columns}, content='images', content_rowid='id',
+            {", ".join(FTS_COLUMNS_5)}, content='images', content_rowid='id',
             tokenize='porter unicode61 remove_diacritics 2'
         )
-    """)
-    # A person's or the model's caption weighs most, keywords next, then the text found in the image; path least.
-    db.execute("INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25(10.0, 5.0, 6.0, 3.0, 1.0, 8.0)')")
-    db.execute("CREATE VIRTUAL TABLE images_text USING fts5(ocr_text, content='images', content_rowid='id', "
-               "tokenize='trigram')")
-    db.execute(f"""
-        CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
-            INSERT INTO images_fts(rowid, {columns}) VALUES (new.id, {new_values});
-            INSERT INTO images_text(rowid, ocr_text) SELECT new.id, new.ocr_text WHERE new.ocr_text IS NOT NULL;
-        END
-    """)
-    # Rows without text in the image have no entry in images_text at all (the triggers keep it that way).
-    db.execute("INSERT INTO images_text(rowid, ocr_text) SELECT id, ocr_text FROM images WHERE ocr_text IS NOT NULL")
-    db.execute(f"""
-        CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
-            INSERT INTO images_fts(images_fts, rowid, {columns}) VALUES ('delete', old.id, {old_values});
-            INSERT INTO images_text(images_text, rowid, ocr_text)
-                SELECT 'delete', old.id, old.ocr_text WHERE old.ocr_text IS NOT NULL;
-        END
-    """)
-    db.execute(f"""
-        CREATE TRIGGER images_fts_update AFTER UPDATE OF {columns} ON images
-        WHEN {changed} BEGIN
-            INSERT INTO images_fts(images_fts, rowid, {columns}) VALUES ('delete', old.id, {old_values});
-            INSERT INTO images_fts(rowid, {columns}) VALUES (new.id, {new_values});
-            INSERT INTO images_text(images_text, rowid, ocr_text)
-                SELECT 'delete', old.id, old.ocr_text WHERE old.ocr_text IS NOT NULL;
-            INSERT INTO images_text(rowid, ocr_text) SELECT new.id, new.ocr_text WHERE new.ocr_text IS NOT NULL;
-        END
-    """)
+        """
+    )
+    weights = ", ".join(f"{w:.1f}" for w in FTS_WEIGHTS_5)
+    db.execute(f"INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25({weights})')")
+    for sql in _fts_triggers("images_fts", FTS_COLUMNS_5):
+        db.execute(sql)
     db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+    # Substrings of text found in images (plates, race numbers, "B12" in "EXIT B12"): a trigram index over the
+    # OCR column only. Captions and keywords are words, searched by word; a trigram index over 1 M captions
+    # would roughly triple the index for a query nobody types.
+    db.execute(
+        "CREATE VIRTUAL TABLE images_ocr_tri USING fts5(ocr_text, content='images', content_rowid='id', "
+        "tokenize='trigram')"
+    )
+    for sql in _fts_triggers("images_ocr_tri", ("ocr_text",)):
+        db.execute(sql)
+    db.execute("INSERT INTO images_ocr_tri(images_ocr_tri) VALUES ('rebuild')")
 
 
 #: (version, name, apply). Append only; never edit a released migration.
@@ -176,6 +182,6 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...]
     (2, "full-text index over caption and path", _migration_2),
     (3, "covering index for stat-only reconcile", _migration_3),
     (4, "ctime and sidecar state", _migration_4),
-    (5, "keywords, text in images; stemmed, CJK and trigram search", _migration_5),
+    (5, "keywords, text in images; porter, CJK and substring search", _migration_5),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -8,10 +8,19 @@ Query language (what a person types after ``capwatch search``):
 - ``OR`` between two terms means either (it binds tighter than the implicit AND: ``red bike OR bicycle``
   is ``red AND (bike OR bicycle)``)
 - a trailing ``*`` is a prefix search: ``bik*``
-- a field before a word or phrase searches only there: ``kw:dog`` (keywords), ``text:"exit 12"`` (text found in
-  the image), ``caption:beach`` (the caption, a person's or the model's), ``path:2019``; plain words search all
-- word forms are forgiven (the index stems English): ``puppies`` finds "puppy", ``running`` finds "runs"
-- Chinese, Japanese and Korean match inside a run of characters: ``桜`` finds "日本の桜"
+- ``field:word`` / ``field:"a phrase"`` looks in one field only: ``kw:`` keywords, ``caption:`` the caption (a
+  person's or the model's), ``text:`` text found in the image, ``path:`` the file's path; other words before a
+  colon (``title:foo``) are just text. Plain words look in every field.
+
+How terms match (the index is FTS5 with ``porter unicode61 remove_diacritics 2``):
+
+- plain words match any word form: ``puppies`` finds "puppy", ``running`` finds "runs";
+- a quoted word or phrase is exact: its words must appear unstemmed, in order (case and accents still ignored);
+- a term with CJK characters (Han, kana, Hangul) matches as a substring of the CJK text: ``桜`` finds "日本の桜"
+  (each CJK character is its own token in the ``cjk_*`` columns, a term is the phrase of its characters);
+- a ``text:`` term of three characters or more matches as a substring of the text found in the image
+  (``text:B12`` finds "EXIT B12", ``text:"exit 12"`` finds "EXIT 12A"), through a trigram index; shorter ones
+  match whole words.
 
 Every term is emitted as an FTS5 string (``"..."``), so characters FTS5 treats as syntax (``:``, ``^``,
 ``(``, ``+``, ``.``) are just text. Everything the parser cannot understand raises QueryError with one line.
@@ -20,18 +29,78 @@ Every term is emitted as an FTS5 string (``"..."``), so characters FTS5 treats a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, get_args
 
 from capwatch.errors import QueryError
-from capwatch.library.text_forms import cjk_phrase, cjk_runs
 
 Field = Literal["kw", "text", "caption", "path"]
-#: Each query field and the index columns it searches (FTS5 column filter syntax).
-FIELD_COLUMNS: dict[str, str] = {"kw": "keywords", "text": "ocr_text", "caption": "{caption model_caption}",
-                                 "path": "path"}
+FIELDS: tuple[Field, ...] = get_args(Field)
+
+#: The FTS5 columns each field looks in: (word columns, CJK columns). None = every column (no filter).
+_COLUMNS: dict[Field | None, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    None: ((), ("cjk_caption", "cjk_keywords", "cjk_ocr")),
+    "caption": (("caption", "model_caption"), ("cjk_caption",)),
+    "kw": (("keywords",), ("cjk_keywords",)),
+    "text": (("ocr_text",), ("cjk_ocr",)),
+    "path": (("path",), ("path",)),
+}
+#: The images columns a quoted term is checked against, unstemmed, per field.
+EXACT_COLUMNS: dict[Field | None, tuple[str, ...]] = {
+    None: ("caption", "model_caption", "keywords", "ocr_text", "path"),
+    "caption": ("caption", "model_caption"),
+    "kw": ("keywords",),
+    "text": ("ocr_text",),
+    "path": ("path",),
+}
+#: Shortest ``text:`` term the trigram index can look up (trigrams need three characters).
+TRIGRAM_MIN = 3
+
+
+def is_cjk(ch: str) -> bool:
+    """True for a Han ideograph, kana or Hangul character (scripts written without spaces between words)."""
+    code = ord(ch)
+    return (
+        0x3040 <= code <= 0x30FF  # hiragana, katakana
+        or 0x31F0 <= code <= 0x31FF  # katakana phonetic extensions
+        or 0x3400 <= code <= 0x4DBF  # CJK extension A
+        or 0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
+        or 0xAC00 <= code <= 0xD7AF  # Hangul syllables
+        or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F  # Hangul jamo
+        or 0xF900 <= code <= 0xFAFF  # CJK compatibility ideographs
+        or 0xFF66 <= code <= 0xFF9F  # half-width katakana
+        or 0x20000 <= code <= 0x3134F  # CJK extensions B..G
+    )
+
+
+def cjk_spaced(text: str | None) -> str | None:
+    """The CJK characters of ``text``, each one a word ("日本の桜 in Kyoto" -> "日 本 の 桜"), with a line break
+    where other text came between; None when ``text`` has no CJK character (the ``cjk_*`` columns stay NULL).
+
+    unicode61 keeps a run of CJK as one token, so only the whole run would match; one token per character makes
+    any substring a phrase query.
+    """
+    if not text or not any(is_cjk(ch) for ch in text):
+        return None
+    out: list[str] = []
+    gap = False
+    for ch in text:
+        if is_cjk(ch):
+            if gap and out:
+                out.append("\n")
+            out.append(ch)
+            gap = False
+        else:
+            gap = True
+    return " ".join(out)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -39,23 +108,66 @@ class Term:
     text: str
     prefix: bool = False
     phrase: bool = False
-    #: Search only this field (None: every field).
     field: Field | None = None
 
+    @property
+    def cjk(self) -> bool:
+        """True when the term contains CJK characters (it then matches as a substring of CJK text)."""
+        return any(is_cjk(ch) for ch in self.text)
+
+    @property
+    def substring(self) -> bool:
+        """True when the term is looked up in the OCR trigram index (``text:``, three characters or more)."""
+        return self.field == "text" and not self.cjk and len(self.text.strip()) >= TRIGRAM_MIN
+
+    @property
+    def exact(self) -> bool:
+        """True when the term's words must appear unstemmed (a quoted term that the word index answers)."""
+        return self.phrase and not self.cjk and not self.substring
+
     def fts5(self) -> str:
-        runs = cjk_runs(self.text)
-        if runs:
-            # CJK characters are matched one by one in the index's cjk column (see capwatch.library.text_forms);
-            # the rest of the term, if any, as usual.
-            parts = [f"cjk : {cjk_phrase(run)}" for run in runs]
-            rest = self.text
-            for run in runs:
-                rest = rest.replace(run, " ")
-            if _has_word(rest):
-                parts.append(Term(" ".join(rest.split()), self.prefix, self.phrase, self.field).fts5())
-            return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
-        quoted = '"' + self.text.replace('"', '""') + '"' + ("*" if self.prefix else "")
-        return f"{FIELD_COLUMNS[self.field]} : {quoted}" if self.field else quoted
+        """The term for the word index (images_fts), with its field's column filter."""
+        words, cjk_columns = _COLUMNS[self.field]
+        if self.cjk and self.field != "path":
+            runs, others = _cjk_parts(self.text)
+            parts = [f"{{{' '.join(cjk_columns)}}} : {_quote(run)}" for run in runs]
+            parts += [f"{{{' '.join(words)}}} : {_quote(w)}" if words else _quote(w) for w in others]
+            return parts[0] if len(parts) == 1 else "(" + " AND ".join(_paren(p) for p in parts) + ")"
+        quoted = _quote(self.text) + ("*" if self.prefix else "")
+        return f"{{{' '.join(words)}}} : {quoted}" if words else quoted
+
+    def trigram(self) -> str:
+        """The term for the OCR trigram index (a substring, whitespace collapsed)."""
+        return _quote(" ".join(self.text.split()))
+
+
+def _cjk_parts(text: str) -> tuple[list[str], list[str]]:
+    """A term with CJK split into its CJK runs (characters space-separated: a phrase of one-character tokens)
+    and its other words."""
+    runs: list[str] = []
+    others: list[str] = []
+    run: list[str] = []
+    other: list[str] = []
+
+    def flush_other() -> None:
+        word = "".join(other).strip()
+        if any(ch.isalnum() for ch in word):
+            others.append(word)
+        other.clear()
+
+    for ch in text:
+        if is_cjk(ch):
+            flush_other()
+            run.append(ch)
+        else:
+            if run:
+                runs.append(" ".join(run))
+                run.clear()
+            other.append(ch)
+    if run:
+        runs.append(" ".join(run))
+    flush_other()
+    return runs, others
 
 
 @dataclass(frozen=True)
@@ -66,27 +178,115 @@ class ParsedQuery:
     excluded: tuple[Term, ...]
 
     @property
-    def text_substrings(self) -> tuple[str, ...] | None:
-        """For a query made only of ``text:`` terms of 3 characters or more (no OR, no exclusion, no prefix): the
-        terms, to be found as substrings of the text in images (a trigram index: "123" inside "AB123C"); else
-        None."""
-        terms = [g[0] for g in self.groups if len(g) == 1]
-        if self.excluded or len(terms) != len(self.groups):
-            return None
-        if all(t.field == "text" and not t.prefix and len(t.text) >= 3 for t in terms):
-            return tuple(t.text for t in terms)
-        return None
-
-    @property
     def fts5(self) -> str:
-        parts = []
-        for group in self.groups:
-            inner = " OR ".join(t.fts5() for t in group)
-            parts.append(f"({inner})" if len(group) > 1 else inner)
-        text = " AND ".join(parts)
-        for term in self.excluded:
-            text += f" NOT {term.fts5()}"
-        return text
+        """The whole query for the word index alone (``text:`` substrings as words): see :meth:`compile`."""
+        return _join(self.groups, self.excluded) or ""
+
+    def compile(self) -> CompiledQuery:
+        """Route each term to the index that answers it; see :class:`CompiledQuery`."""
+        return self._compiled
+
+    @functools.cached_property
+    def _compiled(self) -> CompiledQuery:
+        # Computed once: the window query, the ranked query and the snippets each need it.
+        word_groups = tuple(g for g in self.groups if not any(t.substring for t in g))
+        mixed = tuple(g for g in self.groups if any(t.substring for t in g))
+        word_excluded = tuple(t for t in self.excluded if not t.substring)
+        substring_groups = tuple(
+            (
+                " OR ".join(t.trigram() for t in g if t.substring),
+                _join(((t,) for t in g if not t.substring), ()) if any(not t.substring for t in g) else None,
+            )
+            for g in mixed
+        )
+        match = _join(word_groups, word_excluded) if word_groups else None
+        exact = tuple(
+            (g[0].text, EXACT_COLUMNS[g[0].field], g[0].prefix) for g in self.groups if len(g) == 1 and g[0].exact
+        )
+        return CompiledQuery(
+            match=match,
+            substring_groups=substring_groups,
+            exclude_match=None if word_groups or not word_excluded else _join_or(word_excluded),
+            exclude_substring=tuple(t.trigram() for t in self.excluded if t.substring),
+            exact=exact,
+            terms=tuple(t for g in self.groups for t in g),
+        )
+
+
+def _join(groups: Iterable[tuple[Term, ...]], excluded: tuple[Term, ...]) -> str | None:
+    parts = []
+    for group in groups:
+        inner = " OR ".join(_paren(t.fts5()) if len(group) > 1 else t.fts5() for t in group)
+        parts.append(f"({inner})" if len(group) > 1 else _paren(inner))
+    if not parts:
+        return None
+    text = " AND ".join(parts)
+    for term in excluded:
+        text += f" NOT {_paren(term.fts5())}"
+    return text
+
+
+def _join_or(terms: tuple[Term, ...]) -> str:
+    return " OR ".join(_paren(t.fts5()) for t in terms)
+
+
+def _paren(expr: str) -> str:
+    """``expr`` safe as an operand: a bare string stays as it is, a filtered or compound one is bracketed."""
+    return expr if expr.startswith('"') and not expr.endswith(")") else f"({expr})"
+
+
+@dataclass(frozen=True)
+class CompiledQuery:
+    """A parsed query routed to the indexes that answer it (built by :meth:`ParsedQuery.compile`).
+
+    - ``match``: images_fts MATCH for the groups the word index answers alone (None when every group has a
+      ``text:`` substring term);
+    - ``substring_groups``: one per group with a substring term, (trigram MATCH of its substring terms, images_fts
+      MATCH of its other terms or None), ORed;
+    - ``exclude_match``: images_fts MATCH of excluded word terms when there is no ``match`` to NOT them in;
+    - ``exclude_substring``: trigram MATCHes to exclude;
+    - ``exact``: (text, columns, prefix) of quoted terms whose words must appear unstemmed in one of the columns
+      (only for terms alone in their group: in an OR group, a quoted term matches word forms too);
+    - ``terms``: every positive term, for marking CJK and substring hits in the snippet.
+    """
+
+    match: str | None
+    substring_groups: tuple[tuple[str, str | None], ...]
+    exclude_match: str | None
+    exclude_substring: tuple[str, ...]
+    exact: tuple[tuple[str, tuple[str, ...], bool], ...]
+    terms: tuple[Term, ...]
+
+
+def fold_words(text: str | None) -> list[str]:
+    """The words of ``text`` as unicode61 (remove_diacritics 2) sees them: lower case, accents removed, split at
+    everything that is not a letter, digit or private-use character."""
+    if not text:
+        return []
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _WORD.findall(stripped)
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def contains_exact(phrase: str, prefix: bool, *texts: str | None) -> bool:
+    """True when the words of ``phrase`` appear in this order, next to each other and unstemmed, in one of
+    ``texts`` (the last one may be a prefix of a word when ``prefix``). Registered as an SQL function by
+    the index for quoted terms (the porter index alone would also match other word forms)."""
+    want = fold_words(phrase)
+    if not want:
+        return True
+    for text in texts:
+        words = fold_words(text)
+        n = len(want)
+        for i in range(len(words) - n + 1):
+            if words[i:i + n - 1] == want[:-1] and (
+                words[i + n - 1].startswith(want[-1]) if prefix else words[i + n - 1] == want[-1]
+            ):
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -99,11 +299,12 @@ class SearchFilters:
     source: Literal["model", "human", "embedded"] | None = None
 
 
-_TOKEN = re.compile(r'\s*(-?)(?:(kw|text|caption|path):(?=\S))?("([^"]*)"(\*?)|[^\s"]+)')
+_TOKEN = re.compile(r'\s*(-?)(?:([A-Za-z]+):(?=[^\s]))?("([^"]*)"(\*?)|[^\s"]+)')
 
 
 def _lex(text: str) -> list[tuple[bool, str, bool, Field | None]]:
-    """Split into (negated, text, is_phrase, field) tokens; raises QueryError on an unbalanced quote."""
+    """Split into (negated, text, is_phrase, field) tokens; raises QueryError on an unbalanced quote or a field
+    name with nothing after it."""
     if text.count('"') % 2:
         raise QueryError('unbalanced quote in query: close the "phrase" with a second "')
     tokens: list[tuple[bool, str, bool, Field | None]] = []
@@ -114,11 +315,23 @@ def _lex(text: str) -> list[tuple[bool, str, bool, Field | None]]:
         match = _TOKEN.match(text, pos)
         if match is None:  # pragma: no cover - the regex accepts every non-space run
             raise QueryError(f"cannot read query near {text[pos:pos + 20]!r}")
-        negated, field_name, whole, phrase_body, phrase_star = match.groups()
-        field = cast("Field | None", field_name)
+        negated, name, whole, phrase_body, phrase_star = match.groups()
+        field: Field | None = None
+        if name is not None and name.lower() in FIELDS:
+            field = name.lower()  # type: ignore[assignment]
+        elif name is not None:
+            # Not a field ("title:foo", "12:30"): the colon and what precedes it are part of the word.
+            if phrase_body is not None:
+                # As before fields existed: a word (that takes the '-'), then the phrase.
+                tokens.append((bool(negated), f"{name}:", False, None))
+                negated = ""
+            else:
+                whole = f"{name}:{whole}"
         if phrase_body is not None:
             tokens.append((bool(negated), phrase_body + phrase_star, True, field))
         else:
+            if field is None and whole.rstrip(":").lower() in FIELDS and whole.endswith(":"):
+                raise QueryError(f"{whole} needs a word right after it, e.g. {whole}dog")
             tokens.append((bool(negated), whole, False, field))
         pos = match.end()
     return tokens
@@ -162,23 +375,6 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
     pending_not = False
     pending_and = False
     for negated, raw, phrase, field in _lex(text):
-        if field is None and not phrase and raw.endswith(":") and raw[:-1] in FIELD_COLUMNS:
-            raise QueryError(f"{raw} needs a word right after it, e.g. {raw}dog")
-        if field is not None:
-            # A field applies to the word itself; the operators below never carry one.
-            term = _term(raw, phrase, field)
-            if negated or pending_not:
-                if pending_or:
-                    raise QueryError("cannot OR an excluded word: write the exclusion on its own, e.g. cat -dog")
-                excluded.append(term)
-                pending_not = False
-            elif pending_or:
-                groups[-1].append(term)
-                pending_or = False
-            else:
-                groups.append([term])
-            pending_and = False
-            continue
         if not phrase and raw == "OR":
             if negated:
                 raise QueryError("'-OR' is not a word; to find the word 'or' write it in lower case")
@@ -200,7 +396,7 @@ def parse_query(words: str | list[str] | tuple[str, ...]) -> ParsedQuery:
             raise QueryError("'-' must be followed by a word to exclude")
         if not phrase and raw == "-":
             raise QueryError("'-' on its own excludes nothing: write -word to exclude a word")
-        term = _term(raw, phrase)
+        term = _term(raw, phrase, field)
         pending_and = False
         if negated or pending_not:
             if pending_or:
