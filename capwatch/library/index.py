@@ -638,7 +638,7 @@ def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit
     if field == "caption" and snippet.replace(_OPEN, "").replace(_CLOSE, "") == caption:
         highlighted = snippet  # a CJK hit in the caption, marked above
     return SearchHit(
-        path=path, caption=caption, highlighted=swap(highlighted), score=-float(score or 0.0), source=source,
+        path=path, caption=caption, highlighted=swap(highlighted), score=0.0 - float(score or 0.0), source=source,
         model=model, taken_at=taken_at, field=field, snippet=swap(snippet or caption),
     )
 
@@ -646,6 +646,21 @@ def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit
 _FIELD_OF_TERM = {"caption": "caption", "keywords": "kw", "text": "text", "path": "path"}
 #: Characters of text kept on each side of the first hit in a snippet made here.
 _CONTEXT = 40
+
+
+_SUFFIXES = ("ies", "ing", "es", "ed", "s")
+
+
+def _rough_stem(word: str) -> str:
+    """The start that most English forms of ``word`` share (puppies -> pup, running -> run), at least three
+    letters: enough to mark a word-form hit in a snippet that FTS5 did not highlight."""
+    for suffix in _SUFFIXES:
+        if word.lower().endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[:-len(suffix)]
+            break
+    if len(word) > 3 and word[-1] == word[-2]:
+        word = word[:-1]
+    return word
 
 
 def _mark_substrings(text: str | None, terms: tuple[Term, ...], field: str) -> str | None:
@@ -664,7 +679,8 @@ def _mark_substrings(text: str | None, terms: tuple[Term, ...], field: str) -> s
         elif term.cjk:
             patterns += [re.escape(part) for part in term.text.split()]
         else:
-            patterns.append(r"\b" + r"\W+".join(map(re.escape, term.text.split())) + r"\w*")
+            words = term.text.split() if term.phrase else [_rough_stem(term.text)]
+            patterns.append(r"\b" + r"\W+".join(map(re.escape, words)) + r"\w*")
     if not patterns:
         return None
     pattern = re.compile("|".join(patterns), re.IGNORECASE)
