@@ -1,4 +1,7 @@
-"""The caption index: one SQLite file (WAL) with a row per image and an FTS5 table kept in sync by triggers.
+"""The caption index: one SQLite file (WAL) with a row per image and two FTS5 tables kept in sync by triggers:
+``images_fts`` (porter words of caption, model caption, keywords, OCR text and path, plus per-character copies of
+CJK text in the ``cjk_*`` columns, which upsert fills) and ``images_ocr_tri`` (trigrams of the OCR text, for
+substrings such as number plates).
 
 Schema changes happen only through the numbered migrations in ``capwatch.library.migrations``; the applied ones
 are recorded in ``capwatch_migrations``. An ``Index`` wraps one connection and is meant for one thread: open one
