@@ -372,3 +372,13 @@ def test_migration_5_killed_midway_leaves_schema_4_whole_and_runs_again(tmp_path
     check = sqlite3.connect(db)
     assert check.execute("SELECT count(*) FROM images WHERE cjk_caption = '日 本 の 桜'").fetchone()[0] == ROWS
     check.close()
+
+
+def test_cli_unranked_results_score_zero_newest_first(run_cli: CliRunner, db: Path) -> None:
+    # A substring ORed with a word has no single bm25 to rank by: newest first, score 0.
+    result = run_cli("--db", db, "search", "text:B123 OR puppies", "--json")
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in result.out.splitlines()]
+    assert [r["path"] for r in rows] == ["/lib/2021/street.jpg", "/lib/2019/puppy.jpg"]
+    assert '"score": -' not in result.out and all(r["score"] == 0.0 for r in rows)
+    assert [r["field"] for r in rows] == ["text", "caption"]

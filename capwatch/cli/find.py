@@ -89,7 +89,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search red bike leaning on a wall
       capwatch search '"golden retriever"' beach -snow
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
-      capwatch search kw:dog text:"exit 12" --sort date
+      capwatch search kw:dog 'text:"exit 12"' --sort date
       capwatch search --paths -0 sunset | xargs -0 ls -l
     """
     from capwatch.errors import QueryError

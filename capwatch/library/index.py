@@ -1,4 +1,7 @@
-"""The caption index: one SQLite file (WAL) with a row per image and an FTS5 table kept in sync by triggers.
+"""The caption index: one SQLite file (WAL) with a row per image and two FTS5 tables kept in sync by triggers:
+``images_fts`` (porter words of caption, model caption, keywords, OCR text and path, plus per-character copies of
+CJK text in the ``cjk_*`` columns, which upsert fills) and ``images_ocr_tri`` (trigrams of the OCR text, for
+substrings such as number plates).
 
 Schema changes happen only through the numbered migrations in ``capwatch.library.migrations``; the applied ones
 are recorded in ``capwatch_migrations``. An ``Index`` wraps one connection and is meant for one thread: open one
@@ -686,7 +689,7 @@ def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit
     if field == "caption" and snippet.replace(_OPEN, "").replace(_CLOSE, "") == caption:
         highlighted = snippet  # a CJK hit in the caption, marked above
     return SearchHit(
-        path=path, caption=caption, highlighted=swap(highlighted), score=-float(score or 0.0), source=source,
+        path=path, caption=caption, highlighted=swap(highlighted), score=0.0 - float(score or 0.0), source=source,
         model=model, taken_at=taken_at, field=field, snippet=swap(snippet or caption),
     )
 
@@ -694,6 +697,21 @@ def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit
 _FIELD_OF_TERM = {"caption": "caption", "keywords": "kw", "text": "text", "path": "path"}
 #: Characters of text kept on each side of the first hit in a snippet made here.
 _CONTEXT = 40
+
+
+_SUFFIXES = ("ies", "ing", "es", "ed", "s")
+
+
+def _rough_stem(word: str) -> str:
+    """The start that most English forms of ``word`` share (puppies -> pup, running -> run), at least three
+    letters: enough to mark a word-form hit in a snippet that FTS5 did not highlight."""
+    for suffix in _SUFFIXES:
+        if word.lower().endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[:-len(suffix)]
+            break
+    if len(word) > 3 and word[-1] == word[-2]:
+        word = word[:-1]
+    return word
 
 
 def _mark_substrings(text: str | None, terms: tuple[Term, ...], field: str) -> str | None:
@@ -712,7 +730,8 @@ def _mark_substrings(text: str | None, terms: tuple[Term, ...], field: str) -> s
         elif term.cjk:
             patterns += [re.escape(part) for part in term.text.split()]
         else:
-            patterns.append(r"\b" + r"\W+".join(map(re.escape, term.text.split())) + r"\w*")
+            words = term.text.split() if term.phrase else [_rough_stem(term.text)]
+            patterns.append(r"\b" + r"\W+".join(map(re.escape, words)) + r"\w*")
     if not patterns:
         return None
     pattern = re.compile("|".join(patterns), re.IGNORECASE)
