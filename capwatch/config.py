@@ -236,6 +236,17 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    #: A Dask scheduler (``tcp://HOST:8786``): `scan` captions on its workers; None captions on this machine.
+    scheduler: str | None = None
+    #: Model batches queued per worker at most (each holds its images' bytes until its result is written).
+    batches_per_worker: Annotated[int, Range(1, 64)] = 2
+    #: How long to wait for the scheduler to answer, and for a first worker to join it.
+    connect_timeout_seconds: Annotated[float, Range(1, 3600)] = 30.0
+    worker_wait_seconds: Annotated[float, Range(0, _DAY)] = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -243,6 +254,7 @@ class Config:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 

@@ -74,7 +74,10 @@ class FileOutcome:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
+    """A file that needs a caption, as read before the model runs: its snapshot is what the write is checked
+    against (written only if the file is still exactly this)."""
+
     path: str
     snap: FileSnapshot
     previous: ImageRecord | None
@@ -219,7 +222,7 @@ class Processor:
         if decoder is not None:
             decoder.shutdown(wait=True, cancel_futures=True)
 
-    def _pixels(self, job: _Job) -> Any:
+    def _pixels(self, job: Job) -> Any:
         """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
         Raises ImageError or OSError."""
         with self._ahead_lock:
@@ -240,14 +243,7 @@ class Processor:
         Never raises for a single bad file; raises ModelError when the model itself cannot run and
         IndexUnavailable when the index cannot be written.
         """
-        outcomes: dict[int, FileOutcome] = {}
-        jobs: list[tuple[int, _Job]] = []
-        for position, path in enumerate(paths):
-            result = self._prepare(Path(path), skip_captioned)
-            if isinstance(result, FileOutcome):
-                outcomes[position] = result
-            else:
-                jobs.append((position, result))
+        outcomes, jobs = self.prepare(paths, skip_captioned=skip_captioned)
         size = max(1, self.config.model.batch_size)
         try:
             for start in range(0, len(jobs), size):
@@ -259,6 +255,42 @@ class Processor:
                 for path in paths:
                     self._ahead.pop(normalise_path(path), None)
         return [outcomes[i] for i in range(len(paths))]
+
+    def prepare(self, paths: Sequence[Path], *, skip_captioned: bool = True
+                ) -> tuple[dict[int, FileOutcome], list[tuple[int, Job]]]:
+        """Read each of ``paths`` (snapshot) and apply the policy: the outcomes of files settled without the model
+        (skipped, kept, failed; by position in ``paths``) and the jobs that need a caption (with their position).
+
+        The first half of :meth:`process_batch`, for a caller that has the captions made elsewhere (a Dask cluster,
+        capwatch.cluster) and hands them to :meth:`complete`. Never raises for a single bad file.
+        """
+        outcomes: dict[int, FileOutcome] = {}
+        jobs: list[tuple[int, Job]] = []
+        for position, path in enumerate(paths):
+            result = self._prepare(Path(path), skip_captioned)
+            if isinstance(result, FileOutcome):
+                outcomes[position] = result
+            else:
+                jobs.append((position, result))
+        return outcomes, jobs
+
+    def complete(self, jobs: Sequence[tuple[int, Job]], results: Sequence[str | ImageError]
+                 ) -> list[tuple[int, FileOutcome]]:
+        """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
+        group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
+        in the index. ``results`` holds per job the raw caption text, or the ImageError that made it impossible
+        (the image could not be decoded), which is recorded as that file's error.
+
+        Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
+        """
+        failed: list[tuple[int, FileOutcome]] = []
+        finished: list[tuple[int, Job, str]] = []
+        for (position, job), result in zip(jobs, results, strict=True):
+            if isinstance(result, ImageError):
+                failed.append((position, self._fail(job.path, str(result), job.snap)))
+            else:
+                finished.append((position, job, clean_caption(result)))
+        return failed + self._finish(finished)
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
         """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
@@ -293,7 +325,7 @@ class Processor:
                 self.index.set_error(path, message)
         return FileOutcome(Path(path), None, None, error=message)
 
-    def _prepare(self, path: Path, skip_captioned: bool) -> _Job | FileOutcome:
+    def _prepare(self, path: Path, skip_captioned: bool) -> Job | FileOutcome:
         checked = stat_file(path)
         if isinstance(checked, FileOutcome):
             return checked
@@ -324,13 +356,13 @@ class Processor:
             if self.index is not None:
                 self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
             return FileOutcome(Path(spath), None, None, skipped=HUMAN_KEPT)
-        return _Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
+        return Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
 
-    def _caption_chunk(self, chunk: list[tuple[int, _Job]]) -> list[tuple[int, FileOutcome]]:
+    def _caption_chunk(self, chunk: list[tuple[int, Job]]) -> list[tuple[int, FileOutcome]]:
         import numpy as np
 
         results: list[tuple[int, FileOutcome]] = []
-        ready: list[tuple[int, _Job]] = []
+        ready: list[tuple[int, Job]] = []
         tensors = []
         for position, job in chunk:
             try:
@@ -343,16 +375,14 @@ class Processor:
         if not ready:
             return results
         captions = self.captioner.caption_pixels(np.stack(tensors))
-        finished = [(position, job, clean_caption(caption.text))
-                    for (position, job), caption in zip(ready, captions, strict=True)]
-        return results + self._finish(finished)
+        return results + self.complete(ready, [caption.text for caption in captions])
 
-    def _finish(self, finished: list[tuple[int, _Job, str]]) -> list[tuple[int, FileOutcome]]:
+    def _finish(self, finished: list[tuple[int, Job, str]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
         holds afterwards in the index (one transaction)."""
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
-        writes: list[tuple[int, _Job, str]] = []
+        writes: list[tuple[int, Job, str]] = []
         for position, job, text in finished:
             path = Path(job.path)
             if not text:
@@ -395,7 +425,7 @@ class Processor:
             self.index.upsert_many(records)
         return results
 
-    def _record_index_only(self, job: _Job, text: str, now: str) -> FileOutcome:
+    def _record_index_only(self, job: Job, text: str, now: str) -> FileOutcome:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
         the caption itself when metadata writing is off. Recorded only when the file is still the one that was
         captioned."""
