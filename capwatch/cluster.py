@@ -29,13 +29,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distributed import Client, Worker, WorkerPlugin, as_completed, get_worker
-from distributed.client import FutureCancelledError
+from distributed.client import ClosedClientError
 from distributed.scheduler import KilledWorker
 
 from capwatch import __version__
@@ -257,11 +258,15 @@ class _Sent:
 def _quiet_dask(verbose: bool) -> None:
     """Dask logs reconnect attempts and worker deaths on its own; the coordinator reports what matters in one
     line, so Dask's messages go to capwatch's log only with -v."""
-    target = logging.getLogger("distributed")
-    capwatch_log = logging.getLogger("capwatch")
-    target.handlers[:] = list(capwatch_log.handlers) if verbose else [logging.NullHandler()]
-    target.propagate = False
-    target.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
+    handlers = list(logging.getLogger("capwatch").handlers) if verbose else [logging.NullHandler()]
+    # Dask gives some of its loggers their own stderr handler (distributed.client): each is redirected.
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] == "distributed"]
+    for name in ["distributed", *names]:
+        target = logging.getLogger(name)
+        if name == "distributed" or target.handlers:
+            target.handlers[:] = handlers
+            target.propagate = False
+            target.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
 
 
 @contextmanager
@@ -421,7 +426,9 @@ def caption_on_cluster(
     except CapwatchError:
         _cancel(client, pending)
         raise
-    except (FutureCancelledError, OSError, TimeoutError) as exc:
+    except (CancelledError, ClosedClientError, OSError, TimeoutError) as exc:
+        # The client reconnects for connect_timeout_seconds, then cancels every future (CancelledError) and
+        # refuses new ones (ClosedClientError); a comm cut mid-call raises OSError (CommClosedError).
         raise ClusterLost(f"{lost} ({type(exc).__name__}); what was captioned is written, "
                           "run the scan again to finish") from None
     finally:

@@ -321,7 +321,7 @@ def _caption_on_cluster(ctx: click.Context, config: Config, index: Index, paths:
                                   verbose=log.isEnabledFor(logging.DEBUG)) as client:
             request = dask_cluster.model_request(captioner, config.model)
             workers = dask_cluster.install(client, request, wait_seconds=settings.worker_wait_seconds)
-            log.info("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
+            log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
             run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,
                                                   batches_per_worker=settings.batches_per_worker,
                                                   on_outcomes=on_outcomes)
