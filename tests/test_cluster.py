@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_helpers import MODELS
@@ -66,7 +67,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def cluster(caches: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+def cluster(caches: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Any]]:
     """A LocalCluster: 2 worker processes of 1 thread each, on 127.0.0.1, whose model cache is the workers' one;
     and a client of the test's own (to find the workers' processes)."""
     home = tmp_path_factory.mktemp("worker-home")
@@ -75,7 +76,7 @@ def cluster(caches: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
                                   dashboard_address="127.0.0.1:0", env=env) as local, \
             distributed.Client(local, set_as_default=False) as client:
-        yield local.scheduler_address, client
+        yield local.scheduler_address, client, local.scheduler
 
 
 def _library(root: Path, count: int) -> Path:
@@ -88,7 +89,7 @@ def _library(root: Path, count: int) -> Path:
 
 def _config(tmp_path: Path, model: str = "", batch_size: int = 4) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(f"[model]\n{model}batch_size = {batch_size}\n\n[cluster]\nconnect_timeout_seconds = 3\n"
+    path.write_text(f"[model]\n{model}batch_size = {batch_size}\n\n[cluster]\nconnect_timeout_seconds = 1\n"
                     "worker_wait_seconds = 30\n")
     return path
 
@@ -126,8 +127,8 @@ def _captions(db: Path, root: Path) -> dict[str, tuple[str, str | None, str | No
 
 
 def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
-        cluster: tuple[str, object], run_cli: CliRunner, tmp_path: Path) -> None:
-    address, _ = cluster
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
+    address = cluster[0]
     local = _library(tmp_path / "local", 14)
     # Metadata reads fine, pixels do not decode: fails on the worker, reported (and recorded) by the coordinator.
     Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "whole.jpg")
@@ -149,16 +150,21 @@ def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
 
 
 def test_a_worker_killed_mid_run_has_its_batches_redone_elsewhere_and_every_file_is_written_once(
-        cluster: tuple[str, object], run_cli: CliRunner, tmp_path: Path) -> None:
-    address, client = cluster
-    pids: dict[str, int] = client.run(os.getpid)  # type: ignore[attr-defined]
-    victim = sorted(pids.values())[0]
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
+    address, client, scheduler = cluster
+    pids: dict[str, int] = client.run(os.getpid)
+    victim_address, victim = sorted(pids.items())[0]
     library = _library(tmp_path / "lib", 40)
     result = run_cli("--config", _config(tmp_path, batch_size=2), "--db", tmp_path / "db", "--model", TINY,
                      "scan", library, "--cluster", address, env=_hook(tmp_path, kill_pid=victim))
     assert (tmp_path / "killed").exists()
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)  # the worker really is gone (its nanny may start a new one)
+    # The scheduler took back batches the dead worker held (running, or done but not yet delivered) to run again.
+    taken_back = [t for t in scheduler.transition_log if str(t.key).startswith("caption_batch")
+                  and t.start in ("processing", "memory") and t.finish == "released"
+                  and t.stimulus_id.startswith("handle-worker-cleanup")]
+    assert taken_back, f"{victim_address} held no batch when it was killed"
     assert result.code == 0, result.err
     assert "40 captioned" in result.out, result.out
     rows = _captions(tmp_path / "db", library)
@@ -169,8 +175,8 @@ def test_a_worker_killed_mid_run_has_its_batches_redone_elsewhere_and_every_file
 
 
 def test_a_worker_with_another_model_revision_is_refused_in_one_line_before_anything_is_written(
-        cluster: tuple[str, object], caches: dict[str, Path], run_cli: CliRunner, tmp_path: Path) -> None:
-    address, _ = cluster
+        cluster: tuple[str, Any, Any], caches: dict[str, Path], run_cli: CliRunner, tmp_path: Path) -> None:
+    address = cluster[0]
     library = _library(tmp_path / "lib", 3)
     before = {p: p.read_bytes() for p in library.rglob("*.*")}
     config = _config(tmp_path, model=f'name = "tiny"\nrepo = "{HUB_REPO}"\nprecision = "fp32"\n')
@@ -199,7 +205,7 @@ def _start_scheduler(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Po
 
 
 def test_the_scheduler_gone_mid_run_stops_cleanly_and_a_new_run_finishes_the_rest(
-        cluster: tuple[str, object], run_cli: CliRunner, tmp_path: Path) -> None:
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
     scheduler, address = _start_scheduler(tmp_path, env)
     worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
