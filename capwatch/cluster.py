@@ -217,6 +217,18 @@ def _plugin_state(dask_worker: Worker) -> str | None:
     return plugin.error
 
 
+def _worker_model(dask_worker: Worker) -> str | None:
+    """Run on each worker by :func:`cluster_state`: the model it holds for capwatch, why it has none, or None."""
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, CaptionerPlugin):
+        return None
+    captioner = plugin.captioner
+    if captioner is None:
+        return plugin.error
+    revision = captioner.revision[:12] if captioner.revision else "(revision unknown)"
+    return f"{captioner.model_id} {revision} {captioner.precision} on {captioner.provider or 'cpu'}"
+
+
 def dask_setup(worker: Worker) -> None:
     """``dask worker ADDR --preload capwatch.cluster``: import capwatch's heavy modules once now, so a version
     problem shows when the worker starts and the first batch does not pay for the imports."""
@@ -283,6 +295,25 @@ def connect(address: str, *, timeout: float, verbose: bool = False) -> Iterator[
     finally:
         with contextlib.suppress(Exception):  # the scheduler is gone already: nothing left to close cleanly
             client.close(timeout=5)  # type: ignore[no-untyped-call]
+
+
+def cluster_state(address: str, *, timeout: float) -> dict[str, Any]:
+    """The scheduler at ``address`` and its workers (address, threads, the capwatch model each holds), for
+    `capwatch status`; ``error`` says why not when the scheduler cannot be asked. Never raises."""
+    state: dict[str, Any] = {"scheduler": address, "error": None, "workers": []}
+    try:
+        with connect(address, timeout=timeout) as client:
+            threads: dict[str, int] = client.nthreads()  # type: ignore[no-untyped-call]
+            try:
+                models: dict[str, str | None] = client.run(_worker_model)
+            except Exception:  # a worker without capwatch cannot run it; its threads still show
+                models = {}
+    except (CapwatchError, OSError, TimeoutError) as exc:
+        state["error"] = str(exc)
+        return state
+    state["workers"] = [{"address": worker, "threads": count, "model": models.get(worker)}
+                        for worker, count in sorted(threads.items())]
+    return state
 
 
 def model_request(captioner: Captioner, model: ModelConfig) -> ModelRequest:
@@ -395,7 +426,7 @@ def caption_on_cluster(
     arrivals = as_completed(loop=client.loop)  # type: ignore[no-untyped-call]
     try:
         while waiting or pending:
-            workers = max(1, len(client.scheduler_info().get("workers", {})))
+            workers = max(1, len(client.nthreads()))  # type: ignore[no-untyped-call]
             while waiting and len(pending) < batches_per_worker * workers:
                 send()
             if not pending:

@@ -147,6 +147,14 @@ def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
     assert sum(1 for status, caption, text in got.values() if status == "captioned" and caption == text) == 14
     assert _writes(tmp_path) == Counter({str(remote / name): 1 for name, row in got.items() if row[0] == "captioned"})
     assert "worker tcp://127.0.0.1:" in result.err  # per-worker rates in the log
+    # `status` shows the configured scheduler's workers and the model each holds.
+    config.write_text(config.read_text().replace("[cluster]\n", f'[cluster]\nscheduler = "{address}"\n'))
+    status = run_cli("--config", config, "--db", tmp_path / "remote.db", "--model", TINY, "status", "--json")
+    assert status.code == 0, status.err
+    cluster = json.loads(status.out)["cluster"]
+    assert cluster["scheduler"] == address and cluster["error"] is None
+    assert [(w["threads"], w["model"]) for w in cluster["workers"]] == \
+        [(1, "vit-gpt2-tiny-greedy (revision unknown) fp32 on cpu")] * 2
 
 
 def test_a_worker_killed_mid_run_has_its_batches_redone_elsewhere_and_every_file_is_written_once(
