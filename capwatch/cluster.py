@@ -33,14 +33,15 @@ from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
+import click
 from distributed import Client, Worker, WorkerPlugin, as_completed, get_worker
 from distributed.client import ClosedClientError
 from distributed.scheduler import KilledWorker
 
 from capwatch import __version__
-from capwatch.config import ModelConfig
+from capwatch.config import ModelConfig, Provider
 from capwatch.errors import CapwatchError, ImageError, ModelError
 
 if TYPE_CHECKING:
@@ -94,9 +95,25 @@ class BatchResult:
     errors: tuple[str | None, ...]
 
 
+#: A worker's own onnxruntime providers (``dask worker ... --preload capwatch.cluster --providers cuda,cpu`` sets it
+#: in the worker's process); without it the worker uses the coordinator's ``[model] providers``.
+PROVIDERS_ENV = "CAPWATCH_WORKER_PROVIDERS"
+
+
+def parse_providers(text: str) -> tuple[Provider, ...]:
+    """``cuda,cpu`` -> ("cuda", "cpu"). Raises ValueError (one line) for a name capwatch does not know."""
+    names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+    known = get_args(Provider)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown onnxruntime provider {name!r} (known: {', '.join(known)})")
+    return names  # type: ignore[return-value]
+
+
 def open_worker_captioner(request: ModelRequest, threads: int, env: dict[str, str] | os._Environ[str]) -> Captioner:
     """Resolve ``request``'s model from this machine's own cache (pulling its pinned revision when allowed) and
-    open it with ``threads`` intra-op threads and the requested providers.
+    open it with ``threads`` intra-op threads, on this worker's own providers ($CAPWATCH_WORKER_PROVIDERS, e.g.
+    ``cuda,cpu`` on a GPU box) or else the coordinator's.
 
     Raises ModelError (one line) when the model is not here, or is here as another revision or precision than the
     coordinator's, or when this capwatch is another version than the coordinator's.
@@ -108,9 +125,13 @@ def open_worker_captioner(request: ModelRequest, threads: int, env: dict[str, st
     if request.version != __version__:
         raise ModelError(f"capwatch {__version__} here, {request.version} on the coordinator: install the same "
                          "version on both")
+    try:
+        providers = parse_providers(env.get(PROVIDERS_ENV, "")) or request.model.providers
+    except ValueError as exc:
+        raise ModelError(f"${PROVIDERS_ENV}: {exc}") from None
     resolved = resolve_model(request.model, env, download=True)
     model = dataclasses.replace(request.model, precision=resolved.precision, threads=max(1, threads),  # type: ignore[arg-type]
-                                idle_unload_seconds=0.0)
+                                idle_unload_seconds=0.0, providers=providers)
     captioner = open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision,
                                derived=DerivedCache.from_env(env))
     have = (captioner.model_id, captioner.revision, captioner.precision)
@@ -229,12 +250,28 @@ def _worker_model(dask_worker: Worker) -> str | None:
     return f"{captioner.model_id} {revision} {captioner.precision} on {captioner.provider or 'cpu'}"
 
 
-def dask_setup(worker: Worker) -> None:
-    """``dask worker ADDR --preload capwatch.cluster``: import capwatch's heavy modules once now, so a version
-    problem shows when the worker starts and the first batch does not pay for the imports."""
+def _check_providers(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        try:
+            parse_providers(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@click.command()
+@click.option("--providers", metavar="LIST", callback=_check_providers,
+              help="onnxruntime providers for this worker, most wanted first (e.g. cuda,cpu); default: the "
+                   "coordinator's [model] providers.")
+def dask_setup(worker: Worker, providers: str | None) -> None:
+    """``dask worker ADDR --preload capwatch.cluster [--providers cuda,cpu]``: import capwatch's heavy modules once
+    now, so a missing or broken install shows when the worker starts and the first batch does not pay for the
+    imports; remember this worker's own providers for the model plugin."""
     import capwatch.library.process
     import capwatch.models.captioner  # noqa: F401
 
+    if providers:
+        os.environ[PROVIDERS_ENV] = providers  # read by CaptionerPlugin.setup in this process
     log.info("capwatch %s ready on worker %s (%d threads)", __version__, worker.address, worker.state.nthreads)
 
 

@@ -8,6 +8,7 @@ the writes themselves, not only on the end state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from hub_server import FakeHub
 from PIL import Image
 
 from capwatch.config import ModelConfig
-from capwatch.errors import CapwatchError
+from capwatch.errors import CapwatchError, ModelError
 from capwatch.library.index import Index
 from capwatch.metadata import read_snapshot
 from capwatch.models.store import resolve_model
@@ -217,7 +218,7 @@ def test_the_scheduler_gone_mid_run_stops_cleanly_and_a_new_run_finishes_the_res
     env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
     scheduler, address = _start_scheduler(tmp_path, env)
     worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
-                               "--no-dashboard", "--preload", "capwatch.cluster"], env=env,
+                               "--no-dashboard", "--preload", "capwatch.cluster", "--providers", "cpu"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         library = _library(tmp_path / "lib", 24)
@@ -254,3 +255,23 @@ def test_scan_with_no_scheduler_at_the_address_says_so_in_one_line(run_cli: CliR
                      "--cluster", "tcp://127.0.0.1:9")
     line = assert_one_line_error(result, 2)
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in line, line
+
+
+def test_a_worker_runs_on_its_own_providers_and_refuses_another_capwatch_version(tmp_path: Path) -> None:
+    from capwatch.cluster import PROVIDERS_ENV, ModelRequest, open_worker_captioner, parse_providers
+
+    request = ModelRequest(ModelConfig(dir=TINY, providers=("cpu",)), TINY.name, None, "fp32")
+    env = {"CAPWATCH_CACHE_DIR": str(tmp_path / "cache"), "XDG_STATE_HOME": str(tmp_path / "state"),
+           PROVIDERS_ENV: "cuda,cpu"}
+    captioner = open_worker_captioner(request, 3, env)
+    try:
+        # A GPU box's worker asks for CUDA first (an onnxruntime without it runs on the CPU, saying so once).
+        assert captioner.config.providers == ("cuda", "cpu") and captioner.config.threads == 3
+        assert captioner.loaded and captioner.provider in ("cuda", "cpu")
+    finally:
+        captioner.close()
+    with pytest.raises(ModelError, match=r"0\.0\.1 on the coordinator"):
+        open_worker_captioner(dataclasses.replace(request, version="0.0.1"), 1, env)
+    with pytest.raises(ModelError, match="unknown onnxruntime provider 'gpu'"):
+        open_worker_captioner(request, 1, {**env, PROVIDERS_ENV: "gpu"})
+    assert parse_providers(" CUDA, cpu ") == ("cuda", "cpu") and parse_providers("") == ()
