@@ -322,10 +322,15 @@ def _quiet_dask(verbose: bool) -> None:
 def connect(address: str, *, timeout: float, verbose: bool = False) -> Iterator[Client]:
     """A Dask client of the scheduler at ``address``. Raises ClusterError (one line) when there is none, or
     when the extra is not installed."""
+    import dask.config
+
     _quiet_dask(verbose)
+    if address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise ClusterError(f"{address} needs Dask's TLS configuration (a CA file, and the client's certificate and "
+                           "key), e.g. $DASK_DISTRIBUTED__COMM__TLS__CA_FILE; see the README")
     try:
         client = Client(address, timeout=timeout, set_as_default=False)  # type: ignore[no-untyped-call]
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: a TLS configuration Dask rejects
         raise ClusterError(f"cannot reach the Dask scheduler at {address}: {str(exc).splitlines()[0]}") from None
     try:
         yield client
