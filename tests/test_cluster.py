@@ -127,6 +127,16 @@ def _captions(db: Path, root: Path) -> dict[str, tuple[str, str | None, str | No
     return out
 
 
+def _index_error(db: Path, path: Path) -> str:
+    index = Index.open(db, readonly=True)
+    try:
+        row = index.get(path)
+    finally:
+        index.close()
+    assert row is not None and row.status == "error" and row.error, row
+    return row.error
+
+
 def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
         cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     address = cluster[0]
@@ -145,6 +155,10 @@ def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
     assert f"{remote / 'broken.jpg'}: error: " in result.err and "Traceback" not in result.err, result.err
     want, got = _captions(tmp_path / "local.db", local), _captions(tmp_path / "remote.db", remote)
     assert got == want
+    # The worker's decode error names the file as the coordinator knows it, as a local scan's does.
+    errors = [_index_error(db, root / "broken.jpg").replace(str(root), "ROOT")
+              for db, root in ((tmp_path / "local.db", local), (tmp_path / "remote.db", remote))]
+    assert errors[0] == errors[1] and errors[0].startswith("ROOT/broken.jpg: "), errors
     assert sum(1 for status, caption, text in got.values() if status == "captioned" and caption == text) == 14
     assert _writes(tmp_path) == Counter({str(remote / name): 1 for name, row in got.items() if row[0] == "captioned"})
     assert "worker tcp://127.0.0.1:" in result.err  # per-worker rates in the log

@@ -195,7 +195,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         captioned = failed = 0
         if not no_caption and to_caption:
             if scheduler:
-                captioned, failed = _caption_on_cluster(ctx, config, index, to_caption, force, scheduler)
+                captioned, failed = _caption_on_cluster(config, index, to_caption, force, scheduler)
             else:
                 captioned, failed = _caption_all(config, index, to_caption, force)
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
@@ -286,8 +286,8 @@ def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bo
     return tally
 
 
-def _caption_on_cluster(ctx: click.Context, config: Config, index: Index, paths: list[Path], force: bool,
-                        scheduler: str) -> tuple[int, int]:
+def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: bool, scheduler: str
+                        ) -> tuple[int, int]:
     """Caption ``paths`` on the Dask workers of ``scheduler``, writing here (capwatch.cluster); progress bar with
     the workers' rates on a TTY, one log line per worker at the end. Returns (captioned, failed).
 
