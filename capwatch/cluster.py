@@ -366,8 +366,8 @@ def model_request(captioner: Captioner, model: ModelConfig) -> ModelRequest:
 def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> list[str]:
     """Wait (up to ``wait_seconds``) for a worker, have every worker open the model, and return their addresses.
 
-    Raises ClusterError when no worker joins, and ModelError (one line, naming the worker) when a worker cannot
-    have the coordinator's model.
+    Raises ClusterError when no worker joins or one cannot load capwatch, ModelError (one line, naming the worker)
+    when a worker cannot have the coordinator's model, ClusterLost when the scheduler goes away meanwhile.
     """
     try:
         client.wait_for_workers(1, timeout=wait_seconds)
@@ -376,12 +376,13 @@ def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> li
                            f"{wait_seconds:g} s (start one: dask worker ADDRESS --preload capwatch.cluster)") from None
     try:
         client.register_plugin(CaptionerPlugin(request), name=PLUGIN_NAME)
-    except (OSError, TimeoutError):
-        raise
+        states: dict[str, str | None] = client.run(_plugin_state)
+    except (CancelledError, ClosedClientError, OSError, TimeoutError):
+        raise ClusterLost(f"the Dask scheduler at {_address(client)} went away while its workers were loading the "
+                          "model; nothing was written") from None
     except Exception as exc:  # Dask relays a worker's failure as a bare Exception carrying its text
         raise ClusterError(f"a Dask worker could not take capwatch's model plugin ({str(exc).splitlines()[0]}): "
                            f"install capwatch[cluster] {__version__} on every worker") from None
-    states: dict[str, str | None] = client.run(_plugin_state)
     for state in states.values():
         if state is not None:
             raise ModelError(state)

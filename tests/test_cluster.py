@@ -289,3 +289,17 @@ def test_a_worker_runs_on_its_own_providers_and_refuses_another_capwatch_version
     with pytest.raises(ModelError, match="unknown onnxruntime provider 'gpu'"):
         open_worker_captioner(request, 1, {**env, PROVIDERS_ENV: "gpu"})
     assert parse_providers(" CUDA, cpu ") == ("cuda", "cpu") and parse_providers("") == ()
+
+
+def test_scan_cluster_without_the_extra_says_how_to_install_it_before_touching_anything(
+        run_cli: CliRunner, tmp_path: Path) -> None:
+    blocked = tmp_path / "site" / "distributed"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("No module named \'distributed\'")\n')
+    library = _library(tmp_path / "lib", 1)
+    pythonpath = os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    result = run_cli("--db", tmp_path / "db", "--model", TINY, "scan", library, "--cluster", "tcp://127.0.0.1:9",
+                     env={"PYTHONPATH": pythonpath})
+    line = assert_one_line_error(result, 2)
+    assert "pip install 'capwatch[cluster]'" in line, line
+    assert not (tmp_path / "db").exists()

@@ -162,6 +162,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
     config = _load(ctx)
     roots = _roots(config, dirs)
     scheduler = cluster or config.cluster.scheduler
+    if scheduler and not no_caption:
+        _require_cluster()  # a missing extra is said before a long reconcile, not after it
     _recover_writes()
     totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
                               "errors": 0}
@@ -286,6 +288,14 @@ def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bo
     return tally
 
 
+def _require_cluster() -> None:
+    """Raise UsageError (exit 2) when capwatch.cluster cannot be imported: the extra it needs is not installed."""
+    try:
+        import capwatch.cluster  # noqa: F401
+    except ImportError:
+        raise click.UsageError("--cluster needs Dask distributed: pip install 'capwatch[cluster]'") from None
+
+
 def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: bool, scheduler: str
                         ) -> tuple[int, int]:
     """Caption ``paths`` on the Dask workers of ``scheduler``, writing here (capwatch.cluster); progress bar with
@@ -293,10 +303,8 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
 
     Raises ClusterError/ModelError (exit 2) when the cluster cannot be used, ClusterLost (exit 1) when the
     scheduler goes away mid-run (what was written stays; a new scan finishes the rest)."""
-    try:
-        from capwatch import cluster as dask_cluster
-    except ImportError:
-        raise click.UsageError("--cluster needs Dask distributed: pip install 'capwatch[cluster]'") from None
+    _require_cluster()
+    from capwatch import cluster as dask_cluster
 
     settings = config.cluster
     captioner = _open_captioner(config)  # identity (model, revision) for provenance; not loaded here
