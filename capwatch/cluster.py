@@ -27,6 +27,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
@@ -459,7 +460,10 @@ def caption_on_cluster(
         if ready:
             # The bytes travel inside the task (not scattered): if its worker dies, the scheduler still has them
             # and runs the batch elsewhere.
-            future = client.submit(caption_batch, items, pure=False)
+            with warnings.catch_warnings():
+                # Dask suggests scattering big graphs; here the bytes are the task on purpose (see above).
+                warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+                future = client.submit(caption_batch, items, pure=False)
             pending[future] = _Sent(ready)
             arrivals.add(future)  # type: ignore[no-untyped-call]
         settled = retry_or_fail(early)
