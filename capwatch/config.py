@@ -267,6 +267,17 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    #: A Dask scheduler (``tcp://HOST:8786``): `scan` captions on its workers; None captions on this machine.
+    scheduler: str | None = None
+    #: Model batches queued per worker at most (each holds its images' bytes until its result is written).
+    batches_per_worker: Annotated[int, Range(1, 64)] = 2
+    #: How long to wait for the scheduler to answer, and for a first worker to join it.
+    connect_timeout_seconds: Annotated[float, Range(1, 3600)] = 30.0
+    worker_wait_seconds: Annotated[float, Range(0, _DAY)] = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -276,6 +287,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 

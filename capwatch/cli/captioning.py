@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -146,8 +147,10 @@ class _Progress:
 @click.option("--no-caption", is_flag=True, help="Only index: record images and import existing descriptions.")
 @click.option("--force", is_flag=True, help="Caption every file again and REPLACE DESCRIPTIONS PEOPLE WROTE: their "
               "words are lost. To redo only capwatch's own captions use `capwatch recaption`.")
+@click.option("--cluster", "cluster", metavar="tcp://HOST:PORT", help="Caption on the workers of this Dask scheduler "
+              "(default: [cluster] scheduler); this machine still writes files and index. Needs capwatch[cluster].")
 @click.pass_context
-def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bool) -> None:
+def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bool, cluster: str | None) -> None:
     """Reconcile DIRS (default: configured roots) with the index, then caption what needs it.
 
     Unchanged files are skipped by their state alone (size, times, sidecars); moved files keep their captions;
@@ -158,6 +161,9 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
 
     config = _load(ctx)
     roots = _roots(config, dirs)
+    scheduler = cluster or config.cluster.scheduler
+    if scheduler and not no_caption:
+        _require_cluster()  # a missing extra is said before a long reconcile, not after it
     _recover_writes()
     totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
                               "errors": 0}
@@ -190,7 +196,10 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                                   if r.status in ("captioned", "described", "error"))
         captioned = failed = 0
         if not no_caption and to_caption:
-            captioned, failed = _caption_all(config, index, to_caption, force)
+            if scheduler:
+                captioned, failed = _caption_on_cluster(config, index, to_caption, force, scheduler)
+            else:
+                captioned, failed = _caption_all(config, index, to_caption, force)
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
@@ -235,12 +244,24 @@ class _Tally:
     unchanged: int = 0
     failed: int = 0
 
+    def count(self, outcome: FileOutcome, failures: list[tuple[Path, str]]) -> None:
+        """Count ``outcome``; a failure is also added to ``failures`` (reported at the end)."""
+        from capwatch.library.process import HUMAN_KEPT
+
+        if outcome.error:
+            self.failed += 1
+            failures.append((outcome.path, outcome.error))
+        elif outcome.skipped == HUMAN_KEPT:
+            self.kept += 1
+        elif outcome.written or (outcome.caption and not outcome.skipped):
+            self.captioned += 1
+        else:
+            self.unchanged += 1
+
 
 def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bool,
                   label: str = "captioning") -> _Tally:
     """Process ``paths`` in batches with a progress bar on a TTY; report each failure in one line at the end."""
-    from capwatch.library.process import HUMAN_KEPT
-
     size = max(1, processor.config.model.batch_size)
     tally = _Tally()
     failures: list[tuple[Path, str]] = []
@@ -253,15 +274,7 @@ def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bo
             processor.decode_ahead(paths[start + size:start + 2 * size])  # decoded while this chunk is captioned
             outcomes = processor.process(paths[start:start + size], skip_captioned=skip_captioned)
             for outcome in outcomes:
-                if outcome.error:
-                    tally.failed += 1
-                    failures.append((outcome.path, outcome.error))
-                elif outcome.skipped == HUMAN_KEPT:
-                    tally.kept += 1
-                elif outcome.written or (outcome.caption and not outcome.skipped):
-                    tally.captioned += 1
-                else:
-                    tally.unchanged += 1
+                tally.count(outcome, failures)
             if bar_ctx is not None:
                 done = start + len(outcomes)
                 rate = 60 * done / max(time.monotonic() - started, 1e-6)
@@ -273,6 +286,64 @@ def _caption_many(processor: Processor, paths: list[Path], *, skip_captioned: bo
     for path, message in failures:
         _report_failure(path, message)
     return tally
+
+
+def _require_cluster() -> None:
+    """Raise UsageError (exit 2) when capwatch.cluster cannot be imported: the extra it needs is not installed."""
+    try:
+        import capwatch.cluster  # noqa: F401
+    except ImportError:
+        raise click.UsageError("--cluster needs Dask distributed: pip install 'capwatch[cluster]'") from None
+
+
+def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: bool, scheduler: str
+                        ) -> tuple[int, int]:
+    """Caption ``paths`` on the Dask workers of ``scheduler``, writing here (capwatch.cluster); progress bar with
+    the workers' rates on a TTY, one log line per worker at the end. Returns (captioned, failed).
+
+    Raises ClusterError/ModelError (exit 2) when the cluster cannot be used, ClusterLost (exit 1) when the
+    scheduler goes away mid-run (what was written stays; a new scan finishes the rest)."""
+    _require_cluster()
+    from capwatch import cluster as dask_cluster
+
+    settings = config.cluster
+    captioner = _open_captioner(config)  # identity (model, revision) for provenance; not loaded here
+    processor = _processor(config, index, captioner, force=force)
+    tally = _Tally()
+    failures: list[tuple[Path, str]] = []
+    show = sys.stderr.isatty()
+    started = time.monotonic()
+    bar_ctx = click.progressbar(length=len(paths), label="captioning on the cluster", file=sys.stderr,
+                                show_eta=True, show_pos=True, item_show_func=lambda text: text) if show else None
+
+    def on_outcomes(outcomes: Sequence[FileOutcome], run: dask_cluster.ClusterRun) -> None:
+        for outcome in outcomes:
+            tally.count(outcome, failures)
+        if bar_ctx is not None:
+            rate = 60 * sum(w.images for w in run.workers.values()) / max(time.monotonic() - started, 1e-6)
+            workers = ", ".join(f"{w.rate * 60:,.0f}" for w in run.workers.values())
+            bar_ctx.update(len(outcomes), f"{rate:,.1f} img/min (per worker: {workers})")
+
+    try:
+        with dask_cluster.connect(scheduler, timeout=settings.connect_timeout_seconds,
+                                  verbose=log.isEnabledFor(logging.DEBUG)) as client:
+            request = dask_cluster.model_request(captioner, config.model)
+            workers = dask_cluster.install(client, request, wait_seconds=settings.worker_wait_seconds)
+            log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
+            run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,
+                                                  batches_per_worker=settings.batches_per_worker,
+                                                  on_outcomes=on_outcomes)
+    finally:
+        processor.close()
+        captioner.close()
+        if bar_ctx is not None:
+            bar_ctx.render_finish()
+        for path, message in failures:
+            _report_failure(path, message)
+    for address, stats in sorted(run.workers.items()):
+        log.info("worker %s: %d images in %.1f s of work (%.2f img/s)", address, stats.images, stats.seconds,
+                 stats.rate)
+    return tally.captioned, tally.failed
 
 
 # -- recaption --------------------------------------------------------------------------------------------------

@@ -164,6 +164,28 @@ def _live_state(index_path: Path) -> dict[str, Any] | None:
     return read_live_state(index_path)
 
 
+def _cluster_state(config: Config) -> dict[str, Any]:
+    """The configured Dask scheduler and its workers (capwatch.cluster), or why they cannot be seen."""
+    try:
+        from capwatch.cluster import cluster_state
+    except ImportError:
+        return {"scheduler": config.cluster.scheduler, "workers": [],
+                "error": "Dask distributed is not installed: pip install 'capwatch[cluster]'"}
+    assert config.cluster.scheduler is not None
+    return cluster_state(config.cluster.scheduler, timeout=min(5.0, config.cluster.connect_timeout_seconds))
+
+
+def _echo_cluster(cluster: dict[str, Any]) -> None:
+    if cluster.get("error"):
+        click.echo(f"cluster    {cluster['scheduler']}: {cluster['error']}")
+        return
+    workers = cluster.get("workers") or []
+    click.echo(f"cluster    {cluster['scheduler']}: {len(workers)} worker(s)")
+    for worker in workers:
+        model = worker.get("model") or "no capwatch model loaded (yet)"
+        click.echo(f"  worker   {worker['address']} ({worker['threads']} threads): {model}")
+
+
 @cli.command()
 @_global_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
@@ -196,6 +218,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "model_provider": live.get("model_provider") if live else None,
         "daemon": live,
     }
+    cluster_info = _cluster_state(config) if config.cluster.scheduler else {}
+    if cluster_info:
+        payload["cluster"] = cluster_info
     if as_json:
         click.echo(json.dumps(payload, ensure_ascii=False))
         return
@@ -227,3 +252,5 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"  missing  {root} (kept in the index; re-checked periodically)")
     else:
         click.echo("daemon     not running")
+    if config.cluster.scheduler:
+        _echo_cluster(cluster_info)

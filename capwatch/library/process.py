@@ -42,7 +42,7 @@ from capwatch.metadata import (
 from capwatch.metadata.identity import FileIdentity
 
 if TYPE_CHECKING:
-    from capwatch.models.captioner import Captioner, ImageDescription
+    from capwatch.models.captioner import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ class FileOutcome:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
+    """A file that needs a caption, as read before the model runs: its snapshot is what the write is checked
+    against (written only if the file is still exactly this)."""
+
     path: str
     snap: FileSnapshot
     previous: ImageRecord | None
@@ -170,14 +173,14 @@ def _decode(captioner: Captioner, path: str) -> _Decoded | None:
 
 
 @dataclass(frozen=True)
-class _Said:
-    """What the model (and the OCR engine beside it) said about one image: the cleaned caption, capwatch's
-    keywords (None: the model has no detector or keywords are off, so the file's stay as they are) and the text
-    read in the image (None: not read)."""
+class Described:
+    """What the model (and an OCR engine) said about one image: the caption, capwatch's keywords (None: the model
+    has no detector or keywords are off, so the file's stay as they are) and the text read in the image (None:
+    not read)."""
 
     caption: str
-    keywords: tuple[str, ...] | None
-    text: str | None
+    keywords: tuple[str, ...] | None = None
+    text: str | None = None
 
 
 class Processor:
@@ -240,7 +243,7 @@ class Processor:
         if self.text_reader is not None:
             self.text_reader.close()
 
-    def _pixels(self, job: _Job) -> Any:
+    def _pixels(self, job: Job) -> Any:
         """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
         Raises ImageError or OSError."""
         with self._ahead_lock:
@@ -261,14 +264,7 @@ class Processor:
         Never raises for a single bad file; raises ModelError when the model itself cannot run and
         IndexUnavailable when the index cannot be written.
         """
-        outcomes: dict[int, FileOutcome] = {}
-        jobs: list[tuple[int, _Job]] = []
-        for position, path in enumerate(paths):
-            result = self._prepare(Path(path), skip_captioned)
-            if isinstance(result, FileOutcome):
-                outcomes[position] = result
-            else:
-                jobs.append((position, result))
+        outcomes, jobs = self.prepare(paths, skip_captioned=skip_captioned)
         size = max(1, self.config.model.batch_size)
         try:
             for start in range(0, len(jobs), size):
@@ -280,6 +276,56 @@ class Processor:
                 for path in paths:
                     self._ahead.pop(normalise_path(path), None)
         return [outcomes[i] for i in range(len(paths))]
+
+    def prepare(self, paths: Sequence[Path], *, skip_captioned: bool = True
+                ) -> tuple[dict[int, FileOutcome], list[tuple[int, Job]]]:
+        """Read each of ``paths`` (snapshot) and apply the policy: the outcomes of files settled without the model
+        (skipped, kept, failed; by position in ``paths``) and the jobs that need a caption (with their position).
+
+        The first half of :meth:`process_batch`, for a caller that has the captions made elsewhere (a Dask cluster,
+        capwatch.cluster) and hands them to :meth:`complete`. Never raises for a single bad file.
+        """
+        outcomes: dict[int, FileOutcome] = {}
+        jobs: list[tuple[int, Job]] = []
+        for position, path in enumerate(paths):
+            result = self._prepare(Path(path), skip_captioned)
+            if isinstance(result, FileOutcome):
+                outcomes[position] = result
+            else:
+                jobs.append((position, result))
+        return outcomes, jobs
+
+    def complete(self, jobs: Sequence[tuple[int, Job]], results: Sequence[Described | str | ImageError]
+                 ) -> list[tuple[int, FileOutcome]]:
+        """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
+        group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
+        in the index. ``results`` holds per job what the model said (a Described, or the raw caption text
+        alone), or the ImageError that made it impossible (the image could not be decoded), which is recorded as
+        that file's error. With ``[ocr] engine = "rapidocr"`` the text in each image is read here, from the file.
+
+        Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
+        """
+        failed: list[tuple[int, FileOutcome]] = []
+        finished: list[tuple[int, Job, Described]] = []
+        for (position, job), result in zip(jobs, results, strict=True):
+            if isinstance(result, ImageError):
+                failed.append((position, self._fail(job.path, str(result), job.snap)))
+            else:
+                said = Described(result) if isinstance(result, str) else result
+                said = replace(said, caption=clean_caption(said.caption))
+                finished.append((position, job, self._with_text(job, said)))
+        return failed + self._finish(finished)
+
+    def _with_text(self, job: Job, said: Described) -> Described:
+        """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
+        logged in one line and costs only the text)."""
+        if self.text_reader is None:
+            return said
+        try:
+            return replace(said, text=self.text_reader.read_file(Path(job.path)))
+        except ImageError as exc:
+            log.warning("no text read: %s", exc)
+            return said
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
         """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
@@ -314,7 +360,7 @@ class Processor:
                 self.index.set_error(path, message)
         return FileOutcome(Path(path), None, None, error=message)
 
-    def _prepare(self, path: Path, skip_captioned: bool) -> _Job | FileOutcome:
+    def _prepare(self, path: Path, skip_captioned: bool) -> Job | FileOutcome:
         checked = stat_file(path)
         if isinstance(checked, FileOutcome):
             return checked
@@ -345,13 +391,13 @@ class Processor:
             if self.index is not None:
                 self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
             return FileOutcome(Path(spath), None, None, skipped=HUMAN_KEPT)
-        return _Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
+        return Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
 
-    def _caption_chunk(self, chunk: list[tuple[int, _Job]]) -> list[tuple[int, FileOutcome]]:
+    def _caption_chunk(self, chunk: list[tuple[int, Job]]) -> list[tuple[int, FileOutcome]]:
         import numpy as np
 
         results: list[tuple[int, FileOutcome]] = []
-        ready: list[tuple[int, _Job]] = []
+        ready: list[tuple[int, Job]] = []
         tensors = []
         for position, job in chunk:
             try:
@@ -364,29 +410,18 @@ class Processor:
         if not ready:
             return results
         descriptions = self.captioner.describe_pixels(np.stack(tensors), self.describe)
-        finished = [(position, job, self._said(job, description))
-                    for (position, job), description in zip(ready, descriptions, strict=True)]
-        return results + self._finish(finished)
+        keywords = self.describe.keywords and self.captioner.detects_objects
+        said: list[Described | str | ImageError] = [
+            Described(d.caption.text if d.caption is not None else "", d.keywords if keywords else None, d.text)
+            for d in descriptions]
+        return results + self.complete(ready, said)
 
-    def _said(self, job: _Job, description: ImageDescription) -> _Said:
-        """The model's words on one image, cleaned, with the text the OCR engine beside it reads (a failure of the
-        OCR alone is logged in one line and costs only the text)."""
-        assert description.caption is not None
-        keywords = description.keywords if self.describe.keywords and self.captioner.detects_objects else None
-        text = description.text
-        if self.text_reader is not None:
-            try:
-                text = self.text_reader.read_file(Path(job.path))
-            except ImageError as exc:
-                log.warning("no text read: %s", exc)
-        return _Said(clean_caption(description.caption.text), keywords, text)
-
-    def _finish(self, finished: list[tuple[int, _Job, _Said]]) -> list[tuple[int, FileOutcome]]:
+    def _finish(self, finished: list[tuple[int, Job, Described]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
         holds afterwards in the index (one transaction)."""
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
-        writes: list[tuple[int, _Job, _Said]] = []
+        writes: list[tuple[int, Job, Described]] = []
         for position, job, said in finished:
             text = said.caption
             path = Path(job.path)
@@ -432,7 +467,7 @@ class Processor:
             self.index.upsert_many(records)
         return results
 
-    def _record_index_only(self, job: _Job, said: _Said, now: str) -> FileOutcome:
+    def _record_index_only(self, job: Job, said: Described, now: str) -> FileOutcome:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
         the caption itself when metadata writing is off. Recorded only when the file is still the one that was
         captioned."""

@@ -1,0 +1,526 @@
+"""Caption on a Dask cluster: many workers caption, one coordinator (where the files and the index are) writes.
+
+The coordinator (``capwatch scan DIR --cluster tcp://HOST:8786``) reads each file's snapshot and applies the policy
+exactly as a local scan does (:meth:`capwatch.library.process.Processor.prepare`), then sends the image BYTES of one
+model batch per Dask task: workers need no access to the photos. A worker captions them with the model it resolved
+from its own cache (the same name, revision and precision as the coordinator's, or it refuses) and sends back the
+text. The coordinator alone writes files and index, through the same group-committed path as a local scan
+(:meth:`Processor.complete`); each file is written only if it is still exactly what was read and sent.
+
+Workers: ``dask worker tcp://HOST:8786 --preload capwatch.cluster`` (the preload only checks that capwatch imports
+there and warms its imports). The model is loaded once per worker by :class:`CaptionerPlugin`, which the
+coordinator registers with the model it runs; its onnxruntime uses as many intra-op threads as the worker has
+threads, and the worker captions one batch at a time.
+
+Failure: a batch lives in its Dask task until a result comes back, so a worker that dies mid-batch has the batch
+redone elsewhere by the scheduler, and the coordinator writes each result once. When the scheduler goes away the
+coordinator stops (:class:`ClusterLost`): what was written was written whole, the rest stays pending for the next
+run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
+
+import click
+from distributed import Client, Worker, WorkerPlugin, as_completed, get_worker
+from distributed.client import ClosedClientError
+from distributed.scheduler import KilledWorker
+
+from capwatch import __version__
+from capwatch.config import ModelConfig, Provider
+from capwatch.errors import CapwatchError, ImageError, ModelError
+
+if TYPE_CHECKING:
+    from capwatch.library.process import FileOutcome, Job, Processor
+    from capwatch.models.captioner import Captioner
+
+log = logging.getLogger(__name__)
+
+#: The name the worker plugin is registered under (one model per worker at a time).
+PLUGIN_NAME = "capwatch-captioner"
+#: Attempts for a file that changed between its snapshot and the write (as Processor.process does locally).
+ATTEMPTS = 3
+
+
+class ClusterError(CapwatchError):
+    """The cluster cannot be used for this scan: no scheduler at the address, no worker, a worker refused the
+    model. Nothing was written."""
+
+
+class ClusterLost(CapwatchError):
+    """The scheduler went away mid-run: what was written is complete, the rest is left for the next run."""
+
+    exit_code = 1
+
+
+# -- worker side ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """The model the coordinator captions with, as every worker must have it: its ``[model]`` section and what it
+    resolved to there (repository id, pinned revision, precision key), plus capwatch's version."""
+
+    model: ModelConfig
+    model_id: str
+    revision: str | None
+    precision: str
+    version: str = __version__
+
+    def describe(self) -> str:
+        return f"{self.model_id} at revision {self.revision or '(unknown)'} ({self.precision})"
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one worker made of one batch: per image the caption text or why the image could not be decoded."""
+
+    worker: str
+    seconds: float
+    texts: tuple[str | None, ...]
+    errors: tuple[str | None, ...]
+
+
+#: A worker's own onnxruntime providers (``dask worker ... --preload capwatch.cluster --providers cuda,cpu`` sets it
+#: in the worker's process); without it the worker uses the coordinator's ``[model] providers``.
+PROVIDERS_ENV = "CAPWATCH_WORKER_PROVIDERS"
+
+
+def parse_providers(text: str) -> tuple[Provider, ...]:
+    """``cuda,cpu`` -> ("cuda", "cpu"). Raises ValueError (one line) for a name capwatch does not know."""
+    names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+    known = get_args(Provider)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown onnxruntime provider {name!r} (known: {', '.join(known)})")
+    return names  # type: ignore[return-value]
+
+
+def open_worker_captioner(request: ModelRequest, threads: int, env: dict[str, str] | os._Environ[str]) -> Captioner:
+    """Resolve ``request``'s model from this machine's own cache (pulling its pinned revision when allowed) and
+    open it with ``threads`` intra-op threads, on this worker's own providers ($CAPWATCH_WORKER_PROVIDERS, e.g.
+    ``cuda,cpu`` on a GPU box) or else the coordinator's.
+
+    Raises ModelError (one line) when the model is not here, or is here as another revision or precision than the
+    coordinator's, or when this capwatch is another version than the coordinator's.
+    """
+    from capwatch.models.captioner import open_captioner
+    from capwatch.models.derived import DerivedCache
+    from capwatch.models.store import resolve_model
+
+    if request.version != __version__:
+        raise ModelError(f"capwatch {__version__} here, {request.version} on the coordinator: install the same "
+                         "version on both")
+    try:
+        providers = parse_providers(env.get(PROVIDERS_ENV, "")) or request.model.providers
+    except ValueError as exc:
+        raise ModelError(f"${PROVIDERS_ENV}: {exc}") from None
+    resolved = resolve_model(request.model, env, download=True)
+    model = dataclasses.replace(request.model, precision=resolved.precision, threads=max(1, threads),  # type: ignore[arg-type]
+                                idle_unload_seconds=0.0, providers=providers)
+    captioner = open_captioner(resolved.dir, model, model_id=resolved.model_id, revision=resolved.revision,
+                               derived=DerivedCache.from_env(env))
+    have = (captioner.model_id, captioner.revision, captioner.precision)
+    if have != (request.model_id, request.revision, request.precision):
+        here = f"{have[0]} at revision {have[1] or '(unknown)'} ({have[2]})"
+        raise ModelError(f"model mismatch: this worker has {here}, the coordinator runs {request.describe()}; "
+                         "give both the same model and revision")
+    try:
+        with captioner.sessions.use():  # load now: a graph that cannot load is refused before any batch
+            pass
+    except BaseException:
+        captioner.close()
+        raise
+    return captioner
+
+
+class CaptionerPlugin(WorkerPlugin):
+    """A Dask worker plugin: opens the coordinator's model once on each worker (also on workers that join later)
+    and captions batches with it, one at a time.
+
+    A worker that cannot have the model keeps the reason and raises it (as ModelError) for every batch sent to it,
+    so the coordinator refuses in one line. Picklable until :meth:`setup` runs on the worker.
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self, request: ModelRequest) -> None:
+        self.request = request
+        self.captioner: Captioner | None = None
+        self.error: str | None = None
+        self.address = ""
+        self.local_directory = ""
+        self._lock: threading.Lock | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"request": self.request}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["request"])  # type: ignore[misc]
+
+    def setup(self, worker: Worker) -> None:
+        """Resolve and load the model with as many intra-op threads as this worker has threads."""
+        self._lock = threading.Lock()
+        self.address = str(worker.address)
+        self.local_directory = str(worker.local_directory)
+        try:
+            self.captioner = open_worker_captioner(self.request, int(worker.state.nthreads), os.environ)
+        except CapwatchError as exc:
+            self.error = f"worker {self.address}: {exc}"
+            log.error("%s", self.error)
+
+    def teardown(self, worker: Worker) -> None:
+        if self.captioner is not None:
+            self.captioner.close()
+            self.captioner = None
+
+    def caption(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
+        """Decode each (file name, bytes) and caption the batch. Raises ModelError when this worker has no model."""
+        import numpy as np
+
+        if self.captioner is None or self._lock is None:
+            raise ModelError(self.error or f"worker {self.address}: capwatch's model is not loaded here")
+        started = time.monotonic()
+        with self._lock:  # one batch at a time: the model already uses every thread of this worker
+            tensors: list[Any] = []
+            errors: list[str | None] = []
+            for name, data in items:
+                try:
+                    tensors.append(self._decode(self.captioner, name, data))
+                    errors.append(None)
+                except ImageError as exc:
+                    errors.append(str(exc))
+            captions = iter(self.captioner.caption_pixels(np.stack(tensors)) if tensors else [])
+            texts = tuple(None if error is not None else next(captions).text for error in errors)
+        return BatchResult(self.address, time.monotonic() - started, texts, tuple(errors))
+
+    def _decode(self, captioner: Captioner, name: str, data: bytes) -> Any:
+        """The model input for one image sent as bytes. Decoded from a temporary file with the original suffix
+        (RAW and HEIF decoders go by it); its errors name the original file. Raises ImageError."""
+        suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
+        with tempfile.NamedTemporaryFile(suffix=suffix, dir=self.local_directory or None) as handle:
+            handle.write(data)
+            handle.flush()
+            try:
+                return captioner.preprocess_file(Path(handle.name))
+            except ImageError as exc:
+                raise ImageError(str(exc).replace(handle.name, name)) from None
+
+
+def caption_batch(items: list[tuple[str, bytes]]) -> BatchResult:
+    """The Dask task: caption one batch on the worker it runs on, with its :class:`CaptionerPlugin`."""
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, CaptionerPlugin):
+        raise ModelError(f"worker {worker.address}: capwatch's model plugin is not installed there")
+    return plugin.caption(items)
+
+
+def _plugin_state(dask_worker: Worker) -> str | None:
+    """Run on each worker after registration: why it cannot caption, or None when its model is loaded."""
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, CaptionerPlugin):
+        return f"worker {dask_worker.address}: capwatch's model plugin did not install"
+    return plugin.error
+
+
+def _worker_model(dask_worker: Worker) -> str | None:
+    """Run on each worker by :func:`cluster_state`: the model it holds for capwatch, why it has none, or None."""
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, CaptionerPlugin):
+        return None
+    captioner = plugin.captioner
+    if captioner is None:
+        return plugin.error
+    revision = captioner.revision[:12] if captioner.revision else "(revision unknown)"
+    return f"{captioner.model_id} {revision} {captioner.precision} on {captioner.provider or 'cpu'}"
+
+
+def _check_providers(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        try:
+            parse_providers(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@click.command()
+@click.option("--providers", metavar="LIST", callback=_check_providers,
+              help="onnxruntime providers for this worker, most wanted first (e.g. cuda,cpu); default: the "
+                   "coordinator's [model] providers.")
+def dask_setup(worker: Worker, providers: str | None) -> None:
+    """``dask worker ADDR --preload capwatch.cluster [--providers cuda,cpu]``: import capwatch's heavy modules once
+    now, so a missing or broken install shows when the worker starts and the first batch does not pay for the
+    imports; remember this worker's own providers for the model plugin."""
+    import capwatch.library.process
+    import capwatch.models.captioner  # noqa: F401
+
+    if providers:
+        os.environ[PROVIDERS_ENV] = providers  # read by CaptionerPlugin.setup in this process
+    log.info("capwatch %s ready on worker %s (%d threads)", __version__, worker.address, worker.state.nthreads)
+
+
+# -- coordinator side -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerStats:
+    """Images captioned by one worker and the seconds it spent on them (decode + model)."""
+
+    images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ClusterRun:
+    """What a cluster run did, for the summary and the progress bar."""
+
+    workers: dict[str, WorkerStats] = field(default_factory=dict)
+    batches: int = 0
+    redone: int = 0
+
+
+@dataclass
+class _Sent:
+    jobs: list[tuple[int, Job]]
+
+
+def _quiet_dask(verbose: bool) -> None:
+    """Dask logs reconnect attempts and worker deaths on its own; the coordinator reports what matters in one
+    line, so Dask's messages go to capwatch's log only with -v."""
+    handlers = list(logging.getLogger("capwatch").handlers) if verbose else [logging.NullHandler()]
+    # Dask gives some of its loggers their own stderr handler (distributed.client): each is redirected.
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] == "distributed"]
+    for name in ["distributed", *names]:
+        target = logging.getLogger(name)
+        if name == "distributed" or target.handlers:
+            target.handlers[:] = handlers
+            target.propagate = False
+            target.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
+
+
+@contextmanager
+def connect(address: str, *, timeout: float, verbose: bool = False) -> Iterator[Client]:
+    """A Dask client of the scheduler at ``address``. Raises ClusterError (one line) when there is none, or
+    when the extra is not installed."""
+    import dask.config
+
+    _quiet_dask(verbose)
+    if address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise ClusterError(f"{address} needs Dask's TLS configuration (a CA file, and the client's certificate and "
+                           "key), e.g. $DASK_DISTRIBUTED__COMM__TLS__CA_FILE; see the README")
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)  # type: ignore[no-untyped-call]
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: a TLS configuration Dask rejects
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {str(exc).splitlines()[0]}") from None
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):  # the scheduler is gone already: nothing left to close cleanly
+            client.close(timeout=5)  # type: ignore[no-untyped-call]
+
+
+def cluster_state(address: str, *, timeout: float) -> dict[str, Any]:
+    """The scheduler at ``address`` and its workers (address, threads, the capwatch model each holds), for
+    `capwatch status`; ``error`` says why not when the scheduler cannot be asked. Never raises."""
+    state: dict[str, Any] = {"scheduler": address, "error": None, "workers": []}
+    try:
+        with connect(address, timeout=timeout) as client:
+            threads: dict[str, int] = client.nthreads()  # type: ignore[no-untyped-call]
+            try:
+                models: dict[str, str | None] = client.run(_worker_model)
+            except Exception:  # a worker without capwatch cannot run it; its threads still show
+                models = {}
+    except (CapwatchError, OSError, TimeoutError) as exc:
+        state["error"] = str(exc)
+        return state
+    state["workers"] = [{"address": worker, "threads": count, "model": models.get(worker)}
+                        for worker, count in sorted(threads.items())]
+    return state
+
+
+def model_request(captioner: Captioner, model: ModelConfig) -> ModelRequest:
+    """The request for the model ``captioner`` was opened with, from the ``[model]`` section it came from."""
+    return ModelRequest(model, captioner.model_id, captioner.revision, captioner.precision)
+
+
+def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> list[str]:
+    """Wait (up to ``wait_seconds``) for a worker, have every worker open the model, and return their addresses.
+
+    Raises ClusterError when no worker joins or one cannot load capwatch, ModelError (one line, naming the worker)
+    when a worker cannot have the coordinator's model, ClusterLost when the scheduler goes away meanwhile.
+    """
+    try:
+        client.wait_for_workers(1, timeout=wait_seconds)
+    except TimeoutError:
+        raise ClusterError(f"no Dask worker joined the scheduler at {_address(client)} within "
+                           f"{wait_seconds:g} s (start one: dask worker ADDRESS --preload capwatch.cluster)") from None
+    try:
+        client.register_plugin(CaptionerPlugin(request), name=PLUGIN_NAME)
+        states: dict[str, str | None] = client.run(_plugin_state)
+    except (CancelledError, ClosedClientError, OSError, TimeoutError):
+        raise ClusterLost(f"the Dask scheduler at {_address(client)} went away while its workers were loading the "
+                          "model; nothing was written") from None
+    except Exception as exc:  # Dask relays a worker's failure as a bare Exception carrying its text
+        raise ClusterError(f"a Dask worker could not take capwatch's model plugin ({str(exc).splitlines()[0]}): "
+                           f"install capwatch[cluster] {__version__} on every worker") from None
+    for state in states.values():
+        if state is not None:
+            raise ModelError(state)
+    return sorted(states)
+
+
+def _read_bytes(job: Job) -> bytes | None:
+    """The file's bytes, or None when it is no longer exactly the file the snapshot describes."""
+    try:
+        with open(job.path, "rb") as handle:
+            data = handle.read()
+            st = os.fstat(handle.fileno())
+    except OSError:
+        return None
+    return data if job.snap.identity.matches_stat(st) else None
+
+
+def caption_on_cluster(
+    client: Client,
+    processor: Processor,
+    paths: Sequence[Path],
+    *,
+    skip_captioned: bool,
+    batches_per_worker: int,
+    on_outcomes: Callable[[Sequence[FileOutcome], ClusterRun], None],
+) -> ClusterRun:
+    """Caption ``paths`` on the cluster's workers and write each result on this machine through ``processor``.
+
+    At most ``batches_per_worker`` batches per worker are in flight (each holds its images' bytes until its
+    result is written). ``on_outcomes`` gets every file's outcome as it is settled. Raises ModelError when a
+    worker refuses the model, ClusterLost when the scheduler goes away (what was written stays; the rest is left
+    for the next run), IndexUnavailable when the index cannot be written.
+    """
+    from capwatch.library.process import FileOutcome
+
+    run = ClusterRun()
+    size = max(1, processor.config.model.batch_size)
+    waiting: deque[Path] = deque(paths)
+    attempts: dict[str, int] = {}
+    pending: dict[Any, _Sent] = {}
+    address = _address(client)
+    lost = f"the Dask scheduler at {address} went away"
+
+    def retry_or_fail(outcomes: list[FileOutcome]) -> list[FileOutcome]:
+        """Files that changed since they were read are read again (up to ATTEMPTS in all), as locally."""
+        settled = []
+        for outcome in outcomes:
+            key = str(outcome.path)
+            if not outcome.changed:
+                settled.append(outcome)
+            elif attempts.get(key, 1) < ATTEMPTS:
+                attempts[key] = attempts.get(key, 1) + 1
+                waiting.append(outcome.path)
+            else:
+                message = f"{outcome.path}: kept changing while being captioned; nothing written (run again once it " \
+                    "is done)"
+                settled.append(dataclasses.replace(outcome, changed=False, error=message))
+        return settled
+
+    def send() -> None:
+        batch = [waiting.popleft() for _ in range(min(size, len(waiting)))]
+        outcomes, jobs = processor.prepare(batch, skip_captioned=skip_captioned)
+        early = list(outcomes.values())
+        items: list[tuple[str, bytes]] = []
+        ready: list[tuple[int, Job]] = []
+        for position, job in jobs:
+            data = _read_bytes(job)
+            if data is None:
+                early.append(FileOutcome(Path(job.path), None, None, changed=True,
+                                         skipped=f"{job.path}: changed while it was being read"))
+            else:
+                items.append((job.path, data))
+                ready.append((position, job))
+        if ready:
+            # The bytes travel inside the task (not scattered): if its worker dies, the scheduler still has them
+            # and runs the batch elsewhere.
+            with warnings.catch_warnings():
+                # Dask suggests scattering big graphs; here the bytes are the task on purpose (see above).
+                warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+                future = client.submit(caption_batch, items, pure=False)
+            pending[future] = _Sent(ready)
+            arrivals.add(future)  # type: ignore[no-untyped-call]
+        settled = retry_or_fail(early)
+        if settled:
+            on_outcomes(settled, run)
+
+    arrivals = as_completed(loop=client.loop)  # type: ignore[no-untyped-call]
+    try:
+        while waiting or pending:
+            workers = max(1, len(client.nthreads()))  # type: ignore[no-untyped-call]
+            while waiting and len(pending) < batches_per_worker * workers:
+                send()
+            if not pending:
+                continue
+            for future in [next(arrivals), *arrivals.next_batch(block=False)]:  # type: ignore[no-untyped-call]
+                sent = pending.pop(future)
+                try:
+                    result: BatchResult = future.result()
+                except KilledWorker:
+                    # The batch killed every worker that tried it (Dask's allowed-failures): not the files' fault
+                    # as far as anyone knows; left pending for the next run, reported now.
+                    on_outcomes([FileOutcome(Path(job.path), None, None, error=f"{job.path}: the Dask workers "
+                                             "captioning it died; left for the next run") for _, job in sent.jobs],
+                                run)
+                    continue
+                run.batches += 1
+                stats = run.workers.setdefault(result.worker, WorkerStats())
+                stats.images += sum(text is not None for text in result.texts)
+                stats.seconds += result.seconds
+                results: list[str | ImageError] = [ImageError(error) if error is not None else text or ""
+                                                   for text, error in zip(result.texts, result.errors, strict=True)]
+                finished = processor.complete(sent.jobs, results)
+                before = len(waiting)
+                settled = retry_or_fail([outcome for _, outcome in finished])
+                run.redone += len(waiting) - before
+                if settled:
+                    on_outcomes(settled, run)
+    except CapwatchError:
+        _cancel(client, pending)
+        raise
+    except (CancelledError, ClosedClientError, OSError, TimeoutError) as exc:
+        # The client reconnects for connect_timeout_seconds, then cancels every future (CancelledError) and
+        # refuses new ones (ClosedClientError); a comm cut mid-call raises OSError (CommClosedError).
+        raise ClusterLost(f"{lost} ({type(exc).__name__}); what was captioned is written, "
+                          "run the scan again to finish") from None
+    finally:
+        if pending and client.status == "running":
+            _cancel(client, pending)
+    return run
+
+
+def _cancel(client: Client, pending: dict[Any, _Sent]) -> None:
+    with contextlib.suppress(Exception):  # the scheduler is gone: nothing to cancel there
+        client.cancel(list(pending))  # type: ignore[no-untyped-call]
+    pending.clear()
+
+
+def _address(client: Client) -> str:
+    scheduler = client.scheduler
+    return str(getattr(scheduler, "address", "?"))
