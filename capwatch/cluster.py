@@ -44,9 +44,10 @@ from distributed.scheduler import KilledWorker
 from capwatch import __version__
 from capwatch.config import ModelConfig, Provider
 from capwatch.errors import CapwatchError, ImageError, ModelError
+from capwatch.models.captioner import DescribeOptions
 
 if TYPE_CHECKING:
-    from capwatch.library.process import FileOutcome, Job, Processor
+    from capwatch.library.process import Described, FileOutcome, Job, Processor
     from capwatch.models.captioner import Captioner
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class ModelRequest:
     revision: str | None
     precision: str
     version: str = __version__
+    #: What the workers produce besides the caption (keywords, Florence's text), as the coordinator's config
+    #: says; None: the caption alone.
+    options: DescribeOptions | None = None
 
     def describe(self) -> str:
         return f"{self.model_id} at revision {self.revision or '(unknown)'} ({self.precision})"
@@ -88,12 +92,24 @@ class ModelRequest:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What one worker made of one batch: per image the caption text or why the image could not be decoded."""
+    """What one worker made of one batch: per image the caption text or why the image could not be decoded, and
+    (when asked for) the keywords and the text read in it."""
 
     worker: str
     seconds: float
     texts: tuple[str | None, ...]
     errors: tuple[str | None, ...]
+    keywords: tuple[tuple[str, ...] | None, ...] = ()
+    found_text: tuple[str | None, ...] = ()
+
+    def described(self) -> list[Described | ImageError]:
+        """Per image what :meth:`capwatch.library.process.Processor.complete` takes."""
+        from capwatch.library.process import Described
+
+        keywords = self.keywords or (None,) * len(self.texts)
+        found = self.found_text or (None,) * len(self.texts)
+        return [ImageError(error) if error is not None else Described(text or "", words, seen)
+                for text, error, words, seen in zip(self.texts, self.errors, keywords, found, strict=True)]
 
 
 #: A worker's own onnxruntime providers (``dask worker ... --preload capwatch.cluster --providers cuda,cpu`` sets it
@@ -205,9 +221,15 @@ class CaptionerPlugin(WorkerPlugin):
                     errors.append(None)
                 except ImageError as exc:
                     errors.append(str(exc))
-            captions = iter(self.captioner.caption_pixels(np.stack(tensors)) if tensors else [])
-            texts = tuple(None if error is not None else next(captions).text for error in errors)
-        return BatchResult(self.address, time.monotonic() - started, texts, tuple(errors))
+            options = self.request.options or DescribeOptions(keywords=False)
+            said = iter(self.captioner.describe_pixels(np.stack(tensors), options) if tensors else [])
+            made = [None if error is not None else next(said) for error in errors]
+            detects = options.keywords and self.captioner.detects_objects
+        return BatchResult(
+            self.address, time.monotonic() - started,
+            tuple(d.caption.text if d is not None and d.caption is not None else None for d in made), tuple(errors),
+            tuple(d.keywords if d is not None and detects else None for d in made),
+            tuple(d.text if d is not None else None for d in made))
 
     def _decode(self, captioner: Captioner, name: str, data: bytes) -> Any:
         """The model input for one image sent as bytes. Decoded from a temporary file with the original suffix
@@ -359,9 +381,10 @@ def cluster_state(address: str, *, timeout: float) -> dict[str, Any]:
     return state
 
 
-def model_request(captioner: Captioner, model: ModelConfig) -> ModelRequest:
-    """The request for the model ``captioner`` was opened with, from the ``[model]`` section it came from."""
-    return ModelRequest(model, captioner.model_id, captioner.revision, captioner.precision)
+def model_request(captioner: Captioner, model: ModelConfig, options: DescribeOptions | None = None) -> ModelRequest:
+    """The request for the model ``captioner`` was opened with, from the ``[model]`` section it came from, asking
+    the workers for what ``options`` names besides the caption."""
+    return ModelRequest(model, captioner.model_id, captioner.revision, captioner.precision, options=options)
 
 
 def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> list[str]:
@@ -493,9 +516,7 @@ def caption_on_cluster(
                 stats = run.workers.setdefault(result.worker, WorkerStats())
                 stats.images += sum(text is not None for text in result.texts)
                 stats.seconds += result.seconds
-                results: list[str | ImageError] = [ImageError(error) if error is not None else text or ""
-                                                   for text, error in zip(result.texts, result.errors, strict=True)]
-                finished = processor.complete(sent.jobs, results)
+                finished = processor.complete(sent.jobs, result.described())
                 before = len(waiting)
                 settled = retry_or_fail([outcome for _, outcome in finished])
                 run.redone += len(waiting) - before

@@ -172,6 +172,33 @@ def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
         [(1, "vit-gpt2-tiny-greedy (revision unknown) fp32 on cpu")] * 2
 
 
+def test_keywords_made_on_the_cluster_are_those_of_a_local_scan(
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
+    # Florence-2 gives keywords (<OD>) besides the caption: the workers make them, the coordinator writes them.
+    florence = MODELS / "florence2-tiny"
+    local = tmp_path / "local"
+    local.mkdir()
+    for name in ("blobs.jpg", "gradient.jpg", "checker.png", "red.png"):
+        shutil.copy(MODELS.parent / "images" / name, local / name)
+    remote = tmp_path / "remote"
+    shutil.copytree(local, remote)
+    config = _config(tmp_path, batch_size=2)
+    at_home = run_cli("--config", config, "--db", tmp_path / "local.db", "--model", florence, "scan", local)
+    result = run_cli("--config", config, "--db", tmp_path / "remote.db", "--model", florence, "scan", remote,
+                     "--cluster", cluster[0])
+    assert at_home.code == result.code == 0, (at_home.err, result.err)
+
+    def keywords(db: Path, root: Path) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        with Index.open(db, readonly=True) as index:
+            return {os.path.relpath(r.path, root): (r.keywords, r.model_keywords) for r in index.iter_records(root)}
+
+    want, got = keywords(tmp_path / "local.db", local), keywords(tmp_path / "remote.db", remote)
+    assert got == want and any(mine for _, mine in got.values()), got
+    assert _captions(tmp_path / "remote.db", remote) == _captions(tmp_path / "local.db", local)
+    for name, (_, mine) in got.items():
+        assert read_snapshot(remote / name).metadata.model_keywords == mine
+
+
 def test_a_worker_killed_mid_run_has_its_batches_redone_elsewhere_and_every_file_is_written_once(
         cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     address, client, scheduler = cluster
