@@ -216,14 +216,7 @@ def replace_file(path: Path, data: Content, expected: FileIdentity, *, journal: 
     JournalError when the journal cannot be written (nothing written), and MetadataError (one line) on any OS
     error (the original is then byte-identical and no temp file remains).
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileChanged(f"{path}: file vanished before the write; left alone") from None
-    except OSError as exc:
-        raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
-    if not same_stat(st, expected):
-        raise FileChanged(f"{path}: file changed since it was read; left alone")
+    st = _stat_as_read(path, expected)
     src_fd = _open_source(path, expected) if any(isinstance(p, Tail) for p in _parts(data)) else None
     try:
         if needs_in_place(st):

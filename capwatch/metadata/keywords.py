@@ -115,30 +115,24 @@ class KeywordMerge:
 def owned(existing: Sequence[str], previous_ours: Sequence[str]) -> list[bool]:
     """For each existing keyword, whether it is capwatch's: each entry of ``previous_ours`` claims one item of the
     same text (a second copy of the same keyword is a person's)."""
-    claims = Counter(unicodedata.normalize("NFC", k).strip() for k in previous_ours)
-    out: list[bool] = []
-    for item in existing:
-        text = unicodedata.normalize("NFC", item).strip()
-        if claims[text] > 0:
-            claims[text] -= 1
-            out.append(True)
-        else:
-            out.append(False)
-    return out
+    return _claimed(existing, Counter(unicodedata.normalize("NFC", k).strip() for k in previous_ours))
 
 
 def owned_iptc(values: Sequence[str], previous_ours: Sequence[str]) -> list[bool]:
     """For each IPTC keyword, whether it is capwatch's: each entry of ``previous_ours`` claims one item equal to it
     or to its 64-byte cut (IPTC has no provenance of its own)."""
-    claims = Counter(unicodedata.normalize("NFC", iptc_bytes(k.strip()).decode("utf-8")) for k in previous_ours)
+    return _claimed(values, Counter(unicodedata.normalize("NFC", iptc_bytes(k.strip()).decode("utf-8"))
+                                    for k in previous_ours))
+
+
+def _claimed(items: Sequence[str], claims: Counter[str]) -> list[bool]:
+    """For each item, whether one of ``claims`` (consumed as they match) takes it."""
     out: list[bool] = []
-    for item in values:
+    for item in items:
         text = unicodedata.normalize("NFC", item).strip()
-        if claims[text] > 0:
+        out.append(claims[text] > 0)
+        if out[-1]:
             claims[text] -= 1
-            out.append(True)
-        else:
-            out.append(False)
     return out
 
 
