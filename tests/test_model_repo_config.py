@@ -14,6 +14,7 @@ from hub_server import FakeHub
 from capwatch.config import ModelConfig, apply_overrides, load_config_file
 from capwatch.errors import ModelError, ModelUnreachable
 from capwatch.models.store import find_model, model_spec, pull, resolve_model
+from tests.conftest import CliRunner
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loopback_only")]
 
@@ -113,3 +114,18 @@ def test_pull_announces_every_file_and_its_size_before_the_first_byte(tmp_path: 
     planned = dict(events[0][1])
     expected = {p: len(d) for p, d in files.items() if not p.endswith("_quantized.onnx")}
     assert planned == expected
+
+
+def test_recaption_model_changed_works_with_a_repo_model_that_is_not_downloaded_yet(
+        tmp_path: Path, run_cli: CliRunner) -> None:
+    # Which files were captioned by another model is decided without the model: a [model] repo the registry does
+    # not know must not be looked up by name there.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\nname = "tiny"\nrepo = "{HUB_REPO}"\nrevision = "{COMMIT}"\n')
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    assert run_cli("--config", config, "--db", tmp_path / "index.db", "scan", "--no-caption", photos).code == 0
+    result = run_cli("--config", config, "--db", tmp_path / "index.db", "recaption", "--model-changed", "--dry-run",
+                     photos)
+    assert result.code == 0, result.err
+    assert "0 files would be captioned again" in result.out

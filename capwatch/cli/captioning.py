@@ -352,13 +352,12 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
 def _current_model(config: Config) -> tuple[str, str | None]:
     """The model id and revision captions would be made with now, without loading or downloading anything."""
     from capwatch.errors import ModelError
-    from capwatch.models.registry import get_spec
-    from capwatch.models.store import resolve_model
+    from capwatch.models.store import model_spec, resolve_model
 
     if config.model.dir is not None:
         resolved = resolve_model(config.model, os.environ)
         return resolved.model_id, resolved.revision
-    spec = get_spec(config.model.name)
+    spec = model_spec(config.model)  # a registry name, or a [model] repo the registry does not know
     try:
         resolved = resolve_model(config.model, os.environ)
         return resolved.model_id, resolved.revision
