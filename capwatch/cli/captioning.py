@@ -332,7 +332,8 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
             log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
             run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,
                                                   batches_per_worker=settings.batches_per_worker,
-                                                  on_outcomes=on_outcomes)
+                                                  on_outcomes=on_outcomes,
+                                                  worker_wait_seconds=settings.worker_wait_seconds)
     finally:
         processor.close()
         captioner.close()
