@@ -63,7 +63,8 @@ class ClusterError(CapwatchError):
 
 
 class ClusterLost(CapwatchError):
-    """The scheduler went away mid-run: what was written is complete, the rest is left for the next run."""
+    """The scheduler went away mid-run, or every worker did: what was written is complete, the rest is left for the
+    next run."""
 
     exit_code = 1
 
@@ -137,6 +138,7 @@ def open_worker_captioner(request: ModelRequest, threads: int, env: dict[str, st
                                derived=DerivedCache.from_env(env))
     have = (captioner.model_id, captioner.revision, captioner.precision)
     if have != (request.model_id, request.revision, request.precision):
+        captioner.close()
         here = f"{have[0]} at revision {have[1] or '(unknown)'} ({have[2]})"
         raise ModelError(f"model mismatch: this worker has {here}, the coordinator runs {request.describe()}; "
                          "give both the same model and revision")
@@ -213,13 +215,17 @@ class CaptionerPlugin(WorkerPlugin):
         """The model input for one image sent as bytes. Decoded from a temporary file with the original suffix
         (RAW and HEIF decoders go by it); its errors name the original file. Raises ImageError."""
         suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
-        with tempfile.NamedTemporaryFile(suffix=suffix, dir=self.local_directory or None) as handle:
-            handle.write(data)
-            handle.flush()
-            try:
-                return captioner.preprocess_file(Path(handle.name))
-            except ImageError as exc:
-                raise ImageError(str(exc).replace(handle.name, name)) from None
+        try:
+            with tempfile.NamedTemporaryFile(suffix=suffix, dir=self.local_directory or None) as handle:
+                handle.write(data)
+                handle.flush()
+                try:
+                    return captioner.preprocess_file(Path(handle.name))
+                except ImageError as exc:
+                    raise ImageError(str(exc).replace(handle.name, name)) from None
+        except OSError as exc:  # this worker's own disk (full, read-only): not the photo's fault
+            raise ClusterError(f"worker {self.address}: cannot write a temporary file in {self.local_directory}: "
+                               f"{exc.strerror or exc}") from None
 
 
 def caption_batch(items: list[tuple[str, bytes]]) -> BatchResult:
