@@ -203,7 +203,9 @@ def test_a_worker_with_another_model_revision_is_refused_in_one_line_before_anyt
     library = _library(tmp_path / "lib", 3)
     before = {p: p.read_bytes() for p in library.rglob("*.*")}
     config = _config(tmp_path, model=f'name = "tiny"\nrepo = "{HUB_REPO}"\nprecision = "fp32"\n')
-    result = run_cli("--config", config, "--db", tmp_path / "db", "scan", library, "--cluster", address,
+    # The scheduler from the configuration this time ([cluster] scheduler), not --cluster.
+    config.write_text(config.read_text().replace("[cluster]\n", f'[cluster]\nscheduler = "{address}"\n'))
+    result = run_cli("--config", config, "--db", tmp_path / "db", "scan", library,
                      env={"CAPWATCH_CACHE_DIR": str(caches["coordinator"]), "XDG_STATE_HOME": str(caches["state"]),
                           **_hook(tmp_path)})
     line = assert_one_line_error(result, 2)
