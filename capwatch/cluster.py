@@ -64,7 +64,8 @@ class ClusterError(CapwatchError):
 
 
 class ClusterLost(CapwatchError):
-    """The scheduler went away mid-run: what was written is complete, the rest is left for the next run."""
+    """The scheduler went away mid-run, or every worker did: what was written is complete, the rest is left for the
+    next run."""
 
     exit_code = 1
 
@@ -153,6 +154,7 @@ def open_worker_captioner(request: ModelRequest, threads: int, env: dict[str, st
                                derived=DerivedCache.from_env(env))
     have = (captioner.model_id, captioner.revision, captioner.precision)
     if have != (request.model_id, request.revision, request.precision):
+        captioner.close()
         here = f"{have[0]} at revision {have[1] or '(unknown)'} ({have[2]})"
         raise ModelError(f"model mismatch: this worker has {here}, the coordinator runs {request.describe()}; "
                          "give both the same model and revision")
@@ -235,13 +237,17 @@ class CaptionerPlugin(WorkerPlugin):
         """The model input for one image sent as bytes. Decoded from a temporary file with the original suffix
         (RAW and HEIF decoders go by it); its errors name the original file. Raises ImageError."""
         suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
-        with tempfile.NamedTemporaryFile(suffix=suffix, dir=self.local_directory or None) as handle:
-            handle.write(data)
-            handle.flush()
-            try:
-                return captioner.preprocess_file(Path(handle.name))
-            except ImageError as exc:
-                raise ImageError(str(exc).replace(handle.name, name)) from None
+        try:
+            with tempfile.NamedTemporaryFile(suffix=suffix, dir=self.local_directory or None) as handle:
+                handle.write(data)
+                handle.flush()
+                try:
+                    return captioner.preprocess_file(Path(handle.name))
+                except ImageError as exc:
+                    raise ImageError(str(exc).replace(handle.name, name)) from None
+        except OSError as exc:  # this worker's own disk (full, read-only): not the photo's fault
+            raise ClusterError(f"worker {self.address}: cannot write a temporary file in {self.local_directory}: "
+                               f"{exc.strerror or exc}") from None
 
 
 def caption_batch(items: list[tuple[str, bytes]]) -> BatchResult:
@@ -432,13 +438,15 @@ def caption_on_cluster(
     skip_captioned: bool,
     batches_per_worker: int,
     on_outcomes: Callable[[Sequence[FileOutcome], ClusterRun], None],
+    worker_wait_seconds: float = 60.0,
 ) -> ClusterRun:
     """Caption ``paths`` on the cluster's workers and write each result on this machine through ``processor``.
 
     At most ``batches_per_worker`` batches per worker are in flight (each holds its images' bytes until its
     result is written). ``on_outcomes`` gets every file's outcome as it is settled. Raises ModelError when a
-    worker refuses the model, ClusterLost when the scheduler goes away (what was written stays; the rest is left
-    for the next run), IndexUnavailable when the index cannot be written.
+    worker refuses the model, ClusterLost when the scheduler goes away or has had no worker for
+    ``worker_wait_seconds`` (what was written stays; the rest is left for the next run), IndexUnavailable when the
+    index cannot be written.
     """
     from capwatch.library.process import FileOutcome
 
@@ -494,6 +502,27 @@ def caption_on_cluster(
             on_outcomes(settled, run)
 
     arrivals = as_completed(loop=client.loop)  # type: ignore[no-untyped-call]
+
+    def next_results() -> list[Any]:
+        """The next finished batches; waits, and raises ClusterLost once no worker was there for
+        ``worker_wait_seconds`` (the batches would wait at the scheduler forever)."""
+        alone_since: float | None = None
+        checked = time.monotonic()
+        while not (ready := arrivals.next_batch(block=False)):  # type: ignore[no-untyped-call]
+            time.sleep(0.01)
+            now = time.monotonic()
+            if now - checked < 1.0:
+                continue
+            checked = now
+            if client.nthreads():  # type: ignore[no-untyped-call]
+                alone_since = None
+            elif alone_since is None:
+                alone_since = now
+            elif now - alone_since >= worker_wait_seconds:
+                raise ClusterLost(f"no Dask worker left at {address} for {worker_wait_seconds:g} s; what was "
+                                  "captioned is written, run the scan again to finish")
+        return list(ready)
+
     try:
         while waiting or pending:
             workers = max(1, len(client.nthreads()))  # type: ignore[no-untyped-call]
@@ -501,10 +530,16 @@ def caption_on_cluster(
                 send()
             if not pending:
                 continue
-            for future in [next(arrivals), *arrivals.next_batch(block=False)]:  # type: ignore[no-untyped-call]
+            for future in next_results():
                 sent = pending.pop(future)
                 try:
-                    result: BatchResult = future.result()
+                    result: BatchResult = future.result(timeout=1)
+                except TimeoutError:
+                    # Finished, but its result was lost with its worker before it reached us: the scheduler runs
+                    # the batch again, and it comes back with the others.
+                    pending[future] = sent
+                    arrivals.add(future)  # type: ignore[no-untyped-call]
+                    continue
                 except KilledWorker:
                     # The batch killed every worker that tried it (Dask's allowed-failures): not the files' fault
                     # as far as anyone knows; left pending for the next run, reported now.

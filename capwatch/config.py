@@ -273,8 +273,8 @@ class ClusterConfig:
     #: Model batches queued per worker at most (each holds its images' bytes until its result is written).
     batches_per_worker: Annotated[int, Range(1, 64)] = 2
     #: How long to wait for the scheduler to answer, and for a first worker to join it.
-    connect_timeout_seconds: Annotated[float, Range(1, 3600)] = 30.0
-    worker_wait_seconds: Annotated[float, Range(0, _DAY)] = 60.0
+    connect_timeout_seconds: Annotated[float, Range(1, 3600)] = 10.0
+    worker_wait_seconds: Annotated[float, Range(1, _DAY)] = 60.0
 
 
 @dataclass(frozen=True)

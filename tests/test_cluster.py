@@ -230,7 +230,9 @@ def test_a_worker_with_another_model_revision_is_refused_in_one_line_before_anyt
     library = _library(tmp_path / "lib", 3)
     before = {p: p.read_bytes() for p in library.rglob("*.*")}
     config = _config(tmp_path, model=f'name = "tiny"\nrepo = "{HUB_REPO}"\nprecision = "fp32"\n')
-    result = run_cli("--config", config, "--db", tmp_path / "db", "scan", library, "--cluster", address,
+    # The scheduler from the configuration this time ([cluster] scheduler), not --cluster.
+    config.write_text(config.read_text().replace("[cluster]\n", f'[cluster]\nscheduler = "{address}"\n'))
+    result = run_cli("--config", config, "--db", tmp_path / "db", "scan", library,
                      env={"CAPWATCH_CACHE_DIR": str(caches["coordinator"]), "XDG_STATE_HOME": str(caches["state"]),
                           **_hook(tmp_path)})
     line = assert_one_line_error(result, 2)
@@ -252,6 +254,31 @@ def _start_scheduler(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Po
             time.sleep(0.05)
     proc.kill()
     raise AssertionError("dask scheduler did not start")
+
+
+def test_the_last_worker_gone_mid_run_stops_cleanly_once_none_came_back_in_time(
+        run_cli: CliRunner, tmp_path: Path) -> None:
+    env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    scheduler, address = _start_scheduler(tmp_path, env)
+    worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
+                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        library = _library(tmp_path / "lib", 12)
+        config = _config(tmp_path, batch_size=3)
+        config.write_text(config.read_text().replace("worker_wait_seconds = 30", "worker_wait_seconds = 1"))
+        result = run_cli("--config", config, "--db", tmp_path / "db", "--model", TINY, "scan", library,
+                         "--cluster", address, env=_hook(tmp_path, kill_pid=worker.pid))
+    finally:
+        worker.kill()
+        scheduler.kill()
+        worker.wait()
+        scheduler.wait()
+    line = assert_one_line_error(result, 1)
+    assert f"no Dask worker left at {address} for 1 s" in line, line
+    rows = _captions(tmp_path / "db", library)
+    done = {name for name, (status, _, _) in rows.items() if status == "captioned"}
+    assert 0 < len(done) < 12 and all(rows[name][1] == rows[name][2] for name in done), rows
+    assert set(_writes(tmp_path)) == {str(library / name) for name in done}
 
 
 def test_the_scheduler_gone_mid_run_stops_cleanly_and_a_new_run_finishes_the_rest(

@@ -321,8 +321,8 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
             tally.count(outcome, failures)
         if bar_ctx is not None:
             rate = 60 * sum(w.images for w in run.workers.values()) / max(time.monotonic() - started, 1e-6)
-            workers = ", ".join(f"{w.rate * 60:,.0f}" for w in run.workers.values())
-            bar_ctx.update(len(outcomes), f"{rate:,.1f} img/min (per worker: {workers})")
+            workers = " / ".join(f"{w.rate * 60:,.0f}" for w in run.workers.values())
+            bar_ctx.update(len(outcomes), f"{rate:,.1f} img/min; {len(run.workers)} workers: {workers} img/min each")
 
     try:
         with dask_cluster.connect(scheduler, timeout=settings.connect_timeout_seconds,
@@ -332,7 +332,8 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
             log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
             run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,
                                                   batches_per_worker=settings.batches_per_worker,
-                                                  on_outcomes=on_outcomes)
+                                                  on_outcomes=on_outcomes,
+                                                  worker_wait_seconds=settings.worker_wait_seconds)
     finally:
         processor.close()
         captioner.close()

@@ -74,16 +74,18 @@ class FileOutcome:
 
 
 @dataclass(frozen=True)
-class Job:
-    """A file that needs a caption, as read before the model runs: its snapshot is what the write is checked
-    against (written only if the file is still exactly this)."""
-
+class _Job:
     path: str
     snap: FileSnapshot
     previous: ImageRecord | None
     #: The person's description stays in the file; the caption goes to the index only (model_caption).
     index_only: bool
     human_skip: bool
+
+
+#: A file that needs a caption, as read before the model runs (see Processor.prepare): its snapshot is what the
+#: write is checked against.
+Job = _Job
 
 
 def hooks_from_env(env: Mapping[str, str]) -> WriteHooks:
@@ -243,7 +245,7 @@ class Processor:
         if self.text_reader is not None:
             self.text_reader.close()
 
-    def _pixels(self, job: Job) -> Any:
+    def _pixels(self, job: _Job) -> Any:
         """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
         Raises ImageError or OSError."""
         with self._ahead_lock:
@@ -278,7 +280,7 @@ class Processor:
         return [outcomes[i] for i in range(len(paths))]
 
     def prepare(self, paths: Sequence[Path], *, skip_captioned: bool = True
-                ) -> tuple[dict[int, FileOutcome], list[tuple[int, Job]]]:
+                ) -> tuple[dict[int, FileOutcome], list[tuple[int, _Job]]]:
         """Read each of ``paths`` (snapshot) and apply the policy: the outcomes of files settled without the model
         (skipped, kept, failed; by position in ``paths``) and the jobs that need a caption (with their position).
 
@@ -286,7 +288,7 @@ class Processor:
         capwatch.cluster) and hands them to :meth:`complete`. Never raises for a single bad file.
         """
         outcomes: dict[int, FileOutcome] = {}
-        jobs: list[tuple[int, Job]] = []
+        jobs: list[tuple[int, _Job]] = []
         for position, path in enumerate(paths):
             result = self._prepare(Path(path), skip_captioned)
             if isinstance(result, FileOutcome):
@@ -295,7 +297,7 @@ class Processor:
                 jobs.append((position, result))
         return outcomes, jobs
 
-    def complete(self, jobs: Sequence[tuple[int, Job]], results: Sequence[Described | str | ImageError]
+    def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError]
                  ) -> list[tuple[int, FileOutcome]]:
         """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
         group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
@@ -306,7 +308,7 @@ class Processor:
         Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
         """
         failed: list[tuple[int, FileOutcome]] = []
-        finished: list[tuple[int, Job, Described]] = []
+        finished: list[tuple[int, _Job, Described]] = []
         for (position, job), result in zip(jobs, results, strict=True):
             if isinstance(result, ImageError):
                 failed.append((position, self._fail(job.path, str(result), job.snap)))
@@ -316,7 +318,7 @@ class Processor:
                 finished.append((position, job, self._with_text(job, said)))
         return failed + self._finish(finished)
 
-    def _with_text(self, job: Job, said: Described) -> Described:
+    def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
         logged in one line and costs only the text)."""
         if self.text_reader is None:
@@ -360,7 +362,7 @@ class Processor:
                 self.index.set_error(path, message)
         return FileOutcome(Path(path), None, None, error=message)
 
-    def _prepare(self, path: Path, skip_captioned: bool) -> Job | FileOutcome:
+    def _prepare(self, path: Path, skip_captioned: bool) -> _Job | FileOutcome:
         checked = stat_file(path)
         if isinstance(checked, FileOutcome):
             return checked
@@ -391,13 +393,13 @@ class Processor:
             if self.index is not None:
                 self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
             return FileOutcome(Path(spath), None, None, skipped=HUMAN_KEPT)
-        return Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
+        return _Job(spath, snap, previous, index_only=index_only, human_skip=keep and not index_only)
 
-    def _caption_chunk(self, chunk: list[tuple[int, Job]]) -> list[tuple[int, FileOutcome]]:
+    def _caption_chunk(self, chunk: list[tuple[int, _Job]]) -> list[tuple[int, FileOutcome]]:
         import numpy as np
 
         results: list[tuple[int, FileOutcome]] = []
-        ready: list[tuple[int, Job]] = []
+        ready: list[tuple[int, _Job]] = []
         tensors = []
         for position, job in chunk:
             try:
@@ -416,12 +418,12 @@ class Processor:
             for d in descriptions]
         return results + self.complete(ready, said)
 
-    def _finish(self, finished: list[tuple[int, Job, Described]]) -> list[tuple[int, FileOutcome]]:
+    def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
         holds afterwards in the index (one transaction)."""
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
-        writes: list[tuple[int, Job, Described]] = []
+        writes: list[tuple[int, _Job, Described]] = []
         for position, job, said in finished:
             text = said.caption
             path = Path(job.path)
@@ -467,7 +469,7 @@ class Processor:
             self.index.upsert_many(records)
         return results
 
-    def _record_index_only(self, job: Job, said: Described, now: str) -> FileOutcome:
+    def _record_index_only(self, job: _Job, said: Described, now: str) -> FileOutcome:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
         the caption itself when metadata writing is off. Recorded only when the file is still the one that was
         captioned."""
