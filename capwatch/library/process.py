@@ -326,7 +326,8 @@ class Processor:
         try:
             return replace(said, text=self.text_reader.read_file(Path(job.path)))
         except ImageError as exc:
-            log.warning("no text read: %s", exc)
+            message = str(exc) if str(exc).startswith(job.path) else f"{job.path}: {exc}"
+            log.warning("no text read: %s", message)
             return said
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
