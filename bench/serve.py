@@ -184,9 +184,13 @@ def bench_memory(db: Path, query: str) -> None:
                             env={**os.environ, "CAPWATCH_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
-        assert match, line
+        # The address line, after any warning (the bench index's /photos root is no folder here).
+        seen: list[str] = []
+        match = None
+        while match is None and len(seen) < 20:
+            seen.append(proc.stderr.readline())
+            match = re.search(r"(http://127\.0\.0\.1:\d+/)", seen[-1])
+        assert match, seen
         time.sleep(1.0)
         idle = _rss_mb(proc.pid)
         import urllib.parse
