@@ -256,12 +256,18 @@ def _start_scheduler(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Po
     raise AssertionError("dask scheduler did not start")
 
 
+def _start_worker(address: str, env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
+    """A real one-thread `dask worker` process (no nanny, so a kill is final)."""
+    return subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
+                             "--no-dashboard", *options], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def test_the_last_worker_gone_mid_run_stops_cleanly_once_none_came_back_in_time(
         run_cli: CliRunner, tmp_path: Path) -> None:
     env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
     scheduler, address = _start_scheduler(tmp_path, env)
-    worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
-                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = _start_worker(address, env)
     try:
         library = _library(tmp_path / "lib", 12)
         config = _config(tmp_path, batch_size=3)
@@ -285,9 +291,7 @@ def test_the_scheduler_gone_mid_run_stops_cleanly_and_a_new_run_finishes_the_res
         cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
     scheduler, address = _start_scheduler(tmp_path, env)
-    worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", address, "--nthreads", "1", "--no-nanny",
-                               "--no-dashboard", "--preload", "capwatch.cluster", "--providers", "cpu"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = _start_worker(address, env, "--preload", "capwatch.cluster", "--providers", "cpu")
     try:
         library = _library(tmp_path / "lib", 24)
         config = _config(tmp_path, batch_size=3)

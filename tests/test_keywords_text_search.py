@@ -163,3 +163,42 @@ def test_search_forgives_word_forms_and_finds_cjk_inside_a_run(tmp_path: Path, r
     assert names("caption:桜") == ["sakura.jpg"]
     hit = _search(run_cli, db, "桜")[0]
     assert hit["field"] == "caption" and hit["snippet"] == "日本の[桜]"
+
+
+def test_keywords_of_a_file_whose_description_stays_a_persons_live_in_the_index_only(
+        tmp_path: Path, run_cli: CliRunner) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("blobs.jpg", "gradient.jpg", "oriented.jpg"):
+        shutil.copy(IMAGES / name, photos / name)
+        mc.exiftool("-overwrite_original", "-XMP-dc:Description=Our garden", "-XMP-dc:Subject=Garden", photos / name)
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    config = tmp_path / "config.toml"
+    config.write_text("[metadata]\nindex_only_when_described = true\n")
+    db = tmp_path / "index.db"
+
+    assert run_cli("--config", config, "--db", db, "scan", "--no-caption", photos).code == 0
+    result = run_cli("--config", config, "--db", db, "--model", FLORENCE, "caption", *sorted(photos.iterdir()))
+    assert result.code == 0, result.err
+    with Index.open(db) as index:
+        made = {Path(r.path).name: r.model_keywords for r in index.iter_records()}
+    # A rescan after edits the index must notice keeps them too (they are in no file to be read again).
+    for photo in photos.iterdir():
+        mc.exiftool("-overwrite_original", "-XMP-xmp:Rating=3", photo)
+        before[photo.name] = photo.read_bytes()
+    assert run_cli("--config", config, "--db", db, "--model", FLORENCE, "scan", "--no-caption", photos).code == 0
+
+    with Index.open(db) as index:
+        rows = {Path(r.path).name: r for r in index.iter_records()}
+    assert {name: row.model_keywords for name, row in rows.items()} == made
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    tagged = [name for name, row in rows.items() if row.model_keywords]
+    assert tagged, "the tiny Florence model detected nothing at all"
+    for name in tagged:
+        row = rows[name]
+        assert row.source == "human" and row.caption == "Our garden" and row.model_caption
+        assert row.keywords[0] == "Garden" and set(row.model_keywords) <= {k.casefold() for k in row.keywords}
+        in_file = _subjects(photos / name)[0]
+        assert "Garden" in in_file and not set(row.model_keywords) & set(in_file)
+    keyword = rows[tagged[0]].model_keywords[0]
+    assert tagged[0] in {Path(str(h["path"])).name for h in _search(run_cli, db, f"kw:{keyword}")}

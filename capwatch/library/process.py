@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
-from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot
+from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot, with_index_only_keywords
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -492,8 +492,7 @@ class Processor:
             record = replace(record, caption=text, source="model", status="captioned", error=None)
         if said.keywords is not None:
             # Searchable beside what the file holds, never written into it here.
-            mine = tuple(k for k in said.keywords if k.casefold() not in {h.casefold() for h in record.keywords})
-            record = replace(record, keywords=record.keywords + mine, model_keywords=tuple(said.keywords))
+            record = with_index_only_keywords(record, said.keywords)
         if said.text is not None:
             record = replace(record, ocr_text=said.text)
         if self.index is not None:

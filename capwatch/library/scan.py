@@ -269,6 +269,14 @@ def _sidecar_digest(name: str, entries: dict[str, os.DirEntry[str]]) -> str:
 # -- records ------------------------------------------------------------------------------------------------------
 
 
+def with_index_only_keywords(record: ImageRecord, model_keywords: tuple[str, ...]) -> ImageRecord:
+    """``record`` with the model's keywords of a file they are not written into (its description stays a
+    person's): searchable beside the file's own, those the file already has (in any letter case) not repeated."""
+    have = {k.casefold() for k in record.keywords}
+    mine = tuple(k for k in model_keywords if k.casefold() not in have)
+    return replace(record, keywords=record.keywords + mine, model_keywords=model_keywords)
+
+
 def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | None,
                          config: Config) -> ImageRecord:
     """Build the index row for a file just read, importing any description found in it.
@@ -301,8 +309,7 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
         kept = previous if previous is not None and previous.model_caption else None
         if kept is not None and kept.model_keywords and not meta.model_keywords:
             # The model's keywords of a file whose description stays a person's live in the index only.
-            mine = tuple(k for k in kept.model_keywords if k.casefold() not in {h.casefold() for h in meta.keywords})
-            base = replace(base, keywords=meta.keywords + mine, model_keywords=kept.model_keywords)
+            base = with_index_only_keywords(base, kept.model_keywords)
         return replace(base, caption=desc.text, source="human", status="described",
                        model_caption=kept.model_caption if kept else None, model=kept.model if kept else None,
                        model_revision=kept.model_revision if kept else None,
