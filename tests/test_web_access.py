@@ -290,3 +290,40 @@ def test_slow_strangers_cannot_lock_out_the_person_with_the_token(lib: Library, 
         finally:
             loris.stop()
         assert served.proc.poll() is None
+
+
+def test_a_server_whose_stderr_is_the_journal_does_not_log_its_token(lib: Library, tmp_path: Path) -> None:
+    from tests.conftest import isolated_env
+
+    read_end, write_end = os.pipe()
+    st = os.fstat(write_end)
+    env = {**isolated_env(tmp_path), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}  # as systemd sets it
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(write_config(lib, tmp_path)), "serve",
+                             "--port", "0"], env=env, cwd=tmp_path, stderr=write_end, stdout=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end) as stream:
+            line = stream.readline()
+            assert "capwatch: serving http://127.0.0.1:" in line, line
+            assert "?token=" not in line and "--print-url" in line
+            assert token_file(tmp_path).read_text().strip() not in line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_print_url_for_the_system_service_reads_its_token(lib: Library, tmp_path: Path, run_cli: CliRunner) -> None:
+    system = tmp_path / "sysroot"
+    state = system / "var" / "lib" / "capwatch"
+    state.mkdir(parents=True)
+    state.chmod(0o750)
+    (system / "etc" / "capwatch").mkdir(parents=True)
+    config = write_config(lib, tmp_path, "[serve]\nin_daemon = true\nport = 8999\n")
+    (system / "etc" / "capwatch" / "config.toml").write_text(config.read_text())
+    env = {"CAPWATCH_SYSTEM_ROOT": str(system)}
+    printed = run_cli("--system", "serve", "--print-url", env=env, timeout=30)
+    assert printed.code == 0, printed.err
+    token = (state / "serve-token").read_text().strip()
+    assert printed.out.strip() == f"http://127.0.0.1:8999/?token={token}"
+    assert ((state / "serve-token").stat().st_mode & 0o777) == 0o600
+    assert not token_file(tmp_path).exists()  # the service's token, not the caller's

@@ -5,8 +5,8 @@
 
 Copies tests/fixtures/images into a temporary library, writes captions into the files through capwatch's own
 write path (a model's with provenance, one person's without), indexes them with the real reconcile, starts a real
-`capwatch serve` on 127.0.0.1 (a free port), opens the address it printed (with the access token) and photographs the search page with headless Debian chromium
-(Selenium + chromium-driver; no browser download).
+`capwatch serve` on 127.0.0.1 (a free port), opens the address it printed (with the access token) and photographs
+the search page with headless Debian chromium (Selenium + chromium-driver; no browser download).
 """
 
 from __future__ import annotations
