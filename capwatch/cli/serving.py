@@ -149,12 +149,12 @@ def serve(ctx: click.Context, host: str | None, port: int | None, print_url: boo
     """Serve a local web page: search with thumbnails, a photo page to edit a caption, the status.
 
     \b
-    It prints the address to open, with the access token every request needs (kept in
-    a cookie from then on; the token is stored 0600 in capwatch's state folder).
+    It prints the address to open, with the access token every request needs
+    (a cookie keeps it from then on; it is stored 0600 in the state folder).
     [serve] auth = "none" drops the token, on a loopback address only.
-    / focuses the search box, arrows move through the results.  Captions edited there
-    are written into the file as a person's words.  Ctrl-C stops it.
-    [serve] in_daemon = true runs it inside `capwatch watch` instead.
+    / focuses the search box, arrows move through the results.  Captions
+    edited there are written into the file as a person's words.  Ctrl-C
+    stops it.  [serve] in_daemon = true runs it inside `capwatch watch`.
     """
     config = _load(ctx)
     host = host or config.serve.host

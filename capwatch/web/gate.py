@@ -61,13 +61,14 @@ class ConnectionGate:
     def admit(self, conn: GatedH11Protocol, client: str) -> None:
         """Count ``conn`` as pending for ``client``, first closing the oldest pending connections the caps
         leave no room for."""
-        own = self.pending.setdefault(client, OrderedDict())
-        while len(own) >= self.per_client:
+        own = self.pending.get(client)
+        while own and len(own) >= self.per_client:
             self._evict(next(iter(own)))
-        while self.count() >= self.total:
+        while self.pending and self.count() >= self.total:
             crowded = max(self.pending.values(), key=len)
             self._evict(next(iter(crowded)))
-        own[conn] = None
+        # Looked up again: an eviction that emptied this client's entry removed it.
+        self.pending.setdefault(client, OrderedDict())[conn] = None
 
     def release(self, conn: GatedH11Protocol, client: str) -> None:
         """``conn`` is no longer pending (its head arrived, it was authorised, or it closed)."""
