@@ -327,3 +327,27 @@ def test_print_url_for_the_system_service_reads_its_token(lib: Library, tmp_path
     assert printed.out.strip() == f"http://127.0.0.1:8999/?token={token}"
     assert ((state / "serve-token").stat().st_mode & 0o777) == 0o600
     assert not token_file(tmp_path).exists()  # the service's token, not the caller's
+
+
+def test_strangers_waiting_connections_are_capped_per_client_oldest_closed_first(lib: Library,
+                                                                                 tmp_path: Path) -> None:
+    from capwatch.web.gate import PENDING_PER_CLIENT
+
+    # A deadline far away: what closes connections here is the cap, not the clock.
+    config = write_config(lib, tmp_path, "[serve]\nheader_timeout_seconds = 120\n")
+    with serving(tmp_path, config) as served:
+        count = PENDING_PER_CLIENT + 24
+        loris = SlowLoris(served.port, count=count, interval=0.5, limit=30)
+        try:
+            deadline = time.monotonic() + 20
+            while loris.poll() < count - PENDING_PER_CLIENT and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert loris.closed == set(range(count - PENDING_PER_CLIENT))  # the oldest went, the newest wait
+            assert served.get("/?q=bicycle", timeout=15).status == 200
+            # The owner's connection took a place for the milliseconds its head took: the oldest waiting went.
+            deadline = time.monotonic() + 20
+            while loris.poll() < count - PENDING_PER_CLIENT + 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert loris.closed == set(range(count - PENDING_PER_CLIENT + 1))
+        finally:
+            loris.stop()
