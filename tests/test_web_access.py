@@ -114,16 +114,16 @@ def test_another_local_account_can_neither_read_nor_write_through_the_page(serve
     red = lib.path("red.jpg")
     red.chmod(0o644)  # root's photo, readable by everyone: only the page could let nobody write it
     before = red.read_bytes()
-    tmp_path.chmod(0o755)  # let the other account reach the token file's folder: its mode must stop it
-    for folder in (tmp_path / "home", tmp_path / "home" / ".local", tmp_path / "home" / ".local" / "state"):
-        folder.chmod(0o755)
+    # The token is the owner's alone: 0600 in a 0700 folder (whatever the folders above it allow).
+    assert token_file(tmp_path).stat().st_mode & 0o777 == 0o600
+    assert token_file(tmp_path).parent.stat().st_mode & 0o777 == 0o700
     done = subprocess.run([_python_for_nobody(), "-I", "-c", _NOBODY_CLIENT, str(server.port),
                            str(lib.ids["red.jpg"]), str(token_file(tmp_path))],
                           capture_output=True, text=True, timeout=60, cwd="/", preexec_fn=_as_nobody)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["uid"] == NOBODY
-    assert seen["token_file"] == "PermissionError"  # the state folder is 0700 and the token 0600
+    assert seen["token_file"] == "PermissionError"
     assert seen["search"][0] == 401 and "bicycle" not in seen["search"][1]
     assert seen["photo"][0] == 401 and "red bicycle" not in seen["photo"][1]
     assert seen["thumb"] == 401 and seen["edit"] == 401
