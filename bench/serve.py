@@ -16,20 +16,30 @@ Anchors (issue 13): first results page <= 150 ms server time on the 1 M-row inde
 - *Thumbnails*: a 6000x4000 JPEG (photo-like content), GET /thumb/ID with the cache emptied before each cold
   request; warm = cached file served; 304 = If-None-Match revalidation.
 - *Memory*: a real `capwatch serve` process on the index: VmRSS after start and after one search.
+- *Slow loris* (``--slowloris``, issue 20): a real `capwatch serve` from this tree and one from ``--anchor``
+  (main's code), each with N sockets that send one header line every 5 s and never finish; the token holder's
+  requests meanwhile (how many got 200, p50/max latency), and how many slow sockets are still open 12 s later.
+
+    python bench/serve.py --slowloris                      # N = 0, 64, 200 against /work/main
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import importlib.util
 import os
 import random
 import re
+import select
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -189,14 +199,14 @@ def bench_memory(db: Path, query: str) -> None:
         match = None
         while match is None and len(seen) < 20:
             seen.append(proc.stderr.readline())
-            match = re.search(r"(http://127\.0\.0\.1:\d+/)", seen[-1])
+            match = SERVING.search(seen[-1])
         assert match, seen
         time.sleep(1.0)
         idle = _rss_mb(proc.pid)
         import urllib.parse
-        import urllib.request
 
-        urllib.request.urlopen(match.group(1) + "?q=" + urllib.parse.quote(query), timeout=30).read()
+        status, _ = _get(int(match.group(2)), "/?q=" + urllib.parse.quote(query), match.group(3), timeout=30)
+        assert status == 200, status
         time.sleep(0.5)
         after = _rss_mb(proc.pid)
         anon = _rss_mb(proc.pid, "RssAnon")
@@ -205,6 +215,140 @@ def bench_memory(db: Path, query: str) -> None:
         proc.wait(timeout=20)
     print(f"server RSS: idle {idle:.0f} MB (anchor 120 MB: {idle / 120:.2f}x); after a search {after:.0f} MB, of "
           f"which {anon:.0f} MB its own (the rest: pages of the memory-mapped index, the OS page cache, shared)")
+
+
+#: The line `capwatch serve` prints when it listens: address, port, and (since issue 20) the access token.
+SERVING = re.compile(r"serving (http://127\.0\.0\.1:(\d+)/)(?:\?token=(\S+))?")
+
+
+def _get(port: int, path: str, token: str | None, timeout: float) -> tuple[int, float]:
+    """One GET on a fresh connection, with the token as a bearer header when there is one: (status or 0 for no
+    answer, seconds)."""
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        answer = conn.getresponse()
+        answer.read()
+        status = answer.status
+    except OSError:
+        status = 0
+    finally:
+        conn.close()
+    return status, time.perf_counter() - started
+
+
+class _SlowLoris:
+    """``count`` connections from 127.0.0.1, each sending a request line and then one header line every
+    ``interval`` seconds (never finishing its head); the dripping thread stops by itself after ``limit`` s."""
+
+    def __init__(self, port: int, count: int, interval: float, limit: float) -> None:
+        self.socks: list[socket.socket] = []
+        for _ in range(count):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            except OSError:
+                continue
+            self.socks.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, args=(interval, time.monotonic() + limit), daemon=True)
+        self._thread.start()
+
+    def _drip(self, interval: float, until: float) -> None:
+        while not self._stop.wait(interval) and time.monotonic() < until:
+            for sock in self.socks:
+                with contextlib.suppress(OSError):  # closed by the server: that is the point
+                    sock.sendall(b"X-Slow: 1\r\n")
+
+    def still_open(self) -> int:
+        """How many of the connections the server has not closed."""
+        open_ = 0
+        for sock in self.socks:
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if not readable or sock.recv(1024, socket.MSG_DONTWAIT) != b"":
+                    open_ += 1
+            except (BlockingIOError, InterruptedError):
+                open_ += 1
+            except OSError:
+                pass
+        return open_
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self.socks:
+            sock.close()
+
+
+def _slowloris_run(tree: Path, work: Path, slow: int, requests: int, interval: float,
+                   wait: float) -> tuple[list[tuple[int, float]], int, int]:
+    """A real `capwatch serve` from ``tree`` (its own code: PYTHONPATH and cwd), ``slow`` slow-loris sockets,
+    then ``requests`` requests of the token's holder one after another; then, ``wait`` s later, how many slow
+    sockets are still open. Returns (the (status, seconds) of each request, sockets opened, still open)."""
+    home = work / f"home-{tree.name}-{slow}"
+    env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(home), "XDG_STATE_HOME": str(home / "state"),
+           "XDG_CACHE_HOME": str(home / "cache"), "XDG_CONFIG_HOME": str(home / "config"), "PYTHONPATH": str(tree)}
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(work / "config.toml"), "serve",
+                             "--port", "0"], env=env, cwd=tree, stderr=subprocess.PIPE, text=True)
+    loris = None
+    try:
+        assert proc.stderr is not None
+        match = None
+        for _ in range(20):
+            match = SERVING.search(proc.stderr.readline())
+            if match:
+                break
+        assert match, f"capwatch serve from {tree} did not start"
+        port, token = int(match.group(2)), match.group(3)
+        assert _get(port, "/?q=cat", token, timeout=30)[0] == 200  # warm: templates, the index opened
+        loris = _SlowLoris(port, slow, interval, limit=wait + 30)
+        time.sleep(0.5)
+        answers = [_get(port, "/?q=cat", token, timeout=10) for _ in range(requests)]
+        time.sleep(wait)
+        return answers, len(loris.socks), loris.still_open()
+    finally:
+        if loris is not None:
+            loris.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def bench_slowloris(anchor: Path, work: Path, counts: list[int], requests: int, interval: float,
+                    wait: float) -> None:
+    """Issue 20 item 7: the token holder's requests while N slow-loris sockets are open, on ``anchor`` (main's
+    tree) and on this tree, side by side."""
+    work.mkdir(parents=True, exist_ok=True)
+    root = work / "photos"
+    root.mkdir(exist_ok=True)
+    if not (root / "cat.jpg").exists():
+        Image.new("RGB", (64, 48), (120, 90, 60)).save(root / "cat.jpg")
+    db = work / "slow.db"
+    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=db))
+    with Index.open(db) as index:
+        reconcile(config.library.roots[0], config, index)
+    (work / "config.toml").write_text(f'[library]\nroots = ["{root}"]\n[index]\npath = "{db}"\n')
+    print(f"slow loris: N sockets from 127.0.0.1 each sending a header line every {interval:g} s; then {requests} "
+          f"GET /?q=cat of the token's holder one after another (10 s timeout each); {wait:g} s later, how many "
+          "slow sockets are still open. A shared, noisy 2-core box: latencies are rough.")
+    print(f"{'N':>5} | {'main: 200s':>10} {'p50 ms':>8} {'max ms':>8} {'open':>9} | "
+          f"{'branch: 200s':>12} {'p50 ms':>8} {'max ms':>8} {'open':>9}")
+    for slow in counts:
+        row = [f"{slow:>5}"]
+        for tree in (anchor, REPO):
+            answers, opened, still = _slowloris_run(tree, work, slow, requests, interval, wait)
+            ok = [t * 1000 for status, t in answers if status == 200]
+            codes = sorted({status for status, _ in answers if status != 200})
+            width = 10 if tree == anchor else 12
+            label = f"{len(ok)}/{len(answers)}" + (f" ({','.join(map(str, codes))})" if codes else "")
+            row.append(f"{label:>{width}} {statistics.median(ok) if ok else float('nan'):8.1f} "
+                       f"{max(ok) if ok else float('nan'):8.1f} {f'{still}/{opened}':>9}")
+        print(" | ".join(row), flush=True)
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -222,8 +366,21 @@ def main() -> None:
     parser.add_argument("--thumb-runs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
+    parser.add_argument("--slowloris", action="store_true", help="only the slow-loris comparison (issue 20): this "
+                        "tree next to --anchor")
+    parser.add_argument("--anchor", type=Path, default=Path("/work/main"), help="the tree to compare with "
+                        "(default /work/main, main's code)")
+    parser.add_argument("--slow", default="0,64,200", help="numbers of slow-loris sockets, comma-separated")
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between a slow socket's header lines")
+    parser.add_argument("--wait", type=float, default=12.0, help="seconds after the requests before counting the "
+                        "slow sockets still open")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.slowloris:
+        bench_slowloris(args.anchor.resolve(), args.work / "slowloris", [int(n) for n in args.slow.split(",")],
+                        args.requests, args.interval, args.wait)
+        return
     search: object = _search_bench()
     db = args.work / f"search-{args.images}.db"
     rng = random.Random(args.seed)

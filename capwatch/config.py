@@ -39,6 +39,7 @@ ExistingPolicy = Literal["keep", "overwrite"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 #: Where text in images comes from: nowhere, the rapidocr package (extra ``capwatch[ocr]``), or Florence-2's <OCR>.
 OcrEngine = Literal["off", "rapidocr", "florence"]
+ServeAuth = Literal["token", "none"]
 
 #: Extensions (lower case, no dot) capwatch treats as images by default.
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
@@ -255,7 +256,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """``capwatch serve``: where the web page listens. Any host but a loopback address needs the access token."""
+    """``capwatch serve``: where the web page listens and who may use it."""
 
     host: str = "127.0.0.1"
     #: 0: any free port (the address is printed at start).
@@ -264,6 +265,13 @@ class ServeConfig:
     page_size: Annotated[int, Range(1, 500)] = 48
     #: Run the web page inside `capwatch watch` (the daemon, and so the systemd service) instead of on its own.
     in_daemon: bool = False
+    #: "token": every request needs the access token (stored 0600 in the state folder), loopback included, since
+    #: other local accounts reach 127.0.0.1 too. "none": no token, only on a loopback address (a machine with
+    #: one user account).
+    auth: ServeAuth = "token"
+    #: A connection must deliver a whole request head within this many seconds, or it is closed (slow clients
+    #: holding connections open must not lock out the people with the token).
+    header_timeout_seconds: Annotated[float, Range(0.5, 300)] = 10.0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`capwatch serve` in a real browser: Debian's chromium, headless, driven by Selenium through chromium-driver.
 
-A real `capwatch serve` process listens on 127.0.0.1 (a free port); the browser loads the page, types a query,
+A real `capwatch serve` process listens on 127.0.0.1 (a free port); the browser opens the address it printed (with
+the access token, which moves into a cookie), loads the page, types a query,
 sees thumbnails, opens a photo, edits its caption, and exiftool then reads the new words from the file on disk.
 On failure a screenshot of the page is saved (path printed; also copied to $CAPWATCH_SCREENSHOT_DIR if set).
 """
@@ -8,18 +9,14 @@ On failure a screenshot of the page is saved (path printed; also copied to $CAPW
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import isolated_env
-from tests.web_helpers import RED_CAPTION, Library, build_library, exif_fields
+from tests.web_helpers import RED_CAPTION, Library, Served, build_library, exif_fields, serving, write_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -33,32 +30,11 @@ pytestmark = [
 ]
 
 
-def start_server(lib: Library, tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """A real `capwatch serve` on 127.0.0.1 and a free port; returns the process and its address."""
-    config = tmp_path / "config.toml"
-    config.write_text(f'[library]\nroots = ["{lib.root}"]\n[index]\npath = "{lib.config.index_path()}"\n'
-                      f'[model]\ndir = "{lib.config.model.dir}"\nprecision = "fp32"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
-                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
-    if match is None:
-        proc.kill()
-        raise AssertionError(f"capwatch serve did not start: {line}{proc.stderr.read()}")
-    return proc, match.group(1)
-
-
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Library, str]]:
+def served(tmp_path: Path) -> Iterator[tuple[Library, Served]]:
     lib = build_library(tmp_path)
-    proc, url = start_server(lib, tmp_path)
-    try:
-        yield lib, url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with serving(tmp_path, write_config(lib, tmp_path)) as server:
+        yield lib, server
 
 
 @pytest.fixture
@@ -95,12 +71,16 @@ def _wait(driver: Any, condition: Any, timeout: float = 20) -> Any:
     return WebDriverWait(driver, timeout).until(condition)
 
 
-def test_search_open_a_photo_and_edit_its_caption_in_chromium(served: tuple[Library, str], browser: Any) -> None:
+def test_search_open_a_photo_and_edit_its_caption_in_chromium(served: tuple[Library, Served], browser: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    lib, url = served
+    lib, server = served
+    url = server.url
     browser.get(url)
+    assert "needs its access token" in browser.find_element(By.TAG_NAME, "body").text
+    browser.get(server.login_url)  # the address `capwatch serve` printed: the token goes into a cookie
+    assert browser.current_url == url and "token" not in browser.current_url
     body = browser.find_element(By.TAG_NAME, "body")
     body.send_keys("/")  # the keyboard shortcut focuses the search box
     box = browser.switch_to.active_element

@@ -7,8 +7,6 @@ import dataclasses
 import io
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,19 @@ from capwatch.library.search import parse_query
 from capwatch.models.captioner import open_captioner
 from capwatch.web.app import MAX_BODY, ServeSettings, create_app
 from capwatch.web.security import AccessToken, is_loopback, load_or_create_token
-from tests.conftest import CliRunner, isolated_env
-from tests.web_helpers import GRANDMA, MODEL, RED_CAPTION, Library, build_library, csrf_of, exif_fields
+from tests.conftest import CliRunner
+from tests.web_helpers import (
+    GRANDMA,
+    MODEL,
+    RED_CAPTION,
+    Library,
+    build_library,
+    csrf_of,
+    exif_fields,
+    serving,
+    start_serve,
+    token_file,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
 CSRF = "test-csrf-0123456789abcdefghijklmnop"
@@ -206,7 +215,7 @@ def test_recaption_runs_the_model_but_keeps_a_persons_words(client: TestClient, 
     grandma = lib.path("sub/grandma.jpg")
     before = grandma.read_bytes()
     kept = client.post(f"/photo/{lib.ids['grandma.jpg']}/recaption", data={"csrf": CSRF})
-    assert kept.status_code == 200 and "Not captioned again" in kept.text
+    assert kept.status_code == 303 and "Not captioned again" in client.get(kept.headers["location"]).text
     assert grandma.read_bytes() == before and _row(lib, "grandma.jpg").caption == GRANDMA
     assert client.post(f"/photo/{red}/recaption", data={"csrf": ""}).status_code == 403
 
@@ -338,34 +347,23 @@ def test_status_page_shows_counts_errors_and_the_daemon_and_refreshes_itself(lib
 # -- the command ----------------------------------------------------------------------------------------------
 
 
-def _start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    env = isolated_env(tmp_path)
-    return subprocess.Popen([sys.executable, "-m", "capwatch", *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _config_file(lib: Library, tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(f'[library]\nroots = ["{lib.root}"]\n[index]\npath = "{lib.config.index_path()}"\n')
     return path
 
 
-def test_serve_beyond_loopback_prints_the_token_once(lib: Library, tmp_path: Path, run_cli: CliRunner) -> None:
+def test_serve_prints_its_address_with_the_token_at_every_start(lib: Library, tmp_path: Path,
+                                                                  run_cli: CliRunner) -> None:
     config = _config_file(lib, tmp_path)
-    outputs = []
-    for _ in range(2):
-        proc = _start(tmp_path, "--config", str(config), "serve", "--host", "0.0.0.0", "--port", "0")
-        try:
-            assert proc.stdout is not None
-            outputs.append(proc.stdout.readline())
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
-    token_file = tmp_path / "home" / ".local" / "state" / "capwatch" / "serve-token"
-    value = token_file.read_text().strip()
-    assert outputs[0].startswith("access token (shown once") and value in outputs[0]
-    assert value not in outputs[1] and str(token_file) in outputs[1]
-    token_file.chmod(0o640)
+    tokens = []
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with serving(tmp_path, config, "--host", host) as server:
+            tokens.append(server.token)
+            assert server.first_line.startswith(f"capwatch: serving http://{host}:{server.port}/?token=")
+    value = token_file(tmp_path).read_text().strip()
+    assert tokens == [value, value] and (token_file(tmp_path).stat().st_mode & 0o777) == 0o600
+    token_file(tmp_path).chmod(0o640)
     refused = run_cli("--config", config, "serve", "--host", "0.0.0.0", "--port", "0", timeout=30)
     assert refused.code == 2 and len(refused.err_lines) == 1 and "readable by others" in refused.err
 
@@ -387,25 +385,22 @@ def test_serve_bad_setups_are_one_line_errors(lib: Library, tmp_path: Path, run_
 
 def test_the_page_can_run_inside_the_daemon(lib: Library, tmp_path: Path) -> None:
     import signal
-    import urllib.request
 
     config = _config_file(lib, tmp_path)
     config.write_text(config.read_text() + "[serve]\nin_daemon = true\nport = 0\n")
-    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "watch", "--no-caption"],
-                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    server = start_serve(tmp_path, config, command=("watch", "--no-caption"))
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = __import__("re").search(r"serving (http://127\.0\.0\.1:\d+/)", line)
-        assert match, line + proc.stderr.read()
-        page = urllib.request.urlopen(match.group(1) + "?q=bicycle", timeout=30).read().decode()
+        # Inside the daemon (whose output is a log) the token is not printed, only where to get it.
+        assert "?token=" not in server.first_line and "--print-url" in server.first_line
+        assert server.token and server.token not in server.first_line
+        assert server.get("/?q=bicycle", token=False).status == 401
+        page = server.get("/?q=bicycle").text
         assert "<mark>bicycle</mark>" in page
-        status = urllib.request.urlopen(match.group(1) + "status", timeout=30).read().decode()
+        status = server.get("/status").text
         assert "not running" not in status  # the page sees the daemon it runs in
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=30)
     assert code == 0
 
 

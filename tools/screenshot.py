@@ -5,8 +5,8 @@
 
 Copies tests/fixtures/images into a temporary library, writes captions into the files through capwatch's own
 write path (a model's with provenance, one person's without), indexes them with the real reconcile, starts a real
-`capwatch serve` on 127.0.0.1 (a free port) and photographs the search page with headless Debian chromium
-(Selenium + chromium-driver; no browser download).
+`capwatch serve` on 127.0.0.1 (a free port), opens the address it printed (with the access token) and photographs
+the search page with headless Debian chromium (Selenium + chromium-driver; no browser download).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
         try:
             assert proc.stderr is not None
             line = proc.stderr.readline()
-            match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=(\S+)", line)
             if match is None:
                 raise SystemExit(f"capwatch serve did not start: {line}")
             options = Options()
@@ -90,7 +90,8 @@ def main() -> None:
             try:
                 from urllib.parse import quote
 
-                driver.get(match.group(1) + "?q=" + quote(args.query))
+                # The address with the token, as `capwatch serve` printed it: the token moves into a cookie.
+                driver.get(match.group(1) + "?token=" + match.group(2) + "&q=" + quote(args.query))
                 driver.execute_script("return Promise.all(Array.from(document.images)"
                                       ".map(i => i.complete ? 0 : new Promise(r => i.onload = i.onerror = r)))")
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
         # [serve] in_daemon: the web page runs on a thread of the daemon (the daemon makes the index if need be).
         from capwatch.cli.serving import BackgroundServer, prepare_server
 
-        web = BackgroundServer(*prepare_server(config, config.serve.host, config.serve.port,
+        web = BackgroundServer(*prepare_server(config, config.serve.host, config.serve.port, in_daemon=True,
                                                need_index=False)).start()
     try:
         # On SIGHUP the same --config/--db/--model apply again, so a reload never loses a command-line choice.

@@ -1,9 +1,11 @@
 """The Starlette application of `capwatch serve`: settings, the guard every request passes, and assembly.
 
 The guard (:class:`Guard`, plain ASGI) runs before any page: it refuses a Host header a loopback server does not
-answer to (DNS rebinding), asks for the access token when one is set (cookie, ``Authorization: Bearer`` or
-``?token=`` once, which sets the cookie), refuses request bodies over :data:`MAX_BODY`, and adds the security
-headers (a strict Content-Security-Policy: no inline script, nothing from elsewhere).
+answer to (DNS rebinding), asks for the access token when one is set (the port's cookie, ``Authorization:
+Bearer`` or ``?token=`` once, which sets the cookie and redirects to the same address on this server without it),
+refuses request bodies over :data:`MAX_BODY`, and adds the security headers (a strict Content-Security-Policy: no
+inline script, nothing from elsewhere). A request that passes tells the connection so (the ASGI extension
+``capwatch.authorised``, set by :mod:`capwatch.web.gate`), which then no longer counts as a stranger's.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, RedirectResponse
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from capwatch.config import Config
 from capwatch.errors import CapwatchError
 from capwatch.web.editing import CaptionerSlot
-from capwatch.web.security import LOOPBACK_NAMES, AccessToken
+from capwatch.web.security import LOOPBACK_NAMES, AccessToken, cookie_name, cookie_values
 from capwatch.web.thumbnails import ThumbnailCache
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 
 #: Largest request body accepted (a caption form is a few KB).
 MAX_BODY = 64 * 1024
-TOKEN_COOKIE = "capwatch_token"
+#: The ASGI scope extension a connection offers to hear that one of its requests carried the token.
+AUTHORISED_EXTENSION = "capwatch.authorised"
 HERE = Path(__file__).resolve().parent
 SECURITY_HEADERS = [
     (b"content-security-policy",
@@ -73,22 +75,50 @@ def _host_name(scope: Scope) -> str:
     return ""
 
 
-def _offered_token(scope: Scope) -> tuple[str | None, bool]:
-    """(the token the request offers, True when it came in the query string)."""
-    headers: dict[bytes, str] = {bytes(k): bytes(v).decode("latin-1") for k, v in scope.get("headers", [])}
-    auth = headers.get(b"authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip(), False
-    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-    if query.get("token"):
-        return query["token"], True
-    cookie = SimpleCookie()
-    try:
-        cookie.load(headers.get(b"cookie", ""))
-    except Exception:  # a malformed Cookie header offers no token
-        return None, False
-    morsel = cookie.get(TOKEN_COOKIE)
-    return (morsel.value if morsel else None), False
+def _offered_tokens(scope: Scope) -> tuple[list[str], bool]:
+    """(the tokens the request offers, True when one came in the query string): the bearer header, the query's
+    ``token``, and every cookie of this server's port's name."""
+    offered: list[str] = []
+    cookies: list[str] = []
+    for key, value in scope.get("headers", []):
+        if key == b"authorization":
+            auth = bytes(value).decode("latin-1")
+            if auth[:7].lower() == "bearer ":
+                offered.append(auth[7:].strip())
+        elif key == b"cookie":
+            cookies.append(bytes(value).decode("latin-1"))
+    query = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1")) if k == "token"]
+    offered += query
+    name = cookie_name(_port(scope))
+    for header in cookies:
+        offered += cookie_values(header, name)
+    return offered, bool(query)
+
+
+def _port(scope: Scope) -> int | None:
+    server = scope.get("server")
+    return int(server[1]) if server and server[1] is not None else None
+
+
+def same_origin_target(scope: Scope, query: str) -> str:
+    """The request's own path as a same-origin relative address, with ``query``: the path as it was sent
+    (percent-encoding kept), its leading slashes and backslashes folded into one ``/``, so that neither
+    ``//evil.example/`` nor ``/\\evil.example`` can turn into another host's address."""
+    raw = scope.get("raw_path")
+    path = bytes(raw).decode("latin-1") if raw else quote(scope.get("path", "/"))
+    path = path.split("?", 1)[0]
+    return "/" + path.lstrip("/\\") + (("?" + query) if query else "")
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, text: str, status: int) -> None:
+    # A refused stranger's connection is closed after the answer, not kept alive for its next try.
+    await PlainTextResponse(text, status_code=status, headers={"connection": "close"})(scope, receive, send)
+
+
+def _mark_authorised(scope: Scope) -> None:
+    mark = scope.get("extensions", {}).get(AUTHORISED_EXTENSION)
+    if callable(mark):
+        mark()
 
 
 class Guard:
@@ -104,26 +134,31 @@ class Guard:
             return
         allowed = self.settings.allowed_hosts
         if allowed is not None and _host_name(scope) not in allowed:
-            await PlainTextResponse("unexpected Host header: open this page as http://127.0.0.1:PORT/",
-                                    status_code=421)(scope, receive, send)
+            await _refuse(scope, receive, send, "unexpected Host header: open this page as http://127.0.0.1:PORT/",
+                          421)
             return
         token = self.settings.token
         if token is not None:
-            offered, in_query = _offered_token(scope)
-            if not token.matches(offered):
-                await PlainTextResponse("this capwatch server needs its access token: open it once as "
-                                        "http://HOST:PORT/?token=TOKEN (the token is in " + str(token.path) + ")",
-                                        status_code=401)(scope, receive, send)
+            offered, in_query = _offered_tokens(scope)
+            if not any(token.matches(value) for value in offered):
+                # No path, no hint that anyone could follow but the person who started the server.
+                await _refuse(scope, receive, send, "this capwatch page needs its access token: open the address "
+                              "`capwatch serve` printed when it started (`capwatch serve --print-url` prints it "
+                              "again for the account that runs the server)", 401)
                 return
+            _mark_authorised(scope)
             if in_query:
-                # Move the token out of the address (history, screenshots) into an HttpOnly cookie.
+                # Move the token out of the address (history, screenshots) into an HttpOnly cookie, and send the
+                # browser on to the same path on this server (never elsewhere).
                 rest = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                                                      keep_blank_values=True) if k != "token"]
-                target = scope.get("path", "/") + (("?" + urlencode(rest)) if rest else "")
-                response = RedirectResponse(target, status_code=303)
-                response.set_cookie(TOKEN_COOKIE, token.value, httponly=True, samesite="strict", path="/")
+                response = RedirectResponse(same_origin_target(scope, urlencode(rest)), status_code=303)
+                response.set_cookie(cookie_name(_port(scope)), token.value, httponly=True, samesite="strict",
+                                    path="/")
                 await response(scope, receive, send)
                 return
+        else:
+            _mark_authorised(scope)
         length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             await PlainTextResponse(f"request body too large (at most {MAX_BODY} bytes)",
@@ -172,7 +207,7 @@ def create_app(settings: ServeSettings) -> Starlette:
     from capwatch.web import routes
 
     pages = routes.Pages(settings, ThumbnailCache(settings.cache_dir / "thumbnails"),
-                         CaptionerSlot(settings.open_captioner))
+                         CaptionerSlot(settings.open_captioner, settings.config.model.idle_unload_seconds))
     app = Starlette(
         routes=[
             Route("/", pages.search, methods=["GET"]),
@@ -182,6 +217,7 @@ def create_app(settings: ServeSettings) -> Starlette:
             Route("/thumb/{row_id:int}", pages.thumbnail, methods=["GET"]),
             Route("/preview/{row_id:int}", pages.preview, methods=["GET"]),
             Route("/status", pages.status, methods=["GET"]),
+            Route("/favicon.ico", pages.favicon, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={404: pages.not_found, 405: pages.not_allowed, CapwatchError: pages.unavailable},

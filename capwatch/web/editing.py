@@ -7,6 +7,7 @@ journal) and record in the index what the file holds afterwards, as `capwatch ca
 from __future__ import annotations
 
 import threading
+import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +71,24 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
 
 
 class CaptionerSlot:
-    """The model, opened on the first re-caption and kept for the next ones; one re-caption at a time."""
+    """The model, opened on the first re-caption and kept for the next ones; one re-caption at a time. Released
+    once unused for ``idle_seconds`` (0: kept until :meth:`close`), as the daemon releases its model, so a page
+    that captioned one photo does not hold the model's memory for the rest of the day."""
 
-    def __init__(self, opener: Callable[[], Captioner]) -> None:
+    def __init__(self, opener: Callable[[], Captioner], idle_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._opener = opener
         self._captioner: Captioner | None = None
         self._lock = threading.Lock()
+        self._idle_seconds = idle_seconds
+        self._clock = clock
+        self._last_used = 0.0
+        self._timer: threading.Timer | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """True while the model is open."""
+        return self._captioner is not None
 
     def recaption(self, config: Config, index: Index, record: ImageRecord) -> FileOutcome:
         """Caption ``record``'s file again with the model (a person's words are kept, as everywhere in capwatch)
@@ -83,18 +96,53 @@ class CaptionerSlot:
         from capwatch.library.process import Processor
 
         with self._lock:
-            if self._captioner is None:
-                self._captioner = self._opener()
-            processor = Processor(config, index, self._captioner, journal=Journal.default())
             try:
-                (outcome,) = processor.process([Path(record.path)], skip_captioned=False)
+                if self._captioner is None:
+                    self._captioner = self._opener()
+                processor = Processor(config, index, self._captioner, journal=Journal.default())
+                try:
+                    (outcome,) = processor.process([Path(record.path)], skip_captioned=False)
+                finally:
+                    processor.close()
+                return outcome
             finally:
-                processor.close()
-            return outcome
+                self._last_used = self._clock()
+                self._arm()
+
+    def _arm(self, delay: float | None = None) -> None:
+        """(Re)start the timer that releases the model once it has been unused for ``idle_seconds``."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._idle_seconds > 0 and self._captioner is not None:
+            self._timer = threading.Timer(self._idle_seconds if delay is None else delay, self.release_if_idle)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def release_if_idle(self) -> bool:
+        """Release the model when it has been unused for ``idle_seconds``; True if it was released. A model in
+        use is left alone (its re-caption arms the timer again when it ends)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._captioner is None:
+                return False
+            unused = self._clock() - self._last_used
+            if unused < self._idle_seconds:
+                self._arm(self._idle_seconds - unused)  # woken early: wait for the rest
+                return False
+            self._captioner.close()  # the sessions go and malloc gives the memory back (see models.session)
+            self._captioner = None
+            return True
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Release the model, if it was opened."""
         with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if self._captioner is not None:
                 self._captioner.close()
                 self._captioner = None

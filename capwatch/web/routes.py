@@ -10,8 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats
+from capwatch.library.process import HUMAN_KEPT
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import MAX_CAPTION, CaptionerSlot, EditRefused, save_person_caption
@@ -40,6 +44,15 @@ MAX_ROW_ID = 2**63 - 1
 STATS_SECONDS = 30.0
 #: At most this many fields in a POST (the forms have two).
 MAX_FIELDS = 8
+#: Notes kept for the pages POSTs redirect to (the oldest go first).
+MAX_NOTES = 256
+
+
+def page_words(reason: str) -> str:
+    """A reason from the library (written for the command line) in the page's words: no command-line flags."""
+    if reason == HUMAN_KEPT:
+        return "a person wrote this caption, and the model never replaces a person's words (edit it above instead)"
+    return re.sub(r"\s*\((use )?--[a-z-]+[^)]*\)", "", reason)
 
 
 def marked(text: str) -> Markup:
@@ -68,6 +81,7 @@ def _templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["marked"] = marked
+    env.filters["basename"] = lambda path: os.path.basename(str(path))
     return env
 
 
@@ -93,6 +107,9 @@ class Pages:
         self._readers = threading.local()
         self._stats_lock = threading.Lock()
         self._stats_cache: tuple[float, IndexStats, str] | None = None
+        #: What a POST had to say, shown by the page it redirects to: key -> (row id, "message" | "error", text).
+        self._notes: OrderedDict[str, tuple[int, str, str]] = OrderedDict()
+        self._notes_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
@@ -169,7 +186,9 @@ class Pages:
         page_text = params.get("page", "1")
         page = int(page_text) if page_text.isdigit() and 0 < len(page_text) < 7 else 1
         page = max(1, page)
-        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0}
+        filtered = bool(form.folder or form.since or form.until or form.source or form.status)
+        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0,
+                                   "filtered": filtered, "counted": ""}
         bad = None
         if status not in (None, "pending", "error"):
             bad = f"status: expected pending or error, got {status!r}"
@@ -192,8 +211,18 @@ class Pages:
             return self._html("search.html", 400, **{**context, "error": bad}, results=[], links={})
         keep = [(k, v) for k, v in parse_qsl(str(request.url.query), keep_blank_values=False)
                 if k in ("q", "folder", "since", "until", "source", "status", "sort")]
+        shown: ResultPage = context["page"]
+        first = (page - 1) * self.config.serve.page_size + 1
+        last = first + len(shown.results) - 1
+        if shown.has_next:
+            counted = f"photos {first}–{last} of more than {last}"
+        elif page == 1:
+            counted = "1 photo" if last == 1 else f"{last} photos"
+        else:
+            counted = f"photos {first}–{last} of {last}"
         links = {"prev": "/?" + urlencode([*keep, ("page", page - 1)]) if page > 1 else None,
                  "next": "/?" + urlencode([*keep, ("page", page + 1)]) if context["page"].has_next else None}
+        context["counted"] = counted
         return self._html("search.html", **context, links=links)
 
     # -- photo ----------------------------------------------------------------------------------------------
@@ -206,7 +235,11 @@ class Pages:
             return self._error("no such photo (or it is not below a configured folder)", 404)
         message = {"saved": "Saved: the caption is in the file, as your words.",
                    "recaptioned": "Captioned again by the model."}.get(request.query_params.get("done", ""))
-        return self._photo_page(photo, message=message)
+        error = None
+        note = self._note(row_id, request.query_params.get("note", ""))
+        if note is not None:
+            message, error = (note[1], None) if note[0] == "message" else (None, note[1])
+        return self._photo_page(photo, message=message, error=error)
 
     def _photo_page(self, photo: Photo, *, message: str | None = None, error: str | None = None,
                     draft: str | None = None, status_code: int = 200) -> HTMLResponse:
@@ -273,13 +306,26 @@ class Pages:
             try:
                 outcome = self.model.recaption(self.config, index, photo.record)
             except CapwatchError as exc:
-                return self._photo_page(photo, error=str(exc).splitlines()[0], status_code=503)
-            refreshed = self._photo(index, row_id) or photo
+                return self._after_post(row_id, "error", str(exc).splitlines()[0])
         if outcome.error:
-            return self._photo_page(refreshed, error=outcome.error, status_code=422)
+            return self._after_post(row_id, "error", outcome.error)
         if outcome.skipped:
-            return self._photo_page(refreshed, message=f"Not captioned again: {outcome.skipped}")
+            return self._after_post(row_id, "message", "Not captioned again: " + page_words(outcome.skipped))
         return RedirectResponse(f"/photo/{row_id}?done=recaptioned", status_code=303)
+
+    def _after_post(self, row_id: int, kind: str, text: str) -> Response:
+        """Redirect to the photo's page with a note to show there (so reloading it does not post again)."""
+        key = secrets.token_urlsafe(9)
+        with self._notes_lock:
+            self._notes[key] = (row_id, kind, text)
+            while len(self._notes) > MAX_NOTES:
+                self._notes.popitem(last=False)
+        return RedirectResponse(f"/photo/{row_id}?note={key}", status_code=303)
+
+    def _note(self, row_id: int, key: str) -> tuple[str, str] | None:
+        with self._notes_lock:
+            note = self._notes.get(key)
+        return (note[1], note[2]) if note is not None and note[0] == row_id else None
 
     # -- pictures -------------------------------------------------------------------------------------------
 
@@ -311,6 +357,10 @@ class Pages:
                 return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
         return FileResponse(rendered.path, media_type="image/webp", headers=headers)
 
+    def favicon(self, request: Request) -> Response:
+        return FileResponse(HERE / "static" / "favicon.ico", media_type="image/x-icon",
+                            headers={"Cache-Control": "private, max-age=86400"})
+
     # -- status ---------------------------------------------------------------------------------------------
 
     def status(self, request: Request) -> Response:
@@ -322,9 +372,11 @@ class Pages:
                 facts["stats"], facts["counted_at"] = self._stats()
             except CapwatchError as exc:
                 return self._html("status.html", 503, facts=facts, live=live, error=str(exc), query="",
-                                  now=_now(), model=self._model_label(live))
+                                  now=_now(), model=self._model_label(live), page_model=self.model.loaded,
+                                  idle_unload=self.config.model.idle_unload_seconds)
         return self._html("status.html", facts=facts, live=live, error=None, query="", now=_now(),
-                          model=self._model_label(live))
+                          model=self._model_label(live), page_model=self.model.loaded,
+                          idle_unload=self.config.model.idle_unload_seconds)
 
     def _stats(self) -> tuple[IndexStats, str]:
         """The index's counts and when they were taken. Counting is a full pass over the index (about a second
