@@ -8,18 +8,14 @@ On failure a screenshot of the page is saved (path printed; also copied to $CAPW
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import isolated_env
-from tests.web_helpers import RED_CAPTION, Library, build_library, exif_fields
+from tests.web_helpers import RED_CAPTION, Library, build_library, exif_fields, start_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -31,23 +27,6 @@ pytestmark = [
                               "chromium-driver)"),
     pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed"),
 ]
-
-
-def start_server(lib: Library, tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """A real `capwatch serve` on 127.0.0.1 and a free port; returns the process and its address."""
-    config = tmp_path / "config.toml"
-    config.write_text(f'[library]\nroots = ["{lib.root}"]\n[index]\npath = "{lib.config.index_path()}"\n'
-                      f'[model]\ndir = "{lib.config.model.dir}"\nprecision = "fp32"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
-                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
-    if match is None:
-        proc.kill()
-        raise AssertionError(f"capwatch serve did not start: {line}{proc.stderr.read()}")
-    return proc, match.group(1)
 
 
 @pytest.fixture

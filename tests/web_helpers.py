@@ -11,6 +11,10 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from capwatch.config import Config, IndexConfig, LibraryConfig, ModelConfig, Roo
 from capwatch.library.index import Index
 from capwatch.library.scan import reconcile
 from capwatch.metadata import Provenance, write_caption
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, isolated_env
 
 MODEL = FIXTURES / "models" / "vit-gpt2-tiny-greedy"
 RED_CAPTION = "a red bicycle leaning on a brick wall"
@@ -104,3 +108,47 @@ def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf" value="([^"]+)"', html)
     assert match, "the page has no CSRF field"
     return match.group(1)
+
+
+def start_server(lib: Library, tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """A real `capwatch serve` on 127.0.0.1 and a free port; returns the process and its address (stop it with
+    ``proc.terminate()``). Every test that talks to a real server starts it here, so a change to how the server
+    must be reached (a token, say) is made in one place."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{lib.root}"]\n[index]\npath = "{lib.config.index_path()}"\n'
+                      f'[model]\ndir = "{lib.config.model.dir}"\nprecision = "fp32"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
+                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
+    if match is None:
+        proc.kill()
+        raise AssertionError(f"capwatch serve did not start: {line}{proc.stderr.read()}")
+    return proc, match.group(1)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    text: str
+    headers: dict[str, str]
+
+
+def http(url: str, form: dict[str, str] | None = None) -> Answer:
+    """GET ``url``, or POST ``form`` to it as the page's forms do; redirects are not followed."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    data = None if form is None else urllib.parse.urlencode(form).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/x-www-form-urlencoded"}
+                                     if data is not None else {})
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(request, timeout=60) as reply:
+            return Answer(reply.status, reply.read().decode(), {k.lower(): v for k, v in reply.headers.items()})
+    except urllib.error.HTTPError as exc:
+        return Answer(exc.code, exc.read().decode(), {k.lower(): v for k, v in exc.headers.items()})

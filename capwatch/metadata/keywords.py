@@ -37,17 +37,16 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from capwatch.metadata.xmltext import xml_char, xml_safe
+
 #: IPTC IIM 2:25 Keywords holds at most 64 bytes per keyword.
 IPTC_KEYWORD_LIMIT = 64
 
 
-def _xml_safe(ch: str) -> bool:
-    return unicodedata.category(ch) != "Cs" and ch not in "\ufffe\uffff"
-
-
 def clean_keyword(keyword: str) -> str:
     """``keyword`` as capwatch writes it (see the module docstring); "" when nothing is left."""
-    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in keyword if _xml_safe(ch))
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in keyword)
+    text = "".join(ch for ch in text if xml_char(ch))
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
@@ -69,8 +68,9 @@ def dedupe(keywords: Iterable[str]) -> tuple[str, ...]:
 
 
 def key(keyword: str) -> str:
-    """How keywords are compared for duplicates: NFC, surrounding whitespace ignored, case-folded."""
-    return unicodedata.normalize("NFC", keyword).strip().casefold()
+    """How keywords are compared for duplicates: NFC, surrounding whitespace ignored, case-folded, and characters
+    XML cannot hold read as spaces (a person's IPTC keyword and its copy in XMP are the same keyword)."""
+    return unicodedata.normalize("NFC", xml_safe(keyword)).strip().casefold()
 
 
 def same_text(a: str, b: str) -> bool:
@@ -163,7 +163,9 @@ def merge(existing: Sequence[str], previous_ours: Sequence[str], rejected: Seque
     for k in other_human:
         if k.strip() and key(k) not in taken and key(k) not in cuts:
             taken.add(key(k))
-            added_human.append(k)
+            # A person's IPTC keyword may hold bytes XML cannot (ESC, NUL): its XMP copy has spaces there; the
+            # IPTC value itself stays as it is.
+            added_human.append(xml_safe(k))
     refused = {key(k) for k in new_rejected}
     ours: list[str] = []
     for k in wanted:
