@@ -326,11 +326,15 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
     has_iptc = fmt == "jpeg" and emb.irb is not None and iptc.has_iptc(emb.irb)
     previous_ours = old_info.our_keywords if old_info is not None else ()
     iptc_human: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
     if extra.keywords is not None and has_iptc:
         assert emb.irb is not None
         in_iptc = iptc.keywords_from_irb(emb.irb)
         mine = kw.owned_iptc(in_iptc, previous_ours)
         iptc_human = tuple(v for v, ours in zip(in_iptc, mine, strict=True) if not ours)
+        # A person's deletion in IPTC alone (exiftool -IPTC:Keywords-=x) must not be undone from dc:subject.
+        subjects = old_info.subjects if old_info is not None else ()
+        deleted = kw.iptc_deletions(subjects, in_iptc, previous_ours, digest=iptc.digest_matches(emb.irb))
     written = ["exif", "xmp"]
     tiff_block = emb.exif_block
     values: dict[int, tuple[int, bytes]] = {
@@ -346,7 +350,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
             values.update(_mandatory_jpeg_ifd0(data))
     new_tiff = exif.set_ifd0_tags(tiff_block, values)
     xml = merge_caption(emb.xmp, caption, provenance, keywords=extra.keywords, other_human=iptc_human,
-                        text=extra.text)
+                        deleted=deleted, text=extra.text)
     packet = wrap_packet(xml, XMP_PADDING)
     if fmt == "jpeg":
         if len(packet) > jpeg.MAX_XMP_PACKET:
