@@ -1,10 +1,12 @@
 """A person's keyword deletions stay deleted, wherever they made them (IPTC alone, XMP alone, both), and a person's
-IPTC keyword with characters XML cannot hold never blocks a file: real JPEGs, exiftool as the person's tool and
-exiftool / exiv2 as the readers."""
+IPTC keyword with characters XML cannot hold never blocks a file, nor does a caption with one (refused naming the
+character, or for the model's dropped): real files, exiftool as the person's tool and exiftool / exiv2 as the
+readers, the CLI on the tiny fixture model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
 from capwatch.metadata import CaptionTextError, Provenance, read_metadata, write_caption
+from capwatch.models.tokenizer import TextDecoder
+from tests.conftest import FIXTURES, CliRunner
 
 pytestmark = pytest.mark.skipif(not (mc.EXIFTOOL and mc.EXIV2), reason="exiftool and exiv2 are the reference readers")
 
@@ -129,3 +133,26 @@ def test_a_caption_xml_cannot_hold_is_refused_saying_what_is_wrong_with_the_text
         assert "the caption contains U+" in message and "XML 1.0" in message and "malformed" not in message
         assert isinstance(refused.value, MetadataError)
     assert path.read_bytes() == before
+
+
+def test_a_models_caption_with_u_ffff_is_written_without_it(tmp_path: Path, run_cli: CliRunner) -> None:
+    # The tiny fixture model says token 119 eight times for red.png; here that token decodes to the bytes of
+    # U+FFFF (a copy of the model whose tokenizer.json spells it so): the caption reaches the write path with it.
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "models" / "vit-gpt2-tiny-greedy", model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    (old,) = [text for text, number in vocab.items() if number == 119]
+    del vocab[old]
+    vocab["\u00ef\u00bf\u00bf"] = 119  # byte-level BPE's spelling of EF BF BF, UTF-8 for U+FFFF
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    assert TextDecoder.from_dir(model, []).decode([5, 119, 5]) == "#\uffff#"
+    photo = tmp_path / "red.png"
+    shutil.copy(FIXTURES / "images" / "red.png", photo)
+    result = run_cli("--db", tmp_path / "index.db", "--model", model, "caption", "--json", photo)
+    assert result.code == 0, result.err
+    line = json.loads(result.out)
+    assert line["error"] is None and "xmp" in line["written"]
+    assert "\uffff" not in line["caption"] and line["caption"]
+    assert tags(photo, "-XMP-dc:Description")["XMP-dc:Description"] == [line["caption"]]
+    assert subprocess.run([str(mc.EXIV2), "-px", str(photo)], capture_output=True, check=True).returncode == 0
