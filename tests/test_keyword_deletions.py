@@ -56,6 +56,8 @@ def photo(tmp_path: Path) -> Path:
 
 def test_capwatchs_keyword_deleted_from_iptc_alone_is_rejected_and_never_comes_back(photo: Path) -> None:
     person(photo, "-IPTC:Keywords-=cat")
+    # What the index records (and search finds) already leaves it out, before capwatch writes again.
+    assert read_metadata(photo).keywords == ("family", "sofa")
     write_caption(photo, CAPTION, prov(2), CFG, keywords=["cat", "sofa", "pillow"])
     subjects, in_iptc, rejected = keyword_lists(photo)
     assert "cat" not in subjects and "cat" not in in_iptc and rejected == ["cat"]
@@ -81,6 +83,7 @@ def test_when_the_iptc_digest_says_iptc_was_edited_its_list_is_the_newer_one(pho
     person(photo, "-IPTC:Keywords-=family", "-IPTC:Keywords+=garden")
     digest = tags(photo, "-Photoshop:IPTCDigest", "-File:CurrentIPTCDigest")
     assert digest["Photoshop:IPTCDigest"] != digest["File:CurrentIPTCDigest"]
+    assert read_metadata(photo).keywords == ("cat", "sofa", "garden")
     write_caption(photo, CAPTION, prov(2), CFG, keywords=["cat", "sofa", "family"])
     subjects, in_iptc, rejected = keyword_lists(photo)
     assert "family" not in subjects and "family" not in in_iptc and "family" in rejected

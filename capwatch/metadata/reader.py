@@ -253,13 +253,29 @@ def _iptc_keywords(emb: Embedded) -> tuple[str, ...]:
     return ()
 
 
+def _iptc_deletions(emb: Embedded, xmp_info: XmpInfo | None) -> tuple[str, ...]:
+    """The embedded XMP's keywords that a person deleted from the file's IPTC alone (see keywords_of)."""
+    if xmp_info is None or emb.irb is None:
+        return ()
+    try:
+        if not iptc.has_iptc(emb.irb):
+            return ()
+        return kw.iptc_deletions(xmp_info.subjects, iptc.keywords_from_irb(emb.irb), xmp_info.our_keywords,
+                                 digest=iptc.digest_matches(emb.irb))
+    except CorruptError:
+        return ()
+
+
 def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
                 sidecars: list[XmpInfo]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(keywords, capwatch's among them) from the sidecars, the embedded XMP and IPTC (see ``FileMetadata``).
 
     A keyword is capwatch's when a packet's capwatch:Keywords lists exactly that text; an IPTC keyword that is the
-    64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one.
+    64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one. A keyword of the
+    embedded XMP that a person deleted from IPTC alone (``capwatch.metadata.keywords.iptc_deletions``) is left
+    out, as the next write leaves it out of the file.
     """
+    deleted = {kw.key(k) for k in _iptc_deletions(emb, xmp_info)}
     infos = [i for i in [*sidecars, xmp_info] if i is not None]
     ours_exact = {normalise(k) for info in infos for k in info.our_keywords}
     ours_by_cut = {kw.iptc_key(k): normalise(k) for info in infos for k in info.our_keywords}
@@ -294,7 +310,8 @@ def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
             add(kw.leaf(k))
     if xmp_info is not None:
         for k in xmp_info.subjects:
-            add(k)
+            if kw.key(k) not in deleted:
+                add(k)
     for k in _iptc_keywords(emb):
         add(k, from_iptc=True)
     if xmp_info is not None:
