@@ -117,16 +117,18 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
     return new
 
 
-def refresh_record(config: Config, index: Index, record: ImageRecord) -> ImageRecord:
-    """Record in the index what ``record``'s file holds now (a person chose to keep the words in the file);
-    returns the new row. Raises EditRefused (one line) when the file cannot be read."""
+def refresh_record(config: Config, index: Index, record: ImageRecord
+                   ) -> tuple[ImageRecord, tuple[Description, ...]]:
+    """Record in the index what ``record``'s file holds now (a person chose to keep the words in the file, or to
+    see them); returns the new row and the file's descriptions (camera boilerplate left out). Raises EditRefused
+    (one line) when the file cannot be read."""
     try:
         snap = read_snapshot(Path(record.path))
     except CapwatchError as exc:
         raise EditRefused(str(exc).splitlines()[0]) from None
     new = record_from_snapshot(record.path, snap, record, config)
     index.upsert(new)
-    return new
+    return new, tuple(d for d in snap.metadata.description_fields if d.kind != "boilerplate")
 
 
 class CaptionerSlot:

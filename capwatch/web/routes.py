@@ -27,7 +27,7 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats
-from capwatch.metadata import Description, read_snapshot
+from capwatch.metadata import Description
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import (
@@ -297,29 +297,21 @@ class Pages:
 
     def _keep_or_edit(self, index: Index, photo: Photo, choice: str, text: str) -> Response:
         try:
-            record = refresh_record(self.config, index, photo.record)
+            record, in_file = refresh_record(self.config, index, photo.record)
         except EditRefused as exc:
             return self._photo_page(photo, error=str(exc), draft=text[:MAX_CAPTION * 2], status_code=422)
         if choice == "keep":
             return RedirectResponse(f"/photo/{photo.row_id}?done=kept", status_code=303)
-        fields = self._file_fields(photo.file)
         return self._photo_page(Photo(photo.row_id, record, photo.file), draft=text[:MAX_CAPTION * 2],
-                                in_file=fields, message="The file holds the words listed below: edit your "
-                                "caption and save it, or go back to keep theirs.")
-
-    def _file_fields(self, path: Path) -> tuple[Description, ...]:
-        """The descriptions the file holds now (camera boilerplate left out); () when it cannot be read."""
-        try:
-            return tuple(d for d in read_snapshot(path).metadata.description_fields if d.kind != "boilerplate")
-        except CapwatchError:
-            return ()
+                                in_file=in_file, message="The file holds the words listed below: edit your "
+                                "caption and save it (or leave the page to keep theirs).")
 
     def _conflict(self, photo: Photo, conflict: EditConflict, *, changed: bool) -> HTMLResponse:
         """The conflict page (409): the file's words and the person's, and a form for each choice; the forms
         carry which descriptions this page shows, so "replace with mine" is checked again."""
         record = conflict.record
-        reason = ("another program changed the file's description after this page was made" if changed else
-                  "the file holds words the page did not show you")
+        reason = ("another program wrote into the file since capwatch last read it (after this page was made, or "
+                  "while capwatch was not watching)" if changed else "the file holds words the page did not show you")
         return self._html("conflict.html", 409, photo=photo, record=record, fields=conflict.fields,
                           mine=conflict.mine, reason=reason, origins=ORIGINS,
                           shown=shown_keys([record.caption, *(d.text for d in conflict.fields)]), query="")
