@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,32 @@ def test_search_open_a_photo_and_edit_its_caption_in_chromium(served: tuple[Libr
     # The new words are searchable at once.
     browser.get(url + "?q=anna")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results .tile")) == 1
+
+
+def test_a_conflict_page_lets_the_person_choose_in_chromium(served: tuple[Library, Served], browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    lib, server = served
+    url = server.url
+    browser.get(server.login_url)
+    red = lib.path("red.jpg")
+    browser.get(f"{url}photo/{lib.ids['red.jpg']}")
+    text = browser.find_element(By.ID, "caption-text")
+    text.clear()
+    text.send_keys("Anna's red bike")
+    # Someone else writes a description while the page is open.
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description=Grandma's cat Mimi", str(red)],
+                   check=True)
+    browser.find_element(By.ID, "save").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "conflict"))
+    assert "Grandma's cat Mimi" in browser.find_element(By.ID, "theirs").text
+    assert "Anna's red bike" in browser.find_element(By.ID, "mine").text
+    assert exif_fields(red)["XMP-dc:Description"] == "Grandma's cat Mimi"
+    # Edit again: back on the photo page with my words in the box and theirs listed; then save.
+    browser.find_element(By.ID, "edit-again").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "in-file"))
+    assert browser.find_element(By.ID, "caption-text").get_attribute("value") == "Anna's red bike"
+    assert "Grandma's cat Mimi" in browser.find_element(By.ID, "in-file").text
+    browser.find_element(By.ID, "save").click()
+    _wait(browser, lambda d: "done=saved" in d.current_url)
+    assert exif_fields(red)["XMP-dc:Description"] == "Anna's red bike"

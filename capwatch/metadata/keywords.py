@@ -17,10 +17,20 @@ The rules (the XMP, IPTC and sidecar writers all apply them, so every place agre
   dc:subject no longer holds was removed by someone, and is added to ``capwatch:RejectedKeywords``; capwatch never
   adds a rejected keyword again (case-insensitively), whatever a later model says. A person adding it back makes
   it theirs.
+- **A deletion in IPTC alone is a deletion too** (``iptc_deletions``): when IPTC carries a Photoshop IPTC digest
+  (capwatch writes one whenever it writes IPTC), one of capwatch's keywords that IPTC 2:25 no longer holds was
+  deleted there (``exiftool -IPTC:Keywords-=x``); when that digest no longer matches (a tool that does not keep
+  XMP in step, such as exiftool, edited IPTC since), IPTC's list is the newer one and every dc:subject keyword it
+  lacks, a person's too, was deleted there. Such keywords leave dc:subject and join
+  ``capwatch:RejectedKeywords``, so they are never added again. Without a digest nothing tells which list is
+  newer, and nothing counts as deleted.
 - **IPTC and XMP agree afterwards**: a person's keywords found only in IPTC 2:25 are appended to dc:subject (after
   the person's XMP ones, before ours), and a person's XMP keywords missing from IPTC are appended to IPTC, so that
-  the Photoshop IPTC digest capwatch updates is truthful and MWG readers see one list. A keyword a person deleted
-  in XMP with a tool that left a stale IPTC copy therefore comes back from that copy.
+  the Photoshop IPTC digest capwatch updates is truthful and MWG readers see one list. A person's keyword deleted
+  in XMP only, with a tool that left the IPTC copy and its digest alone, therefore comes back from that copy (a
+  matching digest does not prove that the two lists agreed when it was written: a caption written without
+  keywords updates it too). A person's IPTC keyword holding characters XML cannot hold (ESC, NUL) gets spaces in
+  their place in its dc:subject copy; the IPTC bytes stay as they are, and the two count as the same keyword.
 - **Without the record, nothing is ours**: a tool that rewrites the XMP and drops capwatch's namespace turns our
   earlier keywords into a person's (they then stay). Keywords that capwatch 1 wrote before this existed: likewise.
 - **Cleaning** (ours only; a person's are never changed): NFC; newlines, tabs and other control characters are
@@ -37,17 +47,16 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from capwatch.metadata.xmltext import xml_char, xml_safe
+
 #: IPTC IIM 2:25 Keywords holds at most 64 bytes per keyword.
 IPTC_KEYWORD_LIMIT = 64
 
 
-def _xml_safe(ch: str) -> bool:
-    return unicodedata.category(ch) != "Cs" and ch not in "\ufffe\uffff"
-
-
 def clean_keyword(keyword: str) -> str:
     """``keyword`` as capwatch writes it (see the module docstring); "" when nothing is left."""
-    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in keyword if _xml_safe(ch))
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in keyword)
+    text = "".join(ch for ch in text if xml_char(ch))
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
@@ -69,8 +78,9 @@ def dedupe(keywords: Iterable[str]) -> tuple[str, ...]:
 
 
 def key(keyword: str) -> str:
-    """How keywords are compared for duplicates: NFC, surrounding whitespace ignored, case-folded."""
-    return unicodedata.normalize("NFC", keyword).strip().casefold()
+    """How keywords are compared for duplicates: NFC, surrounding whitespace ignored, case-folded, and characters
+    XML cannot hold read as spaces (a person's IPTC keyword and its copy in XMP are the same keyword)."""
+    return unicodedata.normalize("NFC", xml_safe(keyword)).strip().casefold()
 
 
 def same_text(a: str, b: str) -> bool:
@@ -136,16 +146,41 @@ def _claimed(items: Sequence[str], claims: Counter[str]) -> list[bool]:
     return out
 
 
+def iptc_deletions(subjects: Sequence[str], in_iptc: Sequence[str], previous_ours: Sequence[str], *,
+                   digest: bool | None) -> tuple[str, ...]:
+    """The keywords of dc:subject (``subjects``) that a person deleted from IPTC Keywords (``in_iptc``) only.
+
+    ``digest`` is what the Photoshop IPTC digest says: True (IPTC unchanged since a writer that keeps XMP and IPTC
+    in step last wrote it), False (a tool that does not, such as exiftool, edited IPTC since), None (no digest:
+    no such writer ever wrote this IPTC, so neither list says what the other lost, and nothing counts as
+    deleted). With a digest, one of capwatch's keywords (``previous_ours``) that IPTC no longer holds was deleted
+    there: capwatch put it into both. With a stale digest IPTC's view is the newer one: every keyword of
+    dc:subject that IPTC lacks (a person's too) was deleted there. Never raises.
+    """
+    if digest is None:
+        return ()
+    held = {key(v) for v in in_iptc}
+
+    def gone(keyword: str) -> bool:
+        return key(keyword) not in held and iptc_key(keyword) not in held
+
+    candidates = list(previous_ours) if digest else [*previous_ours, *subjects]
+    return dedupe(k for k in candidates if k.strip() and gone(k))
+
+
 def merge(existing: Sequence[str], previous_ours: Sequence[str], rejected: Sequence[str], wanted: Sequence[str],
-          *, other_human: Sequence[str] = ()) -> KeywordMerge:
+          *, other_human: Sequence[str] = (), deleted: Sequence[str] = ()) -> KeywordMerge:
     """Merge ``wanted`` (capwatch's new keywords, already cleaned) into ``existing`` (a dc:subject list).
 
-    ``previous_ours`` is the recorded capwatch:Keywords, ``rejected`` the recorded capwatch:RejectedKeywords, and
+    ``previous_ours`` is the recorded capwatch:Keywords, ``rejected`` the recorded capwatch:RejectedKeywords,
     ``other_human`` a person's keywords found elsewhere in the same file (IPTC), which join the list so that the
-    places agree. Returns the KeywordMerge (see the module docstring for the rules); never raises.
+    places agree, and ``deleted`` keywords a person deleted in that other place (:func:`iptc_deletions`): they
+    leave the list, whoever's they were, and join the rejected ones. Returns the KeywordMerge (see the module
+    docstring for the rules); never raises.
     """
+    gone = {key(k) for k in deleted}
     mine = owned(existing, previous_ours)
-    human = tuple(i for i, ours in enumerate(mine) if not ours)
+    human = tuple(i for i, ours in enumerate(mine) if not ours and key(existing[i]) not in gone)
     present = Counter(unicodedata.normalize("NFC", item).strip() for item, ours in zip(existing, mine, strict=True)
                       if ours)
     removed: list[str] = []
@@ -155,15 +190,17 @@ def merge(existing: Sequence[str], previous_ours: Sequence[str], rejected: Seque
             present[text] -= 1
         else:
             removed.append(k)
-    new_rejected = dedupe([*rejected, *removed])
+    new_rejected = dedupe([*rejected, *removed, *deleted])
     taken = {key(existing[i]) for i in human}
     # IPTC holds a long keyword cut to 64 bytes: that cut is the same keyword, not another one.
     cuts = {iptc_key(existing[i]) for i in human}
     added_human: list[str] = []
     for k in other_human:
-        if k.strip() and key(k) not in taken and key(k) not in cuts:
+        if k.strip() and key(k) not in taken and key(k) not in cuts and key(k) not in gone:
             taken.add(key(k))
-            added_human.append(k)
+            # A person's IPTC keyword may hold bytes XML cannot (ESC, NUL): its XMP copy has spaces there; the
+            # IPTC value itself stays as it is.
+            added_human.append(xml_safe(k))
     refused = {key(k) for k in new_rejected}
     ours: list[str] = []
     for k in wanted:

@@ -208,33 +208,37 @@ def _ours(cand: _Candidate, infos: list[XmpInfo]) -> Provenance | None:
     return None
 
 
-def describe(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -> Description | None:
-    """Choose the description and classify it as ours / human / boilerplate (see module docstring)."""
-    candidates = _candidates(emb, xmp_info, sidecars)
-    if not candidates:
-        return None
+def description_fields(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -> tuple[Description, ...]:
+    """Every place of the file (and its sidecars) that holds a description, in MWG priority order (see module
+    docstring), each classified as ours / human / boilerplate; () when there is none."""
     infos = [i for i in [*sidecars, xmp_info] if i is not None]
     tiff = emb.tiff
     make, model, software = (_text(tiff.make), _text(tiff.model), _text(tiff.software)) if tiff else (None,) * 3
-    classified = []
-    for cand in candidates:
+    out: list[Description] = []
+    for cand in _candidates(emb, xmp_info, sidecars):
         provenance = _ours(cand, infos)
+        text = normalise(cand.text)
         if provenance is not None:
-            kind = "ours"
+            out.append(Description(text, "ours", provenance, cand.origin))
         elif is_boilerplate(cand.text, make=make, model=model, software=software):
-            kind = "boilerplate"
+            out.append(Description(text, "boilerplate", None, cand.origin))
         else:
-            kind = "human"
-        classified.append((cand, kind, provenance))
+            out.append(Description(text, "human", None, cand.origin))
+    return tuple(out)
+
+
+def effective(fields: tuple[Description, ...]) -> Description | None:
+    """The description of a file among its ``fields`` (see :func:`description_fields`): the first person's, else
+    the first of capwatch's, else the first; None when there is none."""
     # A person's words anywhere win: when someone edits our caption in one field (Lightroom writes XMP, some tools
     # IPTC) the other fields still hold our text, and MWG order alone would pick ours and overwrite their edit.
-    best = next((c for c in classified if c[1] == "human"),
-                next((c for c in classified if c[1] == "ours"), classified[0]))
-    cand, kind, provenance = best
-    text = normalise(cand.text)
-    if kind == "ours":
-        return Description(text, "ours", provenance, cand.origin)
-    return Description(text, "human" if kind == "human" else "boilerplate", None, cand.origin)
+    return next((d for d in fields if d.kind == "human"),
+                next((d for d in fields if d.kind == "ours"), fields[0] if fields else None))
+
+
+def describe(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]) -> Description | None:
+    """Choose the description and classify it as ours / human / boilerplate (see module docstring)."""
+    return effective(description_fields(emb, xmp_info, sidecars))
 
 
 def _iptc_keywords(emb: Embedded) -> tuple[str, ...]:
@@ -249,13 +253,29 @@ def _iptc_keywords(emb: Embedded) -> tuple[str, ...]:
     return ()
 
 
+def _iptc_deletions(emb: Embedded, xmp_info: XmpInfo | None) -> tuple[str, ...]:
+    """The embedded XMP's keywords that a person deleted from the file's IPTC alone (see keywords_of)."""
+    if xmp_info is None or emb.irb is None:
+        return ()
+    try:
+        if not iptc.has_iptc(emb.irb):
+            return ()
+        return kw.iptc_deletions(xmp_info.subjects, iptc.keywords_from_irb(emb.irb), xmp_info.our_keywords,
+                                 digest=iptc.digest_matches(emb.irb))
+    except CorruptError:
+        return ()
+
+
 def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
                 sidecars: list[XmpInfo]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(keywords, capwatch's among them) from the sidecars, the embedded XMP and IPTC (see ``FileMetadata``).
 
     A keyword is capwatch's when a packet's capwatch:Keywords lists exactly that text; an IPTC keyword that is the
-    64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one.
+    64-byte cut of a keyword already found (IPTC's limit) is that keyword, not another one. A keyword of the
+    embedded XMP that a person deleted from IPTC alone (``capwatch.metadata.keywords.iptc_deletions``) is left
+    out, as the next write leaves it out of the file.
     """
+    deleted = {kw.key(k) for k in _iptc_deletions(emb, xmp_info)}
     infos = [i for i in [*sidecars, xmp_info] if i is not None]
     ours_exact = {normalise(k) for info in infos for k in info.our_keywords}
     ours_by_cut = {kw.iptc_key(k): normalise(k) for info in infos for k in info.our_keywords}
@@ -268,13 +288,13 @@ def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
         text = normalise(keyword)
         if not text:
             return
-        folded = text.casefold()
+        folded = kw.key(text)
         if from_iptc:
             if folded in cuts:
                 return  # the IPTC copy of a keyword already found (cut to 64 bytes when it was longer)
             if folded in ours_by_cut:
                 text = ours_by_cut[folded]  # our keyword, which IPTC holds cut
-                folded = text.casefold()
+                folded = kw.key(text)
         if folded in seen:
             return
         seen.add(folded)
@@ -290,7 +310,8 @@ def keywords_of(emb: Embedded, xmp_info: XmpInfo | None,
             add(kw.leaf(k))
     if xmp_info is not None:
         for k in xmp_info.subjects:
-            add(k)
+            if kw.key(k) not in deleted:
+                add(k)
     for k in _iptc_keywords(emb):
         add(k, from_iptc=True)
     if xmp_info is not None:
@@ -385,15 +406,17 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
             unreadable.append(f"sidecar {sidecar.name}: {exc}")
     infos = [i for i in [xmp_info, *sidecars] if i is not None]
     keywords, model_keywords = keywords_of(emb, xmp_info, sidecars)
+    fields = description_fields(emb, xmp_info, sidecars)
     metadata = FileMetadata(
         format=fmt,
-        description=describe(emb, xmp_info, sidecars),
+        description=effective(fields),
         taken_at=_taken_at(emb, infos),
         width=emb.width,
         height=emb.height,
         keywords=keywords,
         model_keywords=model_keywords,
         ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
+        description_fields=fields,
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 

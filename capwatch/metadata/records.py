@@ -1,8 +1,10 @@
-"""Records exchanged with the rest of capwatch (frozen dataclasses, no behaviour)."""
+"""Records exchanged with the rest of capwatch (frozen dataclasses, and the key descriptions are compared by)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import unicodedata
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,6 +13,13 @@ from capwatch.metadata.identity import FileIdentity
 from capwatch.metadata.sidecar import signature
 
 DescriptionKind = Literal["ours", "human", "boilerplate"]
+
+
+def description_key(text: str) -> str:
+    """A short fixed-size key of a description's words (NFC, whitespace runs as one space): equal keys mean the
+    same words. A form carries these to say which descriptions its page showed."""
+    words = " ".join(unicodedata.normalize("NFC", text).split())
+    return hashlib.sha256(words.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,9 @@ class FileMetadata:
     ``keywords``: every keyword the file and its sidecars carry (XMP dc:subject, IPTC Keywords, the leaves of
     lr:hierarchicalSubject), de-duplicated case-insensitively, in order (sidecars first); ``model_keywords``: those
     of them that capwatch wrote (recorded in its provenance namespace); the rest are a person's
-    (``human_keywords``). ``ocr_text``: text capwatch found in the image and wrote (capwatch:Text), if any."""
+    (``human_keywords``). ``ocr_text``: text capwatch found in the image and wrote (capwatch:Text), if any.
+    ``description_fields``: every place that holds a description (EXIF, XMP, IPTC, sidecars, PNG text), each
+    classified; ``description`` is the one of them that counts (a person's first)."""
 
     format: str
     description: Description | None
@@ -56,6 +67,7 @@ class FileMetadata:
     keywords: tuple[str, ...] = ()
     model_keywords: tuple[str, ...] = ()
     ocr_text: str | None = None
+    description_fields: tuple[Description, ...] = ()
 
     @property
     def human_keywords(self) -> tuple[str, ...]:
@@ -93,6 +105,17 @@ class FileSnapshot:
         """A short digest of the sidecars' names and stats ("" without sidecars): changes whenever one does."""
         return signature((s.path.name, s.identity.size, s.identity.mtime_ns, s.identity.ctime_ns)
                          for s in self.sidecars)
+
+    def unseen_descriptions(self, seen: Collection[str]) -> tuple[Description, ...]:
+        """The descriptions of this file that someone who saw the texts ``seen`` (as :func:`description_key`
+        values) has not seen: a person's in any field, and the file's description itself unless it is camera
+        boilerplate. () means a write of those words replaces nothing its writer did not see."""
+        meta = self.metadata
+        out = [d for d in meta.description_fields if d.kind == "human" and description_key(d.text) not in seen]
+        desc = meta.description
+        if desc is not None and desc.kind == "ours" and description_key(desc.text) not in seen:
+            out.append(desc)
+        return tuple(dict.fromkeys(out))
 
     def same_as(self, other: FileSnapshot) -> bool:
         """True when ``other`` read the very same versions of the file and of its sidecars."""

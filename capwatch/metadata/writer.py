@@ -21,7 +21,7 @@ import os
 import stat
 import struct
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +34,9 @@ from capwatch.metadata.identity import FileChanged, same_stat
 from capwatch.metadata.journal import Journal
 from capwatch.metadata.jpeg import EmbedNotSafe
 from capwatch.metadata.reader import MAX_SIDECAR, Embedded, describe, read_embedded, read_snapshot
-from capwatch.metadata.records import FileSnapshot, Provenance, SidecarFile, WriteHooks, WriteResult
+from capwatch.metadata.records import Description, FileSnapshot, Provenance, SidecarFile, WriteHooks, WriteResult
 from capwatch.metadata.sidecar import existing_sidecars, sidecar_candidates
+from capwatch.metadata.xmltext import describe_chars, unsafe_chars
 from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp, wrap_packet
 
 EMBEDDABLE = frozenset({"jpeg", "png", "webp"})
@@ -44,10 +45,26 @@ XMP_PADDING = 2048
 NO_HOOKS = WriteHooks()
 
 
+class DescriptionChanged(MetadataError):
+    """A write of a person's words that would replace descriptions its writer did not see (someone wrote into the
+    file since): nothing was written. ``snapshot`` is the file as read now, ``unseen`` the descriptions it holds
+    that the writer had not seen."""
+
+    def __init__(self, message: str, snapshot: FileSnapshot, unseen: tuple[Description, ...]) -> None:
+        super().__init__(message)
+        self.snapshot = snapshot
+        self.unseen = unseen
+
+
+class CaptionTextError(MetadataError):
+    """The caption's text cannot be written anywhere (it holds characters XML 1.0 cannot hold); the file is
+    untouched."""
+
+
 def write_caption(path: Path, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
                   hooks: WriteHooks = NO_HOOKS, keywords: Sequence[str] | None = None,
-                  text: str | None = None) -> WriteResult:
+                  text: str | None = None, replaces: Collection[str] | None = None) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
 
     ``keywords`` are capwatch's keywords for the image (from the model, in order): merged into dc:subject and IPTC
@@ -59,6 +76,11 @@ def write_caption(path: Path, caption: str, provenance: Provenance | None, confi
     ``keywords`` is one string rather than a list of them.
     ``provenance=None`` writes a person's words (an edit in ``capwatch serve``): no capwatch provenance is written
     and any earlier one is removed, so the caption reads as ``human`` and capwatch never replaces it later.
+    ``replaces`` (with a person's words) is what their writer saw: the :func:`description_key` of each description
+    text shown to them. The write then goes ahead over a person's description, without ``force``, but only when
+    the file, as read right before the write, holds no person's description (in any field) and no description of
+    capwatch's that is not among them; else it raises DescriptionChanged and writes nothing. The check and the
+    write are one transaction: the file is written only if it is still the one that was checked.
 
     ``path`` may be a symlink: the file it points to (or that file's sidecar) is written, the link stays.
     ``expected`` is the snapshot the caption was made from (read before the model ran); ``journal`` registers
@@ -70,7 +92,8 @@ def write_caption(path: Path, caption: str, provenance: Provenance | None, confi
     it again), and MetadataError (one line) when the file cannot be read or written safely, including when part
     of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
-    request = CaptionWrite(Path(path), caption, provenance, expected, keywords=keywords, text=text)
+    request = CaptionWrite(Path(path), caption, provenance, expected, keywords=keywords, text=text,
+                           replaces=None if replaces is None else frozenset(replaces))
     prepared = _prepare(request, config, force=force)
     if isinstance(prepared, WriteResult):
         return prepared
@@ -91,6 +114,8 @@ class CaptionWrite:
     keywords: Sequence[str] | None = None
     #: Text read in the image (None: leave capwatch:Text alone); written only with ``write_text``.
     text: str | None = None
+    #: The descriptions the writer of a person's words saw (description_key values); see write_caption.
+    replaces: frozenset[str] | None = None
 
 
 def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, force: bool = False,
@@ -163,13 +188,24 @@ def _prepare(request: CaptionWrite, config: MetadataConfig, *, force: bool
     text = " ".join(text.split())
     if not text:
         raise MetadataError(f"{path}: refusing to write an empty caption")
+    unsafe = unsafe_chars(text)
+    if unsafe:
+        # What is left after the control characters (U+FFFE, U+FFFF, lone surrogates) has no spelling in XML at
+        # all: say what is wrong with the text, not with the photo (the XMP merge would call it "malformed").
+        raise CaptionTextError(f"{path}: the caption contains {describe_chars(unsafe)}, which XML 1.0 (and so "
+                               "XMP) cannot hold; nothing written")
     if config.write == "none":
         return WriteResult((), "metadata writing is off (metadata.write = none)")
     snap = read_snapshot(path, known=request.expected)
     if request.expected is not None and not snap.same_as(request.expected):
         raise FileChanged(f"{path}: changed while it was being captioned; nothing written")
     desc = snap.metadata.description
-    if desc is not None and desc.kind == "human" and config.existing == "keep" and not force:
+    if request.replaces is not None:
+        unseen = snap.unseen_descriptions(request.replaces)
+        if unseen:
+            raise DescriptionChanged(f"{path}: holds other words than were shown ({unseen[0].origin}: "
+                                     f"{unseen[0].text[:60]!r}); nothing written", snap, unseen)
+    elif desc is not None and desc.kind == "human" and config.existing == "keep" and not force:
         return WriteResult((), f"kept the existing description from {desc.origin} (metadata.existing = keep)", snap)
     if snap.unreadable:
         raise MetadataError(f"{path}: could not fully read {snap.unreadable[0]}; nothing written, so nothing in "
@@ -290,11 +326,15 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
     has_iptc = fmt == "jpeg" and emb.irb is not None and iptc.has_iptc(emb.irb)
     previous_ours = old_info.our_keywords if old_info is not None else ()
     iptc_human: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
     if extra.keywords is not None and has_iptc:
         assert emb.irb is not None
         in_iptc = iptc.keywords_from_irb(emb.irb)
         mine = kw.owned_iptc(in_iptc, previous_ours)
         iptc_human = tuple(v for v, ours in zip(in_iptc, mine, strict=True) if not ours)
+        # A person's deletion in IPTC alone (exiftool -IPTC:Keywords-=x) must not be undone from dc:subject.
+        subjects = old_info.subjects if old_info is not None else ()
+        deleted = kw.iptc_deletions(subjects, in_iptc, previous_ours, digest=iptc.digest_matches(emb.irb))
     written = ["exif", "xmp"]
     tiff_block = emb.exif_block
     values: dict[int, tuple[int, bytes]] = {
@@ -310,7 +350,7 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
             values.update(_mandatory_jpeg_ifd0(data))
     new_tiff = exif.set_ifd0_tags(tiff_block, values)
     xml = merge_caption(emb.xmp, caption, provenance, keywords=extra.keywords, other_human=iptc_human,
-                        text=extra.text)
+                        deleted=deleted, text=extra.text)
     packet = wrap_packet(xml, XMP_PADDING)
     if fmt == "jpeg":
         if len(packet) > jpeg.MAX_XMP_PACKET:

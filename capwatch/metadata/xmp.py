@@ -290,7 +290,7 @@ def _find_rdf(doc: Document) -> Element:
 
 def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | None, *,
                   keywords: Sequence[str] | None = None, other_human: Sequence[str] = (),
-                  text: str | None = None) -> str:
+                  deleted: Sequence[str] = (), text: str | None = None) -> str:
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
     ``provenance=None`` writes a person's words: the caption's capwatch provenance is removed, so readers see a
@@ -298,7 +298,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
 
     ``keywords`` (capwatch's, cleaned here) are merged into dc:subject by the rules of
     ``capwatch.metadata.keywords``, together with ``other_human`` (a person's keywords from another place of the
-    same file, e.g. IPTC); None leaves dc:subject and the recorded capwatch:Keywords as they are, ``[]`` removes
+    same file, e.g. IPTC) and ``deleted`` (keywords a person deleted in that other place: removed and recorded as
+    rejected); None leaves dc:subject and the recorded capwatch:Keywords as they are, ``[]`` removes
     capwatch's. ``text`` sets capwatch:Text ("" removes it); None keeps what the packet has.
 
     When the packet already carries exactly this caption as capwatch's, from the same model and revision, its
@@ -339,7 +340,7 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
         # Before the provenance is appended: a new dc:subject then sits where it will be found next time, so
         # merging our own output again yields the same XML.
         ours, rejected = xmp_keywords.merge_subject(doc, descriptions, target, rdf_prefix, clean_keywords(keywords),
-                                                    other_human, recorded_ours, recorded_rejected)
+                                                    other_human, recorded_ours, recorded_rejected, deleted)
     values: list[tuple[str, str]] = []
     if provenance is not None:
         values = [("Source", "capwatch"), ("Model", provenance.model)]

@@ -113,7 +113,8 @@ def subject_items(prop: Element) -> tuple[Element | None, list[tuple[Element | N
 
 def merge_subject(doc: Document, descriptions: list[Element], target: Element, rdf_prefix: str,
                    wanted: Sequence[str], other_human: Sequence[str], recorded_ours: Sequence[str],
-                   recorded_rejected: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+                   recorded_rejected: Sequence[str], deleted: Sequence[str] = ()
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Merge ``wanted`` into dc:subject in place (a person's items untouched, ours replaced); returns the new
     (capwatch:Keywords, capwatch:RejectedKeywords). Raises XmpError for a dc:subject it does not understand."""
     holders = [d for d in descriptions if d.hasAttributeNS(NS_DC, "subject") or children(d, NS_DC, "subject")]
@@ -131,7 +132,7 @@ def merge_subject(doc: Document, descriptions: list[Element], target: Element, r
     elif prop is not None:
         container, items = subject_items(prop)
     texts = [text for _, text in items]
-    result = kw.merge(texts, recorded_ours, recorded_rejected, wanted, other_human=other_human)
+    result = kw.merge(texts, recorded_ours, recorded_rejected, wanted, other_human=other_human, deleted=deleted)
     if container is None:
         # Absent, the attribute form or simple text: becomes the standard rdf:Bag (the person's value its item).
         if attrs:

@@ -1,7 +1,9 @@
 """Changes made from the page: a person's caption written into the file, or the model asked again.
 
 Both go through the library's write path (``capwatch.metadata.write_caption``: snapshot, compare-and-swap,
-journal) and record in the index what the file holds afterwards, as `capwatch caption` does.
+journal) and record in the index what the file holds afterwards, as `capwatch caption` does. A person's edit is
+an optimistic transaction: the form says which descriptions its page showed, and the words are written only when
+the file holds no others (else EditConflict, and the page shows both texts and lets the person choose).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,17 @@ from capwatch.config import Config
 from capwatch.errors import CapwatchError
 from capwatch.library.index import ImageRecord, Index
 from capwatch.library.scan import record_from_snapshot
-from capwatch.metadata import FileChanged, Journal, read_snapshot, write_caption
+from capwatch.metadata import (
+    Description,
+    DescriptionChanged,
+    FileChanged,
+    Journal,
+    describe_chars,
+    description_key,
+    read_snapshot,
+    unsafe_chars,
+    write_caption,
+)
 
 if TYPE_CHECKING:
     from capwatch.library.process import FileOutcome
@@ -33,7 +45,12 @@ class EditRefused(CapwatchError):
 
 def clean_person_caption(text: str) -> str:
     """The caption as it will be stored: control characters as spaces, whitespace runs collapsed, NFC.
-    Raises EditRefused when nothing is left or it is longer than :data:`MAX_CAPTION`."""
+    Raises EditRefused when nothing is left, it is longer than :data:`MAX_CAPTION`, or it holds a character that
+    XML 1.0 cannot hold (U+FFFE, U+FFFF): the message names the character."""
+    unsafe = tuple(ch for ch in unsafe_chars(text) if unicodedata.category(ch) != "Cc")
+    if unsafe:
+        raise EditRefused(f"the caption contains {describe_chars(unsafe)}, a character that XMP (XML 1.0) cannot "
+                          "hold: remove it and save again (nothing was written)")
     text = "".join(" " if unicodedata.category(ch) in ("Cc", "Co", "Cs") else ch for ch in text)
     text = unicodedata.normalize("NFC", " ".join(text.split()))
     if not text:
@@ -43,21 +60,52 @@ def clean_person_caption(text: str) -> str:
     return text
 
 
-def save_person_caption(config: Config, index: Index, record: ImageRecord, text: str) -> ImageRecord:
+class EditConflict(CapwatchError):
+    """The file holds descriptions the page did not show (someone wrote since, or the index was behind): nothing
+    was written. ``record`` is the index row as the file is now, ``fields`` the file's descriptions (a person's
+    and capwatch's; camera boilerplate left out), ``mine`` the caption that was not written."""
+
+    def __init__(self, record: ImageRecord, fields: tuple[Description, ...], mine: str) -> None:
+        super().__init__(f"{record.path}: the description changed since the page was loaded; nothing was written")
+        self.record = record
+        self.fields = fields
+        self.mine = mine
+
+
+def shown_keys(texts: Iterable[str | None]) -> str:
+    """The form value that says which description texts a page showed (their description_key values)."""
+    return " ".join(dict.fromkeys(description_key(t) for t in texts if t))
+
+
+def parse_shown(value: str) -> frozenset[str]:
+    """The description keys a form says its page showed (unknown tokens ignored: they match nothing)."""
+    return frozenset(t for t in value.split()[:32] if len(t) == 32 and all(c in "0123456789abcdef" for c in t))
+
+
+def save_person_caption(config: Config, index: Index, record: ImageRecord, text: str,
+                        shown: frozenset[str]) -> ImageRecord:
     """Write ``text`` into ``record``'s file as a person's words (no capwatch provenance, so capwatch never
     replaces it) and record the file as it is afterwards; returns the new index row.
 
-    Raises EditRefused (one line) when metadata writing is off, the file changed during the write, or the write
-    path refused (MetadataError's message); the file is then untouched.
+    ``shown`` are the description keys of the texts the page showed the person (:func:`shown_keys`). The write is
+    an optimistic transaction, never forced: it goes ahead only when the file, read right before the write, holds
+    no description the page did not show (a person's in any field, or the file's own); the file is written only
+    if it is still that file. Raises EditConflict when it holds other words (the index is then brought up to date
+    with the file, nothing written), EditRefused (one line) when metadata writing is off, the file changed during
+    the write, or the write path refused (MetadataError's message); the file is then untouched.
     """
     caption = clean_person_caption(text)
     if config.metadata.write == "none":
         raise EditRefused("metadata writing is off (metadata.write = none): nothing was written")
     path = Path(record.path)
     try:
-        # force: the person at the page is replacing the words the file holds, whoever wrote them.
-        result = write_caption(path, caption, None, config.metadata, force=True, journal=Journal.default())
+        result = write_caption(path, caption, None, config.metadata, replaces=shown, journal=Journal.default())
         snap = result.snapshot if result.snapshot is not None else read_snapshot(path)
+    except DescriptionChanged as exc:
+        now = record_from_snapshot(record.path, exc.snapshot, record, config)
+        index.upsert(now)
+        fields = tuple(d for d in exc.snapshot.metadata.description_fields if d.kind != "boilerplate")
+        raise EditConflict(now, fields, caption) from None
     except FileChanged:
         raise EditRefused("the file changed while the caption was being written; nothing was written: "
                           "reload the page and try again") from None
@@ -68,6 +116,20 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
     new = record_from_snapshot(record.path, snap, record, config)
     index.upsert(new)
     return new
+
+
+def refresh_record(config: Config, index: Index, record: ImageRecord
+                   ) -> tuple[ImageRecord, tuple[Description, ...]]:
+    """Record in the index what ``record``'s file holds now (a person chose to keep the words in the file, or to
+    see them); returns the new row and the file's descriptions (camera boilerplate left out). Raises EditRefused
+    (one line) when the file cannot be read."""
+    try:
+        snap = read_snapshot(Path(record.path))
+    except CapwatchError as exc:
+        raise EditRefused(str(exc).splitlines()[0]) from None
+    new = record_from_snapshot(record.path, snap, record, config)
+    index.upsert(new)
+    return new, tuple(d for d in snap.metadata.description_fields if d.kind != "boilerplate")
 
 
 class CaptionerSlot:

@@ -31,9 +31,19 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats
 from capwatch.library.process import HUMAN_KEPT
+from capwatch.metadata import Description
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
-from capwatch.web.editing import MAX_CAPTION, CaptionerSlot, EditRefused, save_person_caption
+from capwatch.web.editing import (
+    MAX_CAPTION,
+    CaptionerSlot,
+    EditConflict,
+    EditRefused,
+    parse_shown,
+    refresh_record,
+    save_person_caption,
+    shown_keys,
+)
 from capwatch.web.security import csrf_ok, servable
 from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, ThumbnailCache, cache_key
 
@@ -42,7 +52,7 @@ log = logging.getLogger(__name__)
 MAX_ROW_ID = 2**63 - 1
 #: The status page's counts are taken again at most this often (see Pages._stats).
 STATS_SECONDS = 30.0
-#: At most this many fields in a POST (the forms have two).
+#: At most this many fields in a POST (the forms have at most five).
 MAX_FIELDS = 8
 #: Notes kept for the pages POSTs redirect to (the oldest go first).
 MAX_NOTES = 256
@@ -53,6 +63,11 @@ def page_words(reason: str) -> str:
     if reason == HUMAN_KEPT:
         return "a person wrote this caption, and the model never replaces a person's words (edit it above instead)"
     return re.sub(r"\s*\((use )?--[a-z-]+[^)]*\)", "", reason)
+
+
+#: What the places a description can be found in are called on the page.
+ORIGINS = {"exif": "EXIF ImageDescription", "xmp": "XMP dc:description", "iptc": "IPTC Caption-Abstract",
+           "sidecar": "XMP sidecar", "png": "PNG Description"}
 
 
 def marked(text: str) -> Markup:
@@ -234,6 +249,7 @@ class Pages:
         if photo is None:
             return self._error("no such photo (or it is not below a configured folder)", 404)
         message = {"saved": "Saved: the caption is in the file, as your words.",
+                   "kept": "Kept: the words in the file stay as they are.",
                    "recaptioned": "Captioned again by the model."}.get(request.query_params.get("done", ""))
         error = None
         note = self._note(row_id, request.query_params.get("note", ""))
@@ -242,11 +258,16 @@ class Pages:
         return self._photo_page(photo, message=message, error=error)
 
     def _photo_page(self, photo: Photo, *, message: str | None = None, error: str | None = None,
-                    draft: str | None = None, status_code: int = 200) -> HTMLResponse:
+                    draft: str | None = None, status_code: int = 200,
+                    in_file: tuple[Description, ...] = ()) -> HTMLResponse:
+        """The photo page; its edit form carries which descriptions the page shows (the caption, and ``in_file``:
+        the file's descriptions, listed when it is shown again after a conflict) and the file identity they came
+        from, so the save can tell whether the file still holds only those."""
         record = photo.record
         return self._html("photo.html", status_code, photo=photo, record=record, message=message, error=error,
                           draft=record.caption or "" if draft is None else draft, max_caption=MAX_CAPTION,
-                          query="")
+                          query="", in_file=in_file, origins=ORIGINS,
+                          shown=shown_keys([record.caption, *(d.text for d in in_file)]))
 
     async def _form(self, request: Request) -> dict[str, str] | Response:
         """The POST's fields, or an error response: wrong type, too big, undecodable, too many fields, a
@@ -278,19 +299,57 @@ class Pages:
         if isinstance(fields, Response):
             return fields
         row_id = int(request.path_params["row_id"])
-        return await run_in_threadpool(self._save, row_id, fields.get("caption", ""))
+        return await run_in_threadpool(self._save, row_id, fields)
 
-    def _save(self, row_id: int, text: str) -> Response:
+    def _save(self, row_id: int, fields: dict[str, str]) -> Response:
+        """Save a person's caption (``choice`` save, or ``mine`` from the conflict page), or answer the conflict
+        page's other choices: ``keep`` (the file's words stay; the index learns them) and ``edit`` (the photo page
+        again, with the file's words listed and the person's draft in the box)."""
+        text = fields.get("caption", "")
+        choice = fields.get("choice", "save")
         with self._index(write=True) as index:
             photo = self._photo(index, row_id)
             if photo is None:
                 return self._error("no such photo (or it is not below a configured folder)", 404)
+            if choice not in ("save", "mine", "keep", "edit"):
+                return self._photo_page(photo, error=f"unknown choice {choice[:20]!r}: nothing was written",
+                                        draft=text[:MAX_CAPTION * 2], status_code=400)
+            if choice in ("keep", "edit"):
+                return self._keep_or_edit(index, photo, choice, text)
+            # What the page showed: its form says so; a form without it (an old page, a script) showed the index's
+            # caption, which is what the photo page shows.
+            shown = parse_shown(fields.get("shown", shown_keys([photo.record.caption])))
             try:
-                save_person_caption(self.config, index, photo.record, text)
+                save_person_caption(self.config, index, photo.record, text, shown)
+            except EditConflict as conflict:
+                log.info("caption of %s not saved from the web page: the file holds other words", photo.record.path)
+                return self._conflict(photo, conflict, changed=fields.get("seen", photo.record.fingerprint)
+                                      != conflict.record.fingerprint)
             except EditRefused as exc:
                 return self._photo_page(photo, error=str(exc), draft=text[:MAX_CAPTION * 2], status_code=422)
         log.info("caption of %s edited from the web page", photo.record.path)
         return RedirectResponse(f"/photo/{row_id}?done=saved", status_code=303)
+
+    def _keep_or_edit(self, index: Index, photo: Photo, choice: str, text: str) -> Response:
+        try:
+            record, in_file = refresh_record(self.config, index, photo.record)
+        except EditRefused as exc:
+            return self._photo_page(photo, error=str(exc), draft=text[:MAX_CAPTION * 2], status_code=422)
+        if choice == "keep":
+            return RedirectResponse(f"/photo/{photo.row_id}?done=kept", status_code=303)
+        return self._photo_page(Photo(photo.row_id, record, photo.file), draft=text[:MAX_CAPTION * 2],
+                                in_file=in_file, message="The file holds the words listed below: edit your "
+                                "caption and save it (or leave the page to keep theirs).")
+
+    def _conflict(self, photo: Photo, conflict: EditConflict, *, changed: bool) -> HTMLResponse:
+        """The conflict page (409): the file's words and the person's, and a form for each choice; the forms
+        carry which descriptions this page shows, so "replace with mine" is checked again."""
+        record = conflict.record
+        reason = ("another program wrote into the file since capwatch last read it (after this page was made, or "
+                  "while capwatch was not watching)" if changed else "the file holds words the page did not show you")
+        return self._html("conflict.html", 409, photo=photo, record=record, fields=conflict.fields,
+                          mine=conflict.mine, reason=reason, origins=ORIGINS,
+                          shown=shown_keys([record.caption, *(d.text for d in conflict.fields)]), query="")
 
     async def recaption(self, request: Request) -> Response:
         fields = await self._form(request)
