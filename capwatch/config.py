@@ -264,6 +264,9 @@ class ServeConfig:
     page_size: Annotated[int, Range(1, 500)] = 48
     #: Run the web page inside `capwatch watch` (the daemon, and so the systemd service) instead of on its own.
     in_daemon: bool = False
+    #: The most the thumbnail and preview cache (in the cache folder) may hold, in MB; least recently shown
+    #: pictures are deleted first.
+    thumbnail_cache_mb: Annotated[int, Range(1, 1_000_000)] = 512
 
 
 @dataclass(frozen=True)
