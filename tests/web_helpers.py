@@ -2,15 +2,24 @@
 
 Captions are put into the files through the real write path (a model's with capwatch provenance, people's with
 exiftool), then the index is built by the real reconcile, as `capwatch scan --no-caption` would.
+
+A real `capwatch serve` process to test against: :func:`serving` / :func:`start_serve` (the same helpers as on
+the web-server branch, which adds the access token on loopback: :class:`Served` sends it when there is one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +29,7 @@ from capwatch.config import Config, IndexConfig, LibraryConfig, ModelConfig, Roo
 from capwatch.library.index import Index
 from capwatch.library.scan import reconcile
 from capwatch.metadata import Provenance, write_caption
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, isolated_env
 
 MODEL = FIXTURES / "models" / "vit-gpt2-tiny-greedy"
 RED_CAPTION = "a red bicycle leaning on a brick wall"
@@ -104,3 +113,124 @@ def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf" value="([^"]+)"', html)
     assert match, "the page has no CSRF field"
     return match.group(1)
+
+
+# -- a real `capwatch serve` ------------------------------------------------------------------------------------
+
+#: The line `capwatch serve` (or `watch` with [serve] in_daemon) prints on stderr when it listens.
+SERVING = re.compile(r"capwatch: serving (http://(?:127\.0\.0\.1|\[::1\]|[\w.:-]+):(\d+)/)(?:\?token=(\S+))?")
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+@dataclass
+class Served:
+    """A running `capwatch serve` (or daemon with the page): its process, address and access token."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    port: int
+    token: str | None
+    first_line: str
+    #: What it wrote on stderr after the "serving" line (read by a thread, so that the pipe never fills).
+    later: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def login_url(self) -> str:
+        """The address a browser opens once: it moves the token into the port's cookie."""
+        return self.url + (f"?token={self.token}" if self.token else "")
+
+    def request(self, method: str, path: str, *, body: bytes | None = None, headers: Mapping[str, str] = {},
+                token: bool = True, timeout: float = 30) -> Answer:
+        """One request on a fresh connection (http.client sends ``path`` exactly as given); the token as a bearer
+        header unless ``token`` is False."""
+        sent = dict(headers)
+        if token and self.token:
+            sent.setdefault("Authorization", f"Bearer {self.token}")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=sent)
+            response = conn.getresponse()
+            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str = "/", **kwargs: object) -> Answer:
+        return self.request("GET", path, **kwargs)  # type: ignore[arg-type]
+
+    def post(self, path: str, fields: Mapping[str, str], **kwargs: object) -> Answer:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return self.request("POST", path, body=urllib.parse.urlencode(fields).encode(),
+                            headers=headers, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+
+
+def write_config(lib: Library, tmp_path: Path, extra: str = "") -> Path:
+    """config.toml for ``lib`` (its root, index and the tiny model), plus ``extra`` TOML lines."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[library]\nroots = ["{lib.root}"]\n[index]\npath = "{lib.config.index_path()}"\n'
+                    f'[model]\ndir = "{lib.config.model.dir}"\nprecision = "fp32"\n{extra}')
+    return path
+
+
+def token_file(tmp_path: Path) -> Path:
+    """Where a server started with :func:`tests.conftest.isolated_env` keeps its access token."""
+    return tmp_path / "home" / ".local" / "state" / "capwatch" / "serve-token"
+
+
+def start_serve(tmp_path: Path, config: Path, *args: str, command: tuple[str, ...] = ("serve", "--port", "0"),
+                env: Mapping[str, str] | None = None) -> Served:
+    """Start ``capwatch --config CONFIG serve --port 0 ARGS`` (or ``command``) in ``tmp_path``'s isolated
+    environment and wait for its "serving" line. The token comes from that line, or, when the server does not
+    print it (inside the daemon), from the token file. Raises AssertionError (with its output) when it did not
+    start."""
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), *command, *args],
+                            env={**isolated_env(tmp_path), **(env or {})}, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen: list[str] = []
+    match = None
+    while match is None and len(seen) < 40:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = SERVING.search(line)
+    if match is None:
+        proc.kill()
+        proc.wait(timeout=20)
+        raise AssertionError("capwatch did not start serving:\n" + "".join(seen) + proc.stderr.read())
+    token = match.group(3)
+    if token is None and "auth = \"none\"" not in match.string and token_file(tmp_path).exists():
+        token = token_file(tmp_path).read_text().strip()
+    served = Served(proc, match.group(1), int(match.group(2)), token, match.string)
+    stream = proc.stderr
+    threading.Thread(target=lambda: served.later.extend(stream), daemon=True).start()
+    return served
+
+
+@contextmanager
+def serving(tmp_path: Path, config: Path, *args: str, **kwargs: object) -> Iterator[Served]:
+    """:func:`start_serve`, stopped afterwards."""
+    served = start_serve(tmp_path, config, *args, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield served
+    finally:
+        served.stop()

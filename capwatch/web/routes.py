@@ -316,6 +316,9 @@ class Pages:
             if request.headers.get("if-none-match", "").strip() in (f'"{entry.key}"', f'W/"{entry.key}"'):
                 return Response(status_code=304, headers=headers)
             data = self.thumbs.lookup(entry)
+            if data is None and self.thumbs.failure(entry) is not None:
+                # Said once when it failed; this very file (same key) is not decoded again.
+                return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
             if data is None:
                 try:
                     data = self.thumbs.render(fd, str(photo.file), entry)
