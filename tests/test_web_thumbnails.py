@@ -150,12 +150,9 @@ def test_a_file_that_failed_is_remembered_and_not_decoded_again_until_it_changes
 
 def test_images_over_the_decode_limit_are_refused_before_decoding_but_large_jpegs_are_reduced(
         served: Served, lib: Library) -> None:
-    from capwatch.web.thumbnails import MAX_DECODED_PIXELS
-
     png_header_only(lib.root / "huge.png", 13000, 13000, data=zlib.compress(b"\0" * 100_000))
     make_jpeg(lib.root / "big.jpg", (20, 40, 200), size=(9000, 6000))  # 54 MP: decoded at 1/8 scale
     ids = reindex(lib)
-    assert MAX_DECODED_PIXELS < 9000 * 6000
     huge = served.get(f"/preview/{ids['huge.png']}")
     assert huge.status == 415
     line = wait_until(lambda: lines_about(served, "huge.png"), what="the log line")
@@ -164,6 +161,9 @@ def test_images_over_the_decode_limit_are_refused_before_decoding_but_large_jpeg
         answer = served.get(url)
         assert answer.status == 200, url
         assert max(Image.open(io.BytesIO(answer.body)).size) in (320, 1600)
+    from capwatch.web.thumbnails import MAX_DECODED_PIXELS
+
+    assert MAX_DECODED_PIXELS < 9000 * 6000  # the JPEG was over the limit at full scale
 
 
 # -- the cache folder ----------------------------------------------------------------------------------------------
@@ -178,7 +178,8 @@ def test_an_edited_then_deleted_photo_leaves_no_pictures_behind(lib: Library, tm
             assert served.get(f"/preview/{red}").status == 200
             Image.new("RGB", (50 + edit, 40), (edit * 40, 0, 0)).save(lib.path("red.jpg"), "JPEG")
             os.utime(lib.path("red.jpg"), ns=(1, 2_000_000_000_000_000_000 + edit))
-        assert rows_cached(tmp_path) == [red, red]  # one thumbnail, one preview: the older ones went
+        assert len(cache_files(tmp_path)) == 2  # one thumbnail, one preview: the older ones went
+        assert rows_cached(tmp_path) == [red, red]
         assert served.get(f"/thumb/{lib.ids['rotated.jpg']}").status == 200
     lib.path("red.jpg").unlink()
     with Index.open(lib.config.index_path()) as index:
