@@ -219,9 +219,10 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def _big_png(path: Path, side: int, *, cut_at: int | None = None) -> None:
-    """A ``side`` x ``side`` RGB PNG written row by row (never held whole): smooth rows with a little noise, so
-    it decodes like a photo-sized PNG; ``cut_at``: keep only that many bytes (a file cut off in transfer)."""
+def _big_png(path: Path, side: int, *, cut_at: int | None = None, noise: bool = True) -> None:
+    """A ``side`` x ``side`` RGB PNG written row by row (never held whole): smooth rows, with a little noise
+    unless ``noise`` is False (then they compress ~100:1, so a few hundred KB hold many rows); ``cut_at``: keep
+    only that many bytes (a file cut off in transfer)."""
     import struct
     import zlib
 
@@ -232,7 +233,8 @@ def _big_png(path: Path, side: int, *, cut_at: int | None = None) -> None:
         out.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)))
         written = out.tell()
         for y in range(side):
-            row = (ramp + np.uint8(y % 256) + rng.integers(0, 4, side * 3, dtype=np.uint8)).tobytes()
+            row = (ramp + np.uint8(y % 256) + (rng.integers(0, 4, side * 3, dtype=np.uint8) if noise else 0))
+            row = row.astype(np.uint8).tobytes()
             data = packer.compress(b"\x00" + row)
             if data:
                 out.write(_png_chunk(b"IDAT", data))
@@ -289,7 +291,7 @@ def bench_pictures(work: Path, anchor: Path | None, requests: int) -> None:
     files = {"truncated 13000x13000 PNG (0.5 MB)": root / "cut-13000.png",
              "valid 13000x13000 PNG (169 MP)": root / "full-13000.png"}
     if not files["truncated 13000x13000 PNG (0.5 MB)"].exists():
-        _big_png(files["truncated 13000x13000 PNG (0.5 MB)"], 13000, cut_at=512 * 1024)
+        _big_png(files["truncated 13000x13000 PNG (0.5 MB)"], 13000, cut_at=512 * 1024, noise=False)
     if not files["valid 13000x13000 PNG (169 MP)"].exists():
         print("writing a valid 13000x13000 PNG (once) ...", flush=True)
         _big_png(files["valid 13000x13000 PNG (169 MP)"], 13000)
