@@ -214,3 +214,25 @@ def test_the_cache_stays_under_its_bound_least_recently_shown_first(lib: Library
         gone = [row for row in used if row not in kept]
         assert gone and gone == used[:len(gone)], (used, gone)
         assert sum(p.stat().st_size for p in cache_files(tmp_path)) <= 1 << 20
+
+
+def test_a_request_waits_for_a_decoder_only_so_long(lib: Library, tmp_path: Path) -> None:
+    """Every decode slot taken (each by a decode that does not finish): the next request is told to come back
+    (Busy, the page's 503) instead of waiting for ever; once a slot is free it is rendered."""
+    from capwatch.web.security import open_servable
+    from capwatch.web.thumbnails import Busy, Entry, ThumbnailCache, cache_key
+
+    cache = ThumbnailCache(tmp_path / "cache", max_bytes=1 << 20, parallel=1, slot_wait=0.2)
+    real = lib.path("red.jpg").resolve()
+    fd = open_servable(real, [lib.root])
+    try:
+        entry = Entry(lib.ids["red.jpg"], 64, cache_key("fp", os.fstat(fd), 64))
+        cache._slots.acquire()  # the one decoder, held by a decode that hangs
+        try:
+            with pytest.raises(Busy, match="busy"):
+                cache.render(fd, str(real), entry)
+        finally:
+            cache._slots.release()
+        assert Image.open(io.BytesIO(cache.render(fd, str(real), entry))).format == "WEBP"
+    finally:
+        os.close(fd)
