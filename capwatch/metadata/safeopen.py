@@ -61,6 +61,8 @@ def _keep_regular(fd: int, path: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise
     if stat.S_ISREG(mode):
+        # O_NONBLOCK was only for the open; some FUSE file systems would honour it on reads of a regular file.
+        os.set_blocking(fd, True)
         return fd
     os.close(fd)
     if stat.S_ISDIR(mode):
