@@ -21,6 +21,12 @@ Anchors (issue 13): first results page <= 150 ms server time on the 1 M-row inde
   requests meanwhile (how many got 200, p50/max latency), and how many slow sockets are still open 12 s later.
 
     python bench/serve.py --slowloris                      # N = 0, 64, 200 against /work/main
+
+- *Pictures that cost* (``--pictures [--anchor-tree /work/main]``, issue 20 item 10): a 0.5 MB PNG cut off whose
+  header says 13000x13000, and a valid 13000x13000 (169 MP) PNG, each asked for as a thumbnail 3 times from a
+  fresh real `capwatch serve` process of this tree and, side by side, of the anchor tree (another checkout, e.g.
+  main): the server's CPU time per request (utime + stime from /proc) and its peak resident memory (VmHWM) over
+  its idle size. Only this part runs with ``--pictures``.
 """
 
 from __future__ import annotations
@@ -351,6 +357,134 @@ def bench_slowloris(anchor: Path, work: Path, counts: list[int], requests: int, 
         print(" | ".join(row), flush=True)
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _big_png(path: Path, side: int, *, cut_at: int | None = None, noise: bool = True) -> None:
+    """A ``side`` x ``side`` RGB PNG written row by row (never held whole): smooth rows, with a little noise
+    unless ``noise`` is False (then they compress ~100:1, so a few hundred KB hold many rows); ``cut_at``: keep
+    only that many bytes (a file cut off in transfer)."""
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(11)
+    ramp = (np.arange(side * 3, dtype=np.uint32) * 255 // (side * 3)).astype(np.uint8)
+    packer = zlib.compressobj(6)
+    with open(path, "wb") as out:
+        out.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)))
+        written = out.tell()
+        for y in range(side):
+            row = (ramp + np.uint8(y % 256) + (rng.integers(0, 4, side * 3, dtype=np.uint8) if noise else 0))
+            row = row.astype(np.uint8).tobytes()
+            data = packer.compress(b"\x00" + row)
+            if data:
+                out.write(_png_chunk(b"IDAT", data))
+                written += len(data) + 12
+            if cut_at is not None and written >= cut_at:
+                break
+        else:
+            out.write(_png_chunk(b"IDAT", packer.flush()) + _png_chunk(b"IEND", b""))
+    if cut_at is not None:
+        with open(path, "r+b") as out:
+            out.truncate(cut_at)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _serve_tree(tree: Path, config: Path, home: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "CAPWATCH_OFFLINE": "1", "PYTHONPATH": str(tree), "XDG_CACHE_HOME": str(home / "cache"),
+           "XDG_STATE_HOME": str(home / "state"), "XDG_CONFIG_HOME": str(home / "config")}
+    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
+                            env=env, cwd=tree, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for _ in range(20):
+        match = re.search(r"(http://127\.0\.0\.1:\d+/)", proc.stderr.readline())
+        if match:
+            # Whatever it logs later goes nowhere (a full pipe would stall the server).
+            import threading
+
+            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+            return proc, match.group(1)
+    proc.kill()
+    raise SystemExit(f"capwatch serve of {tree} did not start")
+
+
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
+
+
+def _token_headers(home: Path) -> dict[str, str]:
+    # A tree that asks for its access token on loopback keeps it in the state folder.
+    token = home / "state" / "capwatch" / "serve-token"
+    return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+
+
+def bench_pictures(work: Path, anchor: Path | None, requests: int) -> None:
+    import urllib.error
+    import urllib.request
+
+    root = work / "pictures"
+    root.mkdir(parents=True, exist_ok=True)
+    files = {"truncated 13000x13000 PNG (0.5 MB)": root / "cut-13000.png",
+             "valid 13000x13000 PNG (169 MP)": root / "full-13000.png"}
+    if not files["truncated 13000x13000 PNG (0.5 MB)"].exists():
+        _big_png(files["truncated 13000x13000 PNG (0.5 MB)"], 13000, cut_at=512 * 1024, noise=False)
+    if not files["valid 13000x13000 PNG (169 MP)"].exists():
+        print("writing a valid 13000x13000 PNG (once) ...", flush=True)
+        _big_png(files["valid 13000x13000 PNG (169 MP)"], 13000)
+    db = work / "pictures.db"
+    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=db))
+    with Index.open(db) as index:
+        reconcile(config.library.roots[0], config, index)
+        ids = index.ids_for(str(p) for p in files.values())
+    config_file = work / "pictures.toml"
+    config_file.write_text(f'[library]\nroots = ["{root}"]\n[index]\npath = "{db}"\n')
+    trees = [("this tree", REPO)] + ([("anchor " + str(anchor), anchor)] if anchor else [])
+    results: dict[tuple[str, str], tuple[list[float], float, list[int]]] = {}
+    for label, path in files.items():
+        for tree_label, tree in trees:
+            home = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+            proc, url = _serve_tree(tree, config_file, home)
+            try:
+                time.sleep(1.0)
+                idle = _rss_mb(proc.pid, "VmHWM")
+                cpu, codes = [], []
+                for _ in range(requests):
+                    before = _cpu_seconds(proc.pid)
+                    request = urllib.request.Request(f"{url}thumb/{ids[str(path)]}", headers=_token_headers(home))
+                    try:
+                        with urllib.request.urlopen(request, timeout=600) as answer:
+                            codes.append(answer.status)
+                    except urllib.error.HTTPError as exc:
+                        codes.append(exc.code)
+                    cpu.append(_cpu_seconds(proc.pid) - before)
+                peak = _rss_mb(proc.pid, "VmHWM") - idle
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+                shutil.rmtree(home, ignore_errors=True)
+            results[(label, tree_label)] = (cpu, peak, codes)
+    print(f"pictures that cost: GET /thumb/ID x{requests}, a fresh server per file and tree "
+          "(server CPU seconds per request; peak RSS over idle, MB; shared 2-core box, noisy)")
+    for label in files:
+        for tree_label, _ in trees:
+            cpu, peak, codes = results[(label, tree_label)]
+            print(f"  {label:36} {tree_label:22} CPU/request " + " ".join(f"{c:6.2f}" for c in cpu)
+                  + f"  total {sum(cpu):6.2f} s  peak +{peak:6.0f} MB  status {codes}")
+        if anchor:
+            mine, theirs = results[(label, "this tree")], results[(label, trees[1][0])]
+            print(f"  {'':36} anchor / this tree: CPU {sum(theirs[0]) / max(sum(mine[0]), 0.01):.0f}x, "
+                  f"peak memory {max(theirs[1], 1) / max(mine[1], 1):.0f}x")
+
+
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -375,11 +509,18 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between a slow socket's header lines")
     parser.add_argument("--wait", type=float, default=12.0, help="seconds after the requests before counting the "
                         "slow sockets still open")
+    parser.add_argument("--pictures", action="store_true", help="only the costly-pictures bench (issue 20 item 10)")
+    parser.add_argument("--anchor-tree", type=Path, default=None,
+                        help="another checkout (e.g. /work/main) to run side by side in --pictures")
+    parser.add_argument("--picture-requests", type=int, default=3)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.slowloris:
         bench_slowloris(args.anchor.resolve(), args.work / "slowloris", [int(n) for n in args.slow.split(",")],
                         args.requests, args.interval, args.wait)
+        return
+    if args.pictures:
+        bench_pictures(args.work, args.anchor_tree, args.picture_requests)
         return
     search: object = _search_bench()
     db = args.work / f"search-{args.images}.db"

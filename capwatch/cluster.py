@@ -44,6 +44,7 @@ from distributed.scheduler import KilledWorker
 from capwatch import __version__
 from capwatch.config import ModelConfig, Provider
 from capwatch.errors import CapwatchError, ImageError, ModelError
+from capwatch.metadata.safeopen import open_binary
 from capwatch.models.captioner import DescribeOptions
 
 if TYPE_CHECKING:
@@ -422,7 +423,7 @@ def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> li
 def _read_bytes(job: Job) -> bytes | None:
     """The file's bytes, or None when it is no longer exactly the file the snapshot describes."""
     try:
-        with open(job.path, "rb") as handle:
+        with open_binary(job.path) as handle:  # a FIFO or device swapped in: refused at once, never waited on
             data = handle.read()
             st = os.fstat(handle.fileno())
     except OSError:

@@ -272,6 +272,9 @@ class ServeConfig:
     #: A connection must deliver a whole request head within this many seconds, or it is closed (slow clients
     #: holding connections open must not lock out the people with the token).
     header_timeout_seconds: Annotated[float, Range(0.5, 300)] = 10.0
+    #: The most the thumbnail and preview cache (in the cache folder) may hold, in MB; least recently shown
+    #: pictures are deleted first.
+    thumbnail_cache_mb: Annotated[int, Range(1, 1_000_000)] = 512
 
 
 @dataclass(frozen=True)

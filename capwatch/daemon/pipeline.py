@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from capwatch.library.index import Index
+from capwatch.metadata.safeopen import open_file
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +507,7 @@ def _read_ahead(path: Path) -> None:
     # Ask the kernel to start reading the file now, so the model thread's decode finds it in the page cache
     # (matters on spinning disks and network mounts). Purely advisory.
     with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_file(path)  # never blocks: a FIFO swapped in for the photo is refused here, not waited on
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:

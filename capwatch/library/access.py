@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from capwatch.errors import IndexUnavailable
+from capwatch.metadata.safeopen import open_binary
 
 
 def _wal_files(path: Path) -> tuple[Path, Path]:
@@ -71,7 +72,7 @@ def _group_hint(path: Path) -> str:
 
 def _is_wal_database(path: Path) -> bool:
     try:
-        with open(path, "rb") as handle:
+        with open_binary(path, noatime=False) as handle:  # never blocks on a FIFO put in the index's place
             header = handle.read(20)
     except OSError:
         return False

@@ -43,6 +43,7 @@ from capwatch.metadata.binary import open_noatime
 from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, start_writeback, write_all
 from capwatch.metadata.identity import FileChanged, FileIdentity, same_stat, unchanged
 from capwatch.metadata.journal import Entry, Journal, sha256_bytes
+from capwatch.metadata.safeopen import NotRegularFile, open_file
 
 __all__ = ["Content", "FileChanged", "Part", "Replacement", "Tail", "create_file", "is_temp_file", "replace_file",
            "replace_files", "temp_path", "write_all"]
@@ -108,11 +109,11 @@ def _part_size(part: Part) -> int:
 def _open_source(path: Path, expected: FileIdentity) -> int:
     """Open the original for reading Tail parts; raises FileChanged unless it is still the file we read."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOATIME", 0))
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_file(path)  # never blocks: a FIFO or device swapped in is a change, not a wait
     except FileNotFoundError:
         raise FileChanged(f"{path}: file vanished during the write; left alone") from None
+    except NotRegularFile as exc:
+        raise FileChanged(f"{path}: {exc.strerror} now, during the write; left alone") from None
     if not same_stat(os.fstat(fd), expected):
         os.close(fd)
         raise FileChanged(f"{path}: file changed during the write; left alone")
@@ -193,9 +194,11 @@ def needs_in_place(st: os.stat_result) -> bool:
 def verify_unchanged(path: Path, expected: FileIdentity) -> None:
     """Raise FileChanged unless ``path`` still has the identity ``expected`` (stat and content fingerprint)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_file(path, noatime=False)
     except FileNotFoundError:
         raise FileChanged(f"{path}: file vanished during the write; left alone") from None
+    except NotRegularFile as exc:
+        raise FileChanged(f"{path}: {exc.strerror} now, during the write; left alone") from None
     except OSError as exc:
         raise MetadataError(f"{path}: cannot read: {_describe(exc)}") from None
     try:

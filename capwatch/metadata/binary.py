@@ -7,6 +7,7 @@ import struct
 from typing import BinaryIO, Protocol
 
 from capwatch.errors import MetadataError
+from capwatch.metadata.safeopen import open_binary
 
 
 class CorruptError(MetadataError):
@@ -75,14 +76,8 @@ def u32(data: bytes, offset: int, order: str) -> int:
 
 
 def open_noatime(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open ``path`` for binary reading without updating its access time where the OS allows it
-    (O_NOATIME needs the file's owner or root; otherwise a plain open). Raises OSError like ``open``."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    noatime = getattr(os, "O_NOATIME", 0)
-    try:
-        fd = os.open(path, flags | noatime)
-    except PermissionError:
-        if not noatime:
-            raise
-        fd = os.open(path, flags)
-    return os.fdopen(fd, "rb")
+    """Open the regular file ``path`` for binary reading, without blocking (a FIFO or device swapped in is
+    refused at once, see :mod:`capwatch.metadata.safeopen`) and without updating its access time where the OS
+    allows it (O_NOATIME needs the file's owner or root). Raises OSError like ``open`` (NotRegularFile for a
+    FIFO, socket or device)."""
+    return open_binary(path)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capwatch.errors import MetadataError
+from capwatch.metadata.safeopen import open_file
 
 WINDOW = 256 * 1024
 
@@ -52,8 +53,9 @@ def fingerprint_fd(fd: int, size: int) -> str:
 
 
 def fingerprint_file(path: str | os.PathLike[str]) -> str:
-    """The fingerprint of the file at ``path``. Raises OSError when it cannot be opened or read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """The fingerprint of the regular file at ``path``. Raises OSError when it cannot be opened or read
+    (NotRegularFile, without blocking, when a FIFO or device is there)."""
+    fd = open_file(path)
     try:
         return fingerprint_fd(fd, os.fstat(fd).st_size)
     finally:
@@ -129,8 +131,9 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 def identify(path: Path) -> FileIdentity:
     """The current identity of ``path`` (symlinks followed), read consistently: the stat before and after the
-    fingerprint agree. Raises OSError when the file cannot be read and FileNotFoundError when it is gone."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fingerprint agree. Raises OSError when the file cannot be read (NotRegularFile, without blocking, for a FIFO
+    or device) and FileNotFoundError when it is gone."""
+    fd = open_file(path)
     try:
         st = os.fstat(fd)
         fingerprint = fingerprint_fd(fd, st.st_size)

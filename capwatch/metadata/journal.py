@@ -51,6 +51,7 @@ from capwatch import paths
 from capwatch.errors import MetadataError
 from capwatch.metadata.fsops import exchange, fsync_dir, overwrite, sha256_regular, write_all
 from capwatch.metadata.identity import FileIdentity
+from capwatch.metadata.safeopen import open_binary
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class Journal:
         try:
             folder.mkdir(mode=0o700, exist_ok=True)
             saved = folder / f"{_utc_now().replace(':', '')}-{secrets.token_hex(3)}-{target.name}"
-            with open(target, "rb") as src, open(saved, "xb") as dst:
+            with open_binary(target, noatime=False) as src, open(saved, "xb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             return saved

@@ -22,6 +22,7 @@ from capwatch.metadata.boilerplate import is_boilerplate
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
 from capwatch.metadata.identity import FileChanged, FileIdentity, fingerprint_fd, same_stat, stat_key
 from capwatch.metadata.records import Description, FileMetadata, FileSnapshot, Provenance, SidecarFile
+from capwatch.metadata.safeopen import read_regular
 from capwatch.metadata.sidecar import existing_sidecars
 from capwatch.metadata.xmp import XmpError, XmpInfo, normalise, parse_xmp, xmp_date_to_iso
 
@@ -337,9 +338,10 @@ def _taken_at(emb: Embedded, infos: list[XmpInfo]) -> str | None:
 def read_sidecar(path: Path) -> XmpInfo | None:
     """Parse one sidecar; None when it is unreadable, too large or malformed (a sidecar never blocks a read)."""
     try:
-        if path.stat().st_size > MAX_SIDECAR:
+        data = read_regular(path, MAX_SIDECAR)  # one open, never blocking: a FIFO swapped in is refused
+        if len(data) > MAX_SIDECAR:
             return None
-        return parse_xmp(path.read_bytes())
+        return parse_xmp(data)
     except (OSError, XmpError):
         return None
 

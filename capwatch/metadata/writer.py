@@ -35,6 +35,7 @@ from capwatch.metadata.journal import Journal
 from capwatch.metadata.jpeg import EmbedNotSafe
 from capwatch.metadata.reader import MAX_SIDECAR, Embedded, describe, read_embedded, read_snapshot
 from capwatch.metadata.records import Description, FileSnapshot, Provenance, SidecarFile, WriteHooks, WriteResult
+from capwatch.metadata.safeopen import open_binary
 from capwatch.metadata.sidecar import existing_sidecars, sidecar_candidates
 from capwatch.metadata.xmltext import describe_chars, unsafe_chars
 from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp, wrap_packet
@@ -472,7 +473,7 @@ def _read_sidecar_as_seen(target: Path, known: SidecarFile | None) -> bytes | No
     """The sidecar's bytes, provided it is still the version the snapshot read (None: it did not exist and still
     does not). Raises FileChanged otherwise, MetadataError when it cannot be read."""
     try:
-        with open(target, "rb") as f:
+        with open_binary(target) as f:  # never blocks on a FIFO or device swapped in
             st = os.fstat(f.fileno())
             if known is None or not same_stat(st, known.identity) or st.st_size > MAX_SIDECAR:
                 raise FileChanged(f"{target}: sidecar changed while the image was being captioned; nothing written")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from capwatch.config import Range, short_repr
 from capwatch.errors import ImageError
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
+from capwatch.metadata.safeopen import NotRegularFile, open_binary
 from capwatch.models.rawpreview import extract_preview
 
 #: Refuse images with more pixels than this before decoding them (Pillow's own hard limit is 2x its warning
@@ -234,36 +236,53 @@ def load_image(
     *,
     target_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_pixels: int | None = None,
+    fd: int | None = None,
 ) -> Image.Image:
     """Decode ``path`` into an EXIF-oriented 8-bit RGB image (first frame of animations).
 
     ``target_size`` (height, width) is the model input size; large JPEGs are draft-decoded down to no less than
-    :data:`DRAFT_HEADROOM` times it. Raises ImageError (one line, naming the file) for missing, empty, truncated,
-    unsupported or too large files.
+    :data:`DRAFT_HEADROOM` times it. ``max_pixels`` bounds the image's own size; ``max_decoded_pixels``, when
+    given, bounds what is actually decoded (a JPEG's draft-reduced size; other formats decode whole), which
+    bounds the memory a decode takes. ``fd``: read from this open descriptor (the caller's, left open; its
+    position is not used) instead of opening ``path``, which then only names the file in messages. The file is
+    opened once, without blocking, and must be a regular file. Raises ImageError (one line, naming the file) for
+    missing, empty, truncated, unsupported or too large files and for a FIFO or device where a photo was.
     """
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's global warning threshold.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img, raw_orientation = _open_source(path)
-            with img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageError(
-                        f"{path}: image too large ({width}x{height} = {width * height / 1e6:.0f} MP, "
-                        f"limit {max_pixels / 1e6:.0f} MP)"
-                    )
-                if width == 0 or height == 0:
-                    raise ImageError(f"{path}: image has no pixels")
-                if getattr(img, "is_animated", False):
-                    img.seek(0)
-                if img.format == "JPEG" and target_size is not None:
-                    _draft(img, target_size)
-                img.load()
-                oriented = _orient(img) if raw_orientation is None else _transpose(img, raw_orientation)
-                return oriented if oriented.mode == "RGB" else to_rgb(oriented)
+            handle = _handle(path, fd)
+            with handle:
+                img, raw_orientation = _open_source(path, handle)
+                with img:
+                    width, height = img.size
+                    if width * height > max_pixels:
+                        raise ImageError(
+                            f"{path}: image too large ({width}x{height} = {width * height / 1e6:.0f} MP, "
+                            f"limit {max_pixels / 1e6:.0f} MP)"
+                        )
+                    if width == 0 or height == 0:
+                        raise ImageError(f"{path}: image has no pixels")
+                    if getattr(img, "is_animated", False):
+                        img.seek(0)
+                    if img.format == "JPEG" and target_size is not None:
+                        _draft(img, target_size)
+                    decoded = img.size[0] * img.size[1]
+                    if max_decoded_pixels is not None and decoded > max_decoded_pixels:
+                        raise ImageError(
+                            f"{path}: image too large to decode here ({img.size[0]}x{img.size[1]} = "
+                            f"{decoded / 1e6:.0f} MP at full scale, limit {max_decoded_pixels / 1e6:.0f} MP; "
+                            "only JPEGs are decoded reduced)"
+                        )
+                    img.load()
+                    oriented = _orient(img) if raw_orientation is None else _transpose(img, raw_orientation)
+                    return oriented if oriented.mode == "RGB" else to_rgb(oriented)
     except ImageError:
         raise
+    except NotRegularFile as exc:
+        raise ImageError(f"{path}: {exc.strerror}") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -311,17 +330,27 @@ def _register_heif() -> bool:
     return True
 
 
-def _open_source(path: Path) -> tuple[Image.Image, int | None]:
-    """Open ``path`` for decoding; camera RAW opens its embedded JPEG preview instead.
+def _handle(path: Path, fd: int | None) -> BinaryIO:
+    """A binary file object over ``fd`` (a duplicate: the caller keeps its own) or over ``path`` opened with
+    :func:`capwatch.metadata.safeopen.open_file`. Raises OSError (NotRegularFile for a FIFO or device)."""
+    if fd is None:
+        return open_binary(path)
+    handle = os.fdopen(os.dup(fd), "rb")
+    handle.seek(0)
+    return handle
+
+
+def _open_source(path: Path, handle: BinaryIO) -> tuple[Image.Image, int | None]:
+    """Open the file ``handle`` (``path`` names it) for decoding; camera RAW opens its embedded JPEG preview.
 
     Returns the image and, for RAW previews, the orientation from the RAW's IFD0 (the preview JPEG usually has no
     EXIF of its own). Raises ImageError for a RAW without a usable preview, OSError and Pillow's errors otherwise.
     """
-    with open(path, "rb") as handle:
-        head = handle.read(HEAD_SIZE)
+    head = handle.read(HEAD_SIZE)
+    handle.seek(0)
     kind = detect_format(head, path.suffix)
     if kind == "raw":
-        preview = extract_preview(path)
+        preview = extract_preview(handle.read())
         if preview is None:
             raise ImageError(f"{path}: camera RAW without an embedded JPEG preview that capwatch can decode")
         image = Image.open(io.BytesIO(preview.data))
@@ -329,7 +358,7 @@ def _open_source(path: Path) -> tuple[Image.Image, int | None]:
         return image, None if own not in (None, 1) else preview.orientation
     if kind in ("heif", "avif"):
         _register_heif()
-    return Image.open(path), None
+    return Image.open(handle), None
 
 
 def _transpose(img: Image.Image, orientation: int) -> Image.Image:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from capwatch.metadata.safeopen import read_regular
+
 #: IFD tags that matter here.
 _SUBIFDS = 0x014A
 _EXIF_IFD = 0x8769
@@ -133,13 +135,14 @@ def _raf_previews(data: bytes) -> list[bytes]:
     return [data[start:start + length]]
 
 
-def extract_preview(path: Path) -> Preview | None:
-    """The largest decodable JPEG preview embedded in the RAW file at ``path``, or None when it has none.
+def extract_preview(source: Path | bytes) -> Preview | None:
+    """The largest decodable JPEG preview embedded in the RAW file at ``source`` (a path, or the file's bytes
+    already read from an open descriptor), or None when it has none.
 
     Lossless-JPEG sensor data (also SOI-marked) is skipped because Pillow cannot decode it. Raises OSError when
-    the file cannot be read.
+    the file cannot be read (NotRegularFile, without blocking, for a FIFO or device at the path).
     """
-    data = path.read_bytes()
+    data = source if isinstance(source, bytes) else read_regular(source)
     orientation = 1
     if data.startswith(b"FUJIFILMCCD-RAW"):
         candidates = _raf_previews(data)

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from capwatch.config import Config
 from capwatch.errors import ImageError
+from capwatch.metadata.safeopen import NotRegularFile, open_binary
 from capwatch.models.captioner import Captioner
 from capwatch.models.preprocess import load_image, to_rgb
 
@@ -50,11 +51,14 @@ def load_for_text(path: Path, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Draft decoding keeps memory bounded; Pillow's bomb warning is about full decodes.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            # One non-blocking open of a regular file: a FIFO or device swapped in is one line, never a hang.
+            with open_binary(path) as handle, Image.open(handle) as img:
                 if img.format == "JPEG" and img.size[0] * img.size[1] > 0:
                     img.draft("RGB", fitted_size(img.size, max_pixels))
                     img.load()
                     return fit_pixels(ImageOps.exif_transpose(img), max_pixels)
+    except NotRegularFile as exc:
+        raise ImageError(f"{path}: {exc.strerror}") from None
     except (UnidentifiedImageError, Image.DecompressionBombError):
         pass  # not a JPEG Pillow opens directly: the general decoder below knows more formats and says why
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

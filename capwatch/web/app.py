@@ -191,9 +191,11 @@ class BodyTooLarge(Exception):
     """A chunked request body went past MAX_BODY."""
 
 
-def _lifespan(on_close: Callable[[], None]) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+def _lifespan(on_start: Callable[[], None],
+              on_close: Callable[[], None]) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        on_start()
         try:
             yield
         finally:
@@ -206,7 +208,8 @@ def create_app(settings: ServeSettings) -> Starlette:
     """The application for ``settings``: pages, thumbnails, static files, all behind :class:`Guard`."""
     from capwatch.web import routes
 
-    pages = routes.Pages(settings, ThumbnailCache(settings.cache_dir / "thumbnails"),
+    pages = routes.Pages(settings, ThumbnailCache(settings.cache_dir / "thumbnails",
+                                                  max_bytes=settings.config.serve.thumbnail_cache_mb << 20),
                          CaptionerSlot(settings.open_captioner, settings.config.model.idle_unload_seconds))
     app = Starlette(
         routes=[
@@ -221,7 +224,7 @@ def create_app(settings: ServeSettings) -> Starlette:
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={404: pages.not_found, 405: pages.not_allowed, CapwatchError: pages.unavailable},
-        lifespan=_lifespan(pages.close),
+        lifespan=_lifespan(pages.start, pages.close),
     )
     app.add_middleware(Guard, settings=settings)
     return app

@@ -32,6 +32,7 @@ from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats
 from capwatch.library.process import HUMAN_KEPT
 from capwatch.metadata import Description
+from capwatch.metadata.safeopen import NotRegularFile
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import (
@@ -44,8 +45,8 @@ from capwatch.web.editing import (
     save_person_caption,
     shown_keys,
 )
-from capwatch.web.security import csrf_ok, servable
-from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, ThumbnailCache, cache_key
+from capwatch.web.security import csrf_ok, open_servable, servable
+from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, Busy, Entry, Pruner, ThumbnailCache, cache_key
 
 log = logging.getLogger(__name__)
 #: SQLite row ids are signed 64-bit; a larger number in the address names no photo.
@@ -125,11 +126,17 @@ class Pages:
         #: What a POST had to say, shown by the page it redirects to: key -> (row id, "message" | "error", text).
         self._notes: OrderedDict[str, tuple[int, str, str]] = OrderedDict()
         self._notes_lock = threading.Lock()
+        self._pruner = Pruner(self._sweep_thumbnails)
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Server start: the thumbnail cache's sweep begins (in the background)."""
+        self._pruner.start()
+
     def close(self) -> None:
-        """Release the model (server shutdown)."""
+        """Release the model and stop the thumbnail sweep (server shutdown)."""
+        self._pruner.stop()
         self.model.close()
 
     @contextmanager
@@ -399,22 +406,55 @@ class Pages:
             photo = self._photo(index, int(request.path_params["row_id"]))
         if photo is None:
             return Response("no such photo", status_code=404, media_type="text/plain")
+        # Opened once, below its root and through no link (whatever was swapped in since _photo looked is
+        # refused), without blocking; decoded from this descriptor and cached under what fstat says of it.
         try:
-            st = photo.file.stat()
+            fd = open_servable(photo.file, self.roots)
+        except NotRegularFile as exc:
+            log.warning("thumbnail: %s: %s", photo.file, exc.strerror)
+            return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
         except OSError:
             return Response("the photo is gone", status_code=404, media_type="text/plain")
-        key = cache_key(photo.record.fingerprint, st.st_size, st.st_mtime_ns, px)
-        headers = {"ETag": f'"{key}"', "Cache-Control": "private, max-age=3600"}
-        if request.headers.get("if-none-match", "").strip() in (f'"{key}"', f'W/"{key}"'):
-            return Response(status_code=304, headers=headers)
-        rendered = self.thumbs.lookup(key)
-        if rendered is None:
-            try:
-                rendered = self.thumbs.render(photo.file, key, px)
-            except ImageError as exc:
-                log.warning("thumbnail: %s", exc)
+        try:
+            entry = Entry(photo.row_id, px, cache_key(photo.record.fingerprint, os.fstat(fd), px))
+            headers = {"ETag": f'"{entry.key}"', "Cache-Control": "private, max-age=3600"}
+            if request.headers.get("if-none-match", "").strip() in (f'"{entry.key}"', f'W/"{entry.key}"'):
+                return Response(status_code=304, headers=headers)
+            data = self.thumbs.lookup(entry)
+            if data is None and self.thumbs.failure(entry) is not None:
+                # Said once when it failed; this very file (same key) is not decoded again.
                 return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
-        return FileResponse(rendered.path, media_type="image/webp", headers=headers)
+            if data is None:
+                try:
+                    data = self.thumbs.render(fd, str(photo.file), entry)
+                except ImageError as exc:
+                    log.warning("thumbnail: %s", exc)
+                    return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
+                except Busy as exc:
+                    return Response(str(exc), status_code=503, media_type="text/plain",
+                                    headers={"Retry-After": "5"})
+        finally:
+            os.close(fd)
+        return Response(data, media_type="image/webp", headers=headers)
+
+    def _sweep_thumbnails(self, stop: threading.Event) -> int:
+        """One sweep of the thumbnail cache against the index (on the pruner's thread: its own index)."""
+        path = self.config.index_path()
+        if not path.exists():
+            return 0
+        with Index.open(path, busy_timeout=self.config.index.busy_timeout_seconds, readonly=True) as index:
+
+            def current(row_id: int, px: int) -> str | None:
+                photo = self._photo(index, row_id)
+                if photo is None:
+                    return None
+                try:
+                    st = os.stat(photo.file)
+                except OSError:
+                    return None
+                return cache_key(photo.record.fingerprint, st, px)
+
+            return self.thumbs.prune(current, stop)
 
     def favicon(self, request: Request) -> Response:
         return FileResponse(HERE / "static" / "favicon.ico", media_type="image/x-icon",

@@ -7,11 +7,13 @@ check that a file may be served at all.
   the server's port (cookies are shared by every port of a host); the Cookie header is read leniently, since
   other programs on the same host set cookies Python's strict parser rejects.
 - A file is served only when it is in the index (looked up by row id, never by a path from the request) and its
-  real path (symlinks resolved) lies below a configured root.
+  real path (symlinks resolved) lies below a configured root; it is then opened once, from that root, without
+  following any link (so nothing swapped in after the check leads outside), and read from that descriptor.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import os
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capwatch.errors import ConfigError
+from capwatch.metadata.safeopen import open_beneath
 
 TOKEN_FILE = "serve-token"
 #: Host header names a loopback-bound server answers to; anything else is a DNS-rebinding attempt.
@@ -149,3 +152,20 @@ def servable(path: str, roots: Sequence[Path]) -> Path | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def open_servable(real: Path, roots: Sequence[Path]) -> int:
+    """A read-only descriptor of ``real`` (a path :func:`servable` returned), opened below the configured root
+    it lies in without following any symbolic link and without blocking (see
+    :func:`capwatch.metadata.safeopen.open_beneath`): a folder on the way swapped for a link, or the photo
+    swapped for a link, a FIFO or a device, since :func:`servable` looked, is refused rather than followed.
+
+    Symbolic links inside a root that were there when :func:`servable` resolved the row's path are still
+    served: it returns the resolved path, which this walks. The caller closes the descriptor. Raises OSError
+    (NotRegularFile for a FIFO or device, FileNotFoundError when gone, ELOOP/ENOTDIR/EXDEV for a link).
+    """
+    for root in roots:
+        base = Path(os.path.realpath(root))
+        if real.is_relative_to(base) and real != base:
+            return open_beneath(base, real)
+    raise OSError(errno.EXDEV, "not below a configured folder", os.fspath(real))
