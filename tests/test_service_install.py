@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -151,12 +152,33 @@ def test_system_install_into_etc_needs_root(run_cli: CliRunner) -> None:
 
 
 @needs_analyze
-def test_a_python_without_a_capwatch_script_runs_as_python_minus_m(tmp_path: Path) -> None:
-    # A venv-like folder whose name needs quoting in a unit: the interpreter runs capwatch as a module.
-    bin_dir = tmp_path / "my venv 100%" / "bin"
+def _venv_like(folder: Path) -> Path:
+    """Make ``folder`` a venv without a capwatch script whose ``bin/python3`` sees the packages of the Python running
+    the tests (capwatch and its dependencies), and return that interpreter.
+
+    A bare symlink to ``sys.executable`` is not enough: outside its venv the link runs the *base* Python (a venv is
+    found by the ``pyvenv.cfg`` next to ``bin/``), where capwatch is not installed when the tests run in a venv, as
+    the README's test command does. So the folder gets its own ``pyvenv.cfg`` and a ``.pth`` file that adds this
+    environment's site folders (their own ``.pth`` files, an editable install's among them, included).
+    """
+    bin_dir = folder / "bin"
     bin_dir.mkdir(parents=True)
     python = bin_dir / "python3"
     python.symlink_to(sys.executable)
+    base = Path(os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable))
+    (folder / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                       f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+    site_dir = folder / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site_dir.mkdir(parents=True)
+    outer = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (site_dir / "outer.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in outer))
+    return python
+
+
+def test_a_python_without_a_capwatch_script_runs_as_python_minus_m(tmp_path: Path) -> None:
+    # A venv-like folder whose name needs quoting in a unit: the interpreter runs capwatch as a module.
+    bin_dir = tmp_path / "my venv 100%" / "bin"
+    python = _venv_like(bin_dir.parent)
     command = unit.capwatch_command(str(python))
     assert command == [str(python), "-P", "-m", "capwatch"]  # the venv's own path, not the Python it links to
     text = unit.render_unit("system", command)
