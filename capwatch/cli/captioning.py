@@ -36,6 +36,10 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
         note = f"  [{outcome.skipped}]" if outcome.skipped else ""
         written = f"  (written: {', '.join(outcome.written)})" if outcome.written else ""
         click.echo(f"{outcome.path}: {outcome.caption or ''}{written}{note}")
+        if outcome.keywords:
+            click.echo(f"  keywords: {', '.join(outcome.keywords)}")
+        if outcome.text:
+            click.echo(f"  text: {' '.join(outcome.text.split())}")
 
 
 @cli.command()
@@ -43,7 +47,7 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print captions; write nothing into files or the index.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file: path, caption, model, written, "
-              "skipped, error.")
+              "skipped, error, keywords, text.")
 @click.option("--force", is_flag=True, help="Replace descriptions people wrote too: their words are lost.")
 @click.pass_context
 def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json: bool, force: bool) -> None:

@@ -327,15 +327,28 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
 
 def read_record(path: str, st: os.stat_result, previous: ImageRecord | None, config: Config) -> ImageRecord:
     """Read one file (and its sidecars) into a row; unreadable files become ``error`` rows, files that keep
-    changing while being read ``pending`` ones (read again once they settle)."""
+    changing while being read (or changed since ``st`` was taken) ``pending`` ones (read again once they settle)."""
     try:
         snap = read_snapshot(Path(path))
     except FileChanged:
         return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
     except CapwatchError as exc:
+        if moved_on(path, st):
+            # It failed on content that is gone (a file written in two pieces, read between them): not an error.
+            return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
         return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                            status="error", error=str(exc))
     return record_from_snapshot(path, snap, previous, config)
+
+
+def moved_on(path: str, st: os.stat_result) -> bool:
+    """True when ``path`` is no longer the file ``st`` describes (written to, replaced, or gone)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # -- reconcile ------------------------------------------------------------------------------------------------------
