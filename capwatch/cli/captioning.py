@@ -18,6 +18,8 @@ import click
 from capwatch.config import Config
 
 if TYPE_CHECKING:
+    from capwatch.config import RootConfig
+    from capwatch.library.fill import FillResult
     from capwatch.library.index import Index
     from capwatch.library.process import FileOutcome, Processor
     from capwatch.models.captioner import Captioner
@@ -173,6 +175,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                               "errors": 0}
     to_caption: list[Path] = []
     missing: list[str] = []
+    missing_paths: set[Path] = set()
     with _open_index(config) as index:
         for root in roots:
             progress = _Progress(f"scanning {root.path}")
@@ -184,6 +187,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                 kept = f"its {result.kept} indexed images were kept until it is back" if result.kept \
                     else "nothing is indexed there"
                 missing.append(f"{root.path} is {problem}; {kept}")
+                missing_paths.add(root.path)
                 continue
             totals["seen"] += result.seen
             totals["new"] += len(result.new)
@@ -204,6 +208,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                 captioned, failed = _caption_on_cluster(config, index, to_caption, force, scheduler)
             else:
                 captioned, failed = _caption_all(config, index, to_caption, force)
+        present = [root for root in roots if root.path not in missing_paths]
+        filled = _fill_in(config, index, present) if not no_caption else None
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
@@ -214,13 +220,43 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         summary += f"; {len(to_caption)} waiting for a caption"
     else:
         summary += f"; {captioned} captioned"
-    failures = totals["errors"] + failed
+    if filled is not None and filled.rows:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in filled.by_kind)
+        summary += f"; {filled.rows} filled in without captioning again ({kinds})"
+    failures = totals["errors"] + failed + (len(filled.failed) if filled is not None else 0)
     if failures:
         summary += f"; {failures} failed (listed above)"
     if earlier_failures := max(0, failed_rows - failures):
         summary += f"; {earlier_failures} failed before and are unchanged since (retry: capwatch recaption --errors)"
     click.echo(summary)
     ctx.exit(1 if failures or missing else 0)
+
+
+def _fill_in(config: Config, index: Index, roots: Sequence[RootConfig]) -> FillResult:
+    """Fill in what the indexed files below ``roots`` lack for the current settings (text in the image, the
+    model's keywords: capwatch.library.fill), without captioning them again; report each file that failed."""
+    from capwatch.library.fill import Filler, FillResult
+
+    filler = Filler(config, index, lambda: _open_captioner(config))
+    total = FillResult()
+    try:
+        for root in roots:
+            rows = filler.todo(index.iter_records(root.path))
+            if not rows:
+                continue
+            progress = _Progress(f"filling in {root.path}")
+            result = filler.fill(rows, progress=progress)
+            progress.done()
+            kinds = dict(total.by_kind)
+            for kind, count in result.by_kind:
+                kinds[kind] = kinds.get(kind, 0) + count
+            total = FillResult(rows=total.rows + result.rows, by_kind=tuple(kinds.items()),
+                               failed=total.failed + result.failed)
+    finally:
+        filler.close()
+    for path, message in total.failed:
+        _report_failure(path, message)
+    return total
 
 
 def _report_failure(path: str | Path, message: str) -> None:

@@ -73,6 +73,9 @@ class ImageRecord:
     model_keywords: tuple[str, ...] = ()
     #: Text found in the image (OCR), as the engine gave it; None when not looked for or none found.
     ocr_text: str | None = None
+    #: What was looked for in this content besides the caption ("keywords", "text"; see capwatch.library.fill),
+    #: found or not: a scan fills in only what a row lacks.
+    filled: tuple[str, ...] = ()
 
 
 class IndexedState(NamedTuple):
@@ -142,7 +145,8 @@ class IndexStats:
 
 
 _COLUMNS = [f.name for f in fields(ImageRecord)]
-_KEYWORD_COLUMNS = ("keywords", "model_keywords")
+#: Columns that hold a tuple of strings, stored newline-joined.
+_KEYWORD_COLUMNS = ("keywords", "model_keywords", "filled")
 
 
 def clean_keywords(keywords: Iterable[str]) -> tuple[str, ...]:

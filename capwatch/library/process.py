@@ -28,10 +28,13 @@ from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.scan import (
+    FILLED_KEYWORDS,
+    FILLED_TEXT,
     is_utf8_path,
     moved_on,
     printable_path,
     record_from_snapshot,
+    with_filled,
     with_index_only_keywords,
 )
 from capwatch.metadata import (
@@ -483,7 +486,8 @@ class Processor:
                 assert isinstance(result, WriteResult) and result.snapshot is not None  # metadata writing is on
                 # What the file holds now, read after the write: ours, or the words of whoever wrote last.
                 record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
-                records.append(replace(record, ocr_text=said.text) if said.text is not None else record)
+                records.append(_mark_found(replace(record, ocr_text=said.text) if said.text is not None else record,
+                                           said))
                 results.append((position, FileOutcome(path, text, model_id, written=result.written,
                                                       skipped=result.skipped, keywords=said.keywords or (),
                                                       text=said.text)))
@@ -516,6 +520,7 @@ class Processor:
             record = with_index_only_keywords(record, said.keywords)
         if said.text is not None:
             record = replace(record, ocr_text=said.text)
+        record = _mark_found(record, said)
         if self.index is not None:
             self.index.upsert(record)
         return FileOutcome(path, text, self.captioner.model_id,
@@ -532,6 +537,12 @@ def recover_writes(logger: logging.Logger) -> None:
     if report.settled:
         logger.info("settled %d interrupted write(s) from the write journal", report.settled)
 
+
+
+def _mark_found(record: ImageRecord, said: Described) -> ImageRecord:
+    """``record`` marked with what the model and the OCR engine looked for in it (a scan need not fill it in)."""
+    found = ([FILLED_TEXT] if said.text is not None else []) + ([FILLED_KEYWORDS] if said.keywords is not None else [])
+    return with_filled(record, *found) if found else record
 
 
 def _moved_on(path: str, state: FileSnapshot | os.stat_result) -> bool:

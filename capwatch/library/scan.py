@@ -277,8 +277,37 @@ def with_index_only_keywords(record: ImageRecord, model_keywords: tuple[str, ...
     return replace(record, keywords=record.keywords + mine, model_keywords=model_keywords)
 
 
+#: What a row's ``filled`` marks: the text in the image was looked for; the model's keywords were looked for.
+FILLED_TEXT = "text"
+FILLED_KEYWORDS = "keywords"
+
+
+def with_filled(record: ImageRecord, *what: str) -> ImageRecord:
+    """``record`` marked as having had ``what`` looked for (found or not)."""
+    return replace(record, filled=tuple(sorted({*record.filled, *what})))
+
+
+def _carry_filled(record: ImageRecord, previous: ImageRecord | None) -> ImageRecord:
+    """``record`` (just read from its file) keeping the marks of ``previous`` whose results it kept: the text when
+    the text is the same, the keywords when capwatch's keywords are."""
+    if previous is None or not previous.filled:
+        return record
+    kept = [what for what in previous.filled
+            if (what == FILLED_TEXT and record.ocr_text == previous.ocr_text)
+            or (what == FILLED_KEYWORDS and record.model_keywords == previous.model_keywords)
+            or what not in (FILLED_TEXT, FILLED_KEYWORDS)]
+    return with_filled(record, *kept) if kept else record
+
+
 def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | None,
                          config: Config) -> ImageRecord:
+    """Build the index row for a file just read, importing any description found in it (see
+    :func:`_record_from_snapshot`); what was looked for in it before is kept where its result was kept."""
+    return _carry_filled(_record_from_snapshot(path, snap, previous, config), previous)
+
+
+def _record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | None,
+                          config: Config) -> ImageRecord:
     """Build the index row for a file just read, importing any description found in it.
 
     A description with capwatch provenance becomes a ``model`` caption; a person's one ``human`` (the file is
