@@ -189,6 +189,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                 missing.append(f"{root.path} is {problem}; {kept}")
                 missing_paths.add(root.path)
                 continue
+            if dirs:
+                index.add_owner_roots([root.path])  # scanned by hand: the owner's folder, shown by `serve` too
             totals["seen"] += result.seen
             totals["new"] += len(result.new)
             totals["changed"] += len(result.changed)

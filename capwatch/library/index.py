@@ -545,6 +545,23 @@ class Index:
             (message.splitlines()[0] if message else "error", _now_utc(), normalise_path(path)),
         ))
 
+    def add_owner_roots(self, paths: Iterable[str | Path]) -> None:
+        """Remember ``paths`` as folders the index's owner gave `scan`/`watch` by hand (the web page shows them
+        beside the configured roots); a folder already remembered stays as it was."""
+        now = _now_utc()
+
+        def run() -> None:
+            with self._write():
+                self._conn.executemany("INSERT OR IGNORE INTO owner_roots (path, added_at) VALUES (?, ?)",
+                                       [(normalise_path(p), now) for p in paths])
+
+        self._guard(run)
+
+    def owner_roots(self) -> tuple[Path, ...]:
+        """The folders remembered by :meth:`add_owner_roots`, in path order."""
+        rows = self._guard(lambda: self._conn.execute("SELECT path FROM owner_roots ORDER BY path").fetchall())
+        return tuple(Path(row[0]) for row in rows)
+
     def _exec_write(self, sql: str, params: tuple[Any, ...]) -> None:
         with self._write():
             self._conn.execute(sql, params)

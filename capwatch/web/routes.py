@@ -143,8 +143,22 @@ class Pages:
         record = index.get_by_id(row_id)
         if record is None:
             return None
-        real = servable(record.path, self.roots)
+        real = servable(record.path, self._roots(index))
         return None if real is None else Photo(row_id, record, real)
+
+    def _roots(self, index: Index) -> tuple[Path, ...]:
+        """The folders whose photos may be shown: the configured roots and the folders the index's owner gave
+        `scan`/`watch` (the index remembers them)."""
+        return self.roots + index.owner_roots()
+
+    def _config_file(self) -> str:
+        """Where the configuration that names the roots is, or would be (for the "not shown" note)."""
+        from capwatch import paths
+
+        source = self.config.source
+        if source is not None:
+            return str(source)
+        return f"{paths.default_config_path(os.environ)} (not made yet)"
 
     async def not_found(self, request: Request, exc: Exception) -> Response:
         return self._error("nothing here: no such page or photo", 404)
@@ -169,7 +183,8 @@ class Pages:
         page_text = params.get("page", "1")
         page = int(page_text) if page_text.isdigit() and 0 < len(page_text) < 7 else 1
         page = max(1, page)
-        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0}
+        context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0,
+                                   "config_file": self._config_file()}
         bad = None
         if status not in (None, "pending", "error"):
             bad = f"status: expected pending or error, got {status!r}"
@@ -181,7 +196,8 @@ class Pages:
                     result: ResultPage = results_page(index, query, form, page=page,
                                                       page_size=self.config.serve.page_size)
                 context["page"] = result
-                context["results"] = [r for r in result.results if servable(r.path, self.roots) is not None]
+                roots = self._roots(index)
+                context["results"] = [r for r in result.results if servable(r.path, roots) is not None]
                 # Rows whose file is gone, or lies below no configured root: said, not shown.
                 context["hidden"] = len(result.results) - len(context["results"])
             except (QueryError, EditRefused) as exc:
