@@ -128,3 +128,18 @@ def test_an_image_that_cannot_be_read_and_does_not_change_is_still_an_error(tmp_
             processor.close()
             captioner.close()
 
+
+
+def test_onnxruntime_leaves_no_files_in_the_home_or_cache_of_who_runs_capwatch(
+        tmp_path: Path, run_cli: CliRunner) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(IMAGES / "blobs.jpg", photo)
+    result = run_cli("--model", VIT, "caption", "--dry-run", photo, env={"TMPDIR": str(temp)})
+    assert result.code == 0, result.err
+    home = tmp_path / "home"
+    assert not [p for p in home.rglob("*") if "Microsoft" in p.parts or "onnxruntime" in p.name], \
+        sorted(map(str, home.rglob("*")))
+    assert list(temp.iterdir()) == []  # the private folder onnxruntime was given is gone again
+    assert "telemetry" not in result.err
