@@ -146,7 +146,13 @@ def _running_model(live: dict[str, Any], configured: str) -> str:
         details.append(f"on {live['model_provider']}")
     text = f"{label} ({', '.join(details)})" if details else label
     if label != configured:
-        text += f"  [this configuration says {configured}: reload the daemon to switch]"
+        override = live.get("model_override")
+        if override:
+            # A reload applies the daemon's --model (or $CAPWATCH_MODEL) again: it would not switch.
+            text += (f"  [this configuration says {configured}, but the daemon was started with the model {override} "
+                     "(--model or $CAPWATCH_MODEL), which a reload keeps: restart it without that to switch]")
+        else:
+            text += f"  [this configuration says {configured}: reload the daemon to switch]"
     return text
 
 
@@ -246,7 +252,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"  backfill {live.get('backfill_done', 0)} / {live.get('backfill_total')}")
         click.echo(f"  rate     {float(live.get('rate_per_minute') or 0):.1f} images/min; "
                    f"{live.get('captioned', 0)} captioned, {live.get('errors', 0)} errors since the daemon started")
-        state = live.get("model_status") or ("loaded" if live.get("model_loaded") else "unloaded")
+        state = str(live.get("model_status") or ("loaded" if live.get("model_loaded") else "unloaded"))
+        if state.startswith("model ") and not state.startswith("model error"):
+            state = state.removeprefix("model ")  # under the label "model": not "model model NAME is not ..."
         click.echo(f"  model    {state}")
         for root in live.get("missing_roots") or []:
             click.echo(f"  missing  {root} (kept in the index; re-checked periodically)")

@@ -49,7 +49,8 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
                                                need_index=False)).start()
     try:
         # On SIGHUP the same --config/--db/--model apply again, so a reload never loses a command-line choice.
-        code = run_daemon(config, roots, reload=app.config, caption=not no_caption)
+        code = run_daemon(config, roots, reload=app.config, caption=not no_caption,
+                          model_override=app.model or os.environ.get("CAPWATCH_MODEL") or None)
     finally:
         if web is not None:
             web.stop()
