@@ -172,7 +172,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         _require_cluster()  # a missing extra is said before a long reconcile, not after it
     _recover_writes()
     totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
-                              "errors": 0}
+                              "boilerplate": 0, "errors": 0}
     to_caption: list[Path] = []
     missing: list[str] = []
     missing_paths: set[Path] = set()
@@ -197,6 +197,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
             totals["moved"] += len(result.moved)
             totals["removed"] += len(result.removed)
             totals["imported"] += result.imported
+            totals["boilerplate"] += result.boilerplate
             totals["errors"] += len(result.errors)
             for path, message in result.errors:
                 _report_failure(path, message)
@@ -220,6 +221,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")
     if no_caption:
         summary += f"; {len(to_caption)} waiting for a caption"
+        if totals["boilerplate"]:
+            summary += f" ({totals['boilerplate']} of them with camera boilerplate only)"
     else:
         summary += f"; {captioned} captioned"
     if filled is not None and filled.rows:
@@ -457,9 +460,10 @@ def recaption(ctx: click.Context, dirs: tuple[Path, ...], model_changed: bool, f
         with _open_index(config, readonly=True) as index:
             chosen = list(select(index, roots, criteria))
         for record in chosen:
+            made_by = " ".join(part for part in (record.model or "?", (record.model_revision or "")[:12]) if part)
             why = f"failed: {record.error}" if record.status == "error" else \
-                f"{record.model or '?'} {(record.model_revision or '')[:12]}, {record.captioned_at or '?'}"
-            click.echo(f"{record.path}  ({why.strip()})")
+                f"{made_by}, {record.captioned_at or '?'}"
+            click.echo(f"{record.path}  ({why})")
         click.echo(f"{len(chosen)} files would be captioned again")
         return
     _recover_writes()

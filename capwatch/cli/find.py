@@ -57,8 +57,9 @@ class _SearchCommand(click.Command):
 @_global_options
 @click.argument("words", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per line: path, caption, score, source, model, taken_at, field (where it "
-              "matched: caption, keywords, text, path) and snippet (hits in [brackets]).")
+              help="One JSON object per line: path, caption, score, source, model, taken_at, date and date_from "
+              "(the date --since/--until/--sort date use: taken, else the file's time), field (where it matched: "
+              "caption, keywords, text, path) and snippet (hits in [brackets]).")
 @click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line.")
 @click.option("-0", "--null", "null_sep", is_flag=True, help="With --paths: separate paths by NUL (for xargs -0).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most N results.")
@@ -112,12 +113,14 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
+                                  "date": hit.date, "date_from": hit.date_from,
                                   "field": hit.field, "snippet": hit.snippet},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
-            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+            # A file without a caption yet (matched by its path, keywords or text) gets no empty line.
+            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
             if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
@@ -192,6 +195,23 @@ def _echo_cluster(cluster: dict[str, Any]) -> None:
         click.echo(f"  worker   {worker['address']} ({worker['threads']} threads): {model}")
 
 
+def _scan_hint(ctx: click.Context) -> str:
+    """The command that makes the index `status` looks at: the service's own, run as its user, with --system."""
+    app = ctx.obj
+    if not getattr(app, "system", False):
+        return "capwatch scan DIR"
+    import shlex
+
+    from capwatch.daemon.unit import SERVICE_USER, capwatch_command
+    from capwatch.errors import CapwatchError
+
+    try:
+        command = " ".join(shlex.quote(word) for word in capwatch_command())
+    except CapwatchError:
+        command = "capwatch"
+    return f"sudo -u {SERVICE_USER} {command} --system scan"
+
+
 @cli.command()
 @_global_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
@@ -231,7 +251,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(payload, ensure_ascii=False))
         return
     click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
-               else f"index      {index_path} (not created yet: run `capwatch scan DIR`)")
+               else f"index      {index_path} (not created yet: run `{_scan_hint(ctx)}`)")
     click.echo(f"model      {_running_model(live, _model_label(config)) if live else payload['model']}")
     click.echo(f"images     {images}")
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "

@@ -49,7 +49,10 @@ class ReconcileResult:
     kept: int = 0
     #: Files whose row is pending after this reconcile: what `scan` (without --no-caption) captions next.
     to_caption: tuple[Path, ...] = ()
+    #: Descriptions found in files read now (a person's, or capwatch's in a file new to the index).
     imported: int = field(default=0)
+    #: Files read now that hold only camera boilerplate ("OLYMPUS DIGITAL CAMERA"): searchable, still to caption.
+    boilerplate: int = 0
 
 
 # -- filters ------------------------------------------------------------------------------------------------------
@@ -454,7 +457,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     errors: list[tuple[str, str]] = list(skipped)
     new_paths: list[Path] = []
     pending_rows: list[ImageRecord] = []
-    imported = 0
+    imported = boilerplate = 0
 
     def flush() -> None:
         if pending_rows:
@@ -480,8 +483,10 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
         record = read_record(path, st, previous, config)
         if record.status == "error" and record.error:
             errors.append((path, record.error))
-        if record.source in ("human", "embedded") or (record.source == "model" and previous is None):
+        if record.source == "human" or (record.source == "model" and previous is None):
             imported += 1
+        elif record.source == "embedded":
+            boilerplate += 1  # counted among the files waiting for a caption, not as a description
         if previous is None:
             new_paths.append(Path(path))
         pending_rows.append(record)
@@ -496,7 +501,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     return ReconcileResult(
         root=base, seen=seen, unchanged=unchanged, new=tuple(new_paths), changed=changed_paths,
         moved=tuple(moved), removed=tuple(removed), errors=tuple(errors), to_caption=to_caption,
-        imported=imported,
+        imported=imported, boilerplate=boilerplate,
     )
 
 

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
-from capwatch.library.index import ImageRecord, Index, IndexStats
+from capwatch.library.index import ImageRecord, Index, IndexStats, record_date
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import MAX_CAPTION, CaptionerSlot, EditRefused, save_person_caption
@@ -68,7 +68,14 @@ def _templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["marked"] = marked
+    env.filters["date_of"] = date_of
     return env
+
+
+def date_of(record: ImageRecord) -> str:
+    """The date the date filters use for ``record``, saying where it comes from (as `search --json` does)."""
+    date, source = record_date(record)
+    return f"{date} (taken)" if source == "taken" else f"{date} (the file's time: the file records no date taken)"
 
 
 @dataclass(frozen=True)
