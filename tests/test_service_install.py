@@ -248,3 +248,34 @@ def test_service_commands_have_help(run_cli: CliRunner, command: list[str]) -> N
 def test_system_option_is_documented_in_the_main_help(run_cli: CliRunner) -> None:
     text = " ".join(run_cli("--help").out.split())
     assert "--system" in text and "/etc/capwatch/config.toml" in text and "service" in text
+
+
+def test_a_venv_whose_python_lives_in_a_private_home_is_refused_naming_that_interpreter() -> None:
+    import tempfile
+
+    # Not below tmp_path: pytest's base folder is private to its user, and would be the first thing refused.
+    base = Path(tempfile.mkdtemp(prefix="capwatch-unit-"))
+    try:
+        base.chmod(0o755)
+        home = base / "home" / "alice"
+        python = home / ".pyenv" / "versions" / "3.11" / "bin" / "python3.11"
+        python.parent.mkdir(parents=True)
+        shutil.copy("/bin/true", python)
+        (base / "home").chmod(0o755)
+        home.chmod(0o700)  # a private home: user capwatch may not pass
+        venv_bin = base / "opt" / "capwatch" / "bin"
+        venv_bin.mkdir(parents=True)
+        for folder in (base / "opt", base / "opt" / "capwatch", venv_bin):
+            folder.chmod(0o755)
+        (venv_bin / "python3").symlink_to(python)
+        script = venv_bin / "capwatch"
+        script.write_text(f"#!{venv_bin / 'python3'}\nimport sys\n")
+        script.chmod(0o755)
+        problem = unit.unreachable_by([str(script)], user="capwatch-nobody-here")
+        assert problem is not None and f"may not enter {home}" in problem, problem
+        assert f"its Python interpreter {python}" in problem and str(venv_bin / "python3") in problem, problem
+        # The python -m form names it too.
+        problem = unit.unreachable_by([str(venv_bin / "python3"), "-P", "-m", "capwatch"], user="capwatch-nobody-here")
+        assert problem is not None and f"the Python interpreter {python}" in problem, problem
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
