@@ -359,7 +359,8 @@ def test_scan_cluster_without_the_extra_says_how_to_install_it_before_touching_a
     result = run_cli("--db", tmp_path / "db", "--model", TINY, "scan", library, "--cluster", "tcp://127.0.0.1:9",
                      env={"PYTHONPATH": pythonpath})
     line = assert_one_line_error(result, 2)
-    assert "pip install 'capwatch[cluster]'" in line, line
+    # This environment's own pip, not whichever pip comes first on the PATH.
+    assert f"{sys.executable} -m pip install 'capwatch[cluster]'" in line, line
     assert not (tmp_path / "db").exists()
 
 

@@ -279,3 +279,15 @@ def test_a_venv_whose_python_lives_in_a_private_home_is_refused_naming_that_inte
         assert problem is not None and f"the Python interpreter {python}" in problem, problem
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_system_steps_say_where_setfacl_comes_from_when_it_is_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    base = {"CAPWATCH_SYSTEM_ROOT": str(tmp_path / "root")}
+    without = unit.next_steps("system", {**base, "PATH": str(empty)})
+    position = next(i for i, step in enumerate(without) if "apt install acl" in step)
+    assert "setfacl" in without[position + 1], without
+    if shutil.which("setfacl"):
+        steps = unit.next_steps("system", {**base, "PATH": os.environ["PATH"]})
+        assert not any("apt install acl" in step for step in steps), steps

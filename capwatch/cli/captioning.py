@@ -338,7 +338,9 @@ def _require_cluster() -> None:
     try:
         import capwatch.cluster  # noqa: F401
     except ImportError:
-        raise click.UsageError("--cluster needs Dask distributed: pip install 'capwatch[cluster]'") from None
+        from capwatch.paths import install_hint
+
+        raise click.UsageError(f"--cluster needs Dask distributed: {install_hint('cluster')}") from None
 
 
 def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: bool, scheduler: str

@@ -178,8 +178,10 @@ def _cluster_state(config: Config) -> dict[str, Any]:
     try:
         from capwatch.cluster import cluster_state
     except ImportError:
+        from capwatch.paths import install_hint
+
         return {"scheduler": config.cluster.scheduler, "workers": [],
-                "error": "Dask distributed is not installed: pip install 'capwatch[cluster]'"}
+                "error": f"Dask distributed is not installed: {install_hint('cluster')}"}
     assert config.cluster.scheduler is not None
     return cluster_state(config.cluster.scheduler, timeout=min(5.0, config.cluster.connect_timeout_seconds))
 

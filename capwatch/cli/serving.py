@@ -13,6 +13,7 @@ import click
 from capwatch.cli.app import _global_options, _load, _open_captioner, cli, log
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ConfigError, IndexUnavailable
+from capwatch.paths import install_hint
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -61,7 +62,7 @@ def prepare_server(config: Config, host: str, port: int, *, need_index: bool = T
         from capwatch.web.security import LOOPBACK_NAMES, is_loopback, load_or_create_token, new_csrf_secret
     except ImportError as exc:
         raise ConfigError(f"capwatch serve needs the web extra ({exc.name} is missing): "
-                          "pip install 'capwatch[web]'") from None
+                          f"{install_hint('web')}") from None
     from capwatch import paths
     from capwatch.daemon.instance import read_live_state
 

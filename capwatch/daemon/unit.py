@@ -14,6 +14,7 @@ import importlib.resources
 import os
 import pwd
 import shlex
+import shutil
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -294,6 +295,8 @@ def next_steps(scope: Scope, env: Mapping[str, str] = os.environ) -> list[str]:
                      f"{sudo}tee {q(str(config))} >/dev/null   # your library folders (every key: config.example.toml)")
     shown = roots or ["/srv/photos"]
     member = q(env["SUDO_USER"]) if env.get("SUDO_USER") else '"$USER"'
+    if shutil.which("setfacl", path=env.get("PATH", os.defpath)) is None:
+        steps.append(f"{sudo}apt install acl   # setfacl, for the next step (Debian/Ubuntu; elsewhere the acl package)")
     steps += [f"{sudo}setfacl -R -m u:{SERVICE_USER}:rwX -m d:u:{SERVICE_USER}:rwX {q(root)}   # captions go into "
               "the files" for root in shown]
     steps += [f"{sudo}systemctl edit capwatch   # add: [Service] ReadWritePaths={' '.join(shown)}",
