@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capwatch.config import Config
-from capwatch.errors import ImageError
+from capwatch.errors import ImageError, ModelError
 from capwatch.library.index import ImageRecord, Index
 from capwatch.library.scan import FILLED_KEYWORDS, FILLED_TEXT, with_filled, with_index_only_keywords
 
@@ -119,10 +119,19 @@ class Filler:
         want = wanted(self.config)
         rows = [(r, lacking(r, want)) for r in records]
         rows = [(r, what) for r, what in rows if what]
-        if any(FILLED_KEYWORDS in what for _, what in rows) and not self._model().detects_objects:
+        if any(FILLED_KEYWORDS in what for _, what in rows) and not self._detects_objects():
             rows = [(r, what - {FILLED_KEYWORDS}) for r, what in rows]
             rows = [(r, what) for r, what in rows if what]
         return rows
+
+    def _detects_objects(self) -> bool:
+        """Whether the model gives keywords; False (said once in the log) when it cannot be opened now: the
+        keywords are then filled in by a later scan, and the text still is now."""
+        try:
+            return self._model().detects_objects
+        except ModelError as exc:
+            log.warning("keywords not filled in this time: %s", exc)
+            return False
 
     def fill(self, rows: Sequence[tuple[ImageRecord, frozenset[str]]],
              progress: Callable[[int], None] | None = None) -> FillResult:
