@@ -615,6 +615,11 @@ def caption_on_cluster(
     except (CancelledError, ClosedClientError, OSError, TimeoutError) as exc:
         # The client reconnects for connect_timeout_seconds, then cancels every future (CancelledError) and
         # refuses new ones (ClosedClientError); a comm cut mid-call raises OSError (CommClosedError).
+        if _scheduler_alive(client):
+            # Not the scheduler: say what did fail instead of a loss that did not happen.
+            raise ClusterLost(f"the Dask cluster at {address} failed mid-run ({_exc_line(exc)}) although its "
+                              "scheduler is still there; what was captioned is written, run the scan again to "
+                              "finish") from None
         raise ClusterLost(f"{lost} ({type(exc).__name__}); what was captioned is written, "
                           "run the scan again to finish") from None
     finally:
