@@ -397,27 +397,79 @@ def model_request(captioner: Captioner, model: ModelConfig, options: DescribeOpt
 def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> list[str]:
     """Wait (up to ``wait_seconds``) for a worker, have every worker open the model, and return their addresses.
 
-    Raises ClusterError when no worker joins or one cannot load capwatch, ModelError (one line, naming the worker)
-    when a worker cannot have the coordinator's model, ClusterLost when the scheduler goes away meanwhile.
+    A worker that goes away meanwhile (killed, its machine gone) is left out and the others go on; only the loss
+    of the scheduler itself stops here. Raises ClusterError when no worker joins (or none is left) or one cannot
+    load capwatch, ModelError (one line, naming the worker) when a worker cannot have the coordinator's model,
+    ClusterLost when the scheduler goes away meanwhile (the message says what the scheduler's connection said).
     """
+    plugin = CaptionerPlugin(request)
+    for _ in range(_INSTALL_ATTEMPTS):
+        try:
+            client.wait_for_workers(1, timeout=wait_seconds)
+        except TimeoutError:
+            raise ClusterError(f"no Dask worker joined the scheduler at {_address(client)} within "
+                               f"{wait_seconds:g} s (start one: dask worker ADDRESS --preload capwatch.cluster)"
+                               ) from None
+        except (CancelledError, ClosedClientError, OSError) as exc:
+            raise _lost_while_loading(client, exc) from None
+        try:
+            client.register_plugin(plugin, name=PLUGIN_NAME)
+            # on_error="return": one worker's failure (a worker killed mid-call among them) is its own entry.
+            answers: dict[str, object] = client.run(_plugin_state, on_error="return")
+        except (CancelledError, ClosedClientError, OSError, TimeoutError) as exc:
+            if _scheduler_alive(client):
+                log.info("a Dask worker went away while the workers were loading the model (%s); asking those left",
+                         _exc_line(exc))
+                continue
+            raise _lost_while_loading(client, exc) from None
+        except Exception as exc:  # Dask relays a worker's failure as a bare Exception carrying its text
+            raise _refused(exc) from None
+        states: dict[str, str | None] = {}
+        for worker, answer in answers.items():
+            if isinstance(answer, OSError | CancelledError | TimeoutError):
+                log.info("Dask worker %s went away while loading the model (%s)", worker, _exc_line(answer))
+            elif isinstance(answer, BaseException):
+                raise _refused(answer)
+            else:
+                states[worker] = answer if isinstance(answer, str) else None
+        for state in states.values():
+            if state is not None:
+                raise ModelError(state)
+        if states:
+            return sorted(states)
+    raise ClusterError(f"the Dask workers at {_address(client)} kept going away while they were loading the model; "
+                       "nothing was written")
+
+
+#: How many times :func:`install` asks the workers again after some went away while it asked.
+_INSTALL_ATTEMPTS = 5
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _scheduler_alive(client: Client) -> bool:
+    """Whether the scheduler still answers this client (a short round trip). Never raises."""
+    if client.status not in ("running", "connecting"):
+        return False
     try:
-        client.wait_for_workers(1, timeout=wait_seconds)
-    except TimeoutError:
-        raise ClusterError(f"no Dask worker joined the scheduler at {_address(client)} within "
-                           f"{wait_seconds:g} s (start one: dask worker ADDRESS --preload capwatch.cluster)") from None
-    try:
-        client.register_plugin(CaptionerPlugin(request), name=PLUGIN_NAME)
-        states: dict[str, str | None] = client.run(_plugin_state)
-    except (CancelledError, ClosedClientError, OSError, TimeoutError):
-        raise ClusterLost(f"the Dask scheduler at {_address(client)} went away while its workers were loading the "
-                          "model; nothing was written") from None
-    except Exception as exc:  # Dask relays a worker's failure as a bare Exception carrying its text
-        raise ClusterError(f"a Dask worker could not take capwatch's model plugin ({str(exc).splitlines()[0]}): "
-                           f"install capwatch[cluster] {__version__} on every worker") from None
-    for state in states.values():
-        if state is not None:
-            raise ModelError(state)
-    return sorted(states)
+        client.scheduler_info()
+        client.nthreads()  # type: ignore[no-untyped-call]  # a call to the scheduler, not the cached copy
+    except Exception:
+        return False
+    return True
+
+
+def _lost_while_loading(client: Client, exc: BaseException) -> ClusterLost:
+    return ClusterLost(f"the Dask scheduler at {_address(client)} went away while its workers were loading the "
+                       f"model ({_exc_line(exc)}); nothing was written")
+
+
+def _refused(exc: BaseException) -> ClusterError:
+    return ClusterError(f"a Dask worker could not take capwatch's model plugin ({str(exc).splitlines()[0]}): "
+                        f"install capwatch[cluster] {__version__} on every worker")
 
 
 def _read_bytes(job: Job) -> bytes | None:
@@ -564,6 +616,11 @@ def caption_on_cluster(
     except (CancelledError, ClosedClientError, OSError, TimeoutError) as exc:
         # The client reconnects for connect_timeout_seconds, then cancels every future (CancelledError) and
         # refuses new ones (ClosedClientError); a comm cut mid-call raises OSError (CommClosedError).
+        if _scheduler_alive(client):
+            # Not the scheduler: say what did fail instead of a loss that did not happen.
+            raise ClusterLost(f"the Dask cluster at {address} failed mid-run ({_exc_line(exc)}) although its "
+                              "scheduler is still there; what was captioned is written, run the scan again to "
+                              "finish") from None
         raise ClusterLost(f"{lost} ({type(exc).__name__}); what was captioned is written, "
                           "run the scan again to finish") from None
     finally:

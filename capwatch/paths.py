@@ -78,3 +78,12 @@ def system_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     out = {key: value for key, value in env.items() if key not in PERSONAL_VARIABLES}
     out.update({"CONFIGURATION_DIRECTORY": str(config), "STATE_DIRECTORY": str(state), "CACHE_DIRECTORY": str(cache)})
     return out
+
+
+def install_hint(extra: str) -> str:
+    """How to install capwatch's ``extra`` into the environment running now: its own pip (``python -m pip`` of
+    this interpreter, so never another Python's pip that happens to come first on the PATH)."""
+    import shlex
+    import sys
+
+    return f"{shlex.quote(sys.executable or 'python3')} -m pip install 'capwatch[{extra}]'"

@@ -359,5 +359,93 @@ def test_scan_cluster_without_the_extra_says_how_to_install_it_before_touching_a
     result = run_cli("--db", tmp_path / "db", "--model", TINY, "scan", library, "--cluster", "tcp://127.0.0.1:9",
                      env={"PYTHONPATH": pythonpath})
     line = assert_one_line_error(result, 2)
-    assert "pip install 'capwatch[cluster]'" in line, line
+    # This environment's own pip, not whichever pip comes first on the PATH.
+    assert f"{sys.executable} -m pip install 'capwatch[cluster]'" in line, line
     assert not (tmp_path / "db").exists()
+
+
+def test_a_worker_killed_while_the_workers_load_the_model_leaves_the_others_to_caption(tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    from capwatch import cluster as dask_cluster
+    from capwatch.config import Config
+    from capwatch.models.captioner import open_captioner
+
+    env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    scheduler, address = _start_scheduler(tmp_path, env)
+    survivor = _start_worker(address, env, "--preload", "capwatch.cluster")
+    victim = _start_worker(address, env, "--preload", "capwatch.cluster")
+    config = Config(model=ModelConfig(dir=TINY, precision="fp32"))
+    captioner = open_captioner(TINY, config.model)
+    try:
+        with dask_cluster.connect(address, timeout=10) as client:
+            client.wait_for_workers(2, timeout=60)
+            os.kill(victim.pid, signal.SIGSTOP)  # it cannot answer: the install waits on it ...
+            result: dict[str, Any] = {}
+
+            def install() -> None:
+                try:
+                    result["workers"] = dask_cluster.install(
+                        client, dask_cluster.model_request(captioner, config.model), wait_seconds=30)
+                except Exception as exc:
+                    result["error"] = exc
+
+            thread = threading.Thread(target=install)
+            thread.start()
+            thread.join(2)  # ... until it is killed
+            assert thread.is_alive(), result
+            victim.kill()
+            thread.join(90)
+            assert not thread.is_alive()
+            assert "error" not in result, result["error"]
+            assert len(result["workers"]) == 1
+            assert client.run(dask_cluster._plugin_state) == {result["workers"][0]: None}
+    finally:
+        captioner.close()
+        for proc in (victim, survivor, scheduler):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_scheduler_gone_while_the_workers_load_the_model_is_said_as_such(tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    from capwatch import cluster as dask_cluster
+    from capwatch.config import Config
+    from capwatch.models.captioner import open_captioner
+
+    env = {**os.environ, "CAPWATCH_OFFLINE": "1", "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    scheduler, address = _start_scheduler(tmp_path, env)
+    worker = _start_worker(address, env, "--preload", "capwatch.cluster")
+    config = Config(model=ModelConfig(dir=TINY, precision="fp32"))
+    captioner = open_captioner(TINY, config.model)
+    try:
+        with dask_cluster.connect(address, timeout=10) as client:
+            client.wait_for_workers(1, timeout=60)
+            os.kill(worker.pid, signal.SIGSTOP)
+            result: dict[str, Any] = {}
+
+            def install() -> None:
+                try:
+                    result["workers"] = dask_cluster.install(
+                        client, dask_cluster.model_request(captioner, config.model), wait_seconds=5)
+                except Exception as exc:
+                    result["error"] = exc
+
+            thread = threading.Thread(target=install)
+            thread.start()
+            thread.join(2)
+            assert thread.is_alive(), result
+            scheduler.kill()
+            thread.join(90)
+            assert not thread.is_alive()
+            error = result.get("error")
+            assert isinstance(error, dask_cluster.ClusterLost), result
+            assert f"the Dask scheduler at {address} went away while its workers were loading" in str(error)
+    finally:
+        captioner.close()
+        for proc in (worker, scheduler):
+            proc.kill()
+            proc.wait()

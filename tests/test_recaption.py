@@ -81,6 +81,9 @@ def test_from_model_and_before_choose_by_provenance(captioned: tuple[Path, Path]
     assert listed.code == 0, listed.err
     assert listed.out.strip().endswith("3 files would be captioned again")
     assert "vit-gpt2-tiny-greedy" in listed.out
+    # A model directory has no revision: the line names the model, then when, with no stray space.
+    for line in listed.out.splitlines()[:-1]:
+        assert "  (vit-gpt2-tiny-greedy, 20" in line and " ," not in line, line
     other = run_cli("--db", db, "recaption", "--from-model", "florence-2-base-ft", "--dry-run")
     assert other.out.strip().endswith("0 files would be captioned again")
 

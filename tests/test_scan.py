@@ -3,6 +3,7 @@ and never wipe the index of a root that is missing or unmounted."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -56,12 +57,20 @@ def test_scan_imports_descriptions_and_makes_them_searchable(run_cli: CliRunner,
     db = tmp_path / "index.db"
     result = run_cli("--db", db, "scan", library, "--no-caption")
     assert result.code == 0, result.err
-    assert result.out.strip().startswith("3 images: 3 new, 0 changed, 0 moved, 0 removed, 3 descriptions imported")
-    assert "1 waiting for a caption" in result.out
+    # The counts add up: 2 descriptions + 1 waiting (camera boilerplate is no description) = 3 images.
+    assert result.out.strip().startswith("3 images: 3 new, 0 changed, 0 moved, 0 removed, 2 descriptions imported")
+    assert "; 1 waiting for a caption (1 of them with camera boilerplate only)" in result.out
     found = run_cli("--db", db, "search", "bike", "wall", "--json")
     rows = [json.loads(line) for line in found.out.splitlines()]
     assert [(r["path"], r["source"], r["taken_at"]) for r in rows] == [
         (str(library / "2023" / "bike.jpg"), "human", "2023-05-01T10:00:00")]
+    assert (rows[0]["date"], rows[0]["date_from"]) == ("2023-05-01T10:00:00", "taken")
+    # Without a date taken, the date the filters use is the file's time, and the result says so.
+    [beach] = [json.loads(line) for line in run_cli("--db", db, "search", "zurich", "--json").out.splitlines()]
+    mtime = dt.datetime.fromtimestamp((library / "2023" / "beach.png").stat().st_mtime).replace(microsecond=0)
+    assert beach["taken_at"] is None and (beach["date"], beach["date_from"]) == (mtime.isoformat(), "file")
+    since = run_cli("--db", db, "search", "zurich", "--since", mtime.date().isoformat(), "--paths")
+    assert since.out.splitlines() == [str(library / "2023" / "beach.png")]
     assert run_cli("--db", db, "search", "zurich", "--paths").out.splitlines() == [str(library / "2023" / "beach.png")]
     assert run_cli("--db", db, "search", "olympus", "--source", "embedded", "--paths").out.strip() == \
         str(library / "2023" / "nothing.webp")
@@ -287,3 +296,15 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_the_rest_indexed(run_cli: 
     assert caption.code == 1 and "Traceback" not in caption.err
     rows = [json.loads(line) for line in caption.out.splitlines()]
     assert "not valid UTF-8" in rows[0]["error"] and rows[1]["error"] is None
+
+
+def test_a_match_in_the_path_alone_prints_no_empty_caption_line(run_cli: CliRunner, library: Path,
+                                                                  tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    assert run_cli("--db", db, "scan", library, "--no-caption").code == 0
+    found = run_cli("--db", db, "search", "path:bike")
+    assert found.code == 0, found.err
+    lines = found.out.splitlines()
+    assert lines[0] == str(library / "2023" / "bike.jpg"), lines
+    assert all(line.strip() for line in lines), lines
+    assert lines[1] == "    (no caption yet)" and lines[2].startswith("    path: "), lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -151,12 +152,33 @@ def test_system_install_into_etc_needs_root(run_cli: CliRunner) -> None:
 
 
 @needs_analyze
-def test_a_python_without_a_capwatch_script_runs_as_python_minus_m(tmp_path: Path) -> None:
-    # A venv-like folder whose name needs quoting in a unit: the interpreter runs capwatch as a module.
-    bin_dir = tmp_path / "my venv 100%" / "bin"
+def _venv_like(folder: Path) -> Path:
+    """Make ``folder`` a venv without a capwatch script whose ``bin/python3`` sees the packages of the Python running
+    the tests (capwatch and its dependencies), and return that interpreter.
+
+    A bare symlink to ``sys.executable`` is not enough: outside its venv the link runs the *base* Python (a venv is
+    found by the ``pyvenv.cfg`` next to ``bin/``), where capwatch is not installed when the tests run in a venv, as
+    the README's test command does. So the folder gets its own ``pyvenv.cfg`` and a ``.pth`` file that adds this
+    environment's site folders (their own ``.pth`` files, an editable install's among them, included).
+    """
+    bin_dir = folder / "bin"
     bin_dir.mkdir(parents=True)
     python = bin_dir / "python3"
     python.symlink_to(sys.executable)
+    base = Path(os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable))
+    (folder / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                       f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+    site_dir = folder / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site_dir.mkdir(parents=True)
+    outer = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (site_dir / "outer.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in outer))
+    return python
+
+
+def test_a_python_without_a_capwatch_script_runs_as_python_minus_m(tmp_path: Path) -> None:
+    # A venv-like folder whose name needs quoting in a unit: the interpreter runs capwatch as a module.
+    bin_dir = tmp_path / "my venv 100%" / "bin"
+    python = _venv_like(bin_dir.parent)
     command = unit.capwatch_command(str(python))
     assert command == [str(python), "-P", "-m", "capwatch"]  # the venv's own path, not the Python it links to
     text = unit.render_unit("system", command)
@@ -226,3 +248,46 @@ def test_service_commands_have_help(run_cli: CliRunner, command: list[str]) -> N
 def test_system_option_is_documented_in_the_main_help(run_cli: CliRunner) -> None:
     text = " ".join(run_cli("--help").out.split())
     assert "--system" in text and "/etc/capwatch/config.toml" in text and "service" in text
+
+
+def test_a_venv_whose_python_lives_in_a_private_home_is_refused_naming_that_interpreter() -> None:
+    import tempfile
+
+    # Not below tmp_path: pytest's base folder is private to its user, and would be the first thing refused.
+    base = Path(tempfile.mkdtemp(prefix="capwatch-unit-"))
+    try:
+        base.chmod(0o755)
+        home = base / "home" / "alice"
+        python = home / ".pyenv" / "versions" / "3.11" / "bin" / "python3.11"
+        python.parent.mkdir(parents=True)
+        shutil.copy("/bin/true", python)
+        (base / "home").chmod(0o755)
+        home.chmod(0o700)  # a private home: user capwatch may not pass
+        venv_bin = base / "opt" / "capwatch" / "bin"
+        venv_bin.mkdir(parents=True)
+        for folder in (base / "opt", base / "opt" / "capwatch", venv_bin):
+            folder.chmod(0o755)
+        (venv_bin / "python3").symlink_to(python)
+        script = venv_bin / "capwatch"
+        script.write_text(f"#!{venv_bin / 'python3'}\nimport sys\n")
+        script.chmod(0o755)
+        problem = unit.unreachable_by([str(script)], user="capwatch-nobody-here")
+        assert problem is not None and f"may not enter {home}" in problem, problem
+        assert f"its Python interpreter {python}" in problem and str(venv_bin / "python3") in problem, problem
+        # The python -m form names it too.
+        problem = unit.unreachable_by([str(venv_bin / "python3"), "-P", "-m", "capwatch"], user="capwatch-nobody-here")
+        assert problem is not None and f"the Python interpreter {python}" in problem, problem
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_system_steps_say_where_setfacl_comes_from_when_it_is_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    base = {"CAPWATCH_SYSTEM_ROOT": str(tmp_path / "root")}
+    without = unit.next_steps("system", {**base, "PATH": str(empty)})
+    position = next(i for i, step in enumerate(without) if "apt install acl" in step)
+    assert "setfacl" in without[position + 1], without
+    if shutil.which("setfacl"):
+        steps = unit.next_steps("system", {**base, "PATH": os.environ["PATH"]})
+        assert not any("apt install acl" in step for step in steps), steps

@@ -176,6 +176,17 @@ def test_system_mode_without_the_service_directories_says_so(tmp_path: Path, run
     assert "--system" in bad
 
 
+def test_system_status_of_a_service_that_never_ran_names_the_scan_the_service_user_runs(
+        tree: SystemTree, run_cli: CliRunner) -> None:
+    result = run_cli("--system", "status", env=tree.cli_env())
+    assert result.code == 0, result.err
+    [line] = [line for line in result.out.splitlines() if line.startswith("index ")]
+    assert "not created yet: run `sudo -u capwatch " in line and " --system scan`" in line, line
+    assert "capwatch scan DIR" not in line
+    own = run_cli("status")
+    assert "not created yet: run `capwatch scan DIR`" in own.out
+
+
 # -- WAL files for read-only readers ---------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ import click
 from capwatch.config import Config
 
 if TYPE_CHECKING:
+    from capwatch.config import RootConfig
+    from capwatch.library.fill import FillResult
     from capwatch.library.index import Index
     from capwatch.library.process import FileOutcome, Processor
     from capwatch.models.captioner import Captioner
@@ -36,6 +38,10 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
         note = f"  [{outcome.skipped}]" if outcome.skipped else ""
         written = f"  (written: {', '.join(outcome.written)})" if outcome.written else ""
         click.echo(f"{outcome.path}: {outcome.caption or ''}{written}{note}")
+        if outcome.keywords:
+            click.echo(f"  keywords: {', '.join(outcome.keywords)}")
+        if outcome.text:
+            click.echo(f"  text: {' '.join(outcome.text.split())}")
 
 
 @cli.command()
@@ -43,7 +49,7 @@ def _emit(outcome: FileOutcome, as_json: bool) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print captions; write nothing into files or the index.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file: path, caption, model, written, "
-              "skipped, error.")
+              "skipped, error, keywords, text.")
 @click.option("--force", is_flag=True, help="Replace descriptions people wrote too: their words are lost.")
 @click.pass_context
 def caption(ctx: click.Context, files: tuple[Path, ...], dry_run: bool, as_json: bool, force: bool) -> None:
@@ -166,9 +172,10 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         _require_cluster()  # a missing extra is said before a long reconcile, not after it
     _recover_writes()
     totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
-                              "errors": 0}
+                              "boilerplate": 0, "errors": 0}
     to_caption: list[Path] = []
     missing: list[str] = []
+    missing_paths: set[Path] = set()
     with _open_index(config) as index:
         for root in roots:
             progress = _Progress(f"scanning {root.path}")
@@ -180,13 +187,17 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                 kept = f"its {result.kept} indexed images were kept until it is back" if result.kept \
                     else "nothing is indexed there"
                 missing.append(f"{root.path} is {problem}; {kept}")
+                missing_paths.add(root.path)
                 continue
+            if dirs:
+                index.add_owner_roots([root.path])  # scanned by hand: the owner's folder, shown by `serve` too
             totals["seen"] += result.seen
             totals["new"] += len(result.new)
             totals["changed"] += len(result.changed)
             totals["moved"] += len(result.moved)
             totals["removed"] += len(result.removed)
             totals["imported"] += result.imported
+            totals["boilerplate"] += result.boilerplate
             totals["errors"] += len(result.errors)
             for path, message in result.errors:
                 _report_failure(path, message)
@@ -200,6 +211,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                 captioned, failed = _caption_on_cluster(config, index, to_caption, force, scheduler)
             else:
                 captioned, failed = _caption_all(config, index, to_caption, force)
+        present = [root for root in roots if root.path not in missing_paths]
+        filled = _fill_in(config, index, present) if not no_caption else None
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
@@ -208,15 +221,47 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
                f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")
     if no_caption:
         summary += f"; {len(to_caption)} waiting for a caption"
+        if totals["boilerplate"]:
+            summary += f" ({totals['boilerplate']} of them with camera boilerplate only)"
     else:
         summary += f"; {captioned} captioned"
-    failures = totals["errors"] + failed
+    if filled is not None and filled.rows:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in filled.by_kind)
+        summary += f"; {filled.rows} filled in without captioning again ({kinds})"
+    failures = totals["errors"] + failed + (len(filled.failed) if filled is not None else 0)
     if failures:
         summary += f"; {failures} failed (listed above)"
     if earlier_failures := max(0, failed_rows - failures):
         summary += f"; {earlier_failures} failed before and are unchanged since (retry: capwatch recaption --errors)"
     click.echo(summary)
     ctx.exit(1 if failures or missing else 0)
+
+
+def _fill_in(config: Config, index: Index, roots: Sequence[RootConfig]) -> FillResult:
+    """Fill in what the indexed files below ``roots`` lack for the current settings (text in the image, the
+    model's keywords: capwatch.library.fill), without captioning them again; report each file that failed."""
+    from capwatch.library.fill import Filler, FillResult
+
+    filler = Filler(config, index, lambda: _open_captioner(config))
+    total = FillResult()
+    try:
+        for root in roots:
+            rows = filler.todo(index.iter_records(root.path))
+            if not rows:
+                continue
+            progress = _Progress(f"filling in {root.path}")
+            result = filler.fill(rows, progress=progress)
+            progress.done()
+            kinds = dict(total.by_kind)
+            for kind, count in result.by_kind:
+                kinds[kind] = kinds.get(kind, 0) + count
+            total = FillResult(rows=total.rows + result.rows, by_kind=tuple(kinds.items()),
+                               failed=total.failed + result.failed)
+    finally:
+        filler.close()
+    for path, message in total.failed:
+        _report_failure(path, message)
+    return total
 
 
 def _report_failure(path: str | Path, message: str) -> None:
@@ -293,7 +338,9 @@ def _require_cluster() -> None:
     try:
         import capwatch.cluster  # noqa: F401
     except ImportError:
-        raise click.UsageError("--cluster needs Dask distributed: pip install 'capwatch[cluster]'") from None
+        from capwatch.paths import install_hint
+
+        raise click.UsageError(f"--cluster needs Dask distributed: {install_hint('cluster')}") from None
 
 
 def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: bool, scheduler: str
@@ -415,9 +462,10 @@ def recaption(ctx: click.Context, dirs: tuple[Path, ...], model_changed: bool, f
         with _open_index(config, readonly=True) as index:
             chosen = list(select(index, roots, criteria))
         for record in chosen:
+            made_by = " ".join(part for part in (record.model or "?", (record.model_revision or "")[:12]) if part)
             why = f"failed: {record.error}" if record.status == "error" else \
-                f"{record.model or '?'} {(record.model_revision or '')[:12]}, {record.captioned_at or '?'}"
-            click.echo(f"{record.path}  ({why.strip()})")
+                f"{made_by}, {record.captioned_at or '?'}"
+            click.echo(f"{record.path}  ({why})")
         click.echo(f"{len(chosen)} files would be captioned again")
         return
     _recover_writes()

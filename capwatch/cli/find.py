@@ -57,8 +57,9 @@ class _SearchCommand(click.Command):
 @_global_options
 @click.argument("words", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per line: path, caption, score, source, model, taken_at, field (where it "
-              "matched: caption, keywords, text, path) and snippet (hits in [brackets]).")
+              help="One JSON object per line: path, caption, score, source, model, taken_at, date and date_from "
+              "(the date --since/--until/--sort date use: taken, else the file's time), field (where it matched: "
+              "caption, keywords, text, path) and snippet (hits in [brackets]).")
 @click.option("--paths", "paths_only", is_flag=True, help="Only the paths, one per line.")
 @click.option("-0", "--null", "null_sep", is_flag=True, help="With --paths: separate paths by NUL (for xargs -0).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most N results.")
@@ -112,12 +113,14 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
+                                  "date": hit.date, "date_from": hit.date_from,
                                   "field": hit.field, "snippet": hit.snippet},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
-            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+            # A file without a caption yet (matched by its path, keywords or text) gets no empty line.
+            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
             if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
@@ -146,7 +149,13 @@ def _running_model(live: dict[str, Any], configured: str) -> str:
         details.append(f"on {live['model_provider']}")
     text = f"{label} ({', '.join(details)})" if details else label
     if label != configured:
-        text += f"  [this configuration says {configured}: reload the daemon to switch]"
+        override = live.get("model_override")
+        if override:
+            # A reload applies the daemon's --model (or $CAPWATCH_MODEL) again: it would not switch.
+            text += (f"  [this configuration says {configured}, but the daemon was started with the model {override} "
+                     "(--model or $CAPWATCH_MODEL), which a reload keeps: restart it without that to switch]")
+        else:
+            text += f"  [this configuration says {configured}: reload the daemon to switch]"
     return text
 
 
@@ -169,8 +178,10 @@ def _cluster_state(config: Config) -> dict[str, Any]:
     try:
         from capwatch.cluster import cluster_state
     except ImportError:
+        from capwatch.paths import install_hint
+
         return {"scheduler": config.cluster.scheduler, "workers": [],
-                "error": "Dask distributed is not installed: pip install 'capwatch[cluster]'"}
+                "error": f"Dask distributed is not installed: {install_hint('cluster')}"}
     assert config.cluster.scheduler is not None
     return cluster_state(config.cluster.scheduler, timeout=min(5.0, config.cluster.connect_timeout_seconds))
 
@@ -184,6 +195,23 @@ def _echo_cluster(cluster: dict[str, Any]) -> None:
     for worker in workers:
         model = worker.get("model") or "no capwatch model loaded (yet)"
         click.echo(f"  worker   {worker['address']} ({worker['threads']} threads): {model}")
+
+
+def _scan_hint(ctx: click.Context) -> str:
+    """The command that makes the index `status` looks at: the service's own, run as its user, with --system."""
+    app = ctx.obj
+    if not getattr(app, "system", False):
+        return "capwatch scan DIR"
+    import shlex
+
+    from capwatch.daemon.unit import SERVICE_USER, capwatch_command
+    from capwatch.errors import CapwatchError
+
+    try:
+        command = " ".join(shlex.quote(word) for word in capwatch_command())
+    except CapwatchError:
+        command = "capwatch"
+    return f"sudo -u {SERVICE_USER} {command} --system scan"
 
 
 @cli.command()
@@ -225,7 +253,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(payload, ensure_ascii=False))
         return
     click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
-               else f"index      {index_path} (not created yet: run `capwatch scan DIR`)")
+               else f"index      {index_path} (not created yet: run `{_scan_hint(ctx)}`)")
     click.echo(f"model      {_running_model(live, _model_label(config)) if live else payload['model']}")
     click.echo(f"images     {images}")
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
@@ -246,7 +274,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"  backfill {live.get('backfill_done', 0)} / {live.get('backfill_total')}")
         click.echo(f"  rate     {float(live.get('rate_per_minute') or 0):.1f} images/min; "
                    f"{live.get('captioned', 0)} captioned, {live.get('errors', 0)} errors since the daemon started")
-        state = live.get("model_status") or ("loaded" if live.get("model_loaded") else "unloaded")
+        state = str(live.get("model_status") or ("loaded" if live.get("model_loaded") else "unloaded"))
+        if state.startswith("model ") and not state.startswith("model error"):
+            state = state.removeprefix("model ")  # under the label "model": not "model model NAME is not ..."
         click.echo(f"  model    {state}")
         for root in live.get("missing_roots") or []:
             click.echo(f"  missing  {root} (kept in the index; re-checked periodically)")

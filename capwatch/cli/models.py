@@ -83,8 +83,7 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
 
 def _providers_line(requested: tuple[str, ...]) -> str:
     """Where the configured model.providers make the model run, and what this onnxruntime has."""
-    import onnxruntime as ort
-
+    from capwatch.models.runtime import ort
     from capwatch.models.session import resolve_providers, short_provider
 
     chosen, missing = resolve_providers(requested)

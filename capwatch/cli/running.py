@@ -11,7 +11,7 @@ import click
 if TYPE_CHECKING:
     pass
 
-from capwatch.cli.app import AppContext, _global_options, _load, _roots, cli
+from capwatch.cli.app import AppContext, _global_options, _load, _open_index, _roots, cli
 
 # -- watch ------------------------------------------------------------------------------------------------------
 
@@ -36,6 +36,10 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
     roots = _roots(config, dirs) if dirs else None
     if roots is None and not config.library.roots:
         raise click.UsageError("no folders given and none configured in [library] roots")
+    if roots:
+        # Folders given by hand are the owner's: `serve` shows them beside the configured roots.
+        with _open_index(config) as index:
+            index.add_owner_roots(root.path for root in roots)
     web = None
     if config.serve.in_daemon:
         # [serve] in_daemon: the web page runs on a thread of the daemon (the daemon makes the index if need be).
@@ -45,7 +49,8 @@ def watch(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool) -> None:
                                                need_index=False)).start()
     try:
         # On SIGHUP the same --config/--db/--model apply again, so a reload never loses a command-line choice.
-        code = run_daemon(config, roots, reload=app.config, caption=not no_caption)
+        code = run_daemon(config, roots, reload=app.config, caption=not no_caption,
+                          model_override=app.model or os.environ.get("CAPWATCH_MODEL") or None)
     finally:
         if web is not None:
             web.stop()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from capwatch.cli.app import _global_options, _load, _open_captioner, cli, log
 from capwatch.config import Config
-from capwatch.errors import ConfigError, IndexUnavailable
+from capwatch.errors import CapwatchError, ConfigError, IndexUnavailable
+from capwatch.paths import install_hint
 
 if TYPE_CHECKING:
     from capwatch.web.security import AccessToken
@@ -34,6 +36,19 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _owner_roots(index_path: Path) -> tuple[Path, ...]:
+    """The folders scanned by hand into the index at ``index_path``; () when it cannot be read (yet)."""
+    from capwatch.library.index import Index
+
+    if not index_path.exists():
+        return ()
+    try:
+        with Index.open(index_path, readonly=True) as index:
+            return index.owner_roots()
+    except CapwatchError:
+        return ()
 
 
 def _access(config: Config, host: str) -> tuple[AccessToken | None, frozenset[str] | None]:
@@ -90,17 +105,20 @@ def prepare_server(config: Config, host: str, port: int, *, need_index: bool = T
         from capwatch.web.security import new_csrf_secret
     except ImportError as exc:
         raise ConfigError(f"capwatch serve needs the web extra ({exc.name} is missing): "
-                          "pip install 'capwatch[web]'") from None
+                          f"{install_hint('web')}") from None
     from capwatch import paths
     from capwatch.daemon.instance import read_live_state
 
     index_path = config.index_path()
     if need_index and not index_path.exists():
         raise IndexUnavailable(f"no index at {index_path} yet; run `capwatch scan DIR` first (or pass --db)")
-    if not any(root.path.is_dir() for root in config.library.roots):
-        # Only files below a configured root are shown: with none there, every page would be empty.
-        log.warning("none of the configured [library] roots is a folder here (%s): no photo can be shown",
-                    ", ".join(str(r.path) for r in config.library.roots) or "none configured")
+    if not any(root.path.is_dir() for root in config.library.roots) and \
+            not any(folder.is_dir() for folder in _owner_roots(index_path)):
+        # Only files below a configured root or a folder scanned by hand are shown: with none, every page is empty.
+        log.warning("none of the configured [library] roots is a folder here (%s) and no folder was scanned into "
+                    "this index: no photo can be shown (roots go into %s)",
+                    ", ".join(str(r.path) for r in config.library.roots) or "none configured",
+                    config.source or paths.default_config_path(os.environ))
     token, allowed = _access(config, host)
     sock = _listen(host, port)
 

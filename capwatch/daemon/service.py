@@ -90,6 +90,7 @@ def run_daemon(
     reload: Callable[[], Config] | None = None,
     caption: bool = True,
     captioner_factory: CaptionerFactory | None = None,
+    model_override: str | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (main thread only) or ``stop_event``; return the exit code.
 
@@ -100,10 +101,12 @@ def run_daemon(
     when a worker thread crashed. Raises DaemonAlreadyRunning when another daemon holds the index (its subclass
     RootInUse when another daemon watches one of the roots), ModelError for a model name or precision that does
     not exist, IndexUnavailable / ConfigError when start-up fails (one-line messages for the CLI). A model that is
-    missing or cannot be opened is no start-up failure: see the module docstring.
+    missing or cannot be opened is no start-up failure: see the module docstring. ``model_override``: the model
+    given on the command line or in ``$CAPWATCH_MODEL``, which ``reload`` applies again (published in the live state,
+    so `status` does not tell anyone that a reload would switch models).
     """
     daemon = Daemon(config, roots, stop_event=stop_event or threading.Event(), reload=reload, caption=caption,
-                    captioner_factory=captioner_factory)
+                    captioner_factory=captioner_factory, model_override=model_override)
     return daemon.run()
 
 
@@ -119,8 +122,10 @@ class Daemon:
         reload: Callable[[], Config] | None,
         caption: bool,
         captioner_factory: CaptionerFactory | None,
+        model_override: str | None = None,
     ) -> None:
         self.config = config
+        self._model_override = model_override
         self._explicit_roots = tuple(roots) if roots else None
         self.stop_event = stop_event
         self._reload_fn = reload
@@ -440,6 +445,7 @@ class Daemon:
             "updated": _utc_now(),
             "state": self._state,
             "model": model_label(self.config.model),
+            "model_override": self._model_override,
             "model_loaded": _model_loaded(self._captioner),
         }
         if engine is not None:

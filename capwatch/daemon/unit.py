@@ -14,6 +14,7 @@ import importlib.resources
 import os
 import pwd
 import shlex
+import shutil
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -207,11 +208,13 @@ def unreachable_by(command: Sequence[str], user: str = SERVICE_USER) -> str | No
     """
     uid, gids = _identity(user)
     program = Path(command[0])
-    targets: list[tuple[Path, int]] = [(program, 0o1)]
+    # What each file is, for the message: the Python interpreter is the one a venv links to a private home.
+    is_python = list(command[1:3]) == ["-P", "-m"] or program.name.startswith("python")
+    targets: list[tuple[Path, int, str]] = [(program, 0o1, "the Python interpreter" if is_python else "")]
     interpreter = _shebang(program)
     if interpreter is not None:
-        targets = [(program, 0o5), (Path(interpreter), 0o1)]
-    for target, bits in targets:
+        targets = [(program, 0o5, ""), (Path(interpreter), 0o1, "its Python interpreter")]
+    for target, bits, role in targets:
         for candidate in dict.fromkeys((target, target.resolve())):
             for folder in reversed(candidate.parents):
                 try:
@@ -219,8 +222,12 @@ def unreachable_by(command: Sequence[str], user: str = SERVICE_USER) -> str | No
                 except OSError:
                     continue
                 if not _allowed(st, uid, gids, 0o1):
+                    where = ""
+                    if role or candidate != program:
+                        links = f" (where {target} leads)" if candidate != target else ""
+                        where = f", on the way to {role or 'the file'} {candidate}{links}"
                     return f"{user} may not enter {folder} (mode {stat.S_IMODE(st.st_mode):04o}, " \
-                           f"owner {_user_name(st.st_uid)})"
+                           f"owner {_user_name(st.st_uid)}){where}"
             try:
                 st = os.stat(candidate)
             except OSError as exc:
@@ -288,6 +295,8 @@ def next_steps(scope: Scope, env: Mapping[str, str] = os.environ) -> list[str]:
                      f"{sudo}tee {q(str(config))} >/dev/null   # your library folders (every key: config.example.toml)")
     shown = roots or ["/srv/photos"]
     member = q(env["SUDO_USER"]) if env.get("SUDO_USER") else '"$USER"'
+    if shutil.which("setfacl", path=env.get("PATH", os.defpath)) is None:
+        steps.append(f"{sudo}apt install acl   # setfacl, for the next step (Debian/Ubuntu; elsewhere the acl package)")
     steps += [f"{sudo}setfacl -R -m u:{SERVICE_USER}:rwX -m d:u:{SERVICE_USER}:rwX {q(root)}   # captions go into "
               "the files" for root in shown]
     steps += [f"{sudo}systemctl edit capwatch   # add: [Service] ReadWritePaths={' '.join(shown)}",

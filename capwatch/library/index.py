@@ -73,6 +73,9 @@ class ImageRecord:
     model_keywords: tuple[str, ...] = ()
     #: Text found in the image (OCR), as the engine gave it; None when not looked for or none found.
     ocr_text: str | None = None
+    #: What was looked for in this content besides the caption ("keywords", "text"; see capwatch.library.fill),
+    #: found or not: a scan fills in only what a row lacks.
+    filled: tuple[str, ...] = ()
 
 
 class IndexedState(NamedTuple):
@@ -120,6 +123,13 @@ class SearchHit:
     taken_at: str | None
     field: str | None = None
     snippet: str = ""
+    #: The date the date filters and --sort date use: ``taken_at``, else the file's time (see record_date).
+    date: str | None = None
+
+    @property
+    def date_from(self) -> Literal["taken", "file"]:
+        """Where :attr:`date` comes from: the date taken (EXIF), or the file's modification time."""
+        return "taken" if self.taken_at else "file"
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,8 @@ class IndexStats:
 
 
 _COLUMNS = [f.name for f in fields(ImageRecord)]
-_KEYWORD_COLUMNS = ("keywords", "model_keywords")
+#: Columns that hold a tuple of strings, stored newline-joined.
+_KEYWORD_COLUMNS = ("keywords", "model_keywords", "filled")
 
 
 def clean_keywords(keywords: Iterable[str]) -> tuple[str, ...]:
@@ -179,9 +190,15 @@ def _now_utc() -> str:
 
 
 def _sort_date(record: ImageRecord) -> str:
+    return record_date(record)[0]
+
+
+def record_date(record: ImageRecord) -> tuple[str, Literal["taken", "file"]]:
+    """The date of ``record`` that --since/--until and --sort date use, and where it comes from: the date taken
+    (EXIF), or else the file's modification time in local time ("file")."""
     if record.taken_at:
-        return record.taken_at
-    return dt.datetime.fromtimestamp(record.mtime_ns / 1e9).replace(microsecond=0).isoformat()
+        return record.taken_at, "taken"
+    return dt.datetime.fromtimestamp(record.mtime_ns / 1e9).replace(microsecond=0).isoformat(), "file"
 
 
 def normalise_path(path: str | Path) -> str:
@@ -541,6 +558,23 @@ class Index:
             (message.splitlines()[0] if message else "error", _now_utc(), normalise_path(path)),
         ))
 
+    def add_owner_roots(self, paths: Iterable[str | Path]) -> None:
+        """Remember ``paths`` as folders the index's owner gave `scan`/`watch` by hand (the web page shows them
+        beside the configured roots); a folder already remembered stays as it was."""
+        now = _now_utc()
+
+        def run() -> None:
+            with self._write():
+                self._conn.executemany("INSERT OR IGNORE INTO owner_roots (path, added_at) VALUES (?, ?)",
+                                       [(normalise_path(p), now) for p in paths])
+
+        self._guard(run)
+
+    def owner_roots(self) -> tuple[Path, ...]:
+        """The folders remembered by :meth:`add_owner_roots`, in path order."""
+        rows = self._guard(lambda: self._conn.execute("SELECT path FROM owner_roots ORDER BY path").fetchall())
+        return tuple(Path(row[0]) for row in rows)
+
     def _exec_write(self, sql: str, params: tuple[Any, ...]) -> None:
         with self._write():
             self._conn.execute(sql, params)
@@ -691,6 +725,7 @@ def _hit(row: Any, terms: tuple[Term, ...], marks: tuple[str, str]) -> SearchHit
     return SearchHit(
         path=path, caption=caption, highlighted=swap(highlighted), score=0.0 - float(score or 0.0), source=source,
         model=model, taken_at=taken_at, field=field, snippet=swap(snippet or caption),
+        date=row[15] if len(row) > 15 else None,
     )
 
 
@@ -856,7 +891,7 @@ def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int, 
     index (its bm25), else by the images table (unranked, newest first). ``ids_only`` selects row ids only (to
     order by date before marking hits); ``only_ids`` restricts the rows to those ids. A row is ``_ROW``, the
     score, then highlight()s of caption, model caption, keywords and path and a snippet() of the OCR text
-    (NULLs when the word index does not drive).
+    (NULLs when the word index does not drive), then the date the date filters use (sort_date).
     """
     compiled = query.compile()
     where, params = _filter_sql(query, filters)
@@ -895,6 +930,6 @@ def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int, 
         params += only_ids
     if sort == "date":
         order = "i.sort_date DESC, i.id DESC"
-    columns = "i.id" if ids_only else f"{_ROW}, {score}, {', '.join(hl)}"
+    columns = "i.id" if ids_only else f"{_ROW}, {score}, {', '.join(hl)}, i.sort_date"
     sql = f"SELECT {columns} FROM {source} WHERE {' AND '.join(where) or '1'} ORDER BY {order} LIMIT ?"
     return sql, [*([] if ids_only else hl_params), *params, limit]

@@ -176,6 +176,16 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO images_ocr_tri(images_ocr_tri) VALUES ('rebuild')")
 
 
+def _filled_and_owner_roots(db: sqlite_utils.Database) -> None:
+    # What was made for a row beyond its caption ("text", "keywords"; newline-joined): a scan fills in what the
+    # current settings would produce and a row lacks (capwatch.library.fill) without captioning again, and must
+    # tell "looked, found nothing" from "never looked". Old rows get NULL: nothing was marked, so a scan looks.
+    db.execute("ALTER TABLE images ADD COLUMN filled TEXT")
+    # The folders the index's owner gave `scan`/`watch` by hand: theirs to see on the web page beside the
+    # configured roots (capwatch.library.owner_roots).
+    db.execute("CREATE TABLE owner_roots (path TEXT PRIMARY KEY, added_at TEXT NOT NULL)")
+
+
 #: (version, name, apply). Append only; never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "images table", _migration_1),
@@ -183,5 +193,6 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...]
     (3, "covering index for stat-only reconcile", _migration_3),
     (4, "ctime and sidecar state", _migration_4),
     (5, "keywords, text in images; porter, CJK and substring search", _migration_5),
+    (6, "what was filled in per image; the owner's scanned folders", _filled_and_owner_roots),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
-from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot, with_index_only_keywords
+from capwatch.library.scan import (
+    FILLED_KEYWORDS,
+    FILLED_TEXT,
+    is_utf8_path,
+    moved_on,
+    printable_path,
+    record_from_snapshot,
+    with_filled,
+    with_index_only_keywords,
+)
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -67,10 +76,15 @@ class FileOutcome:
     skipped: str | None = None
     error: str | None = None
     changed: bool = False
+    #: The keywords the model found for this file (empty when it found none or was not asked), and the text read
+    #: in the image (None: not read), as found: also with --dry-run, and also where they stay out of the file.
+    keywords: tuple[str, ...] = ()
+    text: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "caption": self.caption, "model": self.model,
-                "written": list(self.written), "skipped": self.skipped, "error": self.error}
+                "written": list(self.written), "skipped": self.skipped, "error": self.error,
+                "keywords": list(self.keywords), "text": self.text}
 
 
 @dataclass(frozen=True)
@@ -349,7 +363,15 @@ class Processor:
 
     def _fail(self, path: str, message: str, state: FileSnapshot | os.stat_result | None = None) -> FileOutcome:
         """Record ``message`` as the file's error (with the file's state when it failed) and return the outcome.
-        Nothing is logged here: the caller reports each outcome once."""
+        Nothing is logged here: the caller reports each outcome once.
+
+        A file that is no longer in ``state`` failed on content that is gone (a writer that closes, reopens and
+        finishes a file had it read after the first close: "image file is truncated"): that is never an error;
+        the outcome says ``changed`` and the file is read again."""
+        if state is not None and _moved_on(path, state):
+            return FileOutcome(Path(path), None, None, changed=True,
+                               skipped=f"{path}: changed while it was being read; read again "
+                                       f"(what the earlier version gave: {message.removeprefix(f'{path}: ')})")
         if self.index is not None and not self.dry_run:
             previous = self.index.get(path)
             if isinstance(state, FileSnapshot):
@@ -434,7 +456,8 @@ class Processor:
                                                      job.snap)))
             elif self.dry_run:
                 results.append((position, FileOutcome(path, text, model_id,
-                                                      skipped=HUMAN_KEPT if job.human_skip else None)))
+                                                      skipped=HUMAN_KEPT if job.human_skip else None,
+                                                      keywords=said.keywords or (), text=said.text)))
             else:
                 if self.hooks.before_write is not None:
                     self.hooks.before_write(path)
@@ -463,9 +486,11 @@ class Processor:
                 assert isinstance(result, WriteResult) and result.snapshot is not None  # metadata writing is on
                 # What the file holds now, read after the write: ours, or the words of whoever wrote last.
                 record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
-                records.append(replace(record, ocr_text=said.text) if said.text is not None else record)
+                records.append(_mark_found(replace(record, ocr_text=said.text) if said.text is not None else record,
+                                           said))
                 results.append((position, FileOutcome(path, text, model_id, written=result.written,
-                                                      skipped=result.skipped)))
+                                                      skipped=result.skipped, keywords=said.keywords or (),
+                                                      text=said.text)))
         if self.index is not None and records:
             self.index.upsert_many(records)
         return results
@@ -495,10 +520,12 @@ class Processor:
             record = with_index_only_keywords(record, said.keywords)
         if said.text is not None:
             record = replace(record, ocr_text=said.text)
+        record = _mark_found(record, said)
         if self.index is not None:
             self.index.upsert(record)
         return FileOutcome(path, text, self.captioner.model_id,
-                           skipped=INDEX_ONLY if job.index_only else WRITING_OFF)
+                           skipped=INDEX_ONLY if job.index_only else WRITING_OFF, keywords=said.keywords or (),
+                           text=said.text)
 
 
 def recover_writes(logger: logging.Logger) -> None:
@@ -510,6 +537,22 @@ def recover_writes(logger: logging.Logger) -> None:
     if report.settled:
         logger.info("settled %d interrupted write(s) from the write journal", report.settled)
 
+
+
+def _mark_found(record: ImageRecord, said: Described) -> ImageRecord:
+    """``record`` marked with what the model and the OCR engine looked for in it (a scan need not fill it in)."""
+    found = ([FILLED_TEXT] if said.text is not None else []) + ([FILLED_KEYWORDS] if said.keywords is not None else [])
+    return with_filled(record, *found) if found else record
+
+
+def _moved_on(path: str, state: FileSnapshot | os.stat_result) -> bool:
+    """True when ``path`` is no longer the file ``state`` describes (written to, replaced, or gone)."""
+    if isinstance(state, FileSnapshot):
+        try:
+            return not state.identity.matches_stat(os.stat(path))
+        except OSError:
+            return True
+    return moved_on(path, state)
 
 
 def _same_content(previous: ImageRecord, snap: FileSnapshot) -> bool:

@@ -49,7 +49,10 @@ class ReconcileResult:
     kept: int = 0
     #: Files whose row is pending after this reconcile: what `scan` (without --no-caption) captions next.
     to_caption: tuple[Path, ...] = ()
+    #: Descriptions found in files read now (a person's, or capwatch's in a file new to the index).
     imported: int = field(default=0)
+    #: Files read now that hold only camera boilerplate ("OLYMPUS DIGITAL CAMERA"): searchable, still to caption.
+    boilerplate: int = 0
 
 
 # -- filters ------------------------------------------------------------------------------------------------------
@@ -277,8 +280,37 @@ def with_index_only_keywords(record: ImageRecord, model_keywords: tuple[str, ...
     return replace(record, keywords=record.keywords + mine, model_keywords=model_keywords)
 
 
+#: What a row's ``filled`` marks: the text in the image was looked for; the model's keywords were looked for.
+FILLED_TEXT = "text"
+FILLED_KEYWORDS = "keywords"
+
+
+def with_filled(record: ImageRecord, *what: str) -> ImageRecord:
+    """``record`` marked as having had ``what`` looked for (found or not)."""
+    return replace(record, filled=tuple(sorted({*record.filled, *what})))
+
+
+def _carry_filled(record: ImageRecord, previous: ImageRecord | None) -> ImageRecord:
+    """``record`` (just read from its file) keeping the marks of ``previous`` whose results it kept: the text when
+    the text is the same, the keywords when capwatch's keywords are."""
+    if previous is None or not previous.filled:
+        return record
+    kept = [what for what in previous.filled
+            if (what == FILLED_TEXT and record.ocr_text == previous.ocr_text)
+            or (what == FILLED_KEYWORDS and record.model_keywords == previous.model_keywords)
+            or what not in (FILLED_TEXT, FILLED_KEYWORDS)]
+    return with_filled(record, *kept) if kept else record
+
+
 def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | None,
                          config: Config) -> ImageRecord:
+    """Build the index row for a file just read, importing any description found in it (see
+    :func:`_record_from_snapshot`); what was looked for in it before is kept where its result was kept."""
+    return _carry_filled(_record_from_snapshot(path, snap, previous, config), previous)
+
+
+def _record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | None,
+                          config: Config) -> ImageRecord:
     """Build the index row for a file just read, importing any description found in it.
 
     A description with capwatch provenance becomes a ``model`` caption; a person's one ``human`` (the file is
@@ -327,15 +359,28 @@ def record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord | 
 
 def read_record(path: str, st: os.stat_result, previous: ImageRecord | None, config: Config) -> ImageRecord:
     """Read one file (and its sidecars) into a row; unreadable files become ``error`` rows, files that keep
-    changing while being read ``pending`` ones (read again once they settle)."""
+    changing while being read (or changed since ``st`` was taken) ``pending`` ones (read again once they settle)."""
     try:
         snap = read_snapshot(Path(path))
     except FileChanged:
         return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
     except CapwatchError as exc:
+        if moved_on(path, st):
+            # It failed on content that is gone (a file written in two pieces, read between them): not an error.
+            return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
         return ImageRecord(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                            status="error", error=str(exc))
     return record_from_snapshot(path, snap, previous, config)
+
+
+def moved_on(path: str, st: os.stat_result) -> bool:
+    """True when ``path`` is no longer the file ``st`` describes (written to, replaced, or gone)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # -- reconcile ------------------------------------------------------------------------------------------------------
@@ -412,7 +457,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     errors: list[tuple[str, str]] = list(skipped)
     new_paths: list[Path] = []
     pending_rows: list[ImageRecord] = []
-    imported = 0
+    imported = boilerplate = 0
 
     def flush() -> None:
         if pending_rows:
@@ -438,8 +483,10 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
         record = read_record(path, st, previous, config)
         if record.status == "error" and record.error:
             errors.append((path, record.error))
-        if record.source in ("human", "embedded") or (record.source == "model" and previous is None):
+        if record.source == "human" or (record.source == "model" and previous is None):
             imported += 1
+        elif record.source == "embedded":
+            boilerplate += 1  # counted among the files waiting for a caption, not as a description
         if previous is None:
             new_paths.append(Path(path))
         pending_rows.append(record)
@@ -454,7 +501,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     return ReconcileResult(
         root=base, seen=seen, unchanged=unchanged, new=tuple(new_paths), changed=changed_paths,
         moved=tuple(moved), removed=tuple(removed), errors=tuple(errors), to_caption=to_caption,
-        imported=imported,
+        imported=imported, boilerplate=boilerplate,
     )
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from capwatch.config import Config, ModelConfig, Precision
@@ -45,6 +44,7 @@ from capwatch.models.generate import GenerationSettings, generate
 from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
 from capwatch.models.preprocess import Preprocessor, load_image
 from capwatch.models.registry import precision_key, split_precision_key
+from capwatch.models.runtime import ort
 from capwatch.models.session import SessionGroup
 from capwatch.models.tokenizer import TextDecoder
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from capwatch.config import CaptionLength, ModelConfig
 from capwatch.errors import ModelError
@@ -41,6 +40,7 @@ from capwatch.models.florence_post import clean_pure_text, parse_od
 from capwatch.models.generate import DecoderState, GenerationSettings, generate
 from capwatch.models.keywords import keywords_from_detections
 from capwatch.models.layout import ModelDir, check_names, read_json
+from capwatch.models.runtime import ort
 
 VISION = "vision_encoder"
 EMBED = "embed_tokens"

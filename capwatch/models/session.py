@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from capwatch.errors import ModelError
+from capwatch.models.runtime import ort
 
 log = logging.getLogger(__name__)
 

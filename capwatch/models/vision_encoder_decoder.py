@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from capwatch.errors import ModelError
 from capwatch.models.generate import DecoderState
 from capwatch.models.layout import check_names
+from capwatch.models.runtime import ort
 
 ENCODER = "encoder_model"
 DECODER = "decoder_model_merged"

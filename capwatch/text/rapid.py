@@ -22,9 +22,10 @@ from PIL import Image
 
 from capwatch.errors import ConfigError, ImageError
 from capwatch.models.session import physical_cores
+from capwatch.paths import install_hint
 from capwatch.text.reader import TextReader
 
-_EXTRA_HINT = "ocr.engine = \"rapidocr\" needs the ocr extra: pip install 'capwatch[ocr]'"
+_EXTRA_HINT = f"ocr.engine = \"rapidocr\" needs the ocr extra: {install_hint('ocr')}"
 #: Lines read with less confidence than this are dropped (rapidocr's own default).
 MIN_SCORE = 0.5
 #: A line of a single character must be read at least this surely: texture (a cat's eye, a cup's rim) is often read
@@ -48,7 +49,7 @@ def shipped_models(package_dir: Path) -> dict[str, Path]:
     missing = [stage for stage, files in found.items() if not files]
     if missing:
         raise ConfigError(f"rapidocr: no {missing[0].lower()} model in {models} (a download would be needed; "
-                          f"reinstall with pip install 'capwatch[ocr]')")
+                          f"reinstall with {install_hint('ocr')})")
     return {stage: files[-1] for stage, files in found.items()}
 
 

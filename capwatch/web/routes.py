@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
-from capwatch.library.index import ImageRecord, Index, IndexStats
+from capwatch.library.index import ImageRecord, Index, IndexStats, record_date
 from capwatch.library.process import HUMAN_KEPT
 from capwatch.metadata import Description
 from capwatch.metadata.safeopen import NotRegularFile
@@ -98,7 +98,14 @@ def _templates() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined)
     env.filters["marked"] = marked
     env.filters["basename"] = lambda path: os.path.basename(str(path))
+    env.filters["date_of"] = date_of
     return env
+
+
+def date_of(record: ImageRecord) -> str:
+    """The date the date filters use for ``record``, saying where it comes from (as `search --json` does)."""
+    date, source = record_date(record)
+    return f"{date} (taken)" if source == "taken" else f"{date} (the file's time: the file records no date taken)"
 
 
 @dataclass(frozen=True)
@@ -182,8 +189,22 @@ class Pages:
         record = index.get_by_id(row_id)
         if record is None:
             return None
-        real = servable(record.path, self.roots)
+        real = servable(record.path, self._roots(index))
         return None if real is None else Photo(row_id, record, real)
+
+    def _roots(self, index: Index) -> tuple[Path, ...]:
+        """The folders whose photos may be shown: the configured roots and the folders the index's owner gave
+        `scan`/`watch` (the index remembers them)."""
+        return self.roots + index.owner_roots()
+
+    def _config_file(self) -> str:
+        """Where the configuration that names the roots is, or would be (for the "not shown" note)."""
+        from capwatch import paths
+
+        source = self.config.source
+        if source is not None:
+            return str(source)
+        return f"{paths.default_config_path(os.environ)} (not made yet)"
 
     async def not_found(self, request: Request, exc: Exception) -> Response:
         return self._error("nothing here: no such page or photo", 404)
@@ -210,7 +231,7 @@ class Pages:
         page = max(1, page)
         filtered = bool(form.folder or form.since or form.until or form.source or form.status)
         context: dict[str, Any] = {"query": query, "form": form, "error": None, "page": None, "hidden": 0,
-                                   "filtered": filtered, "counted": ""}
+                                   "filtered": filtered, "counted": "", "config_file": self._config_file()}
         bad = None
         if status not in (None, "pending", "error"):
             bad = f"status: expected pending or error, got {status!r}"
@@ -222,7 +243,8 @@ class Pages:
                     result: ResultPage = results_page(index, query, form, page=page,
                                                       page_size=self.config.serve.page_size)
                 context["page"] = result
-                context["results"] = [r for r in result.results if servable(r.path, self.roots) is not None]
+                roots = self._roots(index)
+                context["results"] = [r for r in result.results if servable(r.path, roots) is not None]
                 # Rows whose file is gone, or lies below no configured root: said, not shown.
                 context["hidden"] = len(result.results) - len(context["results"])
             except (QueryError, EditRefused) as exc:
@@ -404,12 +426,13 @@ class Pages:
     def _picture(self, request: Request, px: int) -> Response:
         with self._index() as index:
             photo = self._photo(index, int(request.path_params["row_id"]))
+            roots = self._roots(index)
         if photo is None:
             return Response("no such photo", status_code=404, media_type="text/plain")
         # Opened once, below its root and through no link (whatever was swapped in since _photo looked is
         # refused), without blocking; decoded from this descriptor and cached under what fstat says of it.
         try:
-            fd = open_servable(photo.file, self.roots)
+            fd = open_servable(photo.file, roots)
         except NotRegularFile as exc:
             log.warning("thumbnail: %s: %s", photo.file, exc.strerror)
             return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
