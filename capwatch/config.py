@@ -36,6 +36,8 @@ Provider = Literal["cpu", "cuda", "tensorrt", "rocm", "migraphx", "openvino", "d
 CaptionLength = Literal["short", "detailed", "paragraph"]
 WriteMode = Literal["embedded", "sidecar", "both", "none"]
 ExistingPolicy = Literal["keep", "overwrite"]
+#: Where a video's caption goes when metadata.write embeds: into the file's XMP box, or a NAME.EXT.xmp sidecar.
+VideoWriteMode = Literal["embedded", "sidecar"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 #: Where text in images comes from: nowhere, the rapidocr package (extra ``capwatch[ocr]``), or Florence-2's <OCR>.
 OcrEngine = Literal["off", "rapidocr", "florence"]
@@ -219,6 +221,9 @@ class MetadataConfig:
     write_text: bool = False
     #: Most keywords the model adds per image (largest objects first).
     max_keywords: Annotated[int, Range(0, 200)] = 10
+    #: Videos (MP4/MOV): "embedded" writes the XMP where exiftool puts it (media data byte-identical), "sidecar"
+    #: always writes NAME.EXT.xmp instead.
+    video: VideoWriteMode = "embedded"
 
 
 @dataclass(frozen=True)

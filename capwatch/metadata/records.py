@@ -28,7 +28,8 @@ class Description:
 
     ``kind``: ``ours`` = carries capwatch provenance for exactly this text; ``boilerplate`` = camera/software junk
     ("OLYMPUS DIGITAL CAMERA", the camera model, blank); ``human`` = anything else (never overwritten by default).
-    ``origin``: where the chosen text was found: ``xmp``, ``exif``, ``iptc``, ``sidecar`` or ``png``.
+    ``origin``: where the chosen text was found: ``xmp``, ``exif``, ``iptc``, ``sidecar``, ``png`` or
+    ``quicktime`` (a video's ©des / Keys description).
     """
 
     text: str
