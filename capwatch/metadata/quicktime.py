@@ -1,6 +1,6 @@
 """QuickTime tags inside a ``moov`` box (read-only): a person's description, the capture date, the frame size.
 
-Descriptions: ``udta/©des`` (QuickTime international text), ``udta/meta/ilst/©des`` or ``desc`` (iTunes-style, what
+Descriptions: ``udta/©des`` (QuickTime international text), ``udta/dscp`` (3GPP), ``udta/meta/ilst/©des`` or ``desc`` (iTunes-style, what
 ffmpeg writes into MP4) and ``meta/keys`` + ``ilst`` ``com.apple.quicktime.description`` (what iPhones and Photos
 write). Dates: ``com.apple.quicktime.creationdate`` (local time with its offset), else ``mvhd`` creation time (UTC by
 the specification, which is how exiftool shows it). Size: the first video track's sample description.
@@ -91,6 +91,15 @@ def _intl_text(raw: bytes) -> str | None:
     return None
 
 
+def _3gpp_text(raw: bytes) -> str | None:
+    """A 3GPP asset string (``udta/dscp``, what exiftool writes as UserData:Description): version and flags,
+    language, then UTF-8 or (with a byte-order mark) UTF-16, NUL-terminated."""
+    text = raw[6:]
+    if text.startswith(b"\xfe\xff"):
+        return text[2:].decode("utf-16-be", errors="replace").split("\x00")[0]
+    return text.split(b"\x00")[0].decode("utf-8", errors="replace")
+
+
 def _keys_values(data: bytes, meta: _B) -> dict[str, str]:
     children = _boxes(data, _meta_start(data, meta), meta.end)
     keys: list[str] = []
@@ -152,6 +161,8 @@ def read_tags(moov: bytes) -> QuickTimeTags:
             for item in _boxes(moov, box.start, box.end):
                 if item.type == b"\xa9des" and description is None:
                     description = _intl_text(moov[item.start : item.end])
+                elif item.type == b"dscp" and description is None:
+                    description = _3gpp_text(moov[item.start : item.end])
                 elif item.type == b"meta":
                     values = _keys_values(moov, item)
                     for key in ("\xa9des", "desc"):
