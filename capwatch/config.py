@@ -42,10 +42,12 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 #: Where text in images comes from: nowhere, the rapidocr package (extra ``capwatch[ocr]``), or Florence-2's <OCR>.
 OcrEngine = Literal["off", "rapidocr", "florence"]
 
-#: Extensions (lower case, no dot) capwatch treats as images by default.
+#: Extensions (lower case, no dot) capwatch looks after by default (images and videos).
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
     "jpg", "jpeg", "jpe", "png", "webp", "tif", "tiff", "heic", "heif", "avif", "gif", "bmp",
     "dng", "cr2", "cr3", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf", "pef", "srw", "x3f", "3fr", "iiq",
+    # videos (decoded with PyAV: pip install 'capwatch[video]')
+    "mp4", "m4v", "mov",
 )
 
 #: Folders that NAS systems and desktop tools fill with thumbnails, never photos of the user.

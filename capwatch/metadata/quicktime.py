@@ -1,9 +1,10 @@
 """QuickTime tags inside a ``moov`` box (read-only): a person's description, the capture date, the frame size.
 
-Descriptions: ``udta/©des`` (QuickTime international text), ``udta/dscp`` (3GPP), ``udta/meta/ilst/©des`` or ``desc`` (iTunes-style, what
-ffmpeg writes into MP4) and ``meta/keys`` + ``ilst`` ``com.apple.quicktime.description`` (what iPhones and Photos
-write). Dates: ``com.apple.quicktime.creationdate`` (local time with its offset), else ``mvhd`` creation time (UTC by
-the specification, which is how exiftool shows it). Size: the first video track's sample description.
+Descriptions: ``udta/©des`` (QuickTime international text), ``udta/dscp`` (3GPP, exiftool's UserData:Description),
+``udta/meta/ilst/©des`` or ``desc`` (iTunes-style, what ffmpeg writes into MP4) and ``meta/keys`` + ``ilst``
+``com.apple.quicktime.description`` (what iPhones and Photos write). Dates: ``com.apple.quicktime.creationdate``
+(local time with its offset), else ``mvhd`` creation time (UTC by the specification, which is how exiftool shows
+it). Size: the first video track's sample description.
 """
 
 from __future__ import annotations

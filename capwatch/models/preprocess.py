@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from capwatch.config import Range, short_repr
 from capwatch.errors import ImageError
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
+from capwatch.models import frames
 from capwatch.models.rawpreview import extract_preview
 
 #: Refuse images with more pixels than this before decoding them (Pillow's own hard limit is 2x its warning
@@ -239,8 +240,11 @@ def load_image(
 
     ``target_size`` (height, width) is the model input size; large JPEGs are draft-decoded down to no less than
     :data:`DRAFT_HEADROOM` times it. Raises ImageError (one line, naming the file) for missing, empty, truncated,
-    unsupported or too large files.
+    unsupported or too large files. A video (MP4/MOV by content, other containers FFmpeg opens by suffix) gives
+    its representative frame, upright (:mod:`capwatch.models.frames`).
     """
+    if _is_video(path):
+        return frames.representative_image(path)
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's global warning threshold.
@@ -344,6 +348,15 @@ def _orient(img: Image.Image) -> Image.Image:
     except (OSError, ValueError, TypeError, KeyError, SyntaxError):
         return img  # unreadable EXIF: caption the pixels as stored rather than fail the image
     return oriented if oriented is not None else img
+
+
+def _is_video(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_SIZE)
+    except OSError:
+        return False  # load_image reports it
+    return frames.is_video(path, head)
 
 
 def _size_or_none(path: Path) -> int | None:
