@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from capwatch.config import Config
+from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
     pass
@@ -112,12 +113,14 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
-                                  "field": hit.field, "snippet": hit.snippet},
+                                  "field": hit.field, "snippet": hit.snippet,
+                                  "media": "video" if is_video_name(hit.path) else "image"},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
-            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
+            kind = "  (video)" if is_video_name(hit.path) else ""
+            out.write(f"{hit.path}{kind}\n    {hit.highlighted or hit.caption}\n")
             if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
@@ -200,14 +203,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
         with _open_index(config, readonly=True) as index:
             stats = index.stats()
         images, captioned, size = stats.images, stats.captioned, stats.size_bytes
+        videos, videos_captioned = stats.videos, stats.videos_captioned
         by_status, by_source = stats.by_status, stats.by_source
         errors = [{"path": e.path, "error": e.error, "at": e.updated_at} for e in stats.last_errors]
     else:
-        images = captioned = size = 0
+        images = captioned = size = videos = videos_captioned = 0
         by_status, by_source, errors = {}, {}, []
     payload = {
         "images": images, "captioned": captioned, "pending": int(by_status.get("pending", 0)),
         "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
+        # Of "images": the videos, and how many of them have a caption.
+        "videos": videos, "videos_captioned": videos_captioned,
         "by_status": by_status, "by_source": by_source, "last_errors": errors,
         # While a daemon runs, the model is the one it runs (its configuration may not be ours).
         "index": str(index_path), "index_bytes": size,
@@ -227,7 +233,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
                else f"index      {index_path} (not created yet: run `capwatch scan DIR`)")
     click.echo(f"model      {_running_model(live, _model_label(config)) if live else payload['model']}")
-    click.echo(f"images     {images}")
+    click.echo(f"images     {images}" + (f"  (videos {videos}, {videos_captioned} captioned)" if videos else ""))
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
                f"embedded {by_source.get('embedded', 0)})")
     click.echo(f"pending    {payload['pending']}")

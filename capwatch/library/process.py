@@ -28,6 +28,7 @@ from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot, with_index_only_keywords
+from capwatch.library.videos import describe_other_frames, is_video
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -320,8 +321,8 @@ class Processor:
 
     def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
-        logged in one line and costs only the text)."""
-        if self.text_reader is None:
+        logged in one line and costs only the text). A video's text was read frame by frame already."""
+        if self.text_reader is None or (said.text is not None and is_video(job.path, job.snap.metadata.format)):
             return said
         try:
             return replace(said, text=self.text_reader.read_file(Path(job.path)))
@@ -417,7 +418,17 @@ class Processor:
         said: list[Described | str | ImageError] = [
             Described(d.caption.text if d.caption is not None else "", d.keywords if keywords else None, d.text)
             for d in descriptions]
+        for number, ((_, job), described) in enumerate(zip(ready, said, strict=True)):
+            if isinstance(described, Described) and is_video(job.path, job.snap.metadata.format):
+                said[number] = self._video_frames(job, described)
         return results + self.complete(ready, said)
+
+    def _video_frames(self, job: _Job, said: Described) -> Described | ImageError:
+        """A video's description with the keywords and text of its other chosen frames merged in."""
+        try:
+            return describe_other_frames(Path(job.path), said, self.captioner, self.describe, self.text_reader)
+        except ImageError as exc:
+            return exc
 
     def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file

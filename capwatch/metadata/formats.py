@@ -12,6 +12,15 @@ AVIF_BRANDS = frozenset({b"avif", b"avis"})
 #: The first box of a QuickTime file written before ``ftyp`` existed.
 QUICKTIME_FIRST_BOXES = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
 VIDEO_FORMATS = frozenset({"mp4", "mov"})
+#: Suffixes (lower case, no dot) of the video containers capwatch decodes (MP4/MOV are also told by content; the
+#: others FFmpeg opens, and their captions go into sidecars).
+VIDEO_SUFFIXES = frozenset({"mp4", "m4v", "mov", "3gp", "mkv", "webm", "avi", "mts", "m2ts"})
+
+
+def is_video_name(name: str) -> bool:
+    """True when the file name ``name`` has a video suffix (VIDEO_SUFFIXES, any case)."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot + 1 :].lower() in VIDEO_SUFFIXES
 
 #: How many leading bytes ``detect_format`` wants.
 HEAD_SIZE = 64

@@ -7,8 +7,8 @@ there), then turned upright by the stream's display matrix (the rotation phones 
 
 Frames that show nothing are dropped: *black* (mean luma under :data:`BLACK_LUMA`, e.g. the fade-in that makes
 other tools see every video as the same), *flat* (luma standard deviation under :data:`FLAT_STD`: a title card in
-one colour, a lens cap) and *blurred* (variance of the Laplacian under :data:`BLUR_RATIO` of the sharpest sample's:
-motion blur relative to the clip itself, so a soft but steady clip keeps its frames).
+one colour, a lens cap) and *blurred* (variance of the Laplacian under :data:`BLUR_RATIO` of the clip's median: motion
+blur relative to the clip itself, so a soft but steady clip keeps its frames).
 
 The *representative* frame is the medoid of the frames kept: the one whose small colour layout (an 8x8 RGB
 thumbnail) and colour histogram are closest, summed over all others, to the rest of the clip, i.e. the frame that
@@ -20,6 +20,9 @@ embeddings of several moments attach (search by meaning).
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from capwatch.errors import ImageError
+from capwatch.metadata.formats import VIDEO_FORMATS, detect_format, is_video_name
 
 #: Moments sampled over the duration.
 SAMPLES = 8
@@ -41,7 +45,6 @@ BLUR_RATIO = 0.2
 #: Side of the grey image the quality measures run on.
 _MEASURE_SIDE = 256
 
-VIDEO_SUFFIXES = frozenset({"mp4", "m4v", "mov", "3gp", "mkv", "webm", "avi", "mts", "m2ts"})
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,9 @@ def _av() -> Any:
 def is_video(path: Path, head: bytes | None = None) -> bool:
     """True when ``path`` is a video by its content (MP4/MOV) or, for the other containers FFmpeg opens, its
     suffix."""
-    from capwatch.metadata.formats import VIDEO_FORMATS, detect_format
-
     if head is not None and detect_format(head, path.suffix) in VIDEO_FORMATS:
         return True
-    return path.suffix.lower().lstrip(".") in VIDEO_SUFFIXES
+    return is_video_name(path.name)
 
 
 def choose_frames(path: Path, *, samples: int = SAMPLES, extra: int = EXTRA) -> VideoFrames:
@@ -103,14 +104,16 @@ def choose_frames(path: Path, *, samples: int = SAMPLES, extra: int = EXTRA) -> 
 def choose(frames: list[Frame], *, extra: int = EXTRA, duration: float | None = None) -> VideoFrames:
     """The choice of :func:`choose_frames` among decoded ``frames`` (not empty)."""
     rejected: list[tuple[float, str]] = []
-    sharpest = max(f.sharpness for f in frames)
+    visible = [f for f in frames if f.usable]
+    # The median, not the sharpest: one frame of noise or confetti would make every other frame look blurred.
+    typical = float(np.median([f.sharpness for f in visible])) if visible else 0.0
     kept: list[Frame] = []
     for frame in frames:
         if frame.luma < BLACK_LUMA:
             rejected.append((frame.at, "black"))
         elif frame.contrast < FLAT_STD:
             rejected.append((frame.at, "flat"))
-        elif sharpest > 0 and frame.sharpness < BLUR_RATIO * sharpest:
+        elif typical > 0 and frame.sharpness < BLUR_RATIO * typical:
             rejected.append((frame.at, "blurred"))
         else:
             kept.append(frame)
@@ -209,7 +212,42 @@ def _duration(container: Any, stream: Any) -> float | None:
     return None
 
 
+class FrameCache:
+    """The last few :func:`choose_frames` results, by file identity (device, inode, size, mtime, ctime): the caption,
+    the keywords of the other frames and the OCR of the same video decode it once. Thread-safe."""
+
+    def __init__(self, entries: int = 4) -> None:
+        self._entries = entries
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, ...], VideoFrames] = OrderedDict()
+
+    def get(self, path: Path) -> VideoFrames:
+        """:func:`choose_frames` of ``path``, reused while the file is unchanged. Raises ImageError."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ImageError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise ImageError(f"{path}: {exc.strerror or exc}") from None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
+        chosen = choose_frames(path)
+        with self._lock:
+            self._cache[key] = chosen
+            while len(self._cache) > self._entries:
+                self._cache.popitem(last=False)
+        return chosen
+
+
+#: One per process: decoding is the expensive part, and the callers (captioner, OCR, thumbnails) share files.
+FRAMES = FrameCache()
+
+
 def representative_image(path: Path) -> Image.Image:
     """The upright RGB image of the video's representative frame (what is captioned and shown as its poster).
     Raises ImageError."""
-    return choose_frames(path, extra=0).representative.image
+    return FRAMES.get(path).representative.image.copy()
