@@ -17,11 +17,13 @@ would not fit in 32 bits are refused when something would move (EmbedNotSafe: a 
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, read_exact
+from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, read_exact
+from capwatch.metadata.formats import HEAD_SIZE, VIDEO_FORMATS, detect_format
 from capwatch.metadata.jpeg import EmbedNotSafe
 from capwatch.metadata.quicktime import QuickTimeTags, read_tags
 
@@ -152,6 +154,24 @@ def read_video(src: ByteSource) -> VideoMetadata:
         xmp = layout.udta_xmp
     tags = read_tags(layout.moov_data)
     return VideoMetadata(xmp, tags, tags.width, tags.height)
+
+
+def looks_complete(path: str | os.PathLike[str]) -> bool:
+    """False while an MP4/MOV file is still being written: its top-level boxes do not reach its end, or it has
+    no ``moov`` yet (a recorder or copy writes the media first). True for every other file (also unreadable ones:
+    their error belongs to whoever reads them next). Reads only box headers."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_SIZE)
+            if detect_format(head, os.fspath(path).rpartition(".")[2]) not in VIDEO_FORMATS:
+                return True
+            src = FileSource(f, os.fstat(f.fileno()).st_size)
+            boxes, end = parse_boxes(src, 0, src.size, "top-level box")
+    except CorruptError:
+        return False
+    except OSError:
+        return True
+    return end == src.size and any(b.type == b"moov" for b in boxes)
 
 
 # -- chunk offsets -------------------------------------------------------------------------------------------------
