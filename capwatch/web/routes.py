@@ -27,9 +27,11 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats
+from capwatch.metadata.formats import is_video_name
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import MAX_CAPTION, CaptionerSlot, EditRefused, save_person_caption
+from capwatch.web.media import open_regular, ranged_response
 from capwatch.web.security import csrf_ok, servable
 from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, ThumbnailCache, cache_key
 
@@ -68,6 +70,7 @@ def _templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["marked"] = marked
+    env.globals["is_video"] = is_video_name
     return env
 
 
@@ -310,6 +313,22 @@ class Pages:
                 log.warning("thumbnail: %s", exc)
                 return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
         return FileResponse(rendered.path, media_type="image/webp", headers=headers)
+
+    def video(self, request: Request) -> Response:
+        """The video itself, for the photo page's player: whole, or the byte range asked for (see
+        capwatch.web.media); only rows that are videos, opened under the same rules as thumbnails."""
+        with self._index() as index:
+            photo = self._photo(index, int(request.path_params["row_id"]))
+        if photo is None or not is_video_name(photo.record.path):
+            return Response("no such video", status_code=404, media_type="text/plain")
+        try:
+            fd = open_regular(photo.file)
+        except OSError:
+            return Response("the video is gone", status_code=404, media_type="text/plain")
+        st = os.fstat(fd)
+        etag = f'"{cache_key(photo.record.fingerprint, st.st_size, st.st_mtime_ns, 0)}"'
+        return ranged_response(fd, photo.record.path, request.headers.get("range"), request.headers.get("if-range"),
+                               etag)
 
     # -- status ---------------------------------------------------------------------------------------------
 
