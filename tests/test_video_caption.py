@@ -118,3 +118,31 @@ def test_caption_scan_search_status_and_recaption_take_videos(run_cli: CliRunner
     forced = run_cli("--db", db, "--model", MODEL, "recaption", "--before", "2100-01-01", library)
     assert forced.code == 0, forced.err
     assert "(2 videos)" in forced.out
+
+
+def test_the_cluster_sends_a_videos_frame_not_the_video_and_it_captions_the_same(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    import numpy as np
+
+    from capwatch.cluster import FRAME_SUFFIX, _payload
+    from capwatch.config import ModelConfig
+    from capwatch.library.process import Job
+    from capwatch.metadata import read_snapshot
+    from capwatch.models.captioner import open_captioner
+
+    video = make_video(tmp_path / "clip.mov", seconds=3, size="640x480")
+    job = Job(str(video), read_snapshot(video), None, index_only=False, human_skip=False)
+    item = _payload(job)
+    assert item is not None
+    name, data = item
+    assert name == str(video) + FRAME_SUFFIX and data.startswith(b"\x89PNG")
+    # What a worker does with it: decode the bytes under that name's suffix.
+    sent = tmp_path / "worker" / Path(name).name
+    sent.parent.mkdir()
+    sent.write_bytes(data)
+    with open_captioner(MODEL, ModelConfig(dir=MODEL, precision="fp32")) as captioner:
+        assert np.array_equal(captioner.preprocess_file(sent), captioner.preprocess_file(video))
+    # A file that changed since its snapshot is not sent.
+    with open(video, "ab") as f:
+        f.write(b"\x00\x00\x00\x08free")
+    assert _payload(job) is None
