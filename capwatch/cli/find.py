@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from capwatch.config import Config
+from capwatch.library.livephoto import motion_of
 from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
@@ -110,16 +111,19 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         hits = index.search(query, filters, limit=limit, highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
+        motion = motion_of(hit.path)
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
                                   "field": hit.field, "snippet": hit.snippet,
-                                  "media": "video" if is_video_name(hit.path) else "image"},
+                                  "media": "video" if is_video_name(hit.path) else "image",
+                                  # A Live Photo's motion, one asset with the still (None for everything else).
+                                  "pair": str(motion) if motion is not None else None},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
-            kind = "  (video)" if is_video_name(hit.path) else ""
+            kind = "  (video)" if is_video_name(hit.path) else f"  (Live Photo with {motion.name})" if motion else ""
             out.write(f"{hit.path}{kind}\n    {hit.highlighted or hit.caption}\n")
             if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
+from capwatch.library.livephoto import still_of
 from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot, with_index_only_keywords
 from capwatch.library.videos import describe_other_frames, is_video
 from capwatch.metadata import (
@@ -51,6 +52,7 @@ HUMAN_KEPT = "has a description written by a person; kept (use --force to replac
 ALREADY_CAPTIONED = "already captioned by capwatch and unchanged"
 INDEX_ONLY = "has a description written by a person; caption kept in the index only"
 WRITING_OFF = "metadata writing is off (metadata.write = none)"
+LIVE_MOTION = "the motion of a Live Photo: one asset with its still, captioned as"
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,9 @@ class Processor:
         if isinstance(checked, FileOutcome):
             return checked
         spath, st = checked
+        still = None if self.force else still_of(spath)
+        if still is not None and still.suffix.lower().lstrip(".") in self.config.library.extensions:
+            return FileOutcome(Path(spath), None, None, skipped=f"{LIVE_MOTION} {still.name}")
         try:
             snap = read_snapshot(Path(spath))
         except FileChanged as exc:

@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats
+from capwatch.library.livephoto import motion_of
 from capwatch.metadata.formats import is_video_name
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
@@ -71,6 +72,7 @@ def _templates() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined)
     env.filters["marked"] = marked
     env.globals["is_video"] = is_video_name
+    env.globals["motion_of"] = motion_of
     return env
 
 
@@ -313,6 +315,23 @@ class Pages:
                 log.warning("thumbnail: %s", exc)
                 return Response("this photo cannot be decoded", status_code=415, media_type="text/plain")
         return FileResponse(rendered.path, media_type="image/webp", headers=headers)
+
+    def live(self, request: Request) -> Response:
+        """The motion of a Live Photo whose still is this row: the MOV beside it, inside the same roots, opened and
+        streamed as :meth:`video` does."""
+        with self._index() as index:
+            photo = self._photo(index, int(request.path_params["row_id"]))
+        motion = motion_of(photo.record.path) if photo is not None else None
+        real = servable(str(motion), self.roots) if motion is not None else None
+        if photo is None or motion is None or real is None:
+            return Response("no such Live Photo", status_code=404, media_type="text/plain")
+        try:
+            fd = open_regular(real)
+        except OSError:
+            return Response("the Live Photo's motion is gone", status_code=404, media_type="text/plain")
+        st = os.fstat(fd)
+        etag = f'"{cache_key(None, st.st_size, st.st_mtime_ns, st.st_ino)}"'
+        return ranged_response(fd, str(motion), request.headers.get("range"), request.headers.get("if-range"), etag)
 
     def video(self, request: Request) -> Response:
         """The video itself, for the photo page's player: whole, or the byte range asked for (see
