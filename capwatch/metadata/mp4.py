@@ -416,9 +416,6 @@ def _assemble(src: ByteSource, layout: Layout, items: list[_Item], moov_index: i
             parts.append((item.old.offset, item.old.size))
         else:
             parts.append(item.data)
-    if moved and items[moov_index].old is not None:
-        # moov itself copied but media moved: the patched moov replaces the copy (same size).
-        moves = [m for m in moves if m[0] != layout.moov.offset]
     if fixed_last is not None:
         last, head = fixed_last
         parts.append(head)
