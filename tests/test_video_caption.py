@@ -146,3 +146,15 @@ def test_the_cluster_sends_a_videos_frame_not_the_video_and_it_captions_the_same
     with open(video, "ab") as f:
         f.write(b"\x00\x00\x00\x08free")
     assert _payload(job) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_named_like_a_video_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    from capwatch.errors import ImageError
+
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        choose_frames(fifo)

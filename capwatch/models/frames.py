@@ -21,11 +21,12 @@ embeddings of several moments attach (search by meaning).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -171,7 +172,7 @@ def sample_frames(path: Path, samples: int = SAMPLES) -> tuple[list[Frame], floa
     if av is None:
         raise ImageError(f"{path}: videos need PyAV: pip install 'capwatch[video]'")
     try:
-        with av.open(str(path), mode="r") as container:
+        with open_regular_file(path) as handle, av.open(handle, mode="r") as container:
             if not container.streams.video:
                 raise ImageError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -202,6 +203,20 @@ def sample_frames(path: Path, samples: int = SAMPLES) -> tuple[list[Frame], floa
     if not frames:
         raise ImageError(f"{path}: no frame could be decoded")
     return frames, duration
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading without blocking (a FIFO swapped in for a video opens at once) and kept only
+    when it is a regular file; FFmpeg then reads from this descriptor, not from the name. Raises ImageError for
+    anything else, FileNotFoundError when it is gone, OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def _duration(container: Any, stream: Any) -> float | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -351,11 +353,19 @@ def _orient(img: Image.Image) -> Image.Image:
 
 
 def _is_video(path: Path) -> bool:
+    # Opened without blocking: a FIFO named like a photo must not hang the look at its first bytes.
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(HEAD_SIZE)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False  # load_image reports it
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, HEAD_SIZE)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return frames.is_video(path, head)
 
 
