@@ -158,3 +158,18 @@ def test_a_fifo_named_like_a_video_is_refused_at_once_not_waited_on(tmp_path: Pa
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match="not a regular file"):
         choose_frames(fifo)
+
+
+def test_frames_are_decoded_from_a_given_descriptor_whatever_the_name_leads_to_now(tmp_path: Path) -> None:
+    import os
+
+    video = _concat(tmp_path / "fade.mp4", "color=c=black", "testsrc")
+    fd = os.open(video, os.O_RDONLY)
+    try:
+        video.unlink()
+        video.write_bytes(b"not a video any more")
+        chosen = choose_frames(video, fd=fd)
+        assert chosen.representative.luma > BLACK_LUMA and chosen.sampled >= 2
+        os.fstat(fd)  # still the caller's, still open
+    finally:
+        os.close(fd)

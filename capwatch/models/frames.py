@@ -94,11 +94,12 @@ def is_video(path: Path, head: bytes | None = None) -> bool:
     return is_video_name(path.name)
 
 
-def choose_frames(path: Path, *, samples: int = SAMPLES, extra: int = EXTRA) -> VideoFrames:
+def choose_frames(path: Path, *, samples: int = SAMPLES, extra: int = EXTRA, fd: int | None = None) -> VideoFrames:
     """Decode ``samples`` moments of the video at ``path`` and choose the representative frame and ``extra``
-    others (see the module docstring). Raises ImageError (one line, naming the file) when PyAV is missing or the
-    file cannot be decoded or has no video stream."""
-    frames, duration = sample_frames(path, samples)
+    others (see the module docstring). ``fd``: decode from this open descriptor (the caller's, left open) instead
+    of opening ``path``, which then only names the file in messages. Raises ImageError (one line, naming the
+    file) when PyAV is missing or the file cannot be decoded or has no video stream."""
+    frames, duration = sample_frames(path, samples, fd=fd)
     return choose(frames, extra=extra, duration=duration)
 
 
@@ -165,14 +166,15 @@ def _to_image(frame: Any) -> Image.Image:
     return image
 
 
-def sample_frames(path: Path, samples: int = SAMPLES) -> tuple[list[Frame], float | None]:
+def sample_frames(path: Path, samples: int = SAMPLES, *, fd: int | None = None
+                  ) -> tuple[list[Frame], float | None]:
     """The frames at ``samples`` moments spread over the video (one per keyframe found; at least one) and the
     duration in seconds (None when unknown). Raises ImageError."""
     av = _av()
     if av is None:
         raise ImageError(f"{path}: videos need PyAV: pip install 'capwatch[video]'")
     try:
-        with open_regular_file(path) as handle, av.open(handle, mode="r") as container:
+        with open_regular_file(path, fd) as handle, av.open(handle, mode="r") as container:
             if not container.streams.video:
                 raise ImageError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -205,11 +207,16 @@ def sample_frames(path: Path, samples: int = SAMPLES) -> tuple[list[Frame], floa
     return frames, duration
 
 
-def open_regular_file(path: Path) -> BinaryIO:
+def open_regular_file(path: Path, given: int | None = None) -> BinaryIO:
     """``path`` opened for reading without blocking (a FIFO swapped in for a video opens at once) and kept only
-    when it is a regular file; FFmpeg then reads from this descriptor, not from the name. Raises ImageError for
-    anything else, FileNotFoundError when it is gone, OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    when it is a regular file; FFmpeg then reads from this descriptor, not from the name. ``given``: use a
+    duplicate of this descriptor instead of opening ``path``. Raises ImageError for anything else,
+    FileNotFoundError when it is gone, OSError otherwise."""
+    if given is not None:
+        fd = os.dup(given)
+        os.lseek(fd, 0, os.SEEK_SET)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ImageError(f"{path}: not a regular file")
