@@ -111,3 +111,46 @@ def test_a_motion_photos_embedded_video_survives_the_caption_write(tmp_path: Pat
     embedded.write_bytes(data[len(data) - offset :])
     assert framemd5(embedded) == framemd5(clip)
     assert exiftool("-s3", "-XMP-dc:Description", motion_photo).strip() == "a fractal"
+
+
+def _apple_still(path: Path, content_id: str) -> Path:
+    """A JPEG as an iPhone writes it, as far as pairing goes: Make Apple and an Apple iOS MakerNote holding the
+    content identifier (tag 0x0011; exiftool 12.57 calls it MediaGroupUUID)."""
+    import struct
+
+    value = content_id.encode("ascii") + b"\x00"
+    note = b"Apple iOS\x00" + b"\x00\x01" + b"MM"
+    note += struct.pack(">H", 1) + struct.pack(">HHII", 0x0011, 2, len(value), 14 + 2 + 12 + 4)
+    note += struct.pack(">I", 0) + value
+    exif = Image.Exif()
+    exif[0x010F] = "Apple"
+    exif.get_ifd(0x8769)[0x927C] = note
+    Image.effect_mandelbrot((320, 240), (-2, -1.2, 1, 1.2), 50).convert("RGB").save(path, exif=exif, quality=90)
+    return path
+
+
+def test_a_live_photo_renamed_apart_pairs_by_its_content_identifier(run_cli: CliRunner, tmp_path: Path) -> None:
+    import subprocess
+
+    from capwatch.metadata import read_metadata
+
+    library = tmp_path / "library"
+    library.mkdir()
+    uuid = "5A2B7C3D-1E2F-4A5B-8C9D-0E1F2A3B4C5D"
+    still = _apple_still(library / "Beach day.jpg", uuid)
+    plain = make_video(tmp_path / "plain.mov", seconds=1)
+    motion = library / "IMG_0001 (export).mov"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(plain), "-c", "copy", "-movflags", "use_metadata_tags",
+                    "-metadata", f"com.apple.quicktime.content.identifier={uuid}", str(motion)], check=True)
+    other = make_video(library / "other.mov", seconds=1)
+    # The independent reader sees the same identifier on both sides.
+    assert uuid in exiftool("-s3", "-Apple:all", still) and uuid in exiftool("-s3", "-Keys:ContentIdentifier", motion)
+    assert read_metadata(still).content_identifier == uuid == read_metadata(motion).content_identifier
+    motion_bytes = motion.read_bytes()
+    db = tmp_path / "index.db"
+    result = run_cli("--db", db, "--model", MODEL, "scan", library)
+    assert result.code == 0, result.err
+    with Index.open(db, readonly=True) as index:
+        assert sorted(Path(r.path).name for r in index.iter_records(library)) == ["Beach day.jpg", "other.mov"]
+    assert motion.read_bytes() == motion_bytes
+    assert exiftool("-s3", "-XMP-dc:Description", other).strip()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
-from capwatch.library.livephoto import still_of
+from capwatch.library.livephoto import still_by_content, still_of
 from capwatch.library.scan import is_utf8_path, printable_path, record_from_snapshot, with_index_only_keywords
 from capwatch.library.videos import describe_other_frames, is_video
 from capwatch.metadata import (
@@ -381,6 +381,15 @@ class Processor:
         except CapwatchError as exc:
             return self._fail(spath, str(exc), st)
         previous = self.index.get(spath) if self.index is not None else None
+        if not self.force and still is None and snap.metadata.content_identifier and \
+                snap.metadata.format in ("mp4", "mov"):
+            paired = still_by_content(spath, snap.metadata.content_identifier, self.config.library.extensions,
+                                      _content_identifier)
+            if paired is not None:
+                # One asset with its still: not a row of its own (a scan's walk may just have added one).
+                if previous is not None and self.index is not None and not self.dry_run:
+                    self.index.remove(spath)
+                return FileOutcome(Path(spath), None, None, skipped=f"{LIVE_MOTION} {paired.name}")
         desc = snap.metadata.description
         if skip_captioned and not self.force:
             if desc is not None and desc.kind == "ours":
@@ -515,6 +524,14 @@ class Processor:
             self.index.upsert(record)
         return FileOutcome(path, text, self.captioner.model_id,
                            skipped=INDEX_ONLY if job.index_only else WRITING_OFF)
+
+
+def _content_identifier(path: Path) -> str | None:
+    """A still's Apple content identifier, or None (also when it cannot be read)."""
+    try:
+        return read_snapshot(path).metadata.content_identifier
+    except CapwatchError:
+        return None
 
 
 def recover_writes(logger: logging.Logger) -> None:

@@ -19,6 +19,7 @@ from capwatch.metadata.binary import CorruptError
 _EPOCH_1904 = datetime.datetime(1904, 1, 1)
 _DESCRIPTION_KEYS = ("com.apple.quicktime.description",)
 _DATE_KEYS = ("com.apple.quicktime.creationdate",)
+CONTENT_IDENTIFIER_KEY = "com.apple.quicktime.content.identifier"
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def read_tags(moov: bytes) -> QuickTimeTags:
     mvhd_date: str | None = None
     duration: float | None = None
     width = height = None
+    keyed: dict[str, str] = {}
     for box in _boxes(moov, tops[0].start, tops[0].end):
         if box.type == b"mvhd" and box.end - box.start >= 20:
             version = moov[box.start]
@@ -165,22 +167,24 @@ def read_tags(moov: bytes) -> QuickTimeTags:
                 elif item.type == b"dscp" and description is None:
                     description = _3gpp_text(moov[item.start : item.end])
                 elif item.type == b"meta":
-                    values = _keys_values(moov, item)
-                    for key in ("\xa9des", "desc"):
-                        if description is None and values.get(key):
-                            description = values[key]
+                    # iTunes-style items, or Apple's Keys (ffmpeg writes them here with use_metadata_tags)
+                    for key, value in _keys_values(moov, item).items():
+                        keyed.setdefault(key, value)
         elif box.type == b"meta":
-            values = _keys_values(moov, box)
-            for key in _DESCRIPTION_KEYS:
-                if values.get(key):
-                    description = values[key]  # Apple's Keys win over udta
-            for key in _DATE_KEYS:
-                match = _KEYS_DATE.match(values.get(key, ""))
-                if match:
-                    taken_at = "{}-{}-{}T{}:{}:{}".format(*match.groups())
-            content_id = values.get("com.apple.quicktime.content.identifier", content_id)
+            for key, value in _keys_values(moov, box).items():
+                keyed[key] = value  # moov/meta (where iPhones write) wins over a copy in udta
         elif box.type == b"trak" and width is None:
             width, height = _video_size(moov, box)
+    for key in _DESCRIPTION_KEYS:
+        if keyed.get(key):
+            description = keyed[key]  # Apple's Keys win over udta text
+    if description is None:
+        description = keyed.get("\xa9des") or keyed.get("desc") or None
+    for key in _DATE_KEYS:
+        match = _KEYS_DATE.match(keyed.get(key, ""))
+        if match:
+            taken_at = "{}-{}-{}T{}:{}:{}".format(*match.groups())
+    content_id = keyed.get(CONTENT_IDENTIFIER_KEY) or None
     return QuickTimeTags(description, taken_at or mvhd_date, width, height, content_id, duration)
 
 

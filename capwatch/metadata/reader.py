@@ -46,6 +46,8 @@ class Embedded:
     quicktime_description: str | None = None
     #: A video's capture time from its QuickTime tags (local 'YYYY-MM-DDTHH:MM:SS').
     quicktime_date: str | None = None
+    #: A video's Apple content identifier (Keys), which pairs it with its Live Photo still.
+    quicktime_content_id: str | None = None
     width: int | None = None
     height: int | None = None
     has_extended_xmp: bool = False
@@ -115,6 +117,7 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         v = mp4.read_video(src)
         emb.xmp, emb.width, emb.height = v.xmp, v.width, v.height
         emb.quicktime_description, emb.quicktime_date = v.tags.description, v.tags.taken_at
+        emb.quicktime_content_id = v.tags.content_identifier
     elif fmt == "gif":
         head = src.read_at(0, 10)
         if len(head) == 10:
@@ -404,6 +407,7 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         keywords=keywords,
         model_keywords=model_keywords,
         ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
+        content_identifier=emb.quicktime_content_id or (emb.tiff.content_identifier if emb.tiff else None),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 

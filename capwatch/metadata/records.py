@@ -57,6 +57,8 @@ class FileMetadata:
     keywords: tuple[str, ...] = ()
     model_keywords: tuple[str, ...] = ()
     ocr_text: str | None = None
+    #: Apple's content identifier: a Live Photo's still (MakerNote) and its MOV (Keys) carry the same one.
+    content_identifier: str | None = None
 
     @property
     def human_keywords(self) -> tuple[str, ...]:
