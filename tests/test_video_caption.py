@@ -170,6 +170,9 @@ def test_frames_are_decoded_from_a_given_descriptor_whatever_the_name_leads_to_n
         video.write_bytes(b"not a video any more")
         chosen = choose_frames(video, fd=fd)
         assert chosen.representative.luma > BLACK_LUMA and chosen.sampled >= 2
+        from capwatch.models.frames import representative_image
+
+        assert representative_image(video, fd=fd).tobytes() == chosen.representative.image.tobytes()
         os.fstat(fd)  # still the caller's, still open
     finally:
         os.close(fd)

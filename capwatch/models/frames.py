@@ -243,10 +243,11 @@ class FrameCache:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, ...], VideoFrames] = OrderedDict()
 
-    def get(self, path: Path) -> VideoFrames:
-        """:func:`choose_frames` of ``path``, reused while the file is unchanged. Raises ImageError."""
+    def get(self, path: Path, *, fd: int | None = None) -> VideoFrames:
+        """:func:`choose_frames` of ``path`` (or of the open descriptor ``fd``, which ``path`` then only names),
+        reused while the file is unchanged. Raises ImageError."""
         try:
-            st = os.stat(path)
+            st = os.fstat(fd) if fd is not None else os.stat(path)
         except FileNotFoundError:
             raise ImageError(f"{path}: file not found") from None
         except OSError as exc:
@@ -257,7 +258,7 @@ class FrameCache:
             if found is not None:
                 self._cache.move_to_end(key)
                 return found
-        chosen = choose_frames(path)
+        chosen = choose_frames(path, fd=fd)
         with self._lock:
             self._cache[key] = chosen
             while len(self._cache) > self._entries:
@@ -269,7 +270,7 @@ class FrameCache:
 FRAMES = FrameCache()
 
 
-def representative_image(path: Path) -> Image.Image:
-    """The upright RGB image of the video's representative frame (what is captioned and shown as its poster).
-    Raises ImageError."""
-    return FRAMES.get(path).representative.image.copy()
+def representative_image(path: Path, *, fd: int | None = None) -> Image.Image:
+    """The upright RGB image of the video's representative frame (what is captioned and shown as its poster),
+    decoded from ``fd`` when given (``path`` then only names the file). Raises ImageError."""
+    return FRAMES.get(path, fd=fd).representative.image.copy()
