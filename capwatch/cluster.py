@@ -483,6 +483,40 @@ def _read_bytes(job: Job) -> bytes | None:
     return data if job.snap.identity.matches_stat(st) else None
 
 
+#: What a video's frame is sent as: the file name it is decoded under on the worker (the suffix picks the decoder).
+FRAME_SUFFIX = "#frame.png"
+
+
+def _payload(job: Job) -> tuple[str, bytes] | None:
+    """What is sent for one file: the name the worker decodes it under and its bytes. For a video, its
+    representative frame as a lossless PNG (a few hundred KB instead of the whole video; the frame is chosen here,
+    where the file is); for anything else the file itself. None when the file is no longer the one the snapshot
+    describes."""
+    from capwatch.library.videos import is_video
+
+    if not is_video(job.path, job.snap.metadata.format):
+        data = _read_bytes(job)
+        return None if data is None else (job.path, data)
+    import io
+
+    from capwatch.models.frames import representative_image
+
+    try:
+        if not job.snap.identity.matches_stat(os.stat(job.path)):
+            return None
+        image = representative_image(Path(job.path))
+        if not job.snap.identity.matches_stat(os.stat(job.path)):
+            return None
+    except OSError:
+        return None
+    except ImageError:
+        data = _read_bytes(job)  # the worker meets the same error and reports it as any undecodable file
+        return None if data is None else (job.path, data)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return job.path + FRAME_SUFFIX, buffer.getvalue()
+
+
 def caption_on_cluster(
     client: Client,
     processor: Processor,
@@ -534,12 +568,12 @@ def caption_on_cluster(
         items: list[tuple[str, bytes]] = []
         ready: list[tuple[int, Job]] = []
         for position, job in jobs:
-            data = _read_bytes(job)
-            if data is None:
+            item = _payload(job)
+            if item is None:
                 early.append(FileOutcome(Path(job.path), None, None, changed=True,
                                          skipped=f"{job.path}: changed while it was being read"))
             else:
-                items.append((job.path, data))
+                items.append(item)
                 ready.append((position, job))
         if ready:
             # The bytes travel inside the task (not scattered): if its worker dies, the scheduler still has them

@@ -36,15 +36,19 @@ Provider = Literal["cpu", "cuda", "tensorrt", "rocm", "migraphx", "openvino", "d
 CaptionLength = Literal["short", "detailed", "paragraph"]
 WriteMode = Literal["embedded", "sidecar", "both", "none"]
 ExistingPolicy = Literal["keep", "overwrite"]
+#: Where a video's caption goes when metadata.write embeds: into the file's XMP box, or a NAME.EXT.xmp sidecar.
+VideoWriteMode = Literal["embedded", "sidecar"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 #: Where text in images comes from: nowhere, the rapidocr package (extra ``capwatch[ocr]``), or Florence-2's <OCR>.
 OcrEngine = Literal["off", "rapidocr", "florence"]
 ServeAuth = Literal["token", "none"]
 
-#: Extensions (lower case, no dot) capwatch treats as images by default.
+#: Extensions (lower case, no dot) capwatch looks after by default (images and videos).
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
     "jpg", "jpeg", "jpe", "png", "webp", "tif", "tiff", "heic", "heif", "avif", "gif", "bmp",
     "dng", "cr2", "cr3", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf", "pef", "srw", "x3f", "3fr", "iiq",
+    # videos (decoded with PyAV: pip install 'capwatch[video]')
+    "mp4", "m4v", "mov",
 )
 
 #: Folders that NAS systems and desktop tools fill with thumbnails, never photos of the user.
@@ -220,6 +224,9 @@ class MetadataConfig:
     write_text: bool = False
     #: Most keywords the model adds per image (largest objects first).
     max_keywords: Annotated[int, Range(0, 200)] = 10
+    #: Videos (MP4/MOV): "embedded" writes the XMP where exiftool puts it (media data byte-identical), "sidecar"
+    #: always writes NAME.EXT.xmp instead.
+    video: VideoWriteMode = "embedded"
 
 
 @dataclass(frozen=True)

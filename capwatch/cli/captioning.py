@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from capwatch.config import Config
+from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
     from capwatch.config import RootConfig
@@ -481,6 +482,8 @@ def recaption(ctx: click.Context, dirs: tuple[Path, ...], model_changed: bool, f
         finally:
             captioner.close()
     summary = f"{len(chosen_paths)} files: {tally.captioned} captioned again"
+    if videos := sum(is_video_name(p.name) for p in chosen_paths):
+        summary = f"{len(chosen_paths)} files ({videos} videos): {tally.captioned} captioned again"
     if tally.unchanged:
         summary += f", {tally.unchanged} unchanged (the same caption)"
     if tally.kept:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from capwatch.config import Config
+from capwatch.library.livephoto import motion_of
+from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
     pass
@@ -110,17 +112,22 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         hits = index.search(query, filters, limit=limit, highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
+        motion = motion_of(hit.path)
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
                                   "date": hit.date, "date_from": hit.date_from,
-                                  "field": hit.field, "snippet": hit.snippet},
+                                  "field": hit.field, "snippet": hit.snippet,
+                                  "media": "video" if is_video_name(hit.path) else "image",
+                                  # A Live Photo's motion, one asset with the still (None for everything else).
+                                  "pair": str(motion) if motion is not None else None},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
+            kind = "  (video)" if is_video_name(hit.path) else f"  (Live Photo with {motion.name})" if motion else ""
             # A file without a caption yet (matched by its path, keywords or text) gets no empty line.
-            out.write(f"{hit.path}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
+            out.write(f"{hit.path}{kind}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
             if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
@@ -228,14 +235,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
         with _open_index(config, readonly=True) as index:
             stats = index.stats()
         images, captioned, size = stats.images, stats.captioned, stats.size_bytes
+        videos, videos_captioned = stats.videos, stats.videos_captioned
         by_status, by_source = stats.by_status, stats.by_source
         errors = [{"path": e.path, "error": e.error, "at": e.updated_at} for e in stats.last_errors]
     else:
-        images = captioned = size = 0
+        images = captioned = size = videos = videos_captioned = 0
         by_status, by_source, errors = {}, {}, []
     payload = {
         "images": images, "captioned": captioned, "pending": int(by_status.get("pending", 0)),
         "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
+        # Of "images": the videos, and how many of them have a caption.
+        "videos": videos, "videos_captioned": videos_captioned,
         "by_status": by_status, "by_source": by_source, "last_errors": errors,
         # While a daemon runs, the model is the one it runs (its configuration may not be ours).
         "index": str(index_path), "index_bytes": size,
@@ -255,7 +265,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"index      {index_path} ({_human_bytes(size)})" if index_path.exists()
                else f"index      {index_path} (not created yet: run `{_scan_hint(ctx)}`)")
     click.echo(f"model      {_running_model(live, _model_label(config)) if live else payload['model']}")
-    click.echo(f"images     {images}")
+    click.echo(f"images     {images}" + (f"  (videos {videos}, {videos_captioned} captioned)" if videos else ""))
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
                f"embedded {by_source.get('embedded', 0)})")
     click.echo(f"pending    {payload['pending']}")

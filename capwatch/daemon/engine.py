@@ -24,6 +24,7 @@ from capwatch.daemon.settle import FileState, Settler
 from capwatch.daemon.watcher import Watcher, WatchEvent
 from capwatch.errors import ModelError
 from capwatch.library.index import Index, normalise_path
+from capwatch.metadata.mp4 import looks_complete
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ class Engine:
     # -- control: events -> settler -> queue; moves and deletions ------------------------------------------
 
     def _control_loop(self) -> None:
-        settler = Settler(self.config.watch.settle_seconds, clock=time.monotonic)
+        settler = Settler(self.config.watch.settle_seconds, clock=time.monotonic, complete=looks_complete)
         deletions: dict[Path, tuple[float, Path, bool]] = {}  # path -> (due, root, is_dir)
         delay = max(1.0, self.config.watch.settle_seconds)
         index = self._open_index()

@@ -7,7 +7,10 @@ small entry per such path and says a path is *ready* when either
 * the writer closed it (``IN_CLOSE_WRITE``) or it was renamed into place, and nothing changed it for a short
   grace period afterwards (the fast path: ``cp``, atomic saves, our own writes), or
 * its size and mtime have not changed for ``settle_seconds`` (the general rule; the only one on a polling
-  observer, which sees no close events).
+  observer, which sees no close events),
+
+and, when the owner passes a ``complete`` check, the file's structure says it is whole (a large video copied over a
+slow share stalls longer than ``settle_seconds``; until its boxes reach its end, it keeps waiting).
 
 Names that copy tools, browsers and editors use for unfinished files (``.part``, ``.crdownload``, ``.tmp``,
 rsync's ``.name.XXXXXX``, our own metadata temp files) are never settled: the final rename produces an
@@ -96,6 +99,8 @@ class Settler:
         clock: Callable[[], float],
         close_grace_seconds: float | None = None,
         temp_name: Callable[[str], bool] = is_temp_name,
+        complete: Callable[[Path], bool] | None = None,
+        incomplete_patience_seconds: float = 600.0,
     ) -> None:
         self._settle = max(0.0, settle_seconds)
         # After a close-after-write or a rename into place, wait a little for a follow-up write (cp -p sets
@@ -104,6 +109,11 @@ class Settler:
         self._grace = default_grace if close_grace_seconds is None else max(0.0, close_grace_seconds)
         self._clock = clock
         self._temp_name = temp_name
+        # A file can be quiet and still unfinished: a copy of a large video that stalls on a slow network share.
+        # ``complete`` (a look at its structure, e.g. an MP4 whose boxes do not reach its end yet) keeps it waiting,
+        # for at most ``incomplete_patience_seconds`` of quiet; then it is handed on and fails as what it is.
+        self._complete = complete
+        self._patience = max(0.0, incomplete_patience_seconds)
         self._entries: dict[Path, _Entry] = {}
 
     def __len__(self) -> int:
@@ -196,6 +206,10 @@ class Settler:
             needed = self._grace if entry.closed else self._settle
             if quiet_for + 1e-9 < needed:
                 entry.check_at = max(entry.stable_since, entry.last_event) + needed
+                continue
+            if self._complete is not None and quiet_for < self._patience and not self._complete(path):
+                entry.closed = False
+                entry.check_at = now + max(self._settle, 1.0)
                 continue
             del self._entries[path]
             if current.size == 0:

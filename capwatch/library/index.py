@@ -28,6 +28,7 @@ from capwatch.errors import IndexUnavailable
 from capwatch.library.access import check_readable, keep_wal_files
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
 from capwatch.library.search import CompiledQuery, ParsedQuery, SearchFilters, Term, cjk_spaced, contains_exact
+from capwatch.metadata.formats import VIDEO_SUFFIXES
 
 Source = Literal["model", "human", "embedded"]
 Status = Literal["pending", "captioned", "described", "error"]
@@ -149,6 +150,10 @@ class IndexStats:
     by_source: dict[str, int]
     last_errors: tuple[ErrorEntry, ...]
     schema_version: int
+    #: Of ``images``: the videos (by suffix, see capwatch.metadata.formats.VIDEO_SUFFIXES) and how many of those
+    #: have a caption.
+    videos: int = 0
+    videos_captioned: int = 0
 
 
 _COLUMNS = [f.name for f in fields(ImageRecord)]
@@ -635,10 +640,14 @@ class Index:
             size = sum(
                 os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal")) if os.path.exists(p)
             )
+            video = " OR ".join(f"lower(path) LIKE '%.{suffix}'" for suffix in sorted(VIDEO_SUFFIXES))
+            videos, videos_captioned = self._conn.execute(
+                f"SELECT count(*), coalesce(sum(caption IS NOT NULL AND caption != ''), 0) FROM images "
+                f"WHERE {video}").fetchone()
             return IndexStats(
                 path=str(self.path), size_bytes=size, images=sum(by_status.values()), captioned=captioned,
                 by_status=by_status, by_source=by_source, last_errors=errors,
-                schema_version=self.schema_version(),
+                schema_version=self.schema_version(), videos=videos, videos_captioned=videos_captioned,
             )
 
         result: IndexStats = self._guard(run)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import ImageRecord, Index, normalise_path
+from capwatch.library.livephoto import still_by_content, still_of
 from capwatch.library.scan import (
     FILLED_KEYWORDS,
     FILLED_TEXT,
@@ -37,6 +38,7 @@ from capwatch.library.scan import (
     with_filled,
     with_index_only_keywords,
 )
+from capwatch.library.videos import describe_other_frames, is_video
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -59,6 +61,7 @@ HUMAN_KEPT = "has a description written by a person; kept (use --force to replac
 ALREADY_CAPTIONED = "already captioned by capwatch and unchanged"
 INDEX_ONLY = "has a description written by a person; caption kept in the index only"
 WRITING_OFF = "metadata writing is off (metadata.write = none)"
+LIVE_MOTION = "the motion of a Live Photo: one asset with its still, captioned as"
 
 
 @dataclass(frozen=True)
@@ -334,8 +337,8 @@ class Processor:
 
     def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
-        logged in one line and costs only the text)."""
-        if self.text_reader is None:
+        logged in one line and costs only the text). A video's text was read frame by frame already."""
+        if self.text_reader is None or (said.text is not None and is_video(job.path, job.snap.metadata.format)):
             return said
         try:
             return replace(said, text=self.text_reader.read_file(Path(job.path)))
@@ -390,6 +393,9 @@ class Processor:
         if isinstance(checked, FileOutcome):
             return checked
         spath, st = checked
+        still = None if self.force else still_of(spath)
+        if still is not None and still.suffix.lower().lstrip(".") in self.config.library.extensions:
+            return FileOutcome(Path(spath), None, None, skipped=f"{LIVE_MOTION} {still.name}")
         try:
             snap = read_snapshot(Path(spath))
         except FileChanged as exc:
@@ -397,6 +403,15 @@ class Processor:
         except CapwatchError as exc:
             return self._fail(spath, str(exc), st)
         previous = self.index.get(spath) if self.index is not None else None
+        if not self.force and still is None and snap.metadata.content_identifier and \
+                snap.metadata.format in ("mp4", "mov"):
+            paired = still_by_content(spath, snap.metadata.content_identifier, self.config.library.extensions,
+                                      _content_identifier)
+            if paired is not None:
+                # One asset with its still: not a row of its own (a scan's walk may just have added one).
+                if previous is not None and self.index is not None and not self.dry_run:
+                    self.index.remove(spath)
+                return FileOutcome(Path(spath), None, None, skipped=f"{LIVE_MOTION} {paired.name}")
         desc = snap.metadata.description
         if skip_captioned and not self.force:
             if desc is not None and desc.kind == "ours":
@@ -439,7 +454,17 @@ class Processor:
         said: list[Described | str | ImageError] = [
             Described(d.caption.text if d.caption is not None else "", d.keywords if keywords else None, d.text)
             for d in descriptions]
+        for number, ((_, job), described) in enumerate(zip(ready, said, strict=True)):
+            if isinstance(described, Described) and is_video(job.path, job.snap.metadata.format):
+                said[number] = self._video_frames(job, described)
         return results + self.complete(ready, said)
+
+    def _video_frames(self, job: _Job, said: Described) -> Described | ImageError:
+        """A video's description with the keywords and text of its other chosen frames merged in."""
+        try:
+            return describe_other_frames(Path(job.path), said, self.captioner, self.describe, self.text_reader)
+        except ImageError as exc:
+            return exc
 
     def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
@@ -526,6 +551,14 @@ class Processor:
         return FileOutcome(path, text, self.captioner.model_id,
                            skipped=INDEX_ONLY if job.index_only else WRITING_OFF, keywords=said.keywords or (),
                            text=said.text)
+
+
+def _content_identifier(path: Path) -> str | None:
+    """A still's Apple content identifier, or None (also when it cannot be read)."""
+    try:
+        return read_snapshot(path).metadata.content_identifier
+    except CapwatchError:
+        return None
 
 
 def recover_writes(logger: logging.Logger) -> None:

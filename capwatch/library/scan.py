@@ -22,6 +22,7 @@ from pathlib import Path
 from capwatch.config import Config, LibraryConfig, RootConfig
 from capwatch.errors import CapwatchError
 from capwatch.library.index import ImageRecord, Index, IndexedState, normalise_path
+from capwatch.library.livephoto import paired_motion_names
 from capwatch.metadata import Description, FileChanged, FileSnapshot, fingerprint_file, is_temp_file, read_snapshot
 from capwatch.metadata.sidecar import EXTENSIONS as SIDECAR_EXTENSIONS
 from capwatch.metadata.sidecar import sidecar_names, signature
@@ -202,9 +203,13 @@ def iter_image_files(root: RootConfig, library: LibraryConfig, *,
             skip(shown, f"{shown}: cannot list this folder: {exc.strerror or exc}")
             continue
         sidecar_entries = {e.name: e for e in entries if e.name.endswith(SIDECAR_EXTENSIONS)}
+        # The motion half of a Live Photo is the still's: not an asset of its own (capwatch.library.livephoto).
+        motions = paired_motion_names([e.name for e in entries], extensions)
         prefix = relative_dir + "/" if relative_dir else ""
         for entry in entries:
             name = entry.name
+            if motions and name in motions:
+                continue
             if not hidden_ok and name[0] == ".":
                 continue
             if not name.isascii() and not is_utf8_path(name):

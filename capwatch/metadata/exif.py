@@ -70,6 +70,8 @@ class TiffInfo:
     width: int | None = None
     height: int | None = None
     dimensions: list[tuple[int, int]] = field(default_factory=list)
+    #: Apple's ContentIdentifier (MakerNote tag 0x0011): the same UUID as the Live Photo's MOV carries.
+    content_identifier: str | None = None
     #: Tags that are present but were not read (a value past the end of the data or over a size cap).
     unread: tuple[str, ...] = ()
 
@@ -140,6 +142,26 @@ def _offsets(src: ByteSource, entry: Entry | None, order: str) -> list[int]:
     return [u32(data, 4 * i, order) for i in range(len(data) // 4)]
 
 
+TAG_MAKER_NOTE = 0x927C
+_APPLE_MAKER = b"Apple iOS\x00"
+
+
+def apple_content_identifier(note: bytes) -> str | None:
+    """Tag 0x0011 (ContentIdentifier) of an Apple iOS MakerNote: "Apple iOS" NUL, version, "MM", then an IFD
+    whose offsets count from the note's start. None for any other or a damaged note. Never raises."""
+    if not note.startswith(_APPLE_MAKER) or note[12:14] != b"MM":
+        return None
+    try:
+        entries, _next = read_ifd(BytesSource(note), 14, ">")
+    except CorruptError:
+        return None
+    for entry in entries:
+        if entry.tag == 0x0011 and entry.type == 2:
+            value = note[entry.value_pos : entry.value_pos + entry.count].split(b"\x00")[0]
+            return value.decode("ascii", errors="replace") or None
+    return None
+
+
 def read_tiff(src: ByteSource) -> TiffInfo:
     """Read IFD0, the EXIF sub-IFD and (for dimensions) SubIFDs of a TIFF structure at offset 0 of ``src``.
 
@@ -179,7 +201,10 @@ def read_tiff(src: ByteSource) -> TiffInfo:
         return value
 
     description = blob(TAG_IMAGE_DESCRIPTION, "EXIF ImageDescription", 1 << 20)
+    maker = exif.get(TAG_MAKER_NOTE)
+    maker_note = _value(src, maker, 1 << 20) if maker is not None else None
     return TiffInfo(
+        content_identifier=apple_content_identifier(maker_note) if maker_note else None,
         order=order,
         image_description=None if description is None else description.rstrip(b"\x00"),
         make=_text(src, by_tag.get(TAG_MAKE)),

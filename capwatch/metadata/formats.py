@@ -9,6 +9,19 @@ TIFF_RAW_EXTENSIONS = frozenset(
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"mif2"})
 AVIF_BRANDS = frozenset({b"avif", b"avis"})
 
+#: The first box of a QuickTime file written before ``ftyp`` existed.
+QUICKTIME_FIRST_BOXES = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
+VIDEO_FORMATS = frozenset({"mp4", "mov"})
+#: Suffixes (lower case, no dot) of the video containers capwatch decodes (MP4/MOV are also told by content; the
+#: others FFmpeg opens, and their captions go into sidecars).
+VIDEO_SUFFIXES = frozenset({"mp4", "m4v", "mov", "3gp", "mkv", "webm", "avi", "mts", "m2ts"})
+
+
+def is_video_name(name: str) -> bool:
+    """True when the file name ``name`` has a video suffix (VIDEO_SUFFIXES, any case)."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot + 1 :].lower() in VIDEO_SUFFIXES
+
 #: How many leading bytes ``detect_format`` wants.
 HEAD_SIZE = 64
 
@@ -16,8 +29,9 @@ HEAD_SIZE = 64
 def detect_format(head: bytes, extension: str = "") -> str:
     """Return the container of a file from its first ``HEAD_SIZE`` bytes.
 
-    One of ``jpeg png webp gif tiff heif avif raw bmp unknown``. ``extension`` (without dot, any case) only decides
-    whether a plain TIFF structure is a camera RAW. Never raises.
+    One of ``jpeg png webp gif tiff heif avif raw bmp mp4 mov unknown`` (``mp4``: an ISO base media file with
+    any other brand, e.g. isom, mp42, M4V; ``mov``: QuickTime, brand ``qt  `` or an old file without ``ftyp``).
+    ``extension`` (without dot, any case) only decides whether a plain TIFF structure is a camera RAW. Never raises.
     """
     ext = extension.lower().lstrip(".")
     if head.startswith(b"\xff\xd8\xff"):
@@ -51,7 +65,11 @@ def detect_format(head: bytes, extension: str = "") -> str:
             return "avif"
         if any(compatible[i : i + 4] in HEIF_BRANDS for i in range(0, len(compatible) - 3, 4)):
             return "heif"
-        return "heif" if brand in HEIF_BRANDS else "unknown"
+        if brand in HEIF_BRANDS:
+            return "heif"
+        return "mov" if brand == b"qt  " else "mp4"
+    if len(head) >= 8 and head[4:8] in QUICKTIME_FIRST_BOXES:
+        return "mov"
     if head.startswith(b"BM") and len(head) >= 26:
         return "bmp"
     return "unknown"

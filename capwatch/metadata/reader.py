@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from capwatch.errors import MetadataError
-from capwatch.metadata import exif, iptc, isobmff, jpeg, png, webp
+from capwatch.metadata import exif, iptc, isobmff, jpeg, mp4, png, webp
 from capwatch.metadata import keywords as kw
 from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
 from capwatch.metadata.boilerplate import is_boilerplate
@@ -43,6 +43,12 @@ class Embedded:
     irb: bytes | None = None  # Photoshop IRB
     iim: bytes | None = None  # bare IPTC IIM (TIFF tag 33723)
     text: str | None = None  # PNG Description
+    #: A video's QuickTime description (udta ©des, iTunes desc, Keys com.apple.quicktime.description).
+    quicktime_description: str | None = None
+    #: A video's capture time from its QuickTime tags (local 'YYYY-MM-DDTHH:MM:SS').
+    quicktime_date: str | None = None
+    #: A video's Apple content identifier (Keys), which pairs it with its Live Photo still.
+    quicktime_content_id: str | None = None
     width: int | None = None
     height: int | None = None
     has_extended_xmp: bool = False
@@ -108,6 +114,11 @@ def read_embedded(fmt: str, src: ByteSource) -> Embedded:
         emb.tiff = _tiff_or_none(h.exif, emb)
         emb.xmp, emb.width, emb.height = h.xmp, h.width, h.height
         emb.unread.extend(h.unread)
+    elif fmt in ("mp4", "mov"):
+        v = mp4.read_video(src)
+        emb.xmp, emb.width, emb.height = v.xmp, v.width, v.height
+        emb.quicktime_description, emb.quicktime_date = v.tags.description, v.tags.taken_at
+        emb.quicktime_content_id = v.tags.content_identifier
     elif fmt == "gif":
         head = src.read_at(0, 10)
         if len(head) == 10:
@@ -179,6 +190,8 @@ def _candidates(emb: Embedded, xmp_info: XmpInfo | None, sidecars: list[XmpInfo]
             out.append(_Candidate(text, origin))
     if emb.text and _present(emb.text):
         out.append(_Candidate(emb.text, "png"))
+    if emb.quicktime_description and _present(emb.quicktime_description):
+        out.append(_Candidate(emb.quicktime_description, "quicktime"))
     if emb.tiff and emb.tiff.xp_comment:
         xp = exif.decode_xp(emb.tiff.xp_comment)
         if _present(xp):
@@ -332,7 +345,7 @@ def _taken_at(emb: Embedded, infos: list[XmpInfo]) -> str | None:
             iso = xmp_date_to_iso(value)
             if iso:
                 return iso
-    return None
+    return emb.quicktime_date
 
 
 def read_sidecar(path: Path) -> XmpInfo | None:
@@ -419,6 +432,7 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         model_keywords=model_keywords,
         ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
         description_fields=fields,
+        content_identifier=emb.quicktime_content_id or (emb.tiff.content_identifier if emb.tiff else None),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 

@@ -37,7 +37,8 @@ class Description:
 
     ``kind``: ``ours`` = carries capwatch provenance for exactly this text; ``boilerplate`` = camera/software junk
     ("OLYMPUS DIGITAL CAMERA", the camera model, blank); ``human`` = anything else (never overwritten by default).
-    ``origin``: where the chosen text was found: ``xmp``, ``exif``, ``iptc``, ``sidecar`` or ``png``.
+    ``origin``: where the chosen text was found: ``xmp``, ``exif``, ``iptc``, ``sidecar``, ``png`` or
+    ``quicktime`` (a video's ©des / Keys description).
     """
 
     text: str
@@ -68,6 +69,8 @@ class FileMetadata:
     model_keywords: tuple[str, ...] = ()
     ocr_text: str | None = None
     description_fields: tuple[Description, ...] = ()
+    #: Apple's content identifier: a Live Photo's still (MakerNote) and its MOV (Keys) carry the same one.
+    content_identifier: str | None = None
 
     @property
     def human_keywords(self) -> tuple[str, ...]:

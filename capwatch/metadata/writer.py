@@ -27,9 +27,10 @@ from pathlib import Path
 
 from capwatch.config import MetadataConfig
 from capwatch.errors import MetadataError
-from capwatch.metadata import atomic, exif, iptc, jpeg, png, webp
+from capwatch.metadata import atomic, exif, iptc, jpeg, mp4, png, webp
 from capwatch.metadata import keywords as kw
-from capwatch.metadata.binary import BytesSource, CorruptError, FileSource, open_noatime
+from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, FileSource, open_noatime
+from capwatch.metadata.formats import VIDEO_FORMATS
 from capwatch.metadata.identity import FileChanged, same_stat
 from capwatch.metadata.journal import Journal
 from capwatch.metadata.jpeg import EmbedNotSafe
@@ -40,7 +41,9 @@ from capwatch.metadata.sidecar import existing_sidecars, sidecar_candidates
 from capwatch.metadata.xmltext import describe_chars, unsafe_chars
 from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp, wrap_packet
 
-EMBEDDABLE = frozenset({"jpeg", "png", "webp"})
+EMBEDDABLE = frozenset({"jpeg", "png", "webp", "mp4", "mov"})
+#: A hard-linked video is edited in place, which holds the whole file in memory: above this size it gets a sidecar.
+MAX_IN_PLACE_VIDEO = 512 << 20
 #: Whitespace padding in embedded XMP so other tools can edit in place (the XMP spec suggests 2 KB).
 XMP_PADDING = 2048
 NO_HOOKS = WriteHooks()
@@ -142,7 +145,7 @@ def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, 
                 continue
             snap, text = prepared
             extra = _extras(request, config)
-            if config.write != "embedded" or snap.metadata.format not in EMBEDDABLE:
+            if config.write != "embedded" or not _embeds(snap, config):
                 results[number] = _write_prepared(snap, text, request.provenance, config, journal, hooks, extra)
                 continue
             try:
@@ -226,7 +229,7 @@ def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance | None
     written: list[str] = []
     sidecar = config.write in ("sidecar", "both")
     if config.write in ("embedded", "both"):
-        if snap.metadata.format not in EMBEDDABLE:
+        if not _embeds(snap, config):
             sidecar = True
         else:
             try:
@@ -238,6 +241,12 @@ def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance | None
     if not written:
         return WriteResult((), UNCHANGED, snap)
     return WriteResult(tuple(dict.fromkeys(written)), None, read_snapshot(snap.path, known=snap))
+
+
+def _embeds(snap: FileSnapshot, config: MetadataConfig) -> bool:
+    """True when the caption of this file may go into the file itself (format, and ``[metadata] video``)."""
+    fmt = snap.metadata.format
+    return fmt in EMBEDDABLE and (fmt not in VIDEO_FORMATS or config.video == "embedded")
 
 
 def _is_read_only(path: Path, st: os.stat_result) -> bool:
@@ -281,6 +290,13 @@ def _plan_file(snap: FileSnapshot, caption: str, provenance: Provenance | None, 
                 raise EmbedNotSafe("the file is read-only")
             src = FileSource(f, st.st_size)
             try:
+                if fmt in VIDEO_FORMATS:
+                    if atomic.needs_in_place(st) and st.st_size > MAX_IN_PLACE_VIDEO:
+                        raise EmbedNotSafe("a hard-linked video this large is not edited in place")
+                    plan = plan_video(src, fmt, caption, provenance, extra=extra)
+                    if not same_stat(os.fstat(f.fileno()), snap.identity):
+                        raise FileChanged(f"{path}: changed while it was being read; nothing written")
+                    return plan
                 if fmt == "jpeg":
                     # Only the header is read: the scan data is copied kernel-side by the atomic writer.
                     layout = jpeg.parse_layout(src)
@@ -384,6 +400,30 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
     return Plan((new,), tuple(written), new != data)
 
 
+def plan_video(src: ByteSource, fmt: str, caption: str, provenance: Provenance | None, *,
+               extra: Extras = NO_EXTRAS) -> Plan:
+    """The new content of an MP4/MOV file (``src``, read through): its XMP packet replaced or added where exiftool
+    puts it, every other box copied (media data as Tail ranges). Checked before returning: the chunk offsets follow
+    their data (``capwatch.metadata.mp4``) and the new file's metadata reads back with the caption. Raises
+    CorruptError / XmpError for malformed input and EmbedNotSafe when a sidecar must be used instead."""
+    layout = mp4.read_layout(src)
+    old = mp4.read_video(src).xmp
+    if old is not None and parse_xmp(old).has_extended:
+        raise EmbedNotSafe("the XMP refers to ExtendedXMP")
+    xml = merge_caption(old, caption, provenance, keywords=extra.keywords, text=extra.text)
+    rewrite = mp4.rewrite(src, layout, fmt, wrap_packet(xml, 0), wrap_packet(xml, XMP_PADDING))
+    parts: list[atomic.Part] = [atomic.Tail(*p) if isinstance(p, tuple) else p for p in rewrite.parts]
+    spliced = mp4.SplicedSource(rewrite.parts, src)
+    if spliced.size != sum(p.length if isinstance(p, atomic.Tail) else len(p) for p in parts):
+        raise CorruptError("internal check failed: the new video's size")
+    new_layout = mp4.read_layout(spliced)
+    if mp4.chunk_offsets(new_layout.moov_data) != mp4.chunk_offsets(rewrite.new_moov):
+        raise CorruptError("internal check failed: the new video's chunk offsets")
+    _verify_source(spliced, fmt, caption, extra, ours=provenance is not None)
+    changed = old is None or parse_xmp(old) != parse_xmp(xml.encode("utf-8"))
+    return Plan(tuple(parts), ("xmp",), changed)
+
+
 def _mandatory_jpeg_ifd0(data: bytes) -> dict[int, tuple[int, bytes]]:
     units, xd, yd = 1, 72, 72  # EXIF defaults: 72 dpi, inches
     unit_code = 2
@@ -421,9 +461,13 @@ def image_data(data: bytes, fmt: str) -> bytes:
 
 
 def _verify_metadata(new: bytes, fmt: str, caption: str, extra: Extras, *, ours: bool = True) -> None:
+    _verify_source(BytesSource(new), fmt, caption, extra, ours=ours)
+
+
+def _verify_source(new: ByteSource, fmt: str, caption: str, extra: Extras, *, ours: bool = True) -> None:
     # Belt and braces: the rebuilt metadata must parse and carry the caption (as ours, or for a person's words as
     # not ours; and our keywords, in XMP and IPTC alike) before anything is written.
-    emb: Embedded = read_embedded(fmt, BytesSource(new))
+    emb: Embedded = read_embedded(fmt, new)
     info = parse_xmp(emb.xmp) if emb.xmp else None
     desc = describe(emb, info, [])
     if desc is None or desc.text != caption or (desc.kind == "ours") != ours:

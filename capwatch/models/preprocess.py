@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from capwatch.config import Range, short_repr
 from capwatch.errors import ImageError
 from capwatch.metadata.formats import HEAD_SIZE, detect_format
 from capwatch.metadata.safeopen import NotRegularFile, open_binary
+from capwatch.models import frames
 from capwatch.models.rawpreview import extract_preview
 
 #: Refuse images with more pixels than this before decoding them (Pillow's own hard limit is 2x its warning
@@ -247,8 +249,12 @@ def load_image(
     bounds the memory a decode takes. ``fd``: read from this open descriptor (the caller's, left open; its
     position is not used) instead of opening ``path``, which then only names the file in messages. The file is
     opened once, without blocking, and must be a regular file. Raises ImageError (one line, naming the file) for
-    missing, empty, truncated, unsupported or too large files and for a FIFO or device where a photo was.
+    missing, empty, truncated, unsupported or too large files and for a FIFO or device where a photo was. A
+    video (MP4/MOV by content, other containers FFmpeg opens by suffix) gives its representative frame, upright
+    (:mod:`capwatch.models.frames`).
     """
+    if _is_video(path, fd):
+        return frames.representative_image(path, fd=fd)
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's global warning threshold.
@@ -373,6 +379,29 @@ def _orient(img: Image.Image) -> Image.Image:
     except (OSError, ValueError, TypeError, KeyError, SyntaxError):
         return img  # unreadable EXIF: caption the pixels as stored rather than fail the image
     return oriented if oriented is not None else img
+
+
+def _is_video(path: Path, fd: int | None = None) -> bool:
+    if fd is not None:
+        # The caller's descriptor (a regular file it opened beneath its root): its first bytes, position untouched.
+        try:
+            return frames.is_video(path, os.pread(fd, HEAD_SIZE, 0))
+        except OSError:
+            return False
+    # Opened without blocking: a FIFO named like a photo must not hang the look at its first bytes.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False  # load_image reports it
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, HEAD_SIZE)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return frames.is_video(path, head)
 
 
 def _size_or_none(path: Path) -> int | None:

@@ -219,6 +219,8 @@ def create_app(settings: ServeSettings) -> Starlette:
             Route("/photo/{row_id:int}/recaption", pages.recaption, methods=["POST"]),
             Route("/thumb/{row_id:int}", pages.thumbnail, methods=["GET"]),
             Route("/preview/{row_id:int}", pages.preview, methods=["GET"]),
+            Route("/video/{row_id:int}", pages.video, methods=["GET", "HEAD"]),
+            Route("/live/{row_id:int}", pages.live, methods=["GET", "HEAD"]),
             Route("/status", pages.status, methods=["GET"]),
             Route("/favicon.ico", pages.favicon, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),

@@ -30,8 +30,10 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats, record_date
+from capwatch.library.livephoto import motion_of
 from capwatch.library.process import HUMAN_KEPT
 from capwatch.metadata import Description
+from capwatch.metadata.formats import is_video_name
 from capwatch.metadata.safeopen import NotRegularFile
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
@@ -45,6 +47,7 @@ from capwatch.web.editing import (
     save_person_caption,
     shown_keys,
 )
+from capwatch.web.media import ranged_response
 from capwatch.web.security import csrf_ok, open_servable, servable
 from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, Busy, Entry, Pruner, ThumbnailCache, cache_key
 
@@ -99,6 +102,8 @@ def _templates() -> jinja2.Environment:
     env.filters["marked"] = marked
     env.filters["basename"] = lambda path: os.path.basename(str(path))
     env.filters["date_of"] = date_of
+    env.globals["is_video"] = is_video_name
+    env.globals["motion_of"] = motion_of
     return env
 
 
@@ -482,6 +487,39 @@ class Pages:
     def favicon(self, request: Request) -> Response:
         return FileResponse(HERE / "static" / "favicon.ico", media_type="image/x-icon",
                             headers={"Cache-Control": "private, max-age=86400"})
+
+    def live(self, request: Request) -> Response:
+        """The motion of a Live Photo whose still is this row: the MOV beside it, inside the same roots, opened and
+        streamed as :meth:`video` does."""
+        with self._index() as index:
+            photo = self._photo(index, int(request.path_params["row_id"]))
+            roots = self._roots(index)
+        motion = motion_of(photo.record.path) if photo is not None else None
+        real = servable(str(motion), roots) if motion is not None else None
+        if photo is None or motion is None or real is None:
+            return Response("no such Live Photo", status_code=404, media_type="text/plain")
+        try:
+            fd = open_servable(real, roots)
+        except OSError:
+            return Response("the Live Photo's motion is gone", status_code=404, media_type="text/plain")
+        etag = f'"{cache_key(None, os.fstat(fd), 0)}"'
+        return ranged_response(fd, str(motion), request.headers.get("range"), request.headers.get("if-range"), etag)
+
+    def video(self, request: Request) -> Response:
+        """The video itself, for the photo page's player: whole, or the byte range asked for (see
+        capwatch.web.media); only rows that are videos, opened under the same rules as thumbnails."""
+        with self._index() as index:
+            photo = self._photo(index, int(request.path_params["row_id"]))
+            roots = self._roots(index)
+        if photo is None or not is_video_name(photo.record.path):
+            return Response("no such video", status_code=404, media_type="text/plain")
+        try:
+            fd = open_servable(photo.file, roots)
+        except OSError:
+            return Response("the video is gone", status_code=404, media_type="text/plain")
+        etag = f'"{cache_key(photo.record.fingerprint, os.fstat(fd), 0)}"'
+        return ranged_response(fd, photo.record.path, request.headers.get("range"), request.headers.get("if-range"),
+                               etag)
 
     # -- status ---------------------------------------------------------------------------------------------
 
