@@ -120,34 +120,19 @@ def test_range_headers_are_parsed_as_http_says() -> None:
 
 
 def test_a_real_capwatch_serve_streams_byte_ranges_of_a_video(vlib: VideoLibrary, tmp_path: Path) -> None:
-    import re
-    import subprocess
-    import sys
-    import urllib.request
-
-    from tests.conftest import isolated_env
+    from tests.web_helpers import serving
 
     config = tmp_path / "config.toml"
     settings = vlib.settings.config
     config.write_text(f'[library]\nroots = ["{vlib.root}"]\n[index]\npath = "{settings.index_path()}"\n'
                       f'[model]\ndir = "{MODEL}"\nprecision = "fp32"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "capwatch", "--config", str(config), "serve", "--port", "0"],
-                            env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
-        assert match, line
-        url = f"{match.group(1)}video/{vlib.ids['clip.mp4']}"
+    with serving(tmp_path, config) as server:
+        path = f"/video/{vlib.ids['clip.mp4']}"
         data = (vlib.root / "clip.mp4").read_bytes()
-        request = urllib.request.Request(url, headers={"Range": "bytes=1000-"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert response.status == 206
-            assert response.headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
-            assert response.read() == data[1000:]
-        with urllib.request.urlopen(url, timeout=30) as response:
-            assert response.status == 200 and response.read() == data
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        ranged = server.get(path, headers={"Range": "bytes=1000-"})
+        assert ranged.status == 206
+        assert ranged.headers["content-range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+        assert ranged.body == data[1000:]
+        whole = server.get(path)
+        assert whole.status == 200 and whole.body == data
+        assert server.get(path, token=False).status == 401  # the token is asked for here too

@@ -51,6 +51,7 @@ from capwatch.metadata import (
     write_captions,
 )
 from capwatch.metadata.identity import FileIdentity
+from capwatch.metadata.safeopen import file_kind
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
@@ -142,7 +143,8 @@ def stat_file(path: str | Path) -> tuple[str, os.stat_result] | FileOutcome:
     except OSError as exc:
         return FileOutcome(Path(spath), None, None, error=f"{spath}: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
-        what = "is a folder, not an image file" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        what = ("is a folder, not an image file" if stat.S_ISDIR(st.st_mode)
+                else f"not a regular file ({file_kind(st.st_mode)})")
         return FileOutcome(Path(spath), None, None, error=f"{spath}: {what}")
     return spath, st
 

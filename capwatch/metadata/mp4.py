@@ -26,6 +26,7 @@ from capwatch.metadata.binary import ByteSource, BytesSource, CorruptError, File
 from capwatch.metadata.formats import HEAD_SIZE, VIDEO_FORMATS, detect_format
 from capwatch.metadata.jpeg import EmbedNotSafe
 from capwatch.metadata.quicktime import QuickTimeTags, read_tags
+from capwatch.metadata.safeopen import open_binary
 
 XMP_UUID = bytes.fromhex("BE7ACFCB97A942E89C71999491E3AFAC")
 #: The largest ``moov`` capwatch reads into memory (a two-hour phone video's is a few MB).
@@ -159,9 +160,10 @@ def read_video(src: ByteSource) -> VideoMetadata:
 def looks_complete(path: str | os.PathLike[str]) -> bool:
     """False while an MP4/MOV file is still being written: its top-level boxes do not reach its end, or it has
     no ``moov`` yet (a recorder or copy writes the media first). True for every other file (also unreadable ones:
-    their error belongs to whoever reads them next). Reads only box headers."""
+    their error belongs to whoever reads them next, and a FIFO or device: it is opened without blocking and
+    left to the reader's one-line refusal). Reads only box headers."""
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             head = f.read(HEAD_SIZE)
             if detect_format(head, os.fspath(path).rpartition(".")[2]) not in VIDEO_FORMATS:
                 return True

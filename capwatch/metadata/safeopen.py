@@ -41,7 +41,8 @@ class NotRegularFile(OSError):
     """The name leads to a FIFO, socket or device rather than a file (``strerror`` says which, in one line)."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file of this ``st_mode`` is, for a message ("a FIFO", "a socket", ...)."""
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISSOCK(mode):
@@ -67,7 +68,7 @@ def _keep_regular(fd: int, path: str | os.PathLike[str]) -> int:
     os.close(fd)
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", os.fspath(path))
-    raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(mode)})", os.fspath(path))
+    raise NotRegularFile(errno.EINVAL, f"not a regular file ({file_kind(mode)})", os.fspath(path))
 
 
 def open_file(path: str | os.PathLike[str], *, noatime: bool = True) -> int:
