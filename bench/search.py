@@ -33,16 +33,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from capwatch.library.index import (  # noqa: E402
+from capwatch.library.index import ImageRecord, Index  # noqa: E402
+from capwatch.library.migrations import SCHEMA_VERSION  # noqa: E402
+from capwatch.library.search import (  # noqa: E402
     RANK_WINDOW,
-    ImageRecord,
-    Index,
+    SearchFilters,
     build_search_sql,
     build_window_sql,
+    parse_query,
     register_functions,
 )
-from capwatch.library.migrations import SCHEMA_VERSION  # noqa: E402
-from capwatch.library.search import SearchFilters, parse_query  # noqa: E402
 
 CORE = """a the of on in with and at an to is are two man woman people person group dog cat bird horse car bike
 bicycle street road building house city sky tree trees grass field water beach sea ocean lake river mountain snow
