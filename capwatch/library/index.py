@@ -598,6 +598,10 @@ class Index:
         methods."""
         return self._conn
 
+    def transaction(self) -> Index._Tx:
+        """A write transaction (``with index.transaction(): ...``): BEGIN IMMEDIATE, COMMIT, ROLLBACK on error."""
+        return self._write()
+
     def guard(self, action: Callable[[], Any]) -> Any:
         """Run ``action``; an sqlite3 error becomes IndexUnavailable with one line naming this index."""
         return self._guard(action)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,9 +32,29 @@ from capwatch.library.query import (
 )
 
 __all__ = [
-    "RANK_WINDOW", "CompiledQuery", "ParsedQuery", "SearchFilters", "SearchHit", "SortOrder", "Term",
-    "build_search_sql", "build_window_sql", "cjk_spaced", "contains_exact", "fold_words", "is_cjk", "make_filters",
-    "normalise_path", "parse_date_bound", "parse_query", "prefix_range", "register_functions", "word_search",
+    "RANK_WINDOW",
+    "RRF_K",
+    "CompiledQuery",
+    "Match",
+    "ParsedQuery",
+    "SearchFilters",
+    "SearchHit",
+    "SortOrder",
+    "Term",
+    "build_search_sql",
+    "build_window_sql",
+    "cjk_spaced",
+    "contains_exact",
+    "fold_words",
+    "fuse_rankings",
+    "is_cjk",
+    "make_filters",
+    "normalise_path",
+    "parse_date_bound",
+    "parse_query",
+    "prefix_range",
+    "register_functions",
+    "word_search",
 ]
 
 Source = Literal["model", "human", "embedded"]
@@ -343,3 +364,21 @@ def build_search_sql(query: ParsedQuery, filters: SearchFilters, *, limit: int, 
     columns = "i.id" if ids_only else f"{_ROW}, {score}, {', '.join(hl)}"
     sql = f"SELECT {columns} FROM {source} WHERE {' AND '.join(where) or '1'} ORDER BY {order} LIMIT ?"
     return sql, [*([] if ids_only else hl_params), *params, limit]
+
+
+#: Reciprocal rank fusion's constant (Cormack et al. 2009): a document's fused score is the sum over rankings of
+#: 1 / (RRF_K + rank). 60 keeps one list's top ranks from drowning what both lists agree on.
+RRF_K = 60
+
+
+def fuse_rankings(rankings: Sequence[Sequence[str]], *, k: int = RRF_K) -> list[tuple[str, float]]:
+    """One ranking from several (each best first, keys unique within it): reciprocal rank fusion, best first as
+    (key, fused score). Ties keep the order of first appearance (earlier rankings, better ranks first).
+
+    RRF needs no calibration between bm25 (unbounded, corpus-dependent) and cosine (model-dependent): only ranks
+    count, so an image both rankings place high beats one that only one of them places first."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, start=1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: -kv[1])
