@@ -13,9 +13,9 @@ import click
 from capwatch.config import Config
 
 if TYPE_CHECKING:
-    pass
+    from capwatch.library.index import Index
 
-from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, cli
+from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, cli, log
 
 # -- search -----------------------------------------------------------------------------------------------------
 
@@ -70,10 +70,14 @@ class _SearchCommand(click.Command):
               help="Only captions written by people, by the model, or found in the file as camera boilerplate.")
 @click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
               help="Best match first, or newest (date taken) first.")
+@click.option("--by", type=click.Choice(["words", "meaning", "both"]), default="both", show_default=True,
+              help="Match the words, the meaning (image embeddings: puppy finds a dog on a couch), or both in one "
+              "ranked list.")
 @click.pass_context
 def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only: bool, null_sep: bool, limit: int,
-           in_dir: Path | None, since: str | None, until: str | None, source: str | None, sort: str) -> None:
-    """Find images whose caption, keywords, text in the image or path match WORDS.
+           in_dir: Path | None, since: str | None, until: str | None, source: str | None, sort: str,
+           by: str) -> None:
+    """Find images whose caption, keywords, text in the image or path match WORDS, or whose picture means them.
 
     \b
     Words are ANDed and match any word form (puppies finds puppy).
@@ -83,6 +87,10 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     (3+ characters match inside words: text:B12 finds AB1234), path:WORD path.
     CJK matches inside text: 桜 finds 日本の桜.
     Dates use the date taken (EXIF), or the file's time when the camera gave none.
+    By meaning: plain words are also compared with the pictures themselves
+    (--by both, the default, ranks both kinds of hit in one list; every
+    filter and field term applies to them; a hit no word matched is shown
+    "by meaning").
 
     \b
     Examples:
@@ -91,8 +99,11 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
       capwatch search kw:dog 'text:"exit 12"' --sort date
       capwatch search --paths -0 sunset | xargs -0 ls -l
+      capwatch search puppy on a couch --by meaning
     """
     from capwatch.errors import QueryError
+    from capwatch.library.meaning import meaning_text
+    from capwatch.library.meaning import search as find
     from capwatch.library.search import make_filters, parse_query
 
     if as_json and paths_only:
@@ -106,19 +117,31 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
     marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
     with _open_index(config, readonly=True) as index:
-        hits = index.search(query, filters, limit=limit, highlight=marks, sort="date" if sort == "date" else "score")
+        vector = None
+        if by != "words":
+            vector, why = _query_vector(config, index, meaning_text(query))
+            if vector is None and by == "meaning":
+                raise QueryError(f"--by meaning: {why}")
+            if vector is None:
+                log.info("searching by words only: %s", why)
+        hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
+                    highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
         if as_json:
-            out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
+            out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 6),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
-                                  "field": hit.field, "snippet": hit.snippet},
+                                  "field": hit.field, "snippet": hit.snippet,
+                                  "similarity": None if hit.similarity is None else round(hit.similarity, 6),
+                                  "match": hit.match},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
         else:
             out.write(f"{hit.path}\n    {hit.highlighted or hit.caption}\n")
-            if hit.field in _SHOWN_FIELDS:
+            if hit.match == "meaning":
+                out.write(f"    by meaning (similarity {hit.similarity or 0.0:.3f})\n")
+            elif hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
     if not hits and in_dir is not None and not os.path.isdir(in_dir):
@@ -126,6 +149,21 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         raise QueryError(f"--in {in_dir}: that folder does not exist (and nothing indexed below it matches)")
     if not hits and not as_json and not paths_only:
         click.echo("no matches", err=True)
+
+
+def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
+    """The query's text embedding (the configured model, loaded here), or (None, why not)."""
+    from capwatch.library.embed import query_embedder, query_vector
+
+    if not text:
+        return query_vector(index, None, text)
+    embedder, why = query_embedder(config)
+    if embedder is None:
+        return None, why
+    try:
+        return query_vector(index, embedder, text)
+    finally:
+        embedder.close()
 
 
 # -- status -----------------------------------------------------------------------------------------------------

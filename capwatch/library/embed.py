@@ -144,3 +144,35 @@ def fill_missing(index: Index, embedder: ImageTextEmbedder, roots: Sequence[str 
     for root in roots:
         items += store_.missing(embedder.model_id, str(root))
     return embed_paths(index, embedder, list(dict.fromkeys(items)), progress=progress)
+
+
+def query_embedder(config: Config, env: Mapping[str, str] = os.environ) -> tuple[ImageTextEmbedder | None, str]:
+    """The embedder for search queries (never downloads: a search does not pull a model) and, when there is none,
+    why not in a few words."""
+    if config.embed.off:
+        return None, 'search by meaning is off ([embed] model = "off")'
+    from capwatch.models.embedding import open_embedder
+
+    try:
+        embedder = open_embedder(config, env, download=False)
+    except CapwatchError as exc:
+        return None, str(exc).splitlines()[0] if str(exc) else "the embedding model cannot be loaded"
+    if embedder is None:  # pragma: no cover - off is handled above
+        return None, "search by meaning is off"
+    return embedder, ""
+
+
+def query_vector(index: Index, embedder: ImageTextEmbedder | None, text: str | None) -> tuple[Any, str]:
+    """The text embedding of ``text`` as a :class:`capwatch.library.meaning.QueryVector`, or (None, why not):
+    no embedder, a query without plain words, or an index without vectors of the embedder's model. Raises
+    ModelError when the text model cannot run."""
+    from capwatch.library.meaning import QueryVector
+
+    if not text:
+        return None, "the query has no plain words to look for by meaning (fields and quoted phrases are words)"
+    if embedder is None:
+        return None, "no embedding model"
+    model = embedder.model_id
+    if Vectors(index).count(model) == 0:
+        return None, (f"no image in the index has an embedding of {model} yet; `capwatch scan` fills them in")
+    return QueryVector(model, embedder.embed_texts([text])[0]), ""
