@@ -123,7 +123,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
             if vector is None and by == "meaning":
                 raise QueryError(f"--by meaning: {why}")
             if vector is None:
-                log.info("searching by words only: %s", why)
+                log.debug("searching by words only: %s", why)
         hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
                     highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout

@@ -38,7 +38,7 @@ def open_embedder_if_available(config: Config, env: Mapping[str, str] = os.envir
     try:
         return open_embedder(config, env, download=download)
     except CapwatchError as exc:
-        log.info("search by meaning is off for this run: %s", exc)
+        log.debug("search by meaning is off for this run: %s", exc)
         return None
 
 
