@@ -138,7 +138,7 @@ def test_caption_and_recaption_store_embeddings(tmp_path: Path, run_cli: CliRunn
 
 def test_search_json_has_similarity_as_the_cosine_of_the_text_and_image_embeddings(
         scanned: tuple[Path, Path], run_cli: CliRunner, env: dict[str, str]) -> None:
-    lib, db = scanned
+    _lib, db = scanned
     result = run_cli("--db", db, "search", "a cat on a sofa", "--json", "--limit", "50", env=env)
     assert result.code == 0, result.err
     rows = _lines(result.out)
@@ -195,7 +195,7 @@ def test_filters_apply_to_meaning_hits(scanned: tuple[Path, Path], run_cli: CliR
 
 def test_without_an_embedding_model_both_is_words_and_meaning_is_a_one_line_error(
         scanned: tuple[Path, Path], run_cli: CliRunner, env: dict[str, str]) -> None:
-    lib, db = scanned
+    _lib, db = scanned
     off = {**env, "CAPWATCH_EMBED_MODEL": "off"}
     words = run_cli("--db", db, "search", "path:coffee", "--json", env=off)
     assert words.code == 0 and words.err == ""

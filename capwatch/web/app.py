@@ -182,6 +182,7 @@ def create_app(settings: ServeSettings) -> Starlette:
             Route("/thumb/{row_id:int}", pages.thumbnail, methods=["GET"]),
             Route("/preview/{row_id:int}", pages.preview, methods=["GET"]),
             Route("/status", pages.status, methods=["GET"]),
+            Route("/duplicates", pages.duplicates, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={404: pages.not_found, 405: pages.not_allowed, CapwatchError: pages.unavailable},

@@ -30,6 +30,7 @@ from capwatch.library.index import ImageRecord, Index, IndexStats
 from capwatch.web.app import HERE, MAX_BODY, ServeSettings
 from capwatch.web.catalog import MARK_CLOSE, MARK_OPEN, MAX_QUERY, FormFilters, ResultPage, results_page
 from capwatch.web.editing import MAX_CAPTION, CaptionerSlot, EditRefused, save_person_caption
+from capwatch.web.meaning import MeaningSlot, duplicate_sets, similar_photos
 from capwatch.web.security import csrf_ok, servable
 from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, ThumbnailCache, cache_key
 
@@ -93,12 +94,15 @@ class Pages:
         self._readers = threading.local()
         self._stats_lock = threading.Lock()
         self._stats_cache: tuple[float, IndexStats, str] | None = None
+        #: The embedding model for search by meaning (loaded on the first search with plain words).
+        self.meaning = MeaningSlot(self.config)
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the model (server shutdown)."""
+        """Release the models (server shutdown)."""
         self.model.close()
+        self.meaning.close()
 
     @contextmanager
     def _index(self, *, write: bool = False) -> Iterator[Index]:
@@ -178,8 +182,10 @@ class Pages:
         if bad is None:
             try:
                 with self._index() as index:
+                    vector = self.meaning.query_vector(index, query) if query.strip() and form.status is None \
+                        else None
                     result: ResultPage = results_page(index, query, form, page=page,
-                                                      page_size=self.config.serve.page_size)
+                                                      page_size=self.config.serve.page_size, vector=vector)
                 context["page"] = result
                 context["results"] = [r for r in result.results if servable(r.path, self.roots) is not None]
                 # Rows whose file is gone, or lies below no configured root: said, not shown.
@@ -211,9 +217,31 @@ class Pages:
     def _photo_page(self, photo: Photo, *, message: str | None = None, error: str | None = None,
                     draft: str | None = None, status_code: int = 200) -> HTMLResponse:
         record = photo.record
+        with self._index() as index:
+            similar = [s for s in similar_photos(index, photo.row_id, self.meaning.model_id())
+                       if self._photo(index, s.row_id) is not None]
         return self._html("photo.html", status_code, photo=photo, record=record, message=message, error=error,
                           draft=record.caption or "" if draft is None else draft, max_caption=MAX_CAPTION,
-                          query="")
+                          query="", similar=similar)
+
+    # -- duplicates -----------------------------------------------------------------------------------------
+
+    def duplicates(self, request: Request) -> Response:
+        """Groups of near-identical photos (``folder``, ``threshold`` as for `capwatch duplicates`)."""
+        params = request.query_params
+        folder = params.get("folder") or None
+        try:
+            threshold = float(params.get("threshold") or 0.95)
+        except ValueError:
+            threshold = -2.0
+        if not -1.0 <= threshold <= 1.0:
+            return self._error("threshold: give a number between -1 and 1, such as 0.95", 400)
+        if folder and not Path(folder).is_absolute():
+            return self._error(f"folder: give an absolute folder, not {folder!r}", 400)
+        with self._index() as index:
+            sets = duplicate_sets(index, self.meaning.model_id(), folder=folder, threshold=threshold)
+            shown = [s for s in sets if sum(self._photo(index, t.row_id) is not None for t in s.tiles) > 1]
+        return self._html("duplicates.html", sets=shown, threshold=threshold, folder=folder or "", query="")
 
     async def _form(self, request: Request) -> dict[str, str] | Response:
         """The POST's fields, or an error response: wrong type, too big, undecodable, too many fields, a
