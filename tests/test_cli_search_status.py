@@ -42,7 +42,8 @@ def test_search_json_lines_follow_the_contract(run_cli: CliRunner, db: Path) -> 
     rows = [json.loads(line) for line in result.out.splitlines()]
     assert {r["path"] for r in rows} == {"/lib/2023/bike.jpg", "/lib/new lines\nname.jpg"}
     for row in rows:
-        assert set(row) == {"path", "caption", "score", "source", "model", "taken_at", "field", "snippet"}
+        assert set(row) == {"path", "caption", "score", "source", "model", "taken_at", "field", "snippet",
+                            "similarity", "match"}
         assert isinstance(row["score"], float)
     assert rows[0]["score"] >= rows[1]["score"]
 

@@ -76,6 +76,32 @@ def pack_codes(vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     return np.ascontiguousarray(bits)
 
 
+def _query_direction(q: FloatArray, centre: FloatArray | None) -> FloatArray:
+    """What the query's sign bits are taken of: ``q`` without its component along the images' mean direction.
+    Ranking by q.x is ranking by q.(x - mean); the mean direction tells the images apart least (measured on the
+    bench's text-like queries, 20 k images, 1000 candidates: recall@10 0.958 for q - mean, 0.988 for this)."""
+    if centre is None:
+        return q
+    norm = float(np.linalg.norm(centre))
+    if norm == 0.0:
+        return q
+    unit = centre / norm
+    projected: FloatArray = q - float(q @ unit) * unit
+    return projected
+
+
+def hamming_parallel(words: npt.NDArray[np.uint64], query: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """:func:`hamming` over two halves at once for large sets (numpy releases the GIL in these loops)."""
+    if len(words) < 200_000:
+        return hamming(words, query)
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = len(words) // 2
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parts = list(pool.map(lambda part: hamming(part, query), (words[:half], words[half:])))
+    return np.concatenate(parts)
+
+
 def hamming(words: npt.NDArray[np.uint64], query: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
     """Bits differing between each row of ``words`` (n, 8k) and ``query`` (8k,). The per-word popcounts (bytes,
     at most 64 each) are summed eight at a time inside one 64-bit integer (SWAR), which is several times faster
@@ -136,14 +162,24 @@ class Vectors:
 
     def vectors_of(self, ids: Sequence[int], model: str) -> dict[int, FloatArray]:
         """``image id -> vector`` for those of ``ids`` that have one of ``model``."""
-        found: dict[int, FloatArray] = {}
+        found_ids, matrix = self.matrix_of(ids, model)
+        return dict(zip(found_ids.tolist(), matrix, strict=True))
+
+    def matrix_of(self, ids: Sequence[int], model: str) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        """The ids among ``ids`` that have a vector of ``model``, and those vectors as rows of one matrix."""
+        found: list[int] = []
+        blobs: list[bytes] = []
         for start in range(0, len(ids), 900):
             chunk = [int(i) for i in ids[start:start + 900]]
             sql = (f"SELECT image_id, vector FROM image_vectors WHERE model = ? "
                    f"AND image_id IN ({', '.join('?' * len(chunk))})")
             rows = self._index.guard(functools.partial(self._fetch, sql, [model, *chunk]))
-            found.update((int(i), _as_vector(b)) for i, b in rows)
-        return found
+            found += [r[0] for r in rows]
+            blobs += [r[1] for r in rows]
+        if not found:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        return np.array(found, dtype=np.int64), np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(
+            len(found), -1)
 
     def _fetch(self, sql: str, params: Sequence[object]) -> list[tuple[int, bytes]]:
         rows: list[tuple[int, bytes]] = self._conn.execute(sql, params).fetchall()
@@ -325,12 +361,12 @@ class Vectors:
             ids, words, centre = self._load(model)
             if len(ids) == 0 or (centre is not None and centre.shape != q.shape):
                 return []
-            qwords = pack_codes((q if centre is None else q - centre)[None, :]).view(np.uint64)[0]
+            qwords = pack_codes(_query_direction(q, centre)[None, :]).view(np.uint64)[0]
             if qwords.shape[0] % 8:
                 qwords = np.pad(qwords, (0, 8 - qwords.shape[0] % 8))
             if qwords.shape[0] != words.shape[1]:
                 return []
-            distance = hamming(words, qwords)
+            distance = hamming_parallel(words, qwords)
             # The candidates are every code within a radius: the smallest radius that holds `want` of them (a
             # histogram of distances finds it; no partial sort of a million entries).
             cumulative = np.cumsum(np.bincount(distance, minlength=64 * words.shape[1] + 1))
@@ -344,15 +380,13 @@ class Vectors:
                 ring = np.flatnonzero((distance <= radius) & (distance > inside))
                 inside = radius
                 chunk = ids[ring[np.argsort(distance[ring], kind="stable")]]
-                fresh = [int(i) for i in dict.fromkeys(chunk.tolist()) if int(i) not in skip and int(i) not in results]
+                fresh = [i for i in dict.fromkeys(chunk.tolist()) if i not in skip and i not in results]
                 if allowed is not None and fresh:
                     passing = allowed(fresh)
                     fresh = [i for i in fresh if i in passing]
-                vectors = self.vectors_of(fresh, model)
-                if vectors:
-                    keys = list(vectors)
-                    sims = np.stack([vectors[k] for k in keys]) @ q
-                    results.update(zip(keys, (float(s) for s in sims), strict=True))
+                found, matrix = self.matrix_of(fresh, model)
+                if len(found):
+                    results.update(zip(found.tolist(), (matrix @ q).tolist(), strict=True))
                 if len(results) >= limit or cumulative[radius] >= len(ids):
                     break
                 want *= 4
