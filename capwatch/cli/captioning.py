@@ -361,7 +361,10 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
     try:
         with dask_cluster.connect(scheduler, timeout=settings.connect_timeout_seconds,
                                   verbose=log.isEnabledFor(logging.DEBUG)) as client:
-            request = dask_cluster.model_request(captioner, config.model, processor.describe)
+            embedder = processor.embedder
+            request = dask_cluster.model_request(
+                captioner, config.model, processor.describe,
+                embed=(config.embed, embedder.model_id) if embedder is not None else None)
             workers = dask_cluster.install(client, request, wait_seconds=settings.worker_wait_seconds)
             log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
             run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,
