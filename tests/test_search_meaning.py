@@ -279,3 +279,42 @@ def test_a_stricter_threshold_leaves_the_burst_shot_out(scanned: tuple[Path, Pat
     assert text.splitlines()[0].startswith("4 images, similarity")
     assert_one_line_error(run_cli("--db", db, "duplicates", lib / "nowhere", env=env))
     assert_one_line_error(run_cli("--db", db, "duplicates", "--threshold", "2", env=env))
+
+
+# -- the query's text embedding from a running daemon ------------------------------------------------------------
+
+
+def test_a_running_daemon_embeds_the_query_and_the_answer_is_the_same(
+        scanned: tuple[Path, Path], tmp_path: Path, run_cli: CliRunner, env: dict[str, str]) -> None:
+    import os
+    import sys
+    import time
+
+    from capwatch.daemon.textserver import ask, socket_path
+    from tests.conftest import isolated_env
+
+    lib, db = scanned
+    alone = _lines(run_cli("--db", db, "search", "a cat on a sofa", "--by", "meaning", "--json", env=env).out)
+    daemon = subprocess.Popen([sys.executable, "-m", "capwatch", "--db", str(db), "watch", str(lib)],
+                              env={**isolated_env(tmp_path), **env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while ask(db, "probe") is None:
+            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon never answered"
+            time.sleep(0.2)
+        assert socket_path(db).stat().st_mode & 0o077 == 0  # only the daemon's user may ask
+        asked = run_cli("--db", db, "-v", "search", "a cat on a sofa", "--by", "meaning", "--json", env=env)
+        assert asked.code == 0, asked.err
+        assert "came from the running daemon" in asked.err
+        rows = _lines(asked.out)
+        assert [r["path"] for r in rows] == [r["path"] for r in alone]
+        assert [r["similarity"] for r in rows] == pytest.approx([r["similarity"] for r in alone], abs=1e-5)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    assert not socket_path(db).exists()
+    # No daemon: the search loads the model itself, and the answer is the same.
+    again = run_cli("--db", db, "-v", "search", "a cat on a sofa", "--by", "meaning", "--json", env=env)
+    assert "running daemon" not in again.err.replace("no text embedding from a running daemon", "")
+    assert [r["path"] for r in _lines(again.out)] == [r["path"] for r in alone]

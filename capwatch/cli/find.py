@@ -157,6 +157,17 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
 
     if not text:
         return query_vector(index, None, text)
+    from capwatch.daemon.textserver import ask
+
+    answer = ask(config.index_path(), text)
+    if answer is not None and not config.embed.off:
+        from capwatch.library.meaning import QueryVector
+        from capwatch.library.vectors import Vectors
+
+        model, vector = answer
+        if Vectors(index).count(model):
+            log.debug("the query's text embedding came from the running daemon (%s)", model)
+            return QueryVector(model, vector), ""
     embedder, why = query_embedder(config)
     if embedder is None:
         return None, why
