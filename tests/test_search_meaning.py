@@ -103,6 +103,8 @@ def test_scan_fills_in_embeddings_of_a_captioned_library_without_captioning_agai
     assert {p: p.stat().st_mtime_ns for p in lib.rglob("*.*")} == before  # no file written again
     third = run_cli("--db", db, "scan", lib, env=env)
     assert "embedded" not in third.out  # nothing left to fill in
+    status = json.loads(run_cli("--db", db, "status", "--json", env=env).out)
+    assert status["embedded"] == 7 and status["images"] == 7
 
 
 def test_a_persons_photo_is_embedded_and_their_description_kept(tmp_path: Path, run_cli: CliRunner,

@@ -245,9 +245,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
     index_path = config.index_path()
     _check_readable(index_path)
     live = _live_state(index_path)
+    embedded = 0
     if index_path.exists():
         with _open_index(config, readonly=True) as index:
             stats = index.stats()
+            from capwatch.library.vectors import Vectors
+
+            # Images with an embedding (search by meaning), of any model.
+            embedded = sum(m.live for m in Vectors(index).models())
         images, captioned, size = stats.images, stats.captioned, stats.size_bytes
         by_status, by_source = stats.by_status, stats.by_source
         errors = [{"path": e.path, "error": e.error, "at": e.updated_at} for e in stats.last_errors]
@@ -257,7 +262,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     payload = {
         "images": images, "captioned": captioned, "pending": int(by_status.get("pending", 0)),
         "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
-        "by_status": by_status, "by_source": by_source, "last_errors": errors,
+        "by_status": by_status, "by_source": by_source, "last_errors": errors, "embedded": embedded,
         # While a daemon runs, the model is the one it runs (its configuration may not be ours).
         "index": str(index_path), "index_bytes": size,
         "model": str(live.get("model") or _model_label(config)) if live else _model_label(config),
@@ -279,6 +284,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"images     {images}")
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
                f"embedded {by_source.get('embedded', 0)})")
+    click.echo(f"embedded   {embedded}  (search by meaning)")
     click.echo(f"pending    {payload['pending']}")
     click.echo(f"errors     {payload['errors']}")
     for entry in errors:
