@@ -186,7 +186,8 @@ def test_search_waits_for_a_writer_instead_of_failing(run_cli: CliRunner, db: Pa
 
 
 @pytest.mark.parametrize("command", [[], ["search"], ["status"], ["scan"], ["caption"], ["watch"], ["models"],
-                                     ["models", "list"], ["models", "pull"], ["models", "info"]])
+                                     ["models", "list"], ["models", "pull"], ["models", "info"], ["similar"],
+                                     ["duplicates"]])
 def test_every_command_has_help(run_cli: CliRunner, command: list[str]) -> None:
     result = run_cli(*command, "--help")
     assert result.code == 0, result.err
