@@ -153,14 +153,20 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
 
 def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
     """The query's text embedding (the configured model, loaded here), or (None, why not)."""
-    from capwatch.library.embed import query_embedder, query_vector
+    from capwatch.library.meaning import NO_PLAIN_WORDS
 
     if not text:
-        return query_vector(index, None, text)
+        return None, NO_PLAIN_WORDS
+    if config.embed.off:
+        return None, 'search by meaning is off ([embed] model = "off")'
+    if index.embedded_count() == 0:
+        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in"
+    # Imported only now: numpy and the model layer cost a word search nothing.
     from capwatch.daemon.textserver import ask
+    from capwatch.library.embed import query_embedder, query_vector
 
     answer = ask(config.index_path(), text)
-    if answer is not None and not config.embed.off:
+    if answer is not None:
         from capwatch.library.meaning import QueryVector
         from capwatch.library.vectors import Vectors
 
@@ -249,10 +255,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if index_path.exists():
         with _open_index(config, readonly=True) as index:
             stats = index.stats()
-            from capwatch.library.vectors import Vectors
-
-            # Images with an embedding (search by meaning), of any model.
-            embedded = sum(m.live for m in Vectors(index).models())
+        embedded = stats.embedded
         images, captioned, size = stats.images, stats.captioned, stats.size_bytes
         by_status, by_source = stats.by_status, stats.by_source
         errors = [{"path": e.path, "error": e.error, "at": e.updated_at} for e in stats.last_errors]

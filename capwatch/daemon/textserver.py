@@ -18,8 +18,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from capwatch.config import Config
 
 if TYPE_CHECKING:
@@ -115,6 +113,8 @@ class TextEmbedServer:
                 vector = self._embedder.embed_texts([text])[0]
             except Exception as exc:  # the client falls back to its own model
                 return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        import numpy as np
+
         return {"model": self._embedder.model_id,
                 "vector": base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()}
 
@@ -148,6 +148,8 @@ def ask(index_path: Path, text: str, *, timeout: float = 3.0) -> tuple[str, Any]
                 if not chunk:
                     break
                 data += chunk
+        import numpy as np
+
         answer = json.loads(data)
         if "error" in answer:
             log.debug("the running daemon did not embed the query: %s", answer["error"])

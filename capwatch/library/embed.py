@@ -169,7 +169,9 @@ def query_vector(index: Index, embedder: ImageTextEmbedder | None, text: str | N
     from capwatch.library.meaning import QueryVector
 
     if not text:
-        return None, "the query has no plain words to look for by meaning (fields and quoted phrases are words)"
+        from capwatch.library.meaning import NO_PLAIN_WORDS
+
+        return None, NO_PLAIN_WORDS
     if embedder is None:
         return None, "no embedding model"
     model = embedder.model_id

@@ -131,6 +131,8 @@ class IndexStats:
     by_source: dict[str, int]
     last_errors: tuple[ErrorEntry, ...]
     schema_version: int
+    #: Images with an embedding (search by meaning), of any model.
+    embedded: int = 0
 
 
 _COLUMNS = [f.name for f in fields(ImageRecord)]
@@ -574,10 +576,11 @@ class Index:
             size = sum(
                 os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal")) if os.path.exists(p)
             )
+            embedded = self.embedded_count()
             return IndexStats(
                 path=str(self.path), size_bytes=size, images=sum(by_status.values()), captioned=captioned,
                 by_status=by_status, by_source=by_source, last_errors=errors,
-                schema_version=self.schema_version(),
+                schema_version=self.schema_version(), embedded=embedded,
             )
 
         result: IndexStats = self._guard(run)
@@ -597,6 +600,11 @@ class Index:
         """The underlying connection, for the library's own modules (vectors); callers outside library/ use the
         methods."""
         return self._conn
+
+    def embedded_count(self) -> int:
+        """How many images have an embedding (search by meaning), of any model: one small read."""
+        row = self._guard(lambda: self._conn.execute("SELECT coalesce(sum(live), 0) FROM vector_models").fetchone())
+        return int(row[0])
 
     def transaction(self) -> Index._Tx:
         """A write transaction (``with index.transaction(): ...``): BEGIN IMMEDIATE, COMMIT, ROLLBACK on error."""

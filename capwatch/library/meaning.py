@@ -10,18 +10,21 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Literal
 
 from capwatch.library.index import Index
 from capwatch.library.query import ParsedQuery, SearchFilters, Term
 from capwatch.library.search import SearchHit, SortOrder, build_search_sql, fuse_rankings
-from capwatch.library.vectors import Vectors
+
+if TYPE_CHECKING:
+    # numpy is imported where vectors are compared: a search by words (and `status`) never loads it.
+    import numpy as np
+    import numpy.typing as npt
 
 By = Literal["words", "meaning", "both"]
 BY: tuple[By, ...] = ("words", "meaning", "both")
+#: Why a query has no meaning part.
+NO_PLAIN_WORDS = "the query has no plain words to look for by meaning (fields and quoted phrases are words)"
 #: How deep each ranking goes before fusion (at least the number of results asked for).
 FUSION_DEPTH = 50
 
@@ -106,6 +109,10 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
     if not use_meaning:
         return index.search(query, filters, limit=limit, highlight=highlight, sort=sort) if by != "meaning" else []
     assert vector is not None
+    import numpy as np
+
+    from capwatch.library.vectors import Vectors
+
     depth = max(limit, FUSION_DEPTH)
     words = index.search(query, filters, limit=depth, highlight=highlight) if by != "meaning" else []
     store = Vectors(index)
