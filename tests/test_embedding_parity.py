@@ -246,3 +246,17 @@ def test_text_window_defaults_to_transformers_when_config_json_leaves_it_out(tmp
     config = json.loads((copy / "config.json").read_text())
     del config["text_config"]["max_position_embeddings"]  # save_pretrained leaves out default values
     assert EmbeddingTokenizer.from_dir(copy, family, config).max_length == window
+
+
+def test_int8_graphs_with_a_derived_cache_give_the_same_vectors(tmp_path: Path) -> None:
+    from capwatch.models.derived import DerivedCache, signed_is_exact
+
+    plain = _embedder("clip-tiny", "int8")
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny"), precision="int8"))
+    rewritten = open_embedder(config, {}, derived=DerivedCache(tmp_path / "derived", b"k" * 32))
+    assert rewritten is not None
+    image = load_image(ROOT / "tests/fixtures/photos/coffee.jpg")
+    np.testing.assert_array_equal(rewritten.embed_images([image]), plain.embed_images([image]))
+    np.testing.assert_array_equal(rewritten.embed_texts(["a dog"]), plain.embed_texts(["a dog"]))
+    # Signed weights only where the CPU makes them exact (VNNI); elsewhere the published graphs run.
+    assert any((tmp_path / "derived").glob("*")) is signed_is_exact()
