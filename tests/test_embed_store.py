@@ -91,7 +91,7 @@ def test_models_pull_of_an_embedding_model_then_embedding_offline(hub: FakeHub, 
     store_env = {"CAPWATCH_CACHE_DIR": str(cache), "CAPWATCH_OFFLINE": "1", "XDG_STATE_HOME": str(tmp_path / "st")}
     embedder = open_embedder(Config(embed=EmbedConfig(model="clip-vit-b32")), store_env)
     assert embedder is not None
-    assert embedder.model_id == f"clip-vit-b32@{CLIP.revision[:12]}/int8" and embedder.precision == "int8"
+    assert embedder.model_id == f"{CLIP.repo}@{CLIP.revision[:12]}/int8" and embedder.precision == "int8"
     assert embedder.embed_texts(["a dog"]).shape == (1, 16)
 
 
@@ -101,7 +101,10 @@ def test_embed_model_by_name_is_pulled_on_first_use_and_equals_transformers(hub:
     config = Config(embed=EmbedConfig(model="clip-vit-b32", precision="fp32"))
     embedder = open_embedder(config, env)
     assert embedder is not None and embedder.dir.name == CLIP.revision
-    assert embedder.model_id == f"clip-vit-b32@{CLIP.revision[:12]}/fp32"
+    assert embedder.model_id == f"{CLIP.repo}@{CLIP.revision[:12]}/fp32"
+    # The same files named as a directory (the cache folder capwatch stamped) keep the same id.
+    same = open_embedder(Config(embed=EmbedConfig(model=str(embedder.dir), precision="fp32")), env)
+    assert same is not None and same.model_id == embedder.model_id
     texts, images, expected = _golden_cosines()
     got = embedder.embed_texts(texts) @ embedder.embed_images([load_image(p) for p in images]).T
     assert np.abs(got - expected).max() < 1e-4

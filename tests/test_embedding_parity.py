@@ -231,3 +231,32 @@ def test_graph_with_other_output_names_is_refused_on_load(tmp_path: Path) -> Non
     with pytest.raises(ModelError, match="image_embeds") as info:
         embedder.embed_images([load_image(ROOT / "tests/fixtures/images/red.png")])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "family", "window"), [("siglip2-tiny", "siglip", 64), ("clip-tiny", "clip", 77)])
+def test_text_window_defaults_to_transformers_when_config_json_leaves_it_out(tmp_path: Path, name: str, family: str,
+                                                                             window: int) -> None:
+    from capwatch.models.embedtext import EmbeddingTokenizer
+
+    copy = tmp_path / name
+    shutil.copytree(MODELS / name, copy)
+    settings = json.loads((copy / "tokenizer_config.json").read_text())
+    settings["model_max_length"] = 1000000000000000019884624838656  # transformers' "no limit"
+    (copy / "tokenizer_config.json").write_text(json.dumps(settings))
+    config = json.loads((copy / "config.json").read_text())
+    del config["text_config"]["max_position_embeddings"]  # save_pretrained leaves out default values
+    assert EmbeddingTokenizer.from_dir(copy, family, config).max_length == window
+
+
+def test_int8_graphs_with_a_derived_cache_give_the_same_vectors(tmp_path: Path) -> None:
+    from capwatch.models.derived import DerivedCache, signed_is_exact
+
+    plain = _embedder("clip-tiny", "int8")
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny"), precision="int8"))
+    rewritten = open_embedder(config, {}, derived=DerivedCache(tmp_path / "derived", b"k" * 32))
+    assert rewritten is not None
+    image = load_image(ROOT / "tests/fixtures/photos/coffee.jpg")
+    np.testing.assert_array_equal(rewritten.embed_images([image]), plain.embed_images([image]))
+    np.testing.assert_array_equal(rewritten.embed_texts(["a dog"]), plain.embed_texts(["a dog"]))
+    # Signed weights only where the CPU makes them exact (VNNI); elsewhere the published graphs run.
+    assert any((tmp_path / "derived").glob("*")) is signed_is_exact()

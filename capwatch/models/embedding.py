@@ -41,6 +41,7 @@ from PIL import Image
 
 from capwatch.config import Config, EmbedConfig, ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
+from capwatch.models.derived import DerivedCache, signed_graph, signed_is_exact
 from capwatch.models.embedtext import EmbeddingTokenizer
 from capwatch.models.layout import check_names, find_onnx, read_json
 from capwatch.models.preprocess import Preprocessor
@@ -115,8 +116,13 @@ class ImageTextEmbedder:
         idle_unload_seconds: float = 300.0,
         batch_size: int = 8,
         clock: Callable[[], float] = time.monotonic,
+        derived: DerivedCache | None = None,
     ) -> None:
         """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet).
+
+        ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`): int8 graphs then run with
+        signed weights on CPUs where that is exact and faster (VNNI), as the captioner's do; None runs the
+        published graphs as they are.
 
         Raises ModelError (one line, naming the file) for a missing or invalid file, an unsupported model type or a
         precision the folder does not have.
@@ -141,8 +147,9 @@ class ImageTextEmbedder:
         self.precision: str = precision
         self.paths = {stem: find_onnx(directory, stem, precision) for stem in GRAPHS}  # type: ignore[arg-type]
         self.batch_size = max(1, batch_size)
+        self.derived = derived
         self.sessions = SessionGroup(self.paths, threads, idle_unload_seconds, clock, self._check_graphs,
-                                     providers=providers)
+                                     self._prepare_graphs, providers)
         self._dim = self._configured_dim()
 
     # -- identity ----------------------------------------------------------------------------------------------
@@ -151,12 +158,14 @@ class ImageTextEmbedder:
     def model_id(self) -> str:
         """The identifier stored beside every vector: vectors of different ids are never compared.
 
-        Registry model: ``NAME@COMMIT12/PRECISION``; a pulled repository: ``REPO@COMMIT12/PRECISION``; a local
-        directory: ``dir:FOLDER@SHA12/PRECISION`` where SHA is the sha256 over its configs, tokenizer and the two
-        graphs in use (so a folder whose weights change gets a new id; computed once, on first access).
+        Files capwatch pulled (by registry name, or that cache folder named as a directory):
+        ``REPO@COMMIT12/PRECISION``, e.g. ``Xenova/clip-vit-base-patch32@4c1807b705b1/int8``, the same whichever
+        way they are named. Any other directory: ``dir:FOLDER@SHA12/PRECISION`` where SHA is the sha256 over its
+        configs, tokenizer and the two graphs in use (a folder whose weights change gets a new id; computed once,
+        on first access).
         """
         if self.files.revision:
-            return f"{self.files.name or self.files.source}@{self.files.revision[:12]}/{self.precision}"
+            return f"{self.files.source}@{self.files.revision[:12]}/{self.precision}"
         digest = hashlib.sha256()
         for path in (self.dir / "config.json", self.dir / "preprocessor_config.json", self.dir / "tokenizer.json",
                      self.dir / "tokenizer_config.json", self.paths[VISION], self.paths[TEXT]):
@@ -191,6 +200,17 @@ class ImageTextEmbedder:
         return width
 
     # -- graphs ------------------------------------------------------------------------------------------------
+
+    def _prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
+        """The graphs to load: int8 ones with signed weights (same outputs, checked bit for bit on a probe) where
+        the CPU accumulates those exactly; otherwise the published ones."""
+        on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
+        if self.derived is None or self.precision != "int8" or not on_cpu or not signed_is_exact():
+            return paths
+        shapes: dict[str, tuple[int, ...]] = {}
+        if (size := self.preprocessor.output_size) is not None:
+            shapes["pixel_values"] = (1, 3, *size)
+        return {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
 
     def _check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         vision_out, text_out = _OUTPUTS[self.family]
@@ -271,7 +291,13 @@ class ImageTextEmbedder:
 
     @property
     def loaded(self) -> bool:
+        """True while the ONNX sessions are in memory."""
         return self.sessions.loaded
+
+    @property
+    def provider(self) -> str | None:
+        """The execution provider the model runs on (cpu, cuda, ...), None while it is not loaded."""
+        return self.sessions.provider
 
     def close(self) -> None:
         """Release the sessions (they load again on the next use)."""
@@ -341,11 +367,14 @@ def resolve_embed_files(config: Config, env: Mapping[str, str] = os.environ, *,
 
 
 def open_embedder(config: Config, env: Mapping[str, str] = os.environ, *, download: bool = True,
-                  clock: Callable[[], float] = time.monotonic) -> ImageTextEmbedder | None:
+                  clock: Callable[[], float] = time.monotonic,
+                  derived: DerivedCache | None = None) -> ImageTextEmbedder | None:
     """The embedder ``[embed]`` asks for (``$CAPWATCH_EMBED_MODEL`` already applied by ``load_config``), or None
     when it is "off".
 
     Nothing heavy happens here: configs, tokenizer and graph files are checked, the sessions load on first use.
+    ``derived`` as for the captioner (``DerivedCache.from_env(os.environ)``; used only when ``[model]
+    rewrite_graphs`` is on).
     Raises ModelError (one line) when the configured model cannot be had (see :func:`resolve_embed_files`) or its
     folder is not a usable CLIP / SigLIP model.
     """
@@ -354,4 +383,5 @@ def open_embedder(config: Config, env: Mapping[str, str] = os.environ, *, downlo
         return None
     return ImageTextEmbedder(files, threads=config.model.threads, providers=config.model.providers,
                              idle_unload_seconds=config.model.idle_unload_seconds,
-                             batch_size=config.embed.batch_size, clock=clock)
+                             batch_size=config.embed.batch_size, clock=clock,
+                             derived=derived if config.model.rewrite_graphs else None)

@@ -13,8 +13,8 @@ tokenizers do), with the settings transformers applies on top of it:
   ``add_bos_token`` (default true) / ``add_eos_token`` (default false) as ``GemmaTokenizerFast`` does, and the
   padding side defaults to the left, as that class's does.
 
-The window is the smallest of ``tokenizer_config.json``'s ``model_max_length`` and the text tower's
-``max_position_embeddings``.
+The window is the smaller of ``tokenizer_config.json``'s ``model_max_length`` and the text tower's
+``max_position_embeddings`` (transformers' default when config.json leaves it out: 77 for CLIP, 64 for SigLIP).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ _BOS_EOS_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast", "LlamaTokenizer", "L
 _CANONICAL_CLASSES = ("SiglipTokenizer", "SiglipTokenizerFast")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _SPACES = re.compile(r"\s+")
+#: Text positions of the families' text towers when config.json does not say (CLIPTextConfig / SiglipTextConfig).
+_DEFAULT_POSITIONS = {"clip": 77, "siglip": 64}
 #: A text window longer than this is not a text window (transformers' "no limit" is 1e30).
 _MAX_WINDOW = 1 << 16
 
@@ -122,10 +124,10 @@ class EmbeddingTokenizer:
         if pad_id is None:
             raise ModelError(f"{path}: no pad token (tokenizer_config.json pad_token or config.json "
                              "text_config.pad_token_id)")
-        window = [_positive(text_config.get("max_position_embeddings")), _positive(settings.get("model_max_length"))]
-        if family == "siglip":
-            window.append(64)  # SigLIP's training length, when neither file says less
-        max_length = min(w for w in window if w is not None) if any(w is not None for w in window) else 77
+        # config.json leaves out values equal to transformers' defaults: 77 positions for CLIP, 64 for SigLIP.
+        positions = _positive(text_config.get("max_position_embeddings")) or _DEFAULT_POSITIONS.get(family, 77)
+        declared = _positive(settings.get("model_max_length"))
+        max_length = min(positions, declared) if declared is not None else positions
         side = settings.get("padding_side")
         pad_left = side == "left" if side in ("left", "right") else kind in _BOS_EOS_CLASSES
         canonical = kind in _CANONICAL_CLASSES
