@@ -306,6 +306,9 @@ def test_a_running_daemon_embeds_the_query_and_the_answer_is_the_same(
             assert daemon.poll() is None and time.monotonic() < deadline, "the daemon never answered"
             time.sleep(0.2)
         assert socket_path(db).stat().st_mode & 0o077 == 0  # only the daemon's user may ask
+        answer = ask(db, "a cat on a sofa", nearest=3)
+        assert answer is not None and answer[2] is not None
+        assert [s for _, s in answer[2]] == pytest.approx([r["similarity"] for r in alone[:3]], abs=1e-5)
         asked = run_cli("--db", db, "-v", "search", "a cat on a sofa", "--by", "meaning", "--json", env=env)
         assert asked.code == 0, asked.err
         assert "came from the running daemon" in asked.err

@@ -151,6 +151,11 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         click.echo("no matches", err=True)
 
 
+#: Nearest images asked of a running daemon (which holds the codes in memory): enough for a page of results
+#: after filters in most searches; when too few pass, this process searches itself.
+DAEMON_NEAREST = 1000
+
+
 def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
     """The query's text embedding (the configured model, loaded here), or (None, why not)."""
     from capwatch.library.meaning import NO_PLAIN_WORDS
@@ -165,15 +170,15 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
     from capwatch.daemon.textserver import ask
     from capwatch.library.embed import query_embedder, query_vector
 
-    answer = ask(config.index_path(), text)
+    answer = ask(config.index_path(), text, nearest=DAEMON_NEAREST)
     if answer is not None:
         from capwatch.library.meaning import QueryVector
         from capwatch.library.vectors import Vectors
 
-        model, vector = answer
+        model, vector, nearest = answer
         if Vectors(index).count(model):
             log.debug("the query's text embedding came from the running daemon (%s)", model)
-            return QueryVector(model, vector), ""
+            return QueryVector(model, vector, nearest), ""
     embedder, why = query_embedder(config)
     if embedder is None:
         return None, why

@@ -1,9 +1,11 @@
 """A running daemon embeds search queries for `capwatch search`, over a Unix socket beside the index
 (``INDEX.embed.sock``, mode 0600: only the daemon's user), so that a search does not load the text model itself.
 
-Protocol: the client sends one JSON line ``{"text": "..."}``; the daemon answers one JSON line
-``{"model": MODEL_ID, "vector": BASE64 of float32 little-endian}`` or ``{"error": "one line"}``. The model is
-loaded when the daemon starts (in the server's thread, never downloaded) and stays loaded.
+Protocol: the client sends one JSON line ``{"text": "...", "nearest": N}``; the daemon answers one JSON line
+``{"model": MODEL_ID, "vector": BASE64 of float32 little-endian, "nearest": [[row id, cosine], ...]}`` (the N
+images nearest to it, unfiltered, searched with the sign-bit codes the daemon keeps in memory; omitted when N is
+0) or ``{"error": "one line"}``. The model is loaded when the daemon starts (in the server's thread, never
+downloaded) and stays loaded; so do the codes after the first search.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class TextEmbedServer:
 
     def __init__(self, config: Config, index_path: Path) -> None:
         self._config = config
+        self._index_path = index_path
+        self._index: Any = None
+        self._vectors: Any = None
         self.path = socket_path(index_path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,11 +106,12 @@ class TextEmbedServer:
                 break
             data += chunk
         try:
-            text = json.loads(data.split(b"\n", 1)[0])["text"]
-            if not isinstance(text, str) or not text.strip():
+            request = json.loads(data.split(b"\n", 1)[0])
+            text, wanted = request["text"], int(request.get("nearest") or 0)
+            if not isinstance(text, str) or not text.strip() or not 0 <= wanted <= 10_000:
                 raise ValueError("no text")
-        except (ValueError, KeyError, TypeError):
-            return {"error": 'send one JSON line {"text": "..."}'}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return {"error": 'send one JSON line {"text": "...", "nearest": N}'}
         if self._embedder is None:
             return {"error": "this daemon has no embedding model"}
         with self._lock:
@@ -115,8 +121,26 @@ class TextEmbedServer:
                 return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
         import numpy as np
 
-        return {"model": self._embedder.model_id,
-                "vector": base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()}
+        answer: dict[str, Any] = {"model": self._embedder.model_id,
+                                  "vector": base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()}
+        if wanted:
+            try:
+                answer["nearest"] = self._nearest(self._embedder.model_id, vector, wanted)
+            except Exception as exc:  # the client searches itself
+                log.debug("no nearest images for a search: %s", exc)
+        return answer
+
+    def _nearest(self, model: str, vector: Any, wanted: int) -> list[list[float]]:
+        """The ``wanted`` nearest images (unfiltered) from this thread's own read-only index, whose codes stay in
+        memory between searches (reloaded when the vectors change)."""
+        from capwatch.library.index import Index
+        from capwatch.library.vectors import Vectors
+
+        if self._index is None:
+            self._index = Index.open(self._index_path, busy_timeout=self._config.index.busy_timeout_seconds,
+                                     readonly=True)
+            self._vectors = Vectors(self._index)
+        return [[row_id, similarity] for row_id, similarity in self._vectors.nearest(model, vector, limit=wanted)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,11 +153,16 @@ class TextEmbedServer:
         if self._embedder is not None:
             with contextlib.suppress(Exception):
                 self._embedder.close()
+        if self._index is not None:
+            with contextlib.suppress(Exception):
+                self._index.close()
 
 
-def ask(index_path: Path, text: str, *, timeout: float = 3.0) -> tuple[str, Any] | None:
-    """The running daemon's (model id, float32 vector) for ``text``, or None when no daemon answers (none runs,
-    it has no model, it is another user's, it took longer than ``timeout``)."""
+def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
+        ) -> tuple[str, Any, tuple[tuple[int, float], ...] | None] | None:
+    """The running daemon's (model id, float32 vector, its ``nearest`` images as (row id, cosine) or None) for
+    ``text``, or None when no daemon answers (none runs, it has no model, it is another user's, it took longer
+    than ``timeout``)."""
     path = socket_path(index_path)
     if not path.exists():
         return None
@@ -141,7 +170,7 @@ def ask(index_path: Path, text: str, *, timeout: float = 3.0) -> tuple[str, Any]
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps({"text": text}).encode() + b"\n")
+            sock.sendall(json.dumps({"text": text, "nearest": nearest}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -154,7 +183,9 @@ def ask(index_path: Path, text: str, *, timeout: float = 3.0) -> tuple[str, Any]
         if "error" in answer:
             log.debug("the running daemon did not embed the query: %s", answer["error"])
             return None
-        return str(answer["model"]), np.frombuffer(base64.b64decode(answer["vector"]), dtype="<f4")
+        near = answer.get("nearest")
+        hits = None if near is None else tuple((int(i), float(s)) for i, s in near)
+        return str(answer["model"]), np.frombuffer(base64.b64decode(answer["vector"]), dtype="<f4"), hits
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.debug("no text embedding from a running daemon: %s", exc)
         return None

@@ -56,6 +56,9 @@ class QueryVector:
 
     model: str
     vector: npt.NDArray[np.float32]
+    #: The nearest images to it, unfiltered, as (row id, cosine) best first, when a running daemon that holds
+    #: the vectors in memory already searched them (capwatch.daemon.textserver); None: search here.
+    nearest: tuple[tuple[int, float], ...] | None = None
 
 
 def _allowed(index: Index, query: ParsedQuery, filters: SearchFilters) -> Callable[[list[int]], set[int]]:
@@ -116,7 +119,14 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
     depth = max(limit, FUSION_DEPTH)
     words = index.search(query, filters, limit=depth, highlight=highlight) if by != "meaning" else []
     store = Vectors(index)
-    near = store.nearest(vector.model, vector.vector, limit=depth, allowed=_allowed(index, query, filters))
+    allowed = _allowed(index, query, filters)
+    near: list[tuple[int, float]] = []
+    if vector.nearest is not None:
+        hinted = [i for i, _ in vector.nearest]
+        passing = allowed(hinted) if hinted else set()
+        near = [(i, s) for i, s in vector.nearest if i in passing][:depth]
+    if len(near) < depth:  # no daemon's answer, or too few of its images pass the filters
+        near = store.nearest(vector.model, vector.vector, limit=depth, allowed=allowed)
     similarity = dict(near)
     ids = index.ids_for(h.path for h in words)
     word_ids = [ids[h.path] for h in words if h.path in ids]
