@@ -387,14 +387,18 @@ class Vectors:
                 if allowed is not None and fresh:
                     passing = allowed(fresh)
                     fresh = [i for i in fresh if i in passing]
-                found, matrix = self.matrix_of(fresh, model)
+                # In row-id order: the B-tree pages are then read front to back (measured at 1 M: fewer page
+                # faults than in distance order).
+                found, matrix = self.matrix_of(sorted(fresh), model)
                 if len(found):
                     results.update(zip(found.tolist(), (matrix @ q).tolist(), strict=True))
                 if len(results) >= limit or cumulative[radius] >= len(ids):
                     break
                 want *= 4
-            best = sorted(results.items(), key=lambda kv: (-kv[1], kv[0]))
-            return best[:limit]
+            keys = np.fromiter(results.keys(), dtype=np.int64, count=len(results))
+            sims = np.fromiter(results.values(), dtype=np.float64, count=len(results))
+            order = np.lexsort((keys, -sims))[:limit]
+            return [(int(keys[i]), float(sims[i])) for i in order]
 
         found: list[tuple[int, float]] = self._index.guard(run)
         return found
