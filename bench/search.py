@@ -16,6 +16,22 @@ For every query both sides run the identical SQL statements (capwatch.library.in
 build_search_sql); capwatch adds query parsing, the Python call path and result objects. With --full, a third
 column times plain bm25 over every match (no rank window) for reference.
 Prints p50/p99 per side and the ratio, build time, bytes/image.
+
+Search by meaning (issue 21), side by side with an exact float search over the same vectors:
+
+    python bench/search.py --vectors 1000000 [--dim 512] [--embed-model DIR --embed-precision int8]
+
+builds bench/_work/vectors-N.db: N image rows and N synthetic embeddings stored through capwatch's own tables
+(image_vectors rows, then Vectors.rebuild_blocks for the sign-bit blocks). The vectors are clustered, not uniform
+noise: 2,000 random centres (standard normal in DIM dimensions), a shared offset (image embeddings share a
+common direction), per-image Gaussian spread 0.8 of a centre's scale, L2-normalised; queries are drawn about the
+same centres with another offset and spread 2.0 (a text query sits far from every image, as CLIP's modality gap
+puts it: best cosine ~0.2-0.3), so the true top 10 are close calls. Prints: vector search p50/p99 (capwatch's
+two-stage search, warm) vs exact float search (numpy matmul over all vectors in RAM), recall@10 of capwatch's
+against the exact top 10, index growth per image, a whole `capwatch search --by meaning` process (p50 over
+--processes runs; with --embed-model the synthetic vectors have that model's id and width, so the process
+loads the real text model from disk as a user's would), and duplicates over the first 100 k images (with 1 % of
+them planted as re-encode-like near copies, cosine ~0.99) through capwatch.library.duplicates.group.
 """
 
 from __future__ import annotations
@@ -33,16 +49,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from capwatch.library.index import (  # noqa: E402
+from capwatch.library.index import ImageRecord, Index  # noqa: E402
+from capwatch.library.migrations import SCHEMA_VERSION  # noqa: E402
+from capwatch.library.search import (  # noqa: E402
     RANK_WINDOW,
-    ImageRecord,
-    Index,
+    SearchFilters,
     build_search_sql,
     build_window_sql,
+    parse_query,
     register_functions,
 )
-from capwatch.library.migrations import SCHEMA_VERSION  # noqa: E402
-from capwatch.library.search import SearchFilters, parse_query  # noqa: E402
 
 CORE = """a the of on in with and at an to is are two man woman people person group dog cat bird horse car bike
 bicycle street road building house city sky tree trees grass field water beach sea ocean lake river mountain snow
@@ -326,7 +342,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
     parser.add_argument("--migration", action="store_true",
                         help="also build the images as schema 4 and time migration 5 on them")
+    parser.add_argument("--vectors", type=int, default=0, metavar="N",
+                        help="run the search-by-meaning bench at N images instead of the word bench")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--vector-queries", type=int, default=200)
+    parser.add_argument("--processes", type=int, default=15, help="whole `capwatch search` runs to time")
+    parser.add_argument("--embed-model", type=Path, default=None,
+                        help="an embedding model folder: synthetic vectors get its id and width, and the whole-"
+                        "process figure loads its text model")
+    parser.add_argument("--embed-precision", default="int8")
     args = parser.parse_args()
+    if args.vectors:
+        from search_vectors import run_vectors  # the same folder as this script
+
+        run_vectors(args)
+        return
 
     args.work.mkdir(parents=True, exist_ok=True)
     db = args.work / f"search-{args.images}.db"

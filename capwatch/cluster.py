@@ -42,7 +42,7 @@ from distributed.client import ClosedClientError
 from distributed.scheduler import KilledWorker
 
 from capwatch import __version__
-from capwatch.config import ModelConfig, Provider
+from capwatch.config import Config, EmbedConfig, ModelConfig, Provider
 from capwatch.errors import CapwatchError, ImageError, ModelError
 from capwatch.metadata.safeopen import open_binary
 from capwatch.models.captioner import DescribeOptions
@@ -50,6 +50,7 @@ from capwatch.models.captioner import DescribeOptions
 if TYPE_CHECKING:
     from capwatch.library.process import Described, FileOutcome, Job, Processor
     from capwatch.models.captioner import Captioner
+    from capwatch.models.embedding import ImageTextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class ModelRequest:
     #: What the workers produce besides the caption (keywords, Florence's text), as the coordinator's config
     #: says; None: the caption alone.
     options: DescribeOptions | None = None
+    #: The coordinator's image embedder: its ``[embed]`` section and the model id it resolved to (workers embed
+    #: every image they caption, from the same decode, with the same model); None: no embeddings.
+    embed: tuple[EmbedConfig, str] | None = None
 
     def describe(self) -> str:
         return f"{self.model_id} at revision {self.revision or '(unknown)'} ({self.precision})"
@@ -103,6 +107,16 @@ class BatchResult:
     errors: tuple[str | None, ...]
     keywords: tuple[tuple[str, ...] | None, ...] = ()
     found_text: tuple[str | None, ...] = ()
+    #: Per image its embedding (float32 bytes) when the request asked for them; empty otherwise.
+    vectors: tuple[bytes | None, ...] = ()
+
+    def embeddings(self) -> list[Any] | None:
+        """Per image its embedding (numpy float32) or None, or None when no embeddings were made."""
+        if not self.vectors:
+            return None
+        import numpy as np
+
+        return [None if v is None else np.frombuffer(v, dtype=np.float32) for v in self.vectors]
 
     def described(self) -> list[Described | ImageError]:
         """Per image what :meth:`capwatch.library.process.Processor.complete` takes."""
@@ -168,6 +182,27 @@ def open_worker_captioner(request: ModelRequest, threads: int, env: dict[str, st
     return captioner
 
 
+def open_worker_embedder(request: ModelRequest, threads: int, env: dict[str, str] | os._Environ[str]
+                         ) -> ImageTextEmbedder | None:
+    """The coordinator's embedding model on this worker (pulled like the captioner when allowed), or None when
+    the request has none. Raises ModelError (one line) when it cannot be had or is another model here."""
+    if request.embed is None:
+        return None
+    from capwatch.models.embedding import open_embedder
+
+    embed, model_id = request.embed
+    config = Config(model=dataclasses.replace(request.model, threads=max(1, threads), idle_unload_seconds=0.0),
+                    embed=embed)
+    embedder = open_embedder(config, env, download=True)
+    if embedder is None:
+        return None
+    if embedder.model_id != model_id:
+        embedder.close()
+        raise ModelError(f"embedding model mismatch: this worker has {embedder.model_id}, the coordinator embeds "
+                         f"with {model_id}; give both the same [embed] model")
+    return embedder
+
+
 class CaptionerPlugin(WorkerPlugin):
     """A Dask worker plugin: opens the coordinator's model once on each worker (also on workers that join later)
     and captions batches with it, one at a time.
@@ -181,6 +216,7 @@ class CaptionerPlugin(WorkerPlugin):
     def __init__(self, request: ModelRequest) -> None:
         self.request = request
         self.captioner: Captioner | None = None
+        self.embedder: ImageTextEmbedder | None = None
         self.error: str | None = None
         self.address = ""
         self.local_directory = ""
@@ -199,6 +235,7 @@ class CaptionerPlugin(WorkerPlugin):
         self.local_directory = str(worker.local_directory)
         try:
             self.captioner = open_worker_captioner(self.request, int(worker.state.nthreads), os.environ)
+            self.embedder = open_worker_embedder(self.request, int(worker.state.nthreads), os.environ)
         except CapwatchError as exc:
             self.error = f"worker {self.address}: {exc}"
             log.error("%s", self.error)
@@ -207,6 +244,9 @@ class CaptionerPlugin(WorkerPlugin):
         if self.captioner is not None:
             self.captioner.close()
             self.captioner = None
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
 
     def caption(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
         """Decode each (file name, bytes) and caption the batch. Raises ModelError when this worker has no model."""
@@ -217,10 +257,13 @@ class CaptionerPlugin(WorkerPlugin):
         started = time.monotonic()
         with self._lock:  # one batch at a time: the model already uses every thread of this worker
             tensors: list[Any] = []
+            embed_inputs: list[Any] = []
             errors: list[str | None] = []
             for name, data in items:
                 try:
-                    tensors.append(self._decode(self.captioner, name, data))
+                    caption_input, embed_input = self._decode(self.captioner, name, data)
+                    tensors.append(caption_input)
+                    embed_inputs.append(embed_input)
                     errors.append(None)
                 except ImageError as exc:
                     errors.append(str(exc))
@@ -228,14 +271,22 @@ class CaptionerPlugin(WorkerPlugin):
             said = iter(self.captioner.describe_pixels(np.stack(tensors), options) if tensors else [])
             made = [None if error is not None else next(said) for error in errors]
             detects = options.keywords and self.captioner.detects_objects
+            vectors: tuple[bytes | None, ...] = ()
+            if self.embedder is not None:
+                from capwatch.library.embed import embed_pixels
+
+                made_vectors = iter(embed_pixels(self.embedder, embed_inputs) or [None] * len(embed_inputs))
+                vectors = tuple(None if error is not None else _vector_bytes(next(made_vectors))
+                                for error in errors)
         return BatchResult(
             self.address, time.monotonic() - started,
             tuple(d.caption.text if d is not None and d.caption is not None else None for d in made), tuple(errors),
             tuple(d.keywords if d is not None and detects else None for d in made),
-            tuple(d.text if d is not None else None for d in made))
+            tuple(d.text if d is not None else None for d in made), vectors)
 
-    def _decode(self, captioner: Captioner, name: str, data: bytes) -> Any:
-        """The model input for one image sent as bytes. Decoded from a temporary file with the original suffix
+    def _decode(self, captioner: Captioner, name: str, data: bytes) -> tuple[Any, Any]:
+        """The captioner's and the embedder's inputs (None without one) for one image sent as bytes, from one
+        decode. Decoded from a temporary file with the original suffix
         (RAW and HEIF decoders go by it); its errors name the original file. Raises ImageError."""
         suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
         try:
@@ -243,12 +294,18 @@ class CaptionerPlugin(WorkerPlugin):
                 handle.write(data)
                 handle.flush()
                 try:
-                    return captioner.preprocess_file(Path(handle.name))
+                    from capwatch.library.embed import decode_pair
+
+                    return decode_pair(captioner, self.embedder, Path(handle.name))
                 except ImageError as exc:
                     raise ImageError(str(exc).replace(handle.name, name)) from None
         except OSError as exc:  # this worker's own disk (full, read-only): not the photo's fault
             raise ClusterError(f"worker {self.address}: cannot write a temporary file in {self.local_directory}: "
                                f"{exc.strerror or exc}") from None
+
+
+def _vector_bytes(vector: Any) -> bytes | None:
+    return None if vector is None else bytes(vector.astype("<f4").tobytes())
 
 
 def caption_batch(items: list[tuple[str, bytes]]) -> BatchResult:
@@ -388,10 +445,13 @@ def cluster_state(address: str, *, timeout: float) -> dict[str, Any]:
     return state
 
 
-def model_request(captioner: Captioner, model: ModelConfig, options: DescribeOptions | None = None) -> ModelRequest:
+def model_request(captioner: Captioner, model: ModelConfig, options: DescribeOptions | None = None,
+                  embed: tuple[EmbedConfig, str] | None = None) -> ModelRequest:
     """The request for the model ``captioner`` was opened with, from the ``[model]`` section it came from, asking
-    the workers for what ``options`` names besides the caption."""
-    return ModelRequest(model, captioner.model_id, captioner.revision, captioner.precision, options=options)
+    the workers for what ``options`` names besides the caption, and for embeddings by ``embed`` ([embed]
+    section, model id) when given."""
+    return ModelRequest(model, captioner.model_id, captioner.revision, captioner.precision, options=options,
+                        embed=embed)
 
 
 def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> list[str]:
@@ -638,7 +698,7 @@ def caption_on_cluster(
                 stats = run.workers.setdefault(result.worker, WorkerStats())
                 stats.images += sum(text is not None for text in result.texts)
                 stats.seconds += result.seconds
-                finished = processor.complete(sent.jobs, result.described())
+                finished = processor.complete(sent.jobs, result.described(), result.embeddings())
                 before = len(waiting)
                 settled = retry_or_fail([outcome for _, outcome in finished])
                 run.redone += len(waiting) - before

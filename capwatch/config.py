@@ -212,6 +212,46 @@ class ModelConfig:
     keywords: bool = True
 
 
+#: The embedding model used when the configuration names none (``capwatch models list`` shows it).
+DEFAULT_EMBED_MODEL = "siglip2-base"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Search by meaning: the image–text embedding model (CLIP or SigLIP family).
+
+    Threads, execution providers and the idle unload are those of ``[model]``.
+    """
+
+    #: A registry name (``capwatch models list``), a local model directory in the transformers.js layout
+    #: (``onnx/vision_model.onnx`` + ``onnx/text_model.onnx``; relative to the config file), or "off".
+    model: str = DEFAULT_EMBED_MODEL
+    #: auto: a named model's recommended precision; for a directory, fp32 when it has it, else int8, else fp16.
+    precision: Precision = "auto"
+    #: Images per call of the image encoder.
+    batch_size: Annotated[int, Range(1, 256)] = 8
+
+    @property
+    def off(self) -> bool:
+        """True when search by meaning is switched off."""
+        return self.model.strip().lower() == "off"
+
+    @property
+    def dir(self) -> Path | None:
+        """The model directory when ``model`` names one (an existing directory, or text that looks like a path:
+        it contains a path separator or starts with '.' or '~'), else None (a registry name, or "off")."""
+        if self.off:
+            return None
+        return _as_dir(self.model)
+
+
+def _as_dir(text: str) -> Path | None:
+    candidate = Path(text).expanduser()
+    if candidate.is_dir() or os.sep in text or text.startswith((".", "~")):
+        return candidate
+    return None
+
+
 @dataclass(frozen=True)
 class MetadataConfig:
     write: WriteMode = "embedded"
@@ -306,6 +346,7 @@ class Config:
     ocr: OcrConfig = field(default_factory=OcrConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 
@@ -319,7 +360,8 @@ class Config:
 
 
 def load_config(path: Path | str | None = None, env: Mapping[str, str] = os.environ) -> Config:
-    """Load the configuration in the documented order and apply ``$CAPWATCH_DB`` / ``$CAPWATCH_MODEL``.
+    """Load the configuration in the documented order and apply ``$CAPWATCH_DB`` / ``$CAPWATCH_MODEL`` /
+    ``$CAPWATCH_EMBED_MODEL``.
 
     Raises ConfigError (one line) when an explicitly named file is missing or unreadable, or any file is invalid.
     """
@@ -332,7 +374,8 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] = os.envi
         default = paths.default_config_path(env)
         chosen = default if default.is_file() else None
     config = Config() if chosen is None else load_config_file(chosen)
-    return apply_overrides(config, db=env.get("CAPWATCH_DB") or None, model=env.get("CAPWATCH_MODEL") or None)
+    return apply_overrides(config, db=env.get("CAPWATCH_DB") or None, model=env.get("CAPWATCH_MODEL") or None,
+                           embed_model=env.get("CAPWATCH_EMBED_MODEL") or None)
 
 
 def load_config_file(path: Path) -> Config:
@@ -364,15 +407,31 @@ def load_config_file(path: Path) -> Config:
     except ValueError as exc:  # an integer with more digits than int() converts
         raise ConfigError(f"{path}: invalid TOML: {str(exc).splitlines()[0]}") from None
     config: Config = _build(Config, data, _Ctx(path, ""))
+    embed_dir = config.embed.dir
+    if embed_dir is not None and not embed_dir.is_absolute():
+        # Like every path in a config file: relative to that file, not to wherever the daemon starts.
+        embed = dataclasses.replace(config.embed, model=str(path.parent / embed_dir))
+        config = dataclasses.replace(config, embed=embed)
     return dataclasses.replace(config, source=path)
 
 
-def apply_overrides(config: Config, *, db: str | Path | None = None, model: str | Path | None = None) -> Config:
-    """Return ``config`` with the index path and/or model replaced (CLI flags and environment variables).
+def apply_overrides(
+    config: Config,
+    *,
+    db: str | Path | None = None,
+    model: str | Path | None = None,
+    embed_model: str | Path | None = None,
+) -> Config:
+    """Return ``config`` with the index path, model and/or embedding model replaced (CLI flags and environment
+    variables).
 
     ``model`` is taken as a directory when it names an existing directory or contains a path separator,
-    otherwise as a registry name.
+    otherwise as a registry name. ``embed_model`` replaces ``[embed] model`` as it is (a name, a directory, "off").
     """
+    if embed_model is not None:
+        text = str(embed_model).strip()
+        if text:
+            config = dataclasses.replace(config, embed=dataclasses.replace(config.embed, model=text))
     if db is not None:
         config = dataclasses.replace(config, index=dataclasses.replace(config.index, path=Path(db).expanduser()))
     if model is not None:

@@ -56,7 +56,8 @@ def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
 
 #: What ``capwatch --system`` (or ``$CAPWATCH_SYSTEM=1``) stops taking from the caller's environment: these describe
 #: the caller's own setup, and the system service never sees them.
-PERSONAL_VARIABLES = ("CAPWATCH_CONFIG", "CAPWATCH_DB", "CAPWATCH_MODEL", "CAPWATCH_CACHE_DIR")
+PERSONAL_VARIABLES = ("CAPWATCH_CONFIG", "CAPWATCH_DB", "CAPWATCH_MODEL", "CAPWATCH_EMBED_MODEL",
+                      "CAPWATCH_CACHE_DIR")
 
 
 def system_dirs(env: Mapping[str, str] = os.environ) -> tuple[Path, Path, Path]:

@@ -43,7 +43,7 @@ def test_search_json_lines_follow_the_contract(run_cli: CliRunner, db: Path) -> 
     assert {r["path"] for r in rows} == {"/lib/2023/bike.jpg", "/lib/new lines\nname.jpg"}
     for row in rows:
         assert set(row) == {"path", "caption", "score", "source", "model", "taken_at", "date", "date_from", "field",
-                            "snippet", "media", "pair"}
+                            "snippet", "similarity", "match", "media", "pair"}
         assert row["media"] == "image" and row["pair"] is None
         assert isinstance(row["score"], float)
     assert rows[0]["score"] >= rows[1]["score"]
@@ -187,7 +187,8 @@ def test_search_waits_for_a_writer_instead_of_failing(run_cli: CliRunner, db: Pa
 
 
 @pytest.mark.parametrize("command", [[], ["search"], ["status"], ["scan"], ["caption"], ["watch"], ["models"],
-                                     ["models", "list"], ["models", "pull"], ["models", "info"]])
+                                     ["models", "list"], ["models", "pull"], ["models", "info"], ["similar"],
+                                     ["duplicates"]])
 def test_every_command_has_help(run_cli: CliRunner, command: list[str]) -> None:
     result = run_cli(*command, "--help")
     assert result.code == 0, result.err

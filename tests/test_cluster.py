@@ -172,6 +172,38 @@ def test_captions_made_on_the_cluster_are_identical_to_a_local_scan(
         [(1, "vit-gpt2-tiny-greedy (revision unknown) fp32 on cpu")] * 2
 
 
+def _vectors(db: Path, root: Path) -> dict[str, Any]:
+    import sqlite3
+
+    import numpy as np
+
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT i.path, v.vector FROM image_vectors AS v JOIN images AS i ON i.id = v.image_id")
+    found = {os.path.relpath(path, root): np.frombuffer(blob, dtype=np.float32) for path, blob in rows}
+    conn.close()
+    return found
+
+
+def test_embeddings_are_made_on_the_workers_from_the_same_decode_as_a_local_scan(
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
+    address = cluster[0]
+    local = _library(tmp_path / "local", 9)
+    remote = tmp_path / "remote"
+    shutil.copytree(local, remote)
+    config = _config(tmp_path)
+    env = {"CAPWATCH_EMBED_MODEL": str(MODELS / "siglip-tiny")}
+    at_home = run_cli("--config", config, "--db", tmp_path / "local.db", "--model", TINY, "scan", local, env=env)
+    result = run_cli("--config", config, "--db", tmp_path / "remote.db", "--model", TINY, "scan", remote,
+                     "--cluster", address, env=env)
+    assert at_home.code == result.code == 0, (at_home.err, result.err)
+    # Every image came back with its embedding: nothing was left for this machine to fill in afterwards.
+    assert "9 captioned" in result.out and "embedded" not in result.out, result.out
+    want, got = _vectors(tmp_path / "local.db", local), _vectors(tmp_path / "remote.db", remote)
+    assert sorted(got) == sorted(want) and len(got) == 9
+    for name, vector in got.items():
+        assert float(vector @ want[name]) > 1 - 1e-5, name
+
+
 def test_keywords_made_on_the_cluster_are_those_of_a_local_scan(
         cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     # Florence-2 gives keywords (<OD>) besides the caption: the workers make them, the coordinator writes them.

@@ -185,7 +185,8 @@ def test_example_config_values_are_the_defaults(home: Path) -> None:
 def test_help_texts_point_at_the_global_options(run_cli: CliRunner) -> None:
     top = run_cli("--help").out
     assert "options above" not in top and "options below" in top
-    for command in (("status",), ("search",), ("caption",), ("scan",), ("watch",), ("models", "list")):
+    for command in (("status",), ("search",), ("caption",), ("scan",), ("watch",), ("models", "list"), ("similar",),
+                    ("duplicates",)):
         text = run_cli(*command, "--help").out
         assert "--config" in text and "--db" in text and "--model" in text and "-v" in text, command
         assert "capwatch --help" in text, command

@@ -22,13 +22,16 @@ from capwatch.models.registry import (
 
 SHARED = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
           "tokenizer_config.json")
+#: Embedding models generate nothing: no generation_config.json, and special_tokens_map.json may carry the pad token.
+EMBED_SHARED = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")
 
 
 def test_names_are_unique_and_the_default_is_florence_2_base_ft() -> None:
     names = [spec.name for spec in REGISTRY]
     assert len(names) == len(set(names))
     assert {"florence-2-base-ft", "florence-2-large-ft", "vit-gpt2"} <= set(names)
-    assert [spec.name for spec in REGISTRY if spec.default] == ["florence-2-base-ft"]
+    assert [spec.name for spec in REGISTRY if spec.default and spec.kind == "caption"] == ["florence-2-base-ft"]
     assert default_spec().name == "florence-2-base-ft"
     # the configuration's built-in default model must be something the store can pull
     assert get_spec(ModelConfig().name) == default_spec()
@@ -51,7 +54,7 @@ def test_files_per_precision_are_named_as_transformers_js_loads_them(spec: Model
         paths = [f.path for f in spec.files(precision)]
         suffix = {"fp32": "", "int8": "_quantized", "fp16": "_fp16"}[precision]
         graphs = [f"onnx/{g}{suffix}.onnx" for g in FAMILY_GRAPHS[spec.family]]
-        assert paths == [*SHARED, *graphs]
+        assert paths == [*(EMBED_SHARED if spec.kind == "embed" else SHARED), *graphs]
         assert len(paths) == len(set(paths))
     assert spec.default_precision in spec.precision_names
     required = [f.path for f in spec.files(spec.default_precision) if not f.optional]
@@ -122,3 +125,18 @@ def test_is_commit_accepts_only_full_hashes() -> None:
     assert not is_commit("main")
     assert not is_commit("e88a44e")
     assert not is_commit("E88A44EAF3791A35EAE0C5A47B3DBCD36E67EB6F")
+
+
+def test_embedding_models_are_their_own_kind_with_siglip2_the_default() -> None:
+    from capwatch.config import DEFAULT_EMBED_MODEL, EmbedConfig
+
+    embed = [spec for spec in REGISTRY if spec.kind == "embed"]
+    assert {s.name for s in embed} >= {"siglip2-base", "clip-vit-b32"}
+    assert [s.name for s in embed if s.default] == ["siglip2-base"] == [default_spec(kind="embed").name]
+    assert get_spec(EmbedConfig().model) == default_spec(kind="embed") and DEFAULT_EMBED_MODEL == "siglip2-base"
+    for spec in embed:
+        assert spec.family in ("clip", "siglip") and FAMILY_GRAPHS[spec.family] == ("vision_model", "text_model")
+        assert is_commit(spec.revision) and spec.pinned and spec.default_precision == "int8"
+    assert get_spec("siglip2-base").repo == "onnx-community/siglip2-base-patch16-224-ONNX"
+    assert get_spec("clip-vit-b32").repo == "Xenova/clip-vit-base-patch32"
+    assert all(spec.kind == "caption" for spec in REGISTRY if spec.family in ("florence2", "vision-encoder-decoder"))

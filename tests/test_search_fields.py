@@ -114,7 +114,7 @@ def test_upgrade_from_version_4_makes_old_rows_findable_by_word_form_and_cjk(tmp
     )
     conn.close()
     with Index.open(db) as index:
-        assert index.schema_version() == SCHEMA_VERSION
+        assert index.schema_version() == SCHEMA_VERSION >= 5
         assert _paths(index, "puppy") == ["/lib/a.jpg"]
         assert _paths(index, "runs") == ["/lib/a.jpg"]
         assert _paths(index, "桜") == ["/lib/b.jpg"]
@@ -363,7 +363,8 @@ def test_migration_5_killed_midway_leaves_schema_4_whole_and_runs_again(tmp_path
     assert check.execute("SELECT count(*) FROM images").fetchone()[0] == ROWS
     check.close()
     # All or nothing: schema 4 as it was (the kill came in time, as it does on this machine) or all of 5.
-    assert (version, "keywords" in columns, "porter" in fts) in ((4, False, False), (5, True, True))
+    # (A kill after migration 5 committed may land in a later one: that leaves 5 whole too.)
+    assert (min(version, 5), "keywords" in columns, "porter" in fts) in ((4, False, False), (5, True, True))
     with Index.open(db) as index:
         assert index.schema_version() == SCHEMA_VERSION
         assert len(_paths(index, "boat", limit=3)) == 3

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import isolated_env
 from tests.web_helpers import RED_CAPTION, Library, Served, build_library, exif_fields, serving, write_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -145,3 +147,67 @@ def test_a_conflict_page_lets_the_person_choose_in_chromium(served: tuple[Librar
     browser.find_element(By.ID, "save").click()
     _wait(browser, lambda d: "done=saved" in d.current_url)
     assert exif_fields(red)["XMP-dc:Description"] == "Anna's red bike"
+
+
+@pytest.fixture
+def served_with_meaning(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
+    """A library scanned with the tiny captioner and the tiny SigLIP embedder (astronaut, a copy of it, a cat, a
+    cup of coffee), served by a real `capwatch serve` whose [embed] model is that embedder."""
+    fixtures = Path(__file__).parent / "fixtures"
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name, source in (("astronaut.jpg", "astronaut.jpg"), ("astronaut-copy.jpg", "astronaut.jpg"),
+                         ("chelsea.jpg", "chelsea.jpg"), ("coffee.jpg", "coffee.jpg")):
+        shutil.copy(fixtures / "photos" / source, root / name)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{root}"]\n[index]\npath = "{tmp_path / "index.db"}"\n'
+                      f'[model]\ndir = "{fixtures / "models" / "vit-gpt2-tiny-greedy"}"\nprecision = "fp32"\n'
+                      f'[embed]\nmodel = "{fixtures / "models" / "siglip-tiny"}"\n')
+    env = isolated_env(tmp_path)
+    scan = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "scan"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert scan.returncode == 0, scan.stderr
+    with serving(tmp_path, config) as server:
+        yield root, server
+
+
+def test_meaning_hits_similar_photos_and_duplicates_in_chromium(served_with_meaning: tuple[Path, Served],
+                                                                 browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    root, server = served_with_meaning
+    url = server.url
+    browser.get(server.login_url)
+    # No caption or path has these words: every tile is a hit by meaning, and says so.
+    browser.get(url + "?q=zebra+grazing")
+    tiles = browser.find_elements(By.CSS_SELECTOR, "#results .tile")
+    assert len(tiles) == 4
+    labels = [t.find_element(By.CSS_SELECTOR, ".why.meaning").text for t in tiles]
+    assert all(label.startswith("by meaning · similarity") for label in labels)
+    # A word hit is still marked as one.
+    browser.get(url + "?q=path:coffee")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results .tile")) == 1
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results .why.meaning")
+    # The photo page shows the most similar photos first: the copy of the astronaut.
+    browser.get(url + "?q=path:astronaut.jpg")
+    browser.find_element(By.CSS_SELECTOR, "#results .tile a").click()
+    _wait(browser, lambda d: "/photo/" in d.current_url)
+    section = browser.find_element(By.ID, "similar")
+    assert section.find_element(By.TAG_NAME, "h2").text == "Similar photos"
+    similar = section.find_elements(By.CSS_SELECTOR, ".tile")
+    assert len(similar) == 3
+    first = similar[0].find_element(By.TAG_NAME, "img")
+    _wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                                              first))
+    similar[0].find_element(By.TAG_NAME, "a").click()
+    _wait(browser, lambda d: "/photo/" in d.current_url)
+    assert browser.find_element(By.CSS_SELECTOR, "dd.path").text == str(root / "astronaut-copy.jpg")
+    # The duplicates view, reached from the header, groups the copy with its original.
+    browser.find_element(By.LINK_TEXT, "Duplicates").click()
+    _wait(browser, lambda d: "/duplicates" in d.current_url)
+    groups = browser.find_elements(By.CSS_SELECTOR, "section.duplicates")
+    assert len(groups) == 1
+    assert [p.text for p in groups[0].find_elements(By.CSS_SELECTOR, ".path")] == \
+        [str(root / "astronaut-copy.jpg"), str(root / "astronaut.jpg")]
+    browser.get(url + "duplicates?threshold=1.5")
+    assert "threshold" in browser.find_element(By.TAG_NAME, "body").text

@@ -8,7 +8,7 @@ Exit codes (the CLI contract): 0 ok; 1 some files failed (the others were still 
 index error, reported as ONE line on stderr (``capwatch: error: ...``), never a traceback.
 """
 
-from capwatch.cli import captioning, find, models, running, serving
+from capwatch.cli import captioning, find, meaning, models, running, serving
 from capwatch.cli.app import cli, main
 
-__all__ = ["captioning", "cli", "find", "main", "models", "running", "serving"]
+__all__ = ["captioning", "cli", "find", "main", "meaning", "models", "running", "serving"]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from capwatch.library.index import Index
     from capwatch.library.process import FileOutcome, Processor
     from capwatch.models.captioner import Captioner
+    from capwatch.models.embedding import ImageTextEmbedder
 
 from capwatch.cli.app import _global_options, _load, _open_captioner, _open_index, _roots, cli, log
 
@@ -105,12 +106,17 @@ def _recover_writes() -> None:
 
 
 def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
-               force: bool = False) -> Processor:
+               force: bool = False, embedder: ImageTextEmbedder | None = None) -> Processor:
+    """A processor for these files; it embeds every image it reads when an index is written and the embedding
+    model can be had (``embedder``, else the configured one)."""
+    from capwatch.library.embed import open_embedder_if_available
     from capwatch.library.process import Processor, hooks_from_env
     from capwatch.metadata import Journal
 
+    if embedder is None and index is not None and not dry_run:
+        embedder = open_embedder_if_available(config)
     return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
-                     hooks=hooks_from_env(os.environ))
+                     hooks=hooks_from_env(os.environ), embedder=embedder)
 
 
 @contextmanager
@@ -206,14 +212,20 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
             if force:
                 to_caption.extend(Path(r.path) for r in index.iter_records(root.path)
                                   if r.status in ("captioned", "described", "error"))
-        captioned = failed = 0
+        captioned = failed = embedded = 0
+        embedder = None if no_caption else _embedder(config)
         if not no_caption and to_caption:
             if scheduler:
                 captioned, failed = _caption_on_cluster(config, index, to_caption, force, scheduler)
             else:
-                captioned, failed = _caption_all(config, index, to_caption, force)
+                captioned, failed = _caption_all(config, index, to_caption, force, embedder)
         present = [root for root in roots if root.path not in missing_paths]
         filled = _fill_in(config, index, present) if not no_caption else None
+        if embedder is not None:
+            # Every indexed image below the roots gets its embedding, without being captioned again (a library
+            # captioned before search by meaning was on, a person's photo, a cluster run).
+            embedded, embed_failures = _fill_embeddings(index, embedder, [r.path for r in roots if r.path])
+            failed += len(embed_failures)
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
@@ -229,6 +241,8 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
     if filled is not None and filled.rows:
         kinds = ", ".join(f"{kind} {count}" for kind, count in filled.by_kind)
         summary += f"; {filled.rows} filled in without captioning again ({kinds})"
+    if embedded:
+        summary += f", {embedded} embedded"
     failures = totals["errors"] + failed + (len(filled.failed) if filled is not None else 0)
     if failures:
         summary += f"; {failures} failed (listed above)"
@@ -271,10 +285,30 @@ def _report_failure(path: str | Path, message: str) -> None:
     click.echo(f"{path}: error: {text}", err=True)
 
 
-def _caption_all(config: Config, index: Index, paths: list[Path], force: bool) -> tuple[int, int]:
+def _embedder(config: Config) -> ImageTextEmbedder | None:
+    from capwatch.library.embed import open_embedder_if_available
+
+    return open_embedder_if_available(config)
+
+
+def _fill_embeddings(index: Index, embedder: ImageTextEmbedder, roots: Sequence[Path]
+                     ) -> tuple[int, list[tuple[str, str]]]:
+    from capwatch.library.embed import fill_missing
+
+    progress = _Progress("embedding")
+    done, failures = fill_missing(index, embedder, roots, progress=progress)
+    progress.done()
+    for path, message in failures:
+        _report_failure(path, message)
+    return done, failures
+
+
+def _caption_all(config: Config, index: Index, paths: list[Path], force: bool,
+                 embedder: ImageTextEmbedder | None = None) -> tuple[int, int]:
     captioner = _open_captioner(config)
     try:
-        tally = _caption_many(_processor(config, index, captioner, force=force), paths, skip_captioned=not force)
+        tally = _caption_many(_processor(config, index, captioner, force=force, embedder=embedder), paths,
+                              skip_captioned=not force)
     finally:
         captioner.close()
     return tally.captioned, tally.failed
@@ -375,7 +409,10 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
     try:
         with dask_cluster.connect(scheduler, timeout=settings.connect_timeout_seconds,
                                   verbose=log.isEnabledFor(logging.DEBUG)) as client:
-            request = dask_cluster.model_request(captioner, config.model, processor.describe)
+            embedder = processor.embedder
+            request = dask_cluster.model_request(
+                captioner, config.model, processor.describe,
+                embed=(config.embed, embedder.model_id) if embedder is not None else None)
             workers = dask_cluster.install(client, request, wait_seconds=settings.worker_wait_seconds)
             log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
             run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,

@@ -15,9 +15,9 @@ from capwatch.library.livephoto import motion_of
 from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
-    pass
+    from capwatch.library.index import Index
 
-from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, cli
+from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, cli, log
 
 # -- search -----------------------------------------------------------------------------------------------------
 
@@ -73,10 +73,14 @@ class _SearchCommand(click.Command):
               help="Only captions written by people, by the model, or found in the file as camera boilerplate.")
 @click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
               help="Best match first, or newest (date taken) first.")
+@click.option("--by", type=click.Choice(["words", "meaning", "both"]), default="both", show_default=True,
+              help="Match the words, the meaning (image embeddings: puppy finds a dog on a couch), or both in one "
+              "ranked list.")
 @click.pass_context
 def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only: bool, null_sep: bool, limit: int,
-           in_dir: Path | None, since: str | None, until: str | None, source: str | None, sort: str) -> None:
-    """Find images whose caption, keywords, text in the image or path match WORDS.
+           in_dir: Path | None, since: str | None, until: str | None, source: str | None, sort: str,
+           by: str) -> None:
+    """Find images whose caption, keywords, text in the image or path match WORDS, or whose picture means them.
 
     \b
     Words are ANDed and match any word form (puppies finds puppy).
@@ -86,6 +90,10 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     (3+ characters match inside words: text:B12 finds AB1234), path:WORD path.
     CJK matches inside text: 桜 finds 日本の桜.
     Dates use the date taken (EXIF), or the file's time when the camera gave none.
+    By meaning: plain words are also compared with the pictures themselves
+    (--by both, the default, ranks both kinds of hit in one list; every
+    filter and field term applies to them; a hit no word matched is shown
+    "by meaning").
 
     \b
     Examples:
@@ -94,8 +102,11 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search bike OR bicycle --since 2023 --in ~/Pictures/2023
       capwatch search kw:dog 'text:"exit 12"' --sort date
       capwatch search --paths -0 sunset | xargs -0 ls -l
+      capwatch search puppy on a couch --by meaning
     """
     from capwatch.errors import QueryError
+    from capwatch.library.meaning import meaning_text
+    from capwatch.library.meaning import search as find
     from capwatch.library.search import make_filters, parse_query
 
     if as_json and paths_only:
@@ -109,15 +120,25 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
     marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
     with _open_index(config, readonly=True) as index:
-        hits = index.search(query, filters, limit=limit, highlight=marks, sort="date" if sort == "date" else "score")
+        vector = None
+        if by != "words":
+            vector, why = _query_vector(config, index, meaning_text(query))
+            if vector is None and by == "meaning":
+                raise QueryError(f"--by meaning: {why}")
+            if vector is None:
+                log.debug("searching by words only: %s", why)
+        hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
+                    highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
         motion = motion_of(hit.path)
         if as_json:
-            out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 4),
+            out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 6),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
                                   "date": hit.date, "date_from": hit.date_from,
                                   "field": hit.field, "snippet": hit.snippet,
+                                  "similarity": None if hit.similarity is None else round(hit.similarity, 6),
+                                  "match": hit.match,
                                   "media": "video" if is_video_name(hit.path) else "image",
                                   # A Live Photo's motion, one asset with the still (None for everything else).
                                   "pair": str(motion) if motion is not None else None},
@@ -128,7 +149,9 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
             kind = "  (video)" if is_video_name(hit.path) else f"  (Live Photo with {motion.name})" if motion else ""
             # A file without a caption yet (matched by its path, keywords or text) gets no empty line.
             out.write(f"{hit.path}{kind}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
-            if hit.field in _SHOWN_FIELDS:
+            if hit.match == "meaning":
+                out.write(f"    by meaning (similarity {hit.similarity or 0.0:.3f})\n")
+            elif hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
     if not hits and in_dir is not None and not os.path.isdir(in_dir):
@@ -136,6 +159,43 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
         raise QueryError(f"--in {in_dir}: that folder does not exist (and nothing indexed below it matches)")
     if not hits and not as_json and not paths_only:
         click.echo("no matches", err=True)
+
+
+#: Nearest images asked of a running daemon (which holds the codes in memory): enough for a page of results
+#: after filters in most searches; when too few pass, this process searches itself.
+DAEMON_NEAREST = 1000
+
+
+def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
+    """The query's text embedding (the configured model, loaded here), or (None, why not)."""
+    from capwatch.library.meaning import NO_PLAIN_WORDS
+
+    if not text:
+        return None, NO_PLAIN_WORDS
+    if config.embed.off:
+        return None, 'search by meaning is off ([embed] model = "off")'
+    if index.embedded_count() == 0:
+        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in"
+    # Imported only now: numpy and the model layer cost a word search nothing.
+    from capwatch.daemon.textserver import ask
+    from capwatch.library.embed import query_embedder, query_vector
+
+    answer = ask(config.index_path(), text, nearest=DAEMON_NEAREST)
+    if answer is not None:
+        from capwatch.library.meaning import QueryVector
+        from capwatch.library.vectors import Vectors
+
+        model, vector, nearest = answer
+        if Vectors(index).count(model):
+            log.debug("the query's text embedding came from the running daemon (%s)", model)
+            return QueryVector(model, vector, nearest), ""
+    embedder, why = query_embedder(config)
+    if embedder is None:
+        return None, why
+    try:
+        return query_vector(index, embedder, text)
+    finally:
+        embedder.close()
 
 
 # -- status -----------------------------------------------------------------------------------------------------
@@ -231,9 +291,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     index_path = config.index_path()
     _check_readable(index_path)
     live = _live_state(index_path)
+    embedded = 0
     if index_path.exists():
         with _open_index(config, readonly=True) as index:
             stats = index.stats()
+        embedded = stats.embedded
         images, captioned, size = stats.images, stats.captioned, stats.size_bytes
         videos, videos_captioned = stats.videos, stats.videos_captioned
         by_status, by_source = stats.by_status, stats.by_source
@@ -246,7 +308,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "described": int(by_status.get("described", 0)), "errors": int(by_status.get("error", 0)),
         # Of "images": the videos, and how many of them have a caption.
         "videos": videos, "videos_captioned": videos_captioned,
-        "by_status": by_status, "by_source": by_source, "last_errors": errors,
+        "by_status": by_status, "by_source": by_source, "last_errors": errors, "embedded": embedded,
         # While a daemon runs, the model is the one it runs (its configuration may not be ours).
         "index": str(index_path), "index_bytes": size,
         "model": str(live.get("model") or _model_label(config)) if live else _model_label(config),
@@ -268,6 +330,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"images     {images}" + (f"  (videos {videos}, {videos_captioned} captioned)" if videos else ""))
     click.echo(f"captioned  {captioned}  (model {by_source.get('model', 0)}, human {by_source.get('human', 0)}, "
                f"embedded {by_source.get('embedded', 0)})")
+    click.echo(f"embedded   {embedded}  (search by meaning)")
     click.echo(f"pending    {payload['pending']}")
     click.echo(f"errors     {payload['errors']}")
     for entry in errors:

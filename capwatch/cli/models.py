@@ -22,7 +22,7 @@ from capwatch.cli.app import _global_options, _human_bytes, _load, cli
 
 @cli.group()
 def models() -> None:
-    """List, download and inspect captioning models."""
+    """List, download and inspect captioning and embedding models."""
 
 
 @models.command("list")
@@ -30,7 +30,11 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
-    """Known models, which one is the default, and what is in the local cache."""
+    """Known models, which one is the default, and what is in the local cache.
+
+    Captioning models (kind caption, [model]) come first, then image–text embedding models (kind embed, [embed]);
+    "*" marks the ones the configuration uses.
+    """
     from capwatch.models.store import list_models
 
     config = _load(ctx)
@@ -38,7 +42,11 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(dataclasses.asdict(status)))
             continue
-        chosen = "*" if status.name == config.model.name and config.model.dir is None else " "
+        if status.kind == "embed":
+            used = status.name == config.embed.model and config.embed.dir is None and not config.embed.off
+        else:
+            used = status.name == config.model.name and config.model.dir is None
+        chosen = "*" if used else " "
         cached = ",".join(status.cached_precisions) if status.cached_precisions else "-"
         default = "default" if status.default else ""
         click.echo(f"{chosen} {status.name:<20} {default:<8} {status.family:<23} cached: {cached:<14} "
@@ -68,8 +76,13 @@ def models_pull(ctx: click.Context, name: str, precision: str | None) -> None:
 
     # --precision names the precision of every graph; otherwise the configured precision applies, and the
     # configured graph_precision too when NAME is the configured model (its graph names may not exist in another)
+    spec = get_spec(name)
     if precision:
         wanted = precision_key(precision)
+    elif spec.kind == "embed":
+        # an embedding model: [embed] precision, whether or not it is the configured one
+        embed_precision = config.embed.precision
+        wanted = spec.default_key if embed_precision == "auto" else precision_key(embed_precision)
     elif name == config.model.name and config.model.dir is None:
         wanted = wanted_precision(get_spec(name), config.model)
     else:

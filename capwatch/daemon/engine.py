@@ -144,6 +144,8 @@ class Engine:
         self.roots = roots
         self.index_path = index_path
         self.captioner = captioner
+        #: The image embedder (search by meaning), opened with the first processor; None when off/unavailable.
+        self.embedder: Any = None
         self.stop_event = threading.Event()
         self.queue = JobQueue(config.watch.queue_size)
         self.inbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
@@ -189,8 +191,13 @@ class Engine:
         from capwatch.library.process import Processor, hooks_from_env
         from capwatch.metadata import Journal
 
+        if self.embedder is None:
+            from capwatch.library.embed import open_embedder_if_available
+
+            # Never a download from the daemon's model thread: `capwatch models pull` or a scan fetches it.
+            self.embedder = open_embedder_if_available(self.config, download=False)
         processor: BatchProcessor = Processor(self.config, index, self.captioner, journal=Journal.default(),
-                                              hooks=hooks_from_env(os.environ))
+                                              hooks=hooks_from_env(os.environ), embedder=self.embedder)
         return _ModelGuard(processor, self._model_failed)
 
     def _model_failed(self, exc: ModelError) -> None:
@@ -208,10 +215,11 @@ class Engine:
         return self.settling > 0 or self.backfill_active or not self.inbox.empty()
 
     def _idle(self) -> None:
-        unload = getattr(self.captioner, "unload_if_idle", None)
-        if callable(unload):
-            with contextlib.suppress(Exception):
-                unload()
+        for model in (self.captioner, self.embedder):
+            unload = getattr(model, "unload_if_idle", None)
+            if callable(unload):
+                with contextlib.suppress(Exception):
+                    unload()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

@@ -145,6 +145,7 @@ class Daemon:
         # Counters of the engines that already stopped: a reload or the model's arrival restarts the engine, and
         # `capwatch status` counts since the process started.
         self._totals = _Totals()
+        self._text_server: Any = None
 
     # -- public lifecycle ---------------------------------------------------------------------------------
 
@@ -161,6 +162,12 @@ class Daemon:
                 recover_writes(log)
                 self._model_source, self._captioner = self._find_model(self.config)
             self._start_engine()
+            if not self.config.embed.off:
+                from capwatch.daemon.textserver import TextEmbedServer
+
+                # Searches ask this daemon for their query's text embedding instead of loading the model.
+                self._text_server = TextEmbedServer(self.config, self.index_path)
+                self._text_server.start()
             self._notifier.notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
             log.info("capwatch daemon ready (pid %d, index %s)", os.getpid(), self.index_path)
             code = self._loop()
@@ -171,6 +178,8 @@ class Daemon:
             if source is not None:
                 source.cancel()  # a download ends at its next MiB while the batch in hand is finished
             clean = self._stop_engine()
+            if self._text_server is not None:
+                self._text_server.stop()
             if source is not None and not source.stop(1.0):
                 log.debug("model download still in a network call; leaving it (its bytes are kept for next time)")
             if self._captioner is not None:

@@ -176,6 +176,72 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO images_ocr_tri(images_ocr_tri) VALUES ('rebuild')")
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    # Image embeddings for search by meaning (capwatch.library.vectors). Plain tables, no extension module: any
+    # SQLite client (and a Python that cannot load extensions) reads and writes them.
+    # One float32 vector per image and embedding model: the exact values, for rescoring and the similarity shown.
+    db.execute(
+        """
+        CREATE TABLE image_vectors (
+            image_id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            -- the image's fingerprint when it was embedded: a file changed since is embedded again
+            fingerprint TEXT,
+            vector BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX image_vectors_model ON image_vectors(model, image_id)")
+    # Sign bits of the vectors, packed in blocks of up to BLOCK rows (ids int64 + codes), so a search loads a
+    # million of them in a few hundred reads instead of a million. Appended to as vectors are written; an entry
+    # whose vector was replaced or deleted stays until the blocks are rebuilt (rescoring looks the id up).
+    db.execute(
+        """
+        CREATE TABLE vector_blocks (
+            model TEXT NOT NULL,
+            block INTEGER NOT NULL,
+            ids BLOB NOT NULL,
+            codes BLOB NOT NULL,
+            PRIMARY KEY (model, block)
+        )
+        """
+    )
+    # Per model: width, entries in the blocks, live vectors, a version that moves on every change (readers
+    # holding the codes in memory reload when it moved), and the centre the sign bits are taken around (the mean
+    # vector when the blocks were last rebuilt, over `centred` vectors; NULL = the origin).
+    db.execute(
+        """
+        CREATE TABLE vector_models (
+            model TEXT PRIMARY KEY,
+            dim INTEGER NOT NULL,
+            entries INTEGER NOT NULL DEFAULT 0,
+            live INTEGER NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0,
+            centre BLOB,
+            centred INTEGER NOT NULL DEFAULT 0
+        )
+        """
+    )
+    # Kept in step by triggers, so any client's deletes are counted (no foreign key: that needs a pragma).
+    db.execute(
+        "CREATE TRIGGER image_vectors_image_gone AFTER DELETE ON images BEGIN "
+        "DELETE FROM image_vectors WHERE image_id = old.id; END"
+    )
+    db.execute(
+        "CREATE TRIGGER image_vectors_insert AFTER INSERT ON image_vectors BEGIN "
+        "UPDATE vector_models SET live = live + 1, version = version + 1 WHERE model = new.model; END"
+    )
+    db.execute(
+        "CREATE TRIGGER image_vectors_delete AFTER DELETE ON image_vectors BEGIN "
+        "UPDATE vector_models SET live = live - 1, version = version + 1 WHERE model = old.model; END"
+    )
+    db.execute(
+        "CREATE TRIGGER image_vectors_update AFTER UPDATE ON image_vectors BEGIN "
+        "UPDATE vector_models SET live = live - 1, version = version + 1 WHERE model = old.model; "
+        "UPDATE vector_models SET live = live + 1, version = version + 1 WHERE model = new.model; END"
+    )
+
+
 def _filled_and_owner_roots(db: sqlite_utils.Database) -> None:
     # What was made for a row beyond its caption ("text", "keywords"; newline-joined): a scan fills in what the
     # current settings would produce and a row lacks (capwatch.library.fill) without captioning again, and must
@@ -193,6 +259,7 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...]
     (3, "covering index for stat-only reconcile", _migration_3),
     (4, "ctime and sidecar state", _migration_4),
     (5, "keywords, text in images; porter, CJK and substring search", _migration_5),
-    (6, "what was filled in per image; the owner's scanned folders", _filled_and_owner_roots),
+    (6, "image embeddings for search by meaning", _migration_6),
+    (7, "what was filled in per image; the owner's scanned folders", _filled_and_owner_roots),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
+from capwatch.library.embed import decode_pair, embed_paths, embed_pixels, lacking
+from capwatch.library.embed import store as store_vectors
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.livephoto import still_by_content, still_of
 from capwatch.library.scan import (
@@ -55,6 +57,7 @@ from capwatch.metadata.safeopen import file_kind
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
+    from capwatch.models.embedding import ImageTextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +173,12 @@ class _Decoded:
     the result is used only for a snapshot with the same stat, taken from a file that had settled)."""
 
     identity: FileIdentity
-    pixels: Any | None
+    #: (captioner input, embedder input or None), from one decode.
+    pixels: tuple[Any, Any] | None
     error: str | None
 
 
-def _decode(captioner: Captioner, path: str) -> _Decoded | None:
+def _decode(captioner: Captioner, embedder: ImageTextEmbedder | None, path: str) -> _Decoded | None:
     """Decode ``path`` for ``captioner``; None when the file changed meanwhile or had just changed (its stat then
     proves nothing about its content, see FileIdentity.settled)."""
     try:
@@ -183,7 +187,7 @@ def _decode(captioner: Captioner, path: str) -> _Decoded | None:
         if not identity.settled:
             return None
         try:
-            pixels, error = captioner.preprocess_file(Path(path)), None
+            pixels, error = decode_pair(captioner, embedder, Path(path)), None
         except ImageError as exc:
             pixels, error = None, str(exc)
         if not identity.matches_stat(os.stat(path)):
@@ -214,10 +218,12 @@ class Processor:
 
     def __init__(self, config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                  force: bool = False, clock: Callable[[], float] = time.time, journal: Journal | None = None,
-                 hooks: WriteHooks | None = None) -> None:
+                 hooks: WriteHooks | None = None, embedder: ImageTextEmbedder | None = None) -> None:
         self.config = config
         self.index = index
         self.captioner = captioner
+        #: Embeds every image it reads (captioned or not) from the same decode; None: no search by meaning.
+        self.embedder = embedder
         self.dry_run = dry_run
         self.force = force
         self.clock = clock
@@ -236,6 +242,8 @@ class Processor:
         self._ahead: dict[str, Future[_Decoded | None]] = {}
         self._ahead_lock = threading.Lock()
         self._decoder: ThreadPoolExecutor | None = None
+        #: path -> embedding, for the batch being completed.
+        self._vectors: dict[str, Any] = {}
 
     def decode_ahead(self, paths: Sequence[Path]) -> None:
         """Start decoding ``paths`` (JPEG decode, orientation, resize, normalise) on a background thread, so that
@@ -252,7 +260,7 @@ class Processor:
                 spath = normalise_path(path)
                 if spath in self._ahead or len(self._ahead) >= limit:
                     continue
-                self._ahead[spath] = self._decoder.submit(_decode, self.captioner, spath)
+                self._ahead[spath] = self._decoder.submit(_decode, self.captioner, self.embedder, spath)
 
     def close(self) -> None:
         """Stop the decode-ahead thread (decodes not taken are dropped)."""
@@ -275,7 +283,7 @@ class Processor:
             if decoded.error is not None:
                 raise ImageError(decoded.error)
             return decoded.pixels
-        return self.captioner.preprocess_file(Path(job.path))
+        return decode_pair(self.captioner, self.embedder, Path(job.path))
 
     def process_batch(self, paths: Sequence[Path], *, skip_captioned: bool = True) -> list[FileOutcome]:
         """Caption ``paths`` (in batches of ``model.batch_size``) and return one outcome per path, in order.
@@ -291,6 +299,7 @@ class Processor:
             for start in range(0, len(jobs), size):
                 for position, outcome in self._caption_chunk(jobs[start:start + size]):
                     outcomes[position] = outcome
+            self._embed_uncaptioned([o for o in outcomes.values() if o.error is None and not o.changed])
         finally:
             # Decodes of files that did not reach the model (skipped, failed, kept) are dropped with the batch.
             with self._ahead_lock:
@@ -316,18 +325,23 @@ class Processor:
                 jobs.append((position, result))
         return outcomes, jobs
 
-    def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError]
-                 ) -> list[tuple[int, FileOutcome]]:
+    def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError],
+                 vectors: Sequence[Any] | None = None) -> list[tuple[int, FileOutcome]]:
         """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
         group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
         in the index. ``results`` holds per job what the model said (a Described, or the raw caption text
         alone), or the ImageError that made it impossible (the image could not be decoded), which is recorded as
         that file's error. With ``[ocr] engine = "rapidocr"`` the text in each image is read here, from the file.
 
+        ``vectors`` (per job, the image embedding of the processor's embedder, None for a job without one) are
+        stored for the files whose caption was recorded.
+
         Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
         """
         failed: list[tuple[int, FileOutcome]] = []
         finished: list[tuple[int, _Job, Described]] = []
+        if vectors is not None:
+            self._vectors = {job.path: v for (_, job), v in zip(jobs, vectors, strict=True) if v is not None}
         for (position, job), result in zip(jobs, results, strict=True):
             if isinstance(result, ImageError):
                 failed.append((position, self._fail(job.path, str(result), job.snap)))
@@ -335,7 +349,10 @@ class Processor:
                 said = Described(result) if isinstance(result, str) else result
                 said = replace(said, caption=clean_caption(said.caption))
                 finished.append((position, job, self._with_text(job, said)))
-        return failed + self._finish(finished)
+        try:
+            return failed + self._finish(finished)
+        finally:
+            self._vectors = {}
 
     def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
@@ -441,9 +458,12 @@ class Processor:
         results: list[tuple[int, FileOutcome]] = []
         ready: list[tuple[int, _Job]] = []
         tensors = []
+        embed_inputs = []
         for position, job in chunk:
             try:
-                tensors.append(self._pixels(job))
+                caption_input, embed_input = self._pixels(job)
+                tensors.append(caption_input)
+                embed_inputs.append(embed_input)
                 ready.append((position, job))
             except ImageError as exc:
                 results.append((position, self._fail(job.path, str(exc), job.snap)))
@@ -459,7 +479,10 @@ class Processor:
         for number, ((_, job), described) in enumerate(zip(ready, said, strict=True)):
             if isinstance(described, Described) and is_video(job.path, job.snap.metadata.format):
                 said[number] = self._video_frames(job, described)
-        return results + self.complete(ready, said)
+        vectors = None
+        if self.embedder is not None and not self.dry_run:
+            vectors = embed_pixels(self.embedder, embed_inputs)
+        return results + self.complete(ready, said, vectors)
 
     def _video_frames(self, job: _Job, said: Described) -> Described | ImageError:
         """A video's description with the keywords and text of its other chosen frames merged in."""
@@ -520,7 +543,27 @@ class Processor:
                                                       text=said.text)))
         if self.index is not None and records:
             self.index.upsert_many(records)
+            self._store_vectors([(r.path, r.fingerprint) for r in records])
         return results
+
+    def _store_vectors(self, rows: Sequence[tuple[str, str | None]]) -> None:
+        """Store the embeddings made with this batch's captions for the rows just recorded (their fingerprint
+        as recorded: what the file holds after the write)."""
+        if self.index is None or self.embedder is None or not self._vectors:
+            return
+        items = [(path, fp, self._vectors[path]) for path, fp in rows if path in self._vectors]
+        store_vectors(self.index, self.embedder.model_id, items)
+
+    def _embed_uncaptioned(self, outcomes: Sequence[FileOutcome]) -> None:
+        """Embed the files of a batch that were not captioned (a person's description kept, already captioned)
+        and have no current vector: every image read gets one. A file that cannot be decoded keeps its row as
+        it is (logged)."""
+        if self.index is None or self.embedder is None or self.dry_run or not outcomes:
+            return
+        todo = lacking(self.index, self.embedder.model_id, [o.path for o in outcomes])
+        _, failures = embed_paths(self.index, self.embedder, todo)
+        for path, message in failures:
+            log.warning("no embedding: %s", message if message.startswith(path) else f"{path}: {message}")
 
     def _record_index_only(self, job: _Job, said: Described, now: str) -> FileOutcome:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
@@ -550,6 +593,7 @@ class Processor:
         record = _mark_found(record, said)
         if self.index is not None:
             self.index.upsert(record)
+            self._store_vectors([(record.path, record.fingerprint)])
         return FileOutcome(path, text, self.captioner.model_id,
                            skipped=INDEX_ONLY if job.index_only else WRITING_OFF, keywords=said.keywords or (),
                            text=said.text)

@@ -78,7 +78,8 @@ class ModelInfo:
 
 _KNOWN_SUFFIXES = ("_quantized", "_fp16", "_q4f16", "_q4", "_bnb4", "_int8", "_uint8")
 _PRECISION_OF_SUFFIX = {suffix: precision for precision, suffix in PRECISION_SUFFIX.items()}
-_FAMILY_OF_MODEL_TYPE = {"florence2": "florence2", "vision-encoder-decoder": "vision-encoder-decoder"}
+_FAMILY_OF_MODEL_TYPE = {"florence2": "florence2", "vision-encoder-decoder": "vision-encoder-decoder",
+                         "clip": "clip", "siglip": "siglip"}
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
                "forced_eos_token_id")
 _GENERATION_KEYS = ("num_beams", "max_length", "max_new_tokens", "min_length", "no_repeat_ngram_size",

@@ -31,7 +31,11 @@ from typing import Literal
 from capwatch.config import Precision
 from capwatch.errors import ModelError
 
-Family = Literal["florence2", "vision-encoder-decoder"]
+Family = Literal["florence2", "vision-encoder-decoder", "clip", "siglip"]
+#: What a model is for: captioning ([model]) or image–text embeddings for search by meaning ([embed]).
+Kind = Literal["caption", "embed"]
+#: Families of image–text embedding models; every other family captions.
+EMBED_FAMILIES: tuple[Family, ...] = ("clip", "siglip")
 
 #: File-name suffix of each precision, as Optimum / transformers.js name the variants.
 PRECISION_SUFFIX: Mapping[Precision, str] = {"fp32": "", "int8": "_quantized", "fp16": "_fp16"}
@@ -40,6 +44,8 @@ PRECISION_SUFFIX: Mapping[Precision, str] = {"fp32": "", "int8": "_quantized", "
 FAMILY_GRAPHS: Mapping[Family, tuple[str, ...]] = {
     "florence2": ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged"),
     "vision-encoder-decoder": ("encoder_model", "decoder_model_merged"),
+    "clip": ("vision_model", "text_model"),
+    "siglip": ("vision_model", "text_model"),
 }
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -124,6 +130,11 @@ class ModelSpec:
     #: True for a spec built from the configuration's ``model.repo`` (see :func:`custom_spec`), which
     #: ``capwatch models pull NAME`` does not know.
     from_config: bool = False
+
+    @property
+    def kind(self) -> Kind:
+        """``embed`` for image–text embedding models (CLIP, SigLIP), ``caption`` for captioners."""
+        return "embed" if self.family in EMBED_FAMILIES else "caption"
 
     @property
     def precision_names(self) -> tuple[str, ...]:
@@ -226,6 +237,15 @@ _FLORENCE_NOTES = (
     "no_repeat_ngram_size 3"
 )
 
+def _embed_shared() -> tuple[FileSpec, ...]:
+    """The small files of an image–text embedding model (no generation_config.json: nothing is generated)."""
+    return (FileSpec("config.json"), FileSpec("preprocessor_config.json"), FileSpec("tokenizer.json"),
+            FileSpec("tokenizer_config.json", optional=True), FileSpec("special_tokens_map.json", optional=True))
+
+
+_EMBED_NOTES = ("search by meaning ([embed] model); vectors are L2-normalised get_image_features / "
+                "get_text_features, compared by cosine")
+
 #: The models capwatch knows by name. The first entry flagged ``default`` is the default model.
 REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -278,6 +298,59 @@ REGISTRY: tuple[ModelSpec, ...] = (
         default_precision="int8",
         notes="no prompt; generation_config.json: num_beams 4, max_length 16 (nlpconnect's card)",
     ),
+    # Image–text embedding models (kind "embed"). Commits are those public projects pin; no per-file sha256 was
+    # found recorded at them, so files are verified against the sums the hub reports (as florence-2-large-ft).
+    ModelSpec(
+        name="siglip2-base",
+        repo="onnx-community/siglip2-base-patch16-224-ONNX",
+        revision="ba1f3b0843f24bc5417d38e19c37b287d719b2f4",
+        family="siglip",
+        description="SigLIP 2 base/16 at 224 px (multilingual, Gemma tokenizer; 0.37 B): search by meaning in "
+                    "the user's language",
+        licence="Apache-2.0",
+        shared_files=_embed_shared(),
+        precisions=(
+            PrecisionSpec("int8", graph_files("siglip", "int8"), 420_000_000),
+            PrecisionSpec("fp32", graph_files("siglip", "fp32"), 1_540_000_000),
+            PrecisionSpec("fp16", graph_files("siglip", "fp16"), 790_000_000),
+        ),
+        default_precision="int8",
+        default=True,
+        notes=_EMBED_NOTES,
+    ),
+    ModelSpec(
+        name="clip-vit-b32",
+        repo="Xenova/clip-vit-base-patch32",
+        revision="4c1807b705b1d015fb032789cc4d221b23025a6f",
+        family="clip",
+        description="OpenAI CLIP ViT-B/32 at 224 px (English only; 0.15 B): the light alternative, about a "
+                    "quarter of SigLIP 2's image cost",
+        licence="MIT",
+        shared_files=_embed_shared(),
+        precisions=(
+            PrecisionSpec("int8", graph_files("clip", "int8"), 156_000_000),
+            PrecisionSpec("fp32", graph_files("clip", "fp32"), 608_000_000),
+            PrecisionSpec("fp16", graph_files("clip", "fp16"), 305_000_000),
+        ),
+        default_precision="int8",
+        notes=_EMBED_NOTES,
+    ),
+    ModelSpec(
+        name="siglip-base",
+        repo="Xenova/siglip-base-patch16-224",
+        revision="294847d6b5fe86c91330269da98ce112d6c75e7e",
+        family="siglip",
+        description="SigLIP base/16 at 224 px (English only; 0.20 B)",
+        licence="Apache-2.0",
+        shared_files=_embed_shared(),
+        precisions=(
+            PrecisionSpec("int8", graph_files("siglip", "int8"), 212_000_000),
+            PrecisionSpec("fp32", graph_files("siglip", "fp32"), 815_000_000),
+            PrecisionSpec("fp16", graph_files("siglip", "fp16"), 409_000_000),
+        ),
+        default_precision="int8",
+        notes=_EMBED_NOTES,
+    ),
 )
 
 
@@ -286,14 +359,16 @@ def all_specs(registry: Sequence[ModelSpec] = REGISTRY) -> tuple[ModelSpec, ...]
     return tuple(registry)
 
 
-def default_spec(registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:
-    """The default model (the entry flagged ``default``, else the first). Raises ModelError on an empty registry."""
-    for spec in registry:
+def default_spec(registry: Sequence[ModelSpec] = REGISTRY, kind: Kind = "caption") -> ModelSpec:
+    """The default model of ``kind`` (its entry flagged ``default``, else its first). Raises ModelError when the
+    registry has none of that kind."""
+    entries = [spec for spec in registry if spec.kind == kind]
+    for spec in entries:
         if spec.default:
             return spec
-    if not registry:
-        raise ModelError("the model registry is empty")
-    return registry[0]
+    if not entries:
+        raise ModelError(f"the model registry has no {'embedding' if kind == 'embed' else 'captioning'} model")
+    return entries[0]
 
 
 def get_spec(name: str, registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:

@@ -43,6 +43,7 @@ from capwatch.models.modelinfo import ModelInfo, PrecisionInfo, inspect_dir
 from capwatch.models.registry import (
     REGISTRY,
     FileSpec,
+    Kind,
     ModelSpec,
     custom_spec,
     get_spec,
@@ -91,6 +92,8 @@ class ModelStatus:
     name: str
     repo: str
     family: str
+    #: "caption" ([model]) or "embed" ([embed], search by meaning).
+    kind: str
     default: bool
     #: Precisions with a complete, verified copy in the cache.
     cached_precisions: tuple[str, ...]
@@ -119,6 +122,7 @@ def resolve_model(
     *,
     download: bool = False,
     registry: Sequence[ModelSpec] = REGISTRY,
+    kind: Kind = "caption",
 ) -> ResolvedModel:
     """The model directory ``config`` points at.
 
@@ -129,23 +133,24 @@ def resolve_model(
     """
     if config.dir is not None:
         return _resolve_dir(config.dir, config.precision, env)
-    found = find_model(config, env, registry=registry)
+    found = find_model(config, env, registry=registry, kind=kind)
     if found is not None:
         return found
-    spec = model_spec(config, registry)
+    spec = model_spec(config, registry, kind=kind)
     wanted = wanted_precision(spec, config)
     if download and not is_offline(env):
         return pull(spec.name, wanted, env, registry=_with_spec(spec, registry))
     raise ModelError(_not_cached_message(spec, wanted, env))
 
 
-def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY) -> ModelSpec:
+def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY, *, kind: Kind = "caption") -> ModelSpec:
     """The spec of the named model ``config`` asks for: the registry entry called ``config.name``, or, with
     ``config.repo`` set, a spec for that hub repository (cached under ``config.name``).
 
     Checks ``config.precision`` and ``config.graph_precision`` against it too. Never touches the disk or the
     network. Raises ModelError (one line) for an unknown name, a precision or graph the model does not publish, an
-    unusable repository or revision, or a revision without a repository.
+    unusable repository or revision, a revision without a repository, or a model of another ``kind`` (an
+    embedding model named as the captioner, or the other way round).
     """
     if config.repo is not None:
         spec = custom_spec(config.name, config.repo, config.revision)
@@ -153,12 +158,24 @@ def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY) ->
         raise ModelError(f"model.revision {config.revision!r} needs model.repo (the registry pins its own models)")
     else:
         spec = get_spec(config.name, registry)
+    if spec.kind != kind:
+        raise ModelError(_wrong_kind(spec, kind, registry))
     spec.precision(wanted_precision(spec, config))
     return spec
 
 
+def _wrong_kind(spec: ModelSpec, kind: Kind, registry: Sequence[ModelSpec]) -> str:
+    others = ", ".join(s.name for s in registry if s.kind == kind)
+    if kind == "embed":
+        return (f"model {spec.name} is a captioning model, not an image–text embedding model ([embed] model); "
+                f"embedding models: {others}")
+    return (f"model {spec.name} is an image–text embedding model: set it as [embed] model, not as the captioner; "
+            f"captioning models: {others}")
+
+
 def find_model(
-    config: ModelConfig, env: Mapping[str, str], *, registry: Sequence[ModelSpec] = REGISTRY
+    config: ModelConfig, env: Mapping[str, str], *, registry: Sequence[ModelSpec] = REGISTRY,
+    kind: Kind = "caption",
 ) -> ResolvedModel | None:
     """The model ``config`` points at if it is there now, without touching the network.
 
@@ -171,7 +188,7 @@ def find_model(
         if not config.dir.expanduser().exists():
             return None
         return _resolve_dir(config.dir, config.precision, env)
-    spec = model_spec(config, registry)
+    spec = model_spec(config, registry, kind=kind)
     wanted = wanted_precision(spec, config)
     return _find_complete(models_root(env) / spec.name, spec, wanted, env, verify=True)
 
@@ -248,7 +265,8 @@ def list_models(env: Mapping[str, str], *, registry: Sequence[ModelSpec] = REGIS
         home = root / spec.name
         cached = tuple(p for p in spec.precision_names if _find_complete(home, spec, p, env) is not None)
         out.append(ModelStatus(
-            name=spec.name, repo=spec.repo, family=spec.family, default=spec.default, cached_precisions=cached,
+            name=spec.name, repo=spec.repo, family=spec.family, kind=spec.kind, default=spec.default,
+            cached_precisions=cached,
             bytes_on_disk=_tree_bytes(home), description=spec.description,
         ))
     return out
@@ -317,10 +335,11 @@ def _not_cached_message(spec: ModelSpec, precision: str, env: Mapping[str, str])
         # `models pull` knows registry names only; a model.repo model is pulled by the command that uses it.
         return (f"model {spec.name} ({spec.repo}@{spec.revision}, {precision}) is {why}not in the cache "
                 f"{models_root(env)}: run capwatch once with network access (it downloads it), or use --model DIR")
+    local = "[embed] model = DIR ($CAPWATCH_EMBED_MODEL)" if spec.kind == "embed" else "--model DIR"
     return (
         f"model {spec.name} ({precision}) is {why}not in the cache {models_root(env)}: run "
         f"`capwatch models pull {spec.name}{flag}` (on a machine with network, then copy that directory here), "
-        f"or use --model DIR"
+        f"or use {local}"
     )
 
 

@@ -223,6 +223,7 @@ def create_app(settings: ServeSettings) -> Starlette:
             Route("/live/{row_id:int}", pages.live, methods=["GET", "HEAD"]),
             Route("/status", pages.status, methods=["GET"]),
             Route("/favicon.ico", pages.favicon, methods=["GET"]),
+            Route("/duplicates", pages.duplicates, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={404: pages.not_found, 405: pages.not_allowed, CapwatchError: pages.unavailable},

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from capwatch.library.index import ImageRecord, Index, SearchHit
 from capwatch.library.search import SearchFilters, make_filters, parse_query
@@ -52,6 +52,8 @@ class Result:
     #: Why a search hit matched when its caption does not show it: ("keywords" | "text in image" | ..., snippet
     #: with marks); None otherwise.
     why: tuple[str, str] | None = None
+    #: The similarity of a hit found by meaning only (no word matched); None otherwise.
+    meaning: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,32 +69,41 @@ def _filters(form: FormFilters) -> SearchFilters:
                         source=form.source or None)
 
 
-def run_search(index: Index, query: str, form: FormFilters, *, offset: int, limit: int) -> list[SearchHit]:
+def run_search(index: Index, query: str, form: FormFilters, *, offset: int, limit: int,
+               vector: Any = None) -> list[SearchHit]:
     """Ranked hits ``offset .. offset+limit`` for ``query`` as `capwatch search` finds them (same parser, same
-    errors: raises QueryError with the CLI's one line)."""
+    errors: raises QueryError with the CLI's one line); with the query's text embedding (``vector``, a
+    QueryVector) words and meaning in one list, as `capwatch search --by both`."""
     if len(query) > MAX_QUERY:
         from capwatch.errors import QueryError
 
         raise QueryError(f"query too long ({len(query)} characters; at most {MAX_QUERY})")
     parsed = parse_query(query)
+    if vector is not None:
+        from capwatch.library.meaning import search
+
+        return search(index, parsed, _filters(form), by="both", vector=vector, limit=offset + limit,
+                      highlight=(MARK_OPEN, MARK_CLOSE), sort=form.sort)[offset:]
     hits = index.search(parsed, _filters(form), limit=offset + limit, highlight=(MARK_OPEN, MARK_CLOSE),
                         sort=form.sort)
     return hits[offset:]
 
 
-def results_page(index: Index, query: str, form: FormFilters, *, page: int, page_size: int) -> ResultPage:
+def results_page(index: Index, query: str, form: FormFilters, *, page: int, page_size: int,
+                 vector: Any = None) -> ResultPage:
     """Page ``page`` (1-based) of results: ranked search hits when there are words and no status filter; otherwise
     a listing, newest first (with a status filter the words must appear in the path: such files have no caption).
     Raises QueryError for a query or filter the CLI would refuse."""
     offset = (page - 1) * page_size
     words = query.strip()
     if words and form.status is None:
-        hits = run_search(index, words, form, offset=offset, limit=page_size + 1)
+        hits = run_search(index, words, form, offset=offset, limit=page_size + 1, vector=vector)
         ids = index.ids_for(h.path for h in hits[:page_size])
         # A hit's status is not looked up (one query per tile): a hit without a caption matched by its path.
         results = tuple(
             Result(ids[h.path], h.path, h.caption, h.highlighted or h.caption, h.source, h.taken_at, "",
-                   (FIELD_LABELS[h.field], h.snippet) if h.field in FIELD_LABELS and h.snippet else None)
+                   (FIELD_LABELS[h.field], h.snippet) if h.field in FIELD_LABELS and h.snippet else None,
+                   h.similarity if h.match == "meaning" else None)
             for h in hits[:page_size] if h.path in ids
         )
         return ResultPage(results, page, len(hits) > page_size)

@@ -47,6 +47,7 @@ from capwatch.web.editing import (
     save_person_caption,
     shown_keys,
 )
+from capwatch.web.meaning import MeaningSlot, duplicate_sets, similar_photos
 from capwatch.web.media import ranged_response
 from capwatch.web.security import csrf_ok, open_servable, servable
 from capwatch.web.thumbnails import PREVIEW_PX, THUMB_PX, Busy, Entry, Pruner, ThumbnailCache, cache_key
@@ -139,6 +140,8 @@ class Pages:
         self._notes: OrderedDict[str, tuple[int, str, str]] = OrderedDict()
         self._notes_lock = threading.Lock()
         self._pruner = Pruner(self._sweep_thumbnails)
+        #: The embedding model for search by meaning (loaded on the first search with plain words).
+        self.meaning = MeaningSlot(self.config)
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
@@ -147,9 +150,10 @@ class Pages:
         self._pruner.start()
 
     def close(self) -> None:
-        """Release the model and stop the thumbnail sweep (server shutdown)."""
+        """Release the models and stop the thumbnail sweep (server shutdown)."""
         self._pruner.stop()
         self.model.close()
+        self.meaning.close()
 
     @contextmanager
     def _index(self, *, write: bool = False) -> Iterator[Index]:
@@ -245,8 +249,10 @@ class Pages:
         if bad is None:
             try:
                 with self._index() as index:
+                    vector = self.meaning.query_vector(index, query) if query.strip() and form.status is None \
+                        else None
                     result: ResultPage = results_page(index, query, form, page=page,
-                                                      page_size=self.config.serve.page_size)
+                                                      page_size=self.config.serve.page_size, vector=vector)
                 context["page"] = result
                 roots = self._roots(index)
                 context["results"] = [r for r in result.results if servable(r.path, roots) is not None]
@@ -298,10 +304,32 @@ class Pages:
         the file's descriptions, listed when it is shown again after a conflict) and the file identity they came
         from, so the save can tell whether the file still holds only those."""
         record = photo.record
+        with self._index() as index:
+            similar = [s for s in similar_photos(index, photo.row_id, self.meaning.model_id())
+                       if self._photo(index, s.row_id) is not None]
         return self._html("photo.html", status_code, photo=photo, record=record, message=message, error=error,
                           draft=record.caption or "" if draft is None else draft, max_caption=MAX_CAPTION,
                           query="", in_file=in_file, origins=ORIGINS,
-                          shown=shown_keys([record.caption, *(d.text for d in in_file)]))
+                          shown=shown_keys([record.caption, *(d.text for d in in_file)]), similar=similar)
+
+    # -- duplicates -----------------------------------------------------------------------------------------
+
+    def duplicates(self, request: Request) -> Response:
+        """Groups of near-identical photos (``folder``, ``threshold`` as for `capwatch duplicates`)."""
+        params = request.query_params
+        folder = params.get("folder") or None
+        try:
+            threshold = float(params.get("threshold") or 0.95)
+        except ValueError:
+            threshold = -2.0
+        if not -1.0 <= threshold <= 1.0:
+            return self._error("threshold: give a number between -1 and 1, such as 0.95", 400)
+        if folder and not Path(folder).is_absolute():
+            return self._error(f"folder: give an absolute folder, not {folder!r}", 400)
+        with self._index() as index:
+            sets = duplicate_sets(index, self.meaning.model_id(), folder=folder, threshold=threshold)
+            shown = [s for s in sets if sum(self._photo(index, t.row_id) is not None for t in s.tiles) > 1]
+        return self._html("duplicates.html", sets=shown, threshold=threshold, folder=folder or "", query="")
 
     async def _form(self, request: Request) -> dict[str, str] | Response:
         """The POST's fields, or an error response: wrong type, too big, undecodable, too many fields, a

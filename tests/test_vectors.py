@@ -1,0 +1,402 @@
+"""Schema 6 and the vector store: migrations (from 5, killed midway), storing and replacing vectors, the
+two-stage search (sign-bit candidates, exact rescoring) against an exact search, filters, and rank fusion."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capwatch.library.index import ImageRecord, Index
+from capwatch.library.meaning import QueryVector, filter_part, meaning_text
+from capwatch.library.meaning import search as meaning_search
+from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
+from capwatch.library.search import SearchFilters, fuse_rankings, parse_query
+from capwatch.library.vectors import BLOCK, VectorError, Vectors, pack_codes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _rec(path: str, caption: str | None = None, **kw: object) -> ImageRecord:
+    base: dict[str, object] = {"size": 1, "mtime_ns": 1_600_000_000 * 10**9, "status": "captioned",
+                               "fingerprint": f"fp-{path}"}
+    base.update(kw)
+    return ImageRecord(path=path, caption=caption, **base)  # type: ignore[arg-type]
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int = 0, spread: float = 0.6,
+              queries: int | None = None) -> np.ndarray:
+    """Unit vectors around ``clusters`` random centres plus a shared offset (image embeddings share a common
+    direction), so that near neighbours are many and close: the case where a coarse first stage can miss.
+    ``queries=SEED`` draws text-like queries about the same centres instead: another offset (the gap between
+    text and image embeddings) and more spread, so every image is far from them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    offset = rng.standard_normal(dim) * 1.5
+    if queries is not None:
+        rng = np.random.default_rng(queries)
+        offset = rng.standard_normal(dim) * 1.5
+    x = centres[rng.integers(0, clusters, n)] + offset + spread * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# -- migrations ---------------------------------------------------------------------------------------------
+
+
+def test_new_index_has_the_vector_tables_at_schema_6(tmp_path: Path) -> None:
+    with Index.open(tmp_path / "i.db") as index:
+        assert index.schema_version() == SCHEMA_VERSION == 6
+    tables = {r[0] for r in sqlite3.connect(tmp_path / "i.db").execute("SELECT name FROM sqlite_master")}
+    assert {"image_vectors", "vector_blocks", "vector_models"} <= tables
+
+
+def test_upgrade_from_version_5_keeps_rows_and_lets_them_get_vectors(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    Index(conn, db, 1.0).migrate(target=5)
+    conn.execute("INSERT INTO images (path, size, mtime_ns, sort_date, caption, status, updated_at) "
+                 "VALUES ('/lib/a.jpg', 1, 1, '2020-01-01T00:00:00', 'a dog', 'captioned', 'x')")
+    conn.close()
+    with Index.open(db) as index:
+        assert index.schema_version() == 6
+        vectors = Vectors(index)
+        assert vectors.missing("m") == [("/lib/a.jpg", None)]
+        assert vectors.put_many([("/lib/a.jpg", "m", None, [1.0, 0.0, 0.0])]) == 1
+        assert vectors.missing("m") == []
+        assert [p.path for p in index.search(parse_query("dog"), SearchFilters())] == ["/lib/a.jpg"]
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import capwatch.library.index as ix
+    import capwatch.library.migrations as m
+    stop_after = int(sys.argv[2])
+
+    def killed_midway(db):
+        done = [0]
+        real = db.execute
+
+        def execute(*args, **kwargs):
+            result = real(*args, **kwargs)
+            done[0] += 1
+            if done[0] == stop_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        db.execute = execute
+        m._migration_6(db)
+        os.kill(os.getpid(), signal.SIGKILL)  # every statement ran; the COMMIT did not
+
+    ix.MIGRATIONS = tuple((v, n, killed_midway if v == 6 else f) for v, n, f in m.MIGRATIONS)
+    ix.Index.open(sys.argv[1])
+""")
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 99])
+def test_migration_6_killed_midway_leaves_schema_5_whole_and_runs_again(tmp_path: Path, stop_after: int) -> None:
+    db = tmp_path / "index.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    Index(conn, db, 1.0).migrate(target=5)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executemany(
+        "INSERT INTO images (path, size, mtime_ns, sort_date, caption, status, updated_at) "
+        "VALUES (?, 1, 1, '2020-01-01T00:00:00', ?, 'captioned', 'x')",
+        ((f"/lib/{i:04d}.jpg", f"harbour with boats {i}") for i in range(500)),
+    )
+    conn.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", _KILLER, str(db), str(stop_after)], env=env, timeout=120)
+    assert child.returncode == -9  # it really died inside migration 6
+    check = sqlite3.connect(db)
+    assert check.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0] == 5
+    names = {r[0] for r in check.execute("SELECT name FROM sqlite_master")}
+    assert not names & {"image_vectors", "vector_blocks", "vector_models", "image_vectors_image_gone"}
+    assert check.execute("SELECT count(*) FROM images").fetchone()[0] == 500
+    check.close()
+    with Index.open(db) as index:
+        assert index.schema_version() == SCHEMA_VERSION
+        assert len(index.search(parse_query("boat"), SearchFilters(), limit=3)) == 3
+        assert Vectors(index).put_many([("/lib/0001.jpg", "m", None, [0.0, 1.0])]) == 1
+
+
+def test_every_migration_is_numbered_in_order() -> None:
+    assert [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+
+
+# -- storing ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    ix = Index.open(tmp_path / "i.db")
+    yield ix
+    ix.close()
+
+
+def test_a_vector_is_stored_exactly_and_found_again(index: Index) -> None:
+    index.upsert_many([_rec("/lib/a.jpg", "a dog"), _rec("/lib/b.jpg", "a cat")])
+    store = Vectors(index)
+    v = np.array([0.6, 0.8, 0.0], dtype=np.float32)
+    assert store.put_many([("/lib/a.jpg", "m", "fp-/lib/a.jpg", v), ("/nowhere.jpg", "m", None, v)]) == 1
+    np.testing.assert_array_equal(store.vector_of("/lib/a.jpg", "m"), v)
+    assert store.vector_of("/lib/a.jpg", "other") is None
+    assert store.missing("m") == [("/lib/b.jpg", "fp-/lib/b.jpg")]
+    assert [(m.model, m.dim, m.live) for m in store.models()] == [("m", 3, 1)]
+
+
+def test_a_changed_file_needs_its_vector_again(index: Index) -> None:
+    index.upsert(_rec("/lib/a.jpg", "a dog"))
+    store = Vectors(index)
+    store.put_many([("/lib/a.jpg", "m", "fp-/lib/a.jpg", [1.0, 0.0])])
+    index.upsert(_rec("/lib/a.jpg", "a dog", fingerprint="changed"))
+    assert store.missing("m") == [("/lib/a.jpg", "changed")]
+    assert store.missing("other-model") == [("/lib/a.jpg", "changed")]
+
+
+def test_a_vector_of_another_width_for_the_same_model_is_refused(index: Index) -> None:
+    index.upsert_many([_rec("/lib/a.jpg"), _rec("/lib/b.jpg")])
+    store = Vectors(index)
+    store.put_many([("/lib/a.jpg", "m", None, [1.0, 0.0])])
+    with pytest.raises(VectorError, match="2-d"):
+        store.put_many([("/lib/b.jpg", "m", None, [1.0, 0.0, 0.0])])
+    assert store.count("m") == 1
+
+
+def test_deleting_an_image_deletes_its_vector_and_search_never_returns_it(index: Index) -> None:
+    index.upsert_many([_rec("/lib/a.jpg"), _rec("/lib/b.jpg")])
+    store = Vectors(index)
+    store.put_many([("/lib/a.jpg", "m", None, [1.0, 0.0]), ("/lib/b.jpg", "m", None, [0.9, 0.1])])
+    index.remove("/lib/a.jpg")
+    assert store.count("m") == 1
+    assert [store.paths_of([i])[i] for i, _ in store.nearest("m", [1.0, 0.0])] == ["/lib/b.jpg"]
+
+
+def test_moving_a_file_keeps_its_vector(index: Index) -> None:
+    index.upsert(_rec("/lib/a.jpg"))
+    store = Vectors(index)
+    store.put_many([("/lib/a.jpg", "m", None, [1.0, 0.0])])
+    index.move("/lib/a.jpg", "/lib/moved.jpg")
+    np.testing.assert_array_equal(store.vector_of("/lib/moved.jpg", "m"), [1.0, 0.0])
+
+
+def test_replaced_vectors_leave_stale_codes_that_are_rebuilt_away(index: Index) -> None:
+    index.upsert_many([_rec(f"/lib/{i}.jpg") for i in range(10)])
+    store = Vectors(index)
+    rng = np.random.default_rng(1)
+    for _ in range(3 * BLOCK // 10 + 20):  # every image re-embedded many times: the blocks fill with stale codes
+        store.put_many([(f"/lib/{i}.jpg", "m", None, rng.standard_normal(16)) for i in range(10)])
+    conn = index.connection
+    entries, live = conn.execute("SELECT entries, live FROM vector_models WHERE model = 'm'").fetchone()
+    assert live == 10 and entries <= 2 * live + BLOCK + 10
+    query = rng.standard_normal(16)
+    near, exact = store.nearest("m", query, limit=10), store.exact_nearest("m", query, limit=10)
+    assert [i for i, _ in near] == [i for i, _ in exact]
+    assert [s for _, s in near] == pytest.approx([s for _, s in exact], abs=1e-6)
+
+
+def test_pack_codes_keeps_one_sign_bit_per_dimension_in_whole_words() -> None:
+    codes = pack_codes(np.array([[1.0, -1.0, 0.5] + [-1.0] * 67]))
+    assert codes.shape == (1, 16) and codes[0, 0] == 0b10100000 and not codes[0, 1:].any()
+
+
+# -- searching ----------------------------------------------------------------------------------------------
+
+
+def test_two_stage_search_recalls_the_exact_top_10_on_clustered_vectors(index: Index) -> None:
+    n, dim = 6000, 512
+    data = clustered(n, dim, clusters=40)
+    index.upsert_many([_rec(f"/lib/{i:05d}.jpg") for i in range(n)])
+    store = Vectors(index)
+    store.put_many((f"/lib/{i:05d}.jpg", "m", None, data[i]) for i in range(n))
+    queries = clustered(50, dim, clusters=40, spread=2.0, queries=7)  # text-like: far from every image
+    found = total = 0
+    for q in queries:
+        exact = {i for i, _ in store.exact_nearest("m", q, limit=10)}
+        approx = store.nearest("m", q, limit=10)
+        found += len(exact & {i for i, _ in approx})
+        total += 10
+        ranked = [s for _, s in approx]
+        assert ranked == sorted(ranked, reverse=True)
+    assert found / total >= 0.99
+
+
+def test_nearest_widens_until_enough_candidates_pass_the_filter(index: Index) -> None:
+    n = 3000
+    data = clustered(n, 32, clusters=5)
+    index.upsert_many([_rec(f"/lib/{i:05d}.jpg") for i in range(n)])
+    store = Vectors(index)
+    store.put_many((f"/lib/{i:05d}.jpg", "m", None, data[i]) for i in range(n))
+    paths = store.paths_of(list(range(1, n + 1)))
+    rare = {i for i, p in paths.items() if p.endswith("7.jpg") and p[-6] == "9"}  # 30 of 3000
+    hits = store.nearest("m", data[0], limit=10, candidates=50, allowed=lambda ids: rare & set(ids))
+    assert len(hits) == 10 and {i for i, _ in hits} <= rare
+    exact_rare = sorted(((float(data[i - 1] @ data[0]), i) for i in rare), reverse=True)[:10]
+    assert [i for i, _ in hits] == [i for _, i in exact_rare]
+
+
+def test_the_excluded_image_is_left_out(index: Index) -> None:
+    index.upsert_many([_rec("/lib/a.jpg"), _rec("/lib/b.jpg")])
+    store = Vectors(index)
+    store.put_many([("/lib/a.jpg", "m", None, [1.0, 0.0]), ("/lib/b.jpg", "m", None, [0.0, 1.0])])
+    a = index.ids_for(["/lib/a.jpg"])["/lib/a.jpg"]
+    assert [i for i, _ in store.nearest("m", [1.0, 0.0], exclude=[a])] != [a]
+    assert a not in {i for i, _ in store.nearest("m", [1.0, 0.0], exclude=[a])}
+
+
+def test_vectors_of_another_model_are_never_compared(index: Index) -> None:
+    index.upsert_many([_rec("/lib/a.jpg"), _rec("/lib/b.jpg")])
+    store = Vectors(index)
+    store.put_many([("/lib/a.jpg", "m1", None, [1.0, 0.0]), ("/lib/b.jpg", "m2", None, [1.0, 0.0])])
+    assert [store.paths_of([i])[i] for i, _ in store.nearest("m1", [1.0, 0.0])] == ["/lib/a.jpg"]
+    assert store.nearest("m3", [1.0, 0.0]) == []
+
+
+# -- the query's meaning part ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "text", "rest"), [
+    ("puppy on a couch", "puppy on a couch", ""),
+    ('dog kw:beach "red ball" -snow', "dog", 'kw:beach "red ball" -snow'),
+    ("bike OR bicycle street", "bike or bicycle street", ""),
+    ("caption:dog path:2020", None, "caption:dog path:2020"),
+])
+def test_plain_words_are_meant_and_fields_and_phrases_stay_word_searches(query: str, text: str | None,
+                                                                        rest: str) -> None:
+    parsed = parse_query(query)
+    assert meaning_text(parsed) == text
+    expected = parse_query(rest) if rest else None
+    part = filter_part(parsed)
+    if expected is None:
+        assert part.groups == () and part.excluded == ()
+    else:
+        assert (part.groups, part.excluded) == (expected.groups, expected.excluded)
+
+
+# -- fusion -------------------------------------------------------------------------------------------------
+
+
+def test_fusion_puts_what_both_rankings_hold_above_either_ones_first() -> None:
+    fused = [k for k, _ in fuse_rankings([["a", "b", "c"], ["x", "c", "y"]])]
+    assert fused[0] == "c"  # 2nd and 3rd beats 1st in one list only
+    assert set(fused) == {"a", "b", "c", "x", "y"}
+
+
+def test_fusion_of_one_ranking_keeps_its_order_and_ties_keep_the_first_lists_order() -> None:
+    assert [k for k, _ in fuse_rankings([["p", "q", "r"]])] == ["p", "q", "r"]
+    assert [k for k, _ in fuse_rankings([["w1", "w2"], ["m1", "m2"]])] == ["w1", "m1", "w2", "m2"]
+
+
+def test_fusion_scores_are_reciprocal_ranks_summed() -> None:
+    scores = dict(fuse_rankings([["a", "b"], ["b"]], k=60))
+    assert scores["a"] == pytest.approx(1 / 61) and scores["b"] == pytest.approx(1 / 62 + 1 / 61)
+
+
+def test_fusion_beats_either_ranking_alone_on_constructed_relevance() -> None:
+    # Relevant: r1..r3. Each ranking has one relevant image in its top 3; both hold r1 and r2 lower down.
+    words = ["r1", "w1", "w2", "w3", "r2"]
+    meaning = ["m1", "r3", "m2", "r1", "r2"]
+    relevant = {"r1", "r2", "r3"}
+
+    def precision_at_3(ranking: list[str]) -> float:
+        return len(set(ranking[:3]) & relevant) / 3
+
+    fused = [k for k, _ in fuse_rankings([words, meaning])]
+    assert precision_at_3(fused) > max(precision_at_3(words), precision_at_3(meaning))
+
+
+# -- fused search through the index -------------------------------------------------------------------------------
+
+
+def test_both_fuses_word_and_meaning_hits_and_filters_apply_to_meaning_hits(index: Index) -> None:
+    index.upsert_many([
+        _rec("/lib/2019/dog.jpg", "a dog on a couch", taken_at="2019-05-01T10:00:00"),
+        _rec("/lib/2020/puppy.jpg", "a young animal resting", taken_at="2020-05-01T10:00:00"),
+        _rec("/lib/2021/car.jpg", "a red car", taken_at="2021-05-01T10:00:00", source="human"),
+        _rec("/lib/2022/pup2.jpg", "small fluffy friend", taken_at="2022-05-01T10:00:00", keywords=("pet",)),
+    ])
+    store = Vectors(index)
+    store.put_many([("/lib/2019/dog.jpg", "m", None, [1.0, 0.2, 0.0]),
+                    ("/lib/2020/puppy.jpg", "m", None, [1.0, 0.0, 0.0]),
+                    ("/lib/2021/car.jpg", "m", None, [0.0, 0.0, 1.0]),
+                    ("/lib/2022/pup2.jpg", "m", None, [0.9, 0.1, 0.0])])
+    q = QueryVector("m", np.array([1.0, 0.0, 0.0], dtype=np.float32))
+    hits = meaning_search(index, parse_query("dog"), SearchFilters(), by="both", vector=q, limit=3)
+    assert hits[0].path == "/lib/2019/dog.jpg" and hits[0].match == "both"
+    assert {h.path: h.match for h in hits[1:]} == {"/lib/2020/puppy.jpg": "meaning", "/lib/2022/pup2.jpg": "meaning"}
+    assert hits[1].similarity == pytest.approx(1.0)
+    words = meaning_search(index, parse_query("dog"), SearchFilters(), by="words", vector=q)
+    assert [(h.path, h.similarity, h.match) for h in words] == [("/lib/2019/dog.jpg", None, "words")]
+    meant = meaning_search(index, parse_query("dog"), SearchFilters(since="2020-01-01T00:00:00",
+                                                                     until="2021-01-01T00:00:00"),
+                           by="meaning", vector=q)
+    assert [h.path for h in meant] == ["/lib/2020/puppy.jpg"]
+    inside = meaning_search(index, parse_query("dog"), SearchFilters(in_dir="/lib/2022"), by="meaning", vector=q)
+    assert [h.path for h in inside] == ["/lib/2022/pup2.jpg"]
+    human = meaning_search(index, parse_query("dog"), SearchFilters(source="human"), by="meaning", vector=q)
+    assert [h.path for h in human] == ["/lib/2021/car.jpg"]
+    field = meaning_search(index, parse_query("dog kw:pet"), SearchFilters(), by="both", vector=q)
+    assert [h.path for h in field] == ["/lib/2022/pup2.jpg"]
+    excluded = meaning_search(index, parse_query("dog -fluffy"), SearchFilters(), by="meaning", vector=q)
+    assert "/lib/2022/pup2.jpg" not in [h.path for h in excluded]
+
+
+def test_without_a_query_vector_both_is_words_and_meaning_is_nothing(index: Index) -> None:
+    index.upsert(_rec("/lib/dog.jpg", "a dog"))
+    assert [h.path for h in meaning_search(index, parse_query("dog"), SearchFilters(), by="both",
+                                           vector=None)] == ["/lib/dog.jpg"]
+    assert meaning_search(index, parse_query("dog"), SearchFilters(), by="meaning", vector=None) == []
+
+
+# -- the same search on a Python that can load SQLite extensions ----------------------------------------------
+
+
+def _extension_python() -> str | None:
+    """A Python here whose sqlite3 can load extensions and that runs this tree with the venv's packages."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        probe = "import sqlite3, numpy; assert hasattr(sqlite3.Connection, 'enable_load_extension')"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_site_packages()])}
+        try:
+            ok = subprocess.run([candidate, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0
+        except OSError:
+            continue
+        if ok:
+            return candidate
+    return None
+
+
+def _site_packages() -> list[str]:
+    import numpy
+
+    return [str(Path(numpy.__file__).parent.parent)]
+
+
+def test_vector_search_gives_the_same_answer_on_a_python_that_loads_extensions(tmp_path: Path) -> None:
+    python = _extension_python()
+    if python is None:
+        pytest.skip("no Python here can load SQLite extensions (none has sqlite3 enable_load_extension)")
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from capwatch.library.index import Index, ImageRecord
+        from capwatch.library.vectors import Vectors
+        from test_vectors import clustered
+        data = clustered(500, 64, clusters=8)
+        with Index.open({str(tmp_path / 'x.db')!r}) as index:
+            index.upsert_many([ImageRecord(path=f"/lib/{{i}}.jpg", size=1, mtime_ns=1) for i in range(500)])
+            Vectors(index).put_many((f"/lib/{{i}}.jpg", "m", None, data[i]) for i in range(500))
+            print(json.dumps(Vectors(index).nearest("m", data[3], limit=5)))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_site_packages()])}
+    theirs = subprocess.run([python, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert theirs.returncode == 0, theirs.stderr
+    with Index.open(tmp_path / "x.db") as index:  # written there, read here (and the other way round)
+        ours = Vectors(index).nearest("m", clustered(500, 64, clusters=8)[3], limit=5)
+    import json
+
+    assert [(i, round(s, 6)) for i, s in json.loads(theirs.stdout)] == [(i, round(s, 6)) for i, s in ours]
