@@ -394,6 +394,7 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         keywords=keywords,
         model_keywords=model_keywords,
         ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
+        captions=next((i.languages for i in [*sidecars, xmp_info] if i is not None and i.languages), ()),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 

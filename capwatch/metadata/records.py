@@ -56,6 +56,8 @@ class FileMetadata:
     keywords: tuple[str, ...] = ()
     model_keywords: tuple[str, ...] = ()
     ocr_text: str | None = None
+    #: The description in other languages: dc:description's xml:lang items (x-default aside), as (language, text).
+    captions: tuple[tuple[str, str], ...] = ()
 
     @property
     def human_keywords(self) -> tuple[str, ...]:
