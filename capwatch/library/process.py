@@ -43,6 +43,7 @@ from capwatch.metadata.identity import FileIdentity
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
+    from capwatch.models.languages import Translations
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,14 @@ class FileOutcome:
     skipped: str | None = None
     error: str | None = None
     changed: bool = False
+    #: The caption per language (English and the configured ones; a file's own language items when it was
+    #: skipped), in order; ``caption`` is the default language's.
+    captions: tuple[tuple[str, str], ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "caption": self.caption, "model": self.model,
-                "written": list(self.written), "skipped": self.skipped, "error": self.error}
+                "written": list(self.written), "skipped": self.skipped, "error": self.error,
+                "captions": dict(self.captions) if self.captions else None}
 
 
 @dataclass(frozen=True)
@@ -134,14 +139,15 @@ def _now_iso(clock: Callable[[], float]) -> str:
     return dt.datetime.fromtimestamp(clock(), dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def clean_caption(text: str) -> str:
+def clean_caption(text: str, *, capitalise: bool = True) -> str:
     """The caption as it is stored and written: NFC, control characters dropped, whitespace collapsed, first
-    letter capitalised. (Byte-level BPE can decode to control bytes, which XML and EXIF readers reject.)"""
+    letter capitalised (not for translations, which are written as the model gave them). (Byte-level BPE can
+    decode to control bytes, which XML and EXIF readers reject.)"""
     text = unicodedata.normalize("NFC", text)
     text = "".join(" " if ch.isspace() else ch for ch in text
                    if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs", "Cn"))
     text = " ".join(text.split())
-    return text[:1].upper() + text[1:]
+    return text[:1].upper() + text[1:] if capitalise else text
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,16 @@ class Described:
     caption: str
     keywords: tuple[str, ...] | None = None
     text: str | None = None
+    #: The caption per language (English first), when languages are configured; else None (English alone).
+    captions: tuple[tuple[str, str], ...] | None = None
+
+    def shown(self, default: str) -> str:
+        """The caption in the ``default`` language (x-default, EXIF, IPTC, the index's caption)."""
+        return dict(self.captions or ()).get(default, self.caption)
+
+    def all_captions(self) -> tuple[tuple[str, str], ...]:
+        """The caption per language; English alone when nothing was translated."""
+        return self.captions if self.captions else (("en", self.caption),)
 
 
 class Processor:
@@ -195,8 +211,10 @@ class Processor:
 
     def __init__(self, config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                  force: bool = False, clock: Callable[[], float] = time.time, journal: Journal | None = None,
-                 hooks: WriteHooks | None = None) -> None:
+                 hooks: WriteHooks | None = None, translations: Translations | None = None) -> None:
         self.config = config
+        #: The translation models of ``[language]`` (None: English alone).
+        self.translations = translations
         self.index = index
         self.captioner = captioner
         self.dry_run = dry_run
@@ -244,6 +262,8 @@ class Processor:
             decoder.shutdown(wait=True, cancel_futures=True)
         if self.text_reader is not None:
             self.text_reader.close()
+        if self.translations is not None:
+            self.translations.close()
 
     def _pixels(self, job: _Job) -> Any:
         """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
@@ -316,7 +336,25 @@ class Processor:
                 said = Described(result) if isinstance(result, str) else result
                 said = replace(said, caption=clean_caption(said.caption))
                 finished.append((position, job, self._with_text(job, said)))
-        return failed + self._finish(finished)
+        return failed + self._finish(self._translated(finished))
+
+    def _translated(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, _Job, Described]]:
+        """The captions of one batch in every configured language (one translation call per language) and the
+        keywords in the default language (each label translated once, then remembered). Raises ModelError when a
+        translation model cannot run."""
+        if self.translations is None or not finished:
+            return finished
+        english = [said.caption for _, _, said in finished]
+        todo = [i for i, text in enumerate(english) if text]
+        rows = self.translations.captions([english[i] for i in todo])
+        out = list(finished)
+        for i, row in zip(todo, rows, strict=True):
+            position, job, said = finished[i]
+            captions = tuple((lang, clean_caption(text, capitalise=lang == "en")) for lang, text in row.items()
+                             if text.strip())
+            keywords = self.translations.keywords(said.keywords) if said.keywords is not None else None
+            out[i] = (position, job, replace(said, captions=captions, keywords=keywords))
+        return out
 
     def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
@@ -383,7 +421,7 @@ class Processor:
                 if self.index is not None and not self.dry_run:
                     self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
                 return FileOutcome(Path(spath), desc.text, desc.provenance.model if desc.provenance else None,
-                                   skipped=ALREADY_CAPTIONED)
+                                   skipped=ALREADY_CAPTIONED, captions=snap.metadata.captions)
             if previous is not None and previous.status == "captioned" and previous.source == "model" \
                     and _same_content(previous, snap):
                 return FileOutcome(Path(spath), previous.caption, previous.model, skipped=ALREADY_CAPTIONED)
@@ -425,8 +463,9 @@ class Processor:
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
         writes: list[tuple[int, _Job, Described]] = []
+        default = self.config.language.default
         for position, job, said in finished:
-            text = said.caption
+            text = said.shown(default)
             path = Path(job.path)
             if not text:
                 # Nothing to write or search; recorded as an error so that `status` shows it and --force retries.
@@ -434,7 +473,8 @@ class Processor:
                                                      job.snap)))
             elif self.dry_run:
                 results.append((position, FileOutcome(path, text, model_id,
-                                                      skipped=HUMAN_KEPT if job.human_skip else None)))
+                                                      skipped=HUMAN_KEPT if job.human_skip else None,
+                                                      captions=said.all_captions())))
             else:
                 if self.hooks.before_write is not None:
                     self.hooks.before_write(path)
@@ -445,8 +485,9 @@ class Processor:
         if not writes:
             return results
         provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock))
-        requests = [CaptionWrite(Path(job.path), said.caption, provenance, job.snap, keywords=said.keywords,
-                                 text=said.text) for _, job, said in writes]
+        requests = [CaptionWrite(Path(job.path), said.shown(default), provenance, job.snap, keywords=said.keywords,
+                                 text=said.text, languages=dict(said.captions) if said.captions else None)
+                    for _, job, said in writes]
         try:
             landed: Sequence[object] = write_captions(requests, self.config.metadata, force=self.force,
                                                       journal=self.journal, hooks=self.hooks)
@@ -454,7 +495,7 @@ class Processor:
             landed = [exc] * len(writes)
         records: list[ImageRecord] = []
         for (position, job, said), result in zip(writes, landed, strict=True):
-            path, text = Path(job.path), said.caption
+            path, text = Path(job.path), said.shown(default)
             if isinstance(result, FileChanged):
                 results.append((position, FileOutcome(path, text, model_id, skipped=str(result), changed=True)))
             elif isinstance(result, CapwatchError):
@@ -465,7 +506,7 @@ class Processor:
                 record = record_from_snapshot(job.path, result.snapshot, job.previous, self.config)
                 records.append(replace(record, ocr_text=said.text) if said.text is not None else record)
                 results.append((position, FileOutcome(path, text, model_id, written=result.written,
-                                                      skipped=result.skipped)))
+                                                      skipped=result.skipped, captions=said.all_captions())))
         if self.index is not None and records:
             self.index.upsert_many(records)
         return results
@@ -474,7 +515,7 @@ class Processor:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
         the caption itself when metadata writing is off. Recorded only when the file is still the one that was
         captioned."""
-        path, text = Path(job.path), said.caption
+        path, text = Path(job.path), said.shown(self.config.language.default)
         try:
             snap = read_snapshot(path)
         except FileChanged as exc:
@@ -489,7 +530,8 @@ class Processor:
         if job.index_only:
             record = replace(record, model_caption=text)
         else:
-            record = replace(record, caption=text, source="model", status="captioned", error=None)
+            record = replace(record, caption=text, source="model", status="captioned", error=None,
+                             captions=said.captions or ())
         if said.keywords is not None:
             # Searchable beside what the file holds, never written into it here.
             record = with_index_only_keywords(record, said.keywords)
@@ -498,7 +540,7 @@ class Processor:
         if self.index is not None:
             self.index.upsert(record)
         return FileOutcome(path, text, self.captioner.model_id,
-                           skipped=INDEX_ONLY if job.index_only else WRITING_OFF)
+                           skipped=INDEX_ONLY if job.index_only else WRITING_OFF, captions=said.all_captions())
 
 
 def recover_writes(logger: logging.Logger) -> None:
