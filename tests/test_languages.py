@@ -133,10 +133,10 @@ def test_language_config_is_checked(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[language]\ncaptions = ["German"]\n')
-    with pytest.raises(ConfigError, match="language.captions"):
+    with pytest.raises(ConfigError, match=r"language\.captions"):
         load_config_file(bad)
     bad.write_text('[language]\ncaptions = ["de"]\nmodels = { fr = "x" }\n')
-    with pytest.raises(ConfigError, match="language.models.fr"):
+    with pytest.raises(ConfigError, match=r"language\.models\.fr"):
         load_config_file(bad)
     good = tmp_path / "good.toml"
     good.write_text('[language]\ncaptions = ["de", "fr"]\ndefault = "fr"\n')

@@ -101,7 +101,6 @@ def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry
                force: bool = False) -> Processor:
     from capwatch.library.process import Processor, hooks_from_env
     from capwatch.metadata import Journal
-
     from capwatch.models.languages import open_translations
 
     translations = open_translations(config, os.environ, download=True)
