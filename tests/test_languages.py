@@ -209,3 +209,47 @@ def test_hierarchical_keywords_are_written_under_the_parent_keeping_a_persons(tm
     assert "<rdf:li>Places|Paris|Café</rdf:li>".encode() in packet
     assert "hierarchicalSubject" in subprocess.run(["exiv2", "-px", str(image)], capture_output=True, text=True,
                                                    check=False).stdout
+
+
+@needs_tools
+def test_web_page_lists_the_languages_and_an_edit_writes_only_that_item(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from capwatch.config import IndexConfig, LibraryConfig, MetadataConfig, RootConfig
+    from capwatch.library.index import Index
+    from capwatch.library.scan import reconcile
+    from capwatch.metadata.records import Provenance
+    from capwatch.metadata.writer import write_caption
+    from capwatch.models.captioner import open_captioner
+    from capwatch.web.app import ServeSettings, create_app
+    from tests.web_helpers import csrf_of
+
+    root = tmp_path / "photos"
+    image = make_image(root / "red.jpg", "JPEG")
+    write_caption(image, "Ein roter Apfel", Provenance("m", None, "2026-01-01T00:00:00Z"), MetadataConfig(),
+                  languages={"en": "A red apple", "de": "Ein roter Apfel", "fr": "Une pomme rouge"})
+    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=tmp_path / "i.db"),
+                    model=ModelConfig(dir=CAPTIONER, precision="fp32"),
+                    language=LanguageConfig(captions=("fr",), default="de"))
+    with Index.open(tmp_path / "i.db") as index:
+        reconcile(config.library.roots[0], config, index)
+        (row_id,) = index.ids_for([str(image)]).values()
+    settings = ServeSettings(config=config, csrf="c" * 32, cache_dir=tmp_path / "cache",
+                             open_captioner=lambda: open_captioner(CAPTIONER, config.model), live_state=lambda: None)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8765", follow_redirects=False) as client:
+        page = client.get(f"/photo/{row_id}").text
+        assert 'lang="de">Ein roter Apfel' in page
+        assert 'id="language-en"' in page and 'id="language-fr"' in page and 'id="language-de"' not in page
+        answer = client.post(f"/photo/{row_id}/caption",
+                             data={"csrf": csrf_of(page), "caption": "Une pomme bien rouge", "language": "fr"})
+        assert answer.status_code == 303, answer.text
+    tags = exiftool(image, "-XMP-dc:Description", "-XMP-dc:Description-fr", "-XMP-dc:Description-en",
+                    "-XMP-capwatch:all")
+    assert tags["XMP-dc:Description-fr"] == "Une pomme bien rouge"
+    assert tags["XMP-dc:Description"] == "Ein roter Apfel" and tags["XMP-dc:Description-en"] == "A red apple"
+    assert tags["XMP-capwatch:Source"] == "capwatch"  # the caption shown is still capwatch's
+    assert "pomme" not in json.dumps(tags.get("XMP-capwatch:Captions"), ensure_ascii=False)  # fr is a person's now
+    # A later capwatch write in French leaves the person's item alone.
+    write_caption(image, "Ein roter Apfel", Provenance("m", None, "2026-01-02T00:00:00Z"), MetadataConfig(),
+                  force=True, languages={"en": "A red apple", "de": "Ein roter Apfel", "fr": "Une pomme rouge"})
+    assert exiftool(image, "-XMP-dc:Description-fr")["XMP-dc:Description-fr"] == "Une pomme bien rouge"

@@ -47,7 +47,8 @@ NO_HOOKS = WriteHooks()
 def write_caption(path: Path, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
                   hooks: WriteHooks = NO_HOOKS, keywords: Sequence[str] | None = None,
-                  text: str | None = None, languages: Mapping[str, str] | None = None) -> WriteResult:
+                  text: str | None = None, languages: Mapping[str, str] | None = None,
+                  person_languages: Mapping[str, str] | None = None) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
 
     ``keywords`` are capwatch's keywords for the image (from the model, in order): merged into dc:subject and IPTC
@@ -56,7 +57,8 @@ def write_caption(path: Path, caption: str, provenance: Provenance | None, confi
     ``[]`` removes capwatch's. ``text`` (OCR) goes into capwatch:Text when ``config.write_text`` is on ("" removes
     it; None keeps what is there); never into the description. ``languages`` (xml:lang -> text, the caption in
     each configured language) become dc:description's language items, a person's items kept
-    (``capwatch.metadata.xmp_languages``); ``caption`` is then the default language's text. Keywords, languages and
+    (``capwatch.metadata.xmp_languages``); ``caption`` is then the default language's text. ``person_languages``
+    writes language items as a person's words (an edit of one language on the web page). Keywords, languages and
     text travel with the caption: when
     the caption is not written (a person's description kept), neither are they. Raises TypeError when
     ``keywords`` is one string rather than a list of them.
@@ -74,7 +76,7 @@ def write_caption(path: Path, caption: str, provenance: Provenance | None, confi
     of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
     request = CaptionWrite(Path(path), caption, provenance, expected, keywords=keywords, text=text,
-                           languages=languages)
+                           languages=languages, person_languages=person_languages)
     prepared = _prepare(request, config, force=force)
     if isinstance(prepared, WriteResult):
         return prepared
@@ -98,6 +100,8 @@ class CaptionWrite:
     #: The caption per language (xml:lang -> text, English included) for dc:description's language items; None
     #: leaves them alone. ``caption`` is the text of the default language (x-default, EXIF, IPTC).
     languages: Mapping[str, str] | None = None
+    #: Language items written as a person's words (xml:lang -> text); see write_caption.
+    person_languages: Mapping[str, str] | None = None
 
 
 def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, force: bool = False,
@@ -190,7 +194,10 @@ def _extras(request: CaptionWrite, config: MetadataConfig) -> Extras:
         cleaned = {lang: _clean_caption(text) for lang, text in request.languages.items()}
         languages = {lang: text for lang, text in cleaned.items() if text}
     hierarchy = KeywordHierarchy(config.keyword_parent) if config.keyword_parent else None
-    return Extras(keywords, request.text if config.write_text else None, languages, hierarchy)
+    person = None
+    if request.person_languages:
+        person = {lang: _clean_caption(text) for lang, text in request.person_languages.items()}
+    return Extras(keywords, request.text if config.write_text else None, languages, hierarchy, person)
 
 
 def _clean_caption(caption: str) -> str:
@@ -237,6 +244,8 @@ class Extras:
     languages: Mapping[str, str] | None = None
     #: Where capwatch's keywords go in the hierarchical lists ([metadata] keyword_parent); None = not written.
     hierarchy: KeywordHierarchy | None = None
+    #: Language items that are a person's words (cleaned); None = none.
+    person_languages: Mapping[str, str] | None = None
 
 
 NO_EXTRAS = Extras()
@@ -332,7 +341,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
             values.update(_mandatory_jpeg_ifd0(data))
     new_tiff = exif.set_ifd0_tags(tiff_block, values)
     xml = merge_caption(emb.xmp, caption, provenance, keywords=extra.keywords, other_human=iptc_human,
-                        text=extra.text, languages=extra.languages, hierarchy=extra.hierarchy)
+                        text=extra.text, languages=extra.languages, hierarchy=extra.hierarchy,
+                        person_languages=extra.person_languages)
     packet = wrap_packet(xml, XMP_PADDING)
     if fmt == "jpeg":
         if len(packet) > jpeg.MAX_XMP_PACKET:
@@ -435,7 +445,8 @@ def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance | N
         existing = _read_sidecar_as_seen(target, known)
         try:
             xml = merge_caption(existing, caption, provenance, keywords=extra.keywords, other_human=seed,
-                                text=extra.text, languages=extra.languages, hierarchy=extra.hierarchy)
+                                text=extra.text, languages=extra.languages, hierarchy=extra.hierarchy,
+                                person_languages=extra.person_languages)
             packet = wrap_packet(xml, 0) + b"\n"
         except XmpError as exc:
             raise MetadataError(f"{target}: {exc}") from None

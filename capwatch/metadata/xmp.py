@@ -298,7 +298,8 @@ def _find_rdf(doc: Document) -> Element:
 def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | None, *,
                   keywords: Sequence[str] | None = None, other_human: Sequence[str] = (),
                   text: str | None = None, languages: Mapping[str, str] | None = None,
-                  hierarchy: KeywordHierarchy | None = None) -> str:
+                  hierarchy: KeywordHierarchy | None = None, person_languages: Mapping[str, str] | None = None
+                  ) -> str:
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
     ``provenance=None`` writes a person's words: the caption's capwatch provenance is removed, so readers see a
@@ -311,7 +312,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     -> text) sets the xml:lang items of dc:description by the rules of ``capwatch.metadata.xmp_languages`` (a
     person's items stay); None leaves them and the record of capwatch's (capwatch:Captions) as they are.
     ``hierarchy`` also writes capwatch's keywords into lr:hierarchicalSubject and digiKam:TagsList under its parent
-    (``capwatch.metadata.xmp_keywords.merge_hierarchy``); None leaves those lists alone.
+    (``capwatch.metadata.xmp_keywords.merge_hierarchy``); None leaves those lists alone. ``person_languages``
+    (language -> text) writes those language items as a person's words (no longer recorded as capwatch's).
 
     When the packet already carries exactly this caption as capwatch's, from the same model and revision, its
     capwatch:CreatedAt is kept, so merging our own output again returns the same XML and the caller writes
@@ -351,6 +353,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     owned_languages = recorded_languages
     if languages is not None:
         owned_languages = xmp_languages.merge_items(doc, alt, rdf_prefix, languages, recorded_languages)
+    if person_languages:
+        owned_languages = xmp_languages.set_persons(doc, alt, rdf_prefix, person_languages, owned_languages)
     ours, rejected = recorded_ours, recorded_rejected
     if keywords is not None:
         # Before the provenance is appended: a new dc:subject then sits where it will be found next time, so

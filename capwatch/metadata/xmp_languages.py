@@ -114,3 +114,20 @@ def alt_element(doc: Document, qname: str, rdf_prefix: str, items: Mapping[str, 
         li.appendChild(doc.createTextNode(text))
         alt.appendChild(li)
     return prop
+
+
+def set_persons(doc: Document, alt: Element, rdf_prefix: str, items: Mapping[str, str],
+                owned: Mapping[str, str]) -> dict[str, str]:
+    """Write ``items`` (language -> text) into the rdf:Alt as a person's words (an edit from ``capwatch serve``);
+    returns ``owned`` without those languages (they are no longer capwatch's)."""
+    by_lang = {str(li.getAttributeNS(NS_XML, "lang")).lower(): li for li in children(alt, NS_RDF, "li")
+               if li.getAttributeNS(NS_XML, "lang")}
+    for language, text in items.items():
+        li = by_lang.get(language.lower())
+        if li is None:
+            li = doc.createElementNS(NS_RDF, f"{rdf_prefix}:li")
+            li.setAttributeNS(NS_XML, "xml:lang", language)
+            alt.appendChild(li)
+        set_text(doc, li, text)
+    edited = {lang.lower() for lang in items}
+    return {lang: text for lang, text in owned.items() if lang.lower() not in edited}

@@ -6,6 +6,7 @@ journal) and record in the index what the file holds afterwards, as `capwatch ca
 
 from __future__ import annotations
 
+import re
 import threading
 import unicodedata
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from capwatch.config import Config
 from capwatch.errors import CapwatchError
 from capwatch.library.index import ImageRecord, Index
 from capwatch.library.scan import record_from_snapshot
-from capwatch.metadata import FileChanged, Journal, read_snapshot, write_caption
+from capwatch.metadata import FileChanged, Journal, WriteResult, read_snapshot, write_caption
 
 if TYPE_CHECKING:
     from capwatch.library.process import FileOutcome
@@ -42,9 +43,14 @@ def clean_person_caption(text: str) -> str:
     return text
 
 
-def save_person_caption(config: Config, index: Index, record: ImageRecord, text: str) -> ImageRecord:
+def save_person_caption(config: Config, index: Index, record: ImageRecord, text: str, *,
+                        language: str | None = None) -> ImageRecord:
     """Write ``text`` into ``record``'s file as a person's words (no capwatch provenance, so capwatch never
     replaces it) and record the file as it is afterwards; returns the new index row.
+
+    ``language``: the dc:description language item to write (``de``); only that item becomes the person's, the
+    caption shown (x-default, EXIF, IPTC) and the other items stay whoever's they are. None, or the default
+    language, edits the caption shown (and the default language's item, when the file has one).
 
     Raises EditRefused (one line) when metadata writing is off, the file changed during the write, or the write
     path refused (MetadataError's message); the file is then untouched.
@@ -53,9 +59,17 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
     if config.metadata.write == "none":
         raise EditRefused("metadata writing is off (metadata.write = none): nothing was written")
     path = Path(record.path)
+    if language is not None and not _LANGUAGE.match(language):
+        raise EditRefused(f"{language!r} is not a language code (nothing was written)")
+    default = config.language.default
     try:
-        # force: the person at the page is replacing the words the file holds, whoever wrote them.
-        result = write_caption(path, caption, None, config.metadata, force=True, journal=Journal.default())
+        if language is None or language.lower() == default.lower():
+            has_item = any(lang.lower() == default.lower() for lang, _ in record.captions)
+            # force: the person at the page is replacing the words the file holds, whoever wrote them.
+            result = write_caption(path, caption, None, config.metadata, force=True, journal=Journal.default(),
+                                   person_languages={default: caption} if has_item else None)
+        else:
+            result = _save_language_item(config, path, language, caption)
         snap = result.snapshot if result.snapshot is not None else read_snapshot(path)
     except FileChanged:
         raise EditRefused("the file changed while the caption was being written; nothing was written: "
@@ -67,6 +81,21 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
     new = record_from_snapshot(record.path, snap, record, config)
     index.upsert(new)
     return new
+
+
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+
+
+def _save_language_item(config: Config, path: Path, language: str, text: str) -> WriteResult:
+    """Write one language item as a person's words, leaving the caption shown and its owner as they are. Raises
+    EditRefused when the file has no caption yet, FileChanged and MetadataError as write_caption does."""
+    snap = read_snapshot(path)
+    desc = snap.metadata.description
+    if desc is None or not desc.text:
+        raise EditRefused("the photo has no caption yet: write the caption first (nothing was written)")
+    provenance = desc.provenance if desc.kind == "ours" else None
+    return write_caption(path, desc.text, provenance, config.metadata, force=True, expected=snap,
+                         journal=Journal.default(), person_languages={language: text})
 
 
 class CaptionerSlot:

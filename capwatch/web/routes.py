@@ -211,9 +211,11 @@ class Pages:
     def _photo_page(self, photo: Photo, *, message: str | None = None, error: str | None = None,
                     draft: str | None = None, status_code: int = 200) -> HTMLResponse:
         record = photo.record
+        default = self.config.language.default
+        others = [(lang, text) for lang, text in record.captions if lang.lower() != default.lower()]
         return self._html("photo.html", status_code, photo=photo, record=record, message=message, error=error,
                           draft=record.caption or "" if draft is None else draft, max_caption=MAX_CAPTION,
-                          query="")
+                          query="", default_language=default, other_languages=others)
 
     async def _form(self, request: Request) -> dict[str, str] | Response:
         """The POST's fields, or an error response: wrong type, too big, undecodable, too many fields, a
@@ -245,15 +247,15 @@ class Pages:
         if isinstance(fields, Response):
             return fields
         row_id = int(request.path_params["row_id"])
-        return await run_in_threadpool(self._save, row_id, fields.get("caption", ""))
+        return await run_in_threadpool(self._save, row_id, fields.get("caption", ""), fields.get("language") or None)
 
-    def _save(self, row_id: int, text: str) -> Response:
+    def _save(self, row_id: int, text: str, language: str | None = None) -> Response:
         with self._index(write=True) as index:
             photo = self._photo(index, row_id)
             if photo is None:
                 return self._error("no such photo (or it is not below a configured folder)", 404)
             try:
-                save_person_caption(self.config, index, photo.record, text)
+                save_person_caption(self.config, index, photo.record, text, language=language)
             except EditRefused as exc:
                 return self._photo_page(photo, error=str(exc), draft=text[:MAX_CAPTION * 2], status_code=422)
         log.info("caption of %s edited from the web page", photo.record.path)
