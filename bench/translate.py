@@ -162,10 +162,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows = []
     for beams in (4, 1):
-        capwatch_run("fp32", beams)[:1], capwatch_run("int8", beams)[:1], transformers_run(beams)[:1]  # warm up
-        t_hf, ids_hf = min((timed(lambda: transformers_run(beams)) for _ in range(2)), key=lambda r: r[0])
-        t_32, ids_32 = min((timed(lambda: capwatch_run("fp32", beams)) for _ in range(2)), key=lambda r: r[0])
-        t_8, ids_8 = min((timed(lambda: capwatch_run("int8", beams)) for _ in range(2)), key=lambda r: r[0])
+        capwatch_run("fp32", beams), capwatch_run("int8", beams), transformers_run(beams)  # warm up
+        t_hf, ids_hf = min((timed(lambda b=beams: transformers_run(b)) for _ in range(2)), key=lambda r: r[0])
+        t_32, ids_32 = min((timed(lambda b=beams: capwatch_run("fp32", b)) for _ in range(2)), key=lambda r: r[0])
+        t_8, ids_8 = min((timed(lambda b=beams: capwatch_run("int8", b)) for _ in range(2)), key=lambda r: r[0])
         n = len(sources)
         same = sum(a == b for a, b in zip(ids_hf, ids_32, strict=True))
         same8 = sum(a == b for a, b in zip(ids_32, ids_8, strict=True))
