@@ -143,6 +143,8 @@ class Engine:
         self.roots = roots
         self.index_path = index_path
         self.captioner = captioner
+        #: The translation models of [language], opened with the processor (None: English alone).
+        self.translations: Any = None
         self.stop_event = threading.Event()
         self.queue = JobQueue(config.watch.queue_size)
         self.inbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
@@ -187,9 +189,13 @@ class Engine:
             return IndexOnlyProcessor(self.config, index)
         from capwatch.library.process import Processor, hooks_from_env
         from capwatch.metadata import Journal
+        from capwatch.models.languages import open_translations
 
+        # The translation models of [language] (pulled here on first use unless offline): a missing one stops the
+        # daemon with one line, as a missing captioning model does.
+        self.translations = open_translations(self.config, os.environ, download=True)
         processor: BatchProcessor = Processor(self.config, index, self.captioner, journal=Journal.default(),
-                                              hooks=hooks_from_env(os.environ))
+                                              hooks=hooks_from_env(os.environ), translations=self.translations)
         return _ModelGuard(processor, self._model_failed)
 
     def _model_failed(self, exc: ModelError) -> None:
@@ -207,10 +213,11 @@ class Engine:
         return self.settling > 0 or self.backfill_active or not self.inbox.empty()
 
     def _idle(self) -> None:
-        unload = getattr(self.captioner, "unload_if_idle", None)
-        if callable(unload):
-            with contextlib.suppress(Exception):
-                unload()
+        for owner in (self.captioner, self.translations):
+            unload = getattr(owner, "unload_if_idle", None)
+            if callable(unload):
+                with contextlib.suppress(Exception):
+                    unload()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
