@@ -253,3 +253,22 @@ def test_web_page_lists_the_languages_and_an_edit_writes_only_that_item(tmp_path
     write_caption(image, "Ein roter Apfel", Provenance("m", None, "2026-01-02T00:00:00Z"), MetadataConfig(),
                   force=True, languages={"en": "A red apple", "de": "Ein roter Apfel", "fr": "Une pomme rouge"})
     assert exiftool(image, "-XMP-dc:Description-fr")["XMP-dc:Description-fr"] == "Une pomme bien rouge"
+
+
+@needs_tools
+def test_keywords_are_written_in_the_default_language(run_cli: CliRunner, tmp_path: Path) -> None:
+    florence = FIXTURES / "models" / "florence2-tiny"
+    english_copy = make_image(tmp_path / "en" / "k.jpg", "JPEG")
+    german_copy = make_image(tmp_path / "de" / "k.jpg", "JPEG")
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[metadata]\nmax_keywords = 5\n")
+    for config, image in ((plain, english_copy), (write_config(tmp_path, captions=[], default="de"), german_copy)):
+        result = run_cli("--config", config, "--db", tmp_path / "i.db", "--model", florence, "caption", "--json", image)
+        assert result.code == 0, result.err
+    english = exiftool(english_copy, "-XMP-dc:Subject").get("XMP-dc:Subject")
+    assert english, "the tiny Florence-2 finds objects in this image"
+    labels = [english] if isinstance(english, str) else list(english)
+    lang = Config(language=LanguageConfig(default="de", models={"de": str(MARIAN)}))
+    expected = list(Translations(lang, {}).keywords(labels))
+    german = exiftool(german_copy, "-XMP-dc:Subject")["XMP-dc:Subject"]
+    assert ([german] if isinstance(german, str) else german) == expected
