@@ -272,3 +272,23 @@ def test_keywords_are_written_in_the_default_language(run_cli: CliRunner, tmp_pa
     expected = list(Translations(lang, {}).keywords(labels))
     german = exiftool(german_copy, "-XMP-dc:Subject")["XMP-dc:Subject"]
     assert ([german] if isinstance(german, str) else german) == expected
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_writing_the_same_languages_and_hierarchy_again_changes_nothing(tmp_path: Path, fmt: str) -> None:
+    from capwatch.config import MetadataConfig
+    from capwatch.metadata.records import Provenance
+    from capwatch.metadata.writer import UNCHANGED, write_caption
+
+    image = make_image(tmp_path / f"i.{fmt.lower()}", fmt)
+    config = MetadataConfig(keyword_parent="capwatch")
+    languages = {"en": "A dog", "de": "Ein Hund", "pt-BR": "Um cachorro"}
+    first = write_caption(image, "Ein Hund", Provenance("m", None, "2026-01-01T00:00:00Z"), config,
+                          keywords=["Hund"], languages=languages)
+    assert first.written
+    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    again = write_caption(image, "Ein Hund", Provenance("m", None, "2026-02-01T00:00:00Z"), config,
+                          keywords=["Hund"], languages=languages)
+    assert again.written == () and again.skipped == UNCHANGED
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert again.snapshot is not None and dict(again.snapshot.metadata.captions) == languages
