@@ -108,3 +108,22 @@ def test_not_a_marian_directory_is_one_line_error(tmp_path: Path) -> None:
     (other / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelError, match="tokenizer"):
         Translator(other)
+
+
+def test_a_damaged_source_spm_is_one_line_error(tmp_path: Path) -> None:
+    copy = tmp_path / "marian"
+    shutil.copytree(FIXTURE, copy, ignore=shutil.ignore_patterns("goldens.json"))
+    (copy / "source.spm").write_bytes(b"\x0a\xff\xff\xff\xff\x0f garbage")
+    with pytest.raises(ModelError, match="source.spm: not a SentencePiece model") as info:
+        Translator(copy)
+    assert "\n" not in str(info.value)
+
+
+def test_spm_reader_gives_the_pieces_and_normalizer_of_the_model() -> None:
+    from capwatch.models.spm import UNKNOWN, parse_spm
+
+    model = parse_spm((FIXTURE / "source.spm").read_bytes())
+    assert model.pieces[model.unk_id][0] == "<unk>" and model.pieces[model.unk_id][2] == UNKNOWN
+    assert model.charsmap and model.add_dummy_prefix and model.remove_extra_whitespaces
+    vocab = json.loads((FIXTURE / "vocab.json").read_text(encoding="utf-8"))
+    assert all(piece in vocab for piece, _score, kind in model.pieces if kind == 1)
