@@ -138,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="a Florence-2-base replica bench/caption_florence.py already built (used when its "
                              "bench-spec.json is this recipe's)")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--beams", default="4,1", help="beam counts to measure (comma-separated)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import MarianMTModel
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return [t.generate_ids([s], settings)[0] for s in sources]
 
     rows = []
-    for beams in (4, 1):
+    for beams in (int(b) for b in args.beams.split(",")):
         capwatch_run("fp32", beams), capwatch_run("int8", beams), transformers_run(beams)  # warm up
         t_hf, ids_hf = min((timed(lambda b=beams: transformers_run(b)) for _ in range(2)), key=lambda r: r[0])
         t_32, ids_32 = min((timed(lambda b=beams: capwatch_run("fp32", b)) for _ in range(2)), key=lambda r: r[0])
