@@ -187,10 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{hf_s / c8:>5.2f}x {same:>19}/{n} {same8:>8}/{n}")
     if args.florence:
         per_image = florence_caption_seconds(args.threads, args.florence_images, args.florence_dir)
-        beam4_int8 = rows[0][3]
+        beams, _, _, int8_s, *_ = rows[0]
         print(f"caption itself (capwatch Florence-2-base size, int8, beam 3, 20 tokens): {per_image * 1000:.0f} ms "
-              f"per image; one translation (int8, beam 4): {beam4_int8 * 1000:.0f} ms = "
-              f"{100 * beam4_int8 / per_image:.1f} % of it")
+              f"per image; one translation (int8, beam {beams}): {int8_s * 1000:.0f} ms = "
+              f"{100 * int8_s / per_image:.1f} % of it")
 
 
 if __name__ == "__main__":
