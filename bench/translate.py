@@ -93,8 +93,9 @@ def build(model_dir: Path, new_tokens: int) -> None:
     (model_dir / "bench-spec.json").write_text(json.dumps({"new_tokens": new_tokens, **OPUS_EN_DE}, sort_keys=True))
 
 
-def florence_caption_seconds(threads: int, images: int, replica: Path | None = None) -> float:
-    """Seconds per image of capwatch's Florence-2-base-size caption alone (int8, beam 3, 20 new tokens)."""
+def florence_caption_seconds(threads: int, images: int, replica: Path | None = None) -> tuple[float, float]:
+    """Seconds per image of capwatch's Florence-2-base-size caption alone (int8, beam 3, 20 new tokens): one image
+    at a time, and all ``images`` in one batch (as the pipeline runs them)."""
     spec_file = ROOT / "bench" / "caption_florence.py"
     spec = importlib.util.spec_from_file_location("caption_florence", spec_file)
     assert spec is not None and spec.loader is not None
@@ -116,15 +117,16 @@ def florence_caption_seconds(threads: int, images: int, replica: Path | None = N
     from capwatch.models.captioner import DescribeOptions, open_captioner
 
     cap = open_captioner(model_dir, ModelConfig(precision="int8", num_beams=3, threads=threads,
-                                                idle_unload_seconds=0, batch_size=1))
+                                                idle_unload_seconds=0, batch_size=images))
     pics = cf.images(images)
     pixels = np.stack([cap.preprocess_image(im) for im in pics])
     options = DescribeOptions(keywords=False)
     cap.describe_pixels(pixels[:1], options)  # load + warm up
-    best = min(timed(lambda: [cap.describe_pixels(pixels[i : i + 1], options) for i in range(images)])[0]
-               for _ in range(2))
+    single = min(timed(lambda: [cap.describe_pixels(pixels[i : i + 1], options) for i in range(images)])[0]
+                 for _ in range(2))
+    batched = min(timed(lambda: cap.describe_pixels(pixels, options))[0] for _ in range(2))
     cap.close()
-    return best / images
+    return single / images, batched / images
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -139,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "bench-spec.json is this recipe's)")
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--beams", default="4,1", help="beam counts to measure (comma-separated)")
+    parser.add_argument("--no-transformers", action="store_true", help="capwatch only (with --florence)")
+    parser.add_argument("--batch", type=int, default=8, help="captions per call in the batched capwatch run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import MarianMTModel
@@ -154,21 +158,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     hf = MarianMTModel.from_pretrained(model_dir.parent / (model_dir.name + "-hf")).eval()
     rng = np.random.default_rng(0)
     sources = [[*rng.integers(3, 58000, size=13).tolist(), 0] for _ in range(args.captions)]
-    translators = {p: Translator(model_dir, precision=p, threads=args.threads, idle_unload_seconds=0, batch_size=1)
-                   for p in ("fp32", "int8")}
+    translators = {p: Translator(model_dir, precision=p, threads=args.threads, idle_unload_seconds=0,
+                                 batch_size=args.batch) for p in ("fp32", "int8")}
 
     def transformers_run(beams: int) -> list[list[int]]:
         with torch.inference_mode():
             return [hf.generate(torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long),
                                 num_beams=beams)[0].tolist() for s in sources]
 
-    def capwatch_run(precision: str, beams: int) -> list[list[int]]:
+    def capwatch_run(precision: str, beams: int, batched: bool = False) -> list[list[int]]:
         t = translators[precision]
         settings = dataclasses.replace(t.settings, num_beams=beams)
+        if batched:  # the pipeline translates a model batch's captions in one call per language
+            return t.generate_ids(sources, settings)
         return [t.generate_ids([s], settings)[0] for s in sources]
 
     rows = []
+    batched_int8: dict[int, float] = {}
     for beams in (int(b) for b in args.beams.split(",")):
+        capwatch_run("int8", beams, batched=True)
+        batched_int8[beams] = min(timed(lambda b=beams: capwatch_run("int8", b, batched=True))[0]
+                                  for _ in range(2)) / len(sources)
+        if args.no_transformers:
+            t_8, _ = min((timed(lambda b=beams: capwatch_run("int8", b)) for _ in range(2)), key=lambda r: r[0])
+            rows.append((beams, float("nan"), float("nan"), t_8 / len(sources), 0, 0, len(sources)))
+            continue
         capwatch_run("fp32", beams), capwatch_run("int8", beams), transformers_run(beams)  # warm up
         t_hf, ids_hf = min((timed(lambda b=beams: transformers_run(b)) for _ in range(2)), key=lambda r: r[0])
         t_32, ids_32 = min((timed(lambda b=beams: capwatch_run("fp32", b)) for _ in range(2)), key=lambda r: r[0])
@@ -185,12 +199,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for beams, hf_s, c32, c8, same, same8, n in rows:
         print(f"{beams:>5} {hf_s * 1000:>10.1f} ms {c32 * 1000:>11.1f} ms {hf_s / c32:>5.2f}x {c8 * 1000:>11.1f} ms "
               f"{hf_s / c8:>5.2f}x {same:>19}/{n} {same8:>8}/{n}")
+    for beams, seconds in batched_int8.items():
+        print(f"capwatch int8, beam {beams}, {args.batch} captions per call (as the pipeline translates a batch): "
+              f"{seconds * 1000:.1f} ms per caption")
     if args.florence:
-        per_image = florence_caption_seconds(args.threads, args.florence_images, args.florence_dir)
+        single, batched = florence_caption_seconds(args.threads, args.florence_images, args.florence_dir)
         beams, _, _, int8_s, *_ = rows[0]
-        print(f"caption itself (capwatch Florence-2-base size, int8, beam 3, 20 tokens): {per_image * 1000:.0f} ms "
-              f"per image; one translation (int8, beam {beams}): {int8_s * 1000:.0f} ms = "
-              f"{100 * int8_s / per_image:.1f} % of it")
+        print(f"caption itself (capwatch Florence-2-base size, int8, beam 3, 20 tokens): {single * 1000:.0f} ms per "
+              f"image one at a time, {batched * 1000:.0f} ms in a batch of {args.florence_images}")
+        print(f"one translation (int8, beam {beams}) per caption: {100 * int8_s / single:.1f} % of the caption one at a "
+              f"time; batched: {100 * batched_int8[beams] / batched:.1f} % of the batched caption")
 
 
 if __name__ == "__main__":
