@@ -207,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         beams, _, _, int8_s, *_ = rows[0]
         print(f"caption itself (capwatch Florence-2-base size, int8, beam 3, 20 tokens): {single * 1000:.0f} ms per "
               f"image one at a time, {batched * 1000:.0f} ms in a batch of {args.florence_images}")
-        print(f"one translation (int8, beam {beams}) per caption: {100 * int8_s / single:.1f} % of the caption one at a "
-              f"time; batched: {100 * batched_int8[beams] / batched:.1f} % of the batched caption")
+        print(f"one translation (int8, beam {beams}) per caption: {100 * int8_s / single:.1f} % of the caption one at "
+              f"a time; batched: {100 * batched_int8[beams] / batched:.1f} % of the batched caption")
 
 
 if __name__ == "__main__":
