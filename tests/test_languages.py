@@ -292,3 +292,20 @@ def test_writing_the_same_languages_and_hierarchy_again_changes_nothing(tmp_path
     assert again.written == () and again.skipped == UNCHANGED
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files
     assert again.snapshot is not None and dict(again.snapshot.metadata.captions) == languages
+
+
+@needs_tools
+def test_exif_and_iptc_carry_the_default_language(tmp_path: Path) -> None:
+    from capwatch.config import MetadataConfig
+    from capwatch.metadata.records import Provenance
+    from capwatch.metadata.writer import write_caption
+
+    image = make_image(tmp_path / "iptc.jpg", "JPEG")
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-IPTC:Keywords=Urlaub", str(image)], check=True)
+    result = write_caption(image, "Ein Hund am Strand", Provenance("m", None, "2026-01-01T00:00:00Z"),
+                           MetadataConfig(), languages={"en": "A dog on the beach", "de": "Ein Hund am Strand"})
+    assert "iptc" in result.written
+    tags = exiftool(image, "-IPTC:Caption-Abstract", "-EXIF:ImageDescription", "-XMP-dc:Description",
+                    "-XMP-dc:Description-en")
+    assert tags["IPTC:Caption-Abstract"] == tags["IFD0:ImageDescription"] == "Ein Hund am Strand"
+    assert tags["XMP-dc:Description"] == "Ein Hund am Strand" and tags["XMP-dc:Description-en"] == "A dog on the beach"
