@@ -267,6 +267,49 @@ class MetadataConfig:
     #: Videos (MP4/MOV): "embedded" writes the XMP where exiftool puts it (media data byte-identical), "sidecar"
     #: always writes NAME.EXT.xmp instead.
     video: VideoWriteMode = "embedded"
+    #: Also write capwatch's keywords into the hierarchical lists (Lightroom lr:hierarchicalSubject, digiKam
+    #: TagsList) under this parent ("capwatch" gives "capwatch|dog"; "Places|Auto" nests deeper); None: not written.
+    keyword_parent: str | None = None
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """Captions in other languages: translations of the English caption by Marian models (capwatch.models.marian)."""
+
+    #: Languages (ISO 639-1 codes such as "de", "fr"; a region may follow: "pt-BR") the caption is translated into;
+    #: each becomes an xml:lang item of dc:description beside the English one.
+    captions: tuple[str, ...] = ()
+    #: The language of x-default, EXIF ImageDescription, the IPTC caption and the keywords.
+    default: str = "en"
+    #: A translation model per language: a registry name (``capwatch models list``) or a model directory in the
+    #: transformers.js layout. Languages not named here use the registry's opus-mt-en-XX model.
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Every language written: English, the default, then the others, each once."""
+        return tuple(dict.fromkeys(("en", self.default, *self.captions)))
+
+    @property
+    def translated(self) -> tuple[str, ...]:
+        """The languages a translation model makes (all but English)."""
+        return tuple(lang for lang in self.languages if lang != "en")
+
+
+_LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+
+
+def check_language(config: LanguageConfig, where: str) -> None:
+    """Raise ConfigError (one line, ``where`` first) for a language code that is not ISO 639 (+ region), or a model
+    named for a language that is not written."""
+    for key, value in [*(("captions", c) for c in config.captions), ("default", config.default),
+                       *(("models", k) for k in config.models)]:
+        if not _LANGUAGE_RE.match(value):
+            raise ConfigError(f"{where}language.{key}: {value!r} is not a language code (e.g. \"de\", \"pt-BR\")")
+    extra = sorted(set(config.models) - set(config.translated))
+    if extra:
+        raise ConfigError(f"{where}language.models.{extra[0]}: {extra[0]!r} is not among language.captions or "
+                          "language.default")
 
 
 @dataclass(frozen=True)
@@ -347,6 +390,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
     #: The file this was loaded from, or None for built-in defaults.
     source: Path | None = None
 
@@ -412,6 +456,10 @@ def load_config_file(path: Path) -> Config:
         # Like every path in a config file: relative to that file, not to wherever the daemon starts.
         embed = dataclasses.replace(config.embed, model=str(path.parent / embed_dir))
         config = dataclasses.replace(config, embed=embed)
+    check_language(config.language, f"{path}: ")
+    parent = config.metadata.keyword_parent
+    if parent is not None and any(not part.strip() for part in parent.split("|")):
+        raise ConfigError(f"{path}: metadata.keyword_parent: {parent!r} has an empty level (write \"a\" or \"a|b\")")
     return dataclasses.replace(config, source=path)
 
 

@@ -45,7 +45,8 @@ def test_caption_writes_into_the_file_and_the_index(run_cli: CliRunner, tmp_path
     code, rows, err = _caption(run_cli, db, image)
     assert code == 0, err
     (row,) = rows
-    assert set(row) == {"path", "caption", "model", "written", "skipped", "error", "keywords", "text"}
+    assert set(row) == {"path", "caption", "model", "written", "skipped", "error", "keywords", "text", "captions"}
+    assert row["captions"] == {"en": row["caption"]}
     assert row["path"] == str(image) and row["error"] is None and row["skipped"] is None
     caption = row["caption"]
     assert isinstance(caption, str) and caption

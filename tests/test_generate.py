@@ -201,3 +201,37 @@ def test_settings_fall_back_to_legacy_model_config_and_decoder_subconfig() -> No
         GenerationSettings.from_configs({"eos_token_id": 2}, {}, ModelConfig())
     with pytest.raises(ValueError, match="early_stopping"):
         settings(early_stopping="sometimes")
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_bad_words_ids_one_token_is_never_generated(num_beams: int) -> None:
+    favourite = StaticLogits([0.0, -10.0, 5.0, 4.0] + [0.0] * (VOCAB - 4))  # token 2 always wins unless banned
+    assert generate(favourite, [0], 1, settings(num_beams=num_beams, max_length=6))[0][1:] == [2] * 5
+    out = generate(favourite, [0], 1, settings(num_beams=num_beams, max_length=6, bad_words_ids=((2,),)))[0]
+    assert 2 not in out and out[1:] == [3] * 5
+
+
+def test_bad_words_ids_sequence_bans_its_last_token_only_after_its_prefix() -> None:
+    # 2 then 3 alternate by repetition penalty; banning (2, 3) forbids 3 right after 2 only.
+    logits = StaticLogits([-5.0, -10.0, 2.0, 1.9] + [-1.0] * (VOCAB - 4))
+    plain = generate(logits, [0], 1, settings(repetition_penalty=1.3, max_length=5))[0]
+    assert plain == [START, 2, 3, 2, 2]
+    banned = generate(logits, [0], 1, settings(repetition_penalty=1.3, max_length=5, bad_words_ids=((2, 3),)))[0]
+    assert all(pair != (2, 3) for pair in itertools.pairwise(banned))
+
+
+def test_bad_words_ids_equal_to_eos_are_ignored_as_transformers_does() -> None:
+    eager = StaticLogits([0.0, 5.0] + [1.0] * (VOCAB - 2))
+    out = generate(eager, [0], 1, settings(bad_words_ids=((EOS,),), max_length=6))[0]
+    assert out == [START, EOS]
+
+
+def test_bad_words_ids_are_read_from_generation_config_and_checked() -> None:
+    s = GenerationSettings.from_configs({"bad_words_ids": [[7], [3, 4]], "decoder_start_token_id": 0}, {},
+                                        ModelConfig())
+    assert s.bad_words_ids == ((7,), (3, 4))
+    from capwatch.models.generate import check_generation_keys
+    with pytest.raises(ValueError, match="bad_words_ids"):
+        check_generation_keys({"bad_words_ids": [[99]]}, max_positions=None, vocab_size=12)
+    with pytest.raises(ValueError, match="bad_words_ids"):
+        check_generation_keys({"bad_words_ids": [5]}, max_positions=None, vocab_size=12)

@@ -10,14 +10,18 @@ import pytest
 from capwatch.config import CaptionLength, ModelConfig, Precision
 from capwatch.errors import ModelError
 from capwatch.models.registry import (
+    CAPTION_MODELS,
     FAMILY_GRAPHS,
     PRECISION_SUFFIX,
     REGISTRY,
+    TRANSLATION_LANGUAGES,
+    TRANSLATION_REGISTRY,
     ModelSpec,
     default_spec,
     get_spec,
     graph_files,
     is_commit,
+    translation_model_name,
 )
 
 SHARED = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
@@ -48,7 +52,7 @@ def test_each_model_points_at_its_published_repository_pinned_to_a_commit(name: 
     assert is_commit(spec.revision) and spec.pinned
 
 
-@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", CAPTION_MODELS, ids=lambda s: s.name)
 def test_files_per_precision_are_named_as_transformers_js_loads_them(spec: ModelSpec) -> None:
     for precision in spec.precision_names:
         paths = [f.path for f in spec.files(precision)]
@@ -59,6 +63,26 @@ def test_files_per_precision_are_named_as_transformers_js_loads_them(spec: Model
     assert spec.default_precision in spec.precision_names
     required = [f.path for f in spec.files(spec.default_precision) if not f.optional]
     assert "tokenizer_config.json" not in required and "config.json" in required
+
+
+@pytest.mark.parametrize("spec", TRANSLATION_REGISTRY, ids=lambda s: s.name)
+def test_translation_models_are_xenova_opus_mt_in_the_transformers_js_layout(spec: ModelSpec) -> None:
+    assert spec.family == "marian" and spec.repo == f"Xenova/{spec.name}" and spec.name.startswith("opus-mt-en-")
+    assert spec.revision == "main" and not spec.pinned  # no public pin found: the hub's sums are checked
+    files = [f.path for f in spec.files("int8")]
+    assert files[:3] == ["config.json", "generation_config.json", "tokenizer.json"]
+    assert files[-2:] == ["onnx/encoder_model_quantized.onnx", "onnx/decoder_model_merged_quantized.onnx"]
+    assert "preprocessor_config.json" not in files
+    optional = {f.path for f in spec.files("int8") if f.optional}
+    assert optional == {"tokenizer_config.json", "source.spm", "vocab.json"}
+
+
+def test_translation_model_names_by_language() -> None:
+    assert translation_model_name("de") == "opus-mt-en-de"
+    assert translation_model_name("ja") == "opus-mt-en-jap"
+    assert translation_model_name("tlh") == ""
+    assert all(get_spec(translation_model_name(lang)).family == "marian" for lang in TRANSLATION_LANGUAGES)
+    assert REGISTRY == CAPTION_MODELS + TRANSLATION_REGISTRY
 
 
 def test_family_graphs_match_the_onnx_layouts() -> None:

@@ -231,7 +231,7 @@ def test_sort_by_date_puts_the_newest_first(index: Index) -> None:
     [
         ("kw:dog", '({keywords} : "dog")'),
         ("KW:dog", '({keywords} : "dog")'),
-        ("caption:beach", '({caption model_caption} : "beach")'),
+        ("caption:beach", '({caption model_caption translations} : "beach")'),
         ("path:2019", '({path} : "2019")'),
         ('kw:"golden retriever"', '({keywords} : "golden retriever")'),
         ("-kw:dog cat", '"cat" NOT ({keywords} : "dog")'),

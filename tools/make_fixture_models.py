@@ -3,7 +3,8 @@
 Needs the ``export`` extra (torch, transformers, optimum-onnx, onnx). Run from the repository root::
 
     python tools/make_fixture_models.py                 # ViT-GPT2 fixtures (default)
-    python tools/make_fixture_models.py --family all    # also Florence-2, via tools/fixtures_florence.py
+    python tools/make_fixture_models.py --family all    # also Florence-2 and Marian (tools/fixtures_florence.py,
+                                                        # tools/fixtures_marian.py)
 
 For each ViT-GPT2 fixture this writes ``tests/fixtures/models/<name>/`` in the transformers.js layout
 (``config.json``, ``generation_config.json``, ``preprocessor_config.json``, ``tokenizer.json``, ``vocab.json`` +
@@ -460,7 +461,7 @@ def build(spec: FixtureSpec, images: list[Path], check: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("vit-gpt2", "florence2", "all"), default="vit-gpt2")
+    parser.add_argument("--family", choices=("vit-gpt2", "florence2", "marian", "all"), default="vit-gpt2")
     parser.add_argument("--only", help="build only the ViT-GPT2 fixture with this name")
     parser.add_argument("--no-check", action="store_true", help="skip the capwatch-engine parity check")
     args = parser.parse_args(argv)
@@ -482,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         module.main(MODELS)
+    if args.family in ("marian", "all"):
+        marian_spec = importlib.util.spec_from_file_location("fixtures_marian", ROOT / "tools" / "fixtures_marian.py")
+        assert marian_spec is not None and marian_spec.loader is not None
+        marian = importlib.util.module_from_spec(marian_spec)
+        marian_spec.loader.exec_module(marian)
+        marian.main([str(MODELS)])
     return 0
 
 

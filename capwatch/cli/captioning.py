@@ -112,11 +112,13 @@ def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry
     from capwatch.library.embed import open_embedder_if_available
     from capwatch.library.process import Processor, hooks_from_env
     from capwatch.metadata import Journal
+    from capwatch.models.languages import open_translations
 
     if embedder is None and index is not None and not dry_run:
         embedder = open_embedder_if_available(config)
+    translations = open_translations(config, os.environ, download=True)
     return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
-                     hooks=hooks_from_env(os.environ), embedder=embedder)
+                     hooks=hooks_from_env(os.environ), embedder=embedder, translations=translations)
 
 
 @contextmanager
@@ -464,7 +466,8 @@ def _model_ids(names: Sequence[str]) -> frozenset[str]:
 @_global_options
 @click.argument("dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model-changed", is_flag=True,
-              help="Captions made by another model, or another revision of it, than the one configured now.")
+              help="Captions made by another model, or another revision of it, than the one configured now, or "
+                   "lacking a language of [language] captions (added languages are translated).")
 @click.option("--from-model", "from_model", multiple=True, metavar="NAME",
               help="Captions made by this model: a name from `capwatch models list`, a repository id, or a model "
                    "directory's name (repeatable).")
@@ -495,7 +498,7 @@ def recaption(ctx: click.Context, dirs: tuple[Path, ...], model_changed: bool, f
     roots = [Path(r.path) for r in _roots(config, dirs)] if dirs or config.library.roots else None
     current = _current_model(config) if model_changed else None
     criteria = make_criteria(model_changed=model_changed, current=current, from_model=_model_ids(from_model),
-                             before=before, errors=errors)
+                             before=before, errors=errors, languages=config.language.languages)
     if dry_run:
         with _open_index(config, readonly=True) as index:
             chosen = list(select(index, roots, criteria))

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-if TYPE_CHECKING:
-    pass
-
 from capwatch.cli.app import _global_options, _human_bytes, _load, cli
+from capwatch.errors import CapwatchError
+
+if TYPE_CHECKING:
+    from capwatch.config import Config
 
 # -- models -----------------------------------------------------------------------------------------------------
 
@@ -22,7 +23,7 @@ from capwatch.cli.app import _global_options, _human_bytes, _load, cli
 
 @cli.group()
 def models() -> None:
-    """List, download and inspect captioning and embedding models."""
+    """List, download and inspect captioning, embedding and translation models."""
 
 
 @models.command("list")
@@ -32,8 +33,8 @@ def models() -> None:
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """Known models, which one is the default, and what is in the local cache.
 
-    Captioning models (kind caption, [model]) come first, then image–text embedding models (kind embed, [embed]);
-    "*" marks the ones the configuration uses.
+    Captioning models (kind caption, [model]) come first, then image–text embedding models (kind embed, [embed])
+    and translation models (kind translate, [language] models); "*" marks the ones the configuration uses.
     """
     from capwatch.models.store import list_models
 
@@ -44,6 +45,8 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
             continue
         if status.kind == "embed":
             used = status.name == config.embed.model and config.embed.dir is None and not config.embed.off
+        elif status.kind == "translate":
+            used = status.name in _translation_names(config)
         else:
             used = status.name == config.model.name and config.model.dir is None
         chosen = "*" if used else " "
@@ -51,6 +54,21 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
         default = "default" if status.default else ""
         click.echo(f"{chosen} {status.name:<20} {default:<8} {status.family:<23} cached: {cached:<14} "
                    f"{_human_bytes(status.bytes_on_disk):>9}  {status.description}")
+
+
+def _translation_names(config: Config) -> set[str]:
+    """The registry names of the translation models the configuration uses."""
+    from capwatch.models.languages import model_reference
+
+    names: set[str] = set()
+    for language in config.language.translated:
+        try:
+            ref = model_reference(config.language, language, None)
+        except CapwatchError:
+            continue  # a language no model is known for: `scan` says so; the list just marks none
+        if isinstance(ref, str):
+            names.add(ref)
+    return names
 
 
 @models.command("pull")

@@ -146,6 +146,8 @@ class Engine:
         self.captioner = captioner
         #: The image embedder (search by meaning), opened with the first processor; None when off/unavailable.
         self.embedder: Any = None
+        #: The translation models of [language], opened with the processor (None: English alone).
+        self.translations: Any = None
         self.stop_event = threading.Event()
         self.queue = JobQueue(config.watch.queue_size)
         self.inbox: queue.SimpleQueue[WatchEvent] = queue.SimpleQueue()
@@ -190,14 +192,19 @@ class Engine:
             return IndexOnlyProcessor(self.config, index)
         from capwatch.library.process import Processor, hooks_from_env
         from capwatch.metadata import Journal
+        from capwatch.models.languages import open_translations
 
         if self.embedder is None:
             from capwatch.library.embed import open_embedder_if_available
 
             # Never a download from the daemon's model thread: `capwatch models pull` or a scan fetches it.
             self.embedder = open_embedder_if_available(self.config, download=False)
+        # The translation models of [language] (pulled here on first use unless offline): a missing one stops the
+        # daemon with one line, as a missing captioning model does.
+        self.translations = open_translations(self.config, os.environ, download=True)
         processor: BatchProcessor = Processor(self.config, index, self.captioner, journal=Journal.default(),
-                                              hooks=hooks_from_env(os.environ), embedder=self.embedder)
+                                              hooks=hooks_from_env(os.environ), embedder=self.embedder,
+                                              translations=self.translations)
         return _ModelGuard(processor, self._model_failed)
 
     def _model_failed(self, exc: ModelError) -> None:
@@ -215,7 +222,7 @@ class Engine:
         return self.settling > 0 or self.backfill_active or not self.inbox.empty()
 
     def _idle(self) -> None:
-        for model in (self.captioner, self.embedder):
+        for model in (self.captioner, self.embedder, self.translations):
             unload = getattr(model, "unload_if_idle", None)
             if callable(unload):
                 with contextlib.suppress(Exception):

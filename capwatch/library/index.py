@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import sqlite3
 import time
@@ -90,6 +91,15 @@ class ImageRecord:
     #: What was looked for in this content besides the caption ("keywords", "text"; see capwatch.library.fill),
     #: found or not: a scan fills in only what a row lacks.
     filled: tuple[str, ...] = ()
+    #: The description per language, (language, text) pairs: dc:description's xml:lang items, or the captions
+    #: capwatch made in each configured language (English included). Empty for a description in one language.
+    #: ``caption`` is the one in the default language (x-default). Every text is searchable.
+    captions: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def captions_by_language(self) -> dict[str, str]:
+        """``captions`` as a mapping, language -> text."""
+        return dict(self.captions)
 
 
 class IndexedState(NamedTuple):
@@ -161,6 +171,31 @@ def _join_keywords(keywords: Iterable[str]) -> str | None:
 
 def _split_keywords(stored: str | None) -> tuple[str, ...]:
     return tuple(stored.split("\n")) if stored else ()
+
+
+def _join_captions(captions: Iterable[tuple[str, str]]) -> str | None:
+    """The stored form of ``ImageRecord.captions``: a JSON object in language order, NULL when empty."""
+    pairs = {lang: text for lang, text in captions if text}
+    return json.dumps(pairs, ensure_ascii=False) if pairs else None
+
+
+def _split_captions(stored: str | None) -> tuple[tuple[str, str], ...]:
+    if not stored:
+        return ()
+    try:
+        data = json.loads(stored)
+    except ValueError:
+        return ()
+    if not isinstance(data, dict):
+        return ()
+    return tuple((str(k), str(v)) for k, v in data.items() if isinstance(v, str))
+
+
+def _translations(record: ImageRecord) -> str | None:
+    """The texts of ``record.captions`` other than the caption itself, newline-joined (the searchable column)."""
+    shown = {t for t in (record.caption, record.model_caption) if t}
+    texts = list(dict.fromkeys(text for _, text in record.captions if text and text not in shown))
+    return "\n".join(texts) if texts else None
 
 
 def _now_utc() -> str:
@@ -382,6 +417,7 @@ class Index:
         row = dict(zip(_COLUMNS, values, strict=True))
         for column in _KEYWORD_COLUMNS:
             row[column] = _split_keywords(row[column])
+        row["captions"] = _split_captions(row["captions"])
         return ImageRecord(**row)
 
     def get(self, path: str | Path) -> ImageRecord | None:
@@ -442,7 +478,7 @@ class Index:
 
     def upsert_many(self, records: Iterable[ImageRecord]) -> int:
         """Insert or replace many rows in one transaction; returns how many were written."""
-        cols = [*_COLUMNS, "sort_date", "updated_at", "cjk_caption", "cjk_keywords", "cjk_ocr"]
+        cols = [*_COLUMNS, "sort_date", "updated_at", "cjk_caption", "cjk_keywords", "cjk_ocr", "translations"]
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "path")
         sql = (
             f"INSERT INTO images ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
@@ -460,9 +496,11 @@ class Index:
                     values["updated_at"] = now
                     for column in _KEYWORD_COLUMNS:
                         values[column] = _join_keywords(values[column])
+                    values["captions"] = _join_captions(record.captions)
+                    values["translations"] = _translations(record)
                     # Per-character copies of CJK text (NULL for other rows): see search.cjk_spaced.
                     values["cjk_caption"] = cjk_spaced(
-                        "\n".join(t for t in (record.caption, record.model_caption) if t)
+                        "\n".join(t for t in (record.caption, record.model_caption, values["translations"]) if t)
                     )
                     values["cjk_keywords"] = cjk_spaced(values["keywords"])
                     values["cjk_ocr"] = cjk_spaced(record.ocr_text)

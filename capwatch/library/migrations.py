@@ -252,6 +252,37 @@ def _filled_and_owner_roots(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE owner_roots (path TEXT PRIMARY KEY, added_at TEXT NOT NULL)")
 
 
+#: From the languages migration on: the caption in other languages (dc:description's xml:lang items other than the
+#: one shown as ``caption``), newline-joined, searchable like the caption.
+FTS_COLUMNS_LANG = (*FTS_COLUMNS_5, "translations")
+FTS_WEIGHTS_LANG = (*FTS_WEIGHTS_5, 10.0)
+
+
+def _migration_languages(db: sqlite_utils.Database) -> None:
+    # ``captions``: a JSON object {language: text} of the file's description per language (NULL: one language);
+    # ``translations``: its texts other than ``caption``, for the word index. The word index gets the column
+    # (rebuilt in this transaction, as in migration 5); the tokenizer stays porter over unicode61 with diacritics
+    # removed: SQLite has no stemmer but porter (English), so other languages match whole words and prefixes.
+    for column in ("captions", "translations"):
+        db.execute(f"ALTER TABLE images ADD COLUMN {column} TEXT")
+    for trigger in ("images_fts_insert", "images_fts_delete", "images_fts_update"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db.execute("DROP TABLE images_fts")
+    db.execute(
+        f"""
+        CREATE VIRTUAL TABLE images_fts USING fts5(
+            {", ".join(FTS_COLUMNS_LANG)}, content='images', content_rowid='id',
+            tokenize='porter unicode61 remove_diacritics 2'
+        )
+        """
+    )
+    weights = ", ".join(f"{w:.1f}" for w in FTS_WEIGHTS_LANG)
+    db.execute(f"INSERT INTO images_fts(images_fts, rank) VALUES ('rank', 'bm25({weights})')")
+    for sql in _fts_triggers("images_fts", FTS_COLUMNS_LANG):
+        db.execute(sql)
+    db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
+
+
 #: (version, name, apply). Append only; never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "images table", _migration_1),
@@ -261,5 +292,6 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...]
     (5, "keywords, text in images; porter, CJK and substring search", _migration_5),
     (6, "image embeddings for search by meaning", _migration_6),
     (7, "what was filled in per image; the owner's scanned folders", _filled_and_owner_roots),
+    (8, "captions in other languages, searchable", _migration_languages),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -58,6 +58,7 @@ from capwatch.metadata.safeopen import file_kind
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
+    from capwatch.models.languages import Translations
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,15 @@ class FileOutcome:
     #: in the image (None: not read), as found: also with --dry-run, and also where they stay out of the file.
     keywords: tuple[str, ...] = ()
     text: str | None = None
+    #: The caption per language (English and the configured ones; a file's own language items when it was
+    #: skipped), in order; ``caption`` is the default language's.
+    captions: tuple[tuple[str, str], ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "caption": self.caption, "model": self.model,
                 "written": list(self.written), "skipped": self.skipped, "error": self.error,
-                "keywords": list(self.keywords), "text": self.text}
+                "keywords": list(self.keywords), "text": self.text,
+                "captions": dict(self.captions) if self.captions else None}
 
 
 @dataclass(frozen=True)
@@ -156,14 +161,15 @@ def _now_iso(clock: Callable[[], float]) -> str:
     return dt.datetime.fromtimestamp(clock(), dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def clean_caption(text: str) -> str:
+def clean_caption(text: str, *, capitalise: bool = True) -> str:
     """The caption as it is stored and written: NFC, control characters dropped, whitespace collapsed, first
-    letter capitalised. (Byte-level BPE can decode to control bytes, which XML and EXIF readers reject.)"""
+    letter capitalised (not for translations, which are written as the model gave them). (Byte-level BPE can
+    decode to control bytes, which XML and EXIF readers reject.)"""
     text = unicodedata.normalize("NFC", text)
     text = "".join(" " if ch.isspace() else ch for ch in text
                    if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs", "Cn"))
     text = " ".join(text.split())
-    return text[:1].upper() + text[1:]
+    return text[:1].upper() + text[1:] if capitalise else text
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,16 @@ class Described:
     caption: str
     keywords: tuple[str, ...] | None = None
     text: str | None = None
+    #: The caption per language (English first), when languages are configured; else None (English alone).
+    captions: tuple[tuple[str, str], ...] | None = None
+
+    def shown(self, default: str) -> str:
+        """The caption in the ``default`` language (x-default, EXIF, IPTC, the index's caption)."""
+        return dict(self.captions or ()).get(default, self.caption)
+
+    def all_captions(self) -> tuple[tuple[str, str], ...]:
+        """The caption per language; English alone when nothing was translated."""
+        return self.captions if self.captions else (("en", self.caption),)
 
 
 class Processor:
@@ -218,8 +234,11 @@ class Processor:
 
     def __init__(self, config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                  force: bool = False, clock: Callable[[], float] = time.time, journal: Journal | None = None,
-                 hooks: WriteHooks | None = None, embedder: ImageTextEmbedder | None = None) -> None:
+                 hooks: WriteHooks | None = None, embedder: ImageTextEmbedder | None = None,
+                 translations: Translations | None = None) -> None:
         self.config = config
+        #: The translation models of ``[language]`` (None: English alone).
+        self.translations = translations
         self.index = index
         self.captioner = captioner
         #: Embeds every image it reads (captioned or not) from the same decode; None: no search by meaning.
@@ -271,6 +290,8 @@ class Processor:
             decoder.shutdown(wait=True, cancel_futures=True)
         if self.text_reader is not None:
             self.text_reader.close()
+        if self.translations is not None:
+            self.translations.close()
 
     def _pixels(self, job: _Job) -> Any:
         """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
@@ -350,9 +371,27 @@ class Processor:
                 said = replace(said, caption=clean_caption(said.caption))
                 finished.append((position, job, self._with_text(job, said)))
         try:
-            return failed + self._finish(finished)
+            return failed + self._finish(self._translated(finished))
         finally:
             self._vectors = {}
+
+    def _translated(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, _Job, Described]]:
+        """The captions of one batch in every configured language (one translation call per language) and the
+        keywords in the default language (each label translated once, then remembered). Raises ModelError when a
+        translation model cannot run."""
+        if self.translations is None or not finished:
+            return finished
+        english = [said.caption for _, _, said in finished]
+        todo = [i for i, text in enumerate(english) if text]
+        rows = self.translations.captions([english[i] for i in todo])
+        out = list(finished)
+        for i, row in zip(todo, rows, strict=True):
+            position, job, said = finished[i]
+            captions = tuple((lang, clean_caption(text, capitalise=lang == "en")) for lang, text in row.items()
+                             if text.strip())
+            keywords = self.translations.keywords(said.keywords) if said.keywords is not None else None
+            out[i] = (position, job, replace(said, captions=captions, keywords=keywords))
+        return out
 
     def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
@@ -439,7 +478,7 @@ class Processor:
                 if self.index is not None and not self.dry_run:
                     self.index.upsert(record_from_snapshot(spath, snap, previous, self.config))
                 return FileOutcome(Path(spath), desc.text, desc.provenance.model if desc.provenance else None,
-                                   skipped=ALREADY_CAPTIONED)
+                                   skipped=ALREADY_CAPTIONED, captions=snap.metadata.captions)
             if previous is not None and previous.status == "captioned" and previous.source == "model" \
                     and _same_content(previous, snap):
                 return FileOutcome(Path(spath), previous.caption, previous.model, skipped=ALREADY_CAPTIONED)
@@ -497,8 +536,9 @@ class Processor:
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
         writes: list[tuple[int, _Job, Described]] = []
+        default = self.config.language.default
         for position, job, said in finished:
-            text = said.caption
+            text = said.shown(default)
             path = Path(job.path)
             if not text:
                 # Nothing to write or search; recorded as an error so that `status` shows it and --force retries.
@@ -507,7 +547,8 @@ class Processor:
             elif self.dry_run:
                 results.append((position, FileOutcome(path, text, model_id,
                                                       skipped=HUMAN_KEPT if job.human_skip else None,
-                                                      keywords=said.keywords or (), text=said.text)))
+                                                      keywords=said.keywords or (), text=said.text,
+                                                      captions=said.all_captions())))
             else:
                 if self.hooks.before_write is not None:
                     self.hooks.before_write(path)
@@ -518,8 +559,9 @@ class Processor:
         if not writes:
             return results
         provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock))
-        requests = [CaptionWrite(Path(job.path), said.caption, provenance, job.snap, keywords=said.keywords,
-                                 text=said.text) for _, job, said in writes]
+        requests = [CaptionWrite(Path(job.path), said.shown(default), provenance, job.snap, keywords=said.keywords,
+                                 text=said.text, languages=dict(said.captions) if said.captions else None)
+                    for _, job, said in writes]
         try:
             landed: Sequence[object] = write_captions(requests, self.config.metadata, force=self.force,
                                                       journal=self.journal, hooks=self.hooks)
@@ -527,7 +569,7 @@ class Processor:
             landed = [exc] * len(writes)
         records: list[ImageRecord] = []
         for (position, job, said), result in zip(writes, landed, strict=True):
-            path, text = Path(job.path), said.caption
+            path, text = Path(job.path), said.shown(default)
             if isinstance(result, FileChanged):
                 results.append((position, FileOutcome(path, text, model_id, skipped=str(result), changed=True)))
             elif isinstance(result, CapwatchError):
@@ -540,7 +582,7 @@ class Processor:
                                            said))
                 results.append((position, FileOutcome(path, text, model_id, written=result.written,
                                                       skipped=result.skipped, keywords=said.keywords or (),
-                                                      text=said.text)))
+                                                      text=said.text, captions=said.all_captions())))
         if self.index is not None and records:
             self.index.upsert_many(records)
             self._store_vectors([(r.path, r.fingerprint) for r in records])
@@ -569,7 +611,7 @@ class Processor:
         """The caption goes to the index only: beside a person's description that stays (``index_only``), or as
         the caption itself when metadata writing is off. Recorded only when the file is still the one that was
         captioned."""
-        path, text = Path(job.path), said.caption
+        path, text = Path(job.path), said.shown(self.config.language.default)
         try:
             snap = read_snapshot(path)
         except FileChanged as exc:
@@ -584,7 +626,8 @@ class Processor:
         if job.index_only:
             record = replace(record, model_caption=text)
         else:
-            record = replace(record, caption=text, source="model", status="captioned", error=None)
+            record = replace(record, caption=text, source="model", status="captioned", error=None,
+                             captions=said.captions or ())
         if said.keywords is not None:
             # Searchable beside what the file holds, never written into it here.
             record = with_index_only_keywords(record, said.keywords)
@@ -596,7 +639,7 @@ class Processor:
             self._store_vectors([(record.path, record.fingerprint)])
         return FileOutcome(path, text, self.captioner.model_id,
                            skipped=INDEX_ONLY if job.index_only else WRITING_OFF, keywords=said.keywords or (),
-                           text=said.text)
+                           text=said.text, captions=said.all_captions())
 
 
 def _content_identifier(path: Path) -> str | None:

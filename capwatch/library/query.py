@@ -46,15 +46,15 @@ FIELDS: tuple[Field, ...] = get_args(Field)
 #: The FTS5 columns each field looks in: (word columns, CJK columns). None = every column (no filter).
 _COLUMNS: dict[Field | None, tuple[tuple[str, ...], tuple[str, ...]]] = {
     None: ((), ("cjk_caption", "cjk_keywords", "cjk_ocr")),
-    "caption": (("caption", "model_caption"), ("cjk_caption",)),
+    "caption": (("caption", "model_caption", "translations"), ("cjk_caption",)),
     "kw": (("keywords",), ("cjk_keywords",)),
     "text": (("ocr_text",), ("cjk_ocr",)),
     "path": (("path",), ("path",)),
 }
 #: The images columns a quoted term is checked against, unstemmed, per field.
 EXACT_COLUMNS: dict[Field | None, tuple[str, ...]] = {
-    None: ("caption", "model_caption", "keywords", "ocr_text", "path"),
-    "caption": ("caption", "model_caption"),
+    None: ("caption", "model_caption", "keywords", "ocr_text", "path", "translations"),
+    "caption": ("caption", "model_caption", "translations"),
     "kw": ("keywords",),
     "text": ("ocr_text",),
     "path": ("path",),

@@ -21,13 +21,15 @@ class Criteria:
     """What to re-caption. ``model_changed``: captions not made by ``current`` (model id, and revision when
     known); ``from_model``: captions made by one of these model ids; ``before``: captions made before this local
     time ('YYYY-MM-DDTHH:MM:SS'); ``errors``: files whose last attempt failed. Caption criteria combine with AND;
-    ``errors`` adds the failed files."""
+    ``errors`` adds the failed files. With ``model_changed``, ``languages`` (the configured ones, English included)
+    also chooses captions that lack one of them: a language added to ``[language] captions`` is translated."""
 
     model_changed: bool = False
     current: tuple[str, str | None] | None = None
     from_model: frozenset[str] = frozenset()
     before: str | None = None
     errors: bool = False
+    languages: frozenset[str] = frozenset()
 
     @property
     def selects_captions(self) -> bool:
@@ -36,11 +38,12 @@ class Criteria:
 
 
 def make_criteria(*, model_changed: bool, current: tuple[str, str | None] | None, from_model: Iterable[str],
-                  before: str | None, errors: bool) -> Criteria:
+                  before: str | None, errors: bool, languages: Iterable[str] = ()) -> Criteria:
     """Validate the command's options into :class:`Criteria`. Raises QueryError (one line) when none is given
     (re-captioning everything is what ``scan --force`` is for) or a date cannot be read."""
     bound = parse_date_bound(before, option="--before", end=False) if before is not None else None
-    criteria = Criteria(model_changed, current, frozenset(from_model), bound, errors)
+    criteria = Criteria(model_changed, current, frozenset(from_model), bound, errors,
+                        frozenset(lang.lower() for lang in languages))
     if not criteria.selects_captions and not errors:
         raise QueryError("say which captions to redo: --model-changed, --from-model NAME, --before DATE or --errors")
     return criteria
@@ -67,7 +70,9 @@ def chosen(record: ImageRecord, criteria: Criteria) -> bool:
         return False  # a person's description, boilerplate or nothing yet: not recaption's business
     if criteria.model_changed and criteria.current is not None:
         model, revision = criteria.current
-        if record.model == model and (revision is None or record.model_revision == revision):
+        have = {lang.lower() for lang, _ in record.captions} or {"en"}
+        missing = not criteria.languages <= have
+        if not missing and record.model == model and (revision is None or record.model_revision == revision):
             return False
     if criteria.from_model and record.model not in criteria.from_model:
         return False

@@ -334,6 +334,7 @@ def _record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord |
         width=meta.width, height=meta.height, taken_at=meta.taken_at,
         keywords=meta.keywords, model_keywords=meta.model_keywords,
         ocr_text=meta.ocr_text if meta.ocr_text is not None or previous is None else previous.ocr_text,
+        captions=meta.captions,
     )
     desc: Description | None = meta.description
     if desc is not None and desc.kind == "ours":
@@ -358,7 +359,7 @@ def _record_from_snapshot(path: str, snap: FileSnapshot, previous: ImageRecord |
         return replace(base, caption=previous.caption, source="model", status="captioned",
                        model=previous.model, model_revision=previous.model_revision,
                        captioned_at=previous.captioned_at, keywords=previous.keywords,
-                       model_keywords=previous.model_keywords)
+                       model_keywords=previous.model_keywords, captions=previous.captions)
     return base
 
 

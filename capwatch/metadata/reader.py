@@ -433,6 +433,7 @@ def read_snapshot(path: Path, *, known: FileSnapshot | None = None) -> FileSnaps
         ocr_text=next((i.text for i in [*sidecars, xmp_info] if i is not None and i.text), None),
         description_fields=fields,
         content_identifier=emb.quicktime_content_id or (emb.tiff.content_identifier if emb.tiff else None),
+        captions=next((i.languages for i in [*sidecars, xmp_info] if i is not None and i.languages), ()),
     )
     return FileSnapshot(target, identity, metadata, tuple(sidecar_files), tuple(unreadable))
 

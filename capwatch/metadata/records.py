@@ -71,6 +71,8 @@ class FileMetadata:
     description_fields: tuple[Description, ...] = ()
     #: Apple's content identifier: a Live Photo's still (MakerNote) and its MOV (Keys) carry the same one.
     content_identifier: str | None = None
+    #: The description in other languages: dc:description's xml:lang items (x-default aside), as (language, text).
+    captions: tuple[tuple[str, str], ...] = ()
 
     @property
     def human_keywords(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import os
 import stat
 import struct
 import unicodedata
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from capwatch.metadata.records import Description, FileSnapshot, Provenance, Sid
 from capwatch.metadata.safeopen import open_binary
 from capwatch.metadata.sidecar import existing_sidecars, sidecar_candidates
 from capwatch.metadata.xmltext import describe_chars, unsafe_chars
-from capwatch.metadata.xmp import XmpError, merge_caption, normalise, parse_xmp, wrap_packet
+from capwatch.metadata.xmp import KeywordHierarchy, XmpError, merge_caption, normalise, parse_xmp, wrap_packet
 
 EMBEDDABLE = frozenset({"jpeg", "png", "webp", "mp4", "mov"})
 #: A hard-linked video is edited in place, which holds the whole file in memory: above this size it gets a sidecar.
@@ -68,14 +68,20 @@ class CaptionTextError(MetadataError):
 def write_caption(path: Path, caption: str, provenance: Provenance | None, config: MetadataConfig, *,
                   force: bool = False, expected: FileSnapshot | None = None, journal: Journal | None = None,
                   hooks: WriteHooks = NO_HOOKS, keywords: Sequence[str] | None = None,
-                  text: str | None = None, replaces: Collection[str] | None = None) -> WriteResult:
+                  text: str | None = None, replaces: Collection[str] | None = None,
+                  languages: Mapping[str, str] | None = None,
+                  person_languages: Mapping[str, str] | None = None) -> WriteResult:
     """Write ``caption`` (NFC-normalised) with ``provenance`` into ``path`` per ``config``.
 
     ``keywords`` are capwatch's keywords for the image (from the model, in order): merged into dc:subject and IPTC
     Keywords in the same atomic write; a person's keywords stay, capwatch's earlier ones are replaced, and one a
     person removed is not added again (``capwatch.metadata.keywords``). None leaves the keywords as they are;
     ``[]`` removes capwatch's. ``text`` (OCR) goes into capwatch:Text when ``config.write_text`` is on ("" removes
-    it; None keeps what is there); never into the description. Keywords and text travel with the caption: when
+    it; None keeps what is there); never into the description. ``languages`` (xml:lang -> text, the caption in
+    each configured language) become dc:description's language items, a person's items kept
+    (``capwatch.metadata.xmp_languages``); ``caption`` is then the default language's text. ``person_languages``
+    writes language items as a person's words (an edit of one language on the web page). Keywords, languages and
+    text travel with the caption: when
     the caption is not written (a person's description kept), neither are they. Raises TypeError when
     ``keywords`` is one string rather than a list of them.
     ``provenance=None`` writes a person's words (an edit in ``capwatch serve``): no capwatch provenance is written
@@ -97,7 +103,8 @@ def write_caption(path: Path, caption: str, provenance: Provenance | None, confi
     of its metadata could not be fully read; the file is then byte-identical and no temp file remains.
     """
     request = CaptionWrite(Path(path), caption, provenance, expected, keywords=keywords, text=text,
-                           replaces=None if replaces is None else frozenset(replaces))
+                           replaces=None if replaces is None else frozenset(replaces),
+                           languages=languages, person_languages=person_languages)
     prepared = _prepare(request, config, force=force)
     if isinstance(prepared, WriteResult):
         return prepared
@@ -120,6 +127,11 @@ class CaptionWrite:
     text: str | None = None
     #: The descriptions the writer of a person's words saw (description_key values); see write_caption.
     replaces: frozenset[str] | None = None
+    #: The caption per language (xml:lang -> text, English included) for dc:description's language items; None
+    #: leaves them alone. ``caption`` is the text of the default language (x-default, EXIF, IPTC).
+    languages: Mapping[str, str] | None = None
+    #: Language items written as a person's words (xml:lang -> text); see write_caption.
+    person_languages: Mapping[str, str] | None = None
 
 
 def write_captions(requests: Sequence[CaptionWrite], config: MetadataConfig, *, force: bool = False,
@@ -188,8 +200,7 @@ def _prepare(request: CaptionWrite, config: MetadataConfig, *, force: bool
         # A str is a Sequence[str] too: "dog" would become the keywords d, o, g.
         raise TypeError("keywords must be a list of keywords, not one string")
     # Control characters have no place in a caption and are not allowed in XML 1.0 or EXIF ASCII.
-    text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in request.caption))
-    text = " ".join(text.split())
+    text = _clean_caption(request.caption)
     if not text:
         raise MetadataError(f"{path}: refusing to write an empty caption")
     unsafe = unsafe_chars(text)
@@ -219,7 +230,22 @@ def _prepare(request: CaptionWrite, config: MetadataConfig, *, force: bool
 
 def _extras(request: CaptionWrite, config: MetadataConfig) -> Extras:
     keywords = None if request.keywords is None else kw.clean_keywords(request.keywords)
-    return Extras(keywords, request.text if config.write_text else None)
+    languages = None
+    if request.languages is not None:
+        cleaned = {lang: _clean_caption(text) for lang, text in request.languages.items()}
+        languages = {lang: text for lang, text in cleaned.items() if text}
+    hierarchy = KeywordHierarchy(config.keyword_parent) if config.keyword_parent else None
+    person = None
+    if request.person_languages:
+        person = {lang: _clean_caption(text) for lang, text in request.person_languages.items()}
+    return Extras(keywords, request.text if config.write_text else None, languages, hierarchy, person)
+
+
+def _clean_caption(caption: str) -> str:
+    """A caption as it is written: control characters (not allowed in XML 1.0 or EXIF ASCII) become spaces,
+    whitespace collapsed, NFC."""
+    text = normalise("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in caption))
+    return " ".join(text.split())
 
 
 def _write_prepared(snap: FileSnapshot, text: str, provenance: Provenance | None, config: MetadataConfig,
@@ -261,6 +287,12 @@ class Extras:
 
     keywords: tuple[str, ...] | None = None
     text: str | None = None
+    #: The caption per language (cleaned; None = leave the language items alone).
+    languages: Mapping[str, str] | None = None
+    #: Where capwatch's keywords go in the hierarchical lists ([metadata] keyword_parent); None = not written.
+    hierarchy: KeywordHierarchy | None = None
+    #: Language items that are a person's words (cleaned); None = none.
+    person_languages: Mapping[str, str] | None = None
 
 
 NO_EXTRAS = Extras()
@@ -367,7 +399,8 @@ def plan_embedded(data: bytes, fmt: str, caption: str, provenance: Provenance | 
             values.update(_mandatory_jpeg_ifd0(data))
     new_tiff = exif.set_ifd0_tags(tiff_block, values)
     xml = merge_caption(emb.xmp, caption, provenance, keywords=extra.keywords, other_human=iptc_human,
-                        deleted=deleted, text=extra.text)
+                        deleted=deleted, text=extra.text, languages=extra.languages, hierarchy=extra.hierarchy,
+                        person_languages=extra.person_languages)
     packet = wrap_packet(xml, XMP_PADDING)
     if fmt == "jpeg":
         if len(packet) > jpeg.MAX_XMP_PACKET:
@@ -498,7 +531,8 @@ def _write_sidecars(snap: FileSnapshot, caption: str, provenance: Provenance | N
         existing = _read_sidecar_as_seen(target, known)
         try:
             xml = merge_caption(existing, caption, provenance, keywords=extra.keywords, other_human=seed,
-                                text=extra.text)
+                                text=extra.text, languages=extra.languages, hierarchy=extra.hierarchy,
+                                person_languages=extra.person_languages)
             packet = wrap_packet(xml, 0) + b"\n"
         except XmpError as exc:
             raise MetadataError(f"{target}: {exc}") from None

@@ -19,7 +19,7 @@ the same top-level rdf:Description elements that ``merge_caption`` writes.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from xml.dom.minidom import Document, Element
 from xml.etree.ElementTree import Element as EtElement
@@ -29,7 +29,7 @@ import defusedxml.ElementTree as SafeET
 import defusedxml.minidom as SafeMinidom
 from defusedxml import DefusedXmlException
 
-from capwatch.metadata import xmp_keywords
+from capwatch.metadata import xmp_keywords, xmp_languages
 from capwatch.metadata.keywords import clean_keywords
 from capwatch.metadata.records import Provenance
 from capwatch.metadata.xmp_dom import (
@@ -48,6 +48,7 @@ from capwatch.metadata.xmp_dom import NS_DC as NS_DC
 from capwatch.metadata.xmp_dom import NS_RDF as NS_RDF
 from capwatch.metadata.xmp_dom import NS_XML as NS_XML
 from capwatch.metadata.xmp_dom import XmpError as XmpError
+from capwatch.metadata.xmp_keywords import KeywordHierarchy as KeywordHierarchy
 from capwatch.metadata.xmp_keywords import clean_text as clean_text
 
 NS_X = "adobe:ns:meta/"
@@ -77,6 +78,8 @@ class XmpInfo:
     our_keywords: tuple[str, ...] = ()  # capwatch:Keywords
     rejected_keywords: tuple[str, ...] = ()  # capwatch:RejectedKeywords
     text: str | None = None  # capwatch:Text (OCR)
+    languages: tuple[tuple[str, str], ...] = ()  # dc:description items other than x-default: (xml:lang, text)
+    our_languages: tuple[tuple[str, str], ...] = ()  # capwatch:Captions: the items capwatch wrote
 
 
 def _q(ns: str, local: str) -> str:
@@ -155,6 +158,8 @@ def parse_xmp(packet: bytes) -> XmpInfo:
             if items is not None and (ns, local) not in lists:
                 lists[ns, local] = items
     text = next((t for t in (_prop_raw(desc, NS_CAPWATCH, "Text") for desc in top) if t is not None), None)
+    languages = next((i for i in map(xmp_languages.read_description_items, top) if i is not None), ())
+    our_languages = next((i for i in map(xmp_languages.read_recorded, top) if i is not None), ())
     provenance = None
     if props.get("Model") and props.get("CreatedAt"):
         provenance = Provenance(props["Model"], props.get("ModelRevision") or None, props["CreatedAt"])
@@ -171,6 +176,8 @@ def parse_xmp(packet: bytes) -> XmpInfo:
         our_keywords=lists.get((NS_CAPWATCH, "Keywords"), ()),
         rejected_keywords=lists.get((NS_CAPWATCH, "RejectedKeywords"), ()),
         text=text,
+        languages=languages,
+        our_languages=our_languages,
     )
 
 
@@ -290,7 +297,9 @@ def _find_rdf(doc: Document) -> Element:
 
 def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | None, *,
                   keywords: Sequence[str] | None = None, other_human: Sequence[str] = (),
-                  deleted: Sequence[str] = (), text: str | None = None) -> str:
+                  deleted: Sequence[str] = (), text: str | None = None, languages: Mapping[str, str] | None = None,
+                  hierarchy: KeywordHierarchy | None = None, person_languages: Mapping[str, str] | None = None
+                  ) -> str:
     """Return the XML (no xpacket wrapper) of ``packet`` with dc:description x-default = ``caption`` and capwatch
     provenance set; every other property, namespace and language is kept. ``packet=None`` starts a new one.
     ``provenance=None`` writes a person's words: the caption's capwatch provenance is removed, so readers see a
@@ -300,7 +309,12 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     ``capwatch.metadata.keywords``, together with ``other_human`` (a person's keywords from another place of the
     same file, e.g. IPTC) and ``deleted`` (keywords a person deleted in that other place: removed and recorded as
     rejected); None leaves dc:subject and the recorded capwatch:Keywords as they are, ``[]`` removes
-    capwatch's. ``text`` sets capwatch:Text ("" removes it); None keeps what the packet has.
+    capwatch's. ``text`` sets capwatch:Text ("" removes it); None keeps what the packet has. ``languages`` (language
+    -> text) sets the xml:lang items of dc:description by the rules of ``capwatch.metadata.xmp_languages`` (a
+    person's items stay); None leaves them and the record of capwatch's (capwatch:Captions) as they are.
+    ``hierarchy`` also writes capwatch's keywords into lr:hierarchicalSubject and digiKam:TagsList under its parent
+    (``capwatch.metadata.xmp_keywords.merge_hierarchy``); None leaves those lists alone. ``person_languages``
+    (language -> text) writes those language items as a person's words (no longer recorded as capwatch's).
 
     When the packet already carries exactly this caption as capwatch's, from the same model and revision, its
     capwatch:CreatedAt is kept, so merging our own output again returns the same XML and the caller writes
@@ -317,6 +331,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     recorded_rejected = xmp_keywords.recorded_list(descriptions, "RejectedKeywords")
     texts = (xmp_keywords.dom_text(d, NS_CAPWATCH, "Text") for d in descriptions)
     recorded_text = next((t for t in texts if t is not None), None)
+    recorded_languages = xmp_languages.recorded_dom(descriptions)
+    recorded_hierarchy = xmp_keywords.recorded_list(descriptions, "HierarchicalKeywords")
     if not descriptions:
         new = doc.createElementNS(NS_RDF, f"{rdf_prefix}:Description")
         new.setAttributeNS(NS_RDF, f"{rdf_prefix}:about", "")
@@ -334,13 +350,22 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
         for attr in list(desc.attributes.values()):
             if attr.namespaceURI == NS_CAPWATCH:
                 desc.removeAttributeNode(attr)
-    _set_description(doc, target, rdf_prefix, caption)
+    alt = _set_description(doc, target, rdf_prefix, caption)
+    owned_languages = recorded_languages
+    if languages is not None:
+        owned_languages = xmp_languages.merge_items(doc, alt, rdf_prefix, languages, recorded_languages)
+    if person_languages:
+        owned_languages = xmp_languages.set_persons(doc, alt, rdf_prefix, person_languages, owned_languages)
     ours, rejected = recorded_ours, recorded_rejected
     if keywords is not None:
         # Before the provenance is appended: a new dc:subject then sits where it will be found next time, so
         # merging our own output again yields the same XML.
         ours, rejected = xmp_keywords.merge_subject(doc, descriptions, target, rdf_prefix, clean_keywords(keywords),
                                                     other_human, recorded_ours, recorded_rejected, deleted)
+    hierarchy_items = recorded_hierarchy
+    if keywords is not None and hierarchy is not None:
+        hierarchy_items = xmp_keywords.merge_hierarchy(doc, descriptions, target, rdf_prefix, hierarchy.entries(ours),
+                                                       recorded_hierarchy)
     values: list[tuple[str, str]] = []
     if provenance is not None:
         values = [("Source", "capwatch"), ("Model", provenance.model)]
@@ -350,12 +375,15 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
     text = recorded_text if text is None else clean_text(text)
     # A person's caption (provenance None) drops the caption's provenance only: which keywords are capwatch's and
     # the text it read stay recorded, since they are not the caption's.
-    cw = prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX) if values or ours or rejected or text else ""
+    anything = values or ours or rejected or text or owned_languages or hierarchy_items
+    cw = prefix_for(target, NS_CAPWATCH, CAPWATCH_PREFIX) if anything else ""
     for local, value in values:
         el = doc.createElementNS(NS_CAPWATCH, f"{cw}:{local}")
         el.appendChild(doc.createTextNode(value))
         target.appendChild(el)
-    for local, items in (("Keywords", ours), ("RejectedKeywords", rejected)):
+    if owned_languages:
+        target.appendChild(xmp_languages.alt_element(doc, f"{cw}:Captions", rdf_prefix, owned_languages))
+    for local, items in (("Keywords", ours), ("RejectedKeywords", rejected), ("HierarchicalKeywords", hierarchy_items)):
         if items:
             target.appendChild(xmp_keywords.bag(doc, NS_CAPWATCH, f"{cw}:{local}", rdf_prefix, items))
     if text:
@@ -460,8 +488,9 @@ def _created_at(descriptions: list[Element], target: Element, caption: str, prov
     return kept if same and kept else provenance.created_at
 
 
-def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: str) -> None:
-    """Make ``target``'s dc:description the standard rdf:Alt with x-default = ``caption`` (other languages kept).
+def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: str) -> Element:
+    """Make ``target``'s dc:description the standard rdf:Alt with x-default = ``caption`` (other languages kept);
+    returns the rdf:Alt.
 
     Expects a form ``_check_description`` accepted: absent, the attribute form, simple text or the rdf:Alt.
     """
@@ -493,6 +522,7 @@ def _set_description(doc: Document, target: Element, rdf_prefix: str, caption: s
         default.setAttributeNS(NS_XML, "xml:lang", "x-default")
         alt.insertBefore(default, alt.firstChild)
     set_text(doc, default, caption)
+    return alt
 
 
 def wrap_packet(xml: str, padding: int = 0) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from xml.dom.minidom import Document, Element
 
 from capwatch.metadata import keywords as kw
@@ -158,3 +159,73 @@ def merge_subject(doc: Document, descriptions: list[Element], target: Element, r
     if not children(container, NS_RDF, "li") and len(items) > 0 and prop is not None:
         holder.removeChild(prop)  # it held only our keywords, and ours are gone: no empty bag left behind
     return result.ours, result.rejected
+
+
+NS_LR = "http://ns.adobe.com/lightroom/1.0/"
+NS_DIGIKAM = "http://www.digikam.org/ns/1.0/"
+
+
+@dataclass(frozen=True)
+class KeywordHierarchy:
+    """Where capwatch's keywords go in the hierarchical keyword lists: under ``parent`` ("capwatch", "Auto|Tags").
+
+    Lightroom's lr:hierarchicalSubject (an rdf:Bag of "a|b|c") and digiKam's digiKam:TagsList (an rdf:Seq of
+    "a/b/c") get ``parent|keyword`` / ``parent/keyword`` for each of capwatch's keywords. What capwatch wrote is
+    recorded in capwatch:HierarchicalKeywords (Lightroom form), so a later write replaces exactly those entries;
+    every other entry (a person's hierarchy) stays byte for byte.
+    """
+
+    parent: str
+
+    def entries(self, keywords: Sequence[str]) -> tuple[str, ...]:
+        """The Lightroom-form entries of ``keywords`` ("|" inside a keyword would make levels: it becomes "/")."""
+        return tuple(dict.fromkeys(f"{self.parent}|{k.replace('|', '/')}" for k in keywords))
+
+
+def _tags_list(entry: str) -> str:
+    """digiKam's form of a Lightroom-form entry."""
+    return "/".join(part.replace("/", "\u2215") for part in entry.split("|"))
+
+
+def merge_hierarchy(doc: Document, descriptions: list[Element], target: Element, rdf_prefix: str,
+                    wanted: Sequence[str], recorded: Sequence[str]) -> tuple[str, ...]:
+    """Put the Lightroom-form entries ``wanted`` into lr:hierarchicalSubject and digiKam:TagsList in place, removing
+    the entries capwatch ``recorded`` earlier that are no longer wanted; a person's entries are not touched. Returns
+    what to record in capwatch:HierarchicalKeywords. Raises XmpError for a list of a form it does not understand."""
+    for ns, local, prefix, container, convert in (
+            (NS_LR, "hierarchicalSubject", "lr", "Bag", lambda e: e),
+            (NS_DIGIKAM, "TagsList", "digiKam", "Seq", _tags_list)):
+        want = [convert(e) for e in wanted]
+        drop = {convert(e) for e in recorded} - set(want)
+        holders = [d for d in descriptions if children(d, ns, local) or d.hasAttributeNS(ns, local)]
+        if any(d.hasAttributeNS(ns, local) for d in holders) or sum(len(children(d, ns, local)) for d in holders) > 1:
+            raise XmpError(f"{prefix}:{local} has an unexpected form; not changed")
+        prop = children(holders[0], ns, local)[0] if holders else None
+        if prop is None:
+            if want:
+                new = doc.createElementNS(ns, f"{prefix_for(target, ns, prefix)}:{local}")
+                box = doc.createElementNS(NS_RDF, f"{rdf_prefix}:{container}")
+                new.appendChild(box)
+                target.appendChild(new)
+                _append(doc, box, rdf_prefix, want)
+            continue
+        box_el, items = subject_items(prop)
+        if box_el is None:
+            raise XmpError(f"{prefix}:{local} has an unexpected form (not a list); not changed")
+        present = set()
+        for li, text in items:
+            if li is not None and text in drop:
+                box_el.removeChild(li)
+            else:
+                present.add(text)
+        _append(doc, box_el, box_el.prefix or rdf_prefix, [e for e in want if e not in present])
+        if not children(box_el, NS_RDF, "li"):
+            holders[0].removeChild(prop)  # it held only capwatch's entries, now gone: no empty list left behind
+    return tuple(wanted)
+
+
+def _append(doc: Document, box: Element, rdf_prefix: str, items: Sequence[str]) -> None:
+    for item in items:
+        li = doc.createElementNS(NS_RDF, f"{rdf_prefix}:li")
+        li.appendChild(doc.createTextNode(item))
+        box.appendChild(li)

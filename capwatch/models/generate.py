@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from capwatch.config import LENGTH_PENALTY, NEW_TOKENS, NO_REPEAT_NGRAM, NUM_BEAMS, Range
+from capwatch.config import LENGTH_PENALTY, NEW_TOKENS, NO_REPEAT_NGRAM, NUM_BEAMS, Range, short_repr
 
 if TYPE_CHECKING:
     from capwatch.config import ModelConfig
@@ -39,6 +39,10 @@ ANY_TOKEN_ID = Range(0, (1 << 22) - 1)
 MAX_EOS_IDS = 32
 #: Generation keys that hold token ids. Each may be one id or (taking the first, as transformers does for these) a
 #: list, except pad_token_id, which is only ever one id.
+#: bad_words_ids: at most this many banned sequences, each at most MAX_BAD_WORD_TOKENS long (Marian's generation
+#: config bans one one-token sequence, the pad token).
+MAX_BAD_WORDS = 4096
+MAX_BAD_WORD_TOKENS = 32
 TOKEN_ID_KEYS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
                  "forced_eos_token_id")
 
@@ -103,6 +107,17 @@ def check_generation_keys(
         for item in items:
             if (problem := ids.problem(item, integer=True)) is not None:
                 raise ValueError(f"{prefix}{key}: {problem}{vocab}")
+    bad = data.get("bad_words_ids")
+    if bad is not None:
+        if not isinstance(bad, list) or len(bad) > MAX_BAD_WORDS:
+            raise ValueError(f"{prefix}bad_words_ids: expected a list of at most {MAX_BAD_WORDS} token id lists")
+        for seq in bad:
+            if not isinstance(seq, list) or not 1 <= len(seq) <= MAX_BAD_WORD_TOKENS:
+                raise ValueError(f"{prefix}bad_words_ids: expected lists of 1 to {MAX_BAD_WORD_TOKENS} token ids, "
+                                 f"got {short_repr(seq)}")
+            for item in seq:
+                if (problem := ids.problem(item, integer=True)) is not None:
+                    raise ValueError(f"{prefix}bad_words_ids: {problem}{vocab}")
 
 
 class DecoderState(Protocol):
@@ -162,6 +177,8 @@ class GenerationSettings:
     forced_eos_token_id: int | None
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
+    #: Token sequences never generated (transformers' NoBadWordsLogitsProcessor); a one-token EOS entry is ignored.
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         """Check the merged settings, whatever their source (model files, capwatch's config, code).
@@ -185,11 +202,14 @@ class GenerationSettings:
             ("pad_token_id", self.pad_token_id, ANY_TOKEN_ID, True),
             *[(name, value, ANY_TOKEN_ID, True) for name, value in (
                 ("bos_token_id", self.bos_token_id), ("forced_bos_token_id", self.forced_bos_token_id),
-                ("forced_eos_token_id", self.forced_eos_token_id), *(("eos_token_id", t) for t in self.eos_token_id))],
+                ("forced_eos_token_id", self.forced_eos_token_id), *(("eos_token_id", t) for t in self.eos_token_id),
+                *(("bad_words_ids", t) for seq in self.bad_words_ids for t in seq))],
         ]
         for name, value, bounds, integer in checks:
             if value is not None and (problem := bounds.problem(value, integer=integer)) is not None:
                 raise ValueError(f"{name}: {problem}")
+        if any(not 1 <= len(seq) <= MAX_BAD_WORD_TOKENS for seq in self.bad_words_ids):
+            raise ValueError(f"bad_words_ids: expected sequences of 1 to {MAX_BAD_WORD_TOKENS} token ids")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
         if self.effective_min_length > self.effective_max_length:
@@ -340,6 +360,7 @@ class GenerationSettings:
             forced_eos_token_id=opt_int(pick("forced_eos_token_id", None)),
             repetition_penalty=float(pick("repetition_penalty", 1.0)),
             num_return_sequences=int(pick("num_return_sequences", 1)),
+            bad_words_ids=tuple(tuple(int(t) for t in seq) for seq in (pick("bad_words_ids", None) or ())),
         )
 
 
@@ -371,7 +392,7 @@ def generate(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Logits processors (transformers' order: repetition penalty, no-repeat n-gram, min length, forced BOS,
+# Logits processors (transformers' order: repetition penalty, no-repeat n-gram, bad words, min length, forced BOS,
 # forced EOS)
 
 
@@ -384,6 +405,11 @@ class _Processors:
         self.forced_bos = settings.forced_bos_token_id
         self.forced_eos = settings.forced_eos_token_id
         self.max_length = max_length
+        # As NoBadWordsLogitsProcessor: a one-token sequence equal to an EOS id is dropped (EOS must stay possible).
+        eos_set = {(int(t),) for t in settings.eos_token_id}
+        bad = [seq for seq in settings.bad_words_ids if seq not in eos_set]
+        self.bad_single = np.asarray(sorted({seq[0] for seq in bad if len(seq) == 1}), dtype=np.int64)
+        self.bad_multi = [seq for seq in bad if len(seq) > 1]
 
     def __call__(self, history: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Apply the processors in place to ``scores`` [rows, vocab] given ``history`` [rows, cur_len]."""
@@ -394,6 +420,14 @@ class _Processors:
             np.put_along_axis(scores, history, seen.astype(scores.dtype), axis=1)
         if self.ngram > 0 and cur_len + 1 >= self.ngram:
             _ban_repeated_ngrams(history, scores, self.ngram)
+        if self.bad_single.size:
+            scores[:, self.bad_single] = -np.inf
+        for seq in self.bad_multi:
+            # Ban the last token of a bad sequence where the history ends with the rest of it.
+            prefix = np.asarray(seq[:-1], dtype=np.int64)
+            if cur_len >= prefix.size:
+                hit = np.all(history[:, cur_len - prefix.size :] == prefix[None, :], axis=1)
+                scores[hit, seq[-1]] = -np.inf
         if self.eos.size and cur_len < self.min_length:
             scores[:, self.eos] = -np.inf
         if self.forced_bos is not None and cur_len == 1:

@@ -231,6 +231,18 @@ def check_model_files(
     optional) is checked as the defaults. Returns None; raises ModelError with one line ``<file>: <key>: expected
     ..., got ...`` naming the allowed range, for the first bad key.
     """
+    check_text_model_files(path, config, generation_config)
+    try:
+        Preprocessor.from_config(preprocessor_config)
+    except ValueError as exc:
+        raise ModelError(f"{path / 'preprocessor_config.json'}: {exc}") from None
+
+
+def check_text_model_files(path: Path, config: Mapping[str, Any], generation_config: Mapping[str, Any]) -> None:
+    """As :func:`check_model_files` for a text-to-text model (a translation model has no preprocessor config).
+
+    Returns None; raises ModelError (one line ``<file>: <key>: expected ..., got ...``) for the first bad key.
+    """
     config_file = path / "config.json"
     for key in _TEXT_PARTS:
         if config.get(key) is not None and not isinstance(config[key], Mapping):
@@ -249,10 +261,6 @@ def check_model_files(
             check_generation_keys(data, max_positions=positions, vocab_size=vocab, prefix=prefix)
         except ValueError as exc:
             raise ModelError(f"{file}: {exc}") from None
-    try:
-        Preprocessor.from_config(preprocessor_config)
-    except ValueError as exc:
-        raise ModelError(f"{path / 'preprocessor_config.json'}: {exc}") from None
 
 
 def find_onnx(root: Path, stem: str, precision: Precision) -> Path:

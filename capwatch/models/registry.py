@@ -31,9 +31,10 @@ from typing import Literal
 from capwatch.config import Precision
 from capwatch.errors import ModelError
 
-Family = Literal["florence2", "vision-encoder-decoder", "clip", "siglip"]
-#: What a model is for: captioning ([model]) or image–text embeddings for search by meaning ([embed]).
-Kind = Literal["caption", "embed"]
+Family = Literal["florence2", "vision-encoder-decoder", "clip", "siglip", "marian"]
+#: What a model is for: captioning ([model]), image–text embeddings for search by meaning ([embed]), or
+#: translating captions ([language] models).
+Kind = Literal["caption", "embed", "translate"]
 #: Families of image–text embedding models; every other family captions.
 EMBED_FAMILIES: tuple[Family, ...] = ("clip", "siglip")
 
@@ -46,6 +47,7 @@ FAMILY_GRAPHS: Mapping[Family, tuple[str, ...]] = {
     "vision-encoder-decoder": ("encoder_model", "decoder_model_merged"),
     "clip": ("vision_model", "text_model"),
     "siglip": ("vision_model", "text_model"),
+    "marian": ("encoder_model", "decoder_model_merged"),
 }
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -133,8 +135,11 @@ class ModelSpec:
 
     @property
     def kind(self) -> Kind:
-        """``embed`` for image–text embedding models (CLIP, SigLIP), ``caption`` for captioners."""
-        return "embed" if self.family in EMBED_FAMILIES else "caption"
+        """``embed`` for image–text embedding models (CLIP, SigLIP), ``translate`` for translation models
+        (Marian), ``caption`` for captioners."""
+        if self.family in EMBED_FAMILIES:
+            return "embed"
+        return "translate" if self.family == "marian" else "caption"
 
     @property
     def precision_names(self) -> tuple[str, ...]:
@@ -196,15 +201,22 @@ def graph_files(
     return tuple(out)
 
 
-def _shared(pins: Mapping[str, tuple[int, str]] | None = None) -> tuple[FileSpec, ...]:
+def _shared(pins: Mapping[str, tuple[int, str]] | None = None, *, text_only: bool = False) -> tuple[FileSpec, ...]:
     pins = pins or {}
-    names = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json")
+    names: tuple[str, ...] = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json")
+    if text_only:  # a translation model has no image preprocessor
+        names = tuple(n for n in names if n != "preprocessor_config.json")
     required = tuple(FileSpec(n, size=pins.get(n, (None, None))[0], sha256=pins.get(n, (None, None))[1])
                      for n in names)
     # tokenizer_config.json carries nothing the engine needs (special ids come from the model configs), so a
     # repository without it must not make the pull fail.
     size, sha = pins.get("tokenizer_config.json", (None, None))
-    return (*required, FileSpec("tokenizer_config.json", sha256=sha, size=size, optional=True))
+    extra: tuple[FileSpec, ...] = ()
+    if text_only:
+        # Marian's own SentencePiece source model and joint vocabulary: with them the source text is encoded exactly
+        # as transformers' MarianTokenizer does (capwatch.models.marian); without them tokenizer.json is used.
+        extra = (FileSpec("source.spm", optional=True), FileSpec("vocab.json", optional=True))
+    return (*required, FileSpec("tokenizer_config.json", sha256=sha, size=size, optional=True), *extra)
 
 
 # Sizes and sha256 recorded at onnx-community/Florence-2-base-ft@e88a44eaf3791a35eae0c5a47b3dbcd36e67eb6f.
@@ -247,7 +259,7 @@ _EMBED_NOTES = ("search by meaning ([embed] model); vectors are L2-normalised ge
                 "get_text_features, compared by cosine")
 
 #: The models capwatch knows by name. The first entry flagged ``default`` is the default model.
-REGISTRY: tuple[ModelSpec, ...] = (
+CAPTION_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="florence-2-base-ft",
         repo="onnx-community/Florence-2-base-ft",
@@ -354,6 +366,50 @@ REGISTRY: tuple[ModelSpec, ...] = (
 )
 
 
+#: The English -> language translation models published in the transformers.js layout (Xenova/opus-mt-en-XX:
+#: config.json, generation_config.json, tokenizer.json, onnx/encoder_model*.onnx, onnx/decoder_model_merged*.onnx),
+#: by the language they translate into (ISO 639-1), with the language's English name. Helsinki-NLP names Japanese
+#: "jap". No public source records a commit or per-file sha256 for these repositories, so they follow the registry's
+#: unpinned handling: revision "main", every file checked against the sha256 (LFS) or git blob sha1 the hub reports,
+#: and the commit actually downloaded recorded next to the files.
+TRANSLATION_LANGUAGES: Mapping[str, tuple[str, str]] = {
+    "de": ("German", "de"), "fr": ("French", "fr"), "es": ("Spanish", "es"), "it": ("Italian", "it"),
+    "nl": ("Dutch", "nl"), "sv": ("Swedish", "sv"), "da": ("Danish", "da"), "fi": ("Finnish", "fi"),
+    "cs": ("Czech", "cs"), "hu": ("Hungarian", "hu"), "ro": ("Romanian", "ro"), "ru": ("Russian", "ru"),
+    "uk": ("Ukrainian", "uk"), "ar": ("Arabic", "ar"), "hi": ("Hindi", "hi"), "zh": ("Chinese", "zh"),
+    "ja": ("Japanese", "jap"), "vi": ("Vietnamese", "vi"), "id": ("Indonesian", "id"), "af": ("Afrikaans", "af"),
+}
+
+
+def translation_model_name(language: str) -> str:
+    """The registry name of the English -> ``language`` translation model (``opus-mt-en-de``)."""
+    return f"opus-mt-en-{TRANSLATION_LANGUAGES[language][1]}" if language in TRANSLATION_LANGUAGES else ""
+
+
+def _translation_spec(language: str) -> ModelSpec:
+    english, code = TRANSLATION_LANGUAGES[language]
+    return ModelSpec(
+        name=f"opus-mt-en-{code}",
+        repo=f"Xenova/opus-mt-en-{code}",
+        revision="main",
+        family="marian",
+        description=f"Marian opus-mt English -> {english} ({language}): translates captions and keywords",
+        licence="CC-BY-4.0",
+        shared_files=_shared(text_only=True),
+        precisions=(
+            PrecisionSpec("int8", graph_files("marian", "int8"), 106_000_000),
+            PrecisionSpec("fp32", graph_files("marian", "fp32"), 420_000_000),
+        ),
+        default_precision="int8",
+        notes="translation model ([language] models); generation_config.json: num_beams 4, bad_words_ids [[pad]]",
+    )
+
+
+TRANSLATION_REGISTRY: tuple[ModelSpec, ...] = tuple(_translation_spec(lang) for lang in TRANSLATION_LANGUAGES)
+#: Every model the store knows by name: captioners first, then the translation models.
+REGISTRY: tuple[ModelSpec, ...] = CAPTION_MODELS + TRANSLATION_REGISTRY
+
+
 def all_specs(registry: Sequence[ModelSpec] = REGISTRY) -> tuple[ModelSpec, ...]:
     """Every registry entry, in display order."""
     return tuple(registry)
@@ -367,7 +423,8 @@ def default_spec(registry: Sequence[ModelSpec] = REGISTRY, kind: Kind = "caption
         if spec.default:
             return spec
     if not entries:
-        raise ModelError(f"the model registry has no {'embedding' if kind == 'embed' else 'captioning'} model")
+        what = {"embed": "embedding", "translate": "translation"}.get(kind, "captioning")
+        raise ModelError(f"the model registry has no {what} model")
     return entries[0]
 
 

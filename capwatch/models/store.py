@@ -166,11 +166,11 @@ def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY, *,
 
 def _wrong_kind(spec: ModelSpec, kind: Kind, registry: Sequence[ModelSpec]) -> str:
     others = ", ".join(s.name for s in registry if s.kind == kind)
-    if kind == "embed":
-        return (f"model {spec.name} is a captioning model, not an image–text embedding model ([embed] model); "
-                f"embedding models: {others}")
-    return (f"model {spec.name} is an image–text embedding model: set it as [embed] model, not as the captioner; "
-            f"captioning models: {others}")
+    what = {"caption": "a captioning model", "embed": "an image–text embedding model",
+            "translate": "a translation model"}
+    where = {"caption": "[model] name", "embed": "[embed] model", "translate": "[language] models"}
+    return (f"model {spec.name} is {what[spec.kind]}: set it as {where[spec.kind]}, not as {where[kind]}; "
+            f"{what[kind].split(' ', 1)[1]}s: {others}")
 
 
 def find_model(

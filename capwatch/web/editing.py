@@ -8,6 +8,7 @@ the file holds no others (else EditConflict, and the page shows both texts and l
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import unicodedata
@@ -24,6 +25,7 @@ from capwatch.metadata import (
     DescriptionChanged,
     FileChanged,
     Journal,
+    WriteResult,
     describe_chars,
     description_key,
     read_snapshot,
@@ -83,7 +85,7 @@ def parse_shown(value: str) -> frozenset[str]:
 
 
 def save_person_caption(config: Config, index: Index, record: ImageRecord, text: str,
-                        shown: frozenset[str]) -> ImageRecord:
+                        shown: frozenset[str], *, language: str | None = None) -> ImageRecord:
     """Write ``text`` into ``record``'s file as a person's words (no capwatch provenance, so capwatch never
     replaces it) and record the file as it is afterwards; returns the new index row.
 
@@ -98,8 +100,16 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
     if config.metadata.write == "none":
         raise EditRefused("metadata writing is off (metadata.write = none): nothing was written")
     path = Path(record.path)
+    if language is not None and not _LANGUAGE.match(language):
+        raise EditRefused(f"{language!r} is not a language code (nothing was written)")
+    default = config.language.default
     try:
-        result = write_caption(path, caption, None, config.metadata, replaces=shown, journal=Journal.default())
+        if language is None or language.lower() == default.lower():
+            has_item = any(lang.lower() == default.lower() for lang, _ in record.captions)
+            result = write_caption(path, caption, None, config.metadata, replaces=shown, journal=Journal.default(),
+                                   person_languages={default: caption} if has_item else None)
+        else:
+            result = _save_language_item(config, path, language, caption, shown)
         snap = result.snapshot if result.snapshot is not None else read_snapshot(path)
     except DescriptionChanged as exc:
         now = record_from_snapshot(record.path, exc.snapshot, record, config)
@@ -130,6 +140,31 @@ def refresh_record(config: Config, index: Index, record: ImageRecord
     new = record_from_snapshot(record.path, snap, record, config)
     index.upsert(new)
     return new, tuple(d for d in snap.metadata.description_fields if d.kind != "boilerplate")
+
+
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+
+
+def _save_language_item(config: Config, path: Path, language: str, text: str, shown: frozenset[str]
+                        ) -> WriteResult:
+    """Write one language item as a person's words, leaving the caption shown and its owner as they are. The
+    file's current item for ``language`` must be one the page showed (``shown``), else DescriptionChanged;
+    the write then lands only on the file as it was read here (``expected``): the caption written is the file's
+    own, read now. Raises EditRefused when the file has no caption yet, FileChanged and MetadataError as
+    write_caption does."""
+    snap = read_snapshot(path)
+    desc = snap.metadata.description
+    if desc is None or not desc.text:
+        raise EditRefused("the photo has no caption yet: write the caption first (nothing was written)")
+    current = next((t for lang, t in snap.metadata.captions if lang.lower() == language.lower()), None)
+    if current and description_key(current) not in shown:
+        raise DescriptionChanged(f"{path}: its {language} caption changed since the page was loaded; "
+                                 "nothing written", snap, ())
+    provenance = desc.provenance if desc.kind == "ours" else None
+    return write_caption(path, desc.text, provenance, config.metadata, force=True, expected=snap,
+                         journal=Journal.default(), person_languages={language: text})
+
+
 
 
 class CaptionerSlot:

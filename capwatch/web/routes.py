@@ -307,10 +307,15 @@ class Pages:
         with self._index() as index:
             similar = [s for s in similar_photos(index, photo.row_id, self.meaning.model_id())
                        if self._photo(index, s.row_id) is not None]
+        default = self.config.language.default
+        # Each language item's form carries the key of the text it shows (the same optimistic check as the caption).
+        others = [(lang, text, shown_keys([text])) for lang, text in record.captions
+                  if lang.lower() != default.lower()]
         return self._html("photo.html", status_code, photo=photo, record=record, message=message, error=error,
                           draft=record.caption or "" if draft is None else draft, max_caption=MAX_CAPTION,
                           query="", in_file=in_file, origins=ORIGINS,
-                          shown=shown_keys([record.caption, *(d.text for d in in_file)]), similar=similar)
+                          shown=shown_keys([record.caption, *(d.text for d in in_file)]), similar=similar,
+                          default_language=default, other_languages=others)
 
     # -- duplicates -----------------------------------------------------------------------------------------
 
@@ -369,6 +374,7 @@ class Pages:
         again, with the file's words listed and the person's draft in the box)."""
         text = fields.get("caption", "")
         choice = fields.get("choice", "save")
+        language = fields.get("language") or None
         with self._index(write=True) as index:
             photo = self._photo(index, row_id)
             if photo is None:
@@ -380,13 +386,15 @@ class Pages:
                 return self._keep_or_edit(index, photo, choice, text)
             # What the page showed: its form says so; a form without it (an old page, a script) showed the index's
             # caption, which is what the photo page shows.
-            shown = parse_shown(fields.get("shown", shown_keys([photo.record.caption])))
+            shown_before = (photo.record.caption if language is None else
+                            next((t for lang, t in photo.record.captions if lang == language), None))
+            shown = parse_shown(fields.get("shown", shown_keys([shown_before])))
             try:
-                save_person_caption(self.config, index, photo.record, text, shown)
+                save_person_caption(self.config, index, photo.record, text, shown, language=language)
             except EditConflict as conflict:
                 log.info("caption of %s not saved from the web page: the file holds other words", photo.record.path)
                 return self._conflict(photo, conflict, changed=fields.get("seen", photo.record.fingerprint)
-                                      != conflict.record.fingerprint)
+                                      != conflict.record.fingerprint, language=language)
             except EditRefused as exc:
                 return self._photo_page(photo, error=str(exc), draft=text[:MAX_CAPTION * 2], status_code=422)
         log.info("caption of %s edited from the web page", photo.record.path)
@@ -403,15 +411,21 @@ class Pages:
                                 in_file=in_file, message="The file holds the words listed below: edit your "
                                 "caption and save it (or leave the page to keep theirs).")
 
-    def _conflict(self, photo: Photo, conflict: EditConflict, *, changed: bool) -> HTMLResponse:
+    def _conflict(self, photo: Photo, conflict: EditConflict, *, changed: bool,
+                  language: str | None = None) -> HTMLResponse:
         """The conflict page (409): the file's words and the person's, and a form for each choice; the forms
-        carry which descriptions this page shows, so "replace with mine" is checked again."""
+        carry which descriptions this page shows (for a ``language`` item's edit, also that item's text in the
+        file, listed with the rest), so "replace with mine" is checked again."""
         record = conflict.record
+        item = next((t for lang, t in record.captions if lang == language), None) if language else None
+        fields = conflict.fields
+        if item is not None:
+            fields = (*fields, Description(item, "human", None, f"XMP dc:description ({language})"))
         reason = ("another program wrote into the file since capwatch last read it (after this page was made, or "
                   "while capwatch was not watching)" if changed else "the file holds words the page did not show you")
-        return self._html("conflict.html", 409, photo=photo, record=record, fields=conflict.fields,
-                          mine=conflict.mine, reason=reason, origins=ORIGINS,
-                          shown=shown_keys([record.caption, *(d.text for d in conflict.fields)]), query="")
+        return self._html("conflict.html", 409, photo=photo, record=record, fields=fields,
+                          mine=conflict.mine, reason=reason, origins=ORIGINS, language=language or "",
+                          shown=shown_keys([record.caption, *(d.text for d in fields)]), query="")
 
     async def recaption(self, request: Request) -> Response:
         fields = await self._form(request)
