@@ -1,7 +1,7 @@
 """Image-embedding cost per image against the default captioner's (Florence-2-base int8), side by side.
 
     python bench/embed.py [--images 8] [--repeat 3] [--threads 2] [--batch 8] [--models siglip2-base,clip-vit-b32]
-                          [--precisions int8,fp32] [--rebuild]
+                          [--precisions int8,fp32] [--greedy] [--rebuild]
 
 Issue 21's goal: embedding an image costs at most 15 % of captioning it with the default captioner.
 
@@ -16,7 +16,9 @@ weights), built once into bench/_work/ (gitignored):
 * Florence-2-base-ft (the default captioner), built by bench/caption_florence.py's recipe into
   bench/_work/florence2-base-random (shared with that bench), run by capwatch at int8 with its default
   generation (3 beams) and at most ``--max-new-tokens`` tokens (random weights never stop early, so every caption
-  costs the full budget: 20 tokens is a typical real short caption).
+  costs the full budget: 20 tokens is a typical real short caption), in batches of ``--batch`` and one image at a
+  time; the faster of the two is the anchor. Its image encoder alone is timed too: a floor under any caption,
+  whatever the decoding costs.
 
 Embedding graphs are exported as tools/make_embed_fixtures.py exports the fixtures (transformers.js tensor names)
 and quantised the same way (onnxruntime quantize_dynamic, per channel, QUInt8 for the vision graph).
@@ -39,6 +41,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
@@ -147,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--no-captioner", action="store_true", help="embedding only (no Florence-2 anchor)")
     parser.add_argument("--build-only", action="store_true", help="build the embedding replicas and stop")
+    parser.add_argument("--greedy", action="store_true",
+                        help="also time Florence-2 greedy (1 beam): a cheaper, stricter anchor than its default")
     args = parser.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
 
@@ -157,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     replicas = {name: build_replica(name, args.rebuild) for name in args.models.split(",")}
     if args.build_only:
         return
-    captioner = None
+    captioner = greedy = single = None
     if not args.no_captioner:
         fspec = florence.base_spec(args.max_new_tokens)
         florence_dir = WORK / fspec.name
@@ -171,9 +177,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         key_file = WORK / "derived-key"
         if not key_file.is_file():
             key_file.write_bytes(os.urandom(32))
+        derived = DerivedCache(WORK / "derived", key_file.read_bytes())
         captioner = open_captioner(florence_dir, ModelConfig(
             precision="int8", threads=args.threads, idle_unload_seconds=0, batch_size=args.batch,
-            max_new_tokens=args.max_new_tokens), derived=DerivedCache(WORK / "derived", key_file.read_bytes()))
+            max_new_tokens=args.max_new_tokens), derived=derived)
+        # One image at a time too: on a CPU without VNNI, batches of 768-px images measured slower per image.
+        single = open_captioner(florence_dir, ModelConfig(
+            precision="int8", threads=args.threads, idle_unload_seconds=0, batch_size=1,
+            max_new_tokens=args.max_new_tokens), derived=derived)
+        if args.greedy:
+            greedy = open_captioner(florence_dir, ModelConfig(
+                precision="int8", threads=args.threads, idle_unload_seconds=0, batch_size=args.batch,
+                max_new_tokens=args.max_new_tokens, num_beams=1), derived=derived)
 
     from capwatch.models.embedding import EmbedModelFiles, ImageTextEmbedder
 
@@ -184,17 +199,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     pics = florence.images(args.images)
     # Warm-up (session creation, derived graphs, first allocations) outside the timings.
-    if captioner is not None:
-        captioner.caption_batch(pics[:1])
+    for cap in (captioner, greedy, single):
+        if cap is not None:
+            cap.caption_batch(pics[:1])
     for embedder in embedders.values():
         embedder.embed_images(pics[:1])
         embedder.embed_texts(["warm up"])
 
     best: dict[str, float] = {}
     for _ in range(args.repeat):
-        if captioner is not None:
-            t, _caps = timed(lambda: captioner.caption_batch(pics))
-            best["caption"] = min(best.get("caption", float("inf")), t)
+        for label, cap in (("caption", captioner), ("single", single), ("greedy", greedy)):
+            if cap is not None:
+                t, _caps = timed(lambda c=cap: c.caption_batch(pics))
+                best[label] = min(best.get(label, float("inf")), t)
         for (name, precision), embedder in embedders.items():
             t, _vecs = timed(lambda e=embedder: e.embed_images(pics))
             key = f"{name} {precision}"
@@ -204,14 +221,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         query[f"{name} {precision}"] = min(timed(lambda e=embedder: e.embed_texts(["a dog on the beach"]))[0]
                                            for _ in range(5))
 
+    if single is not None:
+        from capwatch.models import florence2 as f2
+
+        vision_pixels = np.stack([single.preprocess_image(im) for im in pics])
+        with single.sessions.use() as sessions:
+            best["vision"] = min(timed(lambda s=sessions: f2.image_features(  # type: ignore[misc]
+                s[f2.VISION], vision_pixels, single._shape))[0] for _ in range(args.repeat))
     n = len(pics)
     load = os.getloadavg()[0]
     print(f"{n} images (480-1200 px), best of {args.repeat}, {args.threads} threads, batch {args.batch}; random "
           f"full-size replicas; load average {load:.1f} on {os.cpu_count()} CPUs (shared, noisy box)", flush=True)
-    anchor = best.get("caption")
+    anchor = min(best["caption"], best["single"]) if "caption" in best else None
     if anchor is not None:
-        print(f"{'Florence-2-base int8 caption':34s} {anchor / n:8.3f} s/image  (3 beams, {args.max_new_tokens} "
-              "new tokens, keywords off)", flush=True)
+        print(f"{'Florence-2-base int8 caption':34s} {best['caption'] / n:8.3f} s/image  (its default 3 beams, "
+              f"{args.max_new_tokens} new tokens, keywords off, batch {args.batch})", flush=True)
+        print(f"{'Florence-2-base int8 caption':34s} {best['single'] / n:8.3f} s/image  (the same, one image at a "
+              "time)", flush=True)
+        print(f"{'Florence-2-base int8 vision encoder':34s} {best['vision'] / n:8.3f} s/image  (its image encoder "
+              "alone: a floor under any caption)", flush=True)
+        print(f"anchor: the faster caption, {anchor / n:.3f} s/image", flush=True)
+    if "greedy" in best:
+        print(f"{'Florence-2-base int8 greedy':34s} {best['greedy'] / n:8.3f} s/image  (1 beam; for comparison)",
+              flush=True)
     for (name, precision), _embedder in embedders.items():
         key = f"{name} {precision}"
         per = best[key] / n
@@ -219,10 +251,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if anchor:
             verdict = "meets" if best[key] <= GOAL * anchor else "misses"
             ratio = f"{100 * best[key] / anchor:5.1f} % of the caption ({verdict} <= {GOAL:.0%})"
+            if "greedy" in best:
+                ratio += f", {100 * best[key] / best['greedy']:.1f} % of a greedy one"
+            ratio += f", {100 * best[key] / best['vision']:.1f} % of the vision encoder alone"
         print(f"{'embed ' + key:34s} {per:8.3f} s/image  {ratio}; query text {1000 * query[key]:.0f} ms",
               flush=True)
-    if captioner is not None:
-        captioner.close()
+    for cap in (captioner, greedy, single):
+        if cap is not None:
+            cap.close()
     for embedder in embedders.values():
         embedder.close()
 
