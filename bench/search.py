@@ -27,11 +27,13 @@ noise: 2,000 random centres (standard normal in DIM dimensions), a shared offset
 common direction), per-image Gaussian spread 0.8 of a centre's scale, L2-normalised; queries are drawn about the
 same centres with another offset and spread 2.0 (a text query sits far from every image, as CLIP's modality gap
 puts it: best cosine ~0.2-0.3), so the true top 10 are close calls. Prints: vector search p50/p99 (capwatch's
-two-stage search, warm) vs exact float search (numpy matmul over all vectors in RAM), recall@10 of capwatch's
+three-stage search, warm) vs exact float search (numpy matmul over all vectors in RAM), recall@10 of capwatch's
 against the exact top 10, index growth per image, a whole `capwatch search --by meaning` process (p50 over
 --processes runs; with --embed-model the synthetic vectors have that model's id and width, so the process
 loads the real text model from disk as a user's would), and duplicates over the first 100 k images (with 1 % of
 them planted as re-encode-like near copies, cosine ~0.99) through capwatch.library.duplicates.group.
+The timed processes run as an installed capwatch would: from cached bytecode (PYTHONDONTWRITEBYTECODE is dropped),
+in a home whose stamp key exists (a scan makes it), so the model's graph digests are memoised after the first run.
 """
 
 from __future__ import annotations

@@ -260,3 +260,32 @@ def test_int8_graphs_with_a_derived_cache_give_the_same_vectors(tmp_path: Path) 
     np.testing.assert_array_equal(rewritten.embed_texts(["a dog"]), plain.embed_texts(["a dog"]))
     # Signed weights only where the CPU makes them exact (VNNI); elsewhere the published graphs run.
     assert any((tmp_path / "derived").glob("*")) is signed_is_exact()
+
+
+def test_a_text_query_loads_only_the_text_graph() -> None:
+    embedder = _embedder("clip-tiny")
+    embedder.embed_texts(["a dog"])
+    loaded = {name: state["loaded"] for name, state in embedder.sessions.describe().items()}
+    assert loaded == {"vision_model": False, "text_model": True}
+    embedder.embed_images([load_image(ROOT / "tests/fixtures/photos/chelsea.jpg")])
+    assert all(state["loaded"] for state in embedder.sessions.describe().values())
+
+
+def test_model_id_of_a_directory_memoises_its_graphs_digests_until_they_change(tmp_path: Path) -> None:
+    import hashlib
+
+    from capwatch.models.derived import DerivedCache
+
+    copy = tmp_path / "clip-tiny"
+    shutil.copytree(MODELS / "clip-tiny", copy)
+    big = copy / "onnx" / "text_model.onnx"
+    big.write_bytes(big.read_bytes() + b"\0" * (2 << 20))  # past the size whose digest is memoised
+    memo = DerivedCache(tmp_path / "cache" / "derived", b"k" * 32)
+    files = _embedder(str(copy)).files
+    first = ImageTextEmbedder(files, digests=memo).model_id
+    st = big.stat()
+    record = json.loads((memo.root / "sources" / f"{st.st_dev}-{st.st_ino}.json").read_text())
+    assert record["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert ImageTextEmbedder(files, digests=memo).model_id == first == _embedder(str(copy)).model_id
+    big.write_bytes(big.read_bytes() + b"\1")  # other weights: the memo no longer applies
+    assert ImageTextEmbedder(files, digests=memo).model_id != first

@@ -323,3 +323,35 @@ def test_a_running_daemon_embeds_the_query_and_the_answer_is_the_same(
     again = run_cli("--db", db, "-v", "search", "a cat on a sofa", "--by", "meaning", "--json", env=env)
     assert "running daemon" not in again.err.replace("no text embedding from a running daemon", "")
     assert [r["path"] for r in _lines(again.out)] == [r["path"] for r in alone]
+
+
+def test_capwatch_serve_answers_query_embeddings_while_it_runs_and_removes_its_socket(
+        scanned: tuple[Path, Path], tmp_path: Path, run_cli: CliRunner, env: dict[str, str]) -> None:
+    import time
+
+    from capwatch.daemon.textserver import ask, socket_path
+    from tests.web_helpers import serving
+
+    lib, db = scanned
+    alone = _lines(run_cli("--db", db, "search", "a cat on a sofa", "--by", "meaning", "--json", env=env).out)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{lib}"]\n[index]\npath = "{db}"\n')
+    with serving(tmp_path, config, env=env):
+        deadline = time.monotonic() + 120
+        while ask(db, "probe") is None:
+            assert time.monotonic() < deadline, "capwatch serve never answered on the query socket"
+            time.sleep(0.2)
+        asked = run_cli("--db", db, "-v", "search", "a cat on a sofa", "--by", "meaning", "--json", env=env)
+        assert asked.code == 0, asked.err
+        assert "came from the running daemon" in asked.err
+        rows = _lines(asked.out)
+        assert [r["path"] for r in rows] == [r["path"] for r in alone]
+        assert [r["similarity"] for r in rows] == pytest.approx([r["similarity"] for r in alone], abs=1e-5)
+        # The answer covers the results: neither numpy nor the model layer is loaded by the search process.
+        timed = run_cli("--db", db, "-v", "search", "a cat", "--by", "meaning", "--limit", "3", "--json",
+                        env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+        assert timed.code == 0 and "came from the running daemon" in timed.err, timed.err
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in timed.err.splitlines() if line.startswith("import time")}
+        assert "capwatch.cli.find" in loaded
+        assert "numpy" not in loaded and "onnxruntime" not in loaded, sorted(loaded)
+    assert not socket_path(db).exists()

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from web_helpers import make_jpeg
+from web_helpers import SERVING, make_jpeg
 
 from capwatch.config import Config, RootConfig
 from capwatch.library.index import Index
@@ -23,7 +23,8 @@ pytest.importorskip("starlette")
 
 
 @contextmanager
-def _serving(tmp_path: Path, *args: str) -> Iterator[str]:
+def _serving(tmp_path: Path, *args: str) -> Iterator[tuple[str, str]]:
+    """A real `capwatch serve` without a configuration file: its address and its access token."""
     proc = subprocess.Popen([sys.executable, "-m", "capwatch", *args, "serve", "--port", "0"],
                             env=isolated_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -33,17 +34,18 @@ def _serving(tmp_path: Path, *args: str) -> Iterator[str]:
         match = None
         while match is None and (line := proc.stderr.readline()):
             said += line
-            match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
-        assert match is not None, f"capwatch serve did not start: {said}"
+            match = SERVING.search(line)
+        assert match is not None and match.group(3), f"capwatch serve did not start: {said}"
         assert "no photo can be shown" not in said, said
-        yield match.group(1)
+        yield match.group(1), match.group(3)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as answer:
+def _get(url: str, token: str) -> str:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
         return str(answer.read().decode("utf-8"))
 
 
@@ -65,8 +67,8 @@ def test_the_page_serves_a_folder_scanned_without_a_configuration(tmp_path: Path
         reconcile(RootConfig(path=other), Config(), index)
         assert index.owner_roots() == (photos,)
 
-    with _serving(tmp_path) as base:
-        html = _get(base + "?q=jpg")
+    with _serving(tmp_path) as (base, token):
+        html = _get(base + "?q=jpg", token)
         ids = re.findall(r'href="/photo/(\d+)"', html)
         assert len(ids) == 3, html
         assert 'id="hidden"' in html  # stray.jpg
@@ -74,4 +76,4 @@ def test_the_page_serves_a_folder_scanned_without_a_configuration(tmp_path: Path
         hidden = re.search(r'<p class="empty" id="hidden">(.*?)</p>', html, re.S)
         assert hidden is not None and str(config_file) in hidden.group(1), hidden
         for row_id in ids:
-            assert "p" in _get(f"{base}photo/{row_id}")
+            assert "p" in _get(f"{base}photo/{row_id}", token)

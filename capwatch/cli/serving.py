@@ -181,8 +181,39 @@ def serve(ctx: click.Context, host: str | None, port: int | None, print_url: boo
         click.echo(url_to_open(config, host, port))
         return
     server, sock = prepare_server(config, host, port)
+    text_server = _text_server(config)
     log.info("serving %s", config.index_path())
-    server.run(sockets=[sock])
+    if text_server is not None:
+        import signal
+
+        def stop_then_die(signum: int, _frame: object) -> None:
+            # uvicorn re-raises the SIGTERM it shut down on; with the default action the process would die
+            # before a `finally` runs, leaving the socket file behind.
+            text_server.stop()
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+        signal.signal(signal.SIGTERM, stop_then_die)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if text_server is not None:
+            text_server.stop()
+
+
+def _text_server(config: Config) -> Any:
+    """The query-embedding socket (capwatch.daemon.textserver) that `capwatch search` asks while this server
+    runs, started now; None when search by meaning is off or a running daemon already answers there."""
+    if config.embed.off:
+        return None
+    from capwatch.daemon.textserver import TextEmbedServer, is_served
+
+    index_path = config.index_path()
+    if is_served(index_path):
+        return None
+    server = TextEmbedServer(config, index_path)
+    server.start()
+    return server
 
 
 class BackgroundServer:

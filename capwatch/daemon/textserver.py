@@ -1,5 +1,6 @@
-"""A running daemon embeds search queries for `capwatch search`, over a Unix socket beside the index
-(``INDEX.embed.sock``, mode 0600: only the daemon's user), so that a search does not load the text model itself.
+"""A running daemon (or `capwatch serve`) embeds search queries for `capwatch search`, over a Unix socket beside
+the index (``INDEX.embed.sock``, mode 0600: only the daemon's user), so that a search does not load the text model
+itself.
 
 Protocol: the client sends one JSON line ``{"text": "...", "nearest": N}``; the daemon answers one JSON line
 ``{"model": MODEL_ID, "vector": BASE64 of float32 little-endian, "nearest": [[row id, cosine], ...]}`` (the N
@@ -10,12 +11,14 @@ downloaded) and stays loaded; so do the codes after the first search.
 
 from __future__ import annotations
 
+import array
 import base64
 import contextlib
 import json
 import logging
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +52,9 @@ class TextEmbedServer:
         self._sock: socket.socket | None = None
         self._embedder: ImageTextEmbedder | None = None
         self._lock = threading.Lock()
+        #: (device, inode) of the socket file this server bound: stop() removes only that file, not the socket
+        #: of a daemon that took the path over meanwhile.
+        self._bound: tuple[int, int] | None = None
 
     def start(self) -> None:
         """Bind the socket (a stale one from a killed daemon is replaced: the instance lock says none runs) and
@@ -70,6 +76,9 @@ class TextEmbedServer:
                         exc.strerror or exc)
             return
         self._sock = sock
+        with contextlib.suppress(OSError):
+            st = self.path.stat()
+            self._bound = (st.st_dev, st.st_ino)
         self._thread = threading.Thread(target=self._serve, name="capwatch-text-embed", daemon=True)
         self._thread.start()
 
@@ -149,7 +158,9 @@ class TextEmbedServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         with contextlib.suppress(OSError):
-            self.path.unlink()
+            st = self.path.stat()
+            if (st.st_dev, st.st_ino) == self._bound:
+                self.path.unlink()
         if self._embedder is not None:
             with contextlib.suppress(Exception):
                 self._embedder.close()
@@ -158,11 +169,26 @@ class TextEmbedServer:
                 self._index.close()
 
 
+def is_served(index_path: Path) -> bool:
+    """True when a process listens on the query-embedding socket of ``index_path`` (a daemon, or `capwatch
+    serve`), whether or not its model has loaded yet."""
+    path = socket_path(index_path)
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
         ) -> tuple[str, Any, tuple[tuple[int, float], ...] | None] | None:
-    """The running daemon's (model id, float32 vector, its ``nearest`` images as (row id, cosine) or None) for
-    ``text``, or None when no daemon answers (none runs, it has no model, it is another user's, it took longer
-    than ``timeout``)."""
+    """The running daemon's (model id, float32 vector as an ``array("f")``, its ``nearest`` images as (row id,
+    cosine) or None) for ``text``, or None when no daemon answers (none runs, it has no model, it is another
+    user's, it took longer than ``timeout``)."""
     path = socket_path(index_path)
     if not path.exists():
         return None
@@ -177,15 +203,17 @@ def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
                 if not chunk:
                     break
                 data += chunk
-        import numpy as np
-
         answer = json.loads(data)
         if "error" in answer:
             log.debug("the running daemon did not embed the query: %s", answer["error"])
             return None
         near = answer.get("nearest")
         hits = None if near is None else tuple((int(i), float(s)) for i, s in near)
-        return str(answer["model"]), np.frombuffer(base64.b64decode(answer["vector"]), dtype="<f4"), hits
+        # array, not numpy: a search the daemon answered never loads numpy.
+        vector = array.array("f", base64.b64decode(answer["vector"]))
+        if sys.byteorder == "big":
+            vector.byteswap()
+        return str(answer["model"]), vector, hits
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.debug("no text embedding from a running daemon: %s", exc)
         return None

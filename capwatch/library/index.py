@@ -675,9 +675,12 @@ class Index:
         methods."""
         return self._conn
 
-    def embedded_count(self) -> int:
-        """How many images have an embedding (search by meaning), of any model: one small read."""
-        row = self._guard(lambda: self._conn.execute("SELECT coalesce(sum(live), 0) FROM vector_models").fetchone())
+    def embedded_count(self, model: str | None = None) -> int:
+        """How many images have an embedding (search by meaning) of ``model`` (None: of any model): one small
+        read, without loading numpy (as capwatch.library.vectors does)."""
+        sql = "SELECT coalesce(sum(live), 0) FROM vector_models" + ("" if model is None else " WHERE model = ?")
+        params = () if model is None else (model,)
+        row = self._guard(lambda: self._conn.execute(sql, params).fetchone())
         return int(row[0])
 
     def transaction(self) -> Index._Tx:

@@ -55,10 +55,14 @@ class QueryVector:
     """The query's text embedding and the id of the model that made it."""
 
     model: str
-    vector: npt.NDArray[np.float32]
+    #: float32 values (a numpy array, or an ``array("f")`` from a running daemon: numpy is then not loaded).
+    vector: npt.NDArray[np.float32] | Sequence[float]
     #: The nearest images to it, unfiltered, as (row id, cosine) best first, when a running daemon that holds
     #: the vectors in memory already searched them (capwatch.daemon.textserver); None: search here.
     nearest: tuple[tuple[int, float], ...] | None = None
+    #: True when ``nearest`` holds every image the daemon has a vector for (it gave fewer than were asked for):
+    #: a search here could find no other.
+    complete: bool = False
 
 
 def _allowed(index: Index, query: ParsedQuery, filters: SearchFilters) -> Callable[[list[int]], set[int]]:
@@ -112,21 +116,20 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
     if not use_meaning:
         return index.search(query, filters, limit=limit, highlight=highlight, sort=sort) if by != "meaning" else []
     assert vector is not None
-    import numpy as np
-
-    from capwatch.library.vectors import Vectors
-
     depth = max(limit, FUSION_DEPTH)
     words = index.search(query, filters, limit=depth, highlight=highlight) if by != "meaning" else []
-    store = Vectors(index)
     allowed = _allowed(index, query, filters)
     near: list[tuple[int, float]] = []
     if vector.nearest is not None:
         hinted = [i for i, _ in vector.nearest]
         passing = allowed(hinted) if hinted else set()
         near = [(i, s) for i, s in vector.nearest if i in passing][:depth]
-    if len(near) < depth:  # no daemon's answer, or too few of its images pass the filters
-        near = store.nearest(vector.model, vector.vector, limit=depth, allowed=allowed)
+    # numpy and the vectors are loaded only when this process compares vectors itself (a daemon's answer that
+    # covers the results needs neither).
+    if len(near) < depth and not vector.complete:  # no daemon's answer, or too few of its images pass the filters
+        from capwatch.library.vectors import Vectors
+
+        near = Vectors(index).nearest(vector.model, vector.vector, limit=depth, allowed=allowed)
     similarity = dict(near)
     ids = index.ids_for(h.path for h in words)
     word_ids = [ids[h.path] for h in words if h.path in ids]
@@ -137,9 +140,15 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
         fused = fuse_rankings([[str(i) for i in word_ids], [str(i) for i, _ in near]])[:limit]
         ranking = [int(key) for key, _ in fused]
     missing = [i for i in ranking if i not in similarity]
-    q = vector.vector / max(float(np.linalg.norm(vector.vector)), 1e-12)
-    for row_id, vec in store.vectors_of(missing, vector.model).items():
-        similarity[row_id] = float(vec @ q)
+    if missing:
+        import numpy as np
+
+        from capwatch.library.vectors import Vectors
+
+        values = np.asarray(vector.vector, dtype=np.float32)
+        q = values / max(float(np.linalg.norm(values)), 1e-12)
+        for row_id, vec in Vectors(index).vectors_of(missing, vector.model).items():
+            similarity[row_id] = float(vec @ q)
     by_id = {ids[h.path]: h for h in words if h.path in ids}
     plain = _hits_for(index, [i for i in ranking if i not in by_id])
     out: list[SearchHit] = []

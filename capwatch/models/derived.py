@@ -119,6 +119,16 @@ class DerivedCache:
             log.warning("running the published graphs: %s", exc)
             return None
 
+    @classmethod
+    def existing(cls, env: Mapping[str, str]) -> DerivedCache | None:
+        """The cache with this user's stamp key when there is one (read-only commands do not create the key: see
+        :func:`capwatch.models.stamp.existing_key`); None when there is none or it is unusable."""
+        try:
+            key = stamp.existing_key(env)
+        except ModelError:
+            return None
+        return None if key is None else cls(paths.cache_dir(env) / "derived", key)
+
 
 @dataclass(frozen=True)
 class SplitDecoder:
@@ -199,7 +209,7 @@ _FALLBACK = {"split": "keeping the published decoder (cross-attention recomputed
 def _derived(job: Job, store: DerivedCache) -> dict[str, Any] | None:
     """The stamped manifest of ``job``'s result (with ``_dir`` added), made first when missing; None when refused."""
     try:
-        digest = _source_digest(job.source, store)
+        digest = source_digest(job.source, store)
     except OSError as exc:
         raise ModelError(f"{job.source}: cannot read: {exc.strerror or exc}") from None
     name = f"{digest}-{job.name}-v{VERSION}"
@@ -480,7 +490,7 @@ def _load_manifest(target: Path, key: bytes) -> dict[str, Any] | None:
     return {**manifest, "_dir": str(target)}
 
 
-def _source_digest(source: Path, store: DerivedCache) -> str:
+def source_digest(source: Path, store: DerivedCache) -> str:
     """The sha256 of ``source``, from the memo when the file is unchanged since it was hashed (no re-read of a
     600 MB graph at every start). Raises OSError when the file cannot be read."""
     st = os.stat(source)

@@ -41,7 +41,7 @@ from PIL import Image
 
 from capwatch.config import Config, EmbedConfig, ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
-from capwatch.models.derived import DerivedCache, signed_graph, signed_is_exact
+from capwatch.models.derived import DerivedCache, signed_graph, signed_is_exact, source_digest
 from capwatch.models.embedtext import EmbeddingTokenizer
 from capwatch.models.layout import check_names, find_onnx, read_json
 from capwatch.models.preprocess import Preprocessor
@@ -117,12 +117,14 @@ class ImageTextEmbedder:
         batch_size: int = 8,
         clock: Callable[[], float] = time.monotonic,
         derived: DerivedCache | None = None,
+        digests: DerivedCache | None = None,
     ) -> None:
         """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet).
 
         ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`): int8 graphs then run with
         signed weights on CPUs where that is exact and faster (VNNI), as the captioner's do; None runs the
-        published graphs as they are.
+        published graphs as they are. ``digests``: where the sha256 of a directory model's graphs are memoised for
+        :attr:`model_id` (default ``derived``; None hashes them on first access in every process).
 
         Raises ModelError (one line, naming the file) for a missing or invalid file, an unsupported model type or a
         precision the folder does not have.
@@ -148,6 +150,7 @@ class ImageTextEmbedder:
         self.paths = {stem: find_onnx(directory, stem, precision) for stem in GRAPHS}  # type: ignore[arg-type]
         self.batch_size = max(1, batch_size)
         self.derived = derived
+        self.digests = digests if digests is not None else derived
         self.sessions = SessionGroup(self.paths, threads, idle_unload_seconds, clock, self._check_graphs,
                                      self._prepare_graphs, providers)
         self._dim = self._configured_dim()
@@ -162,22 +165,15 @@ class ImageTextEmbedder:
         ``REPO@COMMIT12/PRECISION``, e.g. ``Xenova/clip-vit-base-patch32@4c1807b705b1/int8``, the same whichever
         way they are named. Any other directory: ``dir:FOLDER@SHA12/PRECISION`` where SHA is the sha256 over its
         configs, tokenizer and the two graphs in use (a folder whose weights change gets a new id; computed once,
-        on first access).
+        on first access; the graphs' sha256 come from the ``digests`` memo while the files
+        are unchanged (same size, inode, mtime and ctime), so a search process does not read 150 MB of graphs).
         """
         if self.files.revision:
             return f"{self.files.source}@{self.files.revision[:12]}/{self.precision}"
         digest = hashlib.sha256()
         for path in (self.dir / "config.json", self.dir / "preprocessor_config.json", self.dir / "tokenizer.json",
                      self.dir / "tokenizer_config.json", self.paths[VISION], self.paths[TEXT]):
-            digest.update(path.name.encode() + b"\0")
-            try:
-                with path.open("rb") as handle:
-                    while block := handle.read(1 << 20):
-                        digest.update(block)
-            except FileNotFoundError:
-                digest.update(b"-")
-            except OSError as exc:
-                raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            digest.update(path.name.encode() + b"\0" + _file_digest(path, self.digests).encode() + b"\0")
         return f"dir:{self.dir.resolve().name}@{digest.hexdigest()[:12]}/{self.precision}"
 
     @property
@@ -213,16 +209,21 @@ class ImageTextEmbedder:
         return {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
 
     def _check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
+        """Check the inputs, outputs and width of the graphs in ``sessions`` (one or both: a search query loads
+        only the text graph)."""
         vision_out, text_out = _OUTPUTS[self.family]
-        vision, text = sessions[VISION], sessions[TEXT]
-        check_names(self.paths[VISION], "input", [i.name for i in vision.get_inputs()], ["pixel_values"])
-        check_names(self.paths[VISION], "output", [o.name for o in vision.get_outputs()], [vision_out],
-                    optional=_OTHER_OUTPUTS)
-        check_names(self.paths[TEXT], "input", [i.name for i in text.get_inputs()], ["input_ids"],
-                    optional=["attention_mask", "position_ids"])
-        check_names(self.paths[TEXT], "output", [o.name for o in text.get_outputs()], [text_out],
-                    optional=_OTHER_OUTPUTS)
-        for stem, name, session in ((VISION, vision_out, vision), (TEXT, text_out, text)):
+        if (vision := sessions.get(VISION)) is not None:
+            check_names(self.paths[VISION], "input", [i.name for i in vision.get_inputs()], ["pixel_values"])
+            check_names(self.paths[VISION], "output", [o.name for o in vision.get_outputs()], [vision_out],
+                        optional=_OTHER_OUTPUTS)
+        if (text := sessions.get(TEXT)) is not None:
+            check_names(self.paths[TEXT], "input", [i.name for i in text.get_inputs()], ["input_ids"],
+                        optional=["attention_mask", "position_ids"])
+            check_names(self.paths[TEXT], "output", [o.name for o in text.get_outputs()], [text_out],
+                        optional=_OTHER_OUTPUTS)
+        for stem, name in ((VISION, vision_out), (TEXT, text_out)):
+            if (session := sessions.get(stem)) is None:
+                continue
             shape = next(o.shape for o in session.get_outputs() if o.name == name)
             width = shape[-1] if shape else None
             if isinstance(width, int) and width != self._dim:
@@ -248,7 +249,7 @@ class ImageTextEmbedder:
             return np.zeros((0, self._dim), dtype=np.float32)
         name = _OUTPUTS[self.family][0]
         out = []
-        with self.sessions.use() as sessions:
+        with self.sessions.use([VISION]) as sessions:
             session = sessions[VISION]
             dtype = _input_dtype(session, "pixel_values")
             for start in range(0, pixels.shape[0], self.batch_size):
@@ -271,7 +272,7 @@ class ImageTextEmbedder:
             return np.zeros((0, self._dim), dtype=np.float32)
         name = _OUTPUTS[self.family][1]
         out = []
-        with self.sessions.use() as sessions:
+        with self.sessions.use([TEXT]) as sessions:
             session = sessions[TEXT]
             inputs = {i.name for i in session.get_inputs()}
             for start in range(0, len(texts), self.batch_size):
@@ -308,6 +309,20 @@ class ImageTextEmbedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _file_digest(path: Path, memo: DerivedCache | None) -> str:
+    """The sha256 (hex) of ``path``, "-" when it is missing; large files from ``memo`` while unchanged. Raises
+    ModelError when it cannot be read."""
+    try:
+        if memo is not None and path.stat().st_size > 1 << 20:
+            return source_digest(path, memo)
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError:
+        return "-"
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -381,7 +396,9 @@ def open_embedder(config: Config, env: Mapping[str, str] = os.environ, *, downlo
     files = resolve_embed_files(config, env, download=download)
     if files is None:
         return None
+    # A directory's id hashes its graphs: memoised where this user's stamp key exists (never created here).
+    digests = derived if derived is not None or files.revision else DerivedCache.existing(env)
     return ImageTextEmbedder(files, threads=config.model.threads, providers=config.model.providers,
                              idle_unload_seconds=config.model.idle_unload_seconds,
                              batch_size=config.embed.batch_size, clock=clock,
-                             derived=derived if config.model.rewrite_graphs else None)
+                             derived=derived if config.model.rewrite_graphs else None, digests=digests)

@@ -164,9 +164,11 @@ class SessionGroup:
         prepare: Callable[[Mapping[str, Path]], Mapping[str, Path]] | None = None,
         providers: Sequence[str] = ("cpu",),
     ) -> None:
-        """``prepare``, when given, is called once before the first load with ``paths`` and returns the graphs to
-        load instead (rewritten ones, see :mod:`capwatch.models.derived`). ``providers``: capwatch's short names
-        (config ``model.providers``); those onnxruntime lacks are skipped with one warning at the first load."""
+        """``prepare``, when given, is called once per graph before its first load with those of ``paths`` being
+        loaded and returns the graphs to load instead (rewritten ones, see :mod:`capwatch.models.derived`).
+        ``on_load`` is called with the sessions of a :meth:`use` that loaded any of them. ``providers``:
+        capwatch's short names (config ``model.providers``); those onnxruntime lacks are skipped with one warning at
+        the first load."""
         self._threads = threads
         self._providers, self._missing = resolve_providers(providers)
         self._sessions = {name: LazySession(path, threads, self._providers) for name, path in paths.items()}
@@ -176,30 +178,42 @@ class SessionGroup:
         self._lock = threading.RLock()
         self._last_used = clock()
         self._on_load = on_load
+        #: The graphs ``prepare`` has been called for (each once, when first used).
+        self._prepared: set[str] = set()
 
     @property
     def loaded(self) -> bool:
         return any(s.loaded for s in self._sessions.values())
 
     @contextmanager
-    def use(self) -> Iterator[Mapping[str, ort.InferenceSession]]:
-        """Yield every session by name (loading them if needed) and mark the group as used now.
+    def use(self, names: Sequence[str] | None = None) -> Iterator[Mapping[str, ort.InferenceSession]]:
+        """Yield the sessions of ``names`` (default: every graph) by name, loading them if needed, and mark the
+        group as used now. Graphs not named stay as they are: a model whose text graph answers search queries
+        does not load (nor prepare) its vision graph for them.
 
-        Raises ModelError when a graph cannot be loaded.
+        Raises ModelError when a graph cannot be loaded, KeyError for a name the group does not have.
         """
         with self._lock:
-            if self._prepare is not None:
-                prepared = self._prepare({name: s.path for name, s in self._sessions.items()})
-                self._sessions = {name: LazySession(path, self._threads, self._providers)
-                                  for name, path in prepared.items()}
-                self._prepare = None
+            wanted = list(self._sessions) if names is None else list(names)
+            fresh = [name for name in wanted if name not in self._prepared]
+            if self._prepare is not None and fresh:
+                prepared = self._prepare({name: self._sessions[name].path for name in fresh})
+                made = {name: LazySession(path, self._threads, self._providers) for name, path in prepared.items()}
+                if len(fresh) == len(self._sessions):
+                    # Every graph at once: the prepared set may name other graphs (a decoder split in two).
+                    self._sessions = made
+                    fresh = list(made)
+                    wanted = list(made) if names is None else wanted
+                else:
+                    self._sessions.update(made)
+            self._prepared.update(fresh)
             if self._missing:
                 available = ", ".join(short_provider(p) for p in ort.get_available_providers())
                 log.warning("model: %s not available in this onnxruntime (it has: %s); running on %s",
                             ", ".join(self._missing), available, short_provider(self._providers[0]))
                 self._missing = []
-            was_loaded = all(s.loaded for s in self._sessions.values())
-            sessions = {name: s.get() for name, s in self._sessions.items()}
+            was_loaded = all(self._sessions[name].loaded for name in wanted)
+            sessions = {name: self._sessions[name].get() for name in wanted}
             if not was_loaded and self._on_load is not None:
                 self._on_load(sessions)
             try:

@@ -166,11 +166,11 @@ def model_spec(config: ModelConfig, registry: Sequence[ModelSpec] = REGISTRY, *,
 
 def _wrong_kind(spec: ModelSpec, kind: Kind, registry: Sequence[ModelSpec]) -> str:
     others = ", ".join(s.name for s in registry if s.kind == kind)
-    what = {"caption": "a captioning model", "embed": "an image–text embedding model",
-            "translate": "a translation model"}
+    what = {"caption": "captioning model", "embed": "image–text embedding model", "translate": "translation model"}
     where = {"caption": "[model] name", "embed": "[embed] model", "translate": "[language] models"}
-    return (f"model {spec.name} is {what[spec.kind]}: set it as {where[spec.kind]}, not as {where[kind]}; "
-            f"{what[kind].split(' ', 1)[1]}s: {others}")
+    article = {"caption": "a", "embed": "an", "translate": "a"}
+    return (f"model {spec.name} is {article[spec.kind]} {what[spec.kind]}, not {article[kind]} {what[kind]} "
+            f"({where[kind]}): set it as {where[spec.kind]}; {what[kind]}s: {others}")
 
 
 def find_model(
