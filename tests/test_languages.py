@@ -256,6 +256,49 @@ def test_web_page_lists_the_languages_and_an_edit_writes_only_that_item(tmp_path
 
 
 @needs_tools
+def test_a_language_item_written_after_the_page_loaded_is_kept_and_shown_as_a_conflict(tmp_path: Path) -> None:
+    import re
+
+    from starlette.testclient import TestClient
+
+    from capwatch.config import IndexConfig, LibraryConfig, MetadataConfig, RootConfig
+    from capwatch.library.index import Index
+    from capwatch.library.scan import reconcile
+    from capwatch.metadata.records import Provenance
+    from capwatch.metadata.writer import write_caption
+    from capwatch.models.captioner import open_captioner
+    from capwatch.web.app import ServeSettings, create_app
+
+    root = tmp_path / "photos"
+    image = make_image(root / "red.jpg", "JPEG")
+    write_caption(image, "Ein roter Apfel", Provenance("m", None, "2026-01-01T00:00:00Z"), MetadataConfig(),
+                  languages={"en": "A red apple", "de": "Ein roter Apfel", "fr": "Une pomme rouge"})
+    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=tmp_path / "i.db"),
+                    model=ModelConfig(dir=CAPTIONER, precision="fp32"),
+                    language=LanguageConfig(captions=("fr",), default="de"))
+    with Index.open(tmp_path / "i.db") as index:
+        reconcile(config.library.roots[0], config, index)
+        (row_id,) = index.ids_for([str(image)]).values()
+    settings = ServeSettings(config=config, csrf="c" * 32, cache_dir=tmp_path / "cache",
+                             open_captioner=lambda: open_captioner(CAPTIONER, config.model), live_state=lambda: None)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8765", follow_redirects=False) as client:
+        page = client.get(f"/photo/{row_id}").text
+        form = re.search(r'<form[^>]*id="language-fr">(.*?)</form>', page, re.S)
+        assert form is not None
+        fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(1)))
+        assert fields["language"] == "fr" and fields["shown"]
+        # Someone writes the French item with exiftool while the page is open.
+        subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description-fr=La pomme de Mamie",
+                        str(image)], check=True)
+        answer = client.post(f"/photo/{row_id}/caption", data={**fields, "caption": "Une pomme bien rouge"})
+        assert answer.status_code == 409, answer.text
+        assert "La pomme de Mamie" in answer.text and "Une pomme bien rouge" in answer.text
+        assert 'name="language" value="fr"' in answer.text  # "replace with mine" writes the same item
+    assert exiftool(image, "-XMP-dc:Description-fr")["XMP-dc:Description-fr"] == "La pomme de Mamie"
+    assert exiftool(image, "-XMP-dc:Description")["XMP-dc:Description"] == "Ein roter Apfel"
+
+
+@needs_tools
 def test_keywords_are_written_in_the_default_language(run_cli: CliRunner, tmp_path: Path) -> None:
     florence = FIXTURES / "models" / "florence2-tiny"
     english_copy = make_image(tmp_path / "en" / "k.jpg", "JPEG")

@@ -95,6 +95,11 @@ def save_person_caption(config: Config, index: Index, record: ImageRecord, text:
     if it is still that file. Raises EditConflict when it holds other words (the index is then brought up to date
     with the file, nothing written), EditRefused (one line) when metadata writing is off, the file changed during
     the write, or the write path refused (MetadataError's message); the file is then untouched.
+
+    ``language``: the dc:description language item to write (``de``); only that item becomes the person's, the
+    caption shown (x-default, EXIF, IPTC) and the other items stay whoever's they are, and ``shown`` must hold the
+    key of the item's text the page showed (the same check). None, or the default language, edits the caption
+    shown (and the default language's item, when the file has one).
     """
     caption = clean_person_caption(text)
     if config.metadata.write == "none":
