@@ -122,10 +122,18 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+#: The DejaVu font the OCR tests draw text with (Debian's fonts-dejavu-core).
+DEJAVU_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """In CI the independent readers are required: their tests must run there, never skip quietly."""
+    """In CI everything the tests skip without must be there: the independent readers (exiftool, exiv2), ffmpeg
+    (makes and checks the test videos) and the DejaVu font (text drawn for OCR). Their tests must run in CI, never
+    skip quietly."""
     if os.environ.get("CI"):
-        missing = [tool for tool in ("exiftool", "exiv2") if shutil.which(tool) is None]
+        missing = [tool for tool in ("exiftool", "exiv2", "ffmpeg", "ffprobe") if shutil.which(tool) is None]
+        if not DEJAVU_BOLD.is_file():
+            missing.append("the DejaVu fonts")
         if missing:
-            pytest.exit(f"CI needs {' and '.join(missing)} for the reader checks: .ci/run must install them",
+            pytest.exit(f"CI needs {' and '.join(missing)} for the tests that use them: .ci/run must install them",
                         returncode=1)

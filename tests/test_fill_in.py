@@ -14,12 +14,12 @@ from daemon_helpers import IMAGES, MODELS
 from PIL import Image, ImageDraw, ImageFont
 
 from capwatch.library.index import Index
-from tests.conftest import CliRunner
+from tests.conftest import DEJAVU_BOLD, CliRunner
 
 FLORENCE = MODELS / "florence2-tiny"
 VIT = MODELS / "vit-gpt2-tiny-greedy"
 PHOTOS = Path(__file__).parent / "fixtures" / "photos"
-FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
+FONT = DEJAVU_BOLD
 
 pytestmark = pytest.mark.skipif(not mc.EXIFTOOL, reason="exiftool writes the person's description")
 

@@ -17,12 +17,12 @@ from capwatch.library.index import Index
 from capwatch.library.process import Processor
 from capwatch.metadata import Journal
 from capwatch.models.captioner import open_captioner
-from tests.conftest import CliRunner
+from tests.conftest import DEJAVU_BOLD, CliRunner
 
 FLORENCE = MODELS / "florence2-tiny"
 VIT = MODELS / "vit-gpt2-tiny-greedy"
 PHOTOS = Path(__file__).parent / "fixtures" / "photos"
-FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
+FONT = DEJAVU_BOLD
 
 
 def _sign(path: Path) -> Path:
