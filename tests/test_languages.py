@@ -211,18 +211,15 @@ def test_hierarchical_keywords_are_written_under_the_parent_keeping_a_persons(tm
                                                    check=False).stdout
 
 
-@needs_tools
-def test_web_page_lists_the_languages_and_an_edit_writes_only_that_item(tmp_path: Path) -> None:
-    from starlette.testclient import TestClient
-
+def _served_in_three_languages(tmp_path: Path) -> tuple[Path, int, Any]:
+    """A photo whose caption capwatch wrote in de (the default), en and fr, indexed, and the page's ServeSettings."""
     from capwatch.config import IndexConfig, LibraryConfig, MetadataConfig, RootConfig
     from capwatch.library.index import Index
     from capwatch.library.scan import reconcile
     from capwatch.metadata.records import Provenance
     from capwatch.metadata.writer import write_caption
     from capwatch.models.captioner import open_captioner
-    from capwatch.web.app import ServeSettings, create_app
-    from tests.web_helpers import csrf_of
+    from capwatch.web.app import ServeSettings
 
     root = tmp_path / "photos"
     image = make_image(root / "red.jpg", "JPEG")
@@ -236,6 +233,20 @@ def test_web_page_lists_the_languages_and_an_edit_writes_only_that_item(tmp_path
         (row_id,) = index.ids_for([str(image)]).values()
     settings = ServeSettings(config=config, csrf="c" * 32, cache_dir=tmp_path / "cache",
                              open_captioner=lambda: open_captioner(CAPTIONER, config.model), live_state=lambda: None)
+    return image, row_id, settings
+
+
+@needs_tools
+def test_web_page_lists_the_languages_and_an_edit_writes_only_that_item(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from capwatch.config import MetadataConfig
+    from capwatch.metadata.records import Provenance
+    from capwatch.metadata.writer import write_caption
+    from capwatch.web.app import create_app
+    from tests.web_helpers import csrf_of
+
+    image, row_id, settings = _served_in_three_languages(tmp_path)
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8765", follow_redirects=False) as client:
         page = client.get(f"/photo/{row_id}").text
         assert 'lang="de">Ein roter Apfel' in page
@@ -261,26 +272,9 @@ def test_a_language_item_written_after_the_page_loaded_is_kept_and_shown_as_a_co
 
     from starlette.testclient import TestClient
 
-    from capwatch.config import IndexConfig, LibraryConfig, MetadataConfig, RootConfig
-    from capwatch.library.index import Index
-    from capwatch.library.scan import reconcile
-    from capwatch.metadata.records import Provenance
-    from capwatch.metadata.writer import write_caption
-    from capwatch.models.captioner import open_captioner
-    from capwatch.web.app import ServeSettings, create_app
+    from capwatch.web.app import create_app
 
-    root = tmp_path / "photos"
-    image = make_image(root / "red.jpg", "JPEG")
-    write_caption(image, "Ein roter Apfel", Provenance("m", None, "2026-01-01T00:00:00Z"), MetadataConfig(),
-                  languages={"en": "A red apple", "de": "Ein roter Apfel", "fr": "Une pomme rouge"})
-    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=tmp_path / "i.db"),
-                    model=ModelConfig(dir=CAPTIONER, precision="fp32"),
-                    language=LanguageConfig(captions=("fr",), default="de"))
-    with Index.open(tmp_path / "i.db") as index:
-        reconcile(config.library.roots[0], config, index)
-        (row_id,) = index.ids_for([str(image)]).values()
-    settings = ServeSettings(config=config, csrf="c" * 32, cache_dir=tmp_path / "cache",
-                             open_captioner=lambda: open_captioner(CAPTIONER, config.model), live_state=lambda: None)
+    image, row_id, settings = _served_in_three_languages(tmp_path)
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8765", follow_redirects=False) as client:
         page = client.get(f"/photo/{row_id}").text
         form = re.search(r'<form[^>]*id="language-fr">(.*?)</form>', page, re.S)

@@ -45,7 +45,7 @@ from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
 from capwatch.models.preprocess import Preprocessor, load_image
 from capwatch.models.registry import precision_key, split_precision_key
 from capwatch.models.runtime import ort
-from capwatch.models.session import SessionGroup
+from capwatch.models.session import SessionGroup, SessionOwner
 from capwatch.models.tokenizer import TextDecoder
 
 #: config.json model_type -> "module:class" of the family's captioner (imported lazily).
@@ -97,7 +97,7 @@ class ImageDescription:
     text: str | None = None
 
 
-class Captioner(abc.ABC):
+class Captioner(SessionOwner, abc.ABC):
     """Base class of every model family's captioner (one instance per model directory).
 
     Not thread-safe for concurrent captioning (one worker thread captions); ``unload_if_idle`` may be called from
@@ -312,31 +312,6 @@ class Captioner(abc.ABC):
         if not options.caption:
             return [ImageDescription(caption=None) for _ in range(len(pixel_values))]
         return [ImageDescription(caption=c) for c in self.caption_pixels(pixel_values)]
-
-    def unload_if_idle(self, now: float | None = None) -> bool:
-        """Release the ONNX sessions when unused for ``idle_unload_seconds``; True if they were released.
-
-        ``now`` is a value of the captioner's clock (time.monotonic by default).
-        """
-        return self.sessions.unload_if_idle(now)
-
-    @property
-    def loaded(self) -> bool:
-        return self.sessions.loaded
-
-    @property
-    def provider(self) -> str | None:
-        """The execution provider the model runs on (cpu, cuda, ...), None while it is not loaded."""
-        return self.sessions.provider
-
-    def close(self) -> None:
-        self.sessions.unload()
-
-    def __enter__(self) -> Captioner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _on_load(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         self.check_graphs(sessions)

@@ -45,7 +45,7 @@ from capwatch.models.derived import DerivedCache, signed_graph, signed_is_exact,
 from capwatch.models.embedtext import EmbeddingTokenizer
 from capwatch.models.layout import check_names, find_onnx, read_json
 from capwatch.models.preprocess import Preprocessor
-from capwatch.models.session import SessionGroup
+from capwatch.models.session import SessionGroup, SessionOwner
 
 EmbedFamily = Literal["clip", "siglip"]
 VISION = "vision_model"
@@ -100,7 +100,7 @@ def available_precision(directory: Path) -> Precision:
     raise ModelError(f"{directory}: no complete pair of vision_model / text_model graphs")  # pragma: no cover
 
 
-class ImageTextEmbedder:
+class ImageTextEmbedder(SessionOwner):
     """One embedding model folder: images and texts -> L2-normalised float32 vectors in one space.
 
     Not thread-safe for concurrent embedding (one worker embeds at a time); ``unload_if_idle`` may be called from
@@ -285,30 +285,6 @@ class ImageTextEmbedder:
                         np.arange(batch.input_ids.shape[1], dtype=np.int64), batch.input_ids.shape).copy()
                 out.append(_run(session, name, feeds, self.paths[TEXT]))
         return normalise(np.concatenate(out))
-
-    def unload_if_idle(self, now: float | None = None) -> bool:
-        """Release the ONNX sessions when unused for ``idle_unload_seconds``; True if they were released."""
-        return self.sessions.unload_if_idle(now)
-
-    @property
-    def loaded(self) -> bool:
-        """True while the ONNX sessions are in memory."""
-        return self.sessions.loaded
-
-    @property
-    def provider(self) -> str | None:
-        """The execution provider the model runs on (cpu, cuda, ...), None while it is not loaded."""
-        return self.sessions.provider
-
-    def close(self) -> None:
-        """Release the sessions (they load again on the next use)."""
-        self.sessions.unload()
-
-    def __enter__(self) -> ImageTextEmbedder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _file_digest(path: Path, memo: DerivedCache | None) -> str:

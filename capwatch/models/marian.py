@@ -45,7 +45,7 @@ from capwatch.models.layout import (
     read_json,
 )
 from capwatch.models.seq2seq import DecoderShape, EncodedBatch, MergedDecoder
-from capwatch.models.session import SessionGroup
+from capwatch.models.session import SessionGroup, SessionOwner
 from capwatch.models.spm import load_spm_tokenizer
 
 ENCODER = "encoder_model"
@@ -122,7 +122,7 @@ def is_translation_dir(path: Path) -> bool:
         return False
 
 
-class Translator:
+class Translator(SessionOwner):
     """One Marian model directory -> translations, with lazily loaded, idle-unloaded sessions.
 
     Not thread-safe for concurrent translating (one worker translates); ``unload_if_idle`` may be called from
@@ -269,13 +269,3 @@ class Translator:
                 results[i] = Translation(self.decode(seq), tuple(seq))
         return [r for r in results if r is not None]
 
-    def unload_if_idle(self, now: float | None = None) -> bool:
-        """Release the sessions when unused for the idle time; True if they were released."""
-        return self.sessions.unload_if_idle(now)
-
-    @property
-    def loaded(self) -> bool:
-        return self.sessions.loaded
-
-    def close(self) -> None:
-        self.sessions.unload()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from capwatch.errors import ModelError
 from capwatch.models.runtime import ort
@@ -261,3 +261,35 @@ class SessionGroup:
         """Paths, load state and providers in use, for ``capwatch status``."""
         return {name: {"path": str(s.path), "loaded": s.loaded, "providers": [short_provider(p) for p in s.providers]}
                 for name, s in self._sessions.items()}
+
+
+class SessionOwner:
+    """What every model object (captioner, embedder, translator) does with its :class:`SessionGroup`
+    ``sessions``: release it when idle, say whether and where it runs, close it, and work as a context manager."""
+
+    sessions: SessionGroup
+
+    def unload_if_idle(self, now: float | None = None) -> bool:
+        """Release the ONNX sessions when unused for the idle time; True if they were released. ``now`` is a value
+        of the owner's clock (time.monotonic by default)."""
+        return self.sessions.unload_if_idle(now)
+
+    @property
+    def loaded(self) -> bool:
+        """True while the ONNX sessions are in memory."""
+        return self.sessions.loaded
+
+    @property
+    def provider(self) -> str | None:
+        """The execution provider the model runs on (cpu, cuda, ...), None while it is not loaded."""
+        return self.sessions.provider
+
+    def close(self) -> None:
+        """Release the sessions (they load again on the next use)."""
+        self.sessions.unload()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
