@@ -153,3 +153,16 @@ def test_a_preview_that_does_not_decode_falls_back_to_the_photo(served: Served, 
     (lib.root / "broken-preview.jpg").write_bytes(with_mpf(main, [(broken, LARGE_THUMBNAIL_FULL_HD)]))
     tile = _tile(served, f"/thumb/{reindex(lib)['broken-preview.jpg']}")
     assert (tile.size, _colour(tile)) == ((320, 213), "photo")
+
+
+def test_embedded_previews_off_decodes_the_photo_itself(lib: Library, tmp_path: Path) -> None:
+    _mpf_photo(lib.root / "mpf.jpg", [((1620, 1080), LARGE_THUMBNAIL_FULL_HD)])
+    row = reindex(lib)["mpf.jpg"]
+    with serving(tmp_path, write_config(lib, tmp_path, "[serve]\nembedded_previews = false\n")) as server:
+        off = server.get(f"/thumb/{row}")
+        tile = _tile(server, f"/thumb/{row}")
+    assert _colour(tile) == "photo"
+    with serving(tmp_path, write_config(lib, tmp_path)) as server:
+        on = server.get(f"/thumb/{row}")
+        assert _colour(_tile(server, f"/thumb/{row}")) == "preview"  # not the picture cached with the other setting
+    assert off.headers["etag"] != on.headers["etag"]
