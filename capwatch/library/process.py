@@ -59,8 +59,7 @@ if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
     from capwatch.models.languages import Translations
-    from capwatch.text.reader import TextReader
-    from capwatch.text.threaded import OffThreadReader
+    from capwatch.text.threaded import OffThreadReader, TextRead
 
 log = logging.getLogger(__name__)
 
@@ -186,34 +185,6 @@ class _Decoded:
     error: str | None
 
 
-@dataclass(frozen=True)
-class _TextRead:
-    """The text read in a file on the OCR thread ahead of its turn, or why it could not be read, and the file's
-    identity while it was read (used only for a snapshot with the same stat, as :class:`_Decoded`)."""
-
-    identity: FileIdentity
-    text: str | None
-    error: str | None
-
-
-def _read_text(reader: TextReader, path: str) -> _TextRead | None:
-    """Read the text in ``path`` with ``reader`` (run on the OCR thread); None when the file changed meanwhile or
-    had just changed, as :func:`_decode`."""
-    try:
-        identity = FileIdentity.of(os.stat(path), "")
-        if not identity.settled:
-            return None
-        try:
-            text, error = reader.read_file(Path(path)), None
-        except ImageError as exc:
-            text, error = None, str(exc)
-        if not identity.matches_stat(os.stat(path)):
-            return None
-    except OSError:
-        return None  # read again in its turn, which reports the error
-    return _TextRead(identity, text, error)
-
-
 def _decode(captioner: Captioner, embedder: ImageTextEmbedder | None, path: str) -> _Decoded | None:
     """Decode ``path`` for ``captioner``; None when the file changed meanwhile or had just changed (its stat then
     proves nothing about its content, see FileIdentity.settled)."""
@@ -291,7 +262,7 @@ class Processor:
         self.text_reader: OffThreadReader | None = OffThreadReader(engine) if engine is not None else None
         #: Files whose text read ahead on the OCR thread was used (the rest were read in their turn).
         self.text_read_ahead = 0
-        self._texts: dict[str, Future[_TextRead | None]] = {}
+        self._texts: dict[str, Future[TextRead | None]] = {}
         #: Files whose decode made ahead was used (the rest were decoded in their turn).
         self.decoded_ahead = 0
         self._ahead: dict[str, Future[_Decoded | None]] = {}
@@ -323,7 +294,7 @@ class Processor:
     def _text_ahead(self, spath: str, limit: int) -> None:
         """Queue the reading of ``spath``'s text on the OCR thread (caller holds ``_ahead_lock``)."""
         if self.text_reader is not None and spath not in self._texts and len(self._texts) < limit:
-            self._texts[spath] = self.text_reader.submit(_read_text, spath)
+            self._texts[spath] = self.text_reader.read_ahead(Path(spath))
 
     def close(self) -> None:
         """Stop the decode-ahead thread (decodes not taken are dropped)."""

@@ -8,20 +8,53 @@ ever used by that one thread. The thread starts with the first read and ends wit
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from PIL import Image
 
+from capwatch.errors import ImageError
+from capwatch.metadata.identity import FileIdentity
 from capwatch.text.reader import TextReader
 
 _T = TypeVar("_T")
 
 #: The name of the OCR thread (``threading.current_thread().name`` starts with it).
 THREAD_NAME = "capwatch-ocr"
+
+
+@dataclass(frozen=True)
+class TextRead:
+    """The text read in a file ahead of its turn (None: the reading failed, ``error`` says why) and the file's
+    identity while it was read: to be used only for a snapshot with the same stat."""
+
+    identity: FileIdentity
+    text: str | None
+    error: str | None
+
+
+def read_settled(engine: TextReader, path: Path) -> TextRead | None:
+    """Read the text in ``path`` with ``engine``; None when the file changed meanwhile or had just changed (its stat
+    then proves nothing about its content, see FileIdentity.settled) or cannot be reached (read again in its turn,
+    which reports why)."""
+    try:
+        identity = FileIdentity.of(os.stat(path), "")
+        if not identity.settled:
+            return None
+        try:
+            text, error = engine.read_file(path), None
+        except ImageError as exc:
+            text, error = None, str(exc)
+        if not identity.matches_stat(os.stat(path)):
+            return None
+    except OSError:
+        return None
+    return TextRead(identity, text, error)
 
 
 class OffThreadReader(TextReader):
@@ -41,6 +74,10 @@ class OffThreadReader(TextReader):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
             return self._pool.submit(fn, self.engine, *args)
+
+    def read_ahead(self, path: Path) -> Future[TextRead | None]:
+        """Queue the reading of ``path`` (see :func:`read_settled`) on the OCR thread; returns at once."""
+        return self.submit(read_settled, path)
 
     def read_file(self, path: Path) -> str:
         """The text in ``path``, read on the OCR thread (this thread waits). Raises ImageError as the engine does."""
