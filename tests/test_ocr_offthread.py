@@ -188,6 +188,60 @@ def test_ocr_off_means_no_ocr_thread(tmp_path: Path) -> None:
     assert all(o.caption and o.text is None for o in outcomes)
 
 
+def test_the_daemon_pipeline_reads_text_on_the_ocr_thread_from_the_decode_ahead_side(
+        tmp_path: Path, direct: dict[str, str]) -> None:
+    from capwatch.daemon.pipeline import JobQueue, Pipeline
+
+    paths = _library(tmp_path / "lib")
+    watched = _Watched()
+    made: list[Processor] = []
+
+    def make_processor() -> Processor:
+        config = _config("rapidocr")
+        processor = Processor(config, Index.open(tmp_path / "i.db"), open_captioner(MODEL, config.model))
+        processor.text_reader = OffThreadReader(watched)
+        made.append(processor)
+        return processor
+
+    queue = JobQueue(64)
+    pipeline = Pipeline(queue, make_processor=make_processor, open_index=lambda: Index.open(tmp_path / "i.db"),
+                        batch_size=2, batch_wait_seconds=0.0)
+    stop = threading.Event()
+    for path in paths:
+        assert queue.put_backfill(path, stop)
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 120
+        while pipeline.stats().processed < len(paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        pipeline.stop()
+    assert pipeline.stats().processed == len(paths) and pipeline.stats().errors == 0
+    # Every text was queued from the prepare thread's decode-ahead call and read on the OCR thread; the model
+    # thread (capwatch-model) read none.
+    assert made[0].text_read_ahead == len(paths)
+    assert watched.threads and all(name.startswith(THREAD_NAME) for name in watched.threads), watched.threads
+    assert not _ocr_threads(), "the OCR thread outlived the pipeline"
+    with Index.open(tmp_path / "i.db", readonly=True) as index:
+        assert {p.name: getattr(index.get(p), "ocr_text", None) for p in paths} == direct
+
+
+def test_texts_read_ahead_are_bounded_like_decodes(tmp_path: Path) -> None:
+    paths = [_sign(tmp_path / f"s{i:02d}.jpg", (f"SIGN {i}",)) for i in range(12)]
+    _settle(paths)
+    config = _config("rapidocr")  # batch_size 2: at most 8 decodes and 8 texts held
+    with Index.open(tmp_path / "i.db") as index:
+        processor = Processor(config, index, open_captioner(MODEL, config.model), dry_run=True)
+        try:
+            processor.decode_ahead(paths)
+            assert len(processor._texts) == len(processor._ahead) == 8
+            outcomes = processor.process_batch(paths)
+            assert processor._texts == {}
+        finally:
+            processor.close()
+    assert [o.text for o in outcomes] == [f"SIGN {i}" for i in range(12)]
+
+
 def test_off_thread_reader_runs_direct_reads_on_its_thread_and_stops_with_close() -> None:
     seen: list[str] = []
 
