@@ -168,13 +168,14 @@ def preview_image(fd: int, px: int, *, max_pixels: int) -> Image.Image | None:
         return None
     size = os.fstat(fd).st_size
     ratio = main.size[0] / main.size[1]
+    area = main.size[0] * main.size[1] - 1
     candidates = []
     for offset, length, _ in main.previews:
         if length > MAX_PREVIEW_BYTES or offset + length > size:
             continue
         own = read_header(os.pread(fd, min(length, HEAD_BYTES), offset))
-        if own is None or max(own.size) < px or own.size[0] * own.size[1] > max_pixels:
-            continue
+        if own is None or max(own.size) < px or own.size[0] * own.size[1] > min(max_pixels, area):
+            continue  # too small for the picture, or no smaller than the photo itself
         if abs(own.size[0] / own.size[1] - ratio) > ASPECT_TOLERANCE * ratio:
             continue  # another crop (a 4:3 thumbnail of a 3:2 photo) or stored turned
         if own.orientation not in (None, 1, main.orientation):
