@@ -27,6 +27,11 @@ Anchors (issue 13): first results page <= 150 ms server time on the 1 M-row inde
   fresh real `capwatch serve` process of this tree and, side by side, of the anchor tree (another checkout, e.g.
   main): the server's CPU time per request (utime + stime from /proc) and its peak resident memory (VmHWM) over
   its idle size. Only this part runs with ``--pictures``.
+- *Tiles from embedded previews* (``--tiles``, issue 24): the same 24 MP photo three ways: plain, with an MPF large
+  thumbnail (1620x1080, as cameras store one), and with a 640x427 EXIF thumbnail (written by exiftool); cold
+  GET /thumb (320 px) and /preview (1600 px) of each through the real application (interleaved rounds, cache
+  emptied before each request), next to Pillow's own decode of the plain file (full, and draft-reduced to the
+  tile) in the same rounds. Only this part runs with ``--tiles``.
 """
 
 from __future__ import annotations
@@ -191,6 +196,73 @@ def bench_thumbnails(work: Path, runs: int) -> None:
           f"{statistics.median(cold) / 80:.2f}x), warm p50 {statistics.median(warm):.2f} ms (anchor 5 ms: "
           f"{statistics.median(warm) / 5:.2f}x), 304 p50 {statistics.median(revalidate):.2f} ms")
     print(f"preview 1600 px, cold p50 {statistics.median(preview):.1f} ms")
+
+
+def _previewed(photo: Path, root: Path) -> dict[str, Path]:
+    """``photo`` plain, with an MPF large thumbnail and with a large EXIF thumbnail (each made once)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from jpeg_previews import LARGE_THUMBNAIL_FULL_HD, jpeg_bytes, set_exif_thumbnail, with_mpf
+
+    files = {"plain": photo, "MPF 1620x1080": root / "24mp-mpf.jpg", "EXIF 640x427": root / "24mp-exif.jpg"}
+    with Image.open(photo) as img:
+        full_hd = img.resize((1620, 1080), Image.Resampling.BICUBIC)
+        vga = img.resize((640, 427), Image.Resampling.BICUBIC)
+    if not files["MPF 1620x1080"].exists():
+        files["MPF 1620x1080"].write_bytes(with_mpf(photo.read_bytes(), [(jpeg_bytes(full_hd, quality=85),
+                                                                          LARGE_THUMBNAIL_FULL_HD)]))
+    if not files["EXIF 640x427"].exists():
+        shutil.copy(photo, files["EXIF 640x427"])
+        thumb = root.parent / "vga-thumb.jpg"
+        vga.save(thumb, quality=75)
+        set_exif_thumbnail(files["EXIF 640x427"], thumb)
+    return files
+
+
+def _pillow_ms(photo: Path, px: int | None) -> float:
+    started = time.perf_counter()
+    with Image.open(photo) as img:
+        if px is not None:
+            img.draft("RGB", (px, px * img.height // img.width))
+        img.load()
+        if px is not None:
+            img.thumbnail((px, px))
+    return (time.perf_counter() - started) * 1000
+
+
+def bench_tiles(work: Path, runs: int) -> None:
+    root = work / "photos"
+    root.mkdir(parents=True, exist_ok=True)
+    photo = root / "24mp.jpg"
+    if not photo.exists():
+        _photo(photo, 6000, 4000)
+    files = _previewed(photo, root)
+    db = work / "tiles.db"
+    config = Config(library=LibraryConfig(roots=(RootConfig(root),)), index=IndexConfig(path=db),
+                    serve=ServeConfig())
+    with Index.open(db) as index:
+        reconcile(config.library.roots[0], config, index)
+        ids = index.ids_for([str(p) for p in files.values()])
+    cache = work / "tile-cache"
+    times: dict[str, list[float]] = {}
+    client, clock = _app(config, cache)
+    with client:
+        for _ in range(runs):
+            for px, route in ((320, "thumb"), (1600, "preview")):
+                times.setdefault(f"Pillow full decode of the plain file, {px} px", []).append(_pillow_ms(photo, None))
+                times.setdefault(f"Pillow draft decode of the plain file to {px} px", []).append(
+                    _pillow_ms(photo, px))
+                for name, path in files.items():
+                    shutil.rmtree(cache, ignore_errors=True)
+                    ms, code = _timed_get(client, clock, f"/{route}/{ids[str(path)]}")
+                    assert code == 200, (name, route)
+                    times.setdefault(f"cold /{route} ({px} px), {name}", []).append(ms)
+    anchor = {px: statistics.median(times[f"cold /{r} ({px} px), plain"]) for px, r in ((320, "thumb"),
+                                                                                        (1600, "preview"))}
+    print(f"load before: {os.getloadavg()[0]:.2f} (1 min); {runs} interleaved rounds, medians")
+    for label, values in times.items():
+        px = 320 if "320" in label else 1600
+        print(f"  {label:58s} {statistics.median(values):7.1f} ms  ({statistics.median(values) / anchor[px]:.2f}x "
+              f"the plain file's cold tile{', goal 80 ms' if px == 320 else ''})")
 
 
 def bench_memory(db: Path, query: str) -> None:
@@ -513,6 +585,7 @@ def main() -> None:
     parser.add_argument("--anchor-tree", type=Path, default=None,
                         help="another checkout (e.g. /work/main) to run side by side in --pictures")
     parser.add_argument("--picture-requests", type=int, default=3)
+    parser.add_argument("--tiles", action="store_true", help="only the embedded-preview tiles (issue 24)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.slowloris:
@@ -521,6 +594,9 @@ def main() -> None:
         return
     if args.pictures:
         bench_pictures(args.work, args.anchor_tree, args.picture_requests)
+        return
+    if args.tiles:
+        bench_tiles(args.work / "serve", args.thumb_runs)
         return
     search: object = _search_bench()
     db = args.work / f"search-{args.images}.db"

@@ -42,7 +42,7 @@ from distributed.client import ClosedClientError
 from distributed.scheduler import KilledWorker
 
 from capwatch import __version__
-from capwatch.config import Config, EmbedConfig, ModelConfig, Provider
+from capwatch.config import Config, EmbedConfig, ModelConfig, OcrConfig, Provider
 from capwatch.errors import CapwatchError, ImageError, ModelError
 from capwatch.metadata.safeopen import open_binary
 from capwatch.models.captioner import DescribeOptions
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from capwatch.library.process import Described, FileOutcome, Job, Processor
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
+    from capwatch.text.reader import TextReader
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class ModelRequest:
     #: The coordinator's image embedder: its ``[embed]`` section and the model id it resolved to (workers embed
     #: every image they caption, from the same decode, with the same model); None: no embeddings.
     embed: tuple[EmbedConfig, str] | None = None
+    #: The coordinator's OCR engine beside the model (``[ocr] engine = "rapidocr"``): workers read the text in the
+    #: images they caption, so the coordinator decodes nothing; None: no such engine.
+    ocr: OcrConfig | None = None
 
     def describe(self) -> str:
         return f"{self.model_id} at revision {self.revision or '(unknown)'} ({self.precision})"
@@ -109,6 +113,10 @@ class BatchResult:
     found_text: tuple[str | None, ...] = ()
     #: Per image its embedding (float32 bytes) when the request asked for them; empty otherwise.
     vectors: tuple[bytes | None, ...] = ()
+    #: Per image whether the worker's OCR engine read its text (``found_text``; None there: it failed, said in
+    #: ``text_errors``); empty: no OCR on the worker.
+    text_read: tuple[bool, ...] = ()
+    text_errors: tuple[str | None, ...] = ()
 
     def embeddings(self) -> list[Any] | None:
         """Per image its embedding (numpy float32) or None, or None when no embeddings were made."""
@@ -203,6 +211,16 @@ def open_worker_embedder(request: ModelRequest, threads: int, env: dict[str, str
     return embedder
 
 
+def open_worker_text_reader(request: ModelRequest, threads: int) -> TextReader | None:
+    """The coordinator's OCR engine on this worker with ``threads`` onnxruntime threads, or None when the request
+    has none. Raises ConfigError (one line) when the engine's extra is not installed here."""
+    if request.ocr is None or request.ocr.engine != "rapidocr":
+        return None
+    from capwatch.text.rapid import RapidOcrReader
+
+    return RapidOcrReader(threads=max(1, threads), max_pixels=request.ocr.max_pixels)
+
+
 class CaptionerPlugin(WorkerPlugin):
     """A Dask worker plugin: opens the coordinator's model once on each worker (also on workers that join later)
     and captions batches with it, one at a time.
@@ -217,6 +235,7 @@ class CaptionerPlugin(WorkerPlugin):
         self.request = request
         self.captioner: Captioner | None = None
         self.embedder: ImageTextEmbedder | None = None
+        self.text_reader: TextReader | None = None
         self.error: str | None = None
         self.address = ""
         self.local_directory = ""
@@ -236,6 +255,7 @@ class CaptionerPlugin(WorkerPlugin):
         try:
             self.captioner = open_worker_captioner(self.request, int(worker.state.nthreads), os.environ)
             self.embedder = open_worker_embedder(self.request, int(worker.state.nthreads), os.environ)
+            self.text_reader = open_worker_text_reader(self.request, int(worker.state.nthreads))
         except CapwatchError as exc:
             self.error = f"worker {self.address}: {exc}"
             log.error("%s", self.error)
@@ -247,6 +267,9 @@ class CaptionerPlugin(WorkerPlugin):
         if self.embedder is not None:
             self.embedder.close()
             self.embedder = None
+        if self.text_reader is not None:
+            self.text_reader.close()
+            self.text_reader = None
 
     def caption(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
         """Decode each (file name, bytes) and caption the batch. Raises ModelError when this worker has no model."""
@@ -278,11 +301,50 @@ class CaptionerPlugin(WorkerPlugin):
                 made_vectors = iter(embed_pixels(self.embedder, embed_inputs) or [None] * len(embed_inputs))
                 vectors = tuple(None if error is not None else _vector_bytes(next(made_vectors))
                                 for error in errors)
+            read = self._read_texts(items, errors)
         return BatchResult(
             self.address, time.monotonic() - started,
             tuple(d.caption.text if d is not None and d.caption is not None else None for d in made), tuple(errors),
             tuple(d.keywords if d is not None and detects else None for d in made),
-            tuple(d.text if d is not None else None for d in made), vectors)
+            tuple(r[1] if r[0] else d.text if d is not None else None for d, r in zip(made, read, strict=True)),
+            vectors, tuple(r[0] for r in read) if self.text_reader is not None else (),
+            tuple(r[2] for r in read) if self.text_reader is not None else ())
+
+    # -- OCR on the worker (``[ocr] engine = "rapidocr"``) ------------------------------------------------------
+
+    def _read_texts(self, items: Sequence[tuple[str, bytes]], errors: Sequence[str | None]
+                    ) -> list[tuple[bool, str | None, str | None]]:
+        """Per image (read here?, its text, why not): the text the worker's OCR engine reads in each image that
+        decoded, from the same bytes and as the coordinator would from the file. A video's frame is left to the
+        coordinator (its text comes from several frames); an OCR failure costs that image's text alone."""
+        out: list[tuple[bool, str | None, str | None]] = []
+        for (name, data), error in zip(items, errors, strict=True):
+            if self.text_reader is None or error is not None or name.endswith(FRAME_SUFFIX):
+                out.append((False, None, None))
+                continue
+            try:
+                with self._temporary(name, data) as path:
+                    try:
+                        out.append((True, self.text_reader.read_file(path), None))
+                    except ImageError as exc:
+                        out.append((True, None, str(exc).replace(str(path), name)))
+            except ClusterError as exc:
+                out.append((True, None, str(exc)))
+        return out
+
+    @contextmanager
+    def _temporary(self, name: str, data: bytes) -> Iterator[Path]:
+        """``data`` as a temporary file named with ``name``'s suffix (decoders go by it) in the worker's directory.
+        Raises ClusterError when this worker's own disk cannot take it."""
+        suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
+        try:
+            with tempfile.NamedTemporaryFile(suffix=suffix, dir=self.local_directory or None) as handle:
+                handle.write(data)
+                handle.flush()
+                yield Path(handle.name)
+        except OSError as exc:
+            raise ClusterError(f"worker {self.address}: cannot write a temporary file in {self.local_directory}: "
+                               f"{exc.strerror or exc}") from None
 
     def _decode(self, captioner: Captioner, name: str, data: bytes) -> tuple[Any, Any]:
         """The captioner's and the embedder's inputs (None without one) for one image sent as bytes, from one
@@ -446,12 +508,13 @@ def cluster_state(address: str, *, timeout: float) -> dict[str, Any]:
 
 
 def model_request(captioner: Captioner, model: ModelConfig, options: DescribeOptions | None = None,
-                  embed: tuple[EmbedConfig, str] | None = None) -> ModelRequest:
+                  embed: tuple[EmbedConfig, str] | None = None, ocr: OcrConfig | None = None) -> ModelRequest:
     """The request for the model ``captioner`` was opened with, from the ``[model]`` section it came from, asking
-    the workers for what ``options`` names besides the caption, and for embeddings by ``embed`` ([embed]
-    section, model id) when given."""
+    the workers for what ``options`` names besides the caption, for embeddings by ``embed`` ([embed]
+    section, model id) when given, and for the text ``ocr``'s engine reads when it is one beside the model."""
+    beside = ocr if ocr is not None and ocr.engine == "rapidocr" else None
     return ModelRequest(model, captioner.model_id, captioner.revision, captioner.precision, options=options,
-                        embed=embed)
+                        embed=embed, ocr=beside)
 
 
 def install(client: Client, request: ModelRequest, *, wait_seconds: float) -> list[str]:
@@ -698,7 +761,12 @@ def caption_on_cluster(
                 stats = run.workers.setdefault(result.worker, WorkerStats())
                 stats.images += sum(text is not None for text in result.texts)
                 stats.seconds += result.seconds
-                finished = processor.complete(sent.jobs, result.described(), result.embeddings())
+                for (_, job), problem in zip(sent.jobs, result.text_errors, strict=False):
+                    if problem is not None:  # an OCR failure on the worker costs that file's text alone
+                        log.warning("no text read: %s", problem if problem.startswith(job.path)
+                                    else f"{job.path}: {problem}")
+                finished = processor.complete(sent.jobs, result.described(), result.embeddings(),
+                                              text_read=result.text_read or None)
                 before = len(waiting)
                 settled = retry_or_fail([outcome for _, outcome in finished])
                 run.redone += len(waiting) - before

@@ -365,6 +365,10 @@ class ServeConfig:
     #: The most the thumbnail and preview cache (in the cache folder) may hold, in MB; least recently shown
     #: pictures are deleted first.
     thumbnail_cache_mb: Annotated[int, Range(1, 1_000_000)] = 512
+    #: Make a JPEG's thumbnail and preview from the large preview the camera stored in it (MPF, EXIF thumbnail)
+    #: when that one is large enough and of the same shape; false decodes the photo itself every time (for files
+    #: edited by a program that left a stale preview behind).
+    embedded_previews: bool = True
 
 
 @dataclass(frozen=True)

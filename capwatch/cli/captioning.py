@@ -414,7 +414,7 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
             embedder = processor.embedder
             request = dask_cluster.model_request(
                 captioner, config.model, processor.describe,
-                embed=(config.embed, embedder.model_id) if embedder is not None else None)
+                embed=(config.embed, embedder.model_id) if embedder is not None else None, ocr=config.ocr)
             workers = dask_cluster.install(client, request, wait_seconds=settings.worker_wait_seconds)
             log.debug("captioning on %d Dask worker(s) of %s with %s", len(workers), scheduler, request.describe())
             run = dask_cluster.caption_on_cluster(client, processor, paths, skip_captioned=not force,

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
     from capwatch.models.languages import Translations
+    from capwatch.text.threaded import OffThreadReader, TextRead
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +252,17 @@ class Processor:
         # Imported here: the model layer pulls in onnxruntime, which commands that never caption should not load.
         from capwatch.models.captioner import DescribeOptions
         from capwatch.text import open_text_reader
+        from capwatch.text.threaded import OffThreadReader
 
         #: What the model produces besides the caption ([model] keywords, [ocr] engine = "florence").
         self.describe = DescribeOptions.from_config(config)
-        #: The OCR engine that runs beside the model ([ocr] engine = "rapidocr"); Florence reads with the model.
-        self.text_reader = open_text_reader(config) if config.ocr.engine == "rapidocr" else None
+        #: The OCR engine that runs beside the model ([ocr] engine = "rapidocr") on a thread of its own, fed from
+        #: the decode-ahead side; Florence reads with the model. None (and no OCR thread): no such engine.
+        engine = open_text_reader(config) if config.ocr.engine == "rapidocr" else None
+        self.text_reader: OffThreadReader | None = OffThreadReader(engine) if engine is not None else None
+        #: Files whose text read ahead on the OCR thread was used (the rest were read in their turn).
+        self.text_read_ahead = 0
+        self._texts: dict[str, Future[TextRead | None]] = {}
         #: Files whose decode made ahead was used (the rest were decoded in their turn).
         self.decoded_ahead = 0
         self._ahead: dict[str, Future[_Decoded | None]] = {}
@@ -270,6 +277,8 @@ class Processor:
 
         Thread-safe; returns at once. Purely an optimisation: a path whose decode is not used (not processed, or
         the file changed meanwhile) costs only that decode. At most ``4 * model.batch_size`` decodes are held.
+        With an OCR engine beside the model, the text in each file is read on the OCR thread too (at most as many
+        texts held).
         """
         limit = 4 * max(1, self.config.model.batch_size)
         with self._ahead_lock:
@@ -280,12 +289,19 @@ class Processor:
                 if spath in self._ahead or len(self._ahead) >= limit:
                     continue
                 self._ahead[spath] = self._decoder.submit(_decode, self.captioner, self.embedder, spath)
+                self._text_ahead(spath, limit)
+
+    def _text_ahead(self, spath: str, limit: int) -> None:
+        """Queue the reading of ``spath``'s text on the OCR thread (caller holds ``_ahead_lock``)."""
+        if self.text_reader is not None and spath not in self._texts and len(self._texts) < limit:
+            self._texts[spath] = self.text_reader.read_ahead(Path(spath))
 
     def close(self) -> None:
         """Stop the decode-ahead thread (decodes not taken are dropped)."""
         with self._ahead_lock:
             decoder, self._decoder = self._decoder, None
             self._ahead.clear()
+            self._texts.clear()
         if decoder is not None:
             decoder.shutdown(wait=True, cancel_futures=True)
         if self.text_reader is not None:
@@ -326,6 +342,9 @@ class Processor:
             with self._ahead_lock:
                 for path in paths:
                     self._ahead.pop(normalise_path(path), None)
+                    text = self._texts.pop(normalise_path(path), None)
+                    if text is not None:
+                        text.cancel()
         return [outcomes[i] for i in range(len(paths))]
 
     def prepare(self, paths: Sequence[Path], *, skip_captioned: bool = True
@@ -347,12 +366,15 @@ class Processor:
         return outcomes, jobs
 
     def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError],
-                 vectors: Sequence[Any] | None = None) -> list[tuple[int, FileOutcome]]:
+                 vectors: Sequence[Any] | None = None, *, text_read: Sequence[bool] | None = None
+                 ) -> list[tuple[int, FileOutcome]]:
         """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
         group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
         in the index. ``results`` holds per job what the model said (a Described, or the raw caption text
         alone), or the ImageError that made it impossible (the image could not be decoded), which is recorded as
-        that file's error. With ``[ocr] engine = "rapidocr"`` the text in each image is read here, from the file.
+        that file's error. With ``[ocr] engine = "rapidocr"`` the text in each image is the one read on the OCR
+        thread (ahead, or now), except for the jobs whose ``text_read`` is True: their text was read elsewhere (on a
+        Dask worker) and is taken as given (None: no text, the reading failed there).
 
         ``vectors`` (per job, the image embedding of the processor's embedder, None for a job without one) are
         stored for the files whose caption was recorded.
@@ -363,13 +385,14 @@ class Processor:
         finished: list[tuple[int, _Job, Described]] = []
         if vectors is not None:
             self._vectors = {job.path: v for (_, job), v in zip(jobs, vectors, strict=True) if v is not None}
-        for (position, job), result in zip(jobs, results, strict=True):
+        read_elsewhere = text_read if text_read is not None else [False] * len(jobs)
+        for (position, job), result, read in zip(jobs, results, read_elsewhere, strict=True):
             if isinstance(result, ImageError):
                 failed.append((position, self._fail(job.path, str(result), job.snap)))
             else:
                 said = Described(result) if isinstance(result, str) else result
                 said = replace(said, caption=clean_caption(said.caption))
-                finished.append((position, job, self._with_text(job, said)))
+                finished.append((position, job, said if read else self._with_text(job, said)))
         try:
             return failed + self._finish(self._translated(finished))
         finally:
@@ -394,16 +417,26 @@ class Processor:
         return out
 
     def _with_text(self, job: _Job, said: Described) -> Described:
-        """``said`` with the text the OCR engine beside the model reads in the file (a failure of the OCR alone is
-        logged in one line and costs only the text). A video's text was read frame by frame already."""
+        """``said`` with the text the OCR engine beside the model reads in the file: read ahead on the OCR thread
+        when that was done on the same, settled file, else read there now (this thread waits). A failure of the OCR
+        alone is logged in one line and costs only the text. A video's text was read frame by frame already."""
         if self.text_reader is None or (said.text is not None and is_video(job.path, job.snap.metadata.format)):
             return said
-        try:
-            return replace(said, text=self.text_reader.read_file(Path(job.path)))
-        except ImageError as exc:
-            message = str(exc) if str(exc).startswith(job.path) else f"{job.path}: {exc}"
-            log.warning("no text read: %s", message)
+        with self._ahead_lock:
+            future = self._texts.pop(job.path, None)
+        ahead = future.result() if future is not None and not future.cancelled() else None
+        if ahead is not None and ahead.identity.matches_stat_of(job.snap.identity):
+            self.text_read_ahead += 1
+            text, error = ahead.text, ahead.error
+        else:
+            try:
+                text, error = self.text_reader.read_file(Path(job.path)), None
+            except ImageError as exc:
+                text, error = None, str(exc)
+        if error is not None:
+            log.warning("no text read: %s", error if error.startswith(job.path) else f"{job.path}: {error}")
             return said
+        return replace(said, text=text)
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
         """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
@@ -510,6 +543,12 @@ class Processor:
                 results.append((position, self._fail(job.path, f"{job.path}: {exc.strerror or exc}", job.snap)))
         if not ready:
             return results
+        if self.text_reader is not None:
+            # Read on the OCR thread while the model captions (files the decode-ahead side did not queue).
+            with self._ahead_lock:
+                for _, job in ready:
+                    if not is_video(job.path, job.snap.metadata.format):
+                        self._text_ahead(job.path, len(self._texts) + 1)
         descriptions = self.captioner.describe_pixels(np.stack(tensors), self.describe)
         keywords = self.describe.keywords and self.captioner.detects_objects
         said: list[Described | str | ImageError] = [

@@ -209,7 +209,8 @@ def create_app(settings: ServeSettings) -> Starlette:
     from capwatch.web import routes
 
     pages = routes.Pages(settings, ThumbnailCache(settings.cache_dir / "thumbnails",
-                                                  max_bytes=settings.config.serve.thumbnail_cache_mb << 20),
+                                                  max_bytes=settings.config.serve.thumbnail_cache_mb << 20,
+                                                  embedded_previews=settings.config.serve.embedded_previews),
                          CaptionerSlot(settings.open_captioner, settings.config.model.idle_unload_seconds))
     app = Starlette(
         routes=[

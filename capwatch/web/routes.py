@@ -486,7 +486,8 @@ class Pages:
         except OSError:
             return Response("the photo is gone", status_code=404, media_type="text/plain")
         try:
-            entry = Entry(photo.row_id, px, cache_key(photo.record.fingerprint, os.fstat(fd), px))
+            entry = Entry(photo.row_id, px, cache_key(photo.record.fingerprint, os.fstat(fd), px,
+                                                       self.thumbs.variant))
             headers = {"ETag": f'"{entry.key}"', "Cache-Control": "private, max-age=3600"}
             if request.headers.get("if-none-match", "").strip() in (f'"{entry.key}"', f'W/"{entry.key}"'):
                 return Response(status_code=304, headers=headers)
@@ -522,7 +523,7 @@ class Pages:
                     st = os.stat(photo.file)
                 except OSError:
                     return None
-                return cache_key(photo.record.fingerprint, st, px)
+                return cache_key(photo.record.fingerprint, st, px, self.thumbs.variant)
 
             return self.thumbs.prune(current, stop)
 
