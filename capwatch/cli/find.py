@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from capwatch.config import Config
-from capwatch.library.livephoto import motion_of
+from capwatch.library.livephoto import motion_of, recorded_motions
 from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
@@ -129,9 +129,11 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
                 log.debug("searching by words only: %s", why)
         hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
                     highlight=marks, sort="date" if sort == "date" else "score")
+        # Live Photos paired by content identifier (renamed) are recorded in the index; by name, found beside.
+        recorded = recorded_motions(index, [h.path for h in hits if motion_of(h.path) is None])
     out = sys.stdout
     for hit in hits:
-        motion = motion_of(hit.path)
+        motion = motion_of(hit.path) or recorded.get(hit.path)
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 6),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
@@ -141,7 +143,9 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
                                   "match": hit.match,
                                   "media": "video" if is_video_name(hit.path) else "image",
                                   # A Live Photo's motion, one asset with the still (None for everything else).
-                                  "pair": str(motion) if motion is not None else None},
+                                  "pair": str(motion) if motion is not None else None,
+                                  # A video found by meaning: the moment (seconds) that matched best.
+                                  "at": None if hit.at is None else round(hit.at, 3)},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
@@ -185,11 +189,11 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
     if answer is not None:
         from capwatch.library.meaning import QueryVector
 
-        model, vector, nearest = answer
+        model, vector, nearest, moments = answer
         if index.embedded_count(model):
             log.debug("the query's text embedding came from the running daemon (%s)", model)
             complete = nearest is not None and len(nearest) < DAEMON_NEAREST
-            return QueryVector(model, vector, nearest, complete), ""
+            return QueryVector(model, vector, nearest, complete, moments), ""
     from capwatch.library.embed import query_embedder, query_vector
 
     embedder, why = query_embedder(config)
