@@ -367,3 +367,43 @@ def test_a_scan_of_videos_says_so_in_its_summary(run_cli: CliRunner, tmp_path: P
     shutil.copytree(lib, photos, ignore=shutil.ignore_patterns("*.mp4"))
     plain = run_cli("--db", tmp_path / "other.db", "--model", CAPTIONER, "scan", "--no-caption", photos)
     assert plain.out.startswith("1 images: 1 new"), plain.out
+
+
+@pytest.mark.timeout(240)
+def test_the_daemon_embeds_a_new_videos_moments_and_answers_searches_with_them(run_cli: CliRunner,
+                                                                               tmp_path: Path) -> None:
+    from daemon_helpers import start_daemon, stop_daemon, wait_until
+    from daemon_helpers import write_config as daemon_config
+
+    from capwatch.daemon.textserver import ask
+    from capwatch.models.frames import choose_frames
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    db = tmp_path / "index.db"
+    config = daemon_config(tmp_path / "config.toml", db=db, roots=[lib], model_dir=CAPTIONER,
+                           extra=f'\n[embed]\nmodel = "{EMBEDDER}"\n')
+    daemon = start_daemon(config)
+    try:
+        source = scenes_video(tmp_path / "clip.mp4")
+        shutil.copy(source, lib / "new.mp4")
+        video = lib / "new.mp4"
+        def embedded() -> bool:
+            try:
+                return len(_moments(db).get(str(video), (None, []))[1]) == 2
+            except sqlite3.OperationalError:  # the daemon is still making the index
+                return False
+
+        wait_until(embedded, timeout=180, what="the daemon embedding the video's moments")
+        wait_until(lambda: ask(db, "a test", nearest=5) is not None, timeout=60, what="the daemon's query socket")
+        # The search is answered from the daemon's codes (moments included) and gives the best moment.
+        chosen = choose_frames(video).chosen
+        embedder = _embedder()
+        words = "colour bars on a screen"
+        sims = embedder.embed_images([f.image for f in chosen]) @ embedder.embed_texts([words])[0]
+        found = run_cli("--config", config, "search", words, "--by", "meaning", "--json")
+        assert found.code == 0, found.err
+        (hit,) = [json.loads(line) for line in found.out.splitlines()]
+        assert hit["path"] == str(video) and hit["at"] == pytest.approx(chosen[int(np.argmax(sims))].at, abs=1e-3)
+    finally:
+        stop_daemon(daemon)
