@@ -285,6 +285,10 @@ def test_scan_embeds_each_chosen_frame_and_search_json_gives_the_best_moment(run
         assert hits[str(video)]["at"] == pytest.approx(chosen[int(np.argmax(sims))].at, abs=1e-3)
         assert hits[str(video)]["similarity"] == pytest.approx(float(sims.max()), abs=1e-4)
         assert hits[str(lib / "red.png")]["at"] is None
+    # The text output says where in the video.
+    best = hits[str(video)]["at"]
+    shown = run_cli("--db", db, "search", words, "--by", "meaning", env=env).out
+    assert f"{video}  (video)" in shown and f") at {int(best) // 60}:{int(best) % 60:02d}\n" in shown, shown
     # A hit by words alone has no moment.
     words = run_cli("--db", db, "search", "path:clip", "--by", "words", "--json", env=env)
     assert json.loads(words.out.splitlines()[0])["at"] is None

@@ -12,6 +12,7 @@ import click
 
 from capwatch.config import Config
 from capwatch.library.livephoto import motion_of, recorded_motions
+from capwatch.library.moments import clock
 from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
@@ -153,9 +154,14 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
             kind = "  (video)" if is_video_name(hit.path) else f"  (Live Photo with {motion.name})" if motion else ""
             # A file without a caption yet (matched by its path, keywords or text) gets no empty line.
             out.write(f"{hit.path}{kind}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
+            # A video found by meaning: where in it (the moment that matched best).
+            moment = f" at {clock(hit.at)}" if hit.at is not None else ""
             if hit.match == "meaning":
-                out.write(f"    by meaning (similarity {hit.similarity or 0.0:.3f})\n")
-            elif hit.field in _SHOWN_FIELDS:
+                out.write(f"    by meaning (similarity {hit.similarity or 0.0:.3f}){moment}\n")
+                continue
+            if moment:
+                out.write(f"   {moment} (by meaning)\n")
+            if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
     if not hits and in_dir is not None and not os.path.isdir(in_dir):

@@ -47,6 +47,14 @@ class AssetHit:
     at: float | None
 
 
+def clock(seconds: float) -> str:
+    """A moment as people read it: m:ss, or h:mm:ss from an hour on (seconds cut, not rounded: the frame shown
+    is at or after it)."""
+    whole = max(0, int(seconds))
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 #: How a moment's key in vector_blocks reads: ``-frame_vectors.id`` (negative; images keep their row id).
 FRAME_ROWS_SQL = "SELECT -id, vector FROM frame_vectors WHERE model = ? AND id IN ({marks})"
 

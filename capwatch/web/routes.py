@@ -31,6 +31,7 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats, record_date
 from capwatch.library.livephoto import paired_motion
+from capwatch.library.moments import clock
 from capwatch.library.process import HUMAN_KEPT
 from capwatch.metadata import Description
 from capwatch.metadata.formats import is_video_name
@@ -106,13 +107,6 @@ def _templates() -> jinja2.Environment:
     env.globals["is_video"] = is_video_name
     env.globals["clock"] = clock
     return env
-
-
-def clock(seconds: float) -> str:
-    """``seconds`` as the page shows a moment of a video: m:ss, or h:mm:ss."""
-    whole = int(seconds)
-    hours, rest = divmod(whole, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def start_time(raw: str | None) -> float | None:
