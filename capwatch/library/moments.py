@@ -153,6 +153,7 @@ def nearest_assets(vectors: Vectors, index: Index, model: str, query: Any, *, li
     IndexUnavailable."""
     skip = {int(i) for i in exclude}
     if moment_count(index, model) == 0:
+        # Every key is an image's own; the lookup of the results' rows gives a one-frame video its poster's time.
         return collapse(index, vectors.nearest(model, query, limit=limit, allowed=allowed, exclude=skip))
     skip_keys = skip | set(frames_of(index, skip))
     keyed: Callable[[list[int]], set[int]] | None = None

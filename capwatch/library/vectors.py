@@ -4,6 +4,10 @@ Storage (see migration 6): ``image_vectors`` holds one float32 vector per image 
 embedder gave it (L2-normalised); ``vector_blocks`` holds the vectors' sign bits (1 bit per dimension), packed in
 blocks of up to :data:`BLOCK` rows so that a search process reads a million of them in a thousand rows.
 
+A video's other chosen frames (its *moments*, schema 9: ``frame_vectors``) share the blocks under the key ``-id``
+(an image's key is its row id, > 0): :meth:`Vectors.nearest` ranks keys, :meth:`Vectors.matrix_of` reads either
+kind, and capwatch.library.moments turns keys into one hit per image (a video at its best moment).
+
 Search is three stages: the sign bits of every vector are compared with the query's (Hamming distance, numpy
 popcount over 64-bit words: 64 bytes per 512-d vector); the ``candidates`` closest are ranked in memory by the
 query's float values against their sign bits (:func:`sign_scores`: only the image side quantised, a far better
