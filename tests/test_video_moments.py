@@ -202,6 +202,17 @@ def test_a_search_by_meaning_hits_a_videos_moment_and_says_when_it_is(index: Ind
         assert all(h.at is None for h in hits[1:])
 
 
+def test_a_video_with_one_usable_frame_is_found_at_its_posters_time(index: Index) -> None:
+    # A short or dark clip may keep a single frame: no moments besides its poster, still a moment to give.
+    rng = np.random.default_rng(9)
+    index.upsert_many([_rec("/lib/a.jpg"), _rec("/lib/short.mov")])
+    Vectors(index).put_many([("/lib/a.jpg", "m", None, rng.standard_normal(8))])
+    poster = _unit(rng.standard_normal(8))
+    Vectors(index).put_many([("/lib/short.mov", "m", None, poster)], {"/lib/short.mov": VideoMoments(0.75)})
+    hits = meaning_search(index, parse_query("dusk"), SearchFilters(), by="meaning", vector=QueryVector("m", poster))
+    assert [(h.path, h.at) for h in hits] == [("/lib/short.mov", 0.75), ("/lib/a.jpg", None)]
+
+
 def test_a_videos_moments_fill_no_places_of_other_hits(index: Index) -> None:
     _, moments = _library_with_a_video(index, photos=5)
     # Every entry asked for: 6 assets, however many entries the video holds.
