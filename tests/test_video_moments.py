@@ -422,3 +422,29 @@ def test_the_daemon_embeds_a_new_videos_moments_and_answers_searches_with_them(r
         assert hit["path"] == str(video) and hit["at"] == pytest.approx(chosen[int(np.argmax(sims))].at, abs=1e-3)
     finally:
         stop_daemon(daemon)
+
+
+def test_keywords_filled_in_later_for_a_video_are_merged_over_its_frames_as_a_caption_makes_them(
+        run_cli: CliRunner, tmp_path: Path) -> None:
+    florence = FIXTURES / "models" / "florence2-tiny"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    scenes_video(fresh / "clip.mp4", "smptebars", "testsrc2", "rgbtestsrc")
+    later = tmp_path / "later"
+    shutil.copytree(fresh, later)
+    on = tmp_path / "on.toml"
+    on.write_text('[model]\nkeywords = true\n[ocr]\nengine = "florence"\n')
+    off = tmp_path / "off.toml"
+    off.write_text('[model]\nkeywords = false\n[ocr]\nengine = "off"\n')
+    assert run_cli("--config", on, "--db", tmp_path / "fresh.db", "--model", florence, "scan", fresh).code == 0
+    assert run_cli("--config", off, "--db", tmp_path / "later.db", "--model", florence, "scan", later).code == 0
+    filled = run_cli("--config", on, "--db", tmp_path / "later.db", "--model", florence, "scan", later)
+    assert filled.code == 0 and "1 filled in" in filled.out, filled.out
+
+    def found(db: Path, root: Path) -> tuple[object, ...]:
+        with Index.open(db, readonly=True) as index:
+            (row,) = list(index.iter_records(root))
+        return row.keywords, row.ocr_text
+
+    assert found(tmp_path / "later.db", later) == found(tmp_path / "fresh.db", fresh)
+    assert found(tmp_path / "fresh.db", fresh)[0]
