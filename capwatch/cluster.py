@@ -314,7 +314,7 @@ class CaptionerPlugin(WorkerPlugin):
                                                          tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None,
                                                                ...]]:
         """The keywords and model text of each video merged over its frames (as
-        capwatch.library.videos.describe_other_frames does locally) and its other frames embedded."""
+        capwatch.library.videos.describe_frames does it in a local scan) and its other frames embedded."""
         from capwatch.library.embed import moments_of_frames
         from capwatch.library.process import Described
         from capwatch.library.videos import describe_frames

@@ -448,3 +448,29 @@ def test_keywords_filled_in_later_for_a_video_are_merged_over_its_frames_as_a_ca
 
     assert found(tmp_path / "later.db", later) == found(tmp_path / "fresh.db", fresh)
     assert found(tmp_path / "fresh.db", fresh)[0]
+
+
+def test_each_video_of_a_batch_is_decoded_once_for_caption_keywords_text_and_moments(tmp_path: Path) -> None:
+    import dataclasses
+
+    from capwatch.config import ModelConfig, OcrConfig
+    from capwatch.library.process import Processor
+    from capwatch.models.captioner import open_captioner
+
+    florence = FIXTURES / "models" / "florence2-tiny"
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    sources = ("testsrc", "smptebars", "rgbtestsrc", "testsrc2", "yuvtestsrc")
+    videos = [scenes_video(lib / f"v{i}.mp4", *sources[i:], *sources[:i], seconds=0.75) for i in range(5)]
+    config = Config(model=ModelConfig(dir=florence, precision="fp32", keywords=True, batch_size=8),
+                    embed=EmbedConfig(model=str(EMBEDDER), precision="fp32"), ocr=OcrConfig(engine="florence"))
+    config = dataclasses.replace(config, index=dataclasses.replace(config.index, path=tmp_path / "index.db"))
+    with Index.open(tmp_path / "index.db") as index, open_captioner(florence, config.model) as captioner:
+        processor = Processor(config, index, captioner, embedder=_embedder())
+        try:
+            outcomes = processor.process_batch(videos)
+        finally:
+            processor.close()
+        assert [o.error for o in outcomes] == [None] * 5
+        assert processor.frames.decoded == 5
+        assert index.connection.execute("SELECT count(*) FROM frame_vectors").fetchone()[0] == 10

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
-from capwatch.library.embed import decode_pair, embed_paths, embed_pixels, lacking, video_moments
+from capwatch.library.embed import decode_pair, embed_paths, embed_pixels, lacking, moments_of_frames
 from capwatch.library.embed import store as store_vectors
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.livephoto import record_pair, still_by_content, still_of
@@ -41,7 +41,7 @@ from capwatch.library.scan import (
     with_filled,
     with_index_only_keywords,
 )
-from capwatch.library.videos import describe_other_frames, is_video, merge_text
+from capwatch.library.videos import describe_frames, is_video, merge_text
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -59,7 +59,7 @@ from capwatch.metadata.safeopen import file_kind
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
-    from capwatch.models.frames import FrameCache
+    from capwatch.models.frames import FrameCache, VideoFrames
     from capwatch.models.languages import Translations
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,12 @@ class Processor:
         from capwatch.models.captioner import DescribeOptions
         from capwatch.models.frames import FrameCache
 
-        #: A video's chosen frames, decoded once for its caption, keywords, text and moments.
-        self.frames = FrameCache()
+        #: A video's chosen frames, decoded once for its caption, keywords, text and moments: room for a batch and
+        #: the next one decoded ahead (about 5 MB a video).
+        self.frames = FrameCache(entries=2 * max(1, config.model.batch_size))
+        #: The chosen frames of the videos of the batch being captioned, held until it is written (the decodes
+        #: ahead for the next batch must not push them out of the cache meanwhile).
+        self._held: dict[str, VideoFrames] = {}
         from capwatch.text import open_text_reader
 
         #: What the model produces besides the caption ([model] keywords, [ocr] engine = "florence").
@@ -426,7 +430,7 @@ class Processor:
         this processor's frame cache)."""
         assert self.text_reader is not None
         try:
-            chosen = self.frames.get(Path(job.path)).chosen
+            chosen = self._frames_of(job.path).chosen
         except ImageError as exc:
             log.warning("no text read: %s", exc)
             return said
@@ -559,13 +563,26 @@ class Processor:
         if self.embedder is not None and not self.dry_run:
             vectors = embed_pixels(self.embedder, embed_inputs)
             moments = [self._video_moments(job) if vectors is not None else None for _, job in ready]
-        return results + self.complete(ready, said, vectors, moments)
+        try:
+            return results + self.complete(ready, said, vectors, moments)
+        finally:
+            self._held.clear()
+
+    def _frames_of(self, path: str) -> VideoFrames:
+        """The chosen frames of the video at ``path``: held for the batch, else through the cache. Raises
+        ImageError."""
+        held = self._held.get(path)
+        return held if held is not None else self.frames.get(Path(path))
 
     def _video_frames(self, job: _Job, said: Described) -> Described | ImageError:
         """A video's description with the keywords and text of its other chosen frames merged in."""
         try:
+            chosen = self._frames_of(job.path)
+            self._held[job.path] = chosen
             # The OCR engine's text is read by _with_text, as for a batch captioned on a cluster.
-            return describe_other_frames(Path(job.path), said, self.captioner, self.describe, None, self.frames)
+            if not (said.keywords is not None or self.describe.text):
+                return said
+            return describe_frames([f.image for f in chosen.chosen], said, self.captioner, self.describe, None)
         except ImageError as exc:
             return exc
 
@@ -573,10 +590,13 @@ class Processor:
         """A video's other chosen frames embedded (None for a photo, or when the video cannot be decoded now:
         its caption reports that)."""
         assert self.embedder is not None
+        if not is_video(job.path, job.snap.metadata.format):
+            return None
         try:
-            return video_moments(self.embedder, job.path, self.frames, job.snap.metadata.format)
+            chosen = self._frames_of(job.path).chosen
         except ImageError:
             return None
+        return moments_of_frames(self.embedder, [(f.at, f.image) for f in chosen])
 
     def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
     from capwatch.library.process import Described
     from capwatch.models.captioner import Captioner, DescribeOptions
-    from capwatch.models.frames import FrameCache
     from capwatch.text.reader import TextReader
 
 
@@ -56,21 +55,12 @@ def merge_text(texts: list[str | None]) -> str | None:
     return "\n".join(lines)
 
 
-def describe_other_frames(path: Path, said: Described, captioner: Captioner, options: DescribeOptions,
-                          text_reader: TextReader | None, frames: FrameCache) -> Described:
-    """``said`` (the representative frame's description) with the keywords and text of the video's other chosen
-    frames merged in (decoded through ``frames``, the caller's cache: once for the caption and all this). Only
-    what ``said`` already carries is gathered (keywords when the model detects objects, text when an engine reads
-    it). Raises ImageError when the video cannot be decoded."""
-    if not (said.keywords is not None or options.text or text_reader is not None):
-        return said
-    return describe_frames([f.image for f in frames.get(path).chosen], said, captioner, options, text_reader)
-
-
 def describe_frames(chosen: Sequence[Image.Image], said: Described, captioner: Captioner, options: DescribeOptions,
                     text_reader: TextReader | None) -> Described:
-    """:func:`describe_other_frames` for a video's chosen frames as images (``chosen[0]`` the representative one,
-    which ``said`` describes): what a cluster worker does with the frames it was sent."""
+    """``said`` (the description of ``chosen[0]``, a video's representative frame) with the keywords and text of
+    its other chosen frames merged in: what a local scan and a cluster worker both do with a video's frames. Only
+    what ``said`` already carries is gathered (keywords when the model detects objects, text when the model reads
+    it, or ``text_reader``'s over every frame). Raises ModelError when the model cannot run."""
     import numpy as np
 
     wants_keywords = said.keywords is not None

@@ -246,6 +246,8 @@ class FrameCache:
         self._entries = entries
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, ...], VideoFrames] = OrderedDict()
+        #: Videos decoded through this cache (not found in it): what one decode per video is checked by.
+        self.decoded = 0
 
     def get(self, path: Path, *, fd: int | None = None) -> VideoFrames:
         """:func:`choose_frames` of ``path`` (or of the open descriptor ``fd``, which ``path`` then only names),
@@ -264,6 +266,7 @@ class FrameCache:
                 return found
         chosen = choose_frames(path, fd=fd)
         with self._lock:
+            self.decoded += 1
             self._cache[key] = chosen
             while len(self._cache) > self._entries:
                 self._cache.popitem(last=False)

@@ -36,6 +36,7 @@ from pathlib import Path
 from PIL import Image
 
 from capwatch.errors import CapwatchError, ImageError
+from capwatch.models.frames import FrameCache
 from capwatch.models.preprocess import DRAFT_HEADROOM, load_image
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class ThumbnailCache:
         self._slots = threading.BoundedSemaphore(parallel or max(1, os.cpu_count() or 1))
         self._lock = threading.Lock()
         self._failures: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # A video's thumbnail and its preview come from the same decoded frames (FrameCache is thread-safe; its
+        # key is the open file's identity, so a changed file is decoded again).
+        self._video_frames = FrameCache()
         self._bytes: int | None = None  # the cache's size as last counted plus what was written since
 
     def _file(self, entry: Entry) -> Path:
@@ -141,7 +145,8 @@ class ThumbnailCache:
         if not self._slots.acquire(timeout=self.slot_wait):
             raise Busy(f"every picture decoder is busy (waited {self.slot_wait:.0f} s); try again")
         try:
-            image = load_image(Path(name), target_size=(side, side), max_decoded_pixels=MAX_DECODED_PIXELS, fd=fd)
+            image = load_image(Path(name), target_size=(side, side), max_decoded_pixels=MAX_DECODED_PIXELS, fd=fd,
+                               video_frames=self._video_frames)
             image.thumbnail((entry.px, entry.px),
                             Image.Resampling.LANCZOS if entry.px <= THUMB_PX else Image.Resampling.BICUBIC)
             out = io.BytesIO()
