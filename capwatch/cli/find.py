@@ -130,11 +130,12 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
                 log.debug("searching by words only: %s", why)
         hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
                     highlight=marks, sort="date" if sort == "date" else "score")
-        # Live Photos paired by content identifier (renamed) are recorded in the index; by name, found beside.
-        recorded = recorded_motions(index, [h.path for h in hits if motion_of(h.path) is None])
+        # A Live Photo's motion: beside the still by name, else as recorded by content identifier (renamed apart).
+        motions = {h.path: motion_of(h.path) for h in hits}
+        motions.update(recorded_motions(index, [p for p, m in motions.items() if m is None]))
     out = sys.stdout
     for hit in hits:
-        motion = motion_of(hit.path) or recorded.get(hit.path)
+        motion = motions.get(hit.path)
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 6),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,

@@ -120,7 +120,8 @@ def record_pair(index: Index, still: str | Path, motion: str | Path) -> None:
 def recorded_motions(index: Index, stills: Iterable[str]) -> dict[str, Path]:
     """``still -> motion`` for the stills among ``stills`` with a motion recorded by content identifier whose
     file is still there. Raises IndexUnavailable."""
-    wanted = list(dict.fromkeys(normalise_path(s) for s in stills))
+    wanted = list(dict.fromkeys(normalise_path(s) for s in stills
+                                if Path(s).suffix.lower().lstrip(".") in STILL_SUFFIXES))
     found: dict[str, Path] = {}
     conn = index.connection
     for start in range(0, len(wanted), 500):
@@ -137,6 +138,6 @@ def paired_motion(index: Index | None, still: str | Path) -> Path | None:
     """The motion of the Live Photo whose still is ``still``: beside it by name, else as recorded by content
     identifier (when ``index`` is given). None for anything else."""
     by_name = motion_of(still)
-    if by_name is not None or index is None or Path(still).suffix.lower().lstrip(".") not in STILL_SUFFIXES:
+    if by_name is not None or index is None:
         return by_name
     return recorded_motions(index, [str(still)]).get(normalise_path(still))
