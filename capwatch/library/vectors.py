@@ -355,12 +355,17 @@ class Vectors:
     def rebuild_blocks(self, model: str) -> None:
         """Rewrite the model's blocks from ``image_vectors``: the centre becomes the mean of its vectors (the
         origin below MIN_CENTRED of them) and stale entries go. Call inside a transaction."""
-        # Images by their row id, video moments (schema 9) by -id: see capwatch.library.moments.
-        sql = ("SELECT image_id AS k, vector FROM image_vectors WHERE model = ? "
-               "UNION ALL SELECT -id, vector FROM frame_vectors WHERE model = ? ORDER BY k")
+        sql = "SELECT image_id, vector FROM image_vectors WHERE model = ? ORDER BY image_id"
+        # Then video moments (schema 9) by -id (capwatch.library.moments); two ordered scans, no sort of the union.
+        frames_sql = "SELECT -id, vector FROM frame_vectors WHERE model = ? ORDER BY id"
+
+        def entries() -> Iterator[list[Any]]:
+            for query in (sql, frames_sql):
+                yield from _batches(self._conn.execute(query, (model,)))
+
         total: npt.NDArray[np.float64] | None = None
         count = 0
-        for rows in _batches(self._conn.execute(sql, (model, model))):
+        for rows in entries():
             matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             total = matrix.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
             count += len(rows)
@@ -368,7 +373,7 @@ class Vectors:
         self._conn.execute("DELETE FROM vector_blocks WHERE model = ?", (model,))
         ids: list[int] = []
         parts: list[npt.NDArray[np.uint8]] = []
-        for rows in _batches(self._conn.execute(sql, (model, model))):
+        for rows in entries():
             ids += [int(r[0]) for r in rows]
             matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             parts.append(pack_codes(matrix if centre is None else matrix - centre))
