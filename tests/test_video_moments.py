@@ -220,6 +220,22 @@ def test_a_videos_moments_fill_no_places_of_other_hits(index: Index) -> None:
     assert len(hits) == 6 and len({h.image_id for h in hits}) == 6
 
 
+def test_steady_videos_whose_every_moment_matches_still_give_as_many_assets_as_asked(index: Index) -> None:
+    rng = np.random.default_rng(5)
+    query = _unit(rng.standard_normal(16))
+    index.upsert_many([_rec(f"/lib/v{i}.mp4") for i in range(6)] + [_rec(f"/lib/p{i}.jpg") for i in range(30)])
+    vectors = Vectors(index)
+    vectors.put_many([(f"/lib/p{i}.jpg", "m", None, rng.standard_normal(16)) for i in range(30)])
+    for i in range(6):
+        near = [_unit(query + 0.05 * rng.standard_normal(16)) for _ in range(3)]
+        vectors.put_many([(f"/lib/v{i}.mp4", "m", None, near[0])],
+                         {f"/lib/v{i}.mp4": VideoMoments(0.0, ((1.0, near[1]), (2.0, near[2])))})
+    ids = index.ids_for([f"/lib/v{i}.mp4" for i in range(6)])
+    hits = nearest_assets(vectors, index, "m", query, limit=5)
+    assert len(hits) == 5 and {h.image_id for h in hits} <= set(ids.values())
+    assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+
+
 def test_filters_and_exclusions_apply_to_the_video_a_moment_belongs_to(index: Index) -> None:
     _, moments = _library_with_a_video(index)
     outside = make_filters(in_dir="/lib/photos")
