@@ -94,7 +94,8 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     By meaning: plain words are also compared with the pictures themselves
     (--by both, the default, ranks both kinds of hit in one list; every
     filter and field term applies to them; a hit no word matched is shown
-    "by meaning").
+    "by meaning"; a video is found once, at the moment that matched best:
+    "at m:ss", "at" in seconds with --json).
 
     \b
     Examples:
