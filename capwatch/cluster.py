@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from capwatch.library.process import Described, FileOutcome, Job, Processor
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
+    from capwatch.models.frames import FrameCache, VideoFrames
     from capwatch.text.reader import TextReader
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,21 @@ class BatchResult:
     #: ``text_errors``); empty: no OCR on the worker.
     text_read: tuple[bool, ...] = ()
     text_errors: tuple[str | None, ...] = ()
+    #: Per image, for a video sent with its other frames (:class:`SentFrames`): the representative frame's time
+    #: and (seconds, float32 bytes) of each other frame embedded; None for a photo. Empty without embeddings.
+    moments: tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None, ...] = ()
+
+    def video_moments(self) -> list[Any] | None:
+        """Per image its VideoMoments (capwatch.library.moments) or None, or None when none were made."""
+        if not self.moments:
+            return None
+        import numpy as np
+
+        from capwatch.library.moments import VideoMoments
+
+        return [None if m is None else VideoMoments(m[0], tuple((at, np.frombuffer(v, dtype=np.float32))
+                                                                for at, v in m[1]))
+                for m in self.moments]
 
     def embeddings(self) -> list[Any] | None:
         """Per image its embedding (numpy float32) or None, or None when no embeddings were made."""
@@ -271,8 +287,10 @@ class CaptionerPlugin(WorkerPlugin):
             self.text_reader.close()
             self.text_reader = None
 
-    def caption(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
-        """Decode each (file name, bytes) and caption the batch. Raises ModelError when this worker has no model."""
+    def caption(self, items: Sequence[tuple[str, bytes]], videos: dict[int, SentFrames] | None = None
+                ) -> BatchResult:
+        """Decode each (file name, bytes) and caption the batch; ``videos`` (by position in ``items``) holds the
+        other chosen frames of the videos among them. Raises ModelError when this worker has no model."""
         import numpy as np
 
         if self.captioner is None or self._lock is None:
@@ -301,14 +319,18 @@ class CaptionerPlugin(WorkerPlugin):
                 made_vectors = iter(embed_pixels(self.embedder, embed_inputs) or [None] * len(embed_inputs))
                 vectors = tuple(None if error is not None else _vector_bytes(next(made_vectors))
                                 for error in errors)
+            keywords = [d.keywords if d is not None and detects else None for d in made]
+            texts = [d.text if d is not None else None for d in made]
+            moments: tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None, ...] = ()
+            if videos:
+                keywords, texts, moments = self._video_frames(items, videos, errors, keywords, texts, options)
             read = self._read_texts(items, errors)
         return BatchResult(
             self.address, time.monotonic() - started,
             tuple(d.caption.text if d is not None and d.caption is not None else None for d in made), tuple(errors),
-            tuple(d.keywords if d is not None and detects else None for d in made),
-            tuple(r[1] if r[0] else d.text if d is not None else None for d, r in zip(made, read, strict=True)),
-            vectors, tuple(r[0] for r in read) if self.text_reader is not None else (),
-            tuple(r[2] for r in read) if self.text_reader is not None else ())
+            tuple(keywords), tuple(r[1] if r[0] else text for text, r in zip(texts, read, strict=True)),
+            vectors, text_read=tuple(r[0] for r in read) if self.text_reader is not None else (),
+            text_errors=tuple(r[2] for r in read) if self.text_reader is not None else (), moments=moments)
 
     # -- OCR on the worker (``[ocr] engine = "rapidocr"``) ------------------------------------------------------
 
@@ -346,6 +368,33 @@ class CaptionerPlugin(WorkerPlugin):
             raise ClusterError(f"worker {self.address}: cannot write a temporary file in {self.local_directory}: "
                                f"{exc.strerror or exc}") from None
 
+    # -- a video's other frames (issue 23): what a local scan does with them, here ------------------------------
+
+    def _video_frames(self, items: Sequence[tuple[str, bytes]], videos: dict[int, SentFrames],
+                      errors: list[str | None], keywords: list[tuple[str, ...] | None], texts: list[str | None],
+                      options: DescribeOptions) -> tuple[list[tuple[str, ...] | None], list[str | None],
+                                                         tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None,
+                                                               ...]]:
+        """The keywords and model text of each video merged over its frames (as
+        capwatch.library.videos.describe_frames does it in a local scan) and its other frames embedded."""
+        from capwatch.library.embed import moments_of_frames
+        from capwatch.library.process import Described
+        from capwatch.library.videos import describe_frames
+
+        assert self.captioner is not None
+        moments: list[tuple[float, tuple[tuple[float, bytes], ...]] | None] = [None] * len(items)
+        for position, sent in videos.items():
+            if errors[position] is not None:
+                continue
+            chosen = [(sent.poster_at, _png(items[position][1])), *((at, _png(data)) for at, data in sent.frames)]
+            said = Described("", keywords[position], texts[position])
+            described = describe_frames([image for _, image in chosen], said, self.captioner, options, None)
+            keywords[position], texts[position] = described.keywords, described.text
+            if self.embedder is not None:
+                made = moments_of_frames(self.embedder, chosen)
+                moments[position] = (made.poster_at, tuple((at, _vector_bytes(v) or b"") for at, v in made.frames))
+        return keywords, texts, tuple(moments) if self.embedder is not None else ()
+
     def _decode(self, captioner: Captioner, name: str, data: bytes) -> tuple[Any, Any]:
         """The captioner's and the embedder's inputs (None without one) for one image sent as bytes, from one
         decode. Decoded from a temporary file with the original suffix
@@ -370,13 +419,23 @@ def _vector_bytes(vector: Any) -> bytes | None:
     return None if vector is None else bytes(vector.astype("<f4").tobytes())
 
 
-def caption_batch(items: list[tuple[str, bytes]]) -> BatchResult:
+def _png(data: bytes) -> Any:
+    """A frame sent as PNG bytes, decoded to the RGB image it was made from (lossless)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def caption_batch(items: list[tuple[str, bytes]], videos: dict[int, SentFrames] | None = None) -> BatchResult:
     """The Dask task: caption one batch on the worker it runs on, with its :class:`CaptionerPlugin`."""
     worker = get_worker()
     plugin = worker.plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, CaptionerPlugin):
         raise ModelError(f"worker {worker.address}: capwatch's model plugin is not installed there")
-    return plugin.caption(items)
+    return plugin.caption(items, videos)
 
 
 def _plugin_state(dask_worker: Worker) -> str | None:
@@ -610,34 +669,73 @@ def _read_bytes(job: Job) -> bytes | None:
 FRAME_SUFFIX = "#frame.png"
 
 
-def _payload(job: Job) -> tuple[str, bytes] | None:
+@dataclass(frozen=True)
+class SentFrames:
+    """A video's chosen frames other than the representative one (which travels as the batch item itself), as
+    (seconds, lossless PNG) each, and the representative frame's time: the worker merges their keywords and text
+    and embeds them, as a local scan does."""
+
+    poster_at: float
+    frames: tuple[tuple[float, bytes], ...]
+
+
+def _as_png(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _payload(job: Job, frames: FrameCache | None = None) -> tuple[str, bytes] | None:
     """What is sent for one file: the name the worker decodes it under and its bytes. For a video, its
     representative frame as a lossless PNG (a few hundred KB instead of the whole video; the frame is chosen here,
-    where the file is); for anything else the file itself. None when the file is no longer the one the snapshot
+    where the file is, through ``frames``: the coordinator's cache, so :func:`_video_payload` reuses the
+    decode); for anything else the file itself. None when the file is no longer the one the snapshot
     describes."""
     from capwatch.library.videos import is_video
 
     if not is_video(job.path, job.snap.metadata.format):
         data = _read_bytes(job)
         return None if data is None else (job.path, data)
-    import io
+    chosen = _chosen_frames(job, frames)
+    if chosen is None:
+        return None
+    if isinstance(chosen, ImageError):
+        data = _read_bytes(job)  # the worker meets the same error and reports it as any undecodable file
+        return None if data is None else (job.path, data)
+    return job.path + FRAME_SUFFIX, _as_png(chosen.representative.image)
 
-    from capwatch.models.frames import representative_image
+
+def _video_payload(job: Job, frames: FrameCache) -> SentFrames | None:
+    """The other chosen frames of a video job (see :class:`SentFrames`); None for a photo, a video that cannot be
+    decoded or one that changed."""
+    from capwatch.library.videos import is_video
+
+    if not is_video(job.path, job.snap.metadata.format):
+        return None
+    chosen = _chosen_frames(job, frames)
+    if chosen is None or isinstance(chosen, ImageError):
+        return None
+    return SentFrames(chosen.representative.at, tuple((f.at, _as_png(f.image)) for f in chosen.chosen[1:]))
+
+
+def _chosen_frames(job: Job, frames: FrameCache | None) -> VideoFrames | ImageError | None:
+    """The video's chosen frames while the file is the one its snapshot describes (None when not), or the
+    ImageError that stops its decode."""
+    from capwatch.models.frames import FrameCache
 
     try:
         if not job.snap.identity.matches_stat(os.stat(job.path)):
             return None
-        image = representative_image(Path(job.path))
+        chosen = (frames if frames is not None else FrameCache()).get(Path(job.path))
         if not job.snap.identity.matches_stat(os.stat(job.path)):
             return None
     except OSError:
         return None
-    except ImageError:
-        data = _read_bytes(job)  # the worker meets the same error and reports it as any undecodable file
-        return None if data is None else (job.path, data)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
-    return job.path + FRAME_SUFFIX, buffer.getvalue()
+    except ImageError as exc:
+        return exc
+    return chosen
 
 
 def caption_on_cluster(
@@ -690,12 +788,16 @@ def caption_on_cluster(
         early = list(outcomes.values())
         items: list[tuple[str, bytes]] = []
         ready: list[tuple[int, Job]] = []
+        videos: dict[int, SentFrames] = {}
         for position, job in jobs:
-            item = _payload(job)
+            item = _payload(job, processor.frames)
             if item is None:
                 early.append(FileOutcome(Path(job.path), None, None, changed=True,
                                          skipped=f"{job.path}: changed while it was being read"))
             else:
+                extra = _video_payload(job, processor.frames) if item[0].endswith(FRAME_SUFFIX) else None
+                if extra is not None:
+                    videos[len(items)] = extra
                 items.append(item)
                 ready.append((position, job))
         if ready:
@@ -704,7 +806,7 @@ def caption_on_cluster(
             with warnings.catch_warnings():
                 # Dask suggests scattering big graphs; here the bytes are the task on purpose (see above).
                 warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-                future = client.submit(caption_batch, items, pure=False)
+                future = client.submit(caption_batch, items, videos or None, pure=False)
             pending[future] = _Sent(ready)
             arrivals.add(future)  # type: ignore[no-untyped-call]
         settled = retry_or_fail(early)
@@ -766,7 +868,7 @@ def caption_on_cluster(
                         log.warning("no text read: %s", problem if problem.startswith(job.path)
                                     else f"{job.path}: {problem}")
                 finished = processor.complete(sent.jobs, result.described(), result.embeddings(),
-                                              text_read=result.text_read or None)
+                                              result.video_moments(), text_read=result.text_read or None)
                 before = len(waiting)
                 settled = retry_or_fail([outcome for _, outcome in finished])
                 run.redone += len(waiting) - before

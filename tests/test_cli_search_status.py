@@ -43,8 +43,8 @@ def test_search_json_lines_follow_the_contract(run_cli: CliRunner, db: Path) -> 
     assert {r["path"] for r in rows} == {"/lib/2023/bike.jpg", "/lib/new lines\nname.jpg"}
     for row in rows:
         assert set(row) == {"path", "caption", "score", "source", "model", "taken_at", "date", "date_from", "field",
-                            "snippet", "similarity", "match", "media", "pair"}
-        assert row["media"] == "image" and row["pair"] is None
+                            "snippet", "similarity", "match", "media", "pair", "at"}
+        assert row["media"] == "image" and row["pair"] is None and row["at"] is None
         assert isinstance(row["score"], float)
     assert rows[0]["score"] >= rows[1]["score"]
 

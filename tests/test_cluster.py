@@ -231,6 +231,62 @@ def test_keywords_made_on_the_cluster_are_those_of_a_local_scan(
         assert read_snapshot(remote / name).metadata.model_keywords == mine
 
 
+def test_a_video_on_the_cluster_gets_the_caption_keywords_text_and_moments_of_a_local_scan(
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
+    # The workers get a video's chosen frames (not the video): keywords and text merged over them, each embedded.
+    pytest.importorskip("av")
+    import sqlite3
+
+    import numpy as np
+    from test_video_moments import scenes_video
+
+    florence = MODELS / "florence2-tiny"
+    local = tmp_path / "local"
+    local.mkdir()
+    scenes_video(local / "clip.mp4")
+    scenes_video(local / "bars.mov", "smptebars", "testsrc2", "rgbtestsrc")
+    shutil.copy(MODELS.parent / "images" / "blobs.jpg", local / "blobs.jpg")
+    remote = tmp_path / "remote"
+    shutil.copytree(local, remote)
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nbatch_size = 2\n\n[ocr]\nengine = "florence"\n\n[cluster]\n'
+                      "connect_timeout_seconds = 1\nworker_wait_seconds = 30\n")
+    env = {"CAPWATCH_EMBED_MODEL": str(MODELS / "siglip-tiny")}
+    at_home = run_cli("--config", config, "--db", tmp_path / "local.db", "--model", florence, "scan", local, env=env)
+    result = run_cli("--config", config, "--db", tmp_path / "remote.db", "--model", florence, "scan", remote,
+                     "--cluster", cluster[0], env=env)
+    assert at_home.code == result.code == 0, (at_home.err, result.err)
+    assert "embedded" not in result.out, result.out  # nothing left for the coordinator to embed afterwards
+
+    def described(db: Path, root: Path) -> dict[str, tuple[Any, ...]]:
+        with Index.open(db, readonly=True) as index:
+            return {os.path.relpath(r.path, root): (r.caption, r.keywords, r.model_keywords, r.ocr_text)
+                    for r in index.iter_records(root)}
+
+    def moments(db: Path, root: Path) -> dict[str, tuple[Any, list[tuple[float, Any]]]]:
+        conn = sqlite3.connect(db)
+        out = {}
+        for image_id, path, at in conn.execute("SELECT v.image_id, i.path, v.at FROM image_vectors AS v "
+                                               "JOIN images AS i ON i.id = v.image_id"):
+            out[os.path.relpath(path, root)] = (at, [(t, np.frombuffer(v, dtype=np.float32)) for t, v in conn.execute(
+                "SELECT at, vector FROM frame_vectors WHERE image_id = ? ORDER BY at", (image_id,))])
+        conn.close()
+        return out
+
+    want, got = described(tmp_path / "local.db", local), described(tmp_path / "remote.db", remote)
+    assert got == want, got
+    assert any(keywords for _, keywords, _, _ in got.values())
+    assert _captions(tmp_path / "remote.db", remote) == _captions(tmp_path / "local.db", local)
+    want_m, got_m = moments(tmp_path / "local.db", local), moments(tmp_path / "remote.db", remote)
+    assert sorted(got_m) == sorted(want_m) == ["bars.mov", "blobs.jpg", "clip.mp4"]
+    for name in ("clip.mp4", "bars.mov"):
+        assert got_m[name][0] == want_m[name][0] is not None
+        assert [t for t, _ in got_m[name][1]] == [t for t, _ in want_m[name][1]] and len(got_m[name][1]) == 2
+        for (_, a), (_, b) in zip(got_m[name][1], want_m[name][1], strict=True):
+            assert float(a @ b) > 1 - 1e-5
+    assert got_m["blobs.jpg"] == (None, [])
+
+
 def test_a_worker_killed_mid_run_has_its_batches_redone_elsewhere_and_every_file_is_written_once(
         cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     address, client, scheduler = cluster

@@ -99,7 +99,7 @@ def test_caption_scan_search_status_and_recaption_take_videos(run_cli: CliRunner
     db = tmp_path / "index.db"
     result = run_cli("--db", db, "--model", MODEL, "scan", library)
     assert result.code == 0, result.err
-    assert "2 images" in result.out and "2 captioned" in result.out
+    assert result.out.startswith("2 files (2 videos): 2 new") and "2 captioned" in result.out, result.out
     for video in (end, fast):
         caption = exiftool("-s3", "-XMP-dc:Description", video).strip()
         assert caption

@@ -154,3 +154,42 @@ def test_a_live_photo_renamed_apart_pairs_by_its_content_identifier(run_cli: Cli
         assert sorted(Path(r.path).name for r in index.iter_records(library)) == ["Beach day.jpg", "other.mov"]
     assert motion.read_bytes() == motion_bytes
     assert exiftool("-s3", "-XMP-dc:Description", other).strip()
+
+
+def test_a_live_photo_paired_by_content_identifier_is_shown_together_in_search_and_on_the_page(
+        run_cli: CliRunner, tmp_path: Path) -> None:
+    import subprocess
+
+    library = tmp_path / "library"
+    library.mkdir()
+    uuid = "0F1E2D3C-4B5A-4968-8776-A5B4C3D2E1F0"
+    still = _apple_still(library / "Beach day.jpg", uuid)
+    plain = make_video(tmp_path / "plain.mov", seconds=1)
+    motion = library / "IMG_0001 (export).mov"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(plain), "-c", "copy", "-movflags", "use_metadata_tags",
+                    "-metadata", f"com.apple.quicktime.content.identifier={uuid}", str(motion)], check=True)
+    db = tmp_path / "index.db"
+    assert run_cli("--db", db, "--model", MODEL, "scan", library).code == 0
+    # Search gives the pair, as for a pair by name (JSON and text).
+    hits = [json.loads(line) for line in run_cli("--db", db, "search", "path:Beach", "--json").out.splitlines()]
+    assert [(h["path"], h["pair"]) for h in hits] == [(str(still), str(motion))]
+    assert "Live Photo with IMG_0001 (export).mov" in run_cli("--db", db, "search", "path:Beach").out
+    # The page marks the tile and plays the motion beside the still.
+    config = Config(library=LibraryConfig(roots=(RootConfig(library),)), index=IndexConfig(path=db),
+                    model=ModelConfig(dir=MODEL, precision="fp32"))
+    settings = ServeSettings(config=config, csrf="c" * 32, cache_dir=tmp_path / "cache",
+                             open_captioner=lambda: open_captioner(MODEL, config.model), live_state=lambda: None)
+    with Index.open(db, readonly=True) as index:
+        row = index.ids_for([str(still)])[str(still)]
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8765") as client:
+        assert "◉ live" in client.get("/?q=path:Beach").text
+        page = client.get(f"/photo/{row}").text
+        assert f'src="/live/{row}"' in page and "IMG_0001 (export).mov" in page
+        part = client.get(f"/live/{row}", headers={"Range": "bytes=0-99"})
+        assert part.status_code == 206 and part.content == motion.read_bytes()[:100]
+        # Gone from disk: no longer shown as a pair.
+        motion.unlink()
+        assert client.get(f"/live/{row}").status_code == 404
+        assert "◉ live" not in client.get("/?q=path:Beach").text
+    hits = [json.loads(line) for line in run_cli("--db", db, "search", "path:Beach", "--json").out.splitlines()]
+    assert hits[0]["pair"] is None

@@ -8,6 +8,7 @@ On failure a screenshot of the page is saved (path printed; also copied to $CAPW
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -211,3 +212,62 @@ def test_meaning_hits_similar_photos_and_duplicates_in_chromium(served_with_mean
         [str(root / "astronaut-copy.jpg"), str(root / "astronaut.jpg")]
     browser.get(url + "duplicates?threshold=1.5")
     assert "threshold" in browser.find_element(By.TAG_NAME, "body").text
+
+
+@pytest.fixture
+def served_with_a_video(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
+    """A video of three scenes and two photos, scanned with the tiny captioner and SigLIP, served by a real
+    `capwatch serve` with that embedder."""
+    pytest.importorskip("av")
+    from tests.test_video_moments import scenes_video
+
+    fixtures = Path(__file__).parent / "fixtures"
+    root = tmp_path / "photos"
+    root.mkdir()
+    scenes_video(root / "clip.mp4", seconds=3)
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        shutil.copy(fixtures / "photos" / name, root / name)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{root}"]\n[index]\npath = "{tmp_path / "index.db"}"\n'
+                      f'[model]\ndir = "{fixtures / "models" / "vit-gpt2-tiny-greedy"}"\nprecision = "fp32"\n'
+                      f'[embed]\nmodel = "{fixtures / "models" / "siglip-tiny"}"\n')
+    env = isolated_env(tmp_path)
+    scan = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "scan"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert scan.returncode == 0, scan.stderr
+    with serving(tmp_path, config) as server:
+        yield root, server
+
+
+def test_a_video_found_at_a_moment_plays_from_that_moment_in_chromium(served_with_a_video: tuple[Path, Served],
+                                                                      browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    root, server = served_with_a_video
+    words = "zebra grazing"
+    # What `search --json` says the best moment is: the page links to the same one.
+    found = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(tmp_path / "config.toml"), "search",
+                            words, "--by", "meaning", "--json"], env=isolated_env(tmp_path), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    at = next(json.loads(line)["at"] for line in found.stdout.splitlines()
+              if json.loads(line)["path"] == str(root / "clip.mp4"))
+    assert isinstance(at, float) and at > 0
+    browser.get(server.login_url)
+    browser.get(server.url + "?q=zebra+grazing")
+    tiles = browser.find_elements(By.CSS_SELECTOR, "#results .tile")
+    assert len(tiles) == 3
+    video_tile = next(t for t in tiles if t.find_elements(By.CSS_SELECTOR, ".badge.video"))
+    link = video_tile.find_element(By.CSS_SELECTOR, "a.hit")
+    assert link.get_attribute("href").endswith(f"?t={at:.3f}")
+    minutes, seconds = divmod(int(at), 60)
+    assert video_tile.find_element(By.CSS_SELECTOR, ".why.moment").text == f"at {minutes}:{seconds:02d}"
+    # The photos' tiles have no moment.
+    assert sum(bool(t.find_elements(By.CSS_SELECTOR, ".why.moment")) for t in tiles) == 1
+    link.click()
+    _wait(browser, lambda d: "/photo/" in d.current_url)
+    video = browser.find_element(By.ID, "video")
+    assert video.get_attribute("src").endswith(f"#t={at:.3f}")
+    # The browser starts it at the moment (the media fragment), not at the beginning.
+    _wait(browser, lambda d: d.execute_script("return arguments[0].readyState >= 1 || arguments[0].error", video))
+    assert browser.execute_script("return arguments[0].error && arguments[0].error.message", video) is None
+    assert browser.execute_script("return arguments[0].currentTime", video) == pytest.approx(at, abs=0.05)

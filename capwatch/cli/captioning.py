@@ -181,7 +181,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         _require_cluster()  # a missing extra is said before a long reconcile, not after it
     _recover_writes()
     totals: dict[str, int] = {"seen": 0, "new": 0, "changed": 0, "moved": 0, "removed": 0, "imported": 0,
-                              "boilerplate": 0, "errors": 0}
+                              "boilerplate": 0, "errors": 0, "videos": 0}
     to_caption: list[Path] = []
     missing: list[str] = []
     missing_paths: set[Path] = set()
@@ -201,6 +201,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
             if dirs:
                 index.add_owner_roots([root.path])  # scanned by hand: the owner's folder, shown by `serve` too
             totals["seen"] += result.seen
+            totals["videos"] += result.videos
             totals["new"] += len(result.new)
             totals["changed"] += len(result.changed)
             totals["moved"] += len(result.moved)
@@ -232,7 +233,10 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
         click.echo(f"capwatch: warning: {missing_root}", err=True)
-    summary = (f"{totals['seen']} images: {totals['new']} new, {totals['changed']} changed, "
+    # "N images: ..." as before; with videos among them "N files (V videos): ..." (as recaption says it).
+    seen = f"{totals['seen']} files ({totals['videos']} video{'s' if totals['videos'] != 1 else ''})" \
+        if totals["videos"] else f"{totals['seen']} images"
+    summary = (f"{seen}: {totals['new']} new, {totals['changed']} changed, "
                f"{totals['moved']} moved, {totals['removed']} removed, {totals['imported']} descriptions imported")
     if no_caption:
         summary += f"; {len(to_caption)} waiting for a caption"

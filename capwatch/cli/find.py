@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from capwatch.config import Config
-from capwatch.library.livephoto import motion_of
+from capwatch.library.livephoto import motion_of, recorded_motions
+from capwatch.library.moments import clock
 from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
@@ -93,7 +94,8 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     By meaning: plain words are also compared with the pictures themselves
     (--by both, the default, ranks both kinds of hit in one list; every
     filter and field term applies to them; a hit no word matched is shown
-    "by meaning").
+    "by meaning"; a video is found once, at the moment that matched best:
+    "at m:ss", "at" in seconds with --json).
 
     \b
     Examples:
@@ -129,9 +131,12 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
                 log.debug("searching by words only: %s", why)
         hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
                     highlight=marks, sort="date" if sort == "date" else "score")
+        # A Live Photo's motion: beside the still by name, else as recorded by content identifier (renamed apart).
+        motions = {h.path: motion_of(h.path) for h in hits}
+        motions.update(recorded_motions(index, [p for p, m in motions.items() if m is None]))
     out = sys.stdout
     for hit in hits:
-        motion = motion_of(hit.path)
+        motion = motions.get(hit.path)
         if as_json:
             out.write(json.dumps({"path": hit.path, "caption": hit.caption, "score": round(hit.score, 6),
                                   "source": hit.source, "model": hit.model, "taken_at": hit.taken_at,
@@ -141,7 +146,9 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
                                   "match": hit.match,
                                   "media": "video" if is_video_name(hit.path) else "image",
                                   # A Live Photo's motion, one asset with the still (None for everything else).
-                                  "pair": str(motion) if motion is not None else None},
+                                  "pair": str(motion) if motion is not None else None,
+                                  # A video found by meaning: the moment (seconds) that matched best.
+                                  "at": None if hit.at is None else round(hit.at, 3)},
                                  ensure_ascii=False) + "\n")
         elif paths_only:
             out.write(hit.path + ("\0" if null_sep else "\n"))
@@ -149,9 +156,14 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
             kind = "  (video)" if is_video_name(hit.path) else f"  (Live Photo with {motion.name})" if motion else ""
             # A file without a caption yet (matched by its path, keywords or text) gets no empty line.
             out.write(f"{hit.path}{kind}\n    {hit.highlighted or hit.caption or '(no caption yet)'}\n")
+            # A video found by meaning: where in it (the moment that matched best).
+            moment = f" at {clock(hit.at)}" if hit.at is not None else ""
             if hit.match == "meaning":
-                out.write(f"    by meaning (similarity {hit.similarity or 0.0:.3f})\n")
-            elif hit.field in _SHOWN_FIELDS:
+                out.write(f"    by meaning (similarity {hit.similarity or 0.0:.3f}){moment}\n")
+                continue
+            if moment:
+                out.write(f"   {moment} (by meaning)\n")
+            if hit.field in _SHOWN_FIELDS:
                 # Matched outside the caption: say where, with the hit marked.
                 out.write(f"    {_SHOWN_FIELDS[hit.field]}: {hit.snippet}\n")
     if not hits and in_dir is not None and not os.path.isdir(in_dir):
@@ -185,11 +197,11 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
     if answer is not None:
         from capwatch.library.meaning import QueryVector
 
-        model, vector, nearest = answer
+        model, vector, nearest, moments = answer
         if index.embedded_count(model):
             log.debug("the query's text embedding came from the running daemon (%s)", model)
             complete = nearest is not None and len(nearest) < DAEMON_NEAREST
-            return QueryVector(model, vector, nearest, complete), ""
+            return QueryVector(model, vector, nearest, complete, moments), ""
     from capwatch.library.embed import query_embedder, query_vector
 
     embedder, why = query_embedder(config)

@@ -55,6 +55,7 @@ def similar(ctx: click.Context, file: Path, limit: int, as_json: bool) -> None:
     """
     from capwatch.errors import ImageError
     from capwatch.library.index import normalise_path
+    from capwatch.library.moments import nearest_assets
     from capwatch.library.vectors import Vectors
 
     config = _load(ctx)
@@ -78,7 +79,9 @@ def similar(ctx: click.Context, file: Path, limit: int, as_json: bool) -> None:
             with image:
                 vector = embedder.embed_images([image])[0]
         own = index.ids_for([path]).get(path)
-        near = store.nearest(model, vector, limit=limit, exclude=[own] if own is not None else [])
+        # A video once (at its best moment), and never FILE's own moments.
+        near = [(h.image_id, h.similarity) for h in nearest_assets(store, index, model, vector, limit=limit,
+                                                                    exclude=[own] if own is not None else [])]
         records = {i: index.get_by_id(i) for i, _ in near}
     out = sys.stdout
     for row_id, similarity in near:

@@ -139,17 +139,20 @@ class TextEmbedServer:
                 log.debug("no nearest images for a search: %s", exc)
         return answer
 
-    def _nearest(self, model: str, vector: Any, wanted: int) -> list[list[float]]:
+    def _nearest(self, model: str, vector: Any, wanted: int) -> list[list[float | None]]:
         """The ``wanted`` nearest images (unfiltered) from this thread's own read-only index, whose codes stay in
-        memory between searches (reloaded when the vectors change)."""
+        memory between searches (reloaded when the vectors change), as [row id, cosine, seconds of a video's
+        best moment or None]."""
         from capwatch.library.index import Index
+        from capwatch.library.moments import nearest_assets
         from capwatch.library.vectors import Vectors
 
         if self._index is None:
             self._index = Index.open(self._index_path, busy_timeout=self._config.index.busy_timeout_seconds,
                                      readonly=True)
             self._vectors = Vectors(self._index)
-        return [[row_id, similarity] for row_id, similarity in self._vectors.nearest(model, vector, limit=wanted)]
+        return [[hit.image_id, hit.similarity, hit.at]
+                for hit in nearest_assets(self._vectors, self._index, model, vector, limit=wanted)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -185,10 +188,10 @@ def is_served(index_path: Path) -> bool:
 
 
 def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
-        ) -> tuple[str, Any, tuple[tuple[int, float], ...] | None] | None:
+        ) -> tuple[str, Any, tuple[tuple[int, float], ...] | None, tuple[tuple[int, float], ...]] | None:
     """The running daemon's (model id, float32 vector as an ``array("f")``, its ``nearest`` images as (row id,
-    cosine) or None) for ``text``, or None when no daemon answers (none runs, it has no model, it is another
-    user's, it took longer than ``timeout``)."""
+    cosine) or None, (row id, seconds) of the videos among them at their best moment) for ``text``, or None when
+    no daemon answers (none runs, it has no model, it is another user's, it took longer than ``timeout``)."""
     path = socket_path(index_path)
     if not path.exists():
         return None
@@ -208,12 +211,15 @@ def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
             log.debug("the running daemon did not embed the query: %s", answer["error"])
             return None
         near = answer.get("nearest")
-        hits = None if near is None else tuple((int(i), float(s)) for i, s in near)
+        hits = None if near is None else tuple((int(h[0]), float(h[1])) for h in near)
+        # [id, cosine, seconds] for a video found at a moment (issue 23); [id, cosine] from an older daemon.
+        moments = () if near is None else tuple((int(h[0]), float(h[2])) for h in near
+                                                if len(h) > 2 and h[2] is not None)
         # array, not numpy: a search the daemon answered never loads numpy.
         vector = array.array("f", base64.b64decode(answer["vector"]))
         if sys.byteorder == "big":
             vector.byteswap()
-        return str(answer["model"]), vector, hits
+        return str(answer["model"]), vector, hits, moments
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.debug("no text embedding from a running daemon: %s", exc)
         return None

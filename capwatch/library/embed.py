@@ -1,9 +1,11 @@
 """Image embeddings made where images are captioned or scanned, and stored in the index.
 
 One decode per file: :func:`decode_pair` decodes a file once and preprocesses the same pixels for the captioner
-and the embedder. Files that are not captioned (a person's description kept, a file already captioned, a library
-captioned before search by meaning was on) are embedded alone by :func:`embed_paths` / :func:`fill_missing`, in
-batches of ``[embed] batch_size``.
+and the embedder. A video is embedded at each of its chosen frames (:func:`video_moments`; its own vector is its
+representative frame's, the others are its moments, see capwatch.library.moments), decoded once through the
+caller's :class:`capwatch.models.frames.FrameCache`. Files that are not captioned (a person's description kept,
+a file already captioned, a library captioned before search by meaning was on) are embedded alone by
+:func:`embed_paths` / :func:`fill_missing`, in batches of ``[embed] batch_size``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ import numpy as np
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
 from capwatch.library.index import Index, normalise_path
+from capwatch.library.moments import VideoMoments
 from capwatch.library.vectors import Vectors
+from capwatch.library.videos import is_video
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
+    from capwatch.models.frames import FrameCache
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +49,25 @@ def open_embedder_if_available(config: Config, env: Mapping[str, str] = os.envir
         return None
 
 
-def _target(captioner: Captioner | None, embedder: ImageTextEmbedder) -> tuple[int, int] | None:
+def _target(captioner: Captioner | None, embedder: ImageTextEmbedder | None) -> tuple[int, int] | None:
     """The decode size that serves both models: the larger of their input sizes (a draft decode never goes
     below what either needs)."""
     sizes = [s for s in (getattr(getattr(captioner, "preprocessor", None), "output_size", None),
-                         embedder.preprocessor.output_size) if s is not None]
+                         getattr(getattr(embedder, "preprocessor", None), "output_size", None)) if s is not None]
     return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
 
 
-def decode_pair(captioner: Captioner, embedder: ImageTextEmbedder | None, path: Path) -> tuple[Any, Any]:
+def decode_pair(captioner: Captioner, embedder: ImageTextEmbedder | None, path: Path,
+                frames: FrameCache | None = None) -> tuple[Any, Any]:
     """The captioner's and the embedder's inputs for ``path`` from one decode (the embedder's None without an
-    embedder). Raises ImageError (one line) when the file cannot be decoded."""
-    if embedder is None:
-        return captioner.preprocess_file(path), None
+    embedder); a video's frames through ``frames``. Raises ImageError (one line) when the file cannot be
+    decoded."""
     from capwatch.models.preprocess import load_image
 
-    image = load_image(path, target_size=_target(captioner, embedder))
+    if embedder is None:
+        return captioner.preprocess_image(load_image(path, target_size=_target(captioner, None),
+                                                     video_frames=frames)), None
+    image = load_image(path, target_size=_target(captioner, embedder), video_frames=frames)
     try:
         return captioner.preprocess_image(image), embedder.preprocess_image(image)
     finally:
@@ -75,9 +85,33 @@ def embed_pixels(embedder: ImageTextEmbedder, pixels: Sequence[Any]) -> list[Any
         return None
 
 
-def store(index: Index, model: str, items: Sequence[tuple[str, str | None, Any]]) -> int:
-    """Store (path, fingerprint, vector) of ``model``; returns how many rows got one."""
-    return Vectors(index).put_many((path, model, fingerprint, vector) for path, fingerprint, vector in items)
+def store(index: Index, model: str, items: Sequence[tuple[str, str | None, Any]],
+          moments: Mapping[str, VideoMoments] | None = None) -> int:
+    """Store (path, fingerprint, vector) of ``model``, with the videos' ``moments`` by path; returns how many rows
+    got one."""
+    return Vectors(index).put_many(((path, model, fingerprint, vector) for path, fingerprint, vector in items),
+                                   moments)
+
+
+def moments_of_frames(embedder: ImageTextEmbedder, chosen: Sequence[tuple[float, Image.Image]]) -> VideoMoments:
+    """A video's moments from its chosen frames as (seconds, image), the representative one first (its vector
+    is made with the video's own): the other frames embedded in one batch. When the model cannot run on them
+    (logged), the moments are the poster's alone."""
+    others = chosen[1:]
+    vectors = embed_pixels(embedder, [embedder.preprocess_image(image) for _, image in others])
+    if vectors is None:
+        return VideoMoments(chosen[0][0])
+    return VideoMoments(chosen[0][0], tuple((at, v) for (at, _), v in zip(others, vectors, strict=True)))
+
+
+def video_moments(embedder: ImageTextEmbedder, path: str | Path, frames: FrameCache,
+                  fmt: str | None = None) -> VideoMoments | None:
+    """The moments of the video at ``path`` (None for a photo: not a video by its ``fmt`` or name), its frames
+    through ``frames`` (decoded once with the caption). Raises ImageError when the video cannot be decoded."""
+    if not is_video(path, fmt):
+        return None
+    chosen = frames.get(Path(path)).chosen
+    return moments_of_frames(embedder, [(f.at, f.image) for f in chosen])
 
 
 def lacking(index: Index, model: str, paths: Sequence[str | Path]) -> list[tuple[str, str | None]]:
@@ -100,11 +134,16 @@ def lacking(index: Index, model: str, paths: Sequence[str | Path]) -> list[tuple
 
 
 def embed_paths(index: Index, embedder: ImageTextEmbedder, items: Sequence[tuple[str, str | None]], *,
-                progress: Callable[[int], None] | None = None) -> tuple[int, list[tuple[str, str]]]:
-    """Decode and embed (path, fingerprint) items without captioning them, in batches; returns (embedded,
-    [(path, error)]) — a file that cannot be decoded is skipped with its error (its caption row is left as it
-    is). Raises IndexUnavailable when the index cannot be written."""
+                progress: Callable[[int], None] | None = None,
+                frames: FrameCache | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Decode and embed (path, fingerprint) items without captioning them, in batches, a video at each of its
+    chosen frames (through ``frames``, or a cache of this call's own); returns (embedded, [(path, error)]) — a
+    file that cannot be decoded is skipped with its error (its caption row is left as it is). Raises
+    IndexUnavailable when the index cannot be written."""
+    from capwatch.models.frames import FrameCache
     from capwatch.models.preprocess import load_image
+
+    frames = frames if frames is not None else FrameCache()
 
     done = 0
     failures: list[tuple[str, str]] = []
@@ -113,13 +152,18 @@ def embed_paths(index: Index, embedder: ImageTextEmbedder, items: Sequence[tuple
     for start in range(0, len(items), size):
         ready: list[tuple[str, str | None]] = []
         pixels = []
+        moments: dict[str, VideoMoments] = {}
         for path, fingerprint in items[start:start + size]:
             try:
-                image = load_image(Path(path), target_size=target)
+                image = load_image(Path(path), target_size=target, video_frames=frames)
                 try:
-                    pixels.append(embedder.preprocess_image(image))
+                    pixel = embedder.preprocess_image(image)
                 finally:
                     image.close()
+                found = video_moments(embedder, path, frames)
+                if found is not None:
+                    moments[path] = found
+                pixels.append(pixel)
                 ready.append((path, fingerprint))
             except ImageError as exc:
                 failures.append((path, str(exc)))
@@ -129,7 +173,8 @@ def embed_paths(index: Index, embedder: ImageTextEmbedder, items: Sequence[tuple
         if vectors is None:
             failures += [(path, f"{path}: the embedding model could not run") for path, _ in ready]
             continue
-        done += store(index, embedder.model_id, [(p, f, v) for (p, f), v in zip(ready, vectors, strict=True)])
+        done += store(index, embedder.model_id, [(p, f, v) for (p, f), v in zip(ready, vectors, strict=True)],
+                      moments)
         if progress is not None:
             progress(done)
     return done, failures

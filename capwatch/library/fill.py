@@ -25,9 +25,13 @@ from capwatch.config import Config
 from capwatch.errors import ImageError, ModelError
 from capwatch.library.index import ImageRecord, Index
 from capwatch.library.scan import FILLED_KEYWORDS, FILLED_TEXT, with_filled, with_index_only_keywords
+from capwatch.library.videos import is_video, merge_keywords, merge_text
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from capwatch.models.captioner import Captioner
+    from capwatch.models.frames import FrameCache
     from capwatch.text import TextReader
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,7 @@ class Filler:
         self._captioner: Captioner | None = None
         self._reader: TextReader | None = None
         self._reader_open = False
+        self._frames: FrameCache | None = None
 
     def close(self) -> None:
         """Release the OCR engine and the model, when they were opened."""
@@ -162,25 +167,50 @@ class Filler:
                 progress(position)
         return FillResult(rows=done, by_kind=tuple((k, n) for k, n in counts.items() if n), failed=tuple(failed))
 
+    def _video_frames(self, path: Path) -> list[Image.Image] | None:
+        """A video's chosen frames (the representative one first), decoded once for keywords and text; None for
+        a photo. Raises ImageError."""
+        if not is_video(path):
+            return None
+        if self._frames is None:
+            from capwatch.models.frames import FrameCache
+
+            self._frames = FrameCache()
+        return [f.image for f in self._frames.get(path).chosen]
+
     def _fill_one(self, record: ImageRecord, what: frozenset[str]) -> ImageRecord:
         path = Path(record.path)
         updated = record
+        # A video's keywords and text come from each of its chosen frames, merged, as when it is captioned.
+        frames = self._video_frames(path) if what else None
         if FILLED_KEYWORDS in what:
+            import numpy as np
+
             from capwatch.models.captioner import DescribeOptions
 
             captioner = self._model()
-            pixels = captioner.preprocess_file(path)[None]
-            [said] = captioner.describe_pixels(pixels, DescribeOptions(
-                caption=False, keywords=True, max_keywords=self.config.metadata.max_keywords,
-                text=FILLED_TEXT in what and self.config.ocr.engine == "florence"))
+            options = DescribeOptions(caption=False, keywords=True, max_keywords=self.config.metadata.max_keywords,
+                                      text=FILLED_TEXT in what and self.config.ocr.engine == "florence")
+            if frames is None:
+                [said] = captioner.describe_pixels(captioner.preprocess_file(path)[None], options)
+                keywords, text = said.keywords, said.text
+            else:
+                pixels = np.stack([captioner.preprocess_image(f) for f in frames])
+                # Sizes as the caption path gives them: the representative frame's is its model input's.
+                sizes = [(pixels.shape[3], pixels.shape[2]), *(f.size for f in frames[1:])]
+                made = captioner.describe_pixels(pixels, options, image_sizes=sizes)
+                keywords = merge_keywords(made[0].keywords, [d.keywords for d in made[1:]],
+                                          options.max_keywords) or ()
+                text = merge_text([d.text for d in made]) if options.text else None
             # Searchable beside what the file holds; they go into the file with its next caption.
-            updated = with_filled(with_index_only_keywords(updated, said.keywords), FILLED_KEYWORDS)
-            if said.text is not None:
-                updated = with_filled(replace(updated, ocr_text=said.text), FILLED_TEXT)
+            updated = with_filled(with_index_only_keywords(updated, keywords), FILLED_KEYWORDS)
+            if text is not None:
+                updated = with_filled(replace(updated, ocr_text=text), FILLED_TEXT)
         if FILLED_TEXT in what and FILLED_TEXT not in updated.filled:
             reader = self._text_reader()
             if reader is not None:
-                updated = with_filled(replace(updated, ocr_text=reader.read_file(path)), FILLED_TEXT)
+                text = reader.read_file(path) if frames is None else merge_text([reader.read(f) for f in frames])
+                updated = with_filled(replace(updated, ocr_text=text), FILLED_TEXT)
         return updated
 
 

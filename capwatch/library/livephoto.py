@@ -4,16 +4,25 @@ They pair by name, as iPhones store them and as exports keep them: ``IMG_0001.HE
 same folder (any letter case of the suffixes); or, when the names differ, by the content identifier Apple writes
 into both (the MOV's ``Keys`` and the still's MakerNote), looked for among the stills of the MOV's folder. The still
 is the asset: it is captioned, indexed and found; its motion is not captioned again (it shows the same moment) and
-is shown with the still on the photo page (pairs by name; a pair by identifier is kept out of the index and the
-captioning, not yet shown). A motion photo (Google/Samsung: the MP4 appended inside the JPEG) is one file already
+is shown with the still in search and on the photo page. A pair by name is found at once from the still's name; a
+pair by identifier is recorded in the index (``live_pairs``, schema 9) when the motion is met, and found there
+(:func:`paired_motion`). A motion photo (Google/Samsung: the MP4 appended inside the JPEG) is one file already
 and needs no pairing.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from capwatch.library.index import normalise_path
+
+if TYPE_CHECKING:
+    from capwatch.library.index import Index
 
 STILL_SUFFIXES = ("heic", "heif", "jpg", "jpeg")
 MOTION_SUFFIXES = ("mov", "mp4")
@@ -87,3 +96,48 @@ def still_by_content(motion: str | Path, content_id: str, extensions: frozenset[
         if identifier(candidate) == content_id:
             return candidate
     return None
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, params: list[str]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = conn.execute(sql, params).fetchall()
+    return rows
+
+
+def record_pair(index: Index, still: str | Path, motion: str | Path) -> None:
+    """Remember that ``motion`` is the motion of ``still`` (paired by content identifier: the names differ).
+    Raises IndexUnavailable."""
+    conn = index.connection
+    pair = (normalise_path(motion), normalise_path(still))
+
+    def run() -> None:
+        with index.transaction():
+            conn.execute("INSERT INTO live_pairs (motion, still) VALUES (?, ?) "
+                         "ON CONFLICT(motion) DO UPDATE SET still = excluded.still", pair)
+
+    index.guard(run)
+
+
+def recorded_motions(index: Index, stills: Iterable[str]) -> dict[str, Path]:
+    """``still -> motion`` for the stills among ``stills`` with a motion recorded by content identifier whose
+    file is still there. Raises IndexUnavailable."""
+    wanted = list(dict.fromkeys(normalise_path(s) for s in stills
+                                if Path(s).suffix.lower().lstrip(".") in STILL_SUFFIXES))
+    found: dict[str, Path] = {}
+    conn = index.connection
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        sql = f"SELECT still, motion FROM live_pairs WHERE still IN ({', '.join('?' * len(chunk))}) ORDER BY motion"
+        rows: list[tuple[str, str]] = index.guard(functools.partial(_fetch, conn, sql, chunk))
+        for still, motion in rows:
+            if still not in found and os.path.isfile(motion):
+                found[still] = Path(motion)
+    return found
+
+
+def paired_motion(index: Index | None, still: str | Path) -> Path | None:
+    """The motion of the Live Photo whose still is ``still``: beside it by name, else as recorded by content
+    identifier (when ``index`` is given). None for anything else."""
+    by_name = motion_of(still)
+    if by_name is not None or index is None:
+        return by_name
+    return recorded_motions(index, [str(still)]).get(normalise_path(still))

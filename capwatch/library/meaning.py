@@ -63,6 +63,8 @@ class QueryVector:
     #: True when ``nearest`` holds every image the daemon has a vector for (it gave fewer than were asked for):
     #: a search here could find no other.
     complete: bool = False
+    #: (row id, seconds) of the videos in ``nearest`` at the moment that matched best (capwatch.library.moments).
+    moments: tuple[tuple[int, float], ...] = ()
 
 
 def _allowed(index: Index, query: ParsedQuery, filters: SearchFilters) -> Callable[[list[int]], set[int]]:
@@ -120,16 +122,21 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
     words = index.search(query, filters, limit=depth, highlight=highlight) if by != "meaning" else []
     allowed = _allowed(index, query, filters)
     near: list[tuple[int, float]] = []
+    at: dict[int, float] = {}  # a video's best-matching moment, in seconds (issue 23)
     if vector.nearest is not None:
         hinted = [i for i, _ in vector.nearest]
         passing = allowed(hinted) if hinted else set()
         near = [(i, s) for i, s in vector.nearest if i in passing][:depth]
+        at = dict(vector.moments)
     # numpy and the vectors are loaded only when this process compares vectors itself (a daemon's answer that
     # covers the results needs neither).
     if len(near) < depth and not vector.complete:  # no daemon's answer, or too few of its images pass the filters
+        from capwatch.library.moments import nearest_assets
         from capwatch.library.vectors import Vectors
 
-        near = Vectors(index).nearest(vector.model, vector.vector, limit=depth, allowed=allowed)
+        assets = nearest_assets(Vectors(index), index, vector.model, vector.vector, limit=depth, allowed=allowed)
+        near = [(h.image_id, h.similarity) for h in assets]
+        at = {h.image_id: h.at for h in assets if h.at is not None}
     similarity = dict(near)
     ids = index.ids_for(h.path for h in words)
     word_ids = [ids[h.path] for h in words if h.path in ids]
@@ -160,7 +167,8 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
             hit = plain[row_id]
         else:  # removed between the two statements
             continue
-        out.append(replace(hit, score=float(score), similarity=similarity.get(row_id)))
+        out.append(replace(hit, score=float(score), similarity=similarity.get(row_id),
+                           at=at.get(row_id) if row_id in near_ids else None))
     return _by_date(out) if sort == "date" else out
 
 

@@ -283,6 +283,60 @@ def _migration_languages(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO images_fts(images_fts) VALUES ('rebuild')")
 
 
+#: Video suffixes when migration 9 was written (frozen here: a released migration never changes).
+_VIDEO_SUFFIXES_9 = ("mp4", "m4v", "mov", "3gp", "mkv", "webm", "avi", "mts", "m2ts")
+
+
+def _migration_moments(db: sqlite_utils.Database) -> None:
+    # A video's moments (issue 23): besides its one vector in image_vectors (the representative frame, its
+    # poster), the embeddings of its other chosen frames, each with its time in seconds, so a search by meaning
+    # can hit a moment. Their sign bits go into vector_blocks with the key -id (image vectors keep their
+    # image id there, always > 0), so one pass over the blocks looks at images and moments alike.
+    db.execute(
+        """
+        CREATE TABLE frame_vectors (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            -- seconds from the start of the video
+            at REAL NOT NULL,
+            vector BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX frame_vectors_image ON frame_vectors(image_id)")
+    # The representative frame's time (NULL for a photo): a hit on the poster is a moment too.
+    db.execute("ALTER TABLE image_vectors ADD COLUMN at REAL")
+    # Moments per model, beside `live` (images): the blocks hold live + frames entries when nothing is stale.
+    db.execute("ALTER TABLE vector_models ADD COLUMN frames INTEGER NOT NULL DEFAULT 0")
+    # A video's moments go with its image vector and with its row (any client's delete).
+    db.execute(
+        "CREATE TRIGGER frame_vectors_image_gone AFTER DELETE ON images BEGIN "
+        "DELETE FROM frame_vectors WHERE image_id = old.id; END"
+    )
+    db.execute(
+        "CREATE TRIGGER frame_vectors_vector_gone AFTER DELETE ON image_vectors BEGIN "
+        "DELETE FROM frame_vectors WHERE image_id = old.image_id; END"
+    )
+    db.execute(
+        "CREATE TRIGGER frame_vectors_insert AFTER INSERT ON frame_vectors BEGIN "
+        "UPDATE vector_models SET frames = frames + 1, version = version + 1 WHERE model = new.model; END"
+    )
+    db.execute(
+        "CREATE TRIGGER frame_vectors_delete AFTER DELETE ON frame_vectors BEGIN "
+        "UPDATE vector_models SET frames = frames - 1, version = version + 1 WHERE model = old.model; END"
+    )
+    # Videos embedded before (their poster only) are embedded again, with their moments, by the next scan's
+    # fill-in: their vector's fingerprint no longer matches the row's. The old vector serves searches meanwhile.
+    suffixes = " OR ".join(f"lower(path) LIKE '%.{s}'" for s in _VIDEO_SUFFIXES_9)
+    db.execute(f"UPDATE image_vectors SET fingerprint = NULL WHERE image_id IN "
+               f"(SELECT id FROM images WHERE {suffixes})")
+    # Live Photos paired by content identifier only (renamed files): the still's path and its motion's, recorded
+    # when the motion is met (it is kept out of the index), so search and the page show the two together.
+    db.execute("CREATE TABLE live_pairs (motion TEXT PRIMARY KEY, still TEXT NOT NULL)")
+    db.execute("CREATE INDEX live_pairs_still ON live_pairs(still)")
+
+
 #: (version, name, apply). Append only; never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...] = (
     (1, "images table", _migration_1),
@@ -293,5 +347,6 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite_utils.Database], None]], ...]
     (6, "image embeddings for search by meaning", _migration_6),
     (7, "what was filled in per image; the owner's scanned folders", _filled_and_owner_roots),
     (8, "captions in other languages, searchable", _migration_languages),
+    (9, "video moments for search by meaning; Live Photo pairs by content identifier", _migration_moments),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]

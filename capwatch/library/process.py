@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
-from capwatch.library.embed import decode_pair, embed_paths, embed_pixels, lacking
+from capwatch.library.embed import decode_pair, embed_paths, embed_pixels, lacking, moments_of_frames
 from capwatch.library.embed import store as store_vectors
 from capwatch.library.index import ImageRecord, Index, normalise_path
-from capwatch.library.livephoto import still_by_content, still_of
+from capwatch.library.livephoto import record_pair, still_by_content, still_of
+from capwatch.library.moments import VideoMoments
 from capwatch.library.scan import (
     FILLED_KEYWORDS,
     FILLED_TEXT,
@@ -40,7 +41,7 @@ from capwatch.library.scan import (
     with_filled,
     with_index_only_keywords,
 )
-from capwatch.library.videos import describe_other_frames, is_video
+from capwatch.library.videos import describe_frames, is_video, merge_text
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -52,12 +53,14 @@ from capwatch.metadata import (
     read_snapshot,
     write_captions,
 )
+from capwatch.metadata.formats import is_video_name
 from capwatch.metadata.identity import FileIdentity
 from capwatch.metadata.safeopen import file_kind
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
+    from capwatch.models.frames import FrameCache, VideoFrames
     from capwatch.models.languages import Translations
     from capwatch.text.threaded import OffThreadReader, TextRead
 
@@ -185,7 +188,8 @@ class _Decoded:
     error: str | None
 
 
-def _decode(captioner: Captioner, embedder: ImageTextEmbedder | None, path: str) -> _Decoded | None:
+def _decode(captioner: Captioner, embedder: ImageTextEmbedder | None, path: str, frames: FrameCache
+            ) -> _Decoded | None:
     """Decode ``path`` for ``captioner``; None when the file changed meanwhile or had just changed (its stat then
     proves nothing about its content, see FileIdentity.settled)."""
     try:
@@ -194,7 +198,7 @@ def _decode(captioner: Captioner, embedder: ImageTextEmbedder | None, path: str)
         if not identity.settled:
             return None
         try:
-            pixels, error = decode_pair(captioner, embedder, Path(path)), None
+            pixels, error = decode_pair(captioner, embedder, Path(path), frames), None
         except ImageError as exc:
             pixels, error = None, str(exc)
         if not identity.matches_stat(os.stat(path)):
@@ -251,6 +255,14 @@ class Processor:
         self.hooks = hooks if hooks is not None else WriteHooks()
         # Imported here: the model layer pulls in onnxruntime, which commands that never caption should not load.
         from capwatch.models.captioner import DescribeOptions
+        from capwatch.models.frames import FrameCache
+
+        #: A video's chosen frames, decoded once for its caption, keywords, text and moments: room for a batch and
+        #: the next one decoded ahead (about 5 MB a video).
+        self.frames = FrameCache(entries=2 * max(1, config.model.batch_size))
+        #: The chosen frames of the videos of the batch being captioned, held until it is written (the decodes
+        #: ahead for the next batch must not push them out of the cache meanwhile).
+        self._held: dict[str, VideoFrames] = {}
         from capwatch.text import open_text_reader
         from capwatch.text.threaded import OffThreadReader
 
@@ -268,8 +280,9 @@ class Processor:
         self._ahead: dict[str, Future[_Decoded | None]] = {}
         self._ahead_lock = threading.Lock()
         self._decoder: ThreadPoolExecutor | None = None
-        #: path -> embedding, for the batch being completed.
+        #: path -> embedding, and a video's moments, for the batch being completed.
         self._vectors: dict[str, Any] = {}
+        self._moments: dict[str, VideoMoments] = {}
 
     def decode_ahead(self, paths: Sequence[Path]) -> None:
         """Start decoding ``paths`` (JPEG decode, orientation, resize, normalise) on a background thread, so that
@@ -288,12 +301,14 @@ class Processor:
                 spath = normalise_path(path)
                 if spath in self._ahead or len(self._ahead) >= limit:
                     continue
-                self._ahead[spath] = self._decoder.submit(_decode, self.captioner, self.embedder, spath)
+                self._ahead[spath] = self._decoder.submit(_decode, self.captioner, self.embedder, spath, self.frames)
                 self._text_ahead(spath, limit)
 
     def _text_ahead(self, spath: str, limit: int) -> None:
-        """Queue the reading of ``spath``'s text on the OCR thread (caller holds ``_ahead_lock``)."""
-        if self.text_reader is not None and spath not in self._texts and len(self._texts) < limit:
+        """Queue the reading of ``spath``'s text on the OCR thread (caller holds ``_ahead_lock``); a video's text is
+        read frame by frame when its turn comes (:meth:`_video_text`)."""
+        if (self.text_reader is not None and spath not in self._texts and len(self._texts) < limit
+                and not is_video_name(spath)):
             self._texts[spath] = self.text_reader.read_ahead(Path(spath))
 
     def close(self) -> None:
@@ -320,7 +335,7 @@ class Processor:
             if decoded.error is not None:
                 raise ImageError(decoded.error)
             return decoded.pixels
-        return decode_pair(self.captioner, self.embedder, Path(job.path))
+        return decode_pair(self.captioner, self.embedder, Path(job.path), self.frames)
 
     def process_batch(self, paths: Sequence[Path], *, skip_captioned: bool = True) -> list[FileOutcome]:
         """Caption ``paths`` (in batches of ``model.batch_size``) and return one outcome per path, in order.
@@ -366,8 +381,9 @@ class Processor:
         return outcomes, jobs
 
     def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError],
-                 vectors: Sequence[Any] | None = None, *, text_read: Sequence[bool] | None = None
-                 ) -> list[tuple[int, FileOutcome]]:
+                 vectors: Sequence[Any] | None = None,
+                 moments: Sequence[VideoMoments | None] | None = None, *,
+                 text_read: Sequence[bool] | None = None) -> list[tuple[int, FileOutcome]]:
         """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
         group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
         in the index. ``results`` holds per job what the model said (a Described, or the raw caption text
@@ -377,7 +393,8 @@ class Processor:
         Dask worker) and is taken as given (None: no text, the reading failed there).
 
         ``vectors`` (per job, the image embedding of the processor's embedder, None for a job without one) are
-        stored for the files whose caption was recorded.
+        stored for the files whose caption was recorded, with ``moments`` (per job: a video's other frames
+        embedded, capwatch.library.moments; None for a photo).
 
         Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
         """
@@ -385,6 +402,8 @@ class Processor:
         finished: list[tuple[int, _Job, Described]] = []
         if vectors is not None:
             self._vectors = {job.path: v for (_, job), v in zip(jobs, vectors, strict=True) if v is not None}
+        if moments is not None:
+            self._moments = {job.path: m for (_, job), m in zip(jobs, moments, strict=True) if m is not None}
         read_elsewhere = text_read if text_read is not None else [False] * len(jobs)
         for (position, job), result, read in zip(jobs, results, read_elsewhere, strict=True):
             if isinstance(result, ImageError):
@@ -397,6 +416,7 @@ class Processor:
             return failed + self._finish(self._translated(finished))
         finally:
             self._vectors = {}
+            self._moments = {}
 
     def _translated(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, _Job, Described]]:
         """The captions of one batch in every configured language (one translation call per language) and the
@@ -418,12 +438,17 @@ class Processor:
 
     def _with_text(self, job: _Job, said: Described) -> Described:
         """``said`` with the text the OCR engine beside the model reads in the file: read ahead on the OCR thread
-        when that was done on the same, settled file, else read there now (this thread waits). A failure of the OCR
-        alone is logged in one line and costs only the text. A video's text was read frame by frame already."""
-        if self.text_reader is None or (said.text is not None and is_video(job.path, job.snap.metadata.format)):
+        when that was done on the same, settled file, else read there now (this thread waits); a video's in each of
+        its chosen frames, merged after the model's own (the same here and for a batch captioned on a cluster). A
+        failure of the OCR alone is logged in one line and costs only the text."""
+        if self.text_reader is None:
             return said
         with self._ahead_lock:
             future = self._texts.pop(job.path, None)
+        if is_video(job.path, job.snap.metadata.format):
+            if future is not None:
+                future.cancel()
+            return self._video_text(job, said)
         ahead = future.result() if future is not None and not future.cancelled() else None
         if ahead is not None and ahead.identity.matches_stat_of(job.snap.identity):
             self.text_read_ahead += 1
@@ -437,6 +462,23 @@ class Processor:
             log.warning("no text read: %s", error if error.startswith(job.path) else f"{job.path}: {error}")
             return said
         return replace(said, text=text)
+
+    def _video_text(self, job: _Job, said: Described) -> Described:
+        """``said`` with the OCR engine's text of each of the video's chosen frames merged in (decoded once, through
+        this processor's frame cache)."""
+        assert self.text_reader is not None
+        try:
+            chosen = self._frames_of(job.path).chosen
+        except ImageError as exc:
+            log.warning("no text read: %s", exc)
+            return said
+        texts = [said.text]
+        for frame in chosen:
+            try:
+                texts.append(self.text_reader.read(frame.image))
+            except ImageError:
+                continue
+        return replace(said, text=merge_text(texts))
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
         """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
@@ -502,6 +544,9 @@ class Processor:
                 # One asset with its still: not a row of its own (a scan's walk may just have added one).
                 if previous is not None and self.index is not None and not self.dry_run:
                     self.index.remove(spath)
+                if self.index is not None and not self.dry_run:
+                    # Shown with its still in search and on the page (the names do not tell).
+                    record_pair(self.index, paired, spath)
                 return FileOutcome(Path(spath), None, None, skipped=f"{LIVE_MOTION} {paired.name}")
         desc = snap.metadata.description
         if skip_captioned and not self.force:
@@ -558,16 +603,44 @@ class Processor:
             if isinstance(described, Described) and is_video(job.path, job.snap.metadata.format):
                 said[number] = self._video_frames(job, described)
         vectors = None
+        moments: list[VideoMoments | None] | None = None
         if self.embedder is not None and not self.dry_run:
             vectors = embed_pixels(self.embedder, embed_inputs)
-        return results + self.complete(ready, said, vectors)
+            moments = [self._video_moments(job) if vectors is not None else None for _, job in ready]
+        try:
+            return results + self.complete(ready, said, vectors, moments)
+        finally:
+            self._held.clear()
+
+    def _frames_of(self, path: str) -> VideoFrames:
+        """The chosen frames of the video at ``path``: held for the batch, else through the cache. Raises
+        ImageError."""
+        held = self._held.get(path)
+        return held if held is not None else self.frames.get(Path(path))
 
     def _video_frames(self, job: _Job, said: Described) -> Described | ImageError:
         """A video's description with the keywords and text of its other chosen frames merged in."""
         try:
-            return describe_other_frames(Path(job.path), said, self.captioner, self.describe, self.text_reader)
+            chosen = self._frames_of(job.path)
+            self._held[job.path] = chosen
+            # The OCR engine's text is read by _with_text, as for a batch captioned on a cluster.
+            if not (said.keywords is not None or self.describe.text):
+                return said
+            return describe_frames([f.image for f in chosen.chosen], said, self.captioner, self.describe, None)
         except ImageError as exc:
             return exc
+
+    def _video_moments(self, job: _Job) -> VideoMoments | None:
+        """A video's other chosen frames embedded (None for a photo, or when the video cannot be decoded now:
+        its caption reports that)."""
+        assert self.embedder is not None
+        if not is_video(job.path, job.snap.metadata.format):
+            return None
+        try:
+            chosen = self._frames_of(job.path).chosen
+        except ImageError:
+            return None
+        return moments_of_frames(self.embedder, [(f.at, f.image) for f in chosen])
 
     def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
@@ -633,7 +706,8 @@ class Processor:
         if self.index is None or self.embedder is None or not self._vectors:
             return
         items = [(path, fp, self._vectors[path]) for path, fp in rows if path in self._vectors]
-        store_vectors(self.index, self.embedder.model_id, items)
+        store_vectors(self.index, self.embedder.model_id, items,
+                      {path: self._moments[path] for path, _, _ in items if path in self._moments})
 
     def _embed_uncaptioned(self, outcomes: Sequence[FileOutcome]) -> None:
         """Embed the files of a batch that were not captioned (a person's description kept, already captioned)
@@ -642,7 +716,7 @@ class Processor:
         if self.index is None or self.embedder is None or self.dry_run or not outcomes:
             return
         todo = lacking(self.index, self.embedder.model_id, [o.path for o in outcomes])
-        _, failures = embed_paths(self.index, self.embedder, todo)
+        _, failures = embed_paths(self.index, self.embedder, todo, frames=self.frames)
         for path, message in failures:
             log.warning("no embedding: %s", message if message.startswith(path) else f"{path}: {message}")
 

@@ -24,6 +24,7 @@ from capwatch.errors import CapwatchError
 from capwatch.library.index import ImageRecord, Index, IndexedState, normalise_path
 from capwatch.library.livephoto import paired_motion_names
 from capwatch.metadata import Description, FileChanged, FileSnapshot, fingerprint_file, is_temp_file, read_snapshot
+from capwatch.metadata.formats import is_video_name
 from capwatch.metadata.sidecar import EXTENSIONS as SIDECAR_EXTENSIONS
 from capwatch.metadata.sidecar import sidecar_names, signature
 
@@ -54,6 +55,8 @@ class ReconcileResult:
     imported: int = field(default=0)
     #: Files read now that hold only camera boilerplate ("OLYMPUS DIGITAL CAMERA"): searchable, still to caption.
     boilerplate: int = 0
+    #: Of ``seen``, the videos (by suffix): the summary says "files (N videos)" when there are any.
+    videos: int = 0
 
 
 # -- filters ------------------------------------------------------------------------------------------------------
@@ -427,6 +430,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
         return ReconcileResult(root=base, root_missing=True, root_problem=problem, kept=len(known))
 
     seen = 0
+    videos = 0
     unchanged = 0
     fresh: list[tuple[str, os.stat_result]] = []
     changed: list[tuple[str, os.stat_result]] = []
@@ -436,6 +440,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     fill: list[tuple[str, int, str]] = []
     for path, st, sidecars in iter_image_files(root, config.library, on_skip=lambda p, m: skipped.append((p, m))):
         seen += 1
+        videos += is_video_name(path)
         old = pop(path, None)
         if old is None:
             fresh.append((path, st))
@@ -507,7 +512,7 @@ def reconcile(root: RootConfig, config: Config, index: Index, *,
     return ReconcileResult(
         root=base, seen=seen, unchanged=unchanged, new=tuple(new_paths), changed=changed_paths,
         moved=tuple(moved), removed=tuple(removed), errors=tuple(errors), to_caption=to_caption,
-        imported=imported, boilerplate=boilerplate,
+        imported=imported, boilerplate=boilerplate, videos=videos,
     )
 
 

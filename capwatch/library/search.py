@@ -89,6 +89,9 @@ class SearchHit:
     #: The date the date filters and --sort date use: ``taken_at``, else the file's time (see
     #: capwatch.library.index.record_date).
     date: str | None = None
+    #: For a video found by meaning: the time in seconds of its frame that matched best (its poster's time when
+    #: that was the best); None otherwise (a photo, or a video found by its words alone).
+    at: float | None = None
 
     @property
     def date_from(self) -> Literal["taken", "file"]:

@@ -4,6 +4,10 @@ Storage (see migration 6): ``image_vectors`` holds one float32 vector per image 
 embedder gave it (L2-normalised); ``vector_blocks`` holds the vectors' sign bits (1 bit per dimension), packed in
 blocks of up to :data:`BLOCK` rows so that a search process reads a million of them in a thousand rows.
 
+A video's other chosen frames (its *moments*, schema 9: ``frame_vectors``) share the blocks under the key ``-id``
+(an image's key is its row id, > 0): :meth:`Vectors.nearest` ranks keys, :meth:`Vectors.matrix_of` reads either
+kind, and capwatch.library.moments turns keys into one hit per image (a video at its best moment).
+
 Search is three stages: the sign bits of every vector are compared with the query's (Hamming distance, numpy
 popcount over 64-bit words: 64 bytes per 512-d vector); the ``candidates`` closest are ranked in memory by the
 query's float values against their sign bits (:func:`sign_scores`: only the image side quantised, a far better
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,7 @@ import numpy.typing as npt
 
 from capwatch.errors import CapwatchError
 from capwatch.library.index import Index, normalise_path
+from capwatch.library.moments import FRAME_ROWS_SQL, VideoMoments, replace_frames
 
 #: Codes per row of ``vector_blocks``: small enough that appending to the last block rewrites little, large
 #: enough that a million vectors load in about a thousand rows.
@@ -196,14 +201,23 @@ class Vectors:
         return dict(zip(found_ids.tolist(), matrix, strict=True))
 
     def matrix_of(self, ids: Sequence[int], model: str) -> tuple[npt.NDArray[np.int64], FloatArray]:
-        """The ids among ``ids`` that have a vector of ``model``, and those vectors as rows of one matrix."""
+        """The ids among ``ids`` that have a vector of ``model``, and those vectors as rows of one matrix. An id
+        below 0 is a video moment's key (capwatch.library.moments)."""
         found: list[int] = []
         blobs: list[bytes] = []
-        for start in range(0, len(ids), 900):
-            chunk = [int(i) for i in ids[start:start + 900]]
+        images = [int(i) for i in ids if int(i) > 0]
+        moments = [-int(i) for i in ids if int(i) < 0]
+        for start in range(0, len(images), 900):
+            chunk = images[start:start + 900]
             sql = (f"SELECT image_id, vector FROM image_vectors WHERE model = ? "
                    f"AND image_id IN ({', '.join('?' * len(chunk))})")
             rows = self._index.guard(functools.partial(self._fetch, sql, [model, *chunk]))
+            found += [r[0] for r in rows]
+            blobs += [r[1] for r in rows]
+        for start in range(0, len(moments), 900):
+            chunk = moments[start:start + 900]
+            rows = self._index.guard(functools.partial(
+                self._fetch, FRAME_ROWS_SQL.format(marks=", ".join("?" * len(chunk))), [model, *chunk]))
             found += [r[0] for r in rows]
             blobs += [r[1] for r in rows]
         if not found:
@@ -250,11 +264,14 @@ class Vectors:
 
     # -- writing ----------------------------------------------------------------------------------------------
 
-    def put_many(self, items: Iterable[tuple[str, str, str | None, npt.ArrayLike]]) -> int:
+    def put_many(self, items: Iterable[tuple[str, str, str | None, npt.ArrayLike]],
+                 moments: Mapping[str, VideoMoments] | None = None) -> int:
         """Store (path, model, fingerprint, vector) for images the index has rows for, in one transaction;
         returns how many were stored (paths without a row are skipped). A vector replaces the image's earlier one
-        (of any model). Raises VectorError when a vector's width differs from the model's stored ones and
-        IndexUnavailable for database problems."""
+        (of any model), and its moments: ``moments`` (by path as given) holds a video's other frames and the
+        poster's time (capwatch.library.moments). Raises VectorError when a vector's width differs from the
+        model's stored ones and IndexUnavailable for database problems."""
+        given = {normalise_path(p): m for p, m in (moments or {}).items()}
         todo = [(normalise_path(p), m, f, _unit(v)) for p, m, f, v in items]
         if not todo:
             return 0
@@ -276,6 +293,8 @@ class Vectors:
                         (image_id, model, fingerprint, vector.astype("<f4").tobytes()),
                     )
                     by_model.setdefault(model, []).append((image_id, vector))
+                    # A video's moments replace its earlier ones (a photo's: none), keyed -id in the blocks.
+                    by_model[model] += replace_frames(self._conn, image_id, model, vector.shape[0], given.get(path))
                     stored += 1
                 for model, rows in by_model.items():
                     centre = self._centre(model)
@@ -317,8 +336,8 @@ class Vectors:
         self._write_blocks(model, block, ids, codes)
         self._conn.execute("UPDATE vector_models SET entries = entries + ?, version = version + 1 WHERE model = ?",
                            (added, model))
-        entries, live, centred = self._conn.execute(
-            "SELECT entries, live, centred FROM vector_models WHERE model = ?", (model,)).fetchone()
+        entries, live, centred = self._conn.execute(  # live: images and video moments (schema 9)
+            "SELECT entries, live + frames, centred FROM vector_models WHERE model = ?", (model,)).fetchone()
         # Stale entries past half, or twice as many vectors as the centre was taken over (the mean moves while a
         # library grows; rebuilding at each doubling costs about twice the final count in all).
         if entries > 2 * live + BLOCK or live >= 2 * max(centred, MIN_CENTRED):
@@ -337,9 +356,16 @@ class Vectors:
         """Rewrite the model's blocks from ``image_vectors``: the centre becomes the mean of its vectors (the
         origin below MIN_CENTRED of them) and stale entries go. Call inside a transaction."""
         sql = "SELECT image_id, vector FROM image_vectors WHERE model = ? ORDER BY image_id"
+        # Then video moments (schema 9) by -id (capwatch.library.moments); two ordered scans, no sort of the union.
+        frames_sql = "SELECT -id, vector FROM frame_vectors WHERE model = ? ORDER BY id"
+
+        def entries() -> Iterator[list[Any]]:
+            for query in (sql, frames_sql):
+                yield from _batches(self._conn.execute(query, (model,)))
+
         total: npt.NDArray[np.float64] | None = None
         count = 0
-        for rows in _batches(self._conn.execute(sql, (model,))):
+        for rows in entries():
             matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             total = matrix.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
             count += len(rows)
@@ -347,7 +373,7 @@ class Vectors:
         self._conn.execute("DELETE FROM vector_blocks WHERE model = ?", (model,))
         ids: list[int] = []
         parts: list[npt.NDArray[np.uint8]] = []
-        for rows in _batches(self._conn.execute(sql, (model,))):
+        for rows in entries():
             ids += [int(r[0]) for r in rows]
             matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             parts.append(pack_codes(matrix if centre is None else matrix - centre))

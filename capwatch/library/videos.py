@@ -4,6 +4,7 @@ merged in, so a video is described by more than its one best moment."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ from capwatch.errors import ImageError
 from capwatch.metadata.formats import VIDEO_FORMATS, is_video_name
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from capwatch.library.process import Described
     from capwatch.models.captioner import Captioner, DescribeOptions
     from capwatch.text.reader import TextReader
@@ -52,20 +55,18 @@ def merge_text(texts: list[str | None]) -> str | None:
     return "\n".join(lines)
 
 
-def describe_other_frames(path: Path, said: Described, captioner: Captioner, options: DescribeOptions,
-                          text_reader: TextReader | None) -> Described:
-    """``said`` (the representative frame's description) with the keywords and text of the video's other chosen
-    frames merged in. Only what ``said`` already carries is gathered (keywords when the model detects objects,
-    text when an engine reads it). Raises ImageError when the video cannot be decoded."""
+def describe_frames(chosen: Sequence[Image.Image], said: Described, captioner: Captioner, options: DescribeOptions,
+                    text_reader: TextReader | None) -> Described:
+    """``said`` (the description of ``chosen[0]``, a video's representative frame) with the keywords and text of
+    its other chosen frames merged in: what a local scan and a cluster worker both do with a video's frames. Only
+    what ``said`` already carries is gathered (keywords when the model detects objects, text when the model reads
+    it, or ``text_reader``'s over every frame). Raises ModelError when the model cannot run."""
     import numpy as np
-
-    from capwatch.models.frames import FRAMES
 
     wants_keywords = said.keywords is not None
     wants_model_text = options.text
     if not (wants_keywords or wants_model_text or text_reader is not None):
         return said
-    chosen = FRAMES.get(path).chosen
     others = chosen[1:]
     if not others:
         return said
@@ -74,15 +75,15 @@ def describe_other_frames(path: Path, said: Described, captioner: Captioner, opt
     if wants_keywords or wants_model_text:
         # No caption is wanted from these frames: only what they add.
         wanted = replace(options, caption=False, text=wants_model_text, keywords=wants_keywords)
-        pixels = np.stack([captioner.preprocess_image(f.image) for f in others])
-        for described in captioner.describe_pixels(pixels, wanted, image_sizes=[f.image.size for f in others]):
+        pixels = np.stack([captioner.preprocess_image(f) for f in others])
+        for described in captioner.describe_pixels(pixels, wanted, image_sizes=[f.size for f in others]):
             keywords.append(described.keywords if wants_keywords else None)
             if wants_model_text:
                 texts.append(described.text)
     if text_reader is not None:
         for frame in chosen:  # the representative frame too: the file-level OCR is skipped for a video
             try:
-                texts.append(text_reader.read(frame.image))
+                texts.append(text_reader.read(frame))
             except ImageError:
                 continue
     merged_keywords = merge_keywords(said.keywords, keywords, options.max_keywords) if wants_keywords else None

@@ -239,12 +239,15 @@ def _duration(container: Any, stream: Any) -> float | None:
 
 class FrameCache:
     """The last few :func:`choose_frames` results, by file identity (device, inode, size, mtime, ctime): the caption,
-    the keywords of the other frames and the OCR of the same video decode it once. Thread-safe."""
+    the keywords of the other frames, the OCR and the embeddings of the same video decode it once. Made by whoever
+    processes files (a Processor, a cluster coordinator) and passed to what decodes them. Thread-safe."""
 
     def __init__(self, entries: int = 4) -> None:
         self._entries = entries
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, ...], VideoFrames] = OrderedDict()
+        #: Videos decoded through this cache (not found in it): what one decode per video is checked by.
+        self.decoded = 0
 
     def get(self, path: Path, *, fd: int | None = None) -> VideoFrames:
         """:func:`choose_frames` of ``path`` (or of the open descriptor ``fd``, which ``path`` then only names),
@@ -263,17 +266,16 @@ class FrameCache:
                 return found
         chosen = choose_frames(path, fd=fd)
         with self._lock:
+            self.decoded += 1
             self._cache[key] = chosen
             while len(self._cache) > self._entries:
                 self._cache.popitem(last=False)
         return chosen
 
 
-#: One per process: decoding is the expensive part, and the callers (captioner, OCR, thumbnails) share files.
-FRAMES = FrameCache()
-
-
-def representative_image(path: Path, *, fd: int | None = None) -> Image.Image:
+def representative_image(path: Path, *, fd: int | None = None, cache: FrameCache | None = None) -> Image.Image:
     """The upright RGB image of the video's representative frame (what is captioned and shown as its poster),
-    decoded from ``fd`` when given (``path`` then only names the file). Raises ImageError."""
-    return FRAMES.get(path, fd=fd).representative.image.copy()
+    decoded from ``fd`` when given (``path`` then only names the file); through ``cache`` when given (the
+    frames are then decoded once for everything done with this video), else decoded now. Raises ImageError."""
+    chosen = cache.get(path, fd=fd) if cache is not None else choose_frames(path, fd=fd)
+    return chosen.representative.image.copy()

@@ -240,6 +240,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decoded_pixels: int | None = None,
     fd: int | None = None,
+    video_frames: frames.FrameCache | None = None,
 ) -> Image.Image:
     """Decode ``path`` into an EXIF-oriented 8-bit RGB image (first frame of animations).
 
@@ -251,10 +252,10 @@ def load_image(
     opened once, without blocking, and must be a regular file. Raises ImageError (one line, naming the file) for
     missing, empty, truncated, unsupported or too large files and for a FIFO or device where a photo was. A
     video (MP4/MOV by content, other containers FFmpeg opens by suffix) gives its representative frame, upright
-    (:mod:`capwatch.models.frames`).
+    (:mod:`capwatch.models.frames`), through ``video_frames`` when given (the caller's cache of decoded frames).
     """
     if _is_video(path, fd):
-        return frames.representative_image(path, fd=fd)
+        return frames.representative_image(path, fd=fd, cache=video_frames)
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's global warning threshold.

@@ -39,7 +39,9 @@ AUTHORISED_EXTENSION = "capwatch.authorised"
 HERE = Path(__file__).resolve().parent
 SECURITY_HEADERS = [
     (b"content-security-policy",
-     b"default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; "
+     # media-src: the photo page's players (a video, a Live Photo's motion); without it a browser refuses them.
+     b"default-src 'none'; img-src 'self'; media-src 'self'; style-src 'self'; script-src 'self'; "
+     b"form-action 'self'; "
      b"base-uri 'none'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),

@@ -54,6 +54,8 @@ class Result:
     why: tuple[str, str] | None = None
     #: The similarity of a hit found by meaning only (no word matched); None otherwise.
     meaning: float | None = None
+    #: A video found by meaning: the moment (seconds) that matched best; its tile plays from there.
+    at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def results_page(index: Index, query: str, form: FormFilters, *, page: int, page
         results = tuple(
             Result(ids[h.path], h.path, h.caption, h.highlighted or h.caption, h.source, h.taken_at, "",
                    (FIELD_LABELS[h.field], h.snippet) if h.field in FIELD_LABELS and h.snippet else None,
-                   h.similarity if h.match == "meaning" else None)
+                   h.similarity if h.match == "meaning" else None, h.at)
             for h in hits[:page_size] if h.path in ids
         )
         return ResultPage(results, page, len(hits) > page_size)

@@ -15,6 +15,7 @@ from capwatch.errors import CapwatchError
 from capwatch.library.duplicates import DEFAULT_THRESHOLD, group
 from capwatch.library.index import Index
 from capwatch.library.meaning import meaning_text
+from capwatch.library.moments import nearest_assets
 from capwatch.library.search import parse_query
 from capwatch.library.vectors import Vectors
 
@@ -104,12 +105,12 @@ def similar_photos(index: Index, row_id: int, model: str | None, limit: int = SI
     vector = store.vector_of(record.path, chosen)
     if vector is None:
         return []
-    near = store.nearest(chosen, vector, limit=limit, exclude=[row_id])
     out = []
-    for other, similarity in near:
-        found = index.get_by_id(other)
+    # A video once, and never its own moments (capwatch.library.moments).
+    for hit in nearest_assets(store, index, chosen, vector, limit=limit, exclude=[row_id]):
+        found = index.get_by_id(hit.image_id)
         if found is not None:
-            out.append(SimilarPhoto(other, found.caption or "", similarity))
+            out.append(SimilarPhoto(hit.image_id, found.caption or "", hit.similarity))
     return out
 
 

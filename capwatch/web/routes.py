@@ -30,7 +30,8 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 
 from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats, record_date
-from capwatch.library.livephoto import motion_of
+from capwatch.library.livephoto import paired_motion
+from capwatch.library.moments import clock
 from capwatch.library.process import HUMAN_KEPT
 from capwatch.metadata import Description
 from capwatch.metadata.formats import is_video_name
@@ -104,8 +105,20 @@ def _templates() -> jinja2.Environment:
     env.filters["basename"] = lambda path: os.path.basename(str(path))
     env.filters["date_of"] = date_of
     env.globals["is_video"] = is_video_name
-    env.globals["motion_of"] = motion_of
+    env.globals["clock"] = clock
     return env
+
+
+def start_time(raw: str | None) -> float | None:
+    """The ``t`` a search hit links a video with (the moment that matched, seconds), or None when absent or not
+    a plain non-negative number."""
+    if not raw or len(raw) > 20:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0.0 <= value < 1e7 else None
 
 
 def date_of(record: ImageRecord) -> str:
@@ -132,6 +145,7 @@ class Pages:
         self.thumbs = thumbs
         self.model = model
         self.env = _templates()
+        self.env.globals["motion_of"] = self._motion_of
         self.roots = tuple(r.path for r in self.config.library.roots)
         self._readers = threading.local()
         self._stats_lock = threading.Lock()
@@ -184,6 +198,15 @@ class Pages:
             held[1].close()
         self._readers.held = (inode, index)
         return index
+
+    def _motion_of(self, still: str) -> Path | None:
+        """A Live Photo's motion for the templates: beside the still by name, or paired by content identifier as
+        recorded in the index (by name only when the index cannot be read)."""
+        try:
+            with self._index() as index:
+                return paired_motion(index, still)
+        except CapwatchError:
+            return paired_motion(None, still)
 
     def _html(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         context.setdefault("csrf", self.settings.csrf)
@@ -295,11 +318,12 @@ class Pages:
         note = self._note(row_id, request.query_params.get("note", ""))
         if note is not None:
             message, error = (note[1], None) if note[0] == "message" else (None, note[1])
-        return self._photo_page(photo, message=message, error=error)
+        return self._photo_page(photo, message=message, error=error,
+                                start=start_time(request.query_params.get("t")))
 
     def _photo_page(self, photo: Photo, *, message: str | None = None, error: str | None = None,
                     draft: str | None = None, status_code: int = 200,
-                    in_file: tuple[Description, ...] = ()) -> HTMLResponse:
+                    in_file: tuple[Description, ...] = (), start: float | None = None) -> HTMLResponse:
         """The photo page; its edit form carries which descriptions the page shows (the caption, and ``in_file``:
         the file's descriptions, listed when it is shown again after a conflict) and the file identity they came
         from, so the save can tell whether the file still holds only those."""
@@ -315,7 +339,7 @@ class Pages:
                           draft=record.caption or "" if draft is None else draft, max_caption=MAX_CAPTION,
                           query="", in_file=in_file, origins=ORIGINS,
                           shown=shown_keys([record.caption, *(d.text for d in in_file)]), similar=similar,
-                          default_language=default, other_languages=others)
+                          default_language=default, other_languages=others, start=start)
 
     # -- duplicates -----------------------------------------------------------------------------------------
 
@@ -537,7 +561,7 @@ class Pages:
         with self._index() as index:
             photo = self._photo(index, int(request.path_params["row_id"]))
             roots = self._roots(index)
-        motion = motion_of(photo.record.path) if photo is not None else None
+            motion = paired_motion(index, photo.record.path) if photo is not None else None
         real = servable(str(motion), roots) if motion is not None else None
         if photo is None or motion is None or real is None:
             return Response("no such Live Photo", status_code=404, media_type="text/plain")

@@ -41,6 +41,7 @@ from pathlib import Path
 from PIL import Image
 
 from capwatch.errors import CapwatchError, ImageError
+from capwatch.models.frames import FrameCache
 from capwatch.models.jpegpreview import preview_image
 from capwatch.models.preprocess import DRAFT_HEADROOM, load_image
 
@@ -114,6 +115,9 @@ class ThumbnailCache:
         self._slots = threading.BoundedSemaphore(parallel or max(1, os.cpu_count() or 1))
         self._lock = threading.Lock()
         self._failures: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # A video's thumbnail and its preview come from the same decoded frames (FrameCache is thread-safe; its
+        # key is the open file's identity, so a changed file is decoded again).
+        self._video_frames = FrameCache()
         self._bytes: int | None = None  # the cache's size as last counted plus what was written since
 
     def _file(self, entry: Entry) -> Path:
@@ -157,7 +161,7 @@ class ThumbnailCache:
                     image = preview_image(fd, entry.px, max_pixels=MAX_DECODED_PIXELS)
             if image is None:
                 image = load_image(Path(name), target_size=(side, side), max_decoded_pixels=MAX_DECODED_PIXELS,
-                                   fd=fd)
+                                   fd=fd, video_frames=self._video_frames)
             image.thumbnail((entry.px, entry.px),
                             Image.Resampling.LANCZOS if entry.px <= THUMB_PX else Image.Resampling.BICUBIC)
             out = io.BytesIO()
