@@ -138,7 +138,7 @@ def bench_ocr(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None
 def _coordinator_ceiling(work: Path, model: Path, precision: str, count: int, env: dict[str, str]) -> float:
     """Images/s this machine prepares (snapshot + bytes) and writes (file + index) with the captions given."""
     os.environ.update(env)
-    from capwatch.cluster import _read_bytes
+    from capwatch.cluster.coordinator import _read_bytes
     from capwatch.config import Config, ModelConfig
     from capwatch.library.index import Index
     from capwatch.library.process import Processor

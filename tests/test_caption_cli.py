@@ -12,7 +12,8 @@ from PIL import Image
 
 from capwatch.config import Config, LibraryConfig, MetadataConfig, ModelConfig, RootConfig
 from capwatch.library.index import Index
-from capwatch.library.process import HUMAN_KEPT, Processor
+from capwatch.library.outcomes import HUMAN_KEPT
+from capwatch.library.process import Processor
 from capwatch.library.scan import reconcile
 from capwatch.models.captioner import open_captioner
 from tests.conftest import FIXTURES, CliRunner

@@ -457,6 +457,7 @@ def test_a_worker_killed_while_the_workers_load_the_model_leaves_the_others_to_c
     import threading
 
     from capwatch import cluster as dask_cluster
+    from capwatch.cluster.worker import plugin_state
     from capwatch.config import Config
     from capwatch.models.captioner import open_captioner
 
@@ -488,7 +489,7 @@ def test_a_worker_killed_while_the_workers_load_the_model_leaves_the_others_to_c
             assert not thread.is_alive()
             assert "error" not in result, result["error"]
             assert len(result["workers"]) == 1
-            assert client.run(dask_cluster._plugin_state) == {result["workers"][0]: None}
+            assert client.run(plugin_state) == {result["workers"][0]: None}
     finally:
         captioner.close()
         for proc in (victim, survivor, scheduler):

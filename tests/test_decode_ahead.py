@@ -13,7 +13,8 @@ from pathlib import Path
 from capwatch.config import Config, ModelConfig
 from capwatch.daemon.pipeline import JobQueue, Pipeline
 from capwatch.library.index import Index
-from capwatch.library.process import Processor, clean_caption
+from capwatch.library.outcomes import clean_caption
+from capwatch.library.process import Processor
 from capwatch.models.captioner import open_captioner
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -58,9 +59,9 @@ def test_captions_with_decoding_ahead_equal_captions_without(tmp_path: Path) -> 
         try:
             processor.decode_ahead(photos)
             for path in photos:
-                assert processor._ahead[str(path)].result() is not None  # decoded ahead, on the decode thread
+                assert processor.ahead.pending[str(path)].result() is not None  # decoded ahead, on the decode thread
             got = [o.caption for o in processor.process(photos)]
-            assert processor._ahead == {}
+            assert processor.ahead.pending == {}
         finally:
             processor.close()
     assert got == want
@@ -73,7 +74,7 @@ def _caption_after(photo: Path, tmp_path: Path, change: Callable[[], None]) -> s
         processor = _processor(index)
         try:
             processor.decode_ahead([photo])
-            assert processor._ahead[str(photo)].result() is not None
+            assert processor.ahead.pending[str(photo)].result() is not None
             change()
             return processor.process([photo])[0].caption
         finally:
@@ -119,7 +120,7 @@ def test_a_file_changed_just_before_is_not_decoded_ahead(tmp_path: Path) -> None
             for _ in range(20):
                 os.utime(photo)
                 processor.decode_ahead([photo])
-                decoded = processor._ahead.pop(str(photo)).result()
+                decoded = processor.ahead.pending.pop(str(photo)).result()
                 if decoded is None:
                     refused = True
                     break
@@ -161,4 +162,4 @@ def test_the_daemon_pipeline_decodes_each_batch_while_the_model_works_on_the_one
     assert pipeline.stats().processed == len(photos)
     # every batch after the first was handed over while the model still worked on the one before
     assert made[0].decoded_ahead >= 2
-    assert made[0]._ahead == {}
+    assert made[0].ahead.pending == {}

@@ -117,7 +117,7 @@ def test_the_daemon_meets_a_fifo_swapped_in_with_one_line_and_goes_on(tmp_path: 
 
 
 def _readers() -> list[tuple[str, Callable[[Path], Any]]]:
-    from capwatch.cluster import _read_bytes
+    from capwatch.cluster.coordinator import _read_bytes
     from capwatch.metadata import fingerprint_file, read_snapshot
     from capwatch.metadata.identity import identify
     from capwatch.metadata.reader import read_sidecar

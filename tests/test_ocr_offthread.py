@@ -234,9 +234,9 @@ def test_texts_read_ahead_are_bounded_like_decodes(tmp_path: Path) -> None:
         processor = Processor(config, index, open_captioner(MODEL, config.model), dry_run=True)
         try:
             processor.decode_ahead(paths)
-            assert len(processor._texts) == len(processor._ahead) == 8
+            assert len(processor.ahead.texts) == len(processor.ahead.pending) == 8
             outcomes = processor.process_batch(paths)
-            assert processor._texts == {}
+            assert processor.ahead.texts == {}
         finally:
             processor.close()
     assert [o.text for o in outcomes] == [f"SIGN {i}" for i in range(12)]

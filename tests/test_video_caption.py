@@ -124,7 +124,7 @@ def test_the_cluster_sends_a_videos_frame_not_the_video_and_it_captions_the_same
     pytest.importorskip("distributed")
     import numpy as np
 
-    from capwatch.cluster import FRAME_SUFFIX, _payload
+    from capwatch.cluster.coordinator import FRAME_SUFFIX, _payload
     from capwatch.config import ModelConfig
     from capwatch.library.process import Job
     from capwatch.metadata import read_snapshot

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from capwatch.config import RootConfig
     from capwatch.library.fill import FillResult
     from capwatch.library.index import Index
-    from capwatch.library.process import FileOutcome, Processor
+    from capwatch.library.outcomes import FileOutcome
+    from capwatch.library.process import Processor
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
 
@@ -91,7 +92,8 @@ def _nothing_to_caption(files: Sequence[Path]) -> list[FileOutcome]:
 
     Asked before anything else, so a typo costs neither a model download nor a model load. Never raises.
     """
-    from capwatch.library.process import FileOutcome, stat_file
+    from capwatch.library.outcomes import FileOutcome
+    from capwatch.library.process import stat_file
 
     checked = [stat_file(path) for path in files]
     failed = [c for c in checked if isinstance(c, FileOutcome)]
@@ -332,7 +334,7 @@ class _Tally:
 
     def count(self, outcome: FileOutcome, failures: list[tuple[Path, str]]) -> None:
         """Count ``outcome``; a failure is also added to ``failures`` (reported at the end)."""
-        from capwatch.library.process import HUMAN_KEPT
+        from capwatch.library.outcomes import HUMAN_KEPT
 
         if outcome.error:
             self.failed += 1

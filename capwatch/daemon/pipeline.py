@@ -33,7 +33,7 @@ DONE_STATUSES = frozenset({"captioned", "described", "error"})
 
 
 class Outcome(Protocol):
-    """What the pipeline reads from one processed file (``capwatch.library.process.FileOutcome`` fits)."""
+    """What the pipeline reads from one processed file (``capwatch.library.outcomes.FileOutcome`` fits)."""
 
     @property
     def path(self) -> Path: ...
@@ -475,7 +475,7 @@ class Pipeline:
         """Log one INFO line per file the model captioned (path, its share of the batch's ``seconds``, caption) and
         one WARNING per failure (nowhere else), and send files that changed while being captioned back to be read
         again. Skipped files are logged at DEBUG only."""
-        from capwatch.library.process import ALREADY_CAPTIONED
+        from capwatch.library.outcomes import ALREADY_CAPTIONED
 
         captioned = {id(o) for o in outcomes if _model_captioned(o, ALREADY_CAPTIONED)}
         # The model runs a batch at once: each file's time is its share of the batch.

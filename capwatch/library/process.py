@@ -15,22 +15,30 @@ import os
 import shlex
 import stat
 import subprocess
-import threading
 import time
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError, ImageError
-from capwatch.library.embed import decode_pair, embed_paths, embed_pixels, lacking, moments_of_frames
+from capwatch.library.ahead import ReadAhead
+from capwatch.library.embed import embed_paths, embed_pixels, lacking, moments_of_frames
 from capwatch.library.embed import store as store_vectors
 from capwatch.library.index import ImageRecord, Index, normalise_path
 from capwatch.library.livephoto import record_pair, still_by_content, still_of
 from capwatch.library.moments import VideoMoments
+from capwatch.library.outcomes import (
+    ALREADY_CAPTIONED,
+    HUMAN_KEPT,
+    INDEX_ONLY,
+    LIVE_MOTION,
+    WRITING_OFF,
+    Described,
+    FileOutcome,
+    clean_caption,
+)
 from capwatch.library.scan import (
     FILLED_KEYWORDS,
     FILLED_TEXT,
@@ -53,55 +61,16 @@ from capwatch.metadata import (
     read_snapshot,
     write_captions,
 )
-from capwatch.metadata.formats import is_video_name
-from capwatch.metadata.identity import FileIdentity
 from capwatch.metadata.safeopen import file_kind
 
 if TYPE_CHECKING:
     from capwatch.models.captioner import Captioner
     from capwatch.models.embedding import ImageTextEmbedder
-    from capwatch.models.frames import FrameCache, VideoFrames
+    from capwatch.models.frames import VideoFrames
     from capwatch.models.languages import Translations
-    from capwatch.text.threaded import OffThreadReader, TextRead
+    from capwatch.text.threaded import OffThreadReader
 
 log = logging.getLogger(__name__)
-
-HUMAN_KEPT = "has a description written by a person; kept (use --force to replace it)"
-ALREADY_CAPTIONED = "already captioned by capwatch and unchanged"
-INDEX_ONLY = "has a description written by a person; caption kept in the index only"
-WRITING_OFF = "metadata writing is off (metadata.write = none)"
-LIVE_MOTION = "the motion of a Live Photo: one asset with its still, captioned as"
-
-
-@dataclass(frozen=True)
-class FileOutcome:
-    """What happened to one file; ``as_json`` gives the `caption --json` line of the CLI contract.
-
-    ``changed``: the file (or a sidecar) changed while it was being captioned, so nothing was written; it is to
-    be read again (the daemon re-queues it, the CLI retries and then reports it).
-    """
-
-    path: Path
-    caption: str | None
-    model: str | None
-    written: tuple[str, ...] = ()
-    skipped: str | None = None
-    error: str | None = None
-    changed: bool = False
-    #: The keywords the model found for this file (empty when it found none or was not asked), and the text read
-    #: in the image (None: not read), as found: also with --dry-run, and also where they stay out of the file.
-    keywords: tuple[str, ...] = ()
-    text: str | None = None
-    #: The caption per language (English and the configured ones; a file's own language items when it was
-    #: skipped), in order; ``caption`` is the default language's.
-    captions: tuple[tuple[str, str], ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "caption": self.caption, "model": self.model,
-                "written": list(self.written), "skipped": self.skipped, "error": self.error,
-                "keywords": list(self.keywords), "text": self.text,
-                "captions": dict(self.captions) if self.captions else None}
-
 
 @dataclass(frozen=True)
 class _Job:
@@ -165,70 +134,6 @@ def _now_iso(clock: Callable[[], float]) -> str:
     return dt.datetime.fromtimestamp(clock(), dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def clean_caption(text: str, *, capitalise: bool = True) -> str:
-    """The caption as it is stored and written: NFC, control characters dropped, whitespace collapsed, first
-    letter capitalised (not for translations, which are written as the model gave them). (Byte-level BPE can
-    decode to control bytes, which XML and EXIF readers reject.)"""
-    text = unicodedata.normalize("NFC", text)
-    text = "".join(" " if ch.isspace() else ch for ch in text
-                   if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs", "Cn"))
-    text = " ".join(text.split())
-    return text[:1].upper() + text[1:] if capitalise else text
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    """An image decoded and preprocessed ahead of its turn (:meth:`Processor.decode_ahead`): the model input, or
-    why the file cannot be decoded, and the file's identity while it was read (its fingerprint is not needed:
-    the result is used only for a snapshot with the same stat, taken from a file that had settled)."""
-
-    identity: FileIdentity
-    #: (captioner input, embedder input or None), from one decode.
-    pixels: tuple[Any, Any] | None
-    error: str | None
-
-
-def _decode(captioner: Captioner, embedder: ImageTextEmbedder | None, path: str, frames: FrameCache
-            ) -> _Decoded | None:
-    """Decode ``path`` for ``captioner``; None when the file changed meanwhile or had just changed (its stat then
-    proves nothing about its content, see FileIdentity.settled)."""
-    try:
-        before = os.stat(path)
-        identity = FileIdentity.of(before, "")
-        if not identity.settled:
-            return None
-        try:
-            pixels, error = decode_pair(captioner, embedder, Path(path), frames), None
-        except ImageError as exc:
-            pixels, error = None, str(exc)
-        if not identity.matches_stat(os.stat(path)):
-            return None
-    except OSError:
-        return None  # decoded again in its turn, which reports the error
-    return _Decoded(identity, pixels, error)
-
-
-@dataclass(frozen=True)
-class Described:
-    """What the model (and an OCR engine) said about one image: the caption, capwatch's keywords (None: the model
-    has no detector or keywords are off, so the file's stay as they are) and the text read in the image (None:
-    not read)."""
-
-    caption: str
-    keywords: tuple[str, ...] | None = None
-    text: str | None = None
-    #: The caption per language (English first), when languages are configured; else None (English alone).
-    captions: tuple[tuple[str, str], ...] | None = None
-
-    def shown(self, default: str) -> str:
-        """The caption in the ``default`` language (x-default, EXIF, IPTC, the index's caption)."""
-        return dict(self.captions or ()).get(default, self.caption)
-
-    def all_captions(self) -> tuple[tuple[str, str], ...]:
-        """The caption per language; English alone when nothing was translated."""
-        return self.captions if self.captions else (("en", self.caption),)
-
-
 class Processor:
     """Runs jobs against one index and one captioner with one configuration.
 
@@ -268,18 +173,10 @@ class Processor:
 
         #: What the model produces besides the caption ([model] keywords, [ocr] engine = "florence").
         self.describe = DescribeOptions.from_config(config)
-        #: The OCR engine that runs beside the model ([ocr] engine = "rapidocr") on a thread of its own, fed from
-        #: the decode-ahead side; Florence reads with the model. None (and no OCR thread): no such engine.
         engine = open_text_reader(config) if config.ocr.engine == "rapidocr" else None
-        self.text_reader: OffThreadReader | None = OffThreadReader(engine) if engine is not None else None
-        #: Files whose text read ahead on the OCR thread was used (the rest were read in their turn).
-        self.text_read_ahead = 0
-        self._texts: dict[str, Future[TextRead | None]] = {}
-        #: Files whose decode made ahead was used (the rest were decoded in their turn).
-        self.decoded_ahead = 0
-        self._ahead: dict[str, Future[_Decoded | None]] = {}
-        self._ahead_lock = threading.Lock()
-        self._decoder: ThreadPoolExecutor | None = None
+        #: The decodes (and OCR reads) made ahead of the model, at most ``4 * model.batch_size`` of each held.
+        self.ahead = ReadAhead(captioner, embedder, self.frames, OffThreadReader(engine) if engine else None,
+                               limit=4 * max(1, config.model.batch_size))
         #: path -> embedding, and a video's moments, for the batch being completed.
         self._vectors: dict[str, Any] = {}
         self._moments: dict[str, VideoMoments] = {}
@@ -293,49 +190,35 @@ class Processor:
         With an OCR engine beside the model, the text in each file is read on the OCR thread too (at most as many
         texts held).
         """
-        limit = 4 * max(1, self.config.model.batch_size)
-        with self._ahead_lock:
-            if self._decoder is None:
-                self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capwatch-decode")
-            for path in paths:
-                spath = normalise_path(path)
-                if spath in self._ahead or len(self._ahead) >= limit:
-                    continue
-                self._ahead[spath] = self._decoder.submit(_decode, self.captioner, self.embedder, spath, self.frames)
-                self._text_ahead(spath, limit)
+        self.ahead.queue([normalise_path(path) for path in paths])
 
-    def _text_ahead(self, spath: str, limit: int) -> None:
-        """Queue the reading of ``spath``'s text on the OCR thread (caller holds ``_ahead_lock``); a video's text is
-        read frame by frame when its turn comes (:meth:`_video_text`)."""
-        if (self.text_reader is not None and spath not in self._texts and len(self._texts) < limit
-                and not is_video_name(spath)):
-            self._texts[spath] = self.text_reader.read_ahead(Path(spath))
+    @property
+    def text_reader(self) -> OffThreadReader | None:
+        """The OCR engine that runs beside the model ([ocr] engine = "rapidocr") on a thread of its own, fed from
+        the decode-ahead side; Florence reads with the model. None (and no OCR thread): no such engine."""
+        return self.ahead.text_reader
+
+    @text_reader.setter
+    def text_reader(self, reader: OffThreadReader | None) -> None:
+        self.ahead.text_reader = reader
+
+    @property
+    def decoded_ahead(self) -> int:
+        """Files whose decode made ahead was used (the rest were decoded in their turn)."""
+        return self.ahead.decoded
+
+    @property
+    def text_read_ahead(self) -> int:
+        """Files whose text read ahead on the OCR thread was used (the rest were read in their turn)."""
+        return self.ahead.texts_used
 
     def close(self) -> None:
         """Stop the decode-ahead thread (decodes not taken are dropped)."""
-        with self._ahead_lock:
-            decoder, self._decoder = self._decoder, None
-            self._ahead.clear()
-            self._texts.clear()
-        if decoder is not None:
-            decoder.shutdown(wait=True, cancel_futures=True)
+        self.ahead.close()
         if self.text_reader is not None:
             self.text_reader.close()
         if self.translations is not None:
             self.translations.close()
-
-    def _pixels(self, job: _Job) -> Any:
-        """The model input for ``job``: decoded ahead when that was done on the same, settled file; else now.
-        Raises ImageError or OSError."""
-        with self._ahead_lock:
-            future = self._ahead.pop(job.path, None)
-        decoded = future.result() if future is not None else None
-        if decoded is not None and decoded.identity.matches_stat_of(job.snap.identity):
-            self.decoded_ahead += 1
-            if decoded.error is not None:
-                raise ImageError(decoded.error)
-            return decoded.pixels
-        return decode_pair(self.captioner, self.embedder, Path(job.path), self.frames)
 
     def process_batch(self, paths: Sequence[Path], *, skip_captioned: bool = True) -> list[FileOutcome]:
         """Caption ``paths`` (in batches of ``model.batch_size``) and return one outcome per path, in order.
@@ -354,12 +237,7 @@ class Processor:
             self._embed_uncaptioned([o for o in outcomes.values() if o.error is None and not o.changed])
         finally:
             # Decodes of files that did not reach the model (skipped, failed, kept) are dropped with the batch.
-            with self._ahead_lock:
-                for path in paths:
-                    self._ahead.pop(normalise_path(path), None)
-                    text = self._texts.pop(normalise_path(path), None)
-                    if text is not None:
-                        text.cancel()
+            self.ahead.drop([normalise_path(path) for path in paths])
         return [outcomes[i] for i in range(len(paths))]
 
     def prepare(self, paths: Sequence[Path], *, skip_captioned: bool = True
@@ -443,21 +321,10 @@ class Processor:
         failure of the OCR alone is logged in one line and costs only the text."""
         if self.text_reader is None:
             return said
-        with self._ahead_lock:
-            future = self._texts.pop(job.path, None)
         if is_video(job.path, job.snap.metadata.format):
-            if future is not None:
-                future.cancel()
+            self.ahead.forget_text(job.path)
             return self._video_text(job, said)
-        ahead = future.result() if future is not None and not future.cancelled() else None
-        if ahead is not None and ahead.identity.matches_stat_of(job.snap.identity):
-            self.text_read_ahead += 1
-            text, error = ahead.text, ahead.error
-        else:
-            try:
-                text, error = self.text_reader.read_file(Path(job.path)), None
-            except ImageError as exc:
-                text, error = None, str(exc)
+        text, error = self.ahead.text(job.path, job.snap.identity)
         if error is not None:
             log.warning("no text read: %s", error if error.startswith(job.path) else f"{job.path}: {error}")
             return said
@@ -578,7 +445,7 @@ class Processor:
         embed_inputs = []
         for position, job in chunk:
             try:
-                caption_input, embed_input = self._pixels(job)
+                caption_input, embed_input = self.ahead.pixels(job.path, job.snap.identity)
                 tensors.append(caption_input)
                 embed_inputs.append(embed_input)
                 ready.append((position, job))
@@ -590,10 +457,7 @@ class Processor:
             return results
         if self.text_reader is not None:
             # Read on the OCR thread while the model captions (files the decode-ahead side did not queue).
-            with self._ahead_lock:
-                for _, job in ready:
-                    if not is_video(job.path, job.snap.metadata.format):
-                        self._text_ahead(job.path, len(self._texts) + 1)
+            self.ahead.queue_texts([job.path for _, job in ready if not is_video(job.path, job.snap.metadata.format)])
         descriptions = self.captioner.describe_pixels(np.stack(tensors), self.describe)
         keywords = self.describe.keywords and self.captioner.detects_objects
         said: list[Described | str | ImageError] = [

@@ -15,7 +15,7 @@ from capwatch.metadata.formats import VIDEO_FORMATS, is_video_name
 if TYPE_CHECKING:
     from PIL import Image
 
-    from capwatch.library.process import Described
+    from capwatch.library.outcomes import Described
     from capwatch.models.captioner import Captioner, DescribeOptions
     from capwatch.text.reader import TextReader
 

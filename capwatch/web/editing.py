@@ -34,7 +34,7 @@ from capwatch.metadata import (
 )
 
 if TYPE_CHECKING:
-    from capwatch.library.process import FileOutcome
+    from capwatch.library.outcomes import FileOutcome
     from capwatch.models.captioner import Captioner
 
 #: Longest caption a person may type (IPTC keeps 2000 bytes; XMP and EXIF more, but a caption is not an essay).

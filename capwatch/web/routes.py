@@ -32,7 +32,7 @@ from capwatch.errors import CapwatchError, ImageError, QueryError
 from capwatch.library.index import ImageRecord, Index, IndexStats, record_date
 from capwatch.library.livephoto import paired_motion
 from capwatch.library.moments import clock
-from capwatch.library.process import HUMAN_KEPT
+from capwatch.library.outcomes import HUMAN_KEPT
 from capwatch.metadata import Description
 from capwatch.metadata.formats import is_video_name
 from capwatch.metadata.safeopen import NotRegularFile
