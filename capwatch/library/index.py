@@ -14,20 +14,33 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 from capwatch.errors import IndexUnavailable
 from capwatch.library.access import check_readable, keep_wal_files
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
 from capwatch.library.query import cjk_spaced, normalise_path, prefix_range
+from capwatch.library.rows import (
+    COLUMNS,
+    SOURCES,
+    STATUSES,
+    ErrorEntry,
+    ImageRecord,
+    IndexedState,
+    IndexStats,
+    Source,
+    Status,
+    clean_keywords,
+    record_date,
+    record_from_row,
+    stored_values,
+)
 from capwatch.library.search import (
     RANK_WINDOW,
     ParsedQuery,
@@ -41,177 +54,12 @@ from capwatch.metadata.formats import VIDEO_SUFFIXES
 
 __all__ = [
     "RANK_WINDOW", "SOURCES", "STATUSES", "ErrorEntry", "ImageRecord", "Index", "IndexStats", "IndexedState",
-    "SearchHit", "Source", "Status", "clean_keywords", "normalise_path",
+    "SearchHit", "Source", "Status", "clean_keywords", "normalise_path", "record_date",
 ]
-
-Source = Literal["model", "human", "embedded"]
-Status = Literal["pending", "captioned", "described", "error"]
-SOURCES: tuple[Source, ...] = ("model", "human", "embedded")
-STATUSES: tuple[Status, ...] = ("pending", "captioned", "described", "error")
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image file as the index knows it. ``path`` is absolute and normalised (symlinks not resolved)."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    fingerprint: str | None = None
-    width: int | None = None
-    height: int | None = None
-    #: EXIF DateTimeOriginal as 'YYYY-MM-DDTHH:MM:SS' (camera local time, no zone).
-    taken_at: str | None = None
-    caption: str | None = None
-    #: model = written by capwatch; human = a person's description found in the file (never overwritten by default);
-    #: embedded = camera/software boilerplate found in the file ("OLYMPUS DIGITAL CAMERA"), may be replaced.
-    source: Source | None = None
-    model: str | None = None
-    model_revision: str | None = None
-    #: ISO 8601 UTC.
-    captioned_at: str | None = None
-    status: Status = "pending"
-    error: str | None = None
-    #: The model's caption for a file whose ``caption`` is a person's (metadata.index_only_when_described):
-    #: searchable, never written into the file.
-    model_caption: str | None = None
-    #: The file's ctime when it was read: an editor that keeps size and mtime still moves it. None in rows
-    #: written before schema 4 (then only size and mtime are compared).
-    ctime_ns: int | None = None
-    #: Digest of the XMP sidecars' names and stats when the file was read ("" = none; None = not known yet).
-    sidecars: str | None = None
-    #: Every keyword the file carries, in file order (a person's and capwatch's). Stored newline-joined: when
-    #: stored, runs of whitespace inside a keyword (newlines included) become one space, ends are stripped and
-    #: empty keywords dropped (see :func:`clean_keywords`); commas and semicolons are kept as they are.
-    keywords: tuple[str, ...] = ()
-    #: The subset of ``keywords`` capwatch wrote (a re-caption replaces only these). Same storage rule.
-    model_keywords: tuple[str, ...] = ()
-    #: Text found in the image (OCR), as the engine gave it; None when not looked for or none found.
-    ocr_text: str | None = None
-    #: What was looked for in this content besides the caption ("keywords", "text"; see capwatch.library.fill),
-    #: found or not: a scan fills in only what a row lacks.
-    filled: tuple[str, ...] = ()
-    #: The description per language, (language, text) pairs: dc:description's xml:lang items, or the captions
-    #: capwatch made in each configured language (English included). Empty for a description in one language.
-    #: ``caption`` is the one in the default language (x-default). Every text is searchable.
-    captions: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def captions_by_language(self) -> dict[str, str]:
-        """``captions`` as a mapping, language -> text."""
-        return dict(self.captions)
-
-
-class IndexedState(NamedTuple):
-    """What the index compares to notice a changed file without opening it: size, mtime, ctime and the
-    sidecar digest (the last two None when not recorded yet)."""
-
-    size: int
-    mtime_ns: int
-    ctime_ns: int | None
-    sidecars: str | None
-
-    def differs(self, size: int, mtime_ns: int, ctime_ns: int, sidecars: str) -> bool:
-        """True when the file's current state (every field known) is not what was recorded."""
-        if self.size != size or self.mtime_ns != mtime_ns:
-            return True
-        if self.ctime_ns is not None and self.ctime_ns != ctime_ns:
-            return True
-        if self.sidecars is None:
-            # Recorded before sidecars were tracked: a file that has sidecars must be read once.
-            return bool(sidecars)
-        return self.sidecars != sidecars
-
-    @property
-    def complete(self) -> bool:
-        """True when ctime and sidecars are recorded."""
-        return self.ctime_ns is not None and self.sidecars is not None
-
-
-@dataclass(frozen=True)
-class ErrorEntry:
-    path: str
-    error: str
-    updated_at: str
-
-
-@dataclass(frozen=True)
-class IndexStats:
-    path: str
-    size_bytes: int
-    images: int
-    captioned: int
-    by_status: dict[str, int]
-    by_source: dict[str, int]
-    last_errors: tuple[ErrorEntry, ...]
-    schema_version: int
-    #: Of ``images``: the videos (by suffix, see capwatch.metadata.formats.VIDEO_SUFFIXES) and how many of those
-    #: have a caption.
-    videos: int = 0
-    videos_captioned: int = 0
-    #: Images with an embedding (search by meaning), of any model.
-    embedded: int = 0
-
-
-_COLUMNS = [f.name for f in fields(ImageRecord)]
-#: Columns that hold a tuple of strings, stored newline-joined.
-_KEYWORD_COLUMNS = ("keywords", "model_keywords", "filled")
-
-
-def clean_keywords(keywords: Iterable[str]) -> tuple[str, ...]:
-    """``keywords`` as the index stores them: whitespace runs (newlines, tabs) inside one become a space, ends
-    stripped, empty ones dropped; order and duplicates kept. Commas and semicolons are part of a keyword."""
-    cleaned = (" ".join(k.split()) for k in keywords)
-    return tuple(k for k in cleaned if k)
-
-
-def _join_keywords(keywords: Iterable[str]) -> str | None:
-    return "\n".join(clean_keywords(keywords)) or None
-
-
-def _split_keywords(stored: str | None) -> tuple[str, ...]:
-    return tuple(stored.split("\n")) if stored else ()
-
-
-def _join_captions(captions: Iterable[tuple[str, str]]) -> str | None:
-    """The stored form of ``ImageRecord.captions``: a JSON object in language order, NULL when empty."""
-    pairs = {lang: text for lang, text in captions if text}
-    return json.dumps(pairs, ensure_ascii=False) if pairs else None
-
-
-def _split_captions(stored: str | None) -> tuple[tuple[str, str], ...]:
-    if not stored:
-        return ()
-    try:
-        data = json.loads(stored)
-    except ValueError:
-        return ()
-    if not isinstance(data, dict):
-        return ()
-    return tuple((str(k), str(v)) for k, v in data.items() if isinstance(v, str))
-
-
-def _translations(record: ImageRecord) -> str | None:
-    """The texts of ``record.captions`` other than the caption itself, newline-joined (the searchable column)."""
-    shown = {t for t in (record.caption, record.model_caption) if t}
-    texts = list(dict.fromkeys(text for _, text in record.captions if text and text not in shown))
-    return "\n".join(texts) if texts else None
 
 
 def _now_utc() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _sort_date(record: ImageRecord) -> str:
-    return record_date(record)[0]
-
-
-def record_date(record: ImageRecord) -> tuple[str, Literal["taken", "file"]]:
-    """The date of ``record`` that --since/--until and --sort date use, and where it comes from: the date taken
-    (EXIF), or else the file's modification time in local time ("file")."""
-    if record.taken_at:
-        return record.taken_at, "taken"
-    return dt.datetime.fromtimestamp(record.mtime_ns / 1e9).replace(microsecond=0).isoformat(), "file"
 
 
 def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> IndexUnavailable:
@@ -412,25 +260,17 @@ class Index:
 
     # -- rows -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _row(values: Iterable[Any]) -> ImageRecord:
-        row = dict(zip(_COLUMNS, values, strict=True))
-        for column in _KEYWORD_COLUMNS:
-            row[column] = _split_keywords(row[column])
-        row["captions"] = _split_captions(row["captions"])
-        return ImageRecord(**row)
-
     def get(self, path: str | Path) -> ImageRecord | None:
         """The record for ``path``, or None when the index has no row for it."""
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE path = ?"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM images WHERE path = ?"
         row = self._guard(lambda: self._conn.execute(sql, (normalise_path(path),)).fetchone())
-        return None if row is None else self._row(row)
+        return None if row is None else record_from_row(row)
 
     def get_by_id(self, row_id: int) -> ImageRecord | None:
         """The record whose row id is ``row_id`` (the id :meth:`ids_for` and :meth:`browse` give), or None."""
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id = ?"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM images WHERE id = ?"
         row = self._guard(lambda: self._conn.execute(sql, (row_id,)).fetchone())
-        return None if row is None else self._row(row)
+        return None if row is None else record_from_row(row)
 
     def ids_for(self, paths: Iterable[str]) -> dict[str, int]:
         """``path -> row id`` for those of ``paths`` (stored form) that have a row."""
@@ -464,12 +304,12 @@ class Index:
         for word in path_words:
             where.append("instr(lower(path), ?) > 0")
             params.append(word.lower())
-        sql = f"SELECT id, {', '.join(_COLUMNS)} FROM images"
+        sql = f"SELECT id, {', '.join(COLUMNS)} FROM images"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY sort_date DESC, id DESC LIMIT ? OFFSET ?"
         rows = self._guard(lambda: self._conn.execute(sql, [*params, limit, offset]).fetchall())
-        return [(int(r[0]), self._row(r[1:])) for r in rows]
+        return [(int(r[0]), record_from_row(r[1:])) for r in rows]
 
 
     def upsert(self, record: ImageRecord) -> None:
@@ -478,7 +318,7 @@ class Index:
 
     def upsert_many(self, records: Iterable[ImageRecord]) -> int:
         """Insert or replace many rows in one transaction; returns how many were written."""
-        cols = [*_COLUMNS, "sort_date", "updated_at", "cjk_caption", "cjk_keywords", "cjk_ocr", "translations"]
+        cols = [*COLUMNS, "sort_date", "updated_at", "cjk_caption", "cjk_keywords", "cjk_ocr", "translations"]
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "path")
         sql = (
             f"INSERT INTO images ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
@@ -490,14 +330,9 @@ class Index:
             count = 0
             with self._write():
                 for record in records:
-                    values = asdict(record)
+                    values = stored_values(record)
                     values["path"] = normalise_path(record.path)
-                    values["sort_date"] = _sort_date(record)
                     values["updated_at"] = now
-                    for column in _KEYWORD_COLUMNS:
-                        values[column] = _join_keywords(values[column])
-                    values["captions"] = _join_captions(record.captions)
-                    values["translations"] = _translations(record)
                     # Per-character copies of CJK text (NULL for other rows): see search.cjk_spaced.
                     values["cjk_caption"] = cjk_spaced(
                         "\n".join(t for t in (record.caption, record.model_caption, values["translations"]) if t)
@@ -592,9 +427,9 @@ class Index:
 
     def find_by_fingerprint(self, fingerprint: str) -> list[ImageRecord]:
         """Rows whose fingerprint equals ``fingerprint`` (several when a file was copied)."""
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM images WHERE fingerprint = ?"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM images WHERE fingerprint = ?"
         rows = self._guard(lambda: self._conn.execute(sql, (fingerprint,)).fetchall())
-        return [self._row(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def stat_map(self, root: str | Path) -> dict[str, IndexedState]:
         """``path -> IndexedState`` as last recorded, for every row at or below ``root``."""
@@ -615,12 +450,12 @@ class Index:
         if status is not None:
             where.append("status = ?")
             params.append(status)
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM images"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM images"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY path"
         rows = self._guard(lambda: self._conn.execute(sql, params).fetchall())
-        return (self._row(r) for r in rows)
+        return (record_from_row(r) for r in rows)
 
     # -- queries --------------------------------------------------------------------------------------------
 
