@@ -401,7 +401,10 @@ def _make_static(job: Job, target: Path, key: bytes) -> None:
         except Exception as exc:  # onnx's, onnxruntime's and the dequantiser's own errors
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _Refused(f"cannot quantise the graph statically: {first}") from None
-        cosine = _probe_features(job.source, work / "graph.onnx", pixels[::3])
+        try:
+            cosine = staticq.lowest_cosine(job.source, work / "graph.onnx", pixels[::3], STATIC_MIN_COSINE)
+        except staticq.Strayed as exc:
+            raise _Refused(str(exc)) from None
         files = _json_files(work, ["graph.onnx"])
         if target.exists():
             cache.refuse_links(target.parent, target)
@@ -414,31 +417,6 @@ def _make_static(job: Job, target: Path, key: bytes) -> None:
                 "files": files, "min_cosine": cosine}
     manifest["stamp"] = stamp.compute(key, target, job.name, files)
     cache.write_json_atomic(target / "manifest.json", manifest)
-
-
-def _probe_features(source: Path, rewritten: Path, pixels: np.ndarray) -> float:
-    """The lowest cosine, over the images of ``pixels``, between ``rewritten``'s first output and ``source``'s;
-    raises _Refused when it is below :data:`STATIC_MIN_COSINE` (or not a number) or the graph cannot run."""
-    from capwatch.models.session import LazySession
-
-    published = LazySession(source, 0).get()
-    candidate = LazySession(rewritten, 0).get()
-    name = published.get_inputs()[0].name
-    lowest = 1.0
-    for item in pixels:
-        feeds = {name: item[None]}
-        try:
-            want = published.run(None, feeds)[0].astype(np.float64).ravel()
-            got = candidate.run(None, feeds)[0].astype(np.float64).ravel()
-        except Exception as exc:  # onnxruntime's own error types
-            raise _Refused(f"the probe could not run: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-        norms = float(np.linalg.norm(want) * np.linalg.norm(got))
-        cosine = float(want @ got) / norms if norms > 0 and want.shape == got.shape else 0.0
-        if not cosine >= STATIC_MIN_COSINE:  # also refuses NaN
-            raise _Refused(f"its features' cosine with the published graph's is {cosine:.4f} on a calibration "
-                           f"photo (at least {STATIC_MIN_COSINE} needed)")
-        lowest = min(lowest, cosine)
-    return lowest
 
 
 def _probe_same_outputs(source: Path, rewritten: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -51,6 +51,36 @@ def calibration_pixels(preprocess: Callable[[Image.Image], np.ndarray]) -> np.nd
     return np.stack([preprocess(image) for image in calibration_images()]).astype(np.float32)
 
 
+class Strayed(Exception):
+    """A quantised graph's features are too far from its source graph's, or it cannot run (one line why)."""
+
+
+def lowest_cosine(source: Path, rewritten: Path, pixels: np.ndarray, minimum: float) -> float:
+    """The lowest cosine, over the images of ``pixels`` [n,3,H,W], between ``rewritten``'s first output and
+    ``source``'s (each flattened). Raises Strayed when one is below ``minimum`` (or not a number) or a graph cannot
+    run."""
+    from capwatch.models.session import LazySession
+
+    published = LazySession(source, 0).get()
+    candidate = LazySession(rewritten, 0).get()
+    name = published.get_inputs()[0].name
+    lowest = 1.0
+    for item in pixels:
+        feeds = {name: item[None]}
+        try:
+            want = published.run(None, feeds)[0].astype(np.float64).ravel()
+            got = candidate.run(None, feeds)[0].astype(np.float64).ravel()
+        except Exception as exc:  # onnxruntime's own error types
+            raise Strayed(f"the probe could not run: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        norms = float(np.linalg.norm(want) * np.linalg.norm(got))
+        cosine = float(want @ got) / norms if norms > 0 and want.shape == got.shape else 0.0
+        if not cosine >= minimum:  # also refuses NaN
+            raise Strayed(f"its features' cosine with the published graph's is {cosine:.4f} on a calibration "
+                          f"photo (at least {minimum} needed)")
+        lowest = min(lowest, cosine)
+    return lowest
+
+
 class _QuantizerNoise(logging.Filter):
     """Drops the advice onnxruntime's quantiser logs on the root logger (pre-processing hints, shape inference
     notes for the graph's integer tensors): noise in capwatch's log."""
