@@ -1,6 +1,7 @@
 """Florence-2-base-size captioning: transformers (PyTorch) vs capwatch (onnxruntime), side by side.
 
     python bench/caption_florence.py [--images 8] [--batch 8] [--threads 2] [--max-new-tokens 20] [--rebuild]
+    python bench/caption_florence.py --rounds 3 [--images 1]   (the headline cases, interleaved; see below)
     python bench/caption_florence.py --keywords [--keyword-tokens 20,40] [--beams 3] [--precisions fp32,int8,mix]
 
 Builds (once, into bench/_work/, gitignored) a Florence-2 with the base-ft architecture -- DaViT
@@ -17,6 +18,13 @@ and prints seconds per image, the speed ratio to transformers, whether tokens eq
 share of captions identical to fp32. Random weights never emit </s> early here, so every caption runs to
 ``--max-new-tokens`` (a fixed, comparable amount of decoding work; real short captions are 10-20 tokens).
 
+``--rounds N`` measures only the headline cases, one image at a time, each right after transformers with the same
+search, N times in turn (medians): capwatch fp32 greedy (tokens identical to transformers) and int8 beam-3 (the
+default model's published settings: 3 beams, no repeated 3-grams).
+Measured (issue 24; 2-core AMD EPYC, AVX2 without VNNI, the only CPU kind here; ``--rounds 3 --images 1``, 20 new
+tokens, load 6.4-8.3 on the shared box): fp32 greedy 1.72x transformers (rounds 1.43/1.72/1.93, tokens identical),
+int8 beam-3 2.84x (4.19/2.84/2.27). Quieter earlier runs: 1.07-1.11x and 1.52-1.65x.
+
 ``--keywords`` measures instead what keywords cost on top of the caption (issue 12's anchor: caption + keywords
 <= 1.4x caption alone): capwatch ``describe_pixels`` with the caption only, then with the caption and the ``<OD>``
 keywords on the same image features, alternately ``--repeat`` times (the best of each counts), per precision; it
@@ -31,6 +39,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -178,6 +187,39 @@ def components(cap: Any, pixels: np.ndarray, budgets: Sequence[int], repeat: int
                   f"+keywords {caption + t_e + t_k:.3f} s = {(caption + t_e + t_k) / caption:.2f}x", flush=True)
 
 
+def interleaved(rounds: int, pixels: np.ndarray, hf: Callable[[int, int], list[list[int]]],
+                cw: Callable[[str, int, int], list[list[int]]], args: argparse.Namespace) -> None:
+    """The headline cases, one image at a time, each against transformers with the same search, in ``rounds``
+    interleaved rounds (transformers, capwatch, transformers, ...: load on the shared box hits both alike); prints
+    per case the median seconds per image of each side, the median of the per-round ratios, and token identity."""
+    cases = [("fp32", "greedy", 1), ("int8", "beam-3", 3)]
+    n = len(pixels)
+    hf_t: dict[int, list[float]] = {1: [], 3: []}
+    cw_t: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    ratio: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    same: dict[str, str] = {}
+    loads = [Path("/proc/loadavg").read_text().split()[0]]
+    for _ in range(rounds):
+        for name, _mode, beams in cases:
+            t_ref, ref = timed(lambda b=beams: hf(b, 1))
+            t_cw, got = timed(lambda m=name, b=beams: cw(m, b, 1))
+            hf_t[beams].append(t_ref / n)
+            cw_t[name].append(t_cw / n)
+            ratio[name].append(t_ref / t_cw)
+            if name == "fp32":
+                same[name] = f"{sum(a == b for a, b in zip(got, ref, strict=True))}/{n} identical to transformers"
+            else:
+                same[name] = f"{sum(a == b for a, b in zip(got, ref, strict=True))}/{n} equal to transformers fp32"
+        loads.append(Path("/proc/loadavg").read_text().split()[0])
+    print(f"one image at a time, {n} images, {args.max_new_tokens} new tokens, {args.threads} threads, median of "
+          f"{rounds} interleaved rounds; load {' '.join(loads)}", flush=True)
+    print(f"{'case':28s} {'transformers s/img':>18s} {'capwatch s/img':>14s} {'ratio':>6s}  per round; tokens")
+    for name, mode, beams in cases:
+        print(f"{'capwatch ' + name + ' ' + mode:28s} {statistics.median(hf_t[beams]):18.3f} "
+              f"{statistics.median(cw_t[name]):14.3f} {statistics.median(ratio[name]):5.2f}x  "
+              f"{' '.join(f'{r:.2f}' for r in ratio[name])}; {same[name]}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
@@ -192,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--beams", default="3", help="with --keywords: beam counts (comma-separated)")
     parser.add_argument("--precisions", default="fp32,int8,mix", help="with --keywords: precisions to measure")
     parser.add_argument("--repeat", type=int, default=2, help="with --keywords: runs of each (the best counts)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="only the headline cases (fp32 greedy, int8 beam-3, one image at a time) against "
+                             "transformers, in this many interleaved rounds (median)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -233,9 +278,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             precision=precision, graph_precision=graphs, num_beams=beams, threads=args.threads,  # type: ignore[arg-type]
             idle_unload_seconds=0, batch_size=args.batch), derived=derived)
         for name, (precision, graphs) in mixes.items() for beams in (1, 3)
+        if not args.rounds or (name, beams) in (("fp32", 1), ("int8", 3))
     }
     pics = images(args.images)
-    pixels = np.stack([caps["fp32", 1].preprocess_image(im) for im in pics])
+    pixels = np.stack([next(iter(caps.values())).preprocess_image(im) for im in pics])
     prompt_ids = tok.encode(prompts["<CAPTION>"]).ids
     n_img = 577
     gen = ff.GenerationConfig(**ff.generation_config(spec))
@@ -262,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for cap in caps.values():
         cap.caption_pixels(pixels[:1])
     hf(1, 1)
+
+    if args.rounds:
+        interleaved(args.rounds, pixels, hf, cw, args)
+        return
 
     rows: list[tuple[str, str, int, float, str, str]] = []
     n = len(pixels)

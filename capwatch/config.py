@@ -42,6 +42,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 #: Where text in images comes from: nowhere, the rapidocr package (extra ``capwatch[ocr]``), or Florence-2's <OCR>.
 OcrEngine = Literal["off", "rapidocr", "florence"]
 ServeAuth = Literal["token", "none"]
+#: How an int8 image encoder is quantised: as published (dynamic: activation ranges measured at run time), or
+#: statically (ranges calibrated once on photos; capwatch.models.staticq).
+Int8ImageEncoder = Literal["dynamic", "static"]
 
 #: Extensions (lower case, no dot) capwatch looks after by default (images and videos).
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
@@ -196,6 +199,10 @@ class ModelConfig:
     #: values computed once per image instead of at every token), made and verified against the published graph
     #: on first use and cached; false runs the published graphs as they are.
     rewrite_graphs: bool = True
+    #: "static": an int8 image encoder (Florence-2's vision_encoder) is quantised again statically, its activation
+    #: ranges calibrated once on photos, made and checked (features' cosine >= 0.995 with the published graph's)
+    #: on first use and cached like the rewrites (needs rewrite_graphs); "dynamic" runs it as published.
+    int8_image_encoder: Int8ImageEncoder = "dynamic"
     #: Images per model call; memory grows with it (and with num_beams).
     batch_size: Annotated[int, Range(1, 256)] = 8
     #: Florence-2 task: short (<CAPTION>), detailed (<DETAILED_CAPTION>), paragraph (<MORE_DETAILED_CAPTION>).

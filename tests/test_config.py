@@ -63,6 +63,8 @@ def test_roots_accept_strings_and_tables_relative_to_the_file(tmp_path: Path) ->
         ("[model]\nprecision = 'int4'\n",
          "model.precision: expected one of 'auto', 'fp32', 'int8', 'fp16', got 'int4'"),
         ("[model]\nthreads = 'two'\n", "model.threads: expected an integer, got 'two'"),
+        ("[model]\nint8_image_encoder = 'fast'\n",
+         "model.int8_image_encoder: expected one of 'dynamic', 'static', got 'fast'"),
         ("[model]\nthreads = -1\n", "model.threads: expected a non-negative integer"),
         ("[watch]\nsettle_seconds = true\n", "watch.settle_seconds: expected a number"),
         ("[metadata]\nwrite = 'everywhere'\n", "metadata.write: expected one of"),

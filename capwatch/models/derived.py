@@ -5,7 +5,9 @@ Two recipes:
 * ``split``: a merged ViT-GPT2-style decoder cut into a cross graph (once per image) and a step graph (once per
   token), see :func:`split_decoder`;
 * ``s8``: a dynamically quantised graph whose uint8 MatMul weights are turned into int8 ones with the same real
-  values (onnxruntime's u8s8 kernels are the fast ones on CPUs with VNNI), see :func:`signed_graph`.
+  values (onnxruntime's u8s8 kernels are the fast ones on CPUs with VNNI), see :func:`signed_graph`;
+* ``static``: an image encoder (fp32, or dynamic int8 as published) quantised statically, its activations
+  calibrated on photos (:mod:`capwatch.models.staticq`), see :func:`static_graph`.
 
 Layout under ``<cache dir>/derived/``::
 
@@ -15,9 +17,10 @@ Layout under ``<cache dir>/derived/``::
 
 A rewrite is used only after a probe showed that it computes what the published graph computes: the same next
 tokens (and logits within float noise) for a split decoder, through row reordering and dropping as generation does;
-bit-identical outputs for ``s8``. The rewrite and its probe run in a child process for graphs above
-:data:`IN_PROCESS_BYTES`: loading a 600 MB graph as ONNX protobufs and two sessions at once peaks at several GB,
-which a long-running daemon should not keep.
+bit-identical outputs for ``s8``; for ``static``, features whose cosine with the source graph's is at least
+:data:`STATIC_MIN_COSINE` on every calibration photo as shipped. The rewrite and its probe run in a child
+process for graphs above :data:`IN_PROCESS_BYTES`: loading a 600 MB graph as ONNX protobufs and two sessions at
+once peaks at several GB, which a long-running daemon should not keep.
 
 The cache is untrusted (it may be shared or copied): a manifest counts only with a stamp made by this user's key
 (:mod:`capwatch.models.stamp`), and the sha256 memo of a source is HMAC'd under the same key.
@@ -26,6 +29,7 @@ The cache is untrusted (it may be shared or copied): a manifest counts only with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import hmac
@@ -37,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,10 @@ def memory_available(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path(
     except (OSError, ValueError, IndexError):
         pass
     return available
+#: The lowest cosine, per photo, between a static int8 image encoder's features and its source graph's.
+STATIC_MIN_COSINE = 0.995
+
+
 #: x86 CPU flags with which onnxruntime's u8s8 kernels accumulate exactly (vpdpbusd into int32); without them its
 #: AVX2 kernel pairs products in saturating int16 (vpmaddubsw), which can differ from the published uint8 graph.
 _EXACT_U8S8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -151,15 +159,17 @@ class ProbeSpec:
 
 @dataclass(frozen=True)
 class Job:
-    """One rewrite: ``recipe`` (split | s8) of ``source``; ``signed`` also turns uint8 MatMul weights into int8
-    (split only; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes input shapes for an s8 probe
-    (other dimensions: 1 for batch-like names, 3 for the rest)."""
+    """One rewrite: ``recipe`` (split | s8 | static) of ``source``; ``signed`` also turns uint8 MatMul weights into
+    int8 (split only; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes input shapes for an s8
+    probe (other dimensions: 1 for batch-like names, 3 for the rest); ``calibration`` is the .npy file of
+    preprocessed calibration photos [n,3,H,W] of a static graph (every third one as shipped: the probe's)."""
 
     recipe: str
     source: Path
     signed: bool = False
     probe: ProbeSpec | None = None
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    calibration: Path | None = None
 
     @property
     def name(self) -> str:
@@ -169,14 +179,17 @@ class Job:
         probe = self.probe
         return {"recipe": self.recipe, "source": str(self.source), "signed": self.signed,
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "calibration": None if self.calibration is None else str(self.calibration),
                 "probe": None if probe is None else [str(probe.config_path), probe.hidden, probe.start_token]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Job:
         probe = data.get("probe")
+        calibration = data.get("calibration")
         return cls(str(data["recipe"]), Path(data["source"]), bool(data["signed"]),
                    None if probe is None else ProbeSpec(Path(probe[0]), int(probe[1]), int(probe[2])),
-                   {str(k): tuple(int(d) for d in v) for k, v in dict(data.get("shapes", {})).items()})
+                   {str(k): tuple(int(d) for d in v) for k, v in dict(data.get("shapes", {})).items()},
+                   None if calibration is None else Path(calibration))
 
 
 def split_decoder(source: Path, store: DerivedCache, probe: ProbeSpec, *, signed: bool = False) -> SplitDecoder | None:
@@ -202,12 +215,25 @@ def signed_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[i
     return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
 
 
+def static_graph(source: Path, store: DerivedCache, pixels: Callable[[], np.ndarray]) -> Path | None:
+    """The static int8 form of the image encoder ``source`` (see :mod:`capwatch.models.staticq`): from the cache,
+    or made now with activations calibrated on ``pixels()`` (the calibration photos through the model's own
+    preprocessing, [n,3,H,W]; called only when the graph is made) and probed (:data:`STATIC_MIN_COSINE`). None
+    (after one warning line) when it cannot be made or its features stray. Raises ModelError only when ``source``
+    cannot be read."""
+    manifest = _derived(Job("static", source), store, calibrate=pixels)
+    return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
+
+
 _FALLBACK = {"split": "keeping the published decoder (cross-attention recomputed at every step)",
-             "s8": "keeping the published uint8 weights"}
+             "s8": "keeping the published uint8 weights",
+             "static": "keeping the image encoder's dynamic quantisation"}
 
 
-def _derived(job: Job, store: DerivedCache) -> dict[str, Any] | None:
-    """The stamped manifest of ``job``'s result (with ``_dir`` added), made first when missing; None when refused."""
+def _derived(job: Job, store: DerivedCache, *,
+             calibrate: Callable[[], np.ndarray] | None = None) -> dict[str, Any] | None:
+    """The stamped manifest of ``job``'s result (with ``_dir`` added), made first when missing; None when refused.
+    ``calibrate`` gives the calibration pixels of a static graph (saved for the rewrite just before it runs)."""
     try:
         digest = source_digest(job.source, store)
     except OSError as exc:
@@ -237,10 +263,11 @@ def _derived(job: Job, store: DerivedCache) -> dict[str, Any] | None:
                 log.info("%s: %s: rewriting it needs about %d MB of memory, %d MB are available", job.source,
                          _FALLBACK[job.recipe], needed >> 20, available >> 20)
                 return None
-            if size <= IN_PROCESS_BYTES:
-                make(job, target, store.key)
-            else:
-                _make_in_child(job, target, store.key)
+            with _calibration(job, store.root, calibrate) as job:
+                if size <= IN_PROCESS_BYTES:
+                    make(job, target, store.key)
+                else:
+                    _make_in_child(job, target, store.key)
             found = _load_manifest(target, store.key)
         if found is None:
             raise _Refused("the rewritten graphs did not verify after they were written")
@@ -257,6 +284,23 @@ def _derived(job: Job, store: DerivedCache) -> dict[str, Any] | None:
         log.warning("%s: %s: cannot use the cache %s: %s", job.source, _FALLBACK[job.recipe], store.root,
                     getattr(exc, "strerror", None) or exc)
         return None
+
+
+@contextlib.contextmanager
+def _calibration(job: Job, folder: Path, calibrate: Callable[[], np.ndarray] | None) -> Iterator[Job]:
+    """``job`` with its calibration pixels saved in a temporary .npy file in ``folder`` (removed after the block)
+    when ``calibrate`` is given; else ``job`` as it is."""
+    if calibrate is None:
+        yield job
+        return
+    fd, name = tempfile.mkstemp(prefix=".calibration-", suffix=".npy", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(calibrate(), dtype=np.float32))
+        yield dataclasses.replace(job, calibration=Path(name))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 @contextlib.contextmanager
@@ -287,6 +331,9 @@ def make(job: Job, target: Path, key: bytes) -> None:
 
     from capwatch.models.rewrite import RewriteError, signed_weights, split_invariant
 
+    if job.recipe == "static":
+        _make_static(job, target, key)
+        return
     graphs: dict[str, onnx.ModelProto] = {}
     extra: dict[str, Any] = {}
     try:
@@ -334,6 +381,40 @@ def make(job: Job, target: Path, key: bytes) -> None:
         raise
     manifest = {"format": cache.MARKER_FORMAT, "version": VERSION, "recipe": job.name, "source": str(job.source),
                 "files": files, **extra}
+    manifest["stamp"] = stamp.compute(key, target, job.name, files)
+    cache.write_json_atomic(target / "manifest.json", manifest)
+
+
+def _make_static(job: Job, target: Path, key: bytes) -> None:
+    """The ``static`` recipe of :func:`make`: quantise, probe, publish. Raises _Refused or OSError."""
+    from capwatch.models import staticq
+
+    if job.calibration is None:
+        raise _Refused("no calibration photos")
+    pixels = np.load(job.calibration)
+    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        try:
+            staticq.static_graph(job.source, work / "graph.onnx", pixels, work=work)
+        except OSError:
+            raise
+        except Exception as exc:  # onnx's, onnxruntime's and the dequantiser's own errors
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _Refused(f"cannot quantise the graph statically: {first}") from None
+        try:
+            cosine = staticq.lowest_cosine(job.source, work / "graph.onnx", pixels[::3], STATIC_MIN_COSINE)
+        except staticq.Strayed as exc:
+            raise _Refused(str(exc)) from None
+        files = _json_files(work, ["graph.onnx"])
+        if target.exists():
+            cache.refuse_links(target.parent, target)
+            shutil.rmtree(target)
+        os.rename(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    manifest = {"format": cache.MARKER_FORMAT, "version": VERSION, "recipe": job.name, "source": str(job.source),
+                "files": files, "min_cosine": cosine}
     manifest["stamp"] = stamp.compute(key, target, job.name, files)
     cache.write_json_atomic(target / "manifest.json", manifest)
 

@@ -33,8 +33,9 @@ import numpy as np
 
 from capwatch.config import CaptionLength, ModelConfig
 from capwatch.errors import ModelError
+from capwatch.models import staticq
 from capwatch.models.captioner import Captioner, CaptionResult, DescribeOptions, ImageDescription
-from capwatch.models.derived import DerivedCache
+from capwatch.models.derived import DerivedCache, static_graph
 from capwatch.models.florence_post import clean_pure_text, parse_od
 from capwatch.models.generate import GenerationSettings, generate
 from capwatch.models.keywords import keywords_from_detections
@@ -232,8 +233,9 @@ class Florence2Captioner(Captioner):
     ) -> None:
         """Read configs, tokenizer and task prompt; nothing is loaded yet. Raises ModelError (one line).
 
-        ``derived`` is accepted for the common signature: Florence-2's merged decoder already caches the
-        cross-attention keys/values (its ``past_key_values.*.encoder.*``), so it has nothing to split.
+        ``derived``: where the static int8 image encoder is cached (``model.int8_image_encoder``). Florence-2's
+        merged decoder already caches the cross-attention keys/values (its ``past_key_values.*.encoder.*``), so it
+        has nothing to split.
         """
         text_view = text_config_view(model.config)
         # Adapter: the base class reads generation keys from config.json's top level (and a "decoder" sub-config);
@@ -283,6 +285,20 @@ class Florence2Captioner(Captioner):
 
     def _path(self, stem: str) -> Path:
         return self.model.onnx_file(stem, self.graph_precisions[stem])
+
+    def prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
+        """The graphs of :meth:`Captioner.prepare_graphs`, with the int8 image encoder quantised statically when
+        ``model.int8_image_encoder = "static"`` (made from the published graph, probed and cached: see
+        :func:`capwatch.models.derived.static_graph`); the published encoder when that is refused."""
+        prepared = dict(super().prepare_graphs(paths))
+        if (self.derived is not None and self.config.int8_image_encoder == "static"
+                and self.graph_precisions[VISION] == "int8"
+                and self.sessions.first_provider == "CPUExecutionProvider"):
+            static = static_graph(paths[VISION], self.derived,
+                                  lambda: staticq.calibration_pixels(self.preprocess_image))
+            if static is not None:
+                prepared[VISION] = static
+        return prepared
 
     def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         """Raise ModelError naming the graph and tensor when a graph lacks a Florence-2 tensor name."""

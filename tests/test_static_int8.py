@@ -1,0 +1,112 @@
+"""Static int8 image encoder (``model.int8_image_encoder = "static"``): made from the published dynamic int8 graph,
+calibrated on the shipped photos, probed against the published graph, cached; refused -> the published graph runs.
+
+All on the committed tiny Florence-2 fixture with real onnxruntime sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from capwatch.config import ModelConfig
+from capwatch.models import derived, florence2, staticq
+from capwatch.models.captioner import open_captioner
+from capwatch.models.derived import DerivedCache
+from capwatch.models.florence2 import Florence2Captioner
+from capwatch.models.runtime import ort
+
+FLORENCE = Path(__file__).parent / "fixtures" / "models" / "florence2-tiny"
+PUBLISHED = FLORENCE / "onnx" / "vision_encoder_quantized.onnx"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DerivedCache:
+    return DerivedCache(tmp_path / "derived", b"k" * 32)
+
+
+def _open(store: DerivedCache | None, mode: str = "static") -> Florence2Captioner:
+    config = ModelConfig(dir=FLORENCE, precision="int8", threads=1, int8_image_encoder=mode)  # type: ignore[arg-type]
+    cap = open_captioner(FLORENCE, config, derived=store)
+    assert isinstance(cap, Florence2Captioner)
+    return cap
+
+
+def _vision_path(cap: Florence2Captioner) -> Path:
+    with cap.sessions.use():
+        pass
+    return cap.sessions._sessions[florence2.VISION].path
+
+
+def _features(path: Path, pixels: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"pixel_values": pixels[i : i + 1]})[0] for i in range(len(pixels))])
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
+    return [float(x.ravel() @ y.ravel() / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b, strict=True)]
+
+
+def test_static_image_encoder_is_made_probed_cached_and_its_features_stay_close(store: DerivedCache) -> None:
+    cap = _open(store)
+    static = _vision_path(cap)
+    assert static.parent.parent == store.root and static.name == "graph.onnx"
+    manifest = json.loads((static.parent / "manifest.json").read_text())
+    assert manifest["recipe"] == "static" and manifest["min_cosine"] >= derived.STATIC_MIN_COSINE
+    ops = {node.op_type for node in onnx.load(str(static)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+    # features against fp32 on the photos as shipped (not mirrored, not cropped)
+    pixels = staticq.calibration_pixels(cap.preprocess_image)[::3]
+    fp32 = _features(FLORENCE / "onnx" / "vision_encoder.onnx", pixels)
+    assert min(_cosines(_features(static, pixels), fp32)) >= 0.99
+    # captions run on it
+    results = cap.caption_pixels(pixels[:1])
+    assert results[0].token_ids
+    cap.close()
+    # a second captioner takes it from the cache: not made again
+    made = static.stat().st_mtime_ns
+    again = _open(store)
+    assert _vision_path(again) == static and static.stat().st_mtime_ns == made
+    again.close()
+
+
+def test_dynamic_mode_and_no_cache_run_the_published_encoder(store: DerivedCache) -> None:
+    assert _vision_path(_open(store, "dynamic")) == PUBLISHED
+    assert _vision_path(_open(None)) == PUBLISHED
+    assert not store.root.exists()
+
+
+def test_a_static_graph_that_strays_is_refused_and_the_published_one_runs(
+        store: DerivedCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(derived, "STATIC_MIN_COSINE", 1.000001)  # no quantised graph reaches it
+    with caplog.at_level(logging.WARNING):
+        cap = _open(store)
+        assert _vision_path(cap) == PUBLISHED
+    assert "keeping the image encoder's dynamic quantisation" in caplog.text
+    assert "cosine" in caplog.text
+    assert list(store.root.glob("*-static-v*.failed"))
+    assert not [p for p in store.root.glob("*-static-v*") if p.is_dir()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # refused once, not probed again at every start
+        assert _vision_path(_open(store)) == PUBLISHED
+    assert not caplog.records
+
+
+def test_dequantize_dynamic_gives_the_float_graph_the_integer_weights_stand_for() -> None:
+    model = staticq.dequantize_dynamic(onnx.load(str(PUBLISHED)))
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(3).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    got = np.concatenate([session.run(None, {"pixel_values": pixels[i : i + 1]})[0] for i in range(2)])
+    # closer to the dynamic graph (same weights, no activation rounding) than that one is to fp32
+    published = _features(PUBLISHED, pixels)
+    fp32 = _features(FLORENCE / "onnx" / "vision_encoder.onnx", pixels)
+    assert min(_cosines(got, published)) >= 0.999
+    assert min(_cosines(got, fp32)) >= min(_cosines(published, fp32))
