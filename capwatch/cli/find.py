@@ -120,15 +120,15 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
     marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
     with _open_index(config, readonly=True) as index:
-        vector = None
+        vector = store = None
         if by != "words":
-            vector, why = _query_vector(config, index, meaning_text(query))
+            vector, why, store = _query_vector(config, index, meaning_text(query))
             if vector is None and by == "meaning":
                 raise QueryError(f"--by meaning: {why}")
             if vector is None:
                 log.debug("searching by words only: %s", why)
         hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
-                    highlight=marks, sort="date" if sort == "date" else "score")
+                    highlight=marks, sort="date" if sort == "date" else "score", store=store)
     out = sys.stdout
     for hit in hits:
         motion = motion_of(hit.path)
@@ -167,16 +167,17 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
 DAEMON_NEAREST = 100
 
 
-def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
-    """The query's text embedding (the configured model, loaded here), or (None, why not)."""
+def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str, Any]:
+    """The query's text embedding (from a running daemon, else the configured model loaded here) or (None, why
+    not), and the index's Vectors when this process read their codes (None: not yet)."""
     from capwatch.library.meaning import NO_PLAIN_WORDS
 
     if not text:
-        return None, NO_PLAIN_WORDS
+        return None, NO_PLAIN_WORDS, None
     if config.embed.off:
-        return None, 'search by meaning is off ([embed] model = "off")'
+        return None, 'search by meaning is off ([embed] model = "off")', None
     if index.embedded_count() == 0:
-        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in"
+        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in", None
     # Imported only now: the model layer costs a word search nothing, and an answer from a running daemon
     # needs neither it nor numpy (150 ms to import on a busy 2-core box).
     from capwatch.daemon.textserver import ask
@@ -189,16 +190,11 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
         if index.embedded_count(model):
             log.debug("the query's text embedding came from the running daemon (%s)", model)
             complete = nearest is not None and len(nearest) < DAEMON_NEAREST
-            return QueryVector(model, vector, nearest, complete), ""
-    from capwatch.library.embed import query_embedder, query_vector
+            return QueryVector(model, vector, nearest, complete), "", None
+    # No daemon: the text model loads (in a thread) while the codes are read.
+    from capwatch.library.prefetch import query_vector_and_codes
 
-    embedder, why = query_embedder(config)
-    if embedder is None:
-        return None, why
-    try:
-        return query_vector(index, embedder, text)
-    finally:
-        embedder.close()
+    return query_vector_and_codes(config, index, text)
 
 
 # -- status -----------------------------------------------------------------------------------------------------
