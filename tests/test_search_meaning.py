@@ -160,47 +160,6 @@ def test_search_json_has_similarity_as_the_cosine_of_the_text_and_image_embeddin
     assert sims == sorted(sims, reverse=True) and {r["match"] for r in by_meaning} == {"meaning"}
 
 
-def test_without_a_daemon_the_query_is_embedded_while_the_codes_are_read(
-        scanned: tuple[Path, Path], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from capwatch.config import load_config
-    from capwatch.library.index import Index
-    from capwatch.library.prefetch import query_vector_and_codes
-    from capwatch.library.vectors import Vectors
-
-    _lib, db = scanned
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    config = load_config(None)
-    with Index.open(db, readonly=True) as index:
-        seen: list[str] = []
-        vector, why, store = query_vector_and_codes(config, index, "a cat on a sofa")
-        assert vector is not None and why == ""
-        expected = _embedder().embed_texts(["a cat on a sofa"])[0]
-        assert vector.model == _embedder().model_id
-        assert np.allclose(np.asarray(vector.vector), expected, atol=1e-6)
-        index.connection.set_trace_callback(seen.append)
-        near = store.nearest(vector.model, vector.vector, limit=10)
-        assert not [s for s in seen if "vector_blocks" in s]  # read beside the model, not again
-        index.connection.set_trace_callback(None)
-        assert near == Vectors(index).nearest(vector.model, vector.vector, limit=10)
-        assert len(near) == 7
-
-
-def test_without_a_daemon_a_broken_model_is_a_reason_not_a_crash(
-        scanned: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from capwatch.config import load_config
-    from capwatch.library.index import Index
-    from capwatch.library.prefetch import query_vector_and_codes
-
-    _lib, db = scanned
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    monkeypatch.setenv("CAPWATCH_EMBED_MODEL", str(broken))
-    with Index.open(db, readonly=True) as index:
-        vector, why, _store = query_vector_and_codes(load_config(None), index, "a cat")
-    assert vector is None and "broken-model" in why
-
-
 def test_search_by_words_only_has_null_similarity_and_words_match(scanned: tuple[Path, Path], run_cli: CliRunner,
                                                                   env: dict[str, str]) -> None:
     lib, db = scanned

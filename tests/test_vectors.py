@@ -17,7 +17,6 @@ from capwatch.library.index import ImageRecord, Index
 from capwatch.library.meaning import QueryVector, filter_part, meaning_text
 from capwatch.library.meaning import search as meaning_search
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
-from capwatch.library.prefetch import model_to_preload, read_blocks
 from capwatch.library.search import SearchFilters, fuse_rankings, parse_query
 from capwatch.library.vectors import (
     BLOCK,
@@ -277,45 +276,6 @@ def test_the_excluded_image_is_left_out(index: Index) -> None:
     a = index.ids_for(["/lib/a.jpg"])["/lib/a.jpg"]
     assert [i for i, _ in store.nearest("m", [1.0, 0.0], exclude=[a])] != [a]
     assert a not in {i for i, _ in store.nearest("m", [1.0, 0.0], exclude=[a])}
-
-
-def _statements(index: Index) -> list[str]:
-    seen: list[str] = []
-    index.connection.set_trace_callback(seen.append)
-    return seen
-
-
-def test_blocks_read_beforehand_spare_the_search_reading_them_again(index: Index) -> None:
-    data = clustered(2 * BLOCK + 10, 24, clusters=4)
-    index.upsert_many([_rec(f"/lib/{i:05d}.jpg") for i in range(len(data))])
-    Vectors(index).put_many((f"/lib/{i:05d}.jpg", "m", None, data[i]) for i in range(len(data)))
-    raw = read_blocks(index.connection, "m")
-    assert len(raw.blocks) == 3 and raw.model == "m"
-    expected = Vectors(index).nearest("m", data[5], limit=10)
-    seen = _statements(index)
-    assert Vectors(index, raw).nearest("m", data[5], limit=10) == expected
-    assert not [s for s in seen if "vector_blocks" in s]
-
-
-def test_blocks_read_before_a_change_are_not_used_after_it(index: Index) -> None:
-    index.upsert_many([_rec(f"/lib/{i}.jpg") for i in range(20)])
-    store = Vectors(index)
-    rng = np.random.default_rng(8)
-    store.put_many((f"/lib/{i}.jpg", "m", None, rng.standard_normal(16)) for i in range(19))
-    raw = read_blocks(index.connection, "m")
-    late = rng.standard_normal(16)
-    store.put_many([("/lib/19.jpg", "m", None, late)])  # after the read: the version moved on
-    near = Vectors(index, raw).nearest("m", late, limit=1)
-    assert Vectors(index).paths_of([near[0][0]]) == {near[0][0]: "/lib/19.jpg"}
-    assert near[0][1] == pytest.approx(1.0, abs=1e-6)
-
-
-def test_codes_of_the_largest_model_are_the_ones_read_ahead(index: Index) -> None:
-    index.upsert_many([_rec(f"/lib/{i}.jpg") for i in range(5)])
-    store = Vectors(index)
-    store.put_many([(f"/lib/{i}.jpg", "big", None, [1.0, float(i)]) for i in range(3)])
-    store.put_many([(f"/lib/{i}.jpg", "small", None, [1.0, float(i)]) for i in range(3, 5)])
-    assert model_to_preload(index.connection) == "big"
 
 
 def test_vectors_of_another_model_are_never_compared(index: Index) -> None:

@@ -120,15 +120,15 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
     marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
     with _open_index(config, readonly=True) as index:
-        vector = store = None
+        vector = None
         if by != "words":
-            vector, why, store = _query_vector(config, index, meaning_text(query))
+            vector, why = _query_vector(config, index, meaning_text(query))
             if vector is None and by == "meaning":
                 raise QueryError(f"--by meaning: {why}")
             if vector is None:
                 log.debug("searching by words only: %s", why)
         hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
-                    highlight=marks, sort="date" if sort == "date" else "score", store=store)
+                    highlight=marks, sort="date" if sort == "date" else "score")
     out = sys.stdout
     for hit in hits:
         motion = motion_of(hit.path)
@@ -167,17 +167,16 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
 DAEMON_NEAREST = 100
 
 
-def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str, Any]:
-    """The query's text embedding (from a running daemon, else the configured model loaded here) or (None, why
-    not), and the index's Vectors when this process read their codes (None: not yet)."""
+def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
+    """The query's text embedding (the configured model, loaded here), or (None, why not)."""
     from capwatch.library.meaning import NO_PLAIN_WORDS
 
     if not text:
-        return None, NO_PLAIN_WORDS, None
+        return None, NO_PLAIN_WORDS
     if config.embed.off:
-        return None, 'search by meaning is off ([embed] model = "off")', None
+        return None, 'search by meaning is off ([embed] model = "off")'
     if index.embedded_count() == 0:
-        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in", None
+        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in"
     # Imported only now: the model layer costs a word search nothing, and an answer from a running daemon
     # needs neither it nor numpy (150 ms to import on a busy 2-core box).
     from capwatch.daemon.textserver import ask
@@ -190,11 +189,16 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
         if index.embedded_count(model):
             log.debug("the query's text embedding came from the running daemon (%s)", model)
             complete = nearest is not None and len(nearest) < DAEMON_NEAREST
-            return QueryVector(model, vector, nearest, complete), "", None
-    # No daemon: the text model loads (in a thread) while the codes are read.
-    from capwatch.library.prefetch import query_vector_and_codes
+            return QueryVector(model, vector, nearest, complete), ""
+    from capwatch.library.embed import query_embedder, query_vector
 
-    return query_vector_and_codes(config, index, text)
+    embedder, why = query_embedder(config)
+    if embedder is None:
+        return None, why
+    try:
+        return query_vector(index, embedder, text)
+    finally:
+        embedder.close()
 
 
 # -- status -----------------------------------------------------------------------------------------------------

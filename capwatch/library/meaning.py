@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from capwatch.library.vectors import Vectors
-
 By = Literal["words", "meaning", "both"]
 BY: tuple[By, ...] = ("words", "meaning", "both")
 #: Why a query has no meaning part.
@@ -107,14 +105,12 @@ def _hits_for(index: Index, ids: Sequence[int]) -> dict[int, SearchHit]:
 
 
 def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, vector: QueryVector | None,
-           limit: int = 20, highlight: tuple[str, str] = ("[", "]"), sort: SortOrder = "score",
-           store: Vectors | None = None) -> list[SearchHit]:
+           limit: int = 20, highlight: tuple[str, str] = ("[", "]"), sort: SortOrder = "score") -> list[SearchHit]:
     """Hits for ``query`` by words, by meaning or both fused into one list (reciprocal rank fusion of the bm25
     ranking and the cosine ranking), ``limit`` at most, each with ``similarity`` (None without a vector) and
     ``match``. Without ``vector`` (or for a query with no plain words), ``both`` is words only and ``meaning``
-    finds nothing. ``sort="date"`` orders the same hits newest first. ``store``: the index's
-    :class:`capwatch.library.vectors.Vectors` when the caller has one (with codes already read). Raises
-    IndexUnavailable for database problems."""
+    finds nothing. ``sort="date"`` orders the same hits newest first. Raises IndexUnavailable for database
+    problems."""
     text = meaning_text(query)
     use_meaning = by != "words" and vector is not None and text is not None
     if not use_meaning:
@@ -133,7 +129,7 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
     if len(near) < depth and not vector.complete:  # no daemon's answer, or too few of its images pass the filters
         from capwatch.library.vectors import Vectors
 
-        near = (store or Vectors(index)).nearest(vector.model, vector.vector, limit=depth, allowed=allowed)
+        near = Vectors(index).nearest(vector.model, vector.vector, limit=depth, allowed=allowed)
     similarity = dict(near)
     ids = index.ids_for(h.path for h in words)
     word_ids = [ids[h.path] for h in words if h.path in ids]

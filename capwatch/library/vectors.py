@@ -35,7 +35,6 @@ import numpy.typing as npt
 
 from capwatch.errors import CapwatchError
 from capwatch.library.index import Index, normalise_path
-from capwatch.library.prefetch import RawBlocks, read_blocks
 
 #: Codes per row of ``vector_blocks``: small enough that appending to the last block rewrites little, large
 #: enough that a million vectors load in about a thousand rows.
@@ -173,13 +172,10 @@ class Vectors:
     """The vectors of one :class:`Index` (same thread as the index). Holds the packed codes of the models it has
     searched in memory and reloads them when another connection changed them (``vector_models.version``)."""
 
-    def __init__(self, index: Index, preloaded: RawBlocks | None = None) -> None:
-        """``preloaded``: one model's blocks as :func:`capwatch.library.prefetch.read_blocks` read them from this
-        index (used while their version is still the index's)."""
+    def __init__(self, index: Index) -> None:
         self._index = index
         self._conn = index.connection
         self._codes: dict[str, tuple[int, npt.NDArray[np.int64], npt.NDArray[np.uint64], FloatArray | None]] = {}
-        self._preloaded = preloaded
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -372,32 +368,21 @@ class Vectors:
     # -- searching --------------------------------------------------------------------------------------------
 
     def _load(self, model: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64], FloatArray | None]:
-        row = self._conn.execute("SELECT version FROM vector_models WHERE model = ?", (model,)).fetchone()
+        row = self._conn.execute("SELECT version, centre FROM vector_models WHERE model = ?", (model,)).fetchone()
         version = -1 if row is None else int(row[0])
+        centre = None if row is None or row[1] is None else _as_vector(row[1])
         cached = self._codes.get(model)
         if cached is not None and cached[0] == version:
             return cached[1], cached[2], cached[3]
-        raw, self._preloaded = self._preloaded, None
-        if raw is None or raw.model != model or raw.version != version:
-            raw = read_blocks(self._conn, model)
-        centre = None if raw.centre is None else _as_vector(raw.centre)
-        count = sum(len(i) for i, _ in raw.blocks) // 8
-        width = sum(len(c) for _, c in raw.blocks) // count if count else 64
-        ids = np.empty(count, dtype=np.int64)
-        codes = np.empty((count, width), dtype=np.uint8)
-        at = 0
-        # Block by block into arrays made once: no 64 MB join of the blobs first (one copy less per search
-        # process).
-        for block_ids, block_codes in raw.blocks:
-            n = len(block_ids) // 8
-            ids[at:at + n] = np.frombuffer(block_ids, dtype="<i8")
-            codes[at:at + n] = np.frombuffer(block_codes, dtype=np.uint8).reshape(n, width)
-            at += n
-        words = codes.view(np.uint64)
+        rows = self._conn.execute("SELECT ids, codes FROM vector_blocks WHERE model = ? ORDER BY block",
+                                  (model,)).fetchall()
+        ids = np.frombuffer(b"".join(r[0] for r in rows), dtype="<i8").astype(np.int64)
+        raw = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8)
+        words = raw.view(np.uint64).reshape(len(ids), -1) if len(ids) else np.zeros((0, 8), dtype=np.uint64)
         if words.shape[1] % 8:
             # Whole groups of 8 words (512 bits) for hamming(); zero words add no distance.
             words = np.pad(words, ((0, 0), (0, 8 - words.shape[1] % 8)))
-        self._codes[model] = (raw.version, ids, words, centre)
+        self._codes[model] = (version, ids, words, centre)
         return ids, words, centre
 
     def nearest(self, model: str, query: npt.ArrayLike, *, limit: int = 20, candidates: int | None = None,
