@@ -214,9 +214,11 @@ def test_pack_codes_keeps_one_sign_bit_per_dimension_in_whole_words() -> None:
     assert codes.shape == (1, 16) and codes[0, 0] == 0b10100000 and not codes[0, 1:].any()
 
 
-def test_hamming_counts_differing_bits_across_steps_of_rows() -> None:
+@pytest.mark.parametrize("width", [8, 16])  # 512 bits; 768 bits padded to 1024
+def test_hamming_counts_differing_bits_across_steps_of_rows(width: int) -> None:
     rng = np.random.default_rng(3)
-    words = rng.integers(0, 2**63, size=(2 * STEP + 5, 8), dtype=np.uint64)
+    words = rng.integers(0, 2**64, size=(2 * STEP + 5, width), dtype=np.uint64)
+    words[3] = ~words[7]  # every bit differs: the largest count, 64 per word
     query = words[7].copy()
     naive = np.unpackbits((words ^ query).view(np.uint8), axis=1).sum(axis=1)
     assert hamming(words, query).tolist() == naive.tolist()

@@ -110,25 +110,33 @@ def hamming(words: npt.NDArray[np.uint64], query: npt.NDArray[np.uint64]) -> npt
 
     In steps of :data:`STEP` rows into buffers made once: whole-array temporaries (64 MB each at a million
     512-bit codes) cost a page fault per 4 KB on every search. The per-word popcounts (bytes, at most 64 each)
-    are summed eight at a time inside one 64-bit integer (SWAR), several times faster than numpy's sum over a
-    short axis. Measured at 1 M codes (512 bits, this 2-core box, load ~3): 52 ms as whole arrays, 27 ms in
-    steps."""
+    are summed inside 64-bit integers: byte pairs into 16-bit lanes (at most 128), then the four lanes by one
+    multiply (their sum, at most 512, lands in the top 16 bits). Measured at 1 M codes (512 bits, this 2-core
+    box, load ~3): 52 ms as whole arrays, 27 ms in steps; the multiply instead of two more mask-and-add rounds
+    ~10 % less again (load ~8: p50 28.5 -> 25.7 ms)."""
     n, width = words.shape
     out = np.empty(n, dtype=np.int64)
-    xor = np.empty((min(n, STEP), width), dtype=np.uint64)
-    counts = np.empty((min(n, STEP), width), dtype=np.uint8)
-    m8, m16 = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF)
+    rows_max = min(n, STEP)
+    xor = np.empty((rows_max, width), dtype=np.uint64)
+    counts = np.empty((rows_max, width), dtype=np.uint8)
+    lanes = np.empty((rows_max, width // 8), dtype=np.uint64)
+    high = np.empty((rows_max, width // 8), dtype=np.uint64)
+    m8, eight = np.uint64(0x00FF00FF00FF00FF), np.uint64(8)
+    spread, top = np.uint64(0x0001000100010001), np.uint64(48)
     for start in range(0, n, STEP):
         rows = words[start:start + STEP]
-        x = xor[:len(rows)]
-        c = counts[:len(rows)]
+        k = len(rows)
+        x, c, a, b = xor[:k], counts[:k], lanes[:k], high[:k]
         np.bitwise_xor(rows, query, out=x)
         np.bitwise_count(x, out=c)
         packed = c.view(np.uint64)  # (rows, width / 8): 8 byte-sized counts per integer
-        packed = (packed & m8) + ((packed >> np.uint64(8)) & m8)
-        packed = (packed & m16) + ((packed >> np.uint64(16)) & m16)
-        packed = (packed & np.uint64(0xFFFFFFFF)) + (packed >> np.uint64(32))
-        out[start:start + len(rows)] = packed[:, 0] if packed.shape[1] == 1 else packed.sum(axis=1)
+        np.bitwise_and(packed, m8, out=a)
+        np.right_shift(packed, eight, out=b)
+        np.bitwise_and(b, m8, out=b)
+        np.add(a, b, out=a)
+        np.multiply(a, spread, out=a)
+        np.right_shift(a, top, out=a)
+        out[start:start + k] = a[:, 0] if a.shape[1] == 1 else a.sum(axis=1)
     return out
 
 
