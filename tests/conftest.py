@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -137,3 +138,17 @@ def pytest_configure(config: pytest.Config) -> None:
         if missing:
             pytest.exit(f"CI needs {' and '.join(missing)} for the tests that use them: .ci/run must install them",
                         returncode=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_capwatch() -> None:
+    """Every capwatch child process of the tests (CLI runs, daemons, servers, writers: thousands of them) reads
+    capwatch's modules compiled once, here, into their usual __pycache__ folders, instead of compiling each again
+    at every start ($PYTHONDONTWRITEBYTECODE, set for the CLI runs, keeps them from writing any). The same source,
+    compiled by the same Python; Python uses an entry only while it matches its source's mtime and size."""
+    import importlib.util
+    import py_compile
+
+    for source in sorted((REPO / "capwatch").rglob("*.py")):
+        with contextlib.suppress(OSError, py_compile.PyCompileError):  # read-only checkout: children compile
+            py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True)

@@ -9,11 +9,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from crash_helpers import Writer
 from daemon_helpers import IMAGES, MODELS, wait_until
 from PIL import Image
 
@@ -34,18 +34,6 @@ def _noise_jpeg(path: Path, size: tuple[int, int] = (2400, 1600)) -> Path:
     rng = random.Random(7)
     Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)).save(path, quality=95)
     return path
-
-
-def _writer(target: Path, journal: Path) -> subprocess.Popen[bytes]:
-    code = f"""
-        from pathlib import Path
-        from capwatch.config import MetadataConfig
-        from capwatch.metadata import Journal, Provenance, write_caption
-        write_caption(Path({str(target)!r}), {CAPTION!r}, Provenance({PROV.model!r}, {PROV.revision!r},
-                      {PROV.created_at!r}), MetadataConfig(), journal=Journal(Path({str(journal)!r})))
-    """
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env)
 
 
 def _reset(path: Path, content: bytes, mtime_ns: int) -> None:
@@ -90,7 +78,8 @@ def test_kill_9_during_the_in_place_write_of_a_hard_linked_photo_never_damages_i
         if kills >= 30:
             break
         _reset(target, original, base_mtime)
-        proc = _writer(target, journal)
+        writer = Writer(target, journal, CAPTION, PROV)
+        proc = writer.go()
         killed = False
         while proc.poll() is None:
             if os.stat(target).st_mtime_ns != base_mtime:
@@ -101,7 +90,7 @@ def test_kill_9_during_the_in_place_write_of_a_hard_linked_photo_never_damages_i
                 proc.send_signal(signal.SIGKILL)
                 killed = True
                 break
-        proc.wait(60)
+        writer.close()
         if not killed or proc.returncode != -signal.SIGKILL:
             continue
         kills += 1

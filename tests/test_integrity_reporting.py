@@ -104,20 +104,28 @@ def test_non_utf8_name_is_one_line_one_failure_and_no_status_error(run_cli: CliR
 
 
 def _deep_tree(root: Path, dir_path_bytes: int) -> tuple[int, list[str]]:
-    """Nest folders with 200-character names below ``root`` (through directory fds, as no path could reach them)
-    until the deepest folder's absolute path is at least ``dir_path_bytes`` long. Returns (fd of the deepest
-    folder, the folder names)."""
+    """Nest folders below ``root`` (through directory fds, as no path could reach them) until the deepest folder's
+    absolute path is exactly ``dir_path_bytes`` long, whatever the length of ``root`` (pytest's temp folder is
+    longer in a worker process): the first folder's name takes up the slack, every later one has 200 characters,
+    so the deepest folder's parent is 201 bytes shorter. Returns (fd of the deepest folder, the folder names)."""
     names: list[str] = []
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     length = len(os.fsencode(root))
+    step = 1 + 200  # a slash and a full-size name
+    count = max(1, -(-(dir_path_bytes - length) // step))
+    first = dir_path_bytes - length - (count - 1) * step - 1
+    if first < 5:  # too short for its "NNN-" prefix: one folder fewer, the first one longer (at most 205 bytes)
+        count, first = count - 1, first + step
+    widths = [first] + [200] * (count - 1)
     while length < dir_path_bytes:
-        name = f"{len(names):03d}-" + "d" * 196
+        name = f"{len(names):03d}-" + "d" * (widths[len(names)] - 4)
         os.mkdir(name, dir_fd=fd)
         child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
         os.close(fd)
         fd = child
         names.append(name)
         length += 1 + len(name)
+    assert length == dir_path_bytes, (length, dir_path_bytes)
     return fd, names
 
 

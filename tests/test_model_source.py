@@ -152,7 +152,11 @@ def test_a_missing_model_directory_is_waited_for(tmp_path: Path, sources: list[M
     assert "trying again" not in snap.text  # nothing failed: it is looked for again every recheck
     source.start()
     folder.parent.mkdir()
-    shutil.copytree(TINY, folder)  # the mount comes up
+    # The mount comes up: the whole folder appears at once. (Copied in place file by file, the source could catch
+    # it half-copied, fail to load it and wait out its 30 s back-off: another behaviour, and a 30 s test.)
+    staged = tmp_path / "staged-model"
+    shutil.copytree(TINY, staged)
+    staged.rename(folder)
     captioner = wait_until(source.take, what="the model once its folder is there")
     try:
         assert captioner.model_dir == folder

@@ -7,35 +7,20 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from crash_helpers import Writer
 from video_helpers import FFMPEG, framemd5, make_video
 
 from capwatch.config import MetadataConfig
 from capwatch.metadata import Journal, Provenance, write_caption
 
-REPO = Path(__file__).resolve().parent.parent
 PROV = Provenance("tiny/model", "rev1", "2026-03-01T12:00:00Z")
 CAPTION = "a test pattern of colour bars"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FFMPEG, reason="ffmpeg makes the videos")]
-
-
-def _writer(target: Path, journal: Path) -> subprocess.Popen[bytes]:
-    code = f"""
-        from pathlib import Path
-        from capwatch.config import MetadataConfig
-        from capwatch.metadata import Journal, Provenance, write_caption
-        write_caption(Path({str(target)!r}), {CAPTION!r}, Provenance({PROV.model!r}, {PROV.revision!r},
-                      {PROV.created_at!r}), MetadataConfig(), journal=Journal(Path({str(journal)!r})))
-    """
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env)
 
 
 def _reset(path: Path, content: bytes, mtime_ns: int) -> None:
@@ -45,14 +30,20 @@ def _reset(path: Path, content: bytes, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Large enough (several MB of noise) that a write takes a while; moov in front, so the media moves. Made once
+    for both cases: they only read it (each writes its own copies)."""
+    return make_video(tmp_path_factory.mktemp("noise") / "source.mov", seconds=3, size="1280x720", faststart=True,
+                      extra=("-vf", "noise=alls=60:allf=t", "-crf", "10", "-preset", "ultrafast"))
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("linked", [False, True], ids=["rename", "in place (hard link)"])
-def test_kill_9_during_a_video_write_leaves_the_old_or_the_new_video(linked: bool, tmp_path: Path) -> None:
+def test_kill_9_during_a_video_write_leaves_the_old_or_the_new_video(linked: bool, source: Path,
+                                                                     tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     videos.mkdir()
-    # Large enough (several MB of noise) that a write takes a while; moov in front, so the media moves.
-    source = make_video(tmp_path / "source.mov", seconds=3, size="1280x720", faststart=True,
-                        extra=("-vf", "noise=alls=60:allf=t", "-crf", "10", "-preset", "ultrafast"))
     original = source.read_bytes()
     reference = tmp_path / "reference.mov"
     reference.write_bytes(original)
@@ -79,7 +70,8 @@ def test_kill_9_during_a_video_write_leaves_the_old_or_the_new_video(linked: boo
         if kills >= 15:
             break
         _reset(target, original, base_mtime)
-        proc = _writer(target, journal)
+        writer = Writer(target, journal, CAPTION, PROV)
+        proc = writer.go()
         killed = False
         started = time.perf_counter()
         # Kill at a random moment of the write: once its temp file (rename) or backup (in place) appears, or the
@@ -94,7 +86,7 @@ def test_kill_9_during_a_video_write_leaves_the_old_or_the_new_video(linked: boo
                 proc.send_signal(signal.SIGKILL)
                 killed = True
                 break
-        proc.wait(60)
+        writer.close()
         if not killed or proc.returncode != -signal.SIGKILL:
             continue
         kills += 1
