@@ -143,3 +143,57 @@ def test_onnxruntime_leaves_no_files_in_the_home_or_cache_of_who_runs_capwatch(
         sorted(map(str, home.rglob("*")))
     assert list(temp.iterdir()) == []  # the private folder onnxruntime was given is gone again
     assert "telemetry" not in result.err
+
+
+def test_a_scan_with_every_kind_of_model_leaves_no_onnxruntime_files_in_the_home(
+        tmp_path: Path, run_cli: CliRunner) -> None:
+    # Captioner (Florence-2's shared seq2seq decoder), embedder and translator each load onnxruntime: whichever
+    # is first must import it the quiet way (capwatch.models.runtime), or its device id lands in ~/.cache.
+    library = tmp_path / "photos"
+    library.mkdir()
+    shutil.copy(IMAGES / "blobs.jpg", library / "photo.jpg")
+    config = tmp_path / "capwatch.toml"
+    config.write_text(f"""[model]
+dir = "{MODELS / 'florence2-tiny'}"
+precision = "fp32"
+
+[embed]
+model = "{MODELS / 'siglip-tiny'}"
+
+[language]
+captions = ["fr"]
+models = {{ fr = "{MODELS / 'marian-tiny-en-xx'}" }}
+""")
+    result = run_cli("--config", config, "--db", tmp_path / "index.db", "scan", library)
+    assert result.code == 0, result.err
+    assert "1 captioned" in result.out, result.out
+    home = tmp_path / "home"
+    assert not [p for p in home.rglob("*") if "Microsoft" in p.parts or "onnxruntime" in p.name], \
+        sorted(map(str, home.rglob("*")))
+
+
+def test_only_capwatch_models_runtime_imports_onnxruntime_itself() -> None:
+    # The rule the two tests above check for the paths they take, for every module: onnxruntime is imported in
+    # capwatch.models.runtime alone; a module that imports one of its submodules imports runtime first.
+    import ast
+
+    import capwatch
+
+    package = Path(capwatch.__file__).parent
+    offenders = []
+    for source in sorted(package.rglob("*.py")):
+        if source == package / "models" / "runtime.py":
+            continue
+        tree = ast.parse(source.read_text(), str(source))
+        names = [(node.lineno, alias.name) for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names]
+        names += [(node.lineno, node.module) for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module]
+        quiet_first = any(isinstance(node, ast.ImportFrom) and (
+            node.module == "capwatch.models.runtime"
+            or (node.module == "capwatch.models" and any(a.name == "runtime" for a in node.names)))
+            for node in tree.body)
+        for line, name in names:
+            if name == "onnxruntime" or (name.startswith("onnxruntime.") and not quiet_first):
+                offenders.append(f"{source.relative_to(package)}:{line}: {name}")
+    assert offenders == []

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from capwatch.config import Config, EmbedConfig, ModelConfig, Precision
@@ -45,6 +44,7 @@ from capwatch.models.derived import DerivedCache, signed_graph, signed_is_exact,
 from capwatch.models.embedtext import EmbeddingTokenizer
 from capwatch.models.layout import check_names, find_onnx, read_json
 from capwatch.models.preprocess import Preprocessor
+from capwatch.models.runtime import ort
 from capwatch.models.session import SessionGroup, SessionOwner
 
 EmbedFamily = Literal["clip", "siglip"]

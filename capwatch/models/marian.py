@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from capwatch.config import ModelConfig, Precision
@@ -44,6 +43,7 @@ from capwatch.models.layout import (
     read_capped,
     read_json,
 )
+from capwatch.models.runtime import ort
 from capwatch.models.seq2seq import DecoderShape, EncodedBatch, MergedDecoder
 from capwatch.models.session import SessionGroup, SessionOwner
 from capwatch.models.spm import load_spm_tokenizer

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from capwatch.errors import ModelError
 from capwatch.models.generate import DecoderState
 from capwatch.models.layout import check_names
+from capwatch.models.runtime import ort
 
 #: The names a merged decoder may take the new token under.
 TOKEN_INPUTS = ("inputs_embeds", "input_ids")

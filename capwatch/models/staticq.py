@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# onnxruntime itself is imported the quiet way (no telemetry files in the user's home) before its quantization
+# package, which would otherwise import it plainly in the child process that makes the static graph.
+from capwatch.models import runtime  # noqa: F401
+
 #: The calibration photos shipped with capwatch (file names in capwatch/data/calibration).
 CALIBRATION_PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")
 
