@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from migration_helpers import open_killed_in_migration
 
 from capwatch.library.index import ImageRecord, Index
 from capwatch.library.meaning import QueryVector, filter_part, meaning_text
@@ -81,32 +82,6 @@ def test_upgrade_from_version_5_keeps_rows_and_lets_them_get_vectors(tmp_path: P
         assert [p.path for p in index.search(parse_query("dog"), SearchFilters())] == ["/lib/a.jpg"]
 
 
-_KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import capwatch.library.index as ix
-    import capwatch.library.migrations as m
-    stop_after = int(sys.argv[2])
-
-    def killed_midway(db):
-        done = [0]
-        real = db.execute
-
-        def execute(*args, **kwargs):
-            result = real(*args, **kwargs)
-            done[0] += 1
-            if done[0] == stop_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-
-        db.execute = execute
-        m._migration_6(db)
-        os.kill(os.getpid(), signal.SIGKILL)  # every statement ran; the COMMIT did not
-
-    ix.MIGRATIONS = tuple((v, n, killed_midway if v == 6 else f) for v, n, f in m.MIGRATIONS)
-    ix.Index.open(sys.argv[1])
-""")
-
-
 @pytest.mark.parametrize("stop_after", [1, 4, 99])
 def test_migration_6_killed_midway_leaves_schema_5_whole_and_runs_again(tmp_path: Path, stop_after: int) -> None:
     db = tmp_path / "index.db"
@@ -119,9 +94,7 @@ def test_migration_6_killed_midway_leaves_schema_5_whole_and_runs_again(tmp_path
         ((f"/lib/{i:04d}.jpg", f"harbour with boats {i}") for i in range(500)),
     )
     conn.close()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.run([sys.executable, "-c", _KILLER, str(db), str(stop_after)], env=env, timeout=120)
-    assert child.returncode == -9  # it really died inside migration 6
+    assert open_killed_in_migration(db, 6, stop_after) == -9  # it really died inside migration 6
     check = sqlite3.connect(db)
     assert check.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0] == 5
     names = {r[0] for r in check.execute("SELECT name FROM sqlite_master")}

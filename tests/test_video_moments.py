@@ -8,16 +8,14 @@ on is that different pictures give different vectors, and that capwatch's vector
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from migration_helpers import open_killed_in_migration
 from PIL import Image
 from video_helpers import EXIFTOOL, FFMPEG
 
@@ -125,39 +123,11 @@ def test_an_upgrade_from_8_has_videos_embedded_again_with_their_moments_and_keep
         assert vectors.count("m") == 303  # still searchable meanwhile
 
 
-_KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import capwatch.library.index as ix
-    import capwatch.library.migrations as m
-    stop_after = int(sys.argv[2])
-
-    def killed_midway(db):
-        done = [0]
-        real = db.execute
-
-        def execute(*args, **kwargs):
-            result = real(*args, **kwargs)
-            done[0] += 1
-            if done[0] == stop_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-
-        db.execute = execute
-        m._migration_moments(db)
-        os.kill(os.getpid(), signal.SIGKILL)  # every statement ran; the COMMIT did not
-
-    ix.MIGRATIONS = tuple((v, n, killed_midway if v == 9 else f) for v, n, f in m.MIGRATIONS)
-    ix.Index.open(sys.argv[1])
-""")
-
-
 @pytest.mark.parametrize("stop_after", [1, 5, 99])
 def test_migration_9_killed_midway_leaves_schema_8_whole_and_runs_again(tmp_path: Path, stop_after: int) -> None:
     db = tmp_path / "index.db"
     _schema_8_with_vectors(db)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.run([sys.executable, "-c", _KILLER, str(db), str(stop_after)], env=env, timeout=120)
-    assert child.returncode == -9  # it really died inside migration 9
+    assert open_killed_in_migration(db, 9, stop_after) == -9  # it really died inside migration 9
     check = sqlite3.connect(db)
     assert check.execute("SELECT max(version) FROM capwatch_migrations").fetchone()[0] == 8
     names = {r[0] for r in check.execute("SELECT name FROM sqlite_master")}
