@@ -372,17 +372,11 @@ def make(job: Job, target: Path, key: bytes) -> None:
         else:
             _probe_same_outputs(job.source, work / "graph.onnx", job.shapes)
         files = _json_files(work, names)
-        if target.exists():
-            cache.refuse_links(target.parent, target)
-            shutil.rmtree(target)
-        os.rename(work, target)
+        _move_in(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    manifest = {"format": cache.MARKER_FORMAT, "version": VERSION, "recipe": job.name, "source": str(job.source),
-                "files": files, **extra}
-    manifest["stamp"] = stamp.compute(key, target, job.name, files)
-    cache.write_json_atomic(target / "manifest.json", manifest)
+    _write_manifest(job, target, key, files, extra)
 
 
 def _make_static(job: Job, target: Path, key: bytes) -> None:
@@ -406,15 +400,27 @@ def _make_static(job: Job, target: Path, key: bytes) -> None:
         except staticq.Strayed as exc:
             raise _Refused(str(exc)) from None
         files = _json_files(work, ["graph.onnx"])
-        if target.exists():
-            cache.refuse_links(target.parent, target)
-            shutil.rmtree(target)
-        os.rename(work, target)
+        _move_in(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _write_manifest(job, target, key, files, {"min_cosine": cosine})
+
+
+def _move_in(work: Path, target: Path) -> None:
+    """Put the finished folder ``work`` in place of ``target`` (an older one there is removed first; a link there
+    is refused). Raises OSError, or ModelError for a link."""
+    if target.exists():
+        cache.refuse_links(target.parent, target)
+        shutil.rmtree(target)
+    os.rename(work, target)
+
+
+def _write_manifest(job: Job, target: Path, key: bytes, files: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    """Seal the derived folder ``target``: its manifest (recipe, source, files, ``extra``) with the stamp that
+    proves it was made here from that source. Raises OSError."""
     manifest = {"format": cache.MARKER_FORMAT, "version": VERSION, "recipe": job.name, "source": str(job.source),
-                "files": files, "min_cosine": cosine}
+                "files": files, **extra}
     manifest["stamp"] = stamp.compute(key, target, job.name, files)
     cache.write_json_atomic(target / "manifest.json", manifest)
 
