@@ -166,3 +166,57 @@ def test_embedded_previews_off_decodes_the_photo_itself(lib: Library, tmp_path: 
         on = server.get(f"/thumb/{row}")
         assert _colour(_tile(server, f"/thumb/{row}")) == "preview"  # not the picture cached with the other setting
     assert off.headers["etag"] != on.headers["etag"]
+
+
+@pytest.mark.parametrize("which", ["photo", "preview"])
+def test_a_frame_header_of_zero_height_is_no_preview_and_no_error(tmp_path: Path, which: str) -> None:
+    # A JPEG frame header may give height 0 (the height then follows in a DNL marker): such a photo or preview
+    # has no aspect ratio to compare, so the photo is decoded instead (before: a ZeroDivisionError, a failed tile).
+    def zero_height(data: bytes) -> bytes:
+        sof = data.index(b"\xff\xc0")
+        return data[:sof + 5] + b"\x00\x00" + data[sof + 7:]
+
+    main = jpeg_bytes(Image.new("RGB", (3000, 2000), PHOTO))
+    preview = jpeg_bytes(Image.new("RGB", (1620, 1080), PREVIEW))
+    if which == "photo":
+        main = zero_height(main)
+    else:
+        preview = zero_height(preview)
+    path = tmp_path / "dnl.jpg"
+    path.write_bytes(with_mpf(main, [(preview, LARGE_THUMBNAIL_FULL_HD)]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert preview_image(fd, 320, max_pixels=50_000_000) is None
+    finally:
+        os.close(fd)
+
+
+def test_damaged_segments_never_raise_they_only_cost_the_preview(tmp_path: Path) -> None:
+    # Whatever the segments before the image data say (lengths, offsets, counts, sizes cut or changed), finding a
+    # preview gives a picture or None: the photo is then decoded, which reports a damaged file in its own words.
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    main = jpeg_bytes(Image.new("RGB", (3000, 2000), PHOTO), orientation=6)
+    preview = jpeg_bytes(Image.new("RGB", (1620, 1080), PREVIEW), quality=80)
+    good = with_mpf(main, [(preview, LARGE_THUMBNAIL_FULL_HD)])
+    head = good.index(b"\xff\xda")  # everything before the photo's scan: the segments that are parsed
+    path = tmp_path / "damaged.jpg"
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, head - 1), st.integers(0, 255)), min_size=1, max_size=8),
+           st.integers(head // 2, len(good)))
+    def check(changes: list[tuple[int, int]], keep: int) -> None:
+        data = bytearray(good[:keep])
+        for at, value in changes:
+            if at < len(data):
+                data[at] = value
+        path.write_bytes(bytes(data))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            image = preview_image(fd, 320, max_pixels=50_000_000)
+        finally:
+            os.close(fd)
+        assert image is None or max(image.size) >= 320
+
+    check()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from capwatch.models.rawpreview import _entries, _tiff_order
+from capwatch.models.rawpreview import ifd_entries, tiff_order
 
 #: The previews' aspect ratio may differ from the photo's by this share (a 6000x4000 photo with a 1616x1080
 #: preview: 0.25 %): more and the picture would be visibly another crop.
@@ -81,11 +81,11 @@ def _segments(head: bytes) -> Iterator[tuple[int, int, int]]:
 
 def _orientation(tiff: bytes) -> int | None:
     """IFD0's orientation in a TIFF structure (EXIF), or None."""
-    order = _tiff_order(tiff)
+    order = tiff_order(tiff)
     if order is None or len(tiff) < 8:
         return None
     (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
-    for tag, typ, count, value, _ in _entries(tiff, ifd0, order):
+    for tag, typ, count, value, _ in ifd_entries(tiff, ifd0, order):
         if tag == _ORIENTATION and typ == 3 and count == 1:
             return value if 1 <= value <= 8 else None
     return None
@@ -93,7 +93,7 @@ def _orientation(tiff: bytes) -> int | None:
 
 def _exif_thumbnail(tiff: bytes) -> tuple[int, int] | None:
     """(offset, length) within ``tiff`` of the JPEG thumbnail IFD1 points at, or None."""
-    order = _tiff_order(tiff)
+    order = tiff_order(tiff)
     if order is None or len(tiff) < 8:
         return None
     (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
@@ -104,7 +104,7 @@ def _exif_thumbnail(tiff: bytes) -> tuple[int, int] | None:
     if end + 4 > len(tiff):
         return None
     (ifd1,) = struct.unpack_from(order + "I", tiff, end)
-    found = {tag: value for tag, _, _, value, _ in _entries(tiff, ifd1, order) if tag in _IFD1_JPEG}
+    found = {tag: value for tag, _, _, value, _ in ifd_entries(tiff, ifd1, order) if tag in _IFD1_JPEG}
     offset, length = found.get(_IFD1_JPEG[0], 0), found.get(_IFD1_JPEG[1], 0)
     return (offset, length) if offset > 0 and length > 0 and offset + length <= len(tiff) else None
 
@@ -112,12 +112,12 @@ def _exif_thumbnail(tiff: bytes) -> tuple[int, int] | None:
 def _mpf_previews(mpf: bytes, base: int) -> list[tuple[int, int]]:
     """(absolute offset, length) of the large thumbnails an MPF index (``mpf``: from its byte-order mark, which
     lies at ``base`` in the file) lists; the first entry (the photo itself) is never one."""
-    order = _tiff_order(mpf)
+    order = tiff_order(mpf)
     if order is None or len(mpf) < 8:
         return []
     (first,) = struct.unpack_from(order + "I", mpf, 4)
     out = []
-    for tag, _, count, value, _ in _entries(mpf, first, order):
+    for tag, _, count, value, _ in ifd_entries(mpf, first, order):
         if tag != _MP_ENTRY or count % 16 or value + count > len(mpf):
             continue
         for at in range(value, value + count, 16):
@@ -129,8 +129,9 @@ def _mpf_previews(mpf: bytes, base: int) -> list[tuple[int, int]]:
 
 
 def read_header(head: bytes) -> Header | None:
-    """The :class:`Header` of the JPEG whose first bytes are ``head``; None when it is not a JPEG or has no frame
-    header within them."""
+    """The :class:`Header` of the JPEG whose first bytes are ``head``; None when it is not a JPEG, has no frame
+    header within them, or its frame header gives no size (height 0: the height follows the data, in a DNL
+    marker)."""
     if head[:2] != b"\xff\xd8":
         return None
     orientation: int | None = None
@@ -147,7 +148,7 @@ def read_header(head: bytes) -> Header | None:
             previews.extend((offset, size, "mpf") for offset, size in _mpf_previews(body[4:], start + 4))
         elif marker in _SOF and len(body) >= 5:
             height, width = struct.unpack_from(">HH", body, 1)
-            return Header((width, height), orientation, tuple(previews))
+            return Header((width, height), orientation, tuple(previews)) if width and height else None
     return None
 
 

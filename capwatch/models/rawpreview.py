@@ -45,7 +45,8 @@ class Preview:
     orientation: int
 
 
-def _tiff_order(head: bytes) -> str | None:
+def tiff_order(head: bytes) -> str | None:
+    """The struct byte order of a TIFF structure (EXIF, MPF, a RAW file) from its byte-order mark, or None."""
     if head[:2] == b"II":
         return "<"
     if head[:2] == b"MM":
@@ -53,7 +54,7 @@ def _tiff_order(head: bytes) -> str | None:
     return None
 
 
-def _entries(data: bytes, offset: int, order: str) -> Iterator[tuple[int, int, int, int, int]]:
+def ifd_entries(data: bytes, offset: int, order: str) -> Iterator[tuple[int, int, int, int, int]]:
     """(tag, type, count, value-or-offset, entry position) for the IFD at ``offset``."""
     if offset <= 0 or offset + 2 > len(data):
         return
@@ -86,7 +87,7 @@ def _longs(data: bytes, order: str, typ: int, count: int, value: int, pos: int) 
 
 
 def _tiff_previews(data: bytes) -> tuple[list[bytes], int]:
-    order = _tiff_order(data[:2])
+    order = tiff_order(data[:2])
     if order is None or len(data) < 8:
         return [], 1
     (first,) = struct.unpack_from(order + "I", data, 4)
@@ -100,7 +101,7 @@ def _tiff_previews(data: bytes) -> tuple[list[bytes], int]:
             continue
         seen.add(offset)
         tags: dict[int, tuple[int, int, int, int]] = {}
-        entries = list(_entries(data, offset, order))
+        entries = list(ifd_entries(data, offset, order))
         for tag, typ, count, value, pos in entries:
             tags[tag] = (typ, count, value, pos)
         if is_ifd0 and _ORIENTATION in tags:
