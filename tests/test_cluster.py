@@ -238,7 +238,7 @@ def test_a_video_on_the_cluster_gets_the_caption_keywords_text_and_moments_of_a_
     import sqlite3
 
     import numpy as np
-    from test_video_moments import scenes_video
+    from video_helpers import scenes_video
 
     florence = MODELS / "florence2-tiny"
     local = tmp_path / "local"

@@ -4,12 +4,11 @@ captioned, written, indexed, searched and counted like photos."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageFilter
-from video_helpers import EXIFTOOL, FFMPEG, exiftool, framemd5, make_video
+from video_helpers import EXIFTOOL, FFMPEG, exiftool, framemd5, make_video, scenes_video
 
 from capwatch.library.videos import merge_keywords, merge_text
 from capwatch.models.frames import BLACK_LUMA, FLAT_STD, Frame, choose, choose_frames, measure
@@ -22,22 +21,8 @@ pytestmark = pytest.mark.skipif(not (FFMPEG and EXIFTOOL), reason="ffmpeg makes 
 MODEL = Path(__file__).parent / "fixtures" / "models" / "vit-gpt2-tiny-greedy"
 
 
-def _concat(path: Path, *sources: str, seconds: float = 1.5, extra: tuple[str, ...] = ()) -> Path:
-    """A video of several lavfi sources one after the other (keyframe every 0.5 s)."""
-    assert FFMPEG is not None
-    cmd = [FFMPEG, "-v", "error", "-y"]
-    for source in sources:
-        joint = ":" if "=" in source else "="
-        cmd += ["-f", "lavfi", "-i", f"{source}{joint}size=320x240:rate=24:duration={seconds}"]
-    inputs = "".join(f"[{i}]" for i in range(len(sources)))
-    cmd += ["-filter_complex", f"{inputs}concat=n={len(sources)}:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-            "-g", "12", *extra, str(path)]
-    subprocess.run(cmd, check=True, timeout=120)
-    return path
-
-
 def test_a_black_fade_in_is_never_the_representative_frame(tmp_path: Path) -> None:
-    video = _concat(tmp_path / "fade.mp4", "color=c=black", "color=c=black", "testsrc")
+    video = scenes_video(tmp_path / "fade.mp4", "color=c=black", "color=c=black", "testsrc")
     chosen = choose_frames(video)
     assert any(reason == "black" for _, reason in chosen.rejected)
     assert all(frame.at >= 2.9 for frame in chosen.chosen), [f.at for f in chosen.chosen]
@@ -163,7 +148,7 @@ def test_a_fifo_named_like_a_video_is_refused_at_once_not_waited_on(tmp_path: Pa
 def test_frames_are_decoded_from_a_given_descriptor_whatever_the_name_leads_to_now(tmp_path: Path) -> None:
     import os
 
-    video = _concat(tmp_path / "fade.mp4", "color=c=black", "testsrc")
+    video = scenes_video(tmp_path / "fade.mp4", "color=c=black", "testsrc")
     fd = os.open(video, os.O_RDONLY)
     try:
         video.unlink()

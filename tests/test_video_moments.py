@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from migration_helpers import open_killed_in_migration
 from PIL import Image
-from video_helpers import EXIFTOOL, FFMPEG
+from video_helpers import EXIFTOOL, FFMPEG, scenes_video
 
 from capwatch.config import Config, EmbedConfig
 from capwatch.library.index import ImageRecord, Index
@@ -36,21 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 CAPTIONER = FIXTURES / "models" / "vit-gpt2-tiny-greedy"
 EMBEDDER = FIXTURES / "models" / "siglip-tiny"
-
-
-def scenes_video(path: Path, *sources: str, seconds: float = 1.5) -> Path:
-    """A video of several lavfi sources one after the other (keyframe every 0.5 s): frames that differ."""
-    assert FFMPEG is not None
-    sources = sources or ("testsrc", "rgbtestsrc", "smptebars")
-    cmd = [FFMPEG, "-v", "error", "-y"]
-    for source in sources:
-        joint = ":" if "=" in source else "="
-        cmd += ["-f", "lavfi", "-i", f"{source}{joint}size=320x240:rate=24:duration={seconds}"]
-    inputs = "".join(f"[{i}]" for i in range(len(sources)))
-    cmd += ["-filter_complex", f"{inputs}concat=n={len(sources)}:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-            "-g", "12", str(path)]
-    subprocess.run(cmd, check=True, timeout=120)
-    return path
 
 
 def _rec(path: str, **kw: object) -> ImageRecord:

@@ -150,16 +150,10 @@ def test_a_conflict_page_lets_the_person_choose_in_chromium(served: tuple[Librar
     assert exif_fields(red)["XMP-dc:Description"] == "Anna's red bike"
 
 
-@pytest.fixture
-def served_with_meaning(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
-    """A library scanned with the tiny captioner and the tiny SigLIP embedder (astronaut, a copy of it, a cat, a
-    cup of coffee), served by a real `capwatch serve` whose [embed] model is that embedder."""
+def _scanned_with_meaning_and_served(tmp_path: Path, root: Path) -> Iterator[tuple[Path, Served]]:
+    """``root`` scanned by a real `capwatch scan` with the tiny captioner and the tiny SigLIP embedder, then served
+    by a real `capwatch serve` whose [embed] model is that embedder."""
     fixtures = Path(__file__).parent / "fixtures"
-    root = tmp_path / "photos"
-    root.mkdir()
-    for name, source in (("astronaut.jpg", "astronaut.jpg"), ("astronaut-copy.jpg", "astronaut.jpg"),
-                         ("chelsea.jpg", "chelsea.jpg"), ("coffee.jpg", "coffee.jpg")):
-        shutil.copy(fixtures / "photos" / source, root / name)
     config = tmp_path / "config.toml"
     config.write_text(f'[library]\nroots = ["{root}"]\n[index]\npath = "{tmp_path / "index.db"}"\n'
                       f'[model]\ndir = "{fixtures / "models" / "vit-gpt2-tiny-greedy"}"\nprecision = "fp32"\n'
@@ -170,6 +164,19 @@ def served_with_meaning(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
     assert scan.returncode == 0, scan.stderr
     with serving(tmp_path, config) as server:
         yield root, server
+
+
+@pytest.fixture
+def served_with_meaning(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
+    """A library scanned with the tiny captioner and the tiny SigLIP embedder (astronaut, a copy of it, a cat, a
+    cup of coffee), served by a real `capwatch serve` whose [embed] model is that embedder."""
+    fixtures = Path(__file__).parent / "fixtures"
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name, source in (("astronaut.jpg", "astronaut.jpg"), ("astronaut-copy.jpg", "astronaut.jpg"),
+                         ("chelsea.jpg", "chelsea.jpg"), ("coffee.jpg", "coffee.jpg")):
+        shutil.copy(fixtures / "photos" / source, root / name)
+    yield from _scanned_with_meaning_and_served(tmp_path, root)
 
 
 def test_meaning_hits_similar_photos_and_duplicates_in_chromium(served_with_meaning: tuple[Path, Served],
@@ -219,7 +226,7 @@ def served_with_a_video(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
     """A video of three scenes and two photos, scanned with the tiny captioner and SigLIP, served by a real
     `capwatch serve` with that embedder."""
     pytest.importorskip("av")
-    from tests.test_video_moments import scenes_video
+    from tests.video_helpers import scenes_video
 
     fixtures = Path(__file__).parent / "fixtures"
     root = tmp_path / "photos"
@@ -227,16 +234,7 @@ def served_with_a_video(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
     scenes_video(root / "clip.mp4", seconds=3)
     for name in ("chelsea.jpg", "coffee.jpg"):
         shutil.copy(fixtures / "photos" / name, root / name)
-    config = tmp_path / "config.toml"
-    config.write_text(f'[library]\nroots = ["{root}"]\n[index]\npath = "{tmp_path / "index.db"}"\n'
-                      f'[model]\ndir = "{fixtures / "models" / "vit-gpt2-tiny-greedy"}"\nprecision = "fp32"\n'
-                      f'[embed]\nmodel = "{fixtures / "models" / "siglip-tiny"}"\n')
-    env = isolated_env(tmp_path)
-    scan = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "scan"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert scan.returncode == 0, scan.stderr
-    with serving(tmp_path, config) as server:
-        yield root, server
+    yield from _scanned_with_meaning_and_served(tmp_path, root)
 
 
 def test_a_video_found_at_a_moment_plays_from_that_moment_in_chromium(served_with_a_video: tuple[Path, Served],

@@ -27,6 +27,22 @@ def make_video(path: Path, *, seconds: float = 2.0, size: str = "320x240", fasts
     return path
 
 
+def scenes_video(path: Path, *sources: str, seconds: float = 1.5, extra: tuple[str, ...] = ()) -> Path:
+    """A video of several lavfi sources one after the other (keyframe every 0.5 s), by default three whose
+    frames differ; ``extra`` goes to ffmpeg before the output."""
+    assert FFMPEG is not None
+    sources = sources or ("testsrc", "rgbtestsrc", "smptebars")
+    cmd = [FFMPEG, "-v", "error", "-y"]
+    for source in sources:
+        joint = ":" if "=" in source else "="
+        cmd += ["-f", "lavfi", "-i", f"{source}{joint}size=320x240:rate=24:duration={seconds}"]
+    inputs = "".join(f"[{i}]" for i in range(len(sources)))
+    cmd += ["-filter_complex", f"{inputs}concat=n={len(sources)}:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-g", "12", *extra, str(path)]
+    subprocess.run(cmd, check=True, timeout=120)
+    return path
+
+
 def top_boxes(path: Path) -> list[tuple[str, int, int]]:
     """(type, offset, size) of every top-level box."""
     data = path.read_bytes()
