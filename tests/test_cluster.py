@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -454,7 +455,6 @@ def test_scan_cluster_without_the_extra_says_how_to_install_it_before_touching_a
 
 def test_a_worker_killed_while_the_workers_load_the_model_leaves_the_others_to_caption(tmp_path: Path) -> None:
     import signal
-    import threading
 
     from capwatch import cluster as dask_cluster
     from capwatch.cluster.worker import plugin_state
@@ -471,17 +471,7 @@ def test_a_worker_killed_while_the_workers_load_the_model_leaves_the_others_to_c
         with dask_cluster.connect(address, timeout=10) as client:
             client.wait_for_workers(2, timeout=60)
             os.kill(victim.pid, signal.SIGSTOP)  # it cannot answer: the install waits on it ...
-            result: dict[str, Any] = {}
-
-            def install() -> None:
-                try:
-                    result["workers"] = dask_cluster.install(
-                        client, dask_cluster.model_request(captioner, config.model), wait_seconds=30)
-                except Exception as exc:
-                    result["error"] = exc
-
-            thread = threading.Thread(target=install)
-            thread.start()
+            thread, result = _install_in_thread(client, captioner, config, wait_seconds=30)
             thread.join(2)  # ... until it is killed
             assert thread.is_alive(), result
             victim.kill()
@@ -499,7 +489,6 @@ def test_a_worker_killed_while_the_workers_load_the_model_leaves_the_others_to_c
 
 def test_the_scheduler_gone_while_the_workers_load_the_model_is_said_as_such(tmp_path: Path) -> None:
     import signal
-    import threading
 
     from capwatch import cluster as dask_cluster
     from capwatch.config import Config
@@ -514,17 +503,7 @@ def test_the_scheduler_gone_while_the_workers_load_the_model_is_said_as_such(tmp
         with dask_cluster.connect(address, timeout=10) as client:
             client.wait_for_workers(1, timeout=60)
             os.kill(worker.pid, signal.SIGSTOP)
-            result: dict[str, Any] = {}
-
-            def install() -> None:
-                try:
-                    result["workers"] = dask_cluster.install(
-                        client, dask_cluster.model_request(captioner, config.model), wait_seconds=5)
-                except Exception as exc:
-                    result["error"] = exc
-
-            thread = threading.Thread(target=install)
-            thread.start()
+            thread, result = _install_in_thread(client, captioner, config, wait_seconds=5)
             thread.join(2)
             assert thread.is_alive(), result
             scheduler.kill()
@@ -538,3 +517,23 @@ def test_the_scheduler_gone_while_the_workers_load_the_model_is_said_as_such(tmp
         for proc in (worker, scheduler):
             proc.kill()
             proc.wait()
+
+
+def _install_in_thread(client: Any, captioner: Any, config: Any, *, wait_seconds: float
+                       ) -> tuple[threading.Thread, dict[str, Any]]:
+    """``capwatch.cluster.install`` of ``captioner``'s model started on a thread of its own (the test stops a
+    worker or the scheduler meanwhile); the thread and where it leaves ``workers`` or ``error``."""
+    from capwatch import cluster as dask_cluster
+
+    result: dict[str, Any] = {}
+
+    def install() -> None:
+        try:
+            result["workers"] = dask_cluster.install(
+                client, dask_cluster.model_request(captioner, config.model), wait_seconds=wait_seconds)
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=install)
+    thread.start()
+    return thread, result
