@@ -49,7 +49,7 @@ from capwatch.library.scan import (
     with_filled,
     with_index_only_keywords,
 )
-from capwatch.library.videos import describe_frames, is_video, merge_text
+from capwatch.library.videos import describe_frames, is_video, read_frames_text
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -139,13 +139,15 @@ class Processor:
 
     ``index`` may be None (nothing recorded). ``dry_run`` captions but writes neither files nor index.
     ``force`` replaces a person's description too (the user said so). ``journal`` registers every temp file and
-    backup (default: this user's); ``hooks`` run at the critical moments of each write (tests).
+    backup (default: this user's); ``hooks`` run at the critical moments of each write (tests). ``read_text``
+    False: the text of an OCR engine beside the model (``[ocr] engine = "rapidocr"``) is read elsewhere (the Dask
+    workers of a cluster scan hand it to :meth:`complete`), so no engine is opened here at all.
     """
 
     def __init__(self, config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                  force: bool = False, clock: Callable[[], float] = time.time, journal: Journal | None = None,
                  hooks: WriteHooks | None = None, embedder: ImageTextEmbedder | None = None,
-                 translations: Translations | None = None) -> None:
+                 translations: Translations | None = None, read_text: bool = True) -> None:
         self.config = config
         #: The translation models of ``[language]`` (None: English alone).
         self.translations = translations
@@ -173,7 +175,7 @@ class Processor:
 
         #: What the model produces besides the caption ([model] keywords, [ocr] engine = "florence").
         self.describe = DescribeOptions.from_config(config)
-        engine = open_text_reader(config) if config.ocr.engine == "rapidocr" else None
+        engine = open_text_reader(config) if config.ocr.engine == "rapidocr" and read_text else None
         #: The decodes (and OCR reads) made ahead of the model, at most ``4 * model.batch_size`` of each held.
         self.ahead = ReadAhead(captioner, embedder, self.frames, OffThreadReader(engine) if engine else None,
                                limit=4 * max(1, config.model.batch_size))
@@ -339,13 +341,7 @@ class Processor:
         except ImageError as exc:
             log.warning("no text read: %s", exc)
             return said
-        texts = [said.text]
-        for frame in chosen:
-            try:
-                texts.append(self.text_reader.read(frame.image))
-            except ImageError:
-                continue
-        return replace(said, text=merge_text(texts))
+        return replace(said, text=read_frames_text(said.text, [f.image for f in chosen], self.text_reader))
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
         """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
