@@ -423,7 +423,8 @@ def caption_on_cluster(
                         log.warning("no text read: %s", problem if problem.startswith(job.path)
                                     else f"{job.path}: {problem}")
                 finished = processor.complete(sent.jobs, result.described(), result.embeddings(),
-                                              result.video_moments(), text_read=result.text_read or None)
+                                              result.video_moments(), text_read=result.text_read or None,
+                                              precision=result.precision or None)
                 before = len(waiting)
                 settled = retry_or_fail([outcome for _, outcome in finished])
                 run.redone += len(waiting) - before

@@ -219,7 +219,8 @@ class CaptionerPlugin(WorkerPlugin):
             tuple(d.caption.text if d is not None and d.caption is not None else None for d in made), tuple(errors),
             tuple(keywords), tuple(r[1] if r[0] else text for text, r in zip(texts, read, strict=True)),
             vectors, text_read=tuple(r[0] for r in read) if self.text_reader is not None else (),
-            text_errors=tuple(r[2] for r in read) if self.text_reader is not None else (), moments=moments)
+            text_errors=tuple(r[2] for r in read) if self.text_reader is not None else (), moments=moments,
+            precision=self.captioner.precision_used)
 
     # -- OCR on the worker (``[ocr] engine = "rapidocr"``) ------------------------------------------------------
 
@@ -356,7 +357,7 @@ def worker_model(dask_worker: Worker) -> str | None:
     if captioner is None:
         return plugin.error
     revision = captioner.revision[:12] if captioner.revision else "(revision unknown)"
-    return f"{captioner.model_id} {revision} {captioner.precision} on {captioner.provider or 'cpu'}"
+    return f"{captioner.model_id} {revision} {captioner.precision_used} on {captioner.provider or 'cpu'}"
 
 
 def _check_providers(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -263,7 +263,8 @@ class Processor:
     def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError],
                  vectors: Sequence[Any] | None = None,
                  moments: Sequence[VideoMoments | None] | None = None, *,
-                 text_read: Sequence[bool] | None = None) -> list[tuple[int, FileOutcome]]:
+                 text_read: Sequence[bool] | None = None, precision: str | None = None
+                 ) -> list[tuple[int, FileOutcome]]:
         """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
         group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
         in the index. ``results`` holds per job what the model said (a Described, or the raw caption text
@@ -274,7 +275,9 @@ class Processor:
 
         ``vectors`` (per job, the image embedding of the processor's embedder, None for a job without one) are
         stored for the files whose caption was recorded, with ``moments`` (per job: a video's other frames
-        embedded, capwatch.library.moments; None for a photo).
+        embedded, capwatch.library.moments; None for a photo). ``precision``: what the captions were made with,
+        as recorded in each file's provenance (the worker's Captioner.precision_used); None: this processor's
+        captioner's.
 
         Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
         """
@@ -293,7 +296,7 @@ class Processor:
                 said = replace(said, caption=clean_caption(said.caption))
                 finished.append((position, job, said if read else self._with_text(job, said)))
         try:
-            return failed + self._finish(self._translated(finished))
+            return failed + self._finish(self._translated(finished), precision)
         finally:
             self._vectors = {}
             self._moments = {}
@@ -502,9 +505,10 @@ class Processor:
             return None
         return moments_of_frames(self.embedder, [(f.at, f.image) for f in chosen])
 
-    def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
+    def _finish(self, finished: list[tuple[int, _Job, Described]], precision: str | None = None
+                ) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
-        holds afterwards in the index (one transaction)."""
+        holds afterwards in the index (one transaction). ``precision``: see :meth:`complete`."""
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
         writes: list[tuple[int, _Job, Described]] = []
@@ -530,7 +534,9 @@ class Processor:
                     writes.append((position, job, said))
         if not writes:
             return results
-        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock))
+        # The precision as the graphs ran (a static int8 image encoder named as such), known now the model has run.
+        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock),
+                                precision=precision or self.captioner.precision_used)
         requests = [CaptionWrite(Path(job.path), said.shown(default), provenance, job.snap, keywords=said.keywords,
                                  text=said.text, languages=dict(said.captions) if said.captions else None)
                     for _, job, said in writes]
