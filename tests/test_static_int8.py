@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import metadata_corpus as mc
@@ -159,3 +161,32 @@ def test_a_refused_static_encoder_records_the_published_int8(
     assert outcome.error is None and outcome.written
     provenance = read_snapshot(photo).metadata.description.provenance  # type: ignore[union-attr]
     assert provenance is not None and provenance.precision == cap.precision_used == "int8"
+
+
+def test_status_of_a_running_daemon_names_the_static_image_encoder_it_captions_with(tmp_path: Path) -> None:
+    from daemon_helpers import rows, start_daemon, stop_daemon, wait_until
+
+    from tests.conftest import isolated_env
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(PHOTOS / "coffee.jpg", root / "coffee.jpg")
+    db = tmp_path / "index.db"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{root}"]\n\n[index]\npath = "{db}"\n\n'
+                      f'[model]\ndir = "{FLORENCE}"\nprecision = "int8"\nint8_image_encoder = "static"\nthreads = 1\n'
+                      "idle_unload_seconds = 0\n\n[watch]\nsettle_seconds = 0.2\n")
+    env = isolated_env(tmp_path)
+    proc = start_daemon(config, env=env)
+    try:
+        wait_until(lambda: rows(db).get(str(root / "coffee.jpg"), ("",))[0] == "captioned", timeout=120,
+                   what="the photo captioned by the daemon")
+        out = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status", "--json"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["daemon"]["model_precision"] == "int8+vision_encoder=int8-static"
+        human = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status"], env=env,
+                               capture_output=True, text=True, timeout=60).stdout
+        assert "int8+vision_encoder=int8-static" in human, human
+    finally:
+        stop_daemon(proc)
