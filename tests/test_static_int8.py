@@ -181,10 +181,16 @@ def test_status_of_a_running_daemon_names_the_static_image_encoder_it_captions_w
     try:
         wait_until(lambda: rows(db).get(str(root / "coffee.jpg"), ("",))[0] == "captioned", timeout=120,
                    what="the photo captioned by the daemon")
-        out = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status", "--json"],
-                             env=env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["daemon"]["model_precision"] == "int8+vision_encoder=int8-static"
+
+        def precision() -> str | None:
+            out = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status", "--json"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)["daemon"]["model_precision"]  # type: ignore[no-any-return]
+
+        # The daemon publishes its live state once a second: the caption may land before the next one.
+        wait_until(lambda: precision() == "int8+vision_encoder=int8-static", timeout=15,
+                   what="status naming the static image encoder")
         human = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status"], env=env,
                                capture_output=True, text=True, timeout=60).stdout
         assert "int8+vision_encoder=int8-static" in human, human
