@@ -167,6 +167,36 @@ def _as_vector(blob: bytes) -> FloatArray:
     return np.frombuffer(blob, dtype=np.float32)
 
 
+def _read_blocks(conn: sqlite3.Connection, model: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Every entry of ``model``'s blocks: ids (n,) and codes as 64-bit words (n, a multiple of 8; zero words pad a
+    code to whole groups of 512 bits for :func:`hamming`, adding no distance).
+
+    The blocks are copied one at a time into two arrays sized beforehand (``length()`` of a blob is read from its
+    record header, not its pages), not gathered and joined: at a million 512-bit codes the join was a second
+    64 MB copy into freshly faulted memory, and fetchall() held all the blocks' bytes at once (measured on this
+    2-core box: see the README's Searching figures)."""
+    entries, code_bytes = conn.execute(
+        "SELECT coalesce(sum(length(ids)), 0) / 8, coalesce(sum(length(codes)), 0) FROM vector_blocks "
+        "WHERE model = ?", (model,)).fetchone()
+    width = int(code_bytes) // int(entries) if entries else 64
+    words_per_code = -(-width // 64) * 8  # whole groups of 8 words
+    ids = np.empty(int(entries), dtype=np.int64)
+    words = np.zeros((int(entries), words_per_code), dtype=np.uint64)
+    codes = words.view(np.uint8)
+    done = 0
+    cursor = conn.execute("SELECT ids, codes FROM vector_blocks WHERE model = ? ORDER BY block", (model,))
+    for block_ids, block_codes in cursor:
+        n = len(block_ids) // 8
+        if done + n > len(ids) or len(block_codes) != n * width:
+            raise sqlite3.DatabaseError(f"vector_blocks of {model}: a block's ids and codes disagree")
+        ids[done:done + n] = np.frombuffer(block_ids, dtype="<i8")
+        codes[done:done + n, :width] = np.frombuffer(block_codes, dtype=np.uint8).reshape(n, width)
+        done += n
+    if done != len(ids):
+        raise sqlite3.DatabaseError(f"vector_blocks of {model}: a block's ids and codes disagree")
+    return ids, words
+
+
 def _unit(vector: npt.ArrayLike) -> FloatArray:
     v = np.asarray(vector, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(v))
@@ -394,20 +424,23 @@ class Vectors:
     # -- searching --------------------------------------------------------------------------------------------
 
     def _load(self, model: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64], FloatArray | None]:
-        row = self._conn.execute("SELECT version, centre FROM vector_models WHERE model = ?", (model,)).fetchone()
-        version = -1 if row is None else int(row[0])
-        centre = None if row is None or row[1] is None else _as_vector(row[1])
-        cached = self._codes.get(model)
-        if cached is not None and cached[0] == version:
-            return cached[1], cached[2], cached[3]
-        rows = self._conn.execute("SELECT ids, codes FROM vector_blocks WHERE model = ? ORDER BY block",
-                                  (model,)).fetchall()
-        ids = np.frombuffer(b"".join(r[0] for r in rows), dtype="<i8").astype(np.int64)
-        raw = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8)
-        words = raw.view(np.uint64).reshape(len(ids), -1) if len(ids) else np.zeros((0, 8), dtype=np.uint64)
-        if words.shape[1] % 8:
-            # Whole groups of 8 words (512 bits) for hamming(); zero words add no distance.
-            words = np.pad(words, ((0, 0), (0, 8 - words.shape[1] % 8)))
+        # The version and the blocks from one snapshot (a read transaction; WAL readers do not block the writer),
+        # so the codes kept are the ones that version names.
+        own = not self._conn.in_transaction
+        if own:
+            self._conn.execute("BEGIN")
+        try:
+            row = self._conn.execute("SELECT version, centre FROM vector_models WHERE model = ?",
+                                     (model,)).fetchone()
+            version = -1 if row is None else int(row[0])
+            centre = None if row is None or row[1] is None else _as_vector(row[1])
+            cached = self._codes.get(model)
+            if cached is not None and cached[0] == version:
+                return cached[1], cached[2], cached[3]
+            ids, words = _read_blocks(self._conn, model)
+        finally:
+            if own:
+                self._conn.execute("COMMIT")
         self._codes[model] = (version, ids, words, centre)
         return ids, words, centre
 
