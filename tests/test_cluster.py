@@ -288,6 +288,40 @@ def test_a_video_on_the_cluster_gets_the_caption_keywords_text_and_moments_of_a_
     assert got_m["blobs.jpg"] == (None, [])
 
 
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is the independent reader")
+def test_captions_made_on_the_cluster_record_the_static_int8_encoder_the_workers_ran_and_status_shows_it(
+        cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
+    # [model] int8_image_encoder = "static": each worker makes and probes its own static graph; what it ran is
+    # recorded in each file's provenance (capwatch:ModelPrecision) as a local scan records it, and shown by status.
+    florence = MODELS / "florence2-tiny"
+    local = tmp_path / "local"
+    local.mkdir()
+    for name in ("coffee.jpg", "astronaut.jpg"):
+        shutil.copy(MODELS.parent / "photos" / name, local / name)
+    remote = tmp_path / "remote"
+    shutil.copytree(local, remote)
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nprecision = "int8"\nint8_image_encoder = "static"\nbatch_size = 2\n\n[cluster]\n'
+                      "connect_timeout_seconds = 1\nworker_wait_seconds = 30\n")
+    at_home = run_cli("--config", config, "--db", tmp_path / "local.db", "--model", florence, "scan", local)
+    result = run_cli("--config", config, "--db", tmp_path / "remote.db", "--model", florence, "scan", remote,
+                     "--cluster", cluster[0])
+    assert at_home.code == result.code == 0, (at_home.err, result.err)
+
+    def recorded(root: Path) -> dict[str, str]:
+        out = json.loads(subprocess.run(["exiftool", "-j", "-XMP-capwatch:ModelPrecision", str(root)],
+                                        capture_output=True, text=True, check=True).stdout)
+        return {Path(item["SourceFile"]).name: item.get("ModelPrecision") for item in out}
+
+    want = {"coffee.jpg": "int8+vision_encoder=int8-static", "astronaut.jpg": "int8+vision_encoder=int8-static"}
+    assert recorded(local) == recorded(remote) == want
+    config.write_text(config.read_text() + f'scheduler = "{cluster[0]}"\n')
+    status = run_cli("--config", config, "--db", tmp_path / "remote.db", "status", "--json")
+    assert status.code == 0, status.err
+    workers = json.loads(status.out)["cluster"]["workers"]
+    assert workers and all("int8+vision_encoder=int8-static" in str(w["model"]) for w in workers), workers
+
+
 def test_a_worker_killed_mid_run_has_its_batches_redone_elsewhere_and_every_file_is_written_once(
         cluster: tuple[str, Any, Any], run_cli: CliRunner, tmp_path: Path) -> None:
     address, client, scheduler = cluster

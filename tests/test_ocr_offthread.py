@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +19,12 @@ from PIL import Image, ImageDraw, ImageFont
 from capwatch.config import Config, ModelConfig, OcrConfig
 from capwatch.library.index import Index
 from capwatch.library.process import Processor
+from capwatch.metadata import read_snapshot
 from capwatch.models.captioner import open_captioner
 from capwatch.text.rapid import RapidOcrReader
 from capwatch.text.reader import TextReader
 from capwatch.text.threaded import THREAD_NAME, OffThreadReader
+from tests.conftest import CliRunner
 
 pytest.importorskip("rapidocr")
 
@@ -305,3 +308,65 @@ def test_text_read_on_the_cluster_workers_equals_text_read_locally_and_the_coord
     assert {name: row.ocr_text for name, row in rows.items() if row is not None and name != "thin.png"} == direct
     assert any("no text read" in r.getMessage() and str(thin) in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+def _sign_video(path: Path, work: Path) -> Path:
+    """An H.264 video of three signs one after the other (1.5 s each): its chosen frames hold different text."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("needs ffmpeg (.ci/run installs it)")
+    scenes = [_sign(work / f"scene{n}.png", lines, photo)
+              for n, (lines, photo) in enumerate(((("PLATFORM 9", "NORTH"), "coffee"),
+                                                  (("HARBOUR CAFE", "FISH 12"), "astronaut"),
+                                                  (("MUSEUM", "EXIT 3"), "coffee")))]
+    cmd = [ffmpeg, "-v", "error", "-y"]
+    for scene in scenes:
+        cmd += ["-loop", "1", "-framerate", "24", "-t", "1.5", "-i", str(scene)]
+    inputs = "".join(f"[{n}]" for n in range(len(scenes)))
+    cmd += ["-filter_complex", f"{inputs}concat=n={len(scenes)}:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-g", "12", str(path)]
+    subprocess.run(cmd, check=True, timeout=120)
+    return path
+
+
+def test_a_video_scanned_on_the_cluster_gets_the_text_of_a_local_scan_read_on_the_workers_alone(
+        cluster: str, run_cli: CliRunner, tmp_path: Path) -> None:
+    # The coordinator sends a video's chosen frames; the workers read the text in each of them (and in the photos)
+    # and merge it as a local scan does. The coordinator never opens rapidocr: Python's own import log
+    # (-X importtime) of the coordinator's process names no rapidocr module.
+    pytest.importorskip("av")
+    local = tmp_path / "local"
+    local.mkdir()
+    _sign_video(local / "signs.mp4", tmp_path)
+    _sign(local / "bakery.jpg", SIGNS["bakery.jpg"])
+    shutil.copy(PHOTOS / "coffee.jpg", local / "plain.jpg")
+    remote = tmp_path / "remote"
+    shutil.copytree(local, remote)
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nbatch_size = 2\nthreads = 1\n\n[ocr]\nengine = "rapidocr"\n\n[cluster]\n'
+                      "connect_timeout_seconds = 1\nworker_wait_seconds = 30\n")
+    at_home = run_cli("--config", config, "--db", tmp_path / "local.db", "--model", MODEL, "scan", local,
+                      timeout=240)
+    on_cluster = run_cli("--config", config, "--db", tmp_path / "remote.db", "--model", MODEL, "scan", remote,
+                         "--cluster", cluster, env={"PYTHONPROFILEIMPORTTIME": "1"}, timeout=240)
+    assert at_home.code == on_cluster.code == 0, (at_home.err, on_cluster.err[-3000:])
+    imported = [line.rsplit("|", 1)[-1].strip() for line in on_cluster.err.splitlines()
+                if line.startswith("import time:")]
+    assert "capwatch.cluster.coordinator" in imported  # the import log is there and covers the cluster run
+    assert not [name for name in imported if name.split(".")[0] == "rapidocr"], "the coordinator imported rapidocr"
+
+    def texts(db: Path, root: Path) -> dict[str, tuple[str | None, str | None, str | None]]:
+        """Per file: caption, the text in the index, the text written into the file."""
+        with Index.open(db, readonly=True) as index:
+            return {os.path.relpath(r.path, root): (r.caption, r.ocr_text,
+                                                    read_snapshot(Path(r.path)).metadata.ocr_text)
+                    for r in index.iter_records(root)}
+
+    want, got = texts(tmp_path / "local.db", local), texts(tmp_path / "remote.db", remote)
+    assert got == want
+    video_text = got["signs.mp4"][1]
+    assert video_text is not None
+    # Merged over the chosen frames: the text of more than one scene (the representative frame holds one).
+    scenes_read = [words for words in ("PLATFORM", "HARBOUR", "MUSEUM") if words in video_text]
+    assert len(scenes_read) >= 2, video_text
+    assert "BAKERY" in (got["bakery.jpg"][1] or "") and got["plain.jpg"][1] == ""

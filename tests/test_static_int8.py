@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import metadata_corpus as mc
 import numpy as np
 import onnx
 import pytest
 
-from capwatch.config import ModelConfig
+from capwatch.config import Config, ModelConfig
+from capwatch.library.process import Processor
+from capwatch.metadata import read_snapshot
 from capwatch.models import derived, florence2, staticq
 from capwatch.models.captioner import open_captioner
 from capwatch.models.derived import DerivedCache
 from capwatch.models.florence2 import Florence2Captioner
 from capwatch.models.runtime import ort
+from tests.conftest import CliRunner
 
 FLORENCE = Path(__file__).parent / "fixtures" / "models" / "florence2-tiny"
 PUBLISHED = FLORENCE / "onnx" / "vision_encoder_quantized.onnx"
+PHOTOS = Path(__file__).parent / "fixtures" / "photos"
 
 
 @pytest.fixture
@@ -110,3 +118,81 @@ def test_dequantize_dynamic_gives_the_float_graph_the_integer_weights_stand_for(
     fp32 = _features(FLORENCE / "onnx" / "vision_encoder.onnx", pixels)
     assert min(_cosines(got, published)) >= 0.999
     assert min(_cosines(got, fp32)) >= min(_cosines(published, fp32))
+
+
+# -- what the captions say they were made with ---------------------------------------------------------------------
+
+
+def _recorded_precision(path: Path) -> str:
+    """capwatch:ModelPrecision as exiftool (the independent reader) finds it in ``path``."""
+    out = json.loads(mc.exiftool("-j", "-XMP-capwatch:all", path))[0]
+    return str(out.get("ModelPrecision", ""))
+
+
+@pytest.mark.skipif(not mc.EXIFTOOL, reason="exiftool is the independent reader")
+def test_a_caption_made_with_the_static_image_encoder_records_it_and_the_published_one_plain_int8(
+        run_cli: CliRunner, tmp_path: Path) -> None:
+    photo = tmp_path / "coffee.jpg"
+    shutil.copy(PHOTOS / "coffee.jpg", photo)
+    config = tmp_path / "config.toml"
+    for mode, want in (("static", "int8+vision_encoder=int8-static"), ("dynamic", "int8")):
+        config.write_text(f'[model]\nprecision = "int8"\nthreads = 1\nint8_image_encoder = "{mode}"\n')
+        result = run_cli("--config", config, "--db", tmp_path / "index.db", "--model", FLORENCE, "caption",
+                         "--force", photo)
+        assert result.code == 0, result.err
+        assert _recorded_precision(photo) == want
+        provenance = read_snapshot(photo).metadata.description.provenance  # type: ignore[union-attr]
+        assert provenance is not None and provenance.precision == want
+
+
+def test_a_refused_static_encoder_records_the_published_int8(
+        store: DerivedCache, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(derived, "STATIC_MIN_COSINE", 1.000001)  # no quantised graph reaches it
+    photo = tmp_path / "coffee.jpg"
+    shutil.copy(PHOTOS / "coffee.jpg", photo)
+    cap = _open(store)
+    assert cap.precision_used == "int8"  # not loaded yet: what the files are
+    processor = Processor(Config(model=cap.config), None, cap)
+    try:
+        [outcome] = processor.process_batch([photo])
+    finally:
+        processor.close()
+        cap.close()
+    assert outcome.error is None and outcome.written
+    provenance = read_snapshot(photo).metadata.description.provenance  # type: ignore[union-attr]
+    assert provenance is not None and provenance.precision == cap.precision_used == "int8"
+
+
+def test_status_of_a_running_daemon_names_the_static_image_encoder_it_captions_with(tmp_path: Path) -> None:
+    from daemon_helpers import rows, start_daemon, stop_daemon, wait_until
+
+    from tests.conftest import isolated_env
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(PHOTOS / "coffee.jpg", root / "coffee.jpg")
+    db = tmp_path / "index.db"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[library]\nroots = ["{root}"]\n\n[index]\npath = "{db}"\n\n'
+                      f'[model]\ndir = "{FLORENCE}"\nprecision = "int8"\nint8_image_encoder = "static"\nthreads = 1\n'
+                      "idle_unload_seconds = 0\n\n[watch]\nsettle_seconds = 0.2\n")
+    env = isolated_env(tmp_path)
+    proc = start_daemon(config, env=env)
+    try:
+        wait_until(lambda: rows(db).get(str(root / "coffee.jpg"), ("",))[0] == "captioned", timeout=120,
+                   what="the photo captioned by the daemon")
+
+        def precision() -> str | None:
+            out = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status", "--json"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)["daemon"]["model_precision"]  # type: ignore[no-any-return]
+
+        # The daemon publishes its live state once a second: the caption may land before the next one.
+        wait_until(lambda: precision() == "int8+vision_encoder=int8-static", timeout=15,
+                   what="status naming the static image encoder")
+        human = subprocess.run([sys.executable, "-m", "capwatch", "--config", str(config), "status"], env=env,
+                               capture_output=True, text=True, timeout=60).stdout
+        assert "int8+vision_encoder=int8-static" in human, human
+    finally:
+        stop_daemon(proc)

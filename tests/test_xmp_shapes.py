@@ -259,6 +259,8 @@ def test_merging_the_same_caption_from_the_same_model_returns_the_same_xml(paddi
         (CAPTION, Provenance("other/model", "r1", T2)),  # another model
         (CAPTION, Provenance("tiny/model", "r2", T2)),  # another revision
         (CAPTION, Provenance("tiny/model", None, T2)),  # revision now unknown
+        # the same words from another graph (a static int8 image encoder): its precision recorded, a new time
+        (CAPTION, Provenance("tiny/model", "r1", T2, "int8+vision_encoder=int8-static")),
     ],
 )
 def test_new_words_model_or_revision_record_the_new_time(caption: str, provenance: Provenance) -> None:

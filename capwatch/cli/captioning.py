@@ -108,9 +108,11 @@ def _recover_writes() -> None:
 
 
 def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
-               force: bool = False, embedder: ImageTextEmbedder | None = None) -> Processor:
+               force: bool = False, embedder: ImageTextEmbedder | None = None, read_text: bool = True
+               ) -> Processor:
     """A processor for these files; it embeds every image it reads when an index is written and the embedding
-    model can be had (``embedder``, else the configured one)."""
+    model can be had (``embedder``, else the configured one); ``read_text`` False: no OCR engine here (the
+    cluster's workers read the text)."""
     from capwatch.library.embed import open_embedder_if_available
     from capwatch.library.process import Processor, hooks_from_env
     from capwatch.metadata import Journal
@@ -120,7 +122,8 @@ def _processor(config: Config, index: Index | None, captioner: Captioner, *, dry
         embedder = open_embedder_if_available(config)
     translations = open_translations(config, os.environ, download=True)
     return Processor(config, index, captioner, dry_run=dry_run, force=force, journal=Journal.default(),
-                     hooks=hooks_from_env(os.environ), embedder=embedder, translations=translations)
+                     hooks=hooks_from_env(os.environ), embedder=embedder, translations=translations,
+                     read_text=read_text)
 
 
 @contextmanager
@@ -398,7 +401,8 @@ def _caption_on_cluster(config: Config, index: Index, paths: list[Path], force: 
 
     settings = config.cluster
     captioner = _open_captioner(config)  # identity (model, revision) for provenance; not loaded here
-    processor = _processor(config, index, captioner, force=force)
+    # The workers read every text (photos and each video's frames): the coordinator opens no OCR engine.
+    processor = _processor(config, index, captioner, force=force, read_text=False)
     tally = _Tally()
     failures: list[tuple[Path, str]] = []
     show = sys.stderr.isatty()

@@ -343,11 +343,14 @@ def caption_on_cluster(
         videos: dict[int, SentFrames] = {}
         for position, job in jobs:
             item = _payload(job, processor.frames)
-            if item is None:
+            # A video's frame travels with its other chosen frames (its keywords, text and moments come from all
+            # of them); without them (the video changed between the two looks) it is read again, as any change.
+            extra = _video_payload(job, processor.frames) if item is not None and item[0].endswith(FRAME_SUFFIX) \
+                else None
+            if item is None or (extra is None and item[0].endswith(FRAME_SUFFIX)):
                 early.append(FileOutcome(Path(job.path), None, None, changed=True,
                                          skipped=f"{job.path}: changed while it was being read"))
             else:
-                extra = _video_payload(job, processor.frames) if item[0].endswith(FRAME_SUFFIX) else None
                 if extra is not None:
                     videos[len(items)] = extra
                 items.append(item)
@@ -420,7 +423,8 @@ def caption_on_cluster(
                         log.warning("no text read: %s", problem if problem.startswith(job.path)
                                     else f"{job.path}: {problem}")
                 finished = processor.complete(sent.jobs, result.described(), result.embeddings(),
-                                              result.video_moments(), text_read=result.text_read or None)
+                                              result.video_moments(), text_read=result.text_read or None,
+                                              precision=result.precision or None)
                 before = len(waiting)
                 settled = retry_or_fail([outcome for _, outcome in finished])
                 run.redone += len(waiting) - before

@@ -47,7 +47,8 @@ class ModelRequest:
     #: every image they caption, from the same decode, with the same model); None: no embeddings.
     embed: tuple[EmbedConfig, str] | None = None
     #: The coordinator's OCR engine beside the model (``[ocr] engine = "rapidocr"``): workers read the text in the
-    #: images they caption, so the coordinator decodes nothing; None: no such engine.
+    #: images they caption (a video's in each of its chosen frames), so the coordinator decodes nothing and opens
+    #: no engine; None: no such engine.
     ocr: OcrConfig | None = None
 
     def describe(self) -> str:
@@ -74,6 +75,9 @@ class BatchResult:
     #: Per image, for a video sent with its other frames (:class:`SentFrames`): the representative frame's time
     #: and (seconds, float32 bytes) of each other frame embedded; None for a photo. Empty without embeddings.
     moments: tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None, ...] = ()
+    #: What the worker's captions were made with (its Captioner.precision_used, e.g. a static int8 image encoder
+    #: where that passed its probe there): recorded in each file's provenance. "": not said.
+    precision: str = ""
 
     def video_moments(self) -> list[Any] | None:
         """Per image its VideoMoments (capwatch.library.moments) or None, or None when none were made."""

@@ -209,27 +209,39 @@ class CaptionerPlugin(WorkerPlugin):
             keywords = [d.keywords if d is not None and detects else None for d in made]
             texts = [d.text if d is not None else None for d in made]
             moments: tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None, ...] = ()
+            frames: dict[int, list[Any]] = {}
             if videos:
-                keywords, texts, moments = self._video_frames(items, videos, errors, keywords, texts, options)
-            read = self._read_texts(items, errors)
+                keywords, texts, moments, frames = self._video_frames(items, videos, errors, keywords, texts,
+                                                                      options)
+            read = self._read_texts(items, errors, texts, frames)
         return BatchResult(
             self.address, time.monotonic() - started,
             tuple(d.caption.text if d is not None and d.caption is not None else None for d in made), tuple(errors),
             tuple(keywords), tuple(r[1] if r[0] else text for text, r in zip(texts, read, strict=True)),
             vectors, text_read=tuple(r[0] for r in read) if self.text_reader is not None else (),
-            text_errors=tuple(r[2] for r in read) if self.text_reader is not None else (), moments=moments)
+            text_errors=tuple(r[2] for r in read) if self.text_reader is not None else (), moments=moments,
+            precision=self.captioner.precision_used)
 
     # -- OCR on the worker (``[ocr] engine = "rapidocr"``) ------------------------------------------------------
 
-    def _read_texts(self, items: Sequence[tuple[str, bytes]], errors: Sequence[str | None]
+    def _read_texts(self, items: Sequence[tuple[str, bytes]], errors: Sequence[str | None],
+                    texts: Sequence[str | None], frames: dict[int, list[Any]]
                     ) -> list[tuple[bool, str | None, str | None]]:
         """Per image (read here?, its text, why not): the text the worker's OCR engine reads in each image that
-        decoded, from the same bytes and as the coordinator would from the file. A video's frame is left to the
-        coordinator (its text comes from several frames); an OCR failure costs that image's text alone."""
+        decoded, from the same bytes and as the coordinator would from the file. A video's is read in each of its
+        chosen frames (``frames`` by position; else its representative frame alone) and merged after the model's
+        own text (``texts``), as a local scan does (capwatch.library.videos.read_frames_text). An OCR failure
+        costs that image's text alone (a frame's, that frame's)."""
+        from capwatch.library.videos import read_frames_text
+
         out: list[tuple[bool, str | None, str | None]] = []
-        for (name, data), error in zip(items, errors, strict=True):
-            if self.text_reader is None or error is not None or name.endswith(FRAME_SUFFIX):
+        for position, ((name, data), error) in enumerate(zip(items, errors, strict=True)):
+            if self.text_reader is None or error is not None:
                 out.append((False, None, None))
+                continue
+            if name.endswith(FRAME_SUFFIX):
+                chosen = frames.get(position) or [_png(data)]
+                out.append((True, read_frames_text(texts[position], chosen, self.text_reader), None))
                 continue
             try:
                 with self._temporary(name, data) as path:
@@ -261,26 +273,29 @@ class CaptionerPlugin(WorkerPlugin):
                       errors: list[str | None], keywords: list[tuple[str, ...] | None], texts: list[str | None],
                       options: DescribeOptions) -> tuple[list[tuple[str, ...] | None], list[str | None],
                                                          tuple[tuple[float, tuple[tuple[float, bytes], ...]] | None,
-                                                               ...]]:
+                                                               ...], dict[int, list[Any]]]:
         """The keywords and model text of each video merged over its frames (as
-        capwatch.library.videos.describe_frames does it in a local scan) and its other frames embedded."""
+        capwatch.library.videos.describe_frames does it in a local scan), its other frames embedded, and its
+        chosen frames decoded (by position, the representative one first) for the OCR engine."""
         from capwatch.library.embed import moments_of_frames
         from capwatch.library.outcomes import Described
         from capwatch.library.videos import describe_frames
 
         assert self.captioner is not None
         moments: list[tuple[float, tuple[tuple[float, bytes], ...]] | None] = [None] * len(items)
+        decoded: dict[int, list[Any]] = {}
         for position, sent in videos.items():
             if errors[position] is not None:
                 continue
             chosen = [(sent.poster_at, _png(items[position][1])), *((at, _png(data)) for at, data in sent.frames)]
+            decoded[position] = [image for _, image in chosen]
             said = Described("", keywords[position], texts[position])
             described = describe_frames([image for _, image in chosen], said, self.captioner, options, None)
             keywords[position], texts[position] = described.keywords, described.text
             if self.embedder is not None:
                 made = moments_of_frames(self.embedder, chosen)
                 moments[position] = (made.poster_at, tuple((at, _vector_bytes(v) or b"") for at, v in made.frames))
-        return keywords, texts, tuple(moments) if self.embedder is not None else ()
+        return keywords, texts, tuple(moments) if self.embedder is not None else (), decoded
 
     def _decode(self, captioner: Captioner, name: str, data: bytes) -> tuple[Any, Any]:
         """The captioner's and the embedder's inputs (None without one) for one image sent as bytes, from one
@@ -342,7 +357,7 @@ def worker_model(dask_worker: Worker) -> str | None:
     if captioner is None:
         return plugin.error
     revision = captioner.revision[:12] if captioner.revision else "(revision unknown)"
-    return f"{captioner.model_id} {revision} {captioner.precision} on {captioner.provider or 'cpu'}"
+    return f"{captioner.model_id} {revision} {captioner.precision_used} on {captioner.provider or 'cpu'}"
 
 
 def _check_providers(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

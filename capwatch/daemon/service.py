@@ -432,7 +432,9 @@ class Daemon:
                 state, text = "unloaded", "unloaded while idle (loads again with the next file)"
             report.update(model_state=state, model_status=text, model_id=_text(getattr(captioner, "model_id", None)),
                           model_revision=_text(getattr(captioner, "revision", None)),
-                          model_precision=_text(getattr(captioner, "precision", None)),
+                          # As the graphs run (a static int8 image encoder named), once loaded.
+                          model_precision=_text(getattr(captioner, "precision_used", None)
+                                                or getattr(captioner, "precision", None)),
                           model_provider=_text(getattr(captioner, "provider", None)))
         elif source is not None:
             snap = source.snapshot()

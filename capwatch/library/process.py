@@ -49,7 +49,7 @@ from capwatch.library.scan import (
     with_filled,
     with_index_only_keywords,
 )
-from capwatch.library.videos import describe_frames, is_video, merge_text
+from capwatch.library.videos import describe_frames, is_video, read_frames_text
 from capwatch.metadata import (
     CaptionWrite,
     FileChanged,
@@ -139,13 +139,15 @@ class Processor:
 
     ``index`` may be None (nothing recorded). ``dry_run`` captions but writes neither files nor index.
     ``force`` replaces a person's description too (the user said so). ``journal`` registers every temp file and
-    backup (default: this user's); ``hooks`` run at the critical moments of each write (tests).
+    backup (default: this user's); ``hooks`` run at the critical moments of each write (tests). ``read_text``
+    False: the text of an OCR engine beside the model (``[ocr] engine = "rapidocr"``) is read elsewhere (the Dask
+    workers of a cluster scan hand it to :meth:`complete`), so no engine is opened here at all.
     """
 
     def __init__(self, config: Config, index: Index | None, captioner: Captioner, *, dry_run: bool = False,
                  force: bool = False, clock: Callable[[], float] = time.time, journal: Journal | None = None,
                  hooks: WriteHooks | None = None, embedder: ImageTextEmbedder | None = None,
-                 translations: Translations | None = None) -> None:
+                 translations: Translations | None = None, read_text: bool = True) -> None:
         self.config = config
         #: The translation models of ``[language]`` (None: English alone).
         self.translations = translations
@@ -173,7 +175,7 @@ class Processor:
 
         #: What the model produces besides the caption ([model] keywords, [ocr] engine = "florence").
         self.describe = DescribeOptions.from_config(config)
-        engine = open_text_reader(config) if config.ocr.engine == "rapidocr" else None
+        engine = open_text_reader(config) if config.ocr.engine == "rapidocr" and read_text else None
         #: The decodes (and OCR reads) made ahead of the model, at most ``4 * model.batch_size`` of each held.
         self.ahead = ReadAhead(captioner, embedder, self.frames, OffThreadReader(engine) if engine else None,
                                limit=4 * max(1, config.model.batch_size))
@@ -261,7 +263,8 @@ class Processor:
     def complete(self, jobs: Sequence[tuple[int, _Job]], results: Sequence[Described | str | ImageError],
                  vectors: Sequence[Any] | None = None,
                  moments: Sequence[VideoMoments | None] | None = None, *,
-                 text_read: Sequence[bool] | None = None) -> list[tuple[int, FileOutcome]]:
+                 text_read: Sequence[bool] | None = None, precision: str | None = None
+                 ) -> list[tuple[int, FileOutcome]]:
         """Write the captions made for ``jobs`` (one model batch, see :meth:`prepare`) as a local scan writes them:
         group-committed into the files, each only if it still matches the snapshot it was read as, then recorded
         in the index. ``results`` holds per job what the model said (a Described, or the raw caption text
@@ -272,7 +275,9 @@ class Processor:
 
         ``vectors`` (per job, the image embedding of the processor's embedder, None for a job without one) are
         stored for the files whose caption was recorded, with ``moments`` (per job: a video's other frames
-        embedded, capwatch.library.moments; None for a photo).
+        embedded, capwatch.library.moments; None for a photo). ``precision``: what the captions were made with,
+        as recorded in each file's provenance (the worker's Captioner.precision_used); None: this processor's
+        captioner's.
 
         Returns (position, outcome) per job. Raises IndexUnavailable when the index cannot be written.
         """
@@ -291,7 +296,7 @@ class Processor:
                 said = replace(said, caption=clean_caption(said.caption))
                 finished.append((position, job, said if read else self._with_text(job, said)))
         try:
-            return failed + self._finish(self._translated(finished))
+            return failed + self._finish(self._translated(finished), precision)
         finally:
             self._vectors = {}
             self._moments = {}
@@ -339,13 +344,7 @@ class Processor:
         except ImageError as exc:
             log.warning("no text read: %s", exc)
             return said
-        texts = [said.text]
-        for frame in chosen:
-            try:
-                texts.append(self.text_reader.read(frame.image))
-            except ImageError:
-                continue
-        return replace(said, text=merge_text(texts))
+        return replace(said, text=read_frames_text(said.text, [f.image for f in chosen], self.text_reader))
 
     def process(self, paths: Sequence[Path], *, skip_captioned: bool = True, attempts: int = 3) -> list[FileOutcome]:
         """Like :meth:`process_batch`, but a file that changed while it was being captioned is read and captioned
@@ -506,9 +505,10 @@ class Processor:
             return None
         return moments_of_frames(self.embedder, [(f.at, f.image) for f in chosen])
 
-    def _finish(self, finished: list[tuple[int, _Job, Described]]) -> list[tuple[int, FileOutcome]]:
+    def _finish(self, finished: list[tuple[int, _Job, Described]], precision: str | None = None
+                ) -> list[tuple[int, FileOutcome]]:
         """Write the captions of one model batch into their files, group-committed, and record what each file
-        holds afterwards in the index (one transaction)."""
+        holds afterwards in the index (one transaction). ``precision``: see :meth:`complete`."""
         model_id = self.captioner.model_id
         results: list[tuple[int, FileOutcome]] = []
         writes: list[tuple[int, _Job, Described]] = []
@@ -534,7 +534,9 @@ class Processor:
                     writes.append((position, job, said))
         if not writes:
             return results
-        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock))
+        # The precision as the graphs ran (a static int8 image encoder named as such), known now the model has run.
+        provenance = Provenance(model=model_id, revision=self.captioner.revision, created_at=_now_iso(self.clock),
+                                precision=precision or self.captioner.precision_used)
         requests = [CaptionWrite(Path(job.path), said.shown(default), provenance, job.snap, keywords=said.keywords,
                                  text=said.text, languages=dict(said.captions) if said.captions else None)
                     for _, job, said in writes]

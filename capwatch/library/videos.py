@@ -55,6 +55,19 @@ def merge_text(texts: list[str | None]) -> str | None:
     return "\n".join(lines)
 
 
+def read_frames_text(text: str | None, frames: Sequence[Image.Image], text_reader: TextReader) -> str | None:
+    """``text`` (what the model read in a video, or None) with the text ``text_reader`` reads in each of ``frames``
+    (its chosen frames, the representative one first) merged in after it (see :func:`merge_text`): what a local scan
+    and a cluster worker both record for a video. A frame the engine fails on adds nothing."""
+    texts = [text]
+    for frame in frames:
+        try:
+            texts.append(text_reader.read(frame))
+        except ImageError:
+            continue
+    return merge_text(texts)
+
+
 def describe_frames(chosen: Sequence[Image.Image], said: Described, captioner: Captioner, options: DescribeOptions,
                     text_reader: TextReader | None) -> Described:
     """``said`` (the description of ``chosen[0]``, a video's representative frame) with the keywords and text of

@@ -24,11 +24,14 @@ def description_key(text: str) -> str:
 
 @dataclass(frozen=True)
 class Provenance:
-    """Who wrote a caption: model id, model revision and when (ISO 8601 UTC). The tool is always "capwatch"."""
+    """Who wrote a caption: model id, model revision and when (ISO 8601 UTC), and the precision its graphs ran at
+    (``int8``, ``int8+vision_encoder=int8-static``; see Captioner.precision_used; None when not recorded, as in
+    captions written before capwatch recorded it). The tool is always "capwatch"."""
 
     model: str
     revision: str | None
     created_at: str
+    precision: str | None = None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ language.
 
 capwatch provenance namespace (stable, documented; never change the URI, readers key on it):
 ``xmlns:capwatch="https://capwatch.invalid/ns/1.0/"`` with simple properties ``capwatch:Source`` ("capwatch"),
-``capwatch:Model``, ``capwatch:ModelRevision`` (absent when unknown), ``capwatch:CreatedAt`` (ISO 8601 UTC) and
+``capwatch:Model``, ``capwatch:ModelRevision`` (absent when unknown), ``capwatch:ModelPrecision`` (the precision
+the model's graphs ran at, e.g. ``int8`` or ``int8+vision_encoder=int8-static``; absent in captions written before
+it was recorded), ``capwatch:CreatedAt`` (ISO 8601 UTC) and
 ``capwatch:Caption`` (the exact text capwatch wrote: if a person later edits dc:description, the texts differ and
 the description counts as theirs), ``capwatch:Keywords`` (rdf:Bag: exactly the dc:subject items capwatch added),
 ``capwatch:RejectedKeywords`` (rdf:Bag: keywords capwatch added that someone removed since; never added again)
@@ -133,7 +135,7 @@ def parse_xmp(packet: bytes) -> XmpInfo:
     description = next((text for text in map(_read_description, top) if text is not None), None)
     props: dict[str, str] = {}
     for desc in top:
-        for local in ("Source", "Model", "ModelRevision", "CreatedAt", "Caption"):
+        for local in ("Source", "Model", "ModelRevision", "ModelPrecision", "CreatedAt", "Caption"):
             value = _prop(desc, NS_CAPWATCH, local)
             if value is not None and local not in props:
                 props[local] = value
@@ -162,7 +164,8 @@ def parse_xmp(packet: bytes) -> XmpInfo:
     our_languages = next((i for i in map(xmp_languages.read_recorded, top) if i is not None), ())
     provenance = None
     if props.get("Model") and props.get("CreatedAt"):
-        provenance = Provenance(props["Model"], props.get("ModelRevision") or None, props["CreatedAt"])
+        provenance = Provenance(props["Model"], props.get("ModelRevision") or None, props["CreatedAt"],
+                                props.get("ModelPrecision") or None)
     return XmpInfo(
         description=description,
         provenance=provenance,
@@ -371,6 +374,8 @@ def merge_caption(packet: bytes | None, caption: str, provenance: Provenance | N
         values = [("Source", "capwatch"), ("Model", provenance.model)]
         if provenance.revision:
             values.append(("ModelRevision", provenance.revision))
+        if provenance.precision:
+            values.append(("ModelPrecision", provenance.precision))
         values += [("CreatedAt", created_at), ("Caption", caption)]
     text = recorded_text if text is None else clean_text(text)
     # A person's caption (provenance None) drops the caption's provenance only: which keywords are capwatch's and
@@ -464,12 +469,12 @@ def _simple_prop(desc: Element, ns: str, local: str) -> str | None:
 
 def _created_at(descriptions: list[Element], target: Element, caption: str, provenance: Provenance) -> str:
     """The CreatedAt to write: the recorded one when the packet already carries exactly ``caption`` as capwatch's
-    (dc:description x-default and capwatch:Caption) from the same model and revision, else
+    (dc:description x-default and capwatch:Caption) from the same model, revision and precision, else
     ``provenance.created_at``. Only a timestamp that moved would otherwise make the packet differ, and
     rewriting a sidecar for that churns backups and sync."""
     recorded: dict[str, str] = {}
     for desc in descriptions:
-        for local in ("Model", "ModelRevision", "CreatedAt", "Caption"):
+        for local in ("Model", "ModelRevision", "ModelPrecision", "CreatedAt", "Caption"):
             value = _simple_prop(desc, NS_CAPWATCH, local)
             if value is not None and local not in recorded:
                 recorded[local] = value
@@ -483,6 +488,7 @@ def _created_at(descriptions: list[Element], target: Element, caption: str, prov
         and recorded.get("Caption") == caption
         and recorded.get("Model") == provenance.model
         and (recorded.get("ModelRevision") or None) == (provenance.revision or None)
+        and (recorded.get("ModelPrecision") or None) == (provenance.precision or None)
     )
     kept = recorded.get("CreatedAt")
     return kept if same and kept else provenance.created_at

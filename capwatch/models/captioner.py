@@ -142,6 +142,10 @@ class Captioner(SessionOwner, abc.ABC):
             stem: graphs.get(stem, typing.cast(Precision, base)) for stem in self.graph_stems()}
         #: The precision key the model runs at (``int8``, ``int8+vision_encoder=fp32``; see registry.precision_key).
         self.precision = precision_key(base, graphs)
+        self._precision_parts = (base, dict(graphs))
+        #: Graphs that run in another quantisation than their published file (stem -> what runs, e.g.
+        #: ``int8-static``): set by :meth:`prepare_graphs` each time the graphs load; see :attr:`precision_used`.
+        self.graph_variants: dict[str, str] = {}
         self.config = config
         self.model_id = model_id or model.path.name
         self.revision = revision
@@ -206,6 +210,19 @@ class Captioner(SessionOwner, abc.ABC):
         self, sessions: Mapping[str, ort.InferenceSession], pixel_values: np.ndarray, settings: GenerationSettings
     ) -> list[list[int]]:
         """Token ids per image (decoder start first, as transformers' generate() returns them)."""
+
+    @property
+    def precision_used(self) -> str:
+        """What the captions are made with, as recorded with them (XMP capwatch:ModelPrecision) and shown by
+        `status`: :attr:`precision`, with each graph that runs in another quantisation than its published file
+        named as such, e.g. ``int8+vision_encoder=int8-static`` (``[model] int8_image_encoder = "static"`` whose
+        static graph passed its probe). Known once the graphs are loaded; before, :attr:`precision`. The
+        rewrites that keep every value (int8 weights with the same real values, the split decoder) are not named:
+        they give the same captions."""
+        if not self.graph_variants:
+            return self.precision
+        base, graphs = self._precision_parts
+        return precision_key(base, {**graphs, **self.graph_variants})
 
     def prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
         """The graphs to load instead of the published ``paths`` (by stem); called once, before the first load.

@@ -47,6 +47,8 @@ VISION = "vision_encoder"
 EMBED = "embed_tokens"
 ENCODER = "encoder_model"
 DECODER = "decoder_model_merged"
+#: How :attr:`Captioner.precision_used` names the image encoder quantised statically (``int8_image_encoder``).
+STATIC_INT8 = "int8-static"
 
 #: The task token for each caption length (ModelConfig.caption_length).
 TASK_FOR_LENGTH: Mapping[CaptionLength, str] = {
@@ -291,6 +293,7 @@ class Florence2Captioner(Captioner):
         ``model.int8_image_encoder = "static"`` (made from the published graph, probed and cached: see
         :func:`capwatch.models.derived.static_graph`); the published encoder when that is refused."""
         prepared = dict(super().prepare_graphs(paths))
+        self.graph_variants.pop(VISION, None)
         if (self.derived is not None and self.config.int8_image_encoder == "static"
                 and self.graph_precisions[VISION] == "int8"
                 and self.sessions.first_provider == "CPUExecutionProvider"):
@@ -298,6 +301,8 @@ class Florence2Captioner(Captioner):
                                   lambda: staticq.calibration_pixels(self.preprocess_image))
             if static is not None:
                 prepared[VISION] = static
+                # Another graph than the published int8 one: recorded with every caption (precision_used).
+                self.graph_variants[VISION] = STATIC_INT8
         return prepared
 
     def check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
