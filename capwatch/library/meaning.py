@@ -13,8 +13,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from capwatch.library.index import Index
-from capwatch.library.query import ParsedQuery, SearchFilters, Term
+from capwatch.library.query import ParsedQuery, SearchFilters, is_meaning_term, meaning_text
 from capwatch.library.search import SearchHit, SortOrder, build_search_sql, fuse_rankings
+
+__all__ = ["BY", "NO_PLAIN_WORDS", "By", "QueryVector", "filter_part", "meaning_text", "search"]
 
 if TYPE_CHECKING:
     # numpy is imported where vectors are compared: a search by words (and `status`) never loads it.
@@ -29,24 +31,10 @@ NO_PLAIN_WORDS = "the query has no plain words to look for by meaning (fields an
 FUSION_DEPTH = 50
 
 
-def _is_meaning_term(term: Term) -> bool:
-    """Plain words are meant; ``kw:``/``text:``/``caption:``/``path:`` terms and quoted phrases are word searches."""
-    return term.field is None and not term.phrase
-
-
-def meaning_text(query: ParsedQuery) -> str | None:
-    """The text whose embedding stands for ``query``: its plain words as typed (an OR group as "a or b"); None
-    when every term is a word search (fields, quoted phrases) or excluded."""
-    parts = [" or ".join(t.text.rstrip("*") for t in group) for group in query.groups
-             if all(_is_meaning_term(t) for t in group)]
-    text = " ".join(p for p in parts if p.strip())
-    return text or None
-
-
 def filter_part(query: ParsedQuery) -> ParsedQuery:
     """What a meaning hit must still satisfy: the groups that are word searches (fields, phrases) and every
     exclusion. Empty (no groups, nothing excluded) for a query of plain words."""
-    groups = tuple(g for g in query.groups if not all(_is_meaning_term(t) for t in g))
+    groups = tuple(g for g in query.groups if not all(is_meaning_term(t) for t in g))
     return ParsedQuery(groups, query.excluded)
 
 
