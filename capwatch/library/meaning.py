@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from capwatch.library.vectors import Vectors
+
 By = Literal["words", "meaning", "both"]
 BY: tuple[By, ...] = ("words", "meaning", "both")
 #: Why a query has no meaning part.
@@ -95,12 +97,14 @@ def _hits_for(index: Index, ids: Sequence[int]) -> dict[int, SearchHit]:
 
 
 def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, vector: QueryVector | None,
-           limit: int = 20, highlight: tuple[str, str] = ("[", "]"), sort: SortOrder = "score") -> list[SearchHit]:
+           limit: int = 20, highlight: tuple[str, str] = ("[", "]"), sort: SortOrder = "score",
+           vectors: Vectors | None = None) -> list[SearchHit]:
     """Hits for ``query`` by words, by meaning or both fused into one list (reciprocal rank fusion of the bm25
     ranking and the cosine ranking), ``limit`` at most, each with ``similarity`` (None without a vector) and
     ``match``. Without ``vector`` (or for a query with no plain words), ``both`` is words only and ``meaning``
-    finds nothing. ``sort="date"`` orders the same hits newest first. Raises IndexUnavailable for database
-    problems."""
+    finds nothing. ``sort="date"`` orders the same hits newest first. ``vectors``: the index's vectors as the caller
+    holds them (codes in memory, or being read ahead); a new :class:`Vectors` of ``index`` when None. Raises
+    IndexUnavailable for database problems."""
     text = meaning_text(query)
     use_meaning = by != "words" and vector is not None and text is not None
     if not use_meaning:
@@ -122,7 +126,8 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
         from capwatch.library.moments import nearest_assets
         from capwatch.library.vectors import Vectors
 
-        assets = nearest_assets(Vectors(index), index, vector.model, vector.vector, limit=depth, allowed=allowed)
+        vectors = vectors or Vectors(index)
+        assets = nearest_assets(vectors, index, vector.model, vector.vector, limit=depth, allowed=allowed)
         near = [(h.image_id, h.similarity) for h in assets]
         at = {h.image_id: h.at for h in assets if h.at is not None}
     similarity = dict(near)
@@ -142,7 +147,7 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
 
         values = np.asarray(vector.vector, dtype=np.float32)
         q = values / max(float(np.linalg.norm(values)), 1e-12)
-        for row_id, vec in Vectors(index).vectors_of(missing, vector.model).items():
+        for row_id, vec in (vectors or Vectors(index)).vectors_of(missing, vector.model).items():
             similarity[row_id] = float(vec @ q)
     by_id = {ids[h.path]: h for h in words if h.path in ids}
     plain = _hits_for(index, [i for i in ranking if i not in by_id])
