@@ -231,7 +231,8 @@ READER = """
 import os, sys
 # Everything the read-only commands import, loaded while the interpreter's own folder is still readable (as root):
 # user nobody may not enter the folder this Python is installed in.
-import capwatch.cli, capwatch.config, capwatch.paths, capwatch.daemon.instance, capwatch.library.index
+import capwatch.cli, capwatch.cli.find, capwatch.cli.models, capwatch.config, capwatch.paths, capwatch.daemon.instance
+import capwatch.library.index
 import capwatch.library.search, capwatch.library.scan, click, grp, json, pwd, sqlite3
 groups = [int(g) for g in sys.argv[1].split(",") if g]
 uid, gid = int(sys.argv[2]), int(sys.argv[3])

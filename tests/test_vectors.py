@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,61 @@ def test_two_stage_search_recalls_the_exact_top_10_on_clustered_vectors(index: I
         ranked = [s for _, s in approx]
         assert ranked == sorted(ranked, reverse=True)
     assert found / total >= 0.99
+
+
+def _stored(index: Index, n: int, dim: int = 64, seed: int = 3) -> np.ndarray:
+    data = clustered(n, dim, clusters=8, seed=seed)
+    index.upsert_many([_rec(f"/lib/{i:05d}.jpg") for i in range(n)])
+    Vectors(index).put_many((f"/lib/{i:05d}.jpg", "m", None, data[i]) for i in range(n))
+    return data
+
+
+def test_codes_read_ahead_on_another_thread_give_the_same_answer(index: Index) -> None:
+    _stored(index, 2500)
+    query = clustered(1, 64, clusters=8, spread=2.0, queries=5)[0]
+    ahead = Vectors(index)
+    ahead.read_ahead("m")
+    ahead.read_ahead("m")  # once per model: a second call starts no second read
+    assert [t.name for t in threading.enumerate()].count("capwatch-codes-m") <= 1
+    assert ahead.nearest("m", query, limit=10) == Vectors(index).nearest("m", query, limit=10)
+    assert not [t for t in threading.enumerate() if t.name == "capwatch-codes-m"]
+
+
+def test_codes_read_ahead_before_another_writer_stored_more_are_read_again(tmp_path: Path) -> None:
+    db = tmp_path / "i.db"
+    with Index.open(db) as writer:
+        data = _stored(writer, 2000)
+    reader = Index.open(db, readonly=True)
+    try:
+        vectors = Vectors(reader)
+        vectors.read_ahead("m")
+        vectors._ahead["m"].join()  # the read-ahead has its (now old) codes
+        with Index.open(db) as writer:  # another process stores a copy of the first image (and its vector)
+            writer.upsert_many([_rec("/lib/copy.jpg")])
+            Vectors(writer).put_many([("/lib/copy.jpg", "m", None, data[0])])
+        ids = reader.ids_for(["/lib/00000.jpg", "/lib/copy.jpg"])
+        best = vectors.nearest("m", data[0], limit=2)
+        assert {i for i, _ in best} == set(ids.values())
+        assert [s for _, s in best] == pytest.approx([1.0, 1.0], abs=1e-5)
+    finally:
+        reader.close()
+
+
+def test_a_failed_read_ahead_leaves_the_search_to_read_the_codes_itself(tmp_path: Path) -> None:
+    db = tmp_path / "i.db"
+    index = Index.open(db)
+    try:
+        data = _stored(index, 1500)
+        # The file is renamed away under the open index: a new connection (the read-ahead's) cannot open it,
+        # the index's own connection still reads it.
+        db.rename(tmp_path / "moved.db")
+        vectors = Vectors(index)
+        vectors.read_ahead("m")
+        vectors._ahead["m"].join()
+        assert vectors._ahead["m"].codes is None
+        assert vectors.nearest("m", data[7], limit=1)[0][1] == pytest.approx(1.0, abs=1e-5)
+    finally:
+        index.close()
 
 
 def test_nearest_widens_until_enough_candidates_pass_the_filter(index: Index) -> None:

@@ -1,14 +1,14 @@
 """The ``capwatch`` command line: parse, load config, call one library function, format the output.
 
 A thin click layer over the library. ``app`` holds the group, the global options and ``main``; each command lives
-with its kin (``find``: search and status; ``captioning``: caption, scan, recaption; ``models``; ``running``: watch
-and service install). Importing this package registers them all.
+with its kin (``find``: search and status; ``captioning``: caption, scan, recaption; ``meaning``: similar and
+duplicates; ``models``; ``running``: watch and service install; ``serving``: serve). The group imports a command's
+module when that command is used (``capwatch.cli.app.COMMAND_MODULES``): a search does not pay for the others.
 
 Exit codes (the CLI contract): 0 ok; 1 some files failed (the others were still done); 2 usage, config, query or
 index error, reported as ONE line on stderr (``capwatch: error: ...``), never a traceback.
 """
 
-from capwatch.cli import captioning, find, meaning, models, running, serving
 from capwatch.cli.app import cli, main
 
-__all__ = ["captioning", "cli", "find", "main", "meaning", "models", "running", "serving"]
+__all__ = ["cli", "main"]

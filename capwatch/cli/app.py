@@ -178,9 +178,44 @@ class _ReaderGone(Exception):
     """Standard output's reader went away (``capwatch status | head -1``)."""
 
 
+#: Where each command is defined (``capwatch.cli.<module>``): the group imports a command's module only when that
+#: command runs (or help lists them all), so `capwatch search` does not import the captioning, serving and
+#: service commands, and a search a daemon answers sends its question before the library is imported (see
+#: capwatch.cli.find). A test checks this against what the modules register.
+COMMAND_MODULES: dict[str, str] = {
+    "caption": "captioning", "scan": "captioning", "recaption": "captioning",
+    "search": "find", "status": "find",
+    "similar": "meaning", "duplicates": "meaning",
+    "models": "models",
+    "watch": "running", "service": "running",
+    "serve": "serving",
+}
+
+
+def _import_commands(module: str) -> None:
+    """Import ``capwatch.cli.<module>``, which registers its commands on :data:`cli`."""
+    # __import__, not importlib.import_module: the latter bypasses the interpreter's import path that
+    # `python -X importtime` reports, and the import costs of a command are worth seeing there.
+    __import__(f"capwatch.cli.{module}")
+
+
 class _CapwatchGroup(click.Group):
     """The top-level group. click turns a broken pipe into exit status 1; for capwatch, as for any Unix filter, a
-    reader that stops reading is no failure, so it reaches :func:`main` (exit 0) instead."""
+    reader that stops reading is no failure, so it reaches :func:`main` (exit 0) instead. Commands are imported
+    on first use (:data:`COMMAND_MODULES`)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command called ``cmd_name``, its module imported first when it is not registered yet."""
+        module = COMMAND_MODULES.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            _import_commands(module)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name (all their modules imported: help shows each one's summary)."""
+        for module in dict.fromkeys(COMMAND_MODULES.values()):
+            _import_commands(module)
+        return super().list_commands(ctx)
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from capwatch.config import Config
-from capwatch.library.livephoto import motion_of, recorded_motions
-from capwatch.library.moments import clock
 from capwatch.metadata.formats import is_video_name
 
 if TYPE_CHECKING:
+    from capwatch.daemon.textserver import PendingAnswer
     from capwatch.library.index import Index
+    from capwatch.library.vectors import Vectors
 
 from capwatch.cli.app import _global_options, _human_bytes, _load, _open_index, cli, log
 
@@ -107,9 +107,7 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
       capwatch search puppy on a couch --by meaning
     """
     from capwatch.errors import QueryError
-    from capwatch.library.meaning import meaning_text
-    from capwatch.library.meaning import search as find
-    from capwatch.library.search import make_filters, parse_query
+    from capwatch.library.query import make_filters, meaning_text, parse_query
 
     if as_json and paths_only:
         raise click.UsageError("--json and --paths cannot be used together")
@@ -118,22 +116,36 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
     config = _load(ctx)
     query = parse_query(list(words))
     filters = make_filters(in_dir=str(in_dir) if in_dir else None, since=since, until=until, source=source)
-    styled = sys.stdout.isatty() and not as_json and not paths_only
-    # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
-    marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
-    with _open_index(config, readonly=True) as index:
-        vector = None
-        if by != "words":
-            vector, why = _query_vector(config, index, meaning_text(query))
-            if vector is None and by == "meaning":
-                raise QueryError(f"--by meaning: {why}")
-            if vector is None:
-                log.debug("searching by words only: %s", why)
-        hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
-                    highlight=marks, sort="date" if sort == "date" else "score")
-        # A Live Photo's motion: beside the still by name, else as recorded by content identifier (renamed apart).
-        motions = {h.path: motion_of(h.path) for h in hits}
-        motions.update(recorded_motions(index, [p for p, m in motions.items() if m is None]))
+    text = meaning_text(query) if by != "words" else None
+    # A running daemon is asked first, before this process imports the index modules and opens the index: it
+    # embeds the query and searches its codes meanwhile (on the other core), and the answer is read when needed.
+    pending = _ask_daemon(config, text)
+    try:
+        from capwatch.library.livephoto import motion_of, recorded_motions
+        from capwatch.library.meaning import search as find
+
+        styled = sys.stdout.isatty() and not as_json and not paths_only
+        # JSON snippets carry the hits in [brackets]; a terminal shows them bold; plain text and --paths unmarked.
+        marks = ("\x1b[1m", "\x1b[22m") if styled else ("[", "]") if as_json else ("", "")
+        with _open_index(config, readonly=True) as index:
+            vector, vectors = None, None
+            if by != "words":
+                vector, why, vectors = _query_vector(config, index, text, pending)
+                if vector is None and by == "meaning":
+                    raise QueryError(f"--by meaning: {why}")
+                if vector is None:
+                    log.debug("searching by words only: %s", why)
+            hits = find(index, query, filters, by=by, vector=vector, limit=limit,  # type: ignore[arg-type]
+                        highlight=marks, sort="date" if sort == "date" else "score", vectors=vectors)
+            # A Live Photo's motion: beside the still by name, else as recorded by content identifier (renamed
+            # apart).
+            motions = {h.path: motion_of(h.path) for h in hits}
+            motions.update(recorded_motions(index, [p for p, m in motions.items() if m is None]))
+    finally:
+        if pending is not None:
+            pending.close()
+    from capwatch.library.moments import clock
+
     out = sys.stdout
     for hit in hits:
         motion = motions.get(hit.path)
@@ -179,21 +191,30 @@ def search(ctx: click.Context, words: tuple[str, ...], as_json: bool, paths_only
 DAEMON_NEAREST = 100
 
 
-def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, str]:
-    """The query's text embedding (the configured model, loaded here), or (None, why not)."""
+def _ask_daemon(config: Config, text: str | None) -> PendingAnswer | None:
+    """The question about ``text`` sent to a running daemon (capwatch.daemon.textserver), its answer not read
+    yet; None when there is nothing to ask (no plain words, search by meaning off) or no daemon listens."""
+    if not text or config.embed.off:
+        return None
+    from capwatch.daemon.textserver import send
+
+    return send(config.index_path(), text, nearest=DAEMON_NEAREST)
+
+
+def _query_vector(config: Config, index: Index, text: str | None,
+                  pending: PendingAnswer | None = None) -> tuple[Any, str, Vectors | None]:
+    """The query's text embedding (from the daemon's ``pending`` answer, else the configured model loaded here),
+    or None and why not; and, when this process will compare vectors itself, the index's vectors with their codes
+    being read already."""
     from capwatch.library.meaning import NO_PLAIN_WORDS
 
     if not text:
-        return None, NO_PLAIN_WORDS
+        return None, NO_PLAIN_WORDS, None
     if config.embed.off:
-        return None, 'search by meaning is off ([embed] model = "off")'
+        return None, 'search by meaning is off ([embed] model = "off")', None
     if index.embedded_count() == 0:
-        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in"
-    # Imported only now: the model layer costs a word search nothing, and an answer from a running daemon
-    # needs neither it nor numpy (150 ms to import on a busy 2-core box).
-    from capwatch.daemon.textserver import ask
-
-    answer = ask(config.index_path(), text, nearest=DAEMON_NEAREST)
+        return None, "no image in the index has an embedding yet; `capwatch scan` fills them in", None
+    answer = pending.receive() if pending is not None else None
     if answer is not None:
         from capwatch.library.meaning import QueryVector
 
@@ -201,14 +222,22 @@ def _query_vector(config: Config, index: Index, text: str | None) -> tuple[Any, 
         if index.embedded_count(model):
             log.debug("the query's text embedding came from the running daemon (%s)", model)
             complete = nearest is not None and len(nearest) < DAEMON_NEAREST
-            return QueryVector(model, vector, nearest, complete, moments), ""
+            return QueryVector(model, vector, nearest, complete, moments), "", None
+    # Imported only now: the model layer costs a word search nothing, and an answer from a running daemon
+    # needs neither it nor numpy (150 ms to import on a busy 2-core box).
     from capwatch.library.embed import query_embedder, query_vector
+    from capwatch.library.vectors import Vectors
 
     embedder, why = query_embedder(config)
     if embedder is None:
-        return None, why
+        return None, why, None
+    vectors = Vectors(index)
+    # The codes (64 MB at a million images) are read on another thread while the text model loads and embeds
+    # the query here: on two cores the search then waits for the longer of the two, not for both.
+    vectors.read_ahead(embedder.model_id)
     try:
-        return query_vector(index, embedder, text)
+        found, why = query_vector(index, embedder, text)
+        return found, why, vectors
     finally:
         embedder.close()
 

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,37 +176,95 @@ class TextEmbedServer:
 def is_served(index_path: Path) -> bool:
     """True when a process listens on the query-embedding socket of ``index_path`` (a daemon, or `capwatch
     serve`), whether or not its model has loaded yet."""
-    path = socket_path(index_path)
-    if not path.exists():
-        return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
-            sock.connect(str(path))
+            sock.connect(str(socket_path(index_path)))
         except OSError:
             return False
     return True
 
 
-def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
-        ) -> tuple[str, Any, tuple[tuple[int, float], ...] | None, tuple[tuple[int, float], ...]] | None:
-    """The running daemon's (model id, float32 vector as an ``array("f")``, its ``nearest`` images as (row id,
-    cosine) or None, (row id, seconds) of the videos among them at their best moment) for ``text``, or None when
-    no daemon answers (none runs, it has no model, it is another user's, it took longer than ``timeout``)."""
-    path = socket_path(index_path)
-    if not path.exists():
-        return None
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps({"text": text, "nearest": nearest}).encode() + b"\n")
+#: What a daemon answers: (model id, float32 vector as an ``array("f")``, the nearest images as (row id, cosine) or
+#: None, (row id, seconds) of the videos among them at their best moment).
+Answer = tuple[str, Any, "tuple[tuple[int, float], ...] | None", tuple[tuple[int, float], ...]]
+
+
+class PendingAnswer:
+    """A question sent to the running daemon whose answer has not been read yet (:func:`send`): the caller does
+    its own work meanwhile (a search imports the library and opens its index while the daemon embeds and
+    searches), then reads it with :meth:`receive`. Close it (or use it as a context manager) when the answer is
+    not wanted after all."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock: socket.socket | None = sock
+        self._deadline = deadline
+
+    def receive(self) -> Answer | None:
+        """The answer (see :data:`Answer`), or None when the daemon gave none (it has no model, failed, or took
+        longer than the timeout given to :func:`send`, counted from the sending). Reads it once; closes."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
             data = b""
             while not data.endswith(b"\n"):
+                sock.settimeout(max(0.001, self._deadline - time.monotonic()))
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 data += chunk
+            return _parse(data)
+        except OSError as exc:
+            log.debug("no text embedding from a running daemon: %s", exc)
+            return None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Hang up without reading the answer (the daemon's write then fails quietly)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> PendingAnswer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def send(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0) -> PendingAnswer | None:
+    """Ask the daemon that serves ``index_path`` for the embedding of ``text`` (and its ``nearest`` images) without
+    waiting for the answer; None when no daemon listens there (none runs, it is another user's). ``timeout``
+    bounds the whole exchange, sending to answer."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        # No socket, or one in a folder this user may not enter (a service's state folder): connect() says so,
+        # and the search goes on to open the index itself, which then reports what is wrong in one line.
+        sock.connect(str(socket_path(index_path)))
+        sock.sendall(json.dumps({"text": text, "nearest": nearest}).encode() + b"\n")
+    except OSError as exc:
+        sock.close()
+        log.debug("no text embedding from a running daemon: %s", exc)
+        return None
+    return PendingAnswer(sock, deadline)
+
+
+def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0) -> Answer | None:
+    """The running daemon's (model id, float32 vector as an ``array("f")``, its ``nearest`` images as (row id,
+    cosine) or None, (row id, seconds) of the videos among them at their best moment) for ``text``, or None when
+    no daemon answers (none runs, it has no model, it is another user's, it took longer than ``timeout``):
+    :func:`send` and :meth:`PendingAnswer.receive` at once."""
+    pending = send(index_path, text, nearest=nearest, timeout=timeout)
+    return None if pending is None else pending.receive()
+
+
+def _parse(data: bytes) -> Answer | None:
+    """The answer in the daemon's JSON line ``data``; None for an error answer or a line that is not one."""
+    try:
         answer = json.loads(data)
         if "error" in answer:
             log.debug("the running daemon did not embed the query: %s", answer["error"])
@@ -220,6 +279,6 @@ def ask(index_path: Path, text: str, *, nearest: int = 0, timeout: float = 3.0
         if sys.byteorder == "big":
             vector.byteswap()
         return str(answer["model"]), vector, hits, moments
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         log.debug("no text embedding from a running daemon: %s", exc)
         return None

@@ -522,6 +522,11 @@ class Index:
         """A write transaction (``with index.transaction(): ...``): BEGIN IMMEDIATE, COMMIT, ROLLBACK on error."""
         return self._write()
 
+    def reader(self) -> sqlite3.Connection:
+        """A new read-only connection to this index's file, for another thread (the caller closes it). Raises
+        sqlite3.Error when it cannot be opened."""
+        return self._connect(self.path, self._busy_timeout, readonly=True)
+
     def guard(self, action: Callable[[], Any]) -> Any:
         """Run ``action``; an sqlite3 error becomes IndexUnavailable with one line naming this index."""
         return self._guard(action)

@@ -13,13 +13,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from capwatch.library.index import Index
-from capwatch.library.query import ParsedQuery, SearchFilters, Term
+from capwatch.library.query import ParsedQuery, SearchFilters, is_meaning_term, meaning_text
 from capwatch.library.search import SearchHit, SortOrder, build_search_sql, fuse_rankings
+
+__all__ = ["BY", "NO_PLAIN_WORDS", "By", "QueryVector", "filter_part", "meaning_text", "search"]
 
 if TYPE_CHECKING:
     # numpy is imported where vectors are compared: a search by words (and `status`) never loads it.
     import numpy as np
     import numpy.typing as npt
+
+    from capwatch.library.vectors import Vectors
 
 By = Literal["words", "meaning", "both"]
 BY: tuple[By, ...] = ("words", "meaning", "both")
@@ -29,24 +33,10 @@ NO_PLAIN_WORDS = "the query has no plain words to look for by meaning (fields an
 FUSION_DEPTH = 50
 
 
-def _is_meaning_term(term: Term) -> bool:
-    """Plain words are meant; ``kw:``/``text:``/``caption:``/``path:`` terms and quoted phrases are word searches."""
-    return term.field is None and not term.phrase
-
-
-def meaning_text(query: ParsedQuery) -> str | None:
-    """The text whose embedding stands for ``query``: its plain words as typed (an OR group as "a or b"); None
-    when every term is a word search (fields, quoted phrases) or excluded."""
-    parts = [" or ".join(t.text.rstrip("*") for t in group) for group in query.groups
-             if all(_is_meaning_term(t) for t in group)]
-    text = " ".join(p for p in parts if p.strip())
-    return text or None
-
-
 def filter_part(query: ParsedQuery) -> ParsedQuery:
     """What a meaning hit must still satisfy: the groups that are word searches (fields, phrases) and every
     exclusion. Empty (no groups, nothing excluded) for a query of plain words."""
-    groups = tuple(g for g in query.groups if not all(_is_meaning_term(t) for t in g))
+    groups = tuple(g for g in query.groups if not all(is_meaning_term(t) for t in g))
     return ParsedQuery(groups, query.excluded)
 
 
@@ -107,12 +97,14 @@ def _hits_for(index: Index, ids: Sequence[int]) -> dict[int, SearchHit]:
 
 
 def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, vector: QueryVector | None,
-           limit: int = 20, highlight: tuple[str, str] = ("[", "]"), sort: SortOrder = "score") -> list[SearchHit]:
+           limit: int = 20, highlight: tuple[str, str] = ("[", "]"), sort: SortOrder = "score",
+           vectors: Vectors | None = None) -> list[SearchHit]:
     """Hits for ``query`` by words, by meaning or both fused into one list (reciprocal rank fusion of the bm25
     ranking and the cosine ranking), ``limit`` at most, each with ``similarity`` (None without a vector) and
     ``match``. Without ``vector`` (or for a query with no plain words), ``both`` is words only and ``meaning``
-    finds nothing. ``sort="date"`` orders the same hits newest first. Raises IndexUnavailable for database
-    problems."""
+    finds nothing. ``sort="date"`` orders the same hits newest first. ``vectors``: the index's vectors as the caller
+    holds them (codes in memory, or being read ahead); a new :class:`Vectors` of ``index`` when None. Raises
+    IndexUnavailable for database problems."""
     text = meaning_text(query)
     use_meaning = by != "words" and vector is not None and text is not None
     if not use_meaning:
@@ -134,7 +126,8 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
         from capwatch.library.moments import nearest_assets
         from capwatch.library.vectors import Vectors
 
-        assets = nearest_assets(Vectors(index), index, vector.model, vector.vector, limit=depth, allowed=allowed)
+        vectors = vectors or Vectors(index)
+        assets = nearest_assets(vectors, index, vector.model, vector.vector, limit=depth, allowed=allowed)
         near = [(h.image_id, h.similarity) for h in assets]
         at = {h.image_id: h.at for h in assets if h.at is not None}
     similarity = dict(near)
@@ -154,7 +147,7 @@ def search(index: Index, query: ParsedQuery, filters: SearchFilters, *, by: By, 
 
         values = np.asarray(vector.vector, dtype=np.float32)
         q = values / max(float(np.linalg.norm(values)), 1e-12)
-        for row_id, vec in Vectors(index).vectors_of(missing, vector.model).items():
+        for row_id, vec in (vectors or Vectors(index)).vectors_of(missing, vector.model).items():
             similarity[row_id] = float(vec @ q)
     by_id = {ids[h.path]: h for h in words if h.path in ids}
     plain = _hits_for(index, [i for i in ranking if i not in by_id])

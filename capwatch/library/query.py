@@ -553,3 +553,19 @@ def prefix_range(directory: str) -> tuple[str, str]:
     # Compare against "dir/" .. "dir0" ('0' follows '/'), so siblings such as "dir.jpg" or "dir-2/" are excluded.
     base = directory.rstrip(os.sep)
     return (base + os.sep, base + chr(ord(os.sep) + 1))
+
+
+def is_meaning_term(term: Term) -> bool:
+    """For search by meaning (capwatch.library.meaning): plain words are meant; ``kw:``/``text:``/``caption:``/
+    ``path:`` terms and quoted phrases are word searches."""
+    return term.field is None and not term.phrase
+
+
+def meaning_text(query: ParsedQuery) -> str | None:
+    """The text whose embedding stands for ``query``: its plain words as typed (an OR group as "a or b"); None
+    when every term is a word search (fields, quoted phrases) or excluded. Here, not in capwatch.library.meaning,
+    so that a search can ask a running daemon for the embedding before it imports the index modules."""
+    parts = [" or ".join(t.text.rstrip("*") for t in group) for group in query.groups
+             if all(is_meaning_term(t) for t in group)]
+    text = " ".join(p for p in parts if p.strip())
+    return text or None

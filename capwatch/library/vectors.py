@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,9 @@ RESCORE = 200
 MIN_CENTRED = 64
 
 FloatArray = npt.NDArray[np.float32]
+#: One model's codes as a search holds them: (vector_models.version they belong to, ids, codes as 64-bit words,
+#: the centre their signs are taken around or None).
+_Codes = tuple[int, npt.NDArray[np.int64], npt.NDArray[np.uint64], "FloatArray | None"]
 
 
 class VectorError(CapwatchError):
@@ -167,6 +171,71 @@ def _as_vector(blob: bytes) -> FloatArray:
     return np.frombuffer(blob, dtype=np.float32)
 
 
+def _read_blocks(conn: sqlite3.Connection, model: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Every entry of ``model``'s blocks: ids (n,) and codes as 64-bit words (n, a multiple of 8; zero words pad a
+    code to whole groups of 512 bits for :func:`hamming`, adding no distance).
+
+    The blocks are copied one at a time into two arrays sized beforehand (``length()`` of a blob is read from its
+    record header, not its pages), not gathered and joined: at a million 512-bit codes the join was a second
+    64 MB copy into freshly faulted memory, and fetchall() held all the blocks' bytes at once (measured on this
+    2-core box: see the README's Searching figures)."""
+    entries, code_bytes = conn.execute(
+        "SELECT coalesce(sum(length(ids)), 0) / 8, coalesce(sum(length(codes)), 0) FROM vector_blocks "
+        "WHERE model = ?", (model,)).fetchone()
+    width = int(code_bytes) // int(entries) if entries else 64
+    words_per_code = -(-width // 64) * 8  # whole groups of 8 words
+    ids = np.empty(int(entries), dtype=np.int64)
+    words = np.zeros((int(entries), words_per_code), dtype=np.uint64)
+    codes = words.view(np.uint8)
+    done = 0
+    cursor = conn.execute("SELECT ids, codes FROM vector_blocks WHERE model = ? ORDER BY block", (model,))
+    for block_ids, block_codes in cursor:
+        n = len(block_ids) // 8
+        if done + n > len(ids) or len(block_codes) != n * width:
+            raise sqlite3.DatabaseError(f"vector_blocks of {model}: a block's ids and codes disagree")
+        ids[done:done + n] = np.frombuffer(block_ids, dtype="<i8")
+        codes[done:done + n, :width] = np.frombuffer(block_codes, dtype=np.uint8).reshape(n, width)
+        done += n
+    if done != len(ids):
+        raise sqlite3.DatabaseError(f"vector_blocks of {model}: a block's ids and codes disagree")
+    return ids, words
+
+
+def _read_codes(conn: sqlite3.Connection, model: str, known: int | None = None) -> _Codes | None:
+    """``model``'s codes as of now, read in one snapshot (call inside a read transaction); None when their
+    version is ``known`` (the caller holds them already)."""
+    row = conn.execute("SELECT version, centre FROM vector_models WHERE model = ?", (model,)).fetchone()
+    version = -1 if row is None else int(row[0])
+    if version == known:
+        return None
+    centre = None if row is None or row[1] is None else _as_vector(row[1])
+    ids, words = _read_blocks(conn, model)
+    return version, ids, words, centre
+
+
+class _ReadAhead(threading.Thread):
+    """Reads one model's codes over a read-only connection of its own (see :meth:`Vectors.read_ahead`)."""
+
+    def __init__(self, index: Index, model: str) -> None:
+        super().__init__(name=f"capwatch-codes-{model}", daemon=True)
+        self._index = index
+        self._model = model
+        #: The codes read, once the thread has ended; None when the read failed.
+        self.codes: _Codes | None = None
+
+    def run(self) -> None:
+        try:
+            conn = self._index.reader()
+            try:
+                conn.execute("BEGIN")
+                self.codes = _read_codes(conn, self._model)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError, ValueError):
+            # The search then reads them itself, on its own connection, and reports what is wrong in one line.
+            self.codes = None
+
+
 def _unit(vector: npt.ArrayLike) -> FloatArray:
     v = np.asarray(vector, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(v))
@@ -180,7 +249,8 @@ class Vectors:
     def __init__(self, index: Index) -> None:
         self._index = index
         self._conn = index.connection
-        self._codes: dict[str, tuple[int, npt.NDArray[np.int64], npt.NDArray[np.uint64], FloatArray | None]] = {}
+        self._codes: dict[str, _Codes] = {}
+        self._ahead: dict[str, _ReadAhead] = {}
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -393,23 +463,38 @@ class Vectors:
 
     # -- searching --------------------------------------------------------------------------------------------
 
+    def read_ahead(self, model: str) -> None:
+        """Start reading ``model``'s codes (the sign bits every search compares, 64 MB at a million 512-d
+        vectors) on another thread, so that the first search finds them in memory. A one-shot search process
+        calls this before it loads its text model: both wait mostly outside the GIL (SQLite reading pages,
+        onnxruntime setting up its session), so on two cores the read costs the search little time. A failed
+        read is dropped: the search then reads the codes itself and reports what is wrong."""
+        if model not in self._codes and model not in self._ahead:
+            thread = _ReadAhead(self._index, model)
+            thread.start()
+            self._ahead[model] = thread
+
     def _load(self, model: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64], FloatArray | None]:
-        row = self._conn.execute("SELECT version, centre FROM vector_models WHERE model = ?", (model,)).fetchone()
-        version = -1 if row is None else int(row[0])
-        centre = None if row is None or row[1] is None else _as_vector(row[1])
-        cached = self._codes.get(model)
-        if cached is not None and cached[0] == version:
-            return cached[1], cached[2], cached[3]
-        rows = self._conn.execute("SELECT ids, codes FROM vector_blocks WHERE model = ? ORDER BY block",
-                                  (model,)).fetchall()
-        ids = np.frombuffer(b"".join(r[0] for r in rows), dtype="<i8").astype(np.int64)
-        raw = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8)
-        words = raw.view(np.uint64).reshape(len(ids), -1) if len(ids) else np.zeros((0, 8), dtype=np.uint64)
-        if words.shape[1] % 8:
-            # Whole groups of 8 words (512 bits) for hamming(); zero words add no distance.
-            words = np.pad(words, ((0, 0), (0, 8 - words.shape[1] % 8)))
-        self._codes[model] = (version, ids, words, centre)
-        return ids, words, centre
+        ahead = self._ahead.pop(model, None)
+        if ahead is not None:
+            ahead.join()
+            if ahead.codes is not None:  # of the version then: checked against the current one below
+                self._codes[model] = ahead.codes
+        # The version and the blocks from one snapshot (a read transaction; WAL readers do not block the writer),
+        # so the codes kept are the ones that version names.
+        own = not self._conn.in_transaction
+        if own:
+            self._conn.execute("BEGIN")
+        try:
+            cached = self._codes.get(model)
+            fresh = _read_codes(self._conn, model, known=None if cached is None else cached[0])
+        finally:
+            if own:
+                self._conn.execute("COMMIT")
+        if fresh is not None:
+            self._codes[model] = cached = fresh
+        assert cached is not None
+        return cached[1], cached[2], cached[3]
 
     def nearest(self, model: str, query: npt.ArrayLike, *, limit: int = 20, candidates: int | None = None,
                 allowed: Callable[[list[int]], set[int]] | None = None,
