@@ -1,4 +1,5 @@
-"""The split of ViT-GPT2's merged decoder (cross-attention keys/values once per image) and its cache.
+"""The split of ViT-GPT2's merged decoder (cross-attention keys/values once per image) and its cache; int8 weights
+(s8) and attention splits moved before their transposes (tidy).
 
 Token parity of the split with transformers is in test_vit_gpt2_parity.py (every case runs on both graphs); here:
 what the rewrite produces, that it is made once and reused, and that anything wrong with it (a graph that computes
@@ -13,6 +14,7 @@ import logging
 import shutil
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,6 +33,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "models"
 GREEDY = FIXTURES / "vit-gpt2-tiny-greedy"
 BEAM = FIXTURES / "vit-gpt2-tiny-beam"
 FLORENCE = FIXTURES / "florence2-tiny"
+PHOTOS = Path(__file__).parent / "fixtures" / "photos"
 
 
 def _pixels(model_dir: Path) -> np.ndarray:
@@ -421,3 +424,79 @@ def test_memory_available_is_lowered_by_a_cgroup_limit(tmp_path: Path) -> None:
     assert derived.memory_available(meminfo, tmp_path / "cgroup") == 1572864000 - 104857600
     (group / "memory.max").write_text("max\n")
     assert derived.memory_available(meminfo, tmp_path / "cgroup") == 20_000_000 * 1024
+
+
+# -- attention splits before their transposes (tidy) ------------------------------------------------------------
+
+
+def _transpose_split_graph(opset: int, read_elsewhere: bool = False) -> onnx.ModelProto:
+    """x [b, 7, 3, 4, 5] -> Transpose(2, 0, 3, 4, 1) -> Split(axis 0) -> Squeeze(0) per part -> q, k, v: what
+    DaViT's attention does with its query/key/value tensor (opset 11: split sizes and squeeze axes as attributes;
+    13 and later: as inputs)."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 7, 3, 4, 5])
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, "b", 4, 5, 7][1:]) for n in "qkv"]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], name="transpose", perm=[2, 0, 3, 4, 1])]
+    initializers = []
+    if opset >= 13:
+        initializers = [onnx.numpy_helper.from_array(np.array([1, 1, 1], dtype=np.int64), "sizes")]
+        nodes.append(helper.make_node("Split", ["t", "sizes"], ["p0", "p1", "p2"], name="split", axis=0))
+        nodes.append(helper.make_node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(
+            np.array([0], dtype=np.int64))))
+        nodes += [helper.make_node("Squeeze", [f"p{i}", "zero"], [n], name=f"squeeze{i}") for i, n in enumerate("qkv")]
+    else:
+        nodes.append(helper.make_node("Split", ["t"], ["p0", "p1", "p2"], name="split", axis=0, split=[1, 1, 1]))
+        nodes += [helper.make_node("Squeeze", [f"p{i}"], [n], name=f"squeeze{i}", axes=[0])
+                  for i, n in enumerate("qkv")]
+    if read_elsewhere:
+        outputs.append(helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "attention", [x], outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from capwatch.models.runtime import ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in session.run(None, feeds)]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_split_before_transpose_gives_the_same_parts_through_4d_transposes(opset: int) -> None:
+    model = _transpose_split_graph(opset)
+    x = np.random.default_rng(opset).standard_normal((2, 7, 3, 4, 5)).astype(np.float32)
+    before = _run(model, {"x": x})
+    assert rewrite.split_before_transpose(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    transposes = [n for n in model.graph.node if n.op_type == "Transpose"]
+    assert len(transposes) == 3 and all(list(n.attribute[0].ints) == [0, 2, 3, 1] for n in transposes)
+    assert not [n for n in model.graph.node if n.op_type == "Constant"]  # the old squeeze axes went with it
+    after = _run(model, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_split_before_transpose_leaves_a_transpose_read_elsewhere_alone() -> None:
+    model = _transpose_split_graph(13, read_elsewhere=True)
+    before = model.SerializeToString()
+    assert rewrite.split_before_transpose(model) == 0
+    assert model.SerializeToString() == before
+
+
+def _florence(store: DerivedCache | None) -> Any:
+    config = ModelConfig(dir=FLORENCE, precision="int8", threads=1)  # type: ignore[arg-type]
+    return open_captioner(FLORENCE, config, derived=store)
+
+
+def test_int8_florence_image_encoder_runs_tidied_with_the_published_graphs_tokens(store: DerivedCache) -> None:
+    pixels = np.stack([_florence(None).preprocess_file(p) for p in sorted(PHOTOS.glob("*.jpg"))[:2]])
+    published = [list(r.token_ids) for r in _florence(None).caption_pixels(pixels)]
+    cap = _florence(store)
+    assert [list(r.token_ids) for r in cap.caption_pixels(pixels)] == published
+    vision = Path(cap.sessions.describe()["vision_encoder"]["path"])
+    manifest = json.loads((vision.parent / "manifest.json").read_text())
+    assert manifest["recipe"] == ("tidy-s8" if derived.signed_is_exact() else "tidy")
+    assert manifest["split_transposes"] == 4  # the tiny DaViT: 2 stages x (window + channel attention)
+    assert Path(manifest["source"]) == FLORENCE / "onnx" / "vision_encoder_quantized.onnx"
+    # the fp32 graphs are left as published (onnxruntime moves those splits itself)
+    fp32 = open_captioner(FLORENCE, ModelConfig(dir=FLORENCE, precision="fp32", threads=1), derived=store)
+    fp32.caption_pixels(pixels[:1])
+    assert "tidy" not in json.dumps(fp32.sessions.describe())

@@ -36,9 +36,9 @@ from capwatch.models.derived import (
     DerivedCache,
     ProbeSpec,
     SplitDecoder,
-    signed_graph,
     signed_is_exact,
     split_decoder,
+    tidy_graph,
 )
 from capwatch.models.generate import GenerationSettings, generate
 from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
@@ -227,17 +227,20 @@ class Captioner(SessionOwner, abc.ABC):
     def prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
         """The graphs to load instead of the published ``paths`` (by stem); called once, before the first load.
 
-        Rewrites are made and verified on first use, then cached (:mod:`capwatch.models.derived`). Here: int8
-        graphs with uint8 MatMul weights get int8 ones with the same real values, on CPUs where that is exact (and
-        faster). Families add their own (ViT-GPT2: the split decoder).
+        Rewrites are made and verified on first use, then cached (:mod:`capwatch.models.derived`). Here, on the
+        CPU, int8 graphs get their attention splits before their transposes (onnxruntime leaves slow 5-d
+        transposes in dynamic int8 graphs) and, on CPUs where that is exact (and faster), int8 MatMul weights
+        with the same real values as the published uint8 ones: the same outputs, bit for bit. Families add their
+        own (ViT-GPT2: the split decoder).
         """
-        if self.derived is None or not self._signs_int8():
+        if self.derived is None or self.sessions.first_provider != "CPUExecutionProvider":
             return paths
         shapes = {}
         if (size := self.preprocessor.output_size) is not None:
             shapes["pixel_values"] = (1, 3, *size)
-        return {stem: signed_graph(path, self.derived, shapes) or path if self.graph_precisions[stem] == "int8"
-                else path for stem, path in paths.items()}
+        signed = self._signs_int8()
+        return {stem: tidy_graph(path, self.derived, shapes, signed=signed) or path
+                if self.graph_precisions[stem] == "int8" else path for stem, path in paths.items()}
 
     def _signs_int8(self) -> bool:
         """True when int8 graphs get signed weights here: rewrites are on, the model runs on the CPU, and the CPU

@@ -1,11 +1,14 @@
 """Rewritten graphs (see :mod:`capwatch.models.rewrite`), made once per source graph and kept in the cache.
 
-Two recipes:
+The recipes:
 
 * ``split``: a merged ViT-GPT2-style decoder cut into a cross graph (once per image) and a step graph (once per
   token), see :func:`split_decoder`;
 * ``s8``: a dynamically quantised graph whose uint8 MatMul weights are turned into int8 ones with the same real
   values (onnxruntime's u8s8 kernels are the fast ones on CPUs with VNNI), see :func:`signed_graph`;
+* ``tidy``: a dynamically quantised graph with its attention splits moved before their transposes (exact; see
+  :func:`capwatch.models.rewrite.split_before_transpose`), and on CPUs with VNNI its weights signed as for ``s8``
+  (``tidy-s8``), see :func:`tidy_graph`;
 * ``static``: an image encoder (fp32, or dynamic int8 as published) quantised statically, its activations
   calibrated on photos (:mod:`capwatch.models.staticq`), see :func:`static_graph`.
 
@@ -17,7 +20,7 @@ Layout under ``<cache dir>/derived/``::
 
 A rewrite is used only after a probe showed that it computes what the published graph computes: the same next
 tokens (and logits within float noise) for a split decoder, through row reordering and dropping as generation does;
-bit-identical outputs for ``s8``; for ``static``, features whose cosine with the source graph's is at least
+bit-identical outputs for ``s8`` and ``tidy``; for ``static``, features whose cosine with the source graph's is at least
 :data:`STATIC_MIN_COSINE` on every calibration photo as shipped. The rewrite and its probe run in a child
 process for graphs above :data:`IN_PROCESS_BYTES`: loading a 600 MB graph as ONNX protobufs and two sessions at
 once peaks at several GB, which a long-running daemon should not keep.
@@ -159,9 +162,9 @@ class ProbeSpec:
 
 @dataclass(frozen=True)
 class Job:
-    """One rewrite: ``recipe`` (split | s8 | static) of ``source``; ``signed`` also turns uint8 MatMul weights into
-    int8 (split only; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes input shapes for an s8
-    probe (other dimensions: 1 for batch-like names, 3 for the rest); ``calibration`` is the .npy file of
+    """One rewrite: ``recipe`` (split | s8 | tidy | static) of ``source``; ``signed`` also turns uint8 MatMul weights
+    into int8 (split and tidy; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes input shapes for
+    an s8 or tidy probe (other dimensions: 1 for batch-like names, 3 for the rest); ``calibration`` is the .npy file of
     preprocessed calibration photos [n,3,H,W] of a static graph (every third one as shipped: the probe's)."""
 
     recipe: str
@@ -173,7 +176,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return self.recipe + ("-s8" if self.signed and self.recipe == "split" else "")
+        return self.recipe + ("-s8" if self.signed and self.recipe in ("split", "tidy") else "")
 
     def to_json(self) -> dict[str, Any]:
         probe = self.probe
@@ -215,6 +218,16 @@ def signed_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[i
     return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
 
 
+def tidy_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[int, ...]], *,
+               signed: bool) -> Path | None:
+    """``source`` with its attention splits before their transposes and, when ``signed`` (only where
+    :func:`signed_is_exact`), its uint8 MatMul weights as int8: the same outputs, bit for bit, on the probe. From
+    the cache, or made now. None when there is nothing to change (quietly) or the probe differs (one warning line).
+    Raises ModelError only when ``source`` cannot be read."""
+    manifest = _derived(Job("tidy", source, signed, None, dict(shapes)), store)
+    return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
+
+
 def static_graph(source: Path, store: DerivedCache, pixels: Callable[[], np.ndarray]) -> Path | None:
     """The static int8 form of the image encoder ``source`` (see :mod:`capwatch.models.staticq`): from the cache,
     or made now with activations calibrated on ``pixels()`` (the calibration photos through the model's own
@@ -227,6 +240,7 @@ def static_graph(source: Path, store: DerivedCache, pixels: Callable[[], np.ndar
 
 _FALLBACK = {"split": "keeping the published decoder (cross-attention recomputed at every step)",
              "s8": "keeping the published uint8 weights",
+             "tidy": "keeping the published graph",
              "static": "keeping the image encoder's dynamic quantisation"}
 
 
@@ -329,7 +343,7 @@ def make(job: Job, target: Path, key: bytes) -> None:
     """
     import onnx
 
-    from capwatch.models.rewrite import RewriteError, signed_weights, split_invariant
+    from capwatch.models.rewrite import RewriteError, signed_weights, split_before_transpose, split_invariant
 
     if job.recipe == "static":
         _make_static(job, target, key)
@@ -346,6 +360,8 @@ def make(job: Job, target: Path, key: bytes) -> None:
         else:
             graphs = {"graph.onnx": source}
         del source
+        if job.recipe == "tidy":
+            extra["split_transposes"] = split_before_transpose(graphs["graph.onnx"])
         if job.signed:
             extra["signed_matmuls"] = sum(signed_weights(g) for g in graphs.values())
     except RewriteError as exc:
@@ -357,6 +373,9 @@ def make(job: Job, target: Path, key: bytes) -> None:
             from None
     if job.recipe == "s8" and not extra["signed_matmuls"]:
         raise _NothingToDo("no uint8 MatMul weights to sign")
+    if job.recipe == "tidy" and not extra["split_transposes"] and not extra.get("signed_matmuls"):
+        raise _NothingToDo("no split after a transpose" + (" and no uint8 MatMul weights to sign" if job.signed
+                                                           else ""))
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         names: list[str] = []
