@@ -1,6 +1,6 @@
 """Florence-2-base's vision encoder (DaViT, 768x768 -> 577x768) alone: where its time goes, and what each lever buys.
 
-    python bench/vision_encoder.py profile [--graphs fp32,int8,static,dyns8] [--runs 2]
+    python bench/vision_encoder.py profile [--graphs fp32,int8,static,dyns8,tidy,tidys8] [--runs 2]
     python bench/vision_encoder.py levers [--variants ...] [--rounds 3] [--threads 2]
 
 Works on the full-size random replica that bench/caption_florence.py builds into bench/_work/ (run that first, or
@@ -22,6 +22,9 @@ chelsea and coffee), as the lowest cosine over the photos' 577 feature rows (and
   per-channel int8 weights), as the derived-graph cache makes it;
 * ``ort-dyns8``: the published-style graph dequantised and quantised dynamically again with int8 (7-bit) weights
   (onnxruntime's u8s8 kernels instead of u8u8);
+* ``ort-tidy``, ``ort-tidys8``: the published-style graph as capwatch runs it on the CPU: its attention splits
+  moved before their transposes (capwatch.models.derived.tidy_graph), with int8 weights too (``tidys8``, what
+  capwatch runs on CPUs with VNNI); ``profile --graphs tidy,tidys8`` takes the same names;
 * ``ov-fp32``, ``ov-int8``, ``ov-static``: those graphs compiled by OpenVINO (``pip install openvino``) for the
   CPU, with as many inference threads; skipped (one line) when it is not installed (capwatch does not use it).
 
@@ -127,16 +130,40 @@ def make_dynamic_s8(remake: bool) -> Path:
     return target
 
 
+def make_tidy(signed: bool) -> Path:
+    """The published-style int8 graph as capwatch runs it on the CPU (capwatch.models.derived.tidy_graph): its
+    attention splits before their transposes, and with ``signed`` its weights int8 as well (``tidy-s8``, what
+    capwatch runs on CPUs with VNNI; elsewhere onnxruntime's u8s8 kernel may saturate, so it is not exact there)."""
+    from capwatch.models.derived import DerivedCache, tidy_graph
+
+    key_file = WORK / "derived-key"
+    if not key_file.exists():
+        key_file.write_bytes(os.urandom(32))
+    store = DerivedCache(WORK / "derived", key_file.read_bytes())
+    path = tidy_graph(MODEL / "onnx" / "vision_encoder_quantized.onnx", store, {"pixel_values": (1, 3, 768, 768)},
+                      signed=signed)
+    if path is None:
+        sys.exit("the tidy rewrite was refused (see the log line above)")
+    return path
+
+
+def _graph_path(name: str, remake: bool = False) -> Path:
+    """The encoder graph called ``name`` (fp32, int8, static, dyns8, tidy, tidys8), made first where needed."""
+    if name == "static":
+        return make_static(remake)
+    if name == "dyns8":
+        return make_dynamic_s8(remake)
+    if name in ("tidy", "tidys8"):
+        return make_tidy(signed=name == "tidys8")
+    return MODEL / "onnx" / ("vision_encoder.onnx" if name == "fp32" else "vision_encoder_quantized.onnx")
+
+
 def profile(args: argparse.Namespace) -> None:
     import onnx
 
     pixels = next(iter(pixels_of_photos().values()))
     for name in args.graphs.split(","):
-        path = MODEL / "onnx" / ("vision_encoder.onnx" if name == "fp32" else "vision_encoder_quantized.onnx")
-        if name == "static":
-            path = make_static(remake=False)
-        if name == "dyns8":
-            path = make_dynamic_s8(remake=False)
+        path = _graph_path(name)
         graph = onnx.load(str(path), load_external_data=False)
         initialisers = {i.name for i in graph.graph.initializer}
         counts: dict[str, int] = defaultdict(int)
@@ -183,12 +210,9 @@ def profile(args: argparse.Namespace) -> None:
 # levers
 
 
-def variant_runner(name: str, threads: int, static_path: Path | None, dyns8_path: Path | None = None,
-                   ) -> Callable[[np.ndarray], np.ndarray] | None:
+def variant_runner(name: str, threads: int, remake: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
     engine, _, graph = name.partition("-")
-    path = {"fp32": MODEL / "onnx" / "vision_encoder.onnx", "int8": MODEL / "onnx" / "vision_encoder_quantized.onnx",
-            "static": static_path, "dyns8": dyns8_path}[graph]
-    assert path is not None
+    path = _graph_path(graph, remake)
     if engine == "ort":
         session = ort_session(path, threads)
         return lambda x: session.run(["image_features"], {"pixel_values": x})[0]
@@ -216,16 +240,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def levers(args: argparse.Namespace) -> None:
     photos = pixels_of_photos()
     names = args.variants.split(",")
-    static_path: Path | None = None
-    if any(n.endswith("-static") for n in names):
-        static_path = make_static(args.remake)
-    dyns8_path = make_dynamic_s8(args.remake) if any(n.endswith("-dyns8") for n in names) else None
-    made = {n: variant_runner(n, args.threads, static_path, dyns8_path) for n in names}
+    made = {n: variant_runner(n, args.threads, args.remake) for n in names}
     runners = {n: run for n, run in made.items() if run is not None}
     for n in (n for n, run in made.items() if run is None):
         print(f"{n}: skipped (pip install openvino to measure it)", flush=True)
     names = list(runners)
-    reference = runners.get("ort-fp32") or variant_runner("ort-fp32", args.threads, None)
+    reference = runners.get("ort-fp32") or variant_runner("ort-fp32", args.threads)
     assert reference is not None
     want = {k: reference(v) for k, v in photos.items()}
     fidelity = {}
