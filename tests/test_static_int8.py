@@ -66,6 +66,7 @@ def test_static_image_encoder_is_made_probed_cached_and_its_features_stay_close(
     assert static.parent.parent == store.root and static.name == "graph.onnx"
     manifest = json.loads((static.parent / "manifest.json").read_text())
     assert manifest["recipe"] == "static" and manifest["min_cosine"] >= derived.STATIC_MIN_COSINE
+    assert manifest["split_transposes"] == 4  # attention splits before their transposes, as in the dynamic graph
     ops = {node.op_type for node in onnx.load(str(static)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}

@@ -408,7 +408,7 @@ def _make_static(job: Job, target: Path, key: bytes) -> None:
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         try:
-            staticq.static_graph(job.source, work / "graph.onnx", pixels, work=work)
+            moved = staticq.static_graph(job.source, work / "graph.onnx", pixels, work=work)
         except OSError:
             raise
         except Exception as exc:  # onnx's, onnxruntime's and the dequantiser's own errors
@@ -423,7 +423,7 @@ def _make_static(job: Job, target: Path, key: bytes) -> None:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _write_manifest(job, target, key, files, {"min_cosine": cosine})
+    _write_manifest(job, target, key, files, {"min_cosine": cosine, "split_transposes": moved})
 
 
 def _move_in(work: Path, target: Path) -> None:

@@ -124,12 +124,21 @@ class _Reader:
         self._items = iter(list(self._pixels))
 
 
-def static_graph(source: Path, target: Path, pixels: np.ndarray, *, work: Path) -> None:
+def static_graph(source: Path, target: Path, pixels: np.ndarray, *, work: Path) -> int:
     """Write the static int8 form of the image encoder at ``source`` (fp32, or dynamic int8 as published) to
-    ``target`` (see :func:`quantize_static`). Raises ValueError, OSError or onnx/onnxruntime's errors."""
+    ``target`` (see :func:`quantize_static`), its attention splits moved before their transposes (exact; see
+    :func:`capwatch.models.rewrite.split_before_transpose`: onnxruntime runs the 5-d transposes it would leave
+    there slowly). Returns the number of splits moved. Raises ValueError, OSError or onnx/onnxruntime's errors."""
     import onnx
 
+    from capwatch.models.rewrite import split_before_transpose
+
     quantize_static(dequantize_dynamic(onnx.load(str(source))), target, pixels, work=work)
+    graph = onnx.load(str(target))
+    moved = split_before_transpose(graph)
+    if moved:
+        onnx.save_model(graph, str(target))
+    return moved
 
 
 def quantize_static(source: Any, target: Path, pixels: np.ndarray, *, work: Path,
