@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,28 @@ def test_sessions_load_on_first_use_and_unload_when_idle() -> None:
     with embedder:
         assert embedder.embed_texts(["a dog"]).shape == (1, embedder.dim)
     assert not embedder.loaded
+
+
+def test_a_query_embedder_loads_its_text_graph_ahead_and_only_that(tmp_path: Path) -> None:
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny")))
+    embedder = open_embedder(config, {}, load_text=True)
+    assert embedder is not None
+    loading = [t for t in threading.enumerate() if t.name == "capwatch-text-model"]
+    for thread in loading:
+        thread.join(30)
+    assert embedder.loaded
+    assert [name for name, s in embedder.sessions._sessions.items() if s.loaded] == ["text_model"]
+    golden = _goldens("clip-tiny")["texts"]
+    np.testing.assert_allclose(embedder.embed_texts([row["text"] for row in golden]),
+                               _unit([row["features"] for row in golden]), atol=1e-5)
+    # a text graph that cannot load: nothing raised ahead, the first query says what is wrong in one line
+    broken = tmp_path / "broken"
+    shutil.copytree(MODELS / "clip-tiny", broken)
+    (broken / "onnx" / "text_model.onnx").write_bytes(b"not a graph")
+    bad = open_embedder(Config(embed=EmbedConfig(model=str(broken))), {}, load_text=True)
+    assert bad is not None
+    with pytest.raises(ModelError, match=r"text_model\.onnx: cannot load ONNX graph"):
+        bad.embed_texts(["a dog"])
 
 
 def test_off_gives_no_embedder() -> None:

@@ -228,7 +228,7 @@ def _query_vector(config: Config, index: Index, text: str | None,
     from capwatch.library.embed import query_embedder, query_vector
     from capwatch.library.vectors import Vectors
 
-    embedder, why = query_embedder(config)
+    embedder, why = query_embedder(config, load_text=True)
     if embedder is None:
         return None, why, None
     vectors = Vectors(index)

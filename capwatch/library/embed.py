@@ -191,15 +191,17 @@ def fill_missing(index: Index, embedder: ImageTextEmbedder, roots: Sequence[str 
     return embed_paths(index, embedder, list(dict.fromkeys(items)), progress=progress)
 
 
-def query_embedder(config: Config, env: Mapping[str, str] = os.environ) -> tuple[ImageTextEmbedder | None, str]:
+def query_embedder(config: Config, env: Mapping[str, str] = os.environ, *,
+                   load_text: bool = False) -> tuple[ImageTextEmbedder | None, str]:
     """The embedder for search queries (never downloads: a search does not pull a model) and, when there is none,
-    why not in a few words."""
+    why not in a few words. ``load_text``: its text graph starts loading at once, on another thread, while the
+    caller goes on (reading the tokenizer, the index, the codes): a one-shot search."""
     if config.embed.off:
         return None, 'search by meaning is off ([embed] model = "off")'
     from capwatch.models.embedding import open_embedder
 
     try:
-        embedder = open_embedder(config, env, download=False)
+        embedder = open_embedder(config, env, download=False, load_text=load_text)
     except CapwatchError as exc:
         return None, str(exc).splitlines()[0] if str(exc) else "the embedding model cannot be loaded"
     if embedder is None:  # pragma: no cover - off is handled above

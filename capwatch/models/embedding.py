@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,8 +119,12 @@ class ImageTextEmbedder(SessionOwner):
         clock: Callable[[], float] = time.monotonic,
         derived: DerivedCache | None = None,
         digests: DerivedCache | None = None,
+        load_text: bool = False,
     ) -> None:
-        """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet).
+        """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet, unless
+        ``load_text``: the text graph then starts loading on another thread before the tokenizer is read, so a
+        one-shot search's first query waits for the longer of the two, not for both; onnxruntime builds a session
+        mostly outside the GIL).
 
         ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`): int8 graphs then run with
         signed weights on CPUs where that is exact and faster (VNNI), as the captioner's do; None runs the
@@ -140,7 +145,6 @@ class ImageTextEmbedder(SessionOwner):
             self.preprocessor = Preprocessor.from_config(read_json(directory / "preprocessor_config.json"))
         except ValueError as exc:
             raise ModelError(f"{directory / 'preprocessor_config.json'}: {exc}") from None
-        self.tokenizer = EmbeddingTokenizer.from_dir(directory, self.family, self.config)
         precision = files.precision
         if precision == "auto":
             precision = available_precision(directory)
@@ -154,6 +158,17 @@ class ImageTextEmbedder(SessionOwner):
         self.sessions = SessionGroup(self.paths, threads, idle_unload_seconds, clock, self._check_graphs,
                                      self._prepare_graphs, providers)
         self._dim = self._configured_dim()
+        if load_text:
+            threading.Thread(target=self._load_text, name="capwatch-text-model", daemon=True).start()
+        self.tokenizer = EmbeddingTokenizer.from_dir(directory, self.family, self.config)
+
+    def _load_text(self) -> None:
+        """Load the text graph (see ``load_text``); a failure is left for the first :meth:`embed_texts` to raise."""
+        try:
+            with self.sessions.use([TEXT]):
+                pass
+        except ModelError:
+            pass
 
     # -- identity ----------------------------------------------------------------------------------------------
 
@@ -359,13 +374,13 @@ def resolve_embed_files(config: Config, env: Mapping[str, str] = os.environ, *,
 
 def open_embedder(config: Config, env: Mapping[str, str] = os.environ, *, download: bool = True,
                   clock: Callable[[], float] = time.monotonic,
-                  derived: DerivedCache | None = None) -> ImageTextEmbedder | None:
+                  derived: DerivedCache | None = None, load_text: bool = False) -> ImageTextEmbedder | None:
     """The embedder ``[embed]`` asks for (``$CAPWATCH_EMBED_MODEL`` already applied by ``load_config``), or None
     when it is "off".
 
     Nothing heavy happens here: configs, tokenizer and graph files are checked, the sessions load on first use.
     ``derived`` as for the captioner (``DerivedCache.from_env(os.environ)``; used only when ``[model]
-    rewrite_graphs`` is on).
+    rewrite_graphs`` is on). ``load_text``: start loading the text graph now, on another thread (a search query).
     Raises ModelError (one line) when the configured model cannot be had (see :func:`resolve_embed_files`) or its
     folder is not a usable CLIP / SigLIP model.
     """
@@ -377,4 +392,5 @@ def open_embedder(config: Config, env: Mapping[str, str] = os.environ, *, downlo
     return ImageTextEmbedder(files, threads=config.model.threads, providers=config.model.providers,
                              idle_unload_seconds=config.model.idle_unload_seconds,
                              batch_size=config.embed.batch_size, clock=clock,
-                             derived=derived if config.model.rewrite_graphs else None, digests=digests)
+                             derived=derived if config.model.rewrite_graphs else None, digests=digests,
+                             load_text=load_text)
