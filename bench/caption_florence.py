@@ -21,9 +21,11 @@ share of captions identical to fp32. Random weights never emit </s> early here, 
 ``--rounds N`` measures only the headline cases, one image at a time, each right after transformers with the same
 search, N times in turn (medians): capwatch fp32 greedy (tokens identical to transformers) and int8 beam-3 (the
 default model's published settings: 3 beams, no repeated 3-grams).
-Measured (issue 24; 2-core AMD EPYC, AVX2 without VNNI, the only CPU kind here; ``--rounds 3 --images 1``, 20 new
-tokens, load 6.4-8.3 on the shared box): fp32 greedy 1.72x transformers (rounds 1.43/1.72/1.93, tokens identical),
-int8 beam-3 2.84x (4.19/2.84/2.27). Quieter earlier runs: 1.07-1.11x and 1.52-1.65x.
+Measured (issue 24; 2-core AMD EPYC, AVX2 without VNNI; ``--rounds 3 --images 1``, 20 new tokens, load 6.4-8.3 on
+the shared box): fp32 greedy 1.72x transformers (rounds 1.43/1.72/1.93, tokens identical), int8 beam-3 2.84x
+(4.19/2.84/2.27). Quieter earlier runs: 1.07-1.11x and 1.52-1.65x. On a 2-core Intel Xeon with AVX-512 VNNI (load
+1.2-1.6): int8 beam-3 1.68x before the attention-split rewrite (derived recipe tidy-s8), 2.05x after (rounds
+2.34/2.05/1.96); fp32 greedy 1.13x and 1.36x in the two runs.
 
 ``--keywords`` measures instead what keywords cost on top of the caption (issue 12's anchor: caption + keywords
 <= 1.4x caption alone): capwatch ``describe_pixels`` with the caption only, then with the caption and the ``<OD>``

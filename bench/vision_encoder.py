@@ -43,6 +43,10 @@ ratios rather than seconds (README "The image encoder at int8" has the full prof
 * fidelity on this random replica: no int8 graph is near fp32 (mean row cosine dynamic 0.56, static 0.34; the
   tiny fixture: 0.998 and 0.995).
 
+On a 2-core Intel Xeon with AVX-512 VNNI (levers --threads 2, wall, load 1.7-2.0): ort-int8 0.81x, ort-tidy 0.94x,
+ort-tidys8 1.35-1.51x (what capwatch runs there), ort-static 1.18x (1.40x once made with the split rewrite too),
+ov-fp32 0.97x, ov-int8 0.62x; profile of tidys8: DynamicQuantizeMatMul 38 %, ConvInteger 15 %, Transpose 13 %.
+
 Random weights: the features' fidelity on a trained model may differ (its activations have other ranges); the
 probe in capwatch checks the real model's graph when it is made.
 """
