@@ -122,9 +122,8 @@ class ImageTextEmbedder(SessionOwner):
         load_text: bool = False,
     ) -> None:
         """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet, unless
-        ``load_text``: the text graph then starts loading on another thread before the tokenizer is read, so a
-        one-shot search's first query waits for the longer of the two, not for both; onnxruntime builds a session
-        mostly outside the GIL).
+        ``load_text``: the text graph then starts loading on another thread, so that a one-shot search opens its
+        index and reads its codes meanwhile; onnxruntime builds a session mostly outside the GIL).
 
         ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`): int8 graphs then run with
         signed weights on CPUs where that is exact and faster (VNNI), as the captioner's do; None runs the
@@ -145,6 +144,7 @@ class ImageTextEmbedder(SessionOwner):
             self.preprocessor = Preprocessor.from_config(read_json(directory / "preprocessor_config.json"))
         except ValueError as exc:
             raise ModelError(f"{directory / 'preprocessor_config.json'}: {exc}") from None
+        self.tokenizer = EmbeddingTokenizer.from_dir(directory, self.family, self.config)
         precision = files.precision
         if precision == "auto":
             precision = available_precision(directory)
@@ -160,14 +160,13 @@ class ImageTextEmbedder(SessionOwner):
         self._dim = self._configured_dim()
         if load_text:
             threading.Thread(target=self._load_text, name="capwatch-text-model", daemon=True).start()
-        self.tokenizer = EmbeddingTokenizer.from_dir(directory, self.family, self.config)
 
     def _load_text(self) -> None:
         """Load the text graph (see ``load_text``); a failure is left for the first :meth:`embed_texts` to raise."""
         try:
             with self.sessions.use([TEXT]):
                 pass
-        except ModelError:
+        except Exception:  # the first query loads it again and reports what is wrong in one line
             pass
 
     # -- identity ----------------------------------------------------------------------------------------------
