@@ -1,5 +1,5 @@
 """The split of ViT-GPT2's merged decoder (cross-attention keys/values once per image) and its cache; int8 weights
-(s8) and attention splits moved before their transposes (tidy).
+(s8), attention splits moved before their transposes and quantised convolutions run in fp32 (tidy).
 
 Token parity of the split with transformers is in test_vit_gpt2_parity.py (every case runs on both graphs); here:
 what the rewrite produces, that it is made once and reused, and that anything wrong with it (a graph that computes
@@ -353,11 +353,14 @@ def test_entries_nothing_can_use_any_more_are_pruned_when_a_new_one_is_made(stor
     stale = store.root / f"{'0' * 64}-split-v{derived.VERSION + 1}"
     stale.mkdir()
     (stale / "step.onnx").write_bytes(b"from another capwatch version")
+    # a recipe bumped alone: its older results go, the other recipes' stay
+    old_tidy = store.root / f"{'1' * 64}-tidy-s8-v{derived.recipe_version('tidy') - 1}"
+    old_tidy.mkdir()
     shutil.rmtree(gone)  # the model folder is deleted (or the model moved to another revision)
     fresh = _open(BEAM, store)
     _tokens(fresh, BEAM)
     assert fresh.split is not None and fresh.split.step.is_file()
-    assert not old_entry.exists() and not stale.exists()
+    assert not old_entry.exists() and not stale.exists() and not old_tidy.exists()
     memos = [json.loads(m.read_text())["facts"][0] for m in (store.root / "sources").iterdir()]
     assert memos and not any(str(gone) in m for m in memos)  # the deleted model's memo went too
     # an entry whose source is still there is kept
@@ -481,6 +484,79 @@ def test_split_before_transpose_leaves_a_transpose_read_elsewhere_alone() -> Non
     assert model.SerializeToString() == before
 
 
+# -- quantised convolutions in fp32 over the same integers (tidy) -----------------------------------------------
+
+
+def _conv_integer_graph(weights: dict[str, tuple[np.ndarray, np.ndarray | None, int]]) -> onnx.ModelProto:
+    """x [1, 64, 9, 9] -> DynamicQuantizeLinear -> per entry ``name: (weight, weight zero point, group)`` a
+    ConvInteger (3x3, stride 2, padded: the padding must count as x's zero point) -> Cast -> Mul by both scales,
+    as onnxruntime's quantize_dynamic writes a quantised Conv; each result is a graph output."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 9, 9])
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_scale", "x_zero"])]
+    initializers, outputs = [], []
+    for name, (weight, zero, group) in weights.items():
+        initializers.append(onnx.numpy_helper.from_array(weight, f"{name}_w"))
+        inputs = ["x_q", f"{name}_w", "x_zero"]
+        if zero is not None:
+            initializers.append(onnx.numpy_helper.from_array(zero, f"{name}_wz"))
+            inputs.append(f"{name}_wz")
+        initializers.append(onnx.numpy_helper.from_array(np.array(0.02, dtype=np.float32), f"{name}_ws"))
+        nodes += [helper.make_node("ConvInteger", inputs, [f"{name}_i"], name=name, group=group,
+                                   kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+                  helper.make_node("Cast", [f"{name}_i"], [f"{name}_f"], to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Mul", ["x_scale", f"{name}_ws"], [f"{name}_s"]),
+                  helper.make_node("Mul", [f"{name}_f", f"{name}_s"], [name])]
+        outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, weight.shape[0], 5, 5]))
+    graph = helper.make_graph(nodes, "convs", [x], outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_quantised_convolutions_run_in_fp32_give_the_integer_results_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    model = _conv_integer_graph({
+        # uint8 weights with a per-tensor zero point (quantize_dynamic's default), a full convolution
+        "full": (rng.integers(0, 256, (6, 64, 3, 3)).astype(np.uint8), np.array(131, dtype=np.uint8), 1),
+        # int8 weights with a zero point, depthwise (DaViT's position encodings); onnxruntime's ConvInteger takes
+        # no zero point per channel
+        "depthwise": (rng.integers(-128, 128, (64, 1, 3, 3)).astype(np.int8), np.array(-3, dtype=np.int8), 64),
+        # int8 weights without a zero point, grouped
+        "grouped": (rng.integers(-128, 128, (4, 32, 3, 3)).astype(np.int8), None, 2),
+    })
+    # heavy tails: most values near 0, a few large ones, so x_q - x_zero spans most of [-255, 255]
+    inputs = [rng.standard_t(2, (1, 64, 9, 9)).astype(np.float32) * s for s in (0.1, 1.0, 30.0)]
+    before = [_run(model, {"x": x}) for x in inputs]
+    assert rewrite.convs_in_float(model) == 3
+    onnx.checker.check_model(model)  # nodes in order, every input defined
+    kinds = [n.op_type for n in model.graph.node]
+    assert "ConvInteger" not in kinds and kinds.count("DequantizeLinear") == 1  # x's integers made once, shared
+    assert kinds.count("Conv") == 3 and "Cast" not in kinds
+    assert not {"full_w", "full_wz", "depthwise_w", "depthwise_wz", "grouped_w"} & {t.name for t in
+                                                                                     model.graph.initializer}
+    for x, expected in zip(inputs, before, strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(_run(model, {"x": x}), expected, strict=True))
+
+
+def test_a_convolution_whose_fp32_sums_could_round_stays_integer() -> None:
+    # 64 channels x 3 x 3 weights of -128: 576 x 128 x 255 > 2**24, so an fp32 partial sum could round
+    wide = np.full((2, 64, 3, 3), -128, dtype=np.int8)
+    narrow = np.full((2, 64, 3, 3), -7, dtype=np.int8)
+    model = _conv_integer_graph({"wide": (wide, None, 1), "narrow": (narrow, None, 1)})
+    x = np.random.default_rng(3).standard_normal((1, 64, 9, 9)).astype(np.float32)
+    before = _run(model, {"x": x})
+    assert rewrite.convs_in_float(model) == 1
+    assert [n.name for n in model.graph.node if n.op_type == "ConvInteger"] == ["wide"]
+    assert "wide_w" in {t.name for t in model.graph.initializer}
+    assert all(np.array_equal(a, b) for a, b in zip(_run(model, {"x": x}), before, strict=True))
+
+
+def test_a_convolution_read_as_integers_elsewhere_stays_integer() -> None:
+    model = _conv_integer_graph({"conv": (np.ones((2, 64, 3, 3), dtype=np.int8), None, 1)})
+    model.graph.output.append(helper.make_tensor_value_info("conv_i", onnx.TensorProto.INT32, [1, 2, 5, 5]))
+    before = model.SerializeToString()
+    assert rewrite.convs_in_float(model) == 0
+    assert model.SerializeToString() == before
+
+
 def _florence(store: DerivedCache | None) -> Any:
     config = ModelConfig(dir=FLORENCE, precision="int8", threads=1)  # type: ignore[arg-type]
     return open_captioner(FLORENCE, config, derived=store)
@@ -501,6 +577,9 @@ def test_int8_florence_image_encoder_runs_tidied_with_the_published_graphs_token
     manifest = json.loads((vision.parent / "manifest.json").read_text())
     assert manifest["recipe"] == ("tidy-s8" if signs else "tidy")
     assert manifest["split_transposes"] == 4  # the tiny DaViT: 2 stages x (window + channel attention)
+    assert manifest["float_convs"] == 10  # 2 patch embeddings + 8 depthwise position encodings
+    graph = onnx.load(str(vision), load_external_data=False)
+    assert not [n for n in graph.graph.node if n.op_type == "ConvInteger"]
     assert Path(manifest["source"]) == FLORENCE / "onnx" / "vision_encoder_quantized.onnx"
     # the fp32 graphs are left as published (onnxruntime moves those splits itself)
     fp32 = open_captioner(FLORENCE, ModelConfig(dir=FLORENCE, precision="fp32", threads=1), derived=store)

@@ -7,16 +7,17 @@ The recipes:
 * ``s8``: a dynamically quantised graph whose uint8 MatMul weights are turned into int8 ones with the same real
   values (onnxruntime's u8s8 kernels are the fast ones on CPUs with VNNI), see :func:`signed_graph`;
 * ``tidy``: a dynamically quantised graph with its attention splits moved before their transposes (exact; see
-  :func:`capwatch.models.rewrite.split_before_transpose`), and on CPUs with VNNI its weights signed as for ``s8``
-  (``tidy-s8``), see :func:`tidy_graph`;
+  :func:`capwatch.models.rewrite.split_before_transpose`) and its quantised convolutions run in fp32 over the same
+  integers (exact; :func:`capwatch.models.rewrite.convs_in_float`), and on CPUs with VNNI its weights signed as
+  for ``s8`` (``tidy-s8``), see :func:`tidy_graph`;
 * ``static``: an image encoder (fp32, or dynamic int8 as published) quantised statically, its activations
   calibrated on photos (:mod:`capwatch.models.staticq`), see :func:`static_graph`.
 
 Layout under ``<cache dir>/derived/``::
 
     sources/<dev>-<ino>.json           the sha256 of a source graph, for the file facts it was computed on (HMAC'd)
-    <source sha256>-<recipe>-v<VERSION>/  the rewritten graph(s) and manifest.json (stamped like a pulled model)
-    <source sha256>-<recipe>-v<VERSION>.failed   why the rewrite was refused (not retried until VERSION changes)
+    <source sha256>-<recipe>-v<version>/  the rewritten graph(s) and manifest.json (stamped like a pulled model)
+    <source sha256>-<recipe>-v<version>.failed   why the rewrite was refused (not retried until the version changes)
 
 A rewrite is used only after a probe showed that it computes what the published graph computes: the same next
 tokens (and logits within float noise) for a split decoder, through row reordering and dropping as generation does;
@@ -60,6 +61,14 @@ log = logging.getLogger(__name__)
 
 #: Bump when a rewrite or its probe changes: older results are then made again.
 VERSION = 1
+#: Recipes whose rewrite changed since VERSION 1 (only their results are made again): tidy 2 also runs the
+#: quantised convolutions in fp32 (:func:`capwatch.models.rewrite.convs_in_float`).
+RECIPE_VERSIONS = {"tidy": 2}
+
+
+def recipe_version(name: str) -> int:
+    """The version of recipe ``name`` (a Job name: ``tidy-s8`` is ``tidy``'s); :data:`VERSION` unless bumped alone."""
+    return RECIPE_VERSIONS.get(name.removesuffix("-s8"), VERSION)
 #: Source graphs up to this size are rewritten in the calling process; bigger ones in a child process.
 IN_PROCESS_BYTES = 64 << 20
 #: Graphs above this size are saved with their weights in a separate file (protobuf's 2 GiB limit).
@@ -220,8 +229,9 @@ def signed_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[i
 
 def tidy_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[int, ...]], *,
                signed: bool) -> Path | None:
-    """``source`` with its attention splits before their transposes and, when ``signed`` (only where
-    :func:`signed_is_exact`), its uint8 MatMul weights as int8: the same outputs, bit for bit, on the probe. From
+    """``source`` with its attention splits before their transposes, its quantised convolutions in fp32 over the
+    same integers and, when ``signed`` (only where :func:`signed_is_exact`), its uint8 MatMul weights as int8: the
+    same outputs, bit for bit, on the probe. From
     the cache, or made now. None when there is nothing to change (quietly) or the probe differs (one warning line).
     Raises ModelError only when ``source`` cannot be read."""
     manifest = _derived(Job("tidy", source, signed, None, dict(shapes)), store)
@@ -252,7 +262,7 @@ def _derived(job: Job, store: DerivedCache, *,
         digest = source_digest(job.source, store)
     except OSError as exc:
         raise ModelError(f"{job.source}: cannot read: {exc.strerror or exc}") from None
-    name = f"{digest}-{job.name}-v{VERSION}"
+    name = f"{digest}-{job.name}-v{recipe_version(job.name)}"
     target = store.root / name
     failed = store.root / f"{name}.failed"
     try:
@@ -292,7 +302,8 @@ def _derived(job: Job, store: DerivedCache, *,
         else:
             log.warning("%s: %s: %s", job.source, _FALLBACK[job.recipe], why)
         with contextlib.suppress(OSError):
-            cache.write_json_atomic(failed, {"format": cache.MARKER_FORMAT, "version": VERSION, "reason": str(why)})
+            cache.write_json_atomic(failed, {"format": cache.MARKER_FORMAT, "version": recipe_version(job.name),
+                                               "reason": str(why)})
         return None
     except (OSError, ModelError) as exc:
         log.warning("%s: %s: cannot use the cache %s: %s", job.source, _FALLBACK[job.recipe], store.root,
@@ -343,7 +354,13 @@ def make(job: Job, target: Path, key: bytes) -> None:
     """
     import onnx
 
-    from capwatch.models.rewrite import RewriteError, signed_weights, split_before_transpose, split_invariant
+    from capwatch.models.rewrite import (
+        RewriteError,
+        convs_in_float,
+        signed_weights,
+        split_before_transpose,
+        split_invariant,
+    )
 
     if job.recipe == "static":
         _make_static(job, target, key)
@@ -362,6 +379,7 @@ def make(job: Job, target: Path, key: bytes) -> None:
         del source
         if job.recipe == "tidy":
             extra["split_transposes"] = split_before_transpose(graphs["graph.onnx"])
+            extra["float_convs"] = convs_in_float(graphs["graph.onnx"])
         if job.signed:
             extra["signed_matmuls"] = sum(signed_weights(g) for g in graphs.values())
     except RewriteError as exc:
@@ -373,9 +391,10 @@ def make(job: Job, target: Path, key: bytes) -> None:
             from None
     if job.recipe == "s8" and not extra["signed_matmuls"]:
         raise _NothingToDo("no uint8 MatMul weights to sign")
-    if job.recipe == "tidy" and not extra["split_transposes"] and not extra.get("signed_matmuls"):
-        raise _NothingToDo("no split after a transpose" + (" and no uint8 MatMul weights to sign" if job.signed
-                                                           else ""))
+    if job.recipe == "tidy" and not (extra["split_transposes"] or extra["float_convs"]
+                                     or extra.get("signed_matmuls")):
+        raise _NothingToDo("no split after a transpose, no quantised convolution"
+                           + (" and no uint8 MatMul weights to sign" if job.signed else ""))
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         names: list[str] = []
@@ -438,8 +457,8 @@ def _move_in(work: Path, target: Path) -> None:
 def _write_manifest(job: Job, target: Path, key: bytes, files: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """Seal the derived folder ``target``: its manifest (recipe, source, files, ``extra``) with the stamp that
     proves it was made here from that source. Raises OSError."""
-    manifest = {"format": cache.MARKER_FORMAT, "version": VERSION, "recipe": job.name, "source": str(job.source),
-                "files": files, **extra}
+    manifest = {"format": cache.MARKER_FORMAT, "version": recipe_version(job.name), "recipe": job.name,
+                "source": str(job.source), "files": files, **extra}
     manifest["stamp"] = stamp.compute(key, target, job.name, files)
     cache.write_json_atomic(target / "manifest.json", manifest)
 
@@ -537,8 +556,8 @@ def prune(root: Path) -> list[Path]:
         name = entry.name
         if entry.is_symlink() or name.startswith("."):
             continue
-        version = name.rsplit("-v", 1)[-1].removesuffix(".failed")
-        stale = "-v" in name and version != str(VERSION)
+        recipe, _, version = name.partition("-")[2].rpartition("-v")
+        stale = "-v" in name and version.removesuffix(".failed") != str(recipe_version(recipe))
         if not stale and entry.is_dir() and name != "sources":
             manifest = cache.read_marker(path / "manifest.json")
             source = manifest.get("source") if manifest is not None else None
@@ -584,10 +603,10 @@ def _still_source(source: Path, digest: str, root: Path) -> bool:
 def _load_manifest(target: Path, key: bytes) -> dict[str, Any] | None:
     """The manifest at ``target`` (with ``_dir`` added) when stamped by ``key`` and every file is as stamped."""
     manifest = cache.read_marker(target / "manifest.json")
-    if manifest is None or manifest.get("version") != VERSION:
+    recipe = manifest.get("recipe") if manifest is not None else None
+    if manifest is None or not isinstance(recipe, str) or manifest.get("version") != recipe_version(recipe):
         return None
-    recipe = manifest.get("recipe")
-    if not isinstance(recipe, str) or not stamp.is_valid(key, target, recipe, manifest):
+    if not stamp.is_valid(key, target, recipe, manifest):
         return None
     if recipe.startswith("split"):
         data, shapes = manifest.get("data_outputs"), manifest.get("shape_outputs")
