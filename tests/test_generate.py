@@ -105,13 +105,14 @@ def test_greedy_drops_finished_rows_so_later_steps_run_fewer_rows() -> None:
     assert all(EOS not in s[1:-1] for s in out)
 
 
-def test_beam_search_drops_items_that_are_done() -> None:
+def test_beam_search_runs_one_row_per_item_first_and_drops_items_that_are_done() -> None:
     enc = encoders(4, seed=3)
     decoder = ToyRnn(seed=2, eos_bias=3.0)
     generate(decoder, enc, 4, settings(num_beams=3, max_length=16, early_stopping=True))
-    assert decoder.rows_per_step[0] == 12
+    assert decoder.rows_per_step[0] == 4  # every beam starts as the same row: the first step runs one per item
+    assert decoder.rows_per_step[1] == 12
     assert decoder.rows_per_step[-1] < 12
-    assert all(n % 3 == 0 for n in decoder.rows_per_step)
+    assert all(n % 3 == 0 for n in decoder.rows_per_step[1:])
 
 
 def test_greedy_without_eos_runs_to_max_length_and_max_new_tokens_wins() -> None:

@@ -543,12 +543,17 @@ def _beam_search(
     heuristic_open = np.ones(batch_size, dtype=bool)
 
     alive = np.arange(batch_size)  # items still searched; decoder rows are alive-item-major, beam-minor
-    state = decoder.start(encoder_batch, nb)
-    tokens = running[:, :, 0].reshape(-1, 1).copy()
+    # Every beam starts as the same row, so the first step runs one row per item and its logits stand for all nb
+    # (the first step is the dear one: a decoder computes its cross-attention keys and values there).
+    state = decoder.start(encoder_batch, 1)
+    state_beams = 1  # decoder rows per alive item in ``state``: 1 until the first select, nb after
+    tokens = running[:, 0, :1].copy()
     cur_len = prompt_len
     while alive.size:
         n_alive = alive.size
         logits, state = decoder.step(state, tokens)
+        if state_beams == 1:
+            logits = np.repeat(logits, nb, axis=0)
         vocab = logits.shape[1]
         log_probs = _log_softmax(np.asarray(logits, dtype=np.float32))
         history = running[alive, :, :cur_len].reshape(n_alive * nb, cur_len)
@@ -613,7 +618,8 @@ def _beam_search(
             break
         rows = (keep_items[:, None] * nb + source_beam[keep_items]).reshape(-1)
         alive = alive[keep_items]
-        state = decoder.select(state, rows.astype(np.int64))
+        state = decoder.select(state, (rows // (nb // state_beams)).astype(np.int64))
+        state_beams = nb
         tokens = running[alive, :, cur_len - 1].reshape(-1, 1).copy()
 
     out: list[list[int]] = []
