@@ -236,3 +236,16 @@ def test_bad_words_ids_are_read_from_generation_config_and_checked() -> None:
         check_generation_keys({"bad_words_ids": [[99]]}, max_positions=None, vocab_size=12)
     with pytest.raises(ValueError, match="bad_words_ids"):
         check_generation_keys({"bad_words_ids": [5]}, max_positions=None, vocab_size=12)
+
+
+@pytest.mark.parametrize("k", [1, 6, 12])
+def test_top_k_of_wide_rows_is_the_k_largest_best_first_ties_by_lower_index(k: int) -> None:
+    from capwatch.models.generate import _topk
+
+    rng = np.random.default_rng(k)
+    rows = rng.normal(size=(4, 3 * 51289)).astype(np.float32)
+    rows[1, rng.integers(0, rows.shape[1], 5000)] = -np.inf  # banned tokens
+    rows[2, :] = np.round(rows[2, :], 1)  # many ties, some of them at the boundary
+    rows[3, : rows.shape[1] - 3] = -np.inf  # fewer finite values than k: -inf ones fill in, by index
+    expected = [np.lexsort((np.arange(row.size), -row))[:k] for row in rows]
+    assert np.array_equal(_topk(rows, k), np.stack(expected))
