@@ -282,7 +282,75 @@ def test_int8_graphs_with_a_derived_cache_give_the_same_vectors(tmp_path: Path) 
     np.testing.assert_array_equal(rewritten.embed_images([image]), plain.embed_images([image]))
     np.testing.assert_array_equal(rewritten.embed_texts(["a dog"]), plain.embed_texts(["a dog"]))
     # Signed weights only where the CPU makes them exact (VNNI); elsewhere the published graphs run.
-    assert any((tmp_path / "derived").glob("*")) is signed_is_exact()
+    assert any((tmp_path / "derived").glob("*-s8-v*[0-9]")) is signed_is_exact()
+
+
+@pytest.mark.parametrize(("name", "precision"), [("clip-tiny", "fp32"), ("clip-tiny", "int8"),
+                                                 ("siglip2-tiny", "fp32")])
+def test_the_text_graph_loads_preoptimised_with_the_published_vectors(tmp_path: Path, name: str,
+                                                                       precision: str) -> None:
+    from capwatch.models import derived
+    from capwatch.models.derived import DerivedCache
+    from capwatch.models.session import PREOPTIMIZED_NAME
+
+    store = DerivedCache(tmp_path / "derived", b"k" * 32)
+    config = Config(embed=EmbedConfig(model=str(MODELS / name), precision=precision))  # type: ignore[arg-type]
+    golden = [row["text"] for row in _goldens(name)["texts"]]
+    published = _embedder(name, precision).embed_texts(golden)
+    first = open_embedder(config, {}, derived=store)
+    assert first is not None
+    np.testing.assert_array_equal(first.embed_texts(golden), published)
+    text = Path(first.sessions.describe()["text_model"]["path"])
+    assert text.name == PREOPTIMIZED_NAME
+    manifest = json.loads((text.parent / "manifest.json").read_text())
+    assert manifest["recipe"] == f"optimized-{derived.runtime_fingerprint()}"
+    source = Path(manifest["source"])  # the published graph, or its int8-weights rewrite where that runs (VNNI)
+    published_graph = "text_model_quantized.onnx" if precision == "int8" else "text_model.onnx"
+    assert source == MODELS / name / "onnx" / published_graph or source.parent.parent == store.root
+    # made once: the next process loads it as it is
+    made = text.stat().st_mtime_ns
+    again = open_embedder(config, {}, derived=DerivedCache(store.root, store.key))
+    assert again is not None
+    np.testing.assert_array_equal(again.embed_texts(golden), published)  # int8: one batch, one quantisation scale
+    assert Path(again.sessions.describe()["text_model"]["path"]) == text and text.stat().st_mtime_ns == made
+
+
+def test_a_graph_optimised_for_another_runtime_or_cpu_is_made_again_and_the_old_one_pruned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capwatch.models import derived
+    from capwatch.models.derived import DerivedCache
+
+    store = DerivedCache(tmp_path / "derived", b"k" * 32)
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny")))
+    first = open_embedder(config, {}, derived=store)
+    assert first is not None
+    vector = first.embed_texts(["a dog"])
+    old = Path(first.sessions.describe()["text_model"]["path"]).parent
+    monkeypatch.setattr(derived, "runtime_fingerprint", lambda: "0123456789ab")  # onnxruntime upgraded, say
+    second = open_embedder(config, {}, derived=store)
+    assert second is not None
+    np.testing.assert_array_equal(second.embed_texts(["a dog"]), vector)
+    new = Path(second.sessions.describe()["text_model"]["path"]).parent
+    assert new.name.endswith("-optimized-0123456789ab-v1") and not old.exists()
+
+
+def test_a_search_query_uses_the_preoptimised_text_graph_only_where_a_stamp_key_exists(tmp_path: Path) -> None:
+    from capwatch.library.embed import query_embedder
+    from capwatch.models import stamp
+    from capwatch.models.session import PREOPTIMIZED_NAME
+
+    env = {"CAPWATCH_CACHE_DIR": str(tmp_path / "cache"), "STATE_DIRECTORY": str(tmp_path / "state")}
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny")))
+    embedder, _ = query_embedder(config, env)
+    assert embedder is not None
+    embedder.embed_texts(["a dog"])
+    assert Path(embedder.sessions.describe()["text_model"]["path"]).name == "text_model.onnx"
+    assert not (tmp_path / "state").exists()  # a search never makes the key
+    stamp.local_key(env)  # a scan made it
+    embedder, _ = query_embedder(config, env)
+    assert embedder is not None
+    embedder.embed_texts(["a dog"])
+    assert Path(embedder.sessions.describe()["text_model"]["path"]).name == PREOPTIMIZED_NAME
 
 
 def test_a_text_query_loads_only_the_text_graph() -> None:

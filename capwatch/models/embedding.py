@@ -41,7 +41,7 @@ from PIL import Image
 
 from capwatch.config import Config, EmbedConfig, ModelConfig, Precision
 from capwatch.errors import ImageError, ModelError
-from capwatch.models.derived import DerivedCache, signed_graph, signed_is_exact, source_digest
+from capwatch.models.derived import DerivedCache, optimized_graph, signed_graph, signed_is_exact, source_digest
 from capwatch.models.embedtext import EmbeddingTokenizer
 from capwatch.models.layout import check_names, find_onnx, read_json
 from capwatch.models.preprocess import Preprocessor
@@ -212,15 +212,22 @@ class ImageTextEmbedder(SessionOwner):
     # -- graphs ------------------------------------------------------------------------------------------------
 
     def _prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
-        """The graphs to load: int8 ones with signed weights (same outputs, checked bit for bit on a probe) where
-        the CPU accumulates those exactly; otherwise the published ones."""
+        """The graphs to load: int8 ones with signed weights where the CPU accumulates those exactly, and the text
+        graph as onnxruntime optimises it, saved (it loads in every one-shot search); each gives the published
+        graph's outputs, checked bit for bit on a probe. Without a derived cache, or off the CPU, the published
+        graphs."""
         on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
-        if self.derived is None or self.precision != "int8" or not on_cpu or not signed_is_exact():
+        if self.derived is None or not on_cpu:
             return paths
         shapes: dict[str, tuple[int, ...]] = {}
         if (size := self.preprocessor.output_size) is not None:
             shapes["pixel_values"] = (1, 3, *size)
-        return {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
+        prepared = dict(paths)
+        if self.precision == "int8" and signed_is_exact():
+            prepared = {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
+        if TEXT in prepared:
+            prepared[TEXT] = optimized_graph(prepared[TEXT], self.derived, {}) or prepared[TEXT]
+        return prepared
 
     def _check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:
         """Check the inputs, outputs and width of the graphs in ``sessions`` (one or both: a search query loads

@@ -81,6 +81,11 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: The file name of a graph onnxruntime has already optimised (the derived recipe ``optimized``, see
+#: :func:`capwatch.models.derived.optimized_graph`): it loads with graph optimisation off, the work being done.
+PREOPTIMIZED_NAME = "graph.ort-optimized.onnx"
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     """Options for one inference session: ``threads`` intra-op threads (0 = one per physical core, see
     :func:`physical_cores`).
@@ -129,10 +134,12 @@ class LazySession:
     def get(self) -> ort.InferenceSession:
         """Return the session, loading it if needed. Raises ModelError (one line) when the file cannot load."""
         if self._session is None:
+            options = session_options(self._threads)
+            if self.path.name == PREOPTIMIZED_NAME:
+                # Optimising again would find nothing left to do, after ~100 ms of looking (a 64 MB text graph).
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                self._session = ort.InferenceSession(
-                    str(self.path), sess_options=session_options(self._threads), providers=self._providers
-                )
+                self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise ModelError(f"{self.path}: cannot load ONNX graph: {first}") from None
