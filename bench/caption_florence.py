@@ -25,7 +25,9 @@ Measured (issue 24; 2-core AMD EPYC, AVX2 without VNNI; ``--rounds 3 --images 1`
 the shared box): fp32 greedy 1.72x transformers (rounds 1.43/1.72/1.93, tokens identical), int8 beam-3 2.84x
 (4.19/2.84/2.27). Quieter earlier runs: 1.07-1.11x and 1.52-1.65x. On a 2-core Intel Xeon with AVX-512 VNNI (load
 1.2-1.6): int8 beam-3 1.68x before the attention-split rewrite (derived recipe tidy-s8), 2.05x after (rounds
-2.34/2.05/1.96); fp32 greedy 1.13x and 1.36x in the two runs.
+2.34/2.05/1.96); fp32 greedy 1.13x and 1.36x in the two runs. On a 2-core AMD Zen 4 with AVX-512 VNNI (a VM
+whose speed swung between runs; ``--rounds 5``): int8 beam-3 3.67x and 3.43x (rounds 2.92-4.10), fp32 greedy 1.57x
+and 1.53x (tokens identical).
 
 ``--keywords`` measures instead what keywords cost on top of the caption (issue 12's anchor: caption + keywords
 <= 1.4x caption alone): capwatch ``describe_pixels`` with the caption only, then with the caption and the ``<OD>``
