@@ -606,15 +606,18 @@ def _probe_split(source: Path, cross: Path, step: Path, data: tuple[str, ...], s
 
 
 def prune(root: Path) -> list[Path]:
-    """Remove the entries under ``root`` that no capwatch will use again: made by another VERSION, or from a source
-    graph that is gone or has changed since (a model updated to a new revision, a folder deleted), and the memo of
-    a source that is gone. Entries whose manifest cannot be read are left alone (another process may be writing
-    them). Returns what was removed; raises nothing."""
+    """Remove the entries under ``root`` that no capwatch will use again: made by another version of their recipe,
+    optimised for another onnxruntime or CPU, or from a source graph that is gone or has changed since (a model
+    updated to a new revision, a folder deleted), and the memo of a source that is gone. Entries whose manifest
+    cannot be read are left alone (another process may be writing them). Returns what was removed; raises
+    nothing."""
     removed: list[Path] = []
     try:
         entries = list(os.scandir(root))
     except OSError:
         return removed
+    optimized_here = f"optimized-{runtime_fingerprint()}" if any(
+        e.name.partition("-")[2].startswith("optimized-") for e in entries) else ""
     for entry in entries:
         path = Path(entry.path)
         name = entry.name
@@ -623,7 +626,7 @@ def prune(root: Path) -> list[Path]:
         recipe, _, version = name.partition("-")[2].rpartition("-v")
         stale = "-v" in name and version.removesuffix(".failed") != str(recipe_version(recipe))
         # Optimised for another onnxruntime (an upgrade) or CPU: this one will not load it again.
-        stale = stale or (recipe.startswith("optimized-") and recipe != f"optimized-{runtime_fingerprint()}")
+        stale = stale or (recipe.startswith("optimized-") and recipe != optimized_here)
         if not stale and entry.is_dir() and name != "sources":
             manifest = cache.read_marker(path / "manifest.json")
             source = manifest.get("source") if manifest is not None else None

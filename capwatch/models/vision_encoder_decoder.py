@@ -163,26 +163,37 @@ class VitGpt2Decoder:
 
     def _plan(self, items: ItemInputs, row_item: np.ndarray) -> tuple[_Segment, ...]:
         rows = row_item.size
-        if self._broadcast and rows >= 2:
-            bounds = np.flatnonzero(np.diff(row_item)) + 1
-            starts = np.concatenate([[0], bounds])
-            stops = np.concatenate([bounds, [rows]])
-            # Worth it only when images have several rows each (beams); rows of one item must be contiguous.
-            if (stops - starts).mean() >= 2 and np.unique(row_item[starts]).size == starts.size:
-                return tuple(
-                    _Segment(int(a), int(b), items.feeds(slice(int(row_item[a]), int(row_item[a]) + 1)))
-                    for a, b in zip(starts, stops, strict=True)
-                )
+        # Worth it only when images have several rows each (beams).
+        if self._broadcast and rows >= 2 and (per_item := self._per_item(items, row_item, min_rows=2)) is not None:
+            return per_item
         if rows == items.items and np.array_equal(row_item, np.arange(rows)):
             return (_Segment(0, rows, items.feeds(slice(None))),)
         return (_Segment(0, rows, items.feeds(row_item)),)
+
+    @staticmethod
+    def _per_item(items: ItemInputs, row_item: np.ndarray, *, min_rows: int) -> tuple[_Segment, ...] | None:
+        """One segment (one session call) per image, fed that image's single item row, when each image's rows are
+        contiguous and they average ``min_rows`` or more; else None."""
+        bounds = np.flatnonzero(np.diff(row_item)) + 1
+        starts = np.concatenate([[0], bounds])
+        stops = np.concatenate([bounds, [row_item.size]])
+        if (stops - starts).mean() < min_rows or np.unique(row_item[starts]).size != starts.size:
+            return None
+        return tuple(_Segment(int(a), int(b), items.feeds(slice(int(row_item[a]), int(row_item[a]) + 1)))
+                     for a, b in zip(starts, stops, strict=True))
 
     def step(self, state: DecoderState, input_ids: np.ndarray) -> tuple[np.ndarray, DecoderState]:
         assert isinstance(state, _State)
         branch = self._true if state.past_len > 0 else self._false
         results = []
-        whole = len(state.plan) == 1
-        for seg in state.plan:
+        plan = state.plan
+        if state.past_len == 0 and self._broadcast and len(plan) == 1 and state.row_item.size > 1:
+            # The first step of a beam search runs one row per image (capwatch.models.generate): one call per image
+            # there too, so that an int8 graph's per-call quantisation gives each image what it gives it alone,
+            # as the per-image calls of the later steps do.
+            plan = self._per_item(state.items, state.row_item, min_rows=1) or plan
+        whole = len(plan) == 1
+        for seg in plan:
             feeds: dict[str, Any] = {"input_ids": input_ids if whole else input_ids[seg.start : seg.stop]}
             feeds.update(seg.feeds)
             feeds.update(
