@@ -123,7 +123,8 @@ class ImageTextEmbedder(SessionOwner):
     ) -> None:
         """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet, unless
         ``load_text``: the text graph then starts loading on another thread, so that a one-shot search opens its
-        index and reads its codes meanwhile; onnxruntime builds a session mostly outside the GIL).
+        index and reads its codes meanwhile; onnxruntime's session setup holds the GIL for much of its time, so
+        what overlaps it best is work that releases the GIL, as SQLite's page reads do).
 
         ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`): int8 graphs then run with
         signed weights on CPUs where that is exact and faster (VNNI), as the captioner's do; None runs the
