@@ -355,3 +355,16 @@ def test_capwatch_serve_answers_query_embeddings_while_it_runs_and_removes_its_s
         assert "capwatch.cli.find" in loaded
         assert "numpy" not in loaded and "onnxruntime" not in loaded, sorted(loaded)
     assert not socket_path(db).exists()
+
+
+def test_a_scan_prepares_the_text_graph_the_next_search_loads(scanned: tuple[Path, Path], tmp_path: Path,
+                                                              run_cli: CliRunner, env: dict[str, str]) -> None:
+    _, db = scanned
+    derived = tmp_path / "home" / ".cache" / "capwatch" / "derived"
+    optimised = [p for p in derived.iterdir() if "-optimized-" in p.name and not p.name.endswith(".failed")]
+    assert len(optimised) == 1  # the embedder's text graph, as onnxruntime optimises it, made by the scan
+    assert (optimised[0] / "graph.ort-optimized.onnx").is_file()
+    made = sorted(p.name for p in derived.iterdir())
+    result = run_cli("--db", db, "search", "a cat", "--by", "meaning", env=env)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in derived.iterdir()) == made  # the search found it made: nothing new

@@ -234,6 +234,7 @@ def scan(ctx: click.Context, dirs: tuple[Path, ...], no_caption: bool, force: bo
             # captioned before search by meaning was on, a person's photo, a cluster run).
             embedded, embed_failures = _fill_embeddings(index, embedder, [r.path for r in roots if r.path])
             failed += len(embed_failures)
+            _prepare_for_queries(embedder)
         # Files that failed in an earlier run and have not changed since are not retried by a scan.
         failed_rows = sum(1 for root in roots for _ in index.iter_records(root.path, status="error"))
     for missing_root in missing:
@@ -300,6 +301,18 @@ def _embedder(config: Config) -> ImageTextEmbedder | None:
     from capwatch.library.embed import open_embedder_if_available
 
     return open_embedder_if_available(config)
+
+
+def _prepare_for_queries(embedder: ImageTextEmbedder) -> None:
+    """Make the text graph's pre-optimised form (capwatch.models.derived) at the end of a scan, once per model:
+    the first `capwatch search` would otherwise make it (~2 s). A model that cannot be read is the search's to
+    report: one log line here."""
+    from capwatch.errors import ModelError
+
+    try:
+        embedder.prepare_for_queries()
+    except ModelError as exc:
+        log.warning("search by meaning: %s", exc)
 
 
 def _fill_embeddings(index: Index, embedder: ImageTextEmbedder, roots: Sequence[Path]

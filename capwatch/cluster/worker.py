@@ -99,12 +99,13 @@ def open_worker_embedder(request: ModelRequest, threads: int, env: dict[str, str
     the request has none. Raises ModelError (one line) when it cannot be had or is another model here."""
     if request.embed is None:
         return None
+    from capwatch.models.derived import DerivedCache
     from capwatch.models.embedding import open_embedder
 
     embed, model_id = request.embed
     config = Config(model=dataclasses.replace(request.model, threads=max(1, threads), idle_unload_seconds=0.0),
                     embed=embed)
-    embedder = open_embedder(config, env, download=True)
+    embedder = open_embedder(config, env, download=True, derived=DerivedCache.from_env(env))
     if embedder is None:
         return None
     if embedder.model_id != model_id:

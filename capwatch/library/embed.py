@@ -39,11 +39,13 @@ def open_embedder_if_available(config: Config, env: Mapping[str, str] = os.envir
                                download: bool = True) -> ImageTextEmbedder | None:
     """The configured embedder, or None when ``[embed] model = "off"`` or the model cannot be had (not cached
     and offline, a broken folder): captioning goes on without embeddings then, and the reason is logged once
-    (visible with -v). Never raises for the model."""
+    (visible with -v). Never raises for the model. Its graphs run rewritten where that is exact and faster
+    (the derived cache, as the captioner's: int8 weights signed on VNNI CPUs, the text graph pre-optimised)."""
+    from capwatch.models.derived import DerivedCache
     from capwatch.models.embedding import open_embedder
 
     try:
-        return open_embedder(config, env, download=download)
+        return open_embedder(config, env, download=download, derived=DerivedCache.from_env(env))
     except CapwatchError as exc:
         log.debug("search by meaning is off for this run: %s", exc)
         return None

@@ -162,6 +162,13 @@ class ImageTextEmbedder(SessionOwner):
         if load_text:
             threading.Thread(target=self._load_text, name="capwatch-text-model", daemon=True).start()
 
+    def prepare_for_queries(self) -> None:
+        """Make now what the text graph will load from (its rewrites in the derived cache, see
+        :meth:`_prepare_graphs`), without loading it: a scan calls this at its end, so that the first search
+        after it does not spend ~2 s making them. Failures are logged by the derived cache and leave the published
+        graph in use; raises ModelError only when the graph cannot be read."""
+        self.sessions.prepare([TEXT])
+
     def _load_text(self) -> None:
         """Load the text graph (see ``load_text``); a failure is left for the first :meth:`embed_texts` to raise."""
         try:

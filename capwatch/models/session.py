@@ -201,19 +201,7 @@ class SessionGroup:
         Raises ModelError when a graph cannot be loaded, KeyError for a name the group does not have.
         """
         with self._lock:
-            wanted = list(self._sessions) if names is None else list(names)
-            fresh = [name for name in wanted if name not in self._prepared]
-            if self._prepare is not None and fresh:
-                prepared = self._prepare({name: self._sessions[name].path for name in fresh})
-                made = {name: LazySession(path, self._threads, self._providers) for name, path in prepared.items()}
-                if len(fresh) == len(self._sessions):
-                    # Every graph at once: the prepared set may name other graphs (a decoder split in two).
-                    self._sessions = made
-                    fresh = list(made)
-                    wanted = list(made) if names is None else wanted
-                else:
-                    self._sessions.update(made)
-            self._prepared.update(fresh)
+            wanted = self._prepare_fresh(names)
             if self._missing:
                 available = ", ".join(short_provider(p) for p in ort.get_available_providers())
                 log.warning("model: %s not available in this onnxruntime (it has: %s); running on %s",
@@ -227,6 +215,30 @@ class SessionGroup:
                 yield sessions
             finally:
                 self._last_used = self._clock()
+
+    def prepare(self, names: Sequence[str]) -> None:
+        """Make what the graphs ``names`` will load (the ``prepare`` callable's rewrites) without loading them, so
+        that a later process finds it made. Raises what ``prepare`` raises, KeyError for an unknown name."""
+        with self._lock:
+            self._prepare_fresh(names)
+
+    def _prepare_fresh(self, names: Sequence[str] | None) -> list[str]:
+        """Run ``prepare`` once for those of ``names`` (default: every graph) not prepared yet, and give the names
+        to use (with every graph at once, the prepared set may name other graphs: a decoder split in two). Call
+        with the lock held."""
+        wanted = list(self._sessions) if names is None else list(names)
+        fresh = [name for name in wanted if name not in self._prepared]
+        if self._prepare is not None and fresh:
+            prepared = self._prepare({name: self._sessions[name].path for name in fresh})
+            made = {name: LazySession(path, self._threads, self._providers) for name, path in prepared.items()}
+            if len(fresh) == len(self._sessions):
+                self._sessions = made
+                fresh = list(made)
+                wanted = list(made) if names is None else wanted
+            else:
+                self._sessions.update(made)
+        self._prepared.update(fresh)
+        return wanted
 
     def unload_if_idle(self, now: float | None = None) -> bool:
         """Unload when unused for ``idle_seconds`` (0 = never). Returns True if something was unloaded."""
