@@ -163,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     replicas = {name: build_replica(name, args.rebuild) for name in args.models.split(",")}
     if args.build_only:
         return
+    from capwatch.models.derived import DerivedCache
+
+    key_file = WORK / "derived-key"
+    if not key_file.is_file():
+        key_file.write_bytes(os.urandom(32))
+    # The derived cache, as capwatch's scans use for both models (signed int8 weights on VNNI CPUs, and so on).
+    derived = DerivedCache(WORK / "derived", key_file.read_bytes())
     captioner = greedy = single = None
     if not args.no_captioner:
         fspec = florence.base_spec(args.max_new_tokens)
@@ -172,12 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             florence.main(["--export-only", "--threads", str(args.threads),
                            "--max-new-tokens", str(args.max_new_tokens)])
         from capwatch.models.captioner import open_captioner
-        from capwatch.models.derived import DerivedCache
 
-        key_file = WORK / "derived-key"
-        if not key_file.is_file():
-            key_file.write_bytes(os.urandom(32))
-        derived = DerivedCache(WORK / "derived", key_file.read_bytes())
         captioner = open_captioner(florence_dir, ModelConfig(
             precision="int8", threads=args.threads, idle_unload_seconds=0, batch_size=args.batch,
             max_new_tokens=args.max_new_tokens), derived=derived)
@@ -194,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     embedders = {
         (name, precision): ImageTextEmbedder(EmbedModelFiles(folder, name, None, precision, None),
-                                             threads=args.threads, idle_unload_seconds=0, batch_size=args.batch)
+                                             threads=args.threads, idle_unload_seconds=0, batch_size=args.batch,
+                                             derived=derived)
         for name, folder in replicas.items() for precision in args.precisions.split(",")
     }
     pics = florence.images(args.images)
