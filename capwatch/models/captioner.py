@@ -34,7 +34,6 @@ from capwatch.errors import ImageError, ModelError
 from capwatch.models import vision_encoder_decoder as ved
 from capwatch.models.derived import (
     DerivedCache,
-    ProbeSpec,
     SplitDecoder,
     signed_is_exact,
     split_decoder,
@@ -43,6 +42,7 @@ from capwatch.models.derived import (
 from capwatch.models.generate import GenerationSettings, generate
 from capwatch.models.layout import ModelDir, decoder_positions, open_model_dir
 from capwatch.models.preprocess import Preprocessor, load_image
+from capwatch.models.probes import ProbeSpec
 from capwatch.models.registry import precision_key, split_precision_key
 from capwatch.models.runtime import ort
 from capwatch.models.session import SessionGroup, SessionOwner

@@ -57,7 +57,8 @@ import numpy as np
 from capwatch import paths
 from capwatch.errors import ModelError
 from capwatch.metadata.fsops import sha256_regular
-from capwatch.models import cache, stamp
+from capwatch.models import cache, probes, stamp
+from capwatch.models.probes import ProbeSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ VERSION = 1
 #: Recipes whose rewrite changed since VERSION 1 (only their results are made again): tidy 2 also runs the
 #: quantised convolutions in fp32 (:func:`capwatch.models.rewrite.convs_in_float`).
 RECIPE_VERSIONS = {"tidy": 2}
-
-
-def recipe_version(name: str) -> int:
-    """The version of recipe ``name`` (a Job name: ``tidy-s8`` is ``tidy``'s); :data:`VERSION` unless bumped alone."""
-    return RECIPE_VERSIONS.get(name.removesuffix("-s8"), VERSION)
 #: Source graphs up to this size are rewritten in the calling process; bigger ones in a child process.
 IN_PROCESS_BYTES = 64 << 20
 #: Graphs above this size are saved with their weights in a separate file (protobuf's 2 GiB limit).
@@ -79,6 +75,11 @@ _CHILD_TIMEOUT_SECONDS = 3600.0
 #: Peak memory of a rewrite per byte of its source graph (measured: a 731 MB fp32 ViT-GPT2 decoder peaks at
 #: 3.4 GB, its 185 MB int8 form at 0.93 GB: the protobufs, the rewritten copy, then both graphs' sessions).
 PEAK_PER_SOURCE_BYTE = 5
+
+
+def recipe_version(name: str) -> int:
+    """The version of recipe ``name`` (a Job name: ``tidy-s8`` is ``tidy``'s); :data:`VERSION` unless bumped alone."""
+    return RECIPE_VERSIONS.get(name.removesuffix("-s8"), VERSION)
 
 
 def memory_available(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -163,20 +164,12 @@ class SplitDecoder:
 
 
 @dataclass(frozen=True)
-class ProbeSpec:
-    """What the split probe needs to drive the decoder: the model's config.json, the encoder width, the start token."""
-
-    config_path: Path
-    hidden: int
-    start_token: int
-
-
-@dataclass(frozen=True)
 class Job:
-    """One rewrite: ``recipe`` (split | s8 | tidy | static) of ``source``; ``signed`` also turns uint8 MatMul weights
-    into int8 (split and tidy; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes input shapes for
-    an s8 or tidy probe (other dimensions: 1 for batch-like names, 3 for the rest); ``calibration`` is the .npy file of
-    preprocessed calibration photos [n,3,H,W] of a static graph (every third one as shipped: the probe's)."""
+    """One rewrite: ``recipe`` (split | s8 | tidy | static | optimized) of ``source``; ``signed`` also turns uint8
+    MatMul weights into int8 (split and tidy; s8 always does). ``probe`` drives a split's probe; ``shapes`` fixes
+    input shapes for an s8, tidy or optimized probe (other dimensions: 1 for batch-like names, 3 for the rest);
+    ``calibration`` is the .npy file of preprocessed calibration photos [n,3,H,W] of a static graph (every third one
+    as shipped: the probe's)."""
 
     recipe: str
     source: Path
@@ -235,9 +228,8 @@ def tidy_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[int
                signed: bool) -> Path | None:
     """``source`` with its attention splits before their transposes, its quantised convolutions in fp32 over the
     same integers and, when ``signed`` (only where :func:`signed_is_exact`), its uint8 MatMul weights as int8: the
-    same outputs, bit for bit, on the probe. From
-    the cache, or made now. None when there is nothing to change (quietly) or the probe differs (one warning line).
-    Raises ModelError only when ``source`` cannot be read."""
+    same outputs, bit for bit, on the probe. From the cache, or made now. None when there is nothing to change
+    (quietly) or the probe differs (one warning line). Raises ModelError only when ``source`` cannot be read."""
     manifest = _derived(Job("tidy", source, signed, None, dict(shapes)), store)
     return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
 
@@ -443,10 +435,10 @@ def make(job: Job, target: Path, key: bytes) -> None:
         graphs.clear()  # the protobufs: the probe's sessions need the memory
         if job.recipe == "split":
             assert job.probe is not None
-            _probe_split(job.source, work / "cross.onnx", work / "step.onnx", tuple(extra["data_outputs"]),
-                         tuple(extra["shape_outputs"]), job.probe)
+            _probed(probes.split_steps, job.source, work / "cross.onnx", work / "step.onnx",
+                    tuple(extra["data_outputs"]), tuple(extra["shape_outputs"]), job.probe)
         else:
-            _probe_same_outputs(job.source, work / "graph.onnx", job.shapes)
+            _probed(probes.same_outputs, job.source, work / "graph.onnx", job.shapes)
         files = _json_files(work, names)
         _move_in(work, target)
     except BaseException:
@@ -500,13 +492,22 @@ def _make_optimized(job: Job, target: Path, key: bytes) -> None:
         except Exception as exc:  # onnxruntime's own error types
             raise _Refused(f"cannot optimise the graph: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         # The probe loads it as capwatch will: by its name, with optimisation off.
-        _probe_same_outputs(job.source, work / PREOPTIMIZED_NAME, job.shapes)
+        _probed(probes.same_outputs, job.source, work / PREOPTIMIZED_NAME, job.shapes)
         files = _json_files(work, [PREOPTIMIZED_NAME])
         _move_in(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     _write_manifest(job, target, key, files, {"onnxruntime": ort.__version__})
+
+
+def _probed(probe: Callable[..., None], *args: Any) -> None:
+    """Run one of :mod:`capwatch.models.probes` on ``args``; raise _Refused with its reason when it finds a
+    difference."""
+    try:
+        probe(*args)
+    except probes.Mismatch as why:
+        raise _Refused(str(why)) from None
 
 
 def _move_in(work: Path, target: Path) -> None:
@@ -525,84 +526,6 @@ def _write_manifest(job: Job, target: Path, key: bytes, files: list[dict[str, An
                 "source": str(job.source), "files": files, **extra}
     manifest["stamp"] = stamp.compute(key, target, job.name, files)
     cache.write_json_atomic(target / "manifest.json", manifest)
-
-
-def _probe_same_outputs(source: Path, rewritten: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise _Refused unless ``rewritten`` gives bit-identical outputs to ``source`` on random inputs."""
-    from capwatch.models.session import LazySession
-
-    published = LazySession(source, 0).get()
-    candidate = LazySession(rewritten, 0).get()
-    rng = np.random.default_rng(20240611)
-    feeds: dict[str, np.ndarray] = {}
-    for spec in published.get_inputs():
-        dims = shapes.get(spec.name) or tuple(
-            d if isinstance(d, int) and d > 0 else (1 if "batch" in str(d).lower() else 3) for d in spec.shape)
-        if spec.type == "tensor(float)":
-            feeds[spec.name] = rng.normal(size=dims).astype(np.float32)
-        elif spec.type == "tensor(int64)":
-            feeds[spec.name] = (np.ones(dims, dtype=np.int64) if "mask" in spec.name
-                                else rng.integers(0, 4, size=dims, dtype=np.int64))
-        elif spec.type == "tensor(bool)":
-            feeds[spec.name] = np.ones(dims, dtype=bool)
-        else:
-            raise _Refused(f"no probe input for {spec.name} of type {spec.type}")
-    try:
-        want = published.run(None, feeds)
-        got = candidate.run(None, feeds)
-    except Exception as exc:  # onnxruntime's own error types
-        raise _Refused(f"the probe could not run: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    for spec, a, b in zip(published.get_outputs(), want, got, strict=True):
-        if a.shape != b.shape or not np.array_equal(a, b):
-            raise _Refused(f"output {spec.name} differs from the published graph's on the probe")
-
-
-def _probe_split(source: Path, cross: Path, step: Path, data: tuple[str, ...], shapes: tuple[str, ...],
-                 probe: ProbeSpec) -> None:
-    """Raise _Refused unless the split pair steps exactly like the published graph on random encoder states."""
-    from capwatch.models import vision_encoder_decoder as ved
-    from capwatch.models.layout import read_json
-    from capwatch.models.session import LazySession
-
-    config = read_json(probe.config_path)
-    published = LazySession(source, 0).get()
-    cross_session = LazySession(cross, 0).get()
-    step_session = LazySession(step, 0).get()
-    reference_layout = ved.DecoderLayout.from_session(published, source, config)
-    layout = ved.DecoderLayout.from_session(step_session, step, config, item_names=(*data, *shapes))
-    if (layout.layers, layout.heads, layout.head_dim) != (
-            reference_layout.layers, reference_layout.heads, reference_layout.head_dim):
-        raise _Refused("the step graph's cache layout differs from the published graph's")
-    rng = np.random.default_rng(20240611)
-    first = rng.normal(size=(1, 9, probe.hidden)).astype(np.float32)
-    # The second item is a permutation of the first's values: the same range, so an int8 graph's dynamic
-    # quantisation picks the same scale whether the encoder states are quantised per item or all together.
-    second = rng.permutation(first.ravel()).reshape(first.shape)
-    encoder = np.concatenate([first, second])
-    reference = ved.VitGpt2Decoder(published, reference_layout)
-    candidate = ved.VitGpt2Decoder(step_session, layout, item_inputs=ved.SplitInputs(cross_session, data, shapes))
-    ref_state = reference.start(encoder, 2)
-    new_state = candidate.start(encoder, 2)
-    tokens = np.full((4, 1), probe.start_token, dtype=np.int64)
-    # Beam reorder inside each item, then the first item dropped: both change how rows are fed.
-    selections = {2: np.array([1, 0, 3, 2]), 4: np.array([2, 3])}
-    for index in range(6):
-        try:
-            want, ref_state = reference.step(ref_state, tokens)
-            got, new_state = candidate.step(new_state, tokens)
-        except Exception as exc:  # onnxruntime's own error types
-            raise _Refused(f"the step graph failed on the probe: {str(exc).splitlines()[0]}") from None
-        scale = float(np.abs(want).max()) or 1.0
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5 * scale):
-            raise _Refused(f"the step graph's logits differ from the published graph's at step {index}")
-        if not np.array_equal(got.argmax(axis=1), want.argmax(axis=1)):
-            raise _Refused(f"the step graph's next tokens differ from the published graph's at step {index}")
-        tokens = want.argmax(axis=1).astype(np.int64).reshape(-1, 1)
-        if index in selections:
-            rows = selections[index]
-            ref_state = reference.select(ref_state, rows)
-            new_state = candidate.select(new_state, rows)
-            tokens = tokens[rows]
 
 
 def prune(root: Path) -> list[Path]:
