@@ -188,9 +188,9 @@ class VitGpt2Decoder:
         results = []
         plan = state.plan
         if state.past_len == 0 and self._broadcast and len(plan) == 1 and state.row_item.size > 1:
-            # The first step of a beam search runs one row per image (capwatch.models.generate): one call per image
-            # there too, so that an int8 graph's per-call quantisation gives each image what it gives it alone,
-            # as the per-image calls of the later steps do.
+            # At the first step every image has one row (a beam search starts so too, see capwatch.models.generate):
+            # one call per image there, so that an int8 graph's per-call quantisation gives each image what it
+            # gives it alone, as a beam search's per-image calls do at the later steps.
             plan = self._per_item(state.items, state.row_item, min_rows=1) or plan
         whole = len(plan) == 1
         for seg in plan:
