@@ -544,8 +544,9 @@ def convs_in_float(model: onnx.ModelProto) -> int:
         return 0
     graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, dtype=np.float32), one))
     # The integer weights (and their zero points) go when nothing else reads them: their float copies replace them.
+    graph_inputs = {i.name for i in graph.input}  # an old graph may list its initialisers as inputs: those stay
     gone = {name for name, count in weights_in_use.items()
-            if name not in outputs and len(readers.get(name, [])) == count}
+            if name not in outputs and name not in graph_inputs and len(readers.get(name, [])) == count}
     nodes = []
     for node in graph.node:
         if id(node) in replaced:
