@@ -552,6 +552,29 @@ def test_a_convolution_whose_fp32_sums_could_round_stays_integer() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(_run(model, {"x": x}), before, strict=True))
 
 
+def test_a_weight_zero_point_per_output_channel_is_taken_off_each_channel() -> None:
+    # onnxruntime's ConvInteger cannot run a zero point per channel (the ONNX operator allows it), so the rewritten
+    # graph is checked against the operator's definition computed here: sum((x_q - x_zero) * (w - w_zero[m])).
+    rng = np.random.default_rng(11)
+    weight = rng.integers(-128, 128, (256, 1, 3, 3)).astype(np.int8)
+    zero = rng.integers(-5, 6, 256).astype(np.int8)
+    model = _conv_integer_graph({"depthwise": (weight, zero, 256)})
+    assert rewrite.convs_in_float(model) == 1
+    x = rng.standard_t(2, (1, 256, 9, 9)).astype(np.float32)
+    got = _run(model, {"x": x})[0]
+    scale = np.float32(max(float(x.max()), 0.0) - min(float(x.min()), 0.0)) / np.float32(255)
+    x_zero = np.clip(np.round(-min(float(x.min()), 0.0) / scale), 0, 255)
+    x_q = np.clip(np.round(x / scale) + x_zero, 0, 255)  # DynamicQuantizeLinear (round half to even, as numpy)
+    padded = np.pad(x_q - x_zero, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    centred = weight.astype(np.int64)[:, 0] - zero.astype(np.int64)[:, None, None]
+    want = np.zeros((1, 256, 5, 5), dtype=np.int64)
+    for i in range(5):
+        for j in range(5):
+            window = padded[0, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].astype(np.int64)
+            want[0, :, i, j] = (window * centred).sum(axis=(1, 2))
+    np.testing.assert_allclose(got, want.astype(np.float32) * (scale * np.float32(0.02)), rtol=1e-6, atol=1e-6)
+
+
 def test_a_convolution_read_as_integers_elsewhere_stays_integer() -> None:
     model = _conv_integer_graph({"conv": (np.ones((2, 1, 3, 3), dtype=np.int8), None, 256)})
     model.graph.output.append(helper.make_tensor_value_info("conv_i", onnx.TensorProto.INT32, [1, 2, 5, 5]))
