@@ -204,7 +204,7 @@ def query_embedder(config: Config, env: Mapping[str, str] = os.environ, *,
     from capwatch.models.embedding import open_embedder
 
     # Where this user's stamp key exists (a scan made it; a search never does), the text graph loads pre-optimised
-    # (derived.optimized_graph, made by the first search): a one-shot search saves ~100 ms of graph optimisation.
+    # (derived.optimized_graph, made at a scan's end, else by the first search): ~100 ms less of graph optimisation.
     derived = DerivedCache.existing(env)
     try:
         embedder = open_embedder(config, env, download=False, load_text=load_text, derived=derived)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -260,8 +261,10 @@ def optimized_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tupl
     return Path(manifest["_dir"]) / PREOPTIMIZED_NAME
 
 
+@functools.cache
 def runtime_fingerprint(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """12 hex digits naming this onnxruntime version, machine type and CPU feature flags."""
+    """12 hex digits naming this onnxruntime version, machine type and CPU feature flags (read once per process:
+    every optimized job's name asks for it)."""
     from capwatch.models.runtime import ort
 
     flags = platform.processor()

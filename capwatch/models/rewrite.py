@@ -349,14 +349,11 @@ def split_before_transpose(model: onnx.ModelProto) -> int:
     names. Only where the Transpose feeds the Split alone, every part feeds one Squeeze of that axis alone (axes
     constant), and none of them is a graph output. Returns the number of rewrites."""
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = _default_opset(model)
     constants = {t.name: t for t in graph.initializer}
     constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
                       for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR})
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     names = {n.name for n in graph.node}
     replaced: dict[int, list[onnx.NodeProto]] = {}
@@ -409,18 +406,7 @@ def split_before_transpose(model: onnx.ModelProto) -> int:
         return 0
     orphans = {name for name in orphans
                if name not in outputs and all(id(r) in dropped for r in readers.get(name, []))}
-    nodes = []
-    for node in graph.node:
-        if id(node) in replaced:
-            nodes += replaced[id(node)]
-        elif id(node) not in dropped and not (node.op_type == "Constant" and node.output[0] in orphans):
-            nodes.append(node)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in orphans]
-    if len(kept) != len(graph.initializer):
-        graph.ClearField("initializer")
-        graph.initializer.extend(kept)
+    _replace_nodes(graph, replaced, dropped, orphans)
     return len(replaced)
 
 
@@ -480,14 +466,10 @@ def convs_in_float(model: onnx.ModelProto) -> int:
     output feeds one ``Cast`` to float alone, its weights (and weight zero point, scalar or per output channel) are
     initialisers, and neither output is a graph output. Returns the number of convolutions rewritten."""
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 10:
+    if _default_opset(model) < 10:
         return 0  # DequantizeLinear arrived in opset 10
     constants = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     names = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | set(constants)
     one = _unique("capwatch_one", names)
@@ -547,15 +529,38 @@ def convs_in_float(model: onnx.ModelProto) -> int:
     graph_inputs = {i.name for i in graph.input}  # an old graph may list its initialisers as inputs: those stay
     gone = {name for name, count in weights_in_use.items()
             if name not in outputs and name not in graph_inputs and len(readers.get(name, [])) == count}
-    nodes = []
+    _replace_nodes(graph, replaced, dropped, gone)
+    return len(replaced)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default (ai.onnx) operator set ``model`` imports; 0 when none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Every value name of the main graph -> the nodes reading it (subgraphs not looked into)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _replace_nodes(graph: onnx.GraphProto, replaced: dict[int, list[onnx.NodeProto]], dropped: set[int],
+                   unused: set[str]) -> None:
+    """Rebuild ``graph``'s node list in order: a node whose id is in ``replaced`` gives way to those nodes (in its
+    place: its inputs are computed before it, its readers after), one in ``dropped`` goes; and drop the constants
+    (initialisers and Constant nodes) named in ``unused``. The ids are of node objects the caller still holds."""
+    nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if id(node) in replaced:
             nodes += replaced[id(node)]
-        elif id(node) not in dropped:
+        elif id(node) not in dropped and not (node.op_type == "Constant" and node.output[0] in unused):
             nodes.append(node)
     graph.ClearField("node")
     graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in gone]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    return len(replaced)
+    kept = [t for t in graph.initializer if t.name not in unused]
+    if len(kept) != len(graph.initializer):
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept)
