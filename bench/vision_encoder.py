@@ -23,7 +23,8 @@ chelsea and coffee), as the lowest cosine over the photos' 577 feature rows (and
 * ``ort-dyns8``: the published-style graph dequantised and quantised dynamically again with int8 (7-bit) weights
   (onnxruntime's u8s8 kernels instead of u8u8);
 * ``ort-tidy``, ``ort-tidys8``: the published-style graph as capwatch runs it on the CPU: its attention splits
-  moved before their transposes (capwatch.models.derived.tidy_graph), with int8 weights too (``tidys8``, what
+  moved before their transposes and its grouped convolutions in fp32 over the same integers
+  (capwatch.models.derived.tidy_graph), with int8 weights too (``tidys8``, what
   capwatch runs on CPUs with VNNI); ``profile --graphs tidy,tidys8`` takes the same names;
 * ``ov-fp32``, ``ov-int8``, ``ov-static``: those graphs compiled by OpenVINO (``pip install openvino``) for the
   CPU, with as many inference threads; skipped (one line) when it is not installed (capwatch does not use it).
@@ -141,7 +142,8 @@ def make_dynamic_s8(remake: bool) -> Path:
 
 def make_tidy(signed: bool) -> Path:
     """The published-style int8 graph as capwatch runs it on the CPU (capwatch.models.derived.tidy_graph): its
-    attention splits before their transposes, and with ``signed`` its weights int8 as well (``tidy-s8``, what
+    attention splits before their transposes, its grouped convolutions in fp32 over the same integers, and with
+    ``signed`` its weights int8 as well (``tidy-s8``, what
     capwatch runs on CPUs with VNNI; elsewhere onnxruntime's u8s8 kernel may saturate, so it is not exact there)."""
     from capwatch.models.derived import DerivedCache, tidy_graph
 
