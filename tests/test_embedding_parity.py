@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from capwatch.config import Config, EmbedConfig, ModelConfig, load_config, load_config_file
@@ -331,7 +332,80 @@ def test_a_graph_optimised_for_another_runtime_or_cpu_is_made_again_and_the_old_
     assert second is not None
     np.testing.assert_array_equal(second.embed_texts(["a dog"]), vector)
     new = Path(second.sessions.describe()["text_model"]["path"]).parent
-    assert new.name.endswith("-optimized-0123456789ab-v1") and not old.exists()
+    assert new.name.endswith("-optimized-0123456789ab-v2") and not old.exists()
+
+
+def test_the_preoptimised_text_graph_keeps_its_weights_in_a_stamped_file_of_their_own(tmp_path: Path) -> None:
+    from capwatch.models.derived import DerivedCache
+    from capwatch.models.session import PREOPTIMIZED_DATA, PREOPTIMIZED_NAME
+
+    store = DerivedCache(tmp_path / "derived", b"k" * 32)
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny-b"), precision="int8"))
+    embedder = open_embedder(config, {}, derived=store)
+    assert embedder is not None
+    embedder.embed_texts(["a dog"])
+    folder = Path(embedder.sessions.describe()["text_model"]["path"]).parent
+    listed = {entry["path"] for entry in json.loads((folder / "manifest.json").read_text())["files"]}
+    assert {PREOPTIMIZED_NAME, PREOPTIMIZED_DATA} <= listed
+    # every initializer of 1 KB or more is in the data file, not the graph file (onnxruntime maps them at load)
+    graph = onnx.load(str(folder / PREOPTIMIZED_NAME), load_external_data=False).graph
+    inline = [t.name for t in graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
+    external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert not inline and len(external) > 10
+
+
+@pytest.mark.parametrize(("name", "precision"), [("clip-tiny", "int8"), ("clip-tiny", "fp32"),
+                                                 ("siglip2-tiny", "int8")])
+def test_a_one_shot_query_loads_the_text_graph_unpacked_only_where_the_probe_found_the_same_bits(
+        tmp_path: Path, name: str, precision: str) -> None:
+    from capwatch.library.embed import query_embedder
+    from capwatch.models import stamp
+    from capwatch.models.session import PREOPTIMIZED_NAME, PREOPTIMIZED_UNPACKED_NAME
+
+    env = {"CAPWATCH_CACHE_DIR": str(tmp_path / "cache"), "STATE_DIRECTORY": str(tmp_path / "state")}
+    stamp.local_key(env)
+    config = Config(embed=EmbedConfig(model=str(MODELS / name), precision=precision))  # type: ignore[arg-type]
+    golden = [row["text"] for row in _goldens(name)["texts"]]
+    published = _embedder(name, precision).embed_texts(golden)
+    one_shot, _ = query_embedder(config, env, load_text=True)
+    assert one_shot is not None
+    np.testing.assert_array_equal(one_shot.embed_texts(golden), published)
+    loaded = Path(one_shot.sessions.describe()["text_model"]["path"])
+    listed = {entry["path"] for entry in json.loads((loaded.parent / "manifest.json").read_text())["files"]}
+    assert loaded.name == (PREOPTIMIZED_UNPACKED_NAME if PREOPTIMIZED_UNPACKED_NAME in listed else PREOPTIMIZED_NAME)
+    if precision == "int8":  # integer products are exact whichever way the weights are laid out
+        assert loaded.name == PREOPTIMIZED_UNPACKED_NAME
+    # a long-lived process (the daemon's query server) keeps the prepacked weights
+    serving, _ = query_embedder(config, env)
+    assert serving is not None
+    np.testing.assert_array_equal(serving.embed_texts(golden), published)
+    assert Path(serving.sessions.describe()["text_model"]["path"]).name == PREOPTIMIZED_NAME
+
+
+def test_an_unpacked_graph_the_stamp_does_not_list_is_never_loaded(tmp_path: Path) -> None:
+    from capwatch.library.embed import query_embedder
+    from capwatch.models import stamp
+    from capwatch.models.session import PREOPTIMIZED_NAME, PREOPTIMIZED_UNPACKED_NAME
+
+    env = {"CAPWATCH_CACHE_DIR": str(tmp_path / "cache"), "STATE_DIRECTORY": str(tmp_path / "state")}
+    key = stamp.local_key(env)
+    config = Config(embed=EmbedConfig(model=str(MODELS / "clip-tiny"), precision="int8"))
+    first, _ = query_embedder(config, env, load_text=True)
+    assert first is not None
+    vector = first.embed_texts(["a dog"])
+    folder = Path(first.sessions.describe()["text_model"]["path"]).parent
+    # An entry sealed without the unpacked copy (as for fp32 products that round differently), and a file of that
+    # name put there afterwards: it is not what the stamp covers, so the prepacked graph loads.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = [entry for entry in manifest["files"] if entry["path"] != PREOPTIMIZED_UNPACKED_NAME]
+    manifest["stamp"] = stamp.compute(key, folder, manifest["recipe"], manifest["files"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / PREOPTIMIZED_UNPACKED_NAME).write_bytes(b"not a graph")
+    again, _ = query_embedder(config, env, load_text=True)
+    assert again is not None
+    np.testing.assert_array_equal(again.embed_texts(["a dog"]), vector)
+    assert Path(again.sessions.describe()["text_model"]["path"]).name == PREOPTIMIZED_NAME
 
 
 def test_a_search_query_uses_the_preoptimised_text_graph_only_where_a_stamp_key_exists(tmp_path: Path) -> None:

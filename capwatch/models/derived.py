@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 #: Recipes whose rewrite changed since VERSION 1 (only their results are made again): tidy 2 also runs the
 #: quantised convolutions in fp32 (:func:`capwatch.models.rewrite.convs_in_float`).
-RECIPE_VERSIONS = {"tidy": 2}
+RECIPE_VERSIONS = {"tidy": 2, "optimized": 2}
 #: Source graphs up to this size are rewritten in the calling process; bigger ones in a child process.
 IN_PROCESS_BYTES = 64 << 20
 #: Graphs above this size are saved with their weights in a separate file (protobuf's 2 GiB limit).
@@ -79,8 +79,9 @@ PEAK_PER_SOURCE_BYTE = 5
 
 
 def recipe_version(name: str) -> int:
-    """The version of recipe ``name`` (a Job name: ``tidy-s8`` is ``tidy``'s); :data:`VERSION` unless bumped alone."""
-    return RECIPE_VERSIONS.get(name.removesuffix("-s8"), VERSION)
+    """The version of recipe ``name`` (a Job name: ``tidy-s8`` is ``tidy``'s, ``optimized-<runtime>`` is
+    ``optimized``'s); :data:`VERSION` unless bumped alone."""
+    return RECIPE_VERSIONS.get(name.partition("-")[0], VERSION)
 
 
 def memory_available(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -245,20 +246,26 @@ def static_graph(source: Path, store: DerivedCache, pixels: Callable[[], np.ndar
     return None if manifest is None else Path(manifest["_dir"]) / "graph.onnx"
 
 
-def optimized_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[int, ...]]) -> Path | None:
+def optimized_graph(source: Path, store: DerivedCache, shapes: Mapping[str, tuple[int, ...]], *,
+                    unpacked: bool = False) -> Path | None:
     """``source`` as onnxruntime's optimiser leaves it for this CPU (fused operators, constants folded), saved
-    under :data:`capwatch.models.session.PREOPTIMIZED_NAME` so that it loads with optimisation off: the same outputs,
-    bit for bit, on the probe, at about half the load time (a 64 MB int8 CLIP text graph: 64-96 ms against
-    144-214 ms on a 2-core Zen 4). Such a graph may hold kernels only this CPU and this onnxruntime have, so the
-    entry is named for both (:func:`runtime_fingerprint`): another machine sharing the cache, or an upgraded
-    onnxruntime, makes its own. From the cache, or made now. None when the graph is too large to save in one file
-    (quietly) or the probe differs (one warning line). Raises ModelError only when ``source`` cannot be read."""
+    under :data:`capwatch.models.session.PREOPTIMIZED_NAME` (weights beside it, mapped at load) so that it loads
+    with optimisation off: the same outputs, bit for bit, on the probe, in a fraction of the load time (see
+    :func:`_make_optimized`). ``unpacked`` (a process that runs the graph once or twice): the path that also loads
+    without prepacking weights, where the probe showed that this too gives the same bits; else the prepacked one.
+    Such a graph may hold kernels only this CPU and this onnxruntime have, so the entry is named for both
+    (:func:`runtime_fingerprint`): another machine sharing the cache, or an upgraded onnxruntime, makes its own.
+    From the cache, or made now. None when the probe differs (one warning line). Raises ModelError only when
+    ``source`` cannot be read."""
     manifest = _derived(Job("optimized", source, False, None, dict(shapes)), store)
     if manifest is None:
         return None
-    from capwatch.models.session import PREOPTIMIZED_NAME
+    from capwatch.models.session import PREOPTIMIZED_NAME, PREOPTIMIZED_UNPACKED_NAME
 
-    return Path(manifest["_dir"]) / PREOPTIMIZED_NAME
+    # Only a file the stamp covers is loaded (the manifest's other fields are not sealed).
+    stamped = {entry.get("path") for entry in manifest["files"]}
+    name = PREOPTIMIZED_UNPACKED_NAME if unpacked and PREOPTIMIZED_UNPACKED_NAME in stamped else PREOPTIMIZED_NAME
+    return Path(manifest["_dir"]) / name
 
 
 @functools.cache
@@ -480,23 +487,45 @@ def _make_static(job: Job, target: Path, key: bytes) -> None:
 
 def _make_optimized(job: Job, target: Path, key: bytes) -> None:
     """The ``optimized`` recipe of :func:`make`: let onnxruntime optimise and save, probe, publish. Raises _Refused
-    or OSError."""
-    from capwatch.models.runtime import ort
-    from capwatch.models.session import PREOPTIMIZED_NAME, session_options
+    or OSError.
 
-    if job.source.stat().st_size > EXTERNAL_DATA_BYTES:
-        raise _NothingToDo("too large to save as one graph file")
+    The weights go to a file of their own (:data:`~capwatch.models.session.PREOPTIMIZED_DATA`), the larger ones at
+    page-aligned offsets, which onnxruntime maps into memory instead of parsing and copying them out of the graph:
+    a CLIP B/32 int8 text graph (64 MB, a 25 MB token table among them) loaded in about half the time of the same
+    graph saved whole (bench: README "Searching"). Where the graph also gives the same bits run without prepacked
+    weights, a copy of the (small) graph file is kept under
+    :data:`~capwatch.models.session.PREOPTIMIZED_UNPACKED_NAME` for one-shot processes."""
+    from capwatch.models.runtime import ort
+    from capwatch.models.session import (
+        PREOPTIMIZED_DATA,
+        PREOPTIMIZED_NAME,
+        PREOPTIMIZED_UNPACKED_NAME,
+        session_options,
+    )
+
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         options = session_options(1)
         options.optimized_model_filepath = str(work / PREOPTIMIZED_NAME)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         PREOPTIMIZED_DATA)
+        # Small tensors (biases, scales) stay in the graph: one file read beats hundreds of tiny mapped reads.
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(str(job.source), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types
             raise _Refused(f"cannot optimise the graph: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         # The probe loads it as capwatch will: by its name, with optimisation off.
         _probed(probes.same_outputs, job.source, work / PREOPTIMIZED_NAME, job.shapes)
-        files = _json_files(work, [PREOPTIMIZED_NAME])
+        names = [PREOPTIMIZED_NAME] + [PREOPTIMIZED_DATA] * (work / PREOPTIMIZED_DATA).exists()
+        unpacked = work / PREOPTIMIZED_UNPACKED_NAME
+        shutil.copyfile(work / PREOPTIMIZED_NAME, unpacked)
+        try:
+            probes.same_outputs(job.source, unpacked, job.shapes)
+            names.append(PREOPTIMIZED_UNPACKED_NAME)
+        except probes.Mismatch:
+            unpacked.unlink()  # prepacked only: fp32 products unpacked may round differently
+        files = _json_files(work, names)
         _move_in(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

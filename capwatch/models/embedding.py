@@ -124,7 +124,8 @@ class ImageTextEmbedder(SessionOwner):
         """Read the folder's configs and tokenizer and locate its graphs (nothing is loaded yet, unless
         ``load_text``: the text graph then starts loading on another thread, so that a one-shot search opens its
         index and reads its codes meanwhile; onnxruntime's session setup holds the GIL for much of its time, so
-        what overlaps it best is work that releases the GIL, as SQLite's page reads do).
+        what overlaps it best is work that releases the GIL, as SQLite's page reads do; and it loads without
+        prepacked weights where that gives the same bits, see :func:`capwatch.models.derived.optimized_graph`).
 
         ``derived``: where rewritten graphs are cached (:mod:`capwatch.models.derived`): int8 graphs then run with
         signed weights on CPUs where that is exact and faster (VNNI), as the captioner's do; None runs the
@@ -156,6 +157,7 @@ class ImageTextEmbedder(SessionOwner):
         self.batch_size = max(1, batch_size)
         self.derived = derived
         self.digests = digests if digests is not None else derived
+        self._one_shot = load_text
         self.sessions = SessionGroup(self.paths, threads, idle_unload_seconds, clock, self._check_graphs,
                                      self._prepare_graphs, providers)
         self._dim = self._configured_dim()
@@ -221,9 +223,9 @@ class ImageTextEmbedder(SessionOwner):
 
     def _prepare_graphs(self, paths: Mapping[str, Path]) -> Mapping[str, Path]:
         """The graphs to load: int8 ones with signed weights where the CPU accumulates those exactly, and the text
-        graph as onnxruntime optimises it, saved (it loads in every one-shot search); each gives the published
-        graph's outputs, checked bit for bit on a probe. Without a derived cache, or off the CPU, the published
-        graphs."""
+        graph as onnxruntime optimises it, saved (it loads in every one-shot search, there without prepacked
+        weights where that is exact too); each gives the published graph's outputs, checked bit for bit on a probe.
+        Without a derived cache, or off the CPU, the published graphs."""
         on_cpu = self.sessions.first_provider == "CPUExecutionProvider"
         if self.derived is None or not on_cpu:
             return paths
@@ -234,7 +236,8 @@ class ImageTextEmbedder(SessionOwner):
         if self.precision == "int8" and signed_is_exact():
             prepared = {stem: signed_graph(path, self.derived, shapes) or path for stem, path in paths.items()}
         if TEXT in prepared:
-            prepared[TEXT] = optimized_graph(prepared[TEXT], self.derived, {}) or prepared[TEXT]
+            prepared[TEXT] = (optimized_graph(prepared[TEXT], self.derived, {}, unpacked=self._one_shot)
+                              or prepared[TEXT])
         return prepared
 
     def _check_graphs(self, sessions: Mapping[str, ort.InferenceSession]) -> None:

@@ -84,6 +84,12 @@ def available_cores() -> int:
 #: The file name of a graph onnxruntime has already optimised (the derived recipe ``optimized``, see
 #: :func:`capwatch.models.derived.optimized_graph`): it loads with graph optimisation off, the work being done.
 PREOPTIMIZED_NAME = "graph.ort-optimized.onnx"
+#: Its weights, beside it (onnxruntime maps the larger ones into memory in place of copying them).
+PREOPTIMIZED_DATA = "graph.ort-optimized.data"
+#: The same graph (same weights file) for a process that runs it once or twice: it loads with optimisation off and
+#: without onnxruntime's prepacking of weights, which costs more at load than it saves on one query. Present only
+#: where the probe showed that unpacked kernels give the same bits (int8 products do; fp32 ones may not).
+PREOPTIMIZED_UNPACKED_NAME = "graph.ort-optimized.unpacked.onnx"
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -135,9 +141,11 @@ class LazySession:
         """Return the session, loading it if needed. Raises ModelError (one line) when the file cannot load."""
         if self._session is None:
             options = session_options(self._threads)
-            if self.path.name == PREOPTIMIZED_NAME:
+            if self.path.name in (PREOPTIMIZED_NAME, PREOPTIMIZED_UNPACKED_NAME):
                 # Optimising again would find nothing left to do, after ~100 ms of looking (a 64 MB text graph).
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if self.path.name == PREOPTIMIZED_UNPACKED_NAME:
+                options.add_session_config_entry("session.disable_prepacking", "1")
             try:
                 self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
