@@ -524,7 +524,7 @@ def _make_optimized(job: Job, target: Path, key: bytes) -> None:
             # Against the prepacked graph just found equal to the source on the same probe (a cheaper load).
             probes.same_outputs(work / PREOPTIMIZED_NAME, unpacked, job.shapes)
             names.append(PREOPTIMIZED_UNPACKED_NAME)
-        except probes.Mismatch:
+        except (probes.Mismatch, ModelError):
             unpacked.unlink()  # prepacked only: fp32 products unpacked may round differently
         files = _json_files(work, names)
         _move_in(work, target)
