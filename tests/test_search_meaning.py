@@ -368,3 +368,21 @@ def test_a_scan_prepares_the_text_graph_the_next_search_loads(scanned: tuple[Pat
     result = run_cli("--db", db, "search", "a cat", "--by", "meaning", env=env)
     assert result.code == 0, result.err
     assert sorted(p.name for p in derived.iterdir()) == made  # the search found it made: nothing new
+
+
+def test_a_search_keeps_the_codes_in_the_cache_and_the_next_one_after_a_scan_sees_the_new_photos(
+        scanned: tuple[Path, Path], tmp_path: Path, run_cli: CliRunner, env: dict[str, str]) -> None:
+    lib, db = scanned
+    codes = tmp_path / "home" / ".cache" / "capwatch" / "codes"
+    first = run_cli("--db", db, "search", "a cat", "--by", "meaning", "--json", env=env)
+    assert first.code == 0, first.err
+    kept = list(codes.glob("*.codes"))
+    assert len(kept) == 1
+    made = kept[0].stat().st_mtime_ns
+    again = run_cli("--db", db, "search", "a cat", "--by", "meaning", "--json", env=env)
+    assert again.out == first.out and kept[0].stat().st_mtime_ns == made  # mapped as it was
+    shutil.copy(lib / "coffee.jpg", lib / "coffee-again.jpg")
+    assert run_cli("--db", db, "scan", lib, env=env).code == 0
+    after = _lines(run_cli("--db", db, "search", "a cat", "--by", "meaning", "--json", env=env).out)
+    assert str(lib / "coffee-again.jpg") in {r["path"] for r in after}  # the new photo's code was read
+    assert kept[0].stat().st_mtime_ns != made

@@ -284,6 +284,119 @@ def test_a_failed_read_ahead_leaves_the_search_to_read_the_codes_itself(tmp_path
         index.close()
 
 
+def _counting_block_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from capwatch.library import vectors as vectors_module
+
+    reads: list[str] = []
+    real = vectors_module._read_blocks
+
+    def counted(conn: sqlite3.Connection, model: str) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(model)
+        return real(conn, model)
+
+    monkeypatch.setattr(vectors_module, "_read_blocks", counted)
+    return reads
+
+
+def test_a_one_shot_search_keeps_its_codes_in_a_file_and_the_next_maps_them_instead_of_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, kept = tmp_path / "i.db", tmp_path / "cache" / "codes"
+    with Index.open(db) as writer:
+        data = _stored(writer, 2500)
+    reads = _counting_block_reads(monkeypatch)
+    queries = clustered(5, 64, clusters=8, spread=2.0, queries=9)
+    with Index.open(db, readonly=True) as reader:
+        plain = [Vectors(reader).nearest("m", q, limit=10) for q in queries]
+    assert len(reads) == 5 and not kept.exists()  # without a folder: read from the index every time
+    with Index.open(db, readonly=True) as reader:
+        first = Vectors(reader, codes_dir=kept)
+        assert [first.nearest("m", q, limit=10) for q in queries] == plain
+    assert len(reads) == 6 and len(list(kept.glob("*.codes"))) == 1
+    with Index.open(db, readonly=True) as reader:  # the next process: mapped, not read
+        again = Vectors(reader, codes_dir=kept)
+        again.read_ahead("m")
+        assert [again.nearest("m", q, limit=10) for q in queries] == plain
+        assert again.nearest("m", data[11], limit=1)[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert len(reads) == 6
+
+
+def test_codes_kept_in_a_file_are_read_again_once_the_vectors_change(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    db, kept = tmp_path / "i.db", tmp_path / "codes"
+    with Index.open(db) as writer:
+        data = _stored(writer, 1500)
+    with Index.open(db, readonly=True) as reader:
+        Vectors(reader, codes_dir=kept).nearest("m", data[0], limit=1)
+    reads = _counting_block_reads(monkeypatch)
+    with Index.open(db) as writer:  # another process adds a copy of image 3 (its vector with it)
+        writer.upsert_many([_rec("/lib/copy.jpg")])
+        Vectors(writer).put_many([("/lib/copy.jpg", "m", None, data[3])])
+        copy_id = writer.ids_for(["/lib/copy.jpg"])["/lib/copy.jpg"]
+    for _ in range(2):
+        with Index.open(db, readonly=True) as reader:
+            best = Vectors(reader, codes_dir=kept).nearest("m", data[3], limit=2)
+        assert copy_id in {i for i, _ in best}
+    assert len(reads) == 1  # read once after the change, mapped the time after
+
+
+def test_a_damaged_or_foreign_codes_file_is_ignored_and_made_again(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from capwatch.library.codesfile import codes_path
+
+    kept = tmp_path / "codes"
+    with Index.open(tmp_path / "a.db") as a:
+        data = _stored(a, 1200, seed=3)
+    with Index.open(tmp_path / "b.db") as b:
+        _stored(b, 1200, seed=4)  # another library, its model named alike, its codes' version alike
+    with Index.open(tmp_path / "a.db", readonly=True) as a:
+        want = Vectors(a).nearest("m", data[5], limit=5)
+    with Index.open(tmp_path / "b.db", readonly=True) as b:
+        Vectors(b, codes_dir=kept).nearest("m", data[5], limit=5)
+    mine, theirs = codes_path(kept, tmp_path / "a.db", "m"), codes_path(kept, tmp_path / "b.db", "m")
+    reads = _counting_block_reads(monkeypatch)
+    whole = theirs.read_bytes()
+    for damage in (whole, whole[: len(whole) // 2], b"capwatch-codes\n{" + b"\0" * 5000, b""):
+        mine.write_bytes(damage)
+        with Index.open(tmp_path / "a.db", readonly=True) as a:
+            assert Vectors(a, codes_dir=kept).nearest("m", data[5], limit=5) == want
+    assert len(reads) == 4  # each time read from the index, and the file written again
+    with Index.open(tmp_path / "a.db", readonly=True) as a:
+        assert Vectors(a, codes_dir=kept).nearest("m", data[5], limit=5) == want
+    assert len(reads) == 4
+
+
+def test_a_library_that_changed_models_keeps_only_the_new_models_codes_file(tmp_path: Path) -> None:
+    db, kept = tmp_path / "i.db", tmp_path / "codes"
+    (kept / "unrelated").mkdir(parents=True)
+    with Index.open(tmp_path / "other.db") as other:  # another library's file stays
+        _stored(other, 300)
+    with Index.open(tmp_path / "other.db", readonly=True) as other:
+        Vectors(other, codes_dir=kept).nearest("m", np.ones(64, dtype=np.float32), limit=1)
+    with Index.open(db) as writer:
+        data = _stored(writer, 600)
+    with Index.open(db, readonly=True) as reader:
+        Vectors(reader, codes_dir=kept).nearest("m", data[0], limit=1)
+    assert len(list(kept.glob("*.codes"))) == 2
+    with Index.open(db) as writer:  # every image embedded again by another model
+        Vectors(writer).put_many((f"/lib/{i:05d}.jpg", "m2", None, data[i]) for i in range(600))
+    with Index.open(db, readonly=True) as reader:
+        assert Vectors(reader, codes_dir=kept).nearest("m2", data[4], limit=1)[0][1] == pytest.approx(1.0, abs=1e-5)
+    from capwatch.library.codesfile import codes_path
+
+    assert sorted(kept.glob("*.codes")) == sorted(
+        [codes_path(kept, db, "m2"), codes_path(kept, tmp_path / "other.db", "m")])
+    assert (kept / "unrelated").is_dir()
+
+
+def test_codes_that_cannot_be_kept_are_read_from_the_index(tmp_path: Path) -> None:
+    with Index.open(tmp_path / "i.db") as writer:
+        data = _stored(writer, 800)
+    (tmp_path / "not-a-folder").write_text("x")
+    with Index.open(tmp_path / "i.db", readonly=True) as reader:
+        best = Vectors(reader, codes_dir=tmp_path / "not-a-folder").nearest("m", data[2], limit=1)
+    assert best[0][1] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_nearest_widens_until_enough_candidates_pass_the_filter(index: Index) -> None:
     n = 3000
     data = clustered(n, 32, clusters=5)

@@ -2,7 +2,8 @@
 
 Storage (see migration 6): ``image_vectors`` holds one float32 vector per image and model, exactly as the
 embedder gave it (L2-normalised); ``vector_blocks`` holds the vectors' sign bits (1 bit per dimension), packed in
-blocks of up to :data:`BLOCK` rows so that a search process reads a million of them in a thousand rows.
+blocks of up to :data:`BLOCK` rows so that a search process reads a million of them in a thousand rows. A one-shot
+search maps them from a copy in the user's cache instead, while it matches the index (capwatch.library.codesfile).
 
 A video's other chosen frames (its *moments*, schema 9: ``frame_vectors``) share the blocks under the key ``-id``
 (an image's key is its row id, > 0): :meth:`Vectors.nearest` ranks keys, :meth:`Vectors.matrix_of` reads either
@@ -28,19 +29,25 @@ Python would go stale for the other. Measured on this box at 1 M 512-bit codes: 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from capwatch.errors import CapwatchError
+from capwatch.library import codesfile
 from capwatch.library.index import Index, normalise_path
 from capwatch.library.moments import FRAME_ROWS_SQL, VideoMoments, replace_frames
+
+log = logging.getLogger(__name__)
 
 #: Codes per row of ``vector_blocks``: small enough that appending to the last block rewrites little, large
 #: enough that a million vectors load in about a thousand rows.
@@ -201,25 +208,42 @@ def _read_blocks(conn: sqlite3.Connection, model: str) -> tuple[npt.NDArray[np.i
     return ids, words
 
 
-def _read_codes(conn: sqlite3.Connection, model: str, known: int | None = None) -> _Codes | None:
+def _read_codes(conn: sqlite3.Connection, model: str, known: int | None = None,
+                kept: tuple[Path, Path] | None = None) -> _Codes | None:
     """``model``'s codes as of now, read in one snapshot (call inside a read transaction); None when their
-    version is ``known`` (the caller holds them already)."""
-    row = conn.execute("SELECT version, centre FROM vector_models WHERE model = ?", (model,)).fetchone()
+    version is ``known`` (the caller holds them already). ``kept``: (the folder of codes files, the index file):
+    the codes are mapped from their file when it was made from this very state, else read from the blocks and the
+    file written again (capwatch.library.codesfile; a file that cannot be written is only a slower next run)."""
+    row = conn.execute("SELECT version, centre, entries FROM vector_models WHERE model = ?", (model,)).fetchone()
     version = -1 if row is None else int(row[0])
     if version == known:
         return None
     centre = None if row is None or row[1] is None else _as_vector(row[1])
+    state, path = None, None
+    if kept is not None and row is not None:
+        with contextlib.suppress(OSError):
+            state = codesfile.CodesState.of(kept[1], model, version, int(row[2]), row[1])
+            path = codesfile.codes_path(kept[0], kept[1], model)
+            mapped = codesfile.load(path, state)
+            if mapped is not None:
+                return version, mapped[0], mapped[1], centre
     ids, words = _read_blocks(conn, model)
+    if state is not None and path is not None:
+        try:
+            codesfile.save(path, state, ids, words)
+        except OSError as exc:
+            log.debug("codes of %s not kept in %s: %s", model, path, exc)
     return version, ids, words, centre
 
 
 class _ReadAhead(threading.Thread):
     """Reads one model's codes over a read-only connection of its own (see :meth:`Vectors.read_ahead`)."""
 
-    def __init__(self, index: Index, model: str) -> None:
+    def __init__(self, index: Index, model: str, kept: tuple[Path, Path] | None) -> None:
         super().__init__(name=f"capwatch-codes-{model}", daemon=True)
         self._index = index
         self._model = model
+        self._kept = kept
         #: The codes read, once the thread has ended; None when the read failed.
         self.codes: _Codes | None = None
 
@@ -228,7 +252,7 @@ class _ReadAhead(threading.Thread):
             conn = self._index.reader()
             try:
                 conn.execute("BEGIN")
-                self.codes = _read_codes(conn, self._model)
+                self.codes = _read_codes(conn, self._model, kept=self._kept)
             finally:
                 conn.close()
         except (sqlite3.Error, OSError, ValueError):
@@ -246,11 +270,15 @@ class Vectors:
     """The vectors of one :class:`Index` (same thread as the index). Holds the packed codes of the models it has
     searched in memory and reloads them when another connection changed them (``vector_models.version``)."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, *, codes_dir: Path | None = None) -> None:
+        """``codes_dir``: where a one-shot process keeps each model's codes as a file it maps instead of reading
+        them from the index at every run (capwatch.library.codesfile); None (long-lived processes, which hold
+        them in memory) reads them from the index."""
         self._index = index
         self._conn = index.connection
         self._codes: dict[str, _Codes] = {}
         self._ahead: dict[str, _ReadAhead] = {}
+        self._kept = None if codes_dir is None else (codes_dir, Path(index.path))
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -472,7 +500,7 @@ class Vectors:
         (a 2-core Zen 4, 1 M codes). A failed read is dropped: the search then reads the codes itself and reports
         what is wrong."""
         if model not in self._codes and model not in self._ahead:
-            thread = _ReadAhead(self._index, model)
+            thread = _ReadAhead(self._index, model, self._kept)
             thread.start()
             self._ahead[model] = thread
 
@@ -489,7 +517,7 @@ class Vectors:
             self._conn.execute("BEGIN")
         try:
             cached = self._codes.get(model)
-            fresh = _read_codes(self._conn, model, known=None if cached is None else cached[0])
+            fresh = _read_codes(self._conn, model, known=None if cached is None else cached[0], kept=self._kept)
         finally:
             if own:
                 self._conn.execute("COMMIT")
