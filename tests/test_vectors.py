@@ -365,9 +365,14 @@ def test_a_damaged_or_foreign_codes_file_is_ignored_and_made_again(tmp_path: Pat
     assert len(reads) == 4
 
 
-def test_a_library_that_changed_models_keeps_only_the_new_models_codes_file(tmp_path: Path) -> None:
+def test_a_library_that_changed_models_keeps_only_the_new_models_codes_file_and_no_crashed_writes(
+        tmp_path: Path) -> None:
     db, kept = tmp_path / "i.db", tmp_path / "codes"
     (kept / "unrelated").mkdir(parents=True)
+    crashed, writing = kept / ".abc.codes.41-00ff.tmp", kept / ".abc.codes.42-11ee.tmp"
+    crashed.write_bytes(b"half")
+    writing.write_bytes(b"half")
+    os.utime(crashed, (1_600_000_000, 1_600_000_000))  # a writer that died long ago; the other may be writing
     with Index.open(tmp_path / "other.db") as other:  # another library's file stays
         _stored(other, 300)
     with Index.open(tmp_path / "other.db", readonly=True) as other:
@@ -385,7 +390,7 @@ def test_a_library_that_changed_models_keeps_only_the_new_models_codes_file(tmp_
 
     assert sorted(kept.glob("*.codes")) == sorted(
         [codes_path(kept, db, "m2"), codes_path(kept, tmp_path / "other.db", "m")])
-    assert (kept / "unrelated").is_dir()
+    assert (kept / "unrelated").is_dir() and writing.exists() and not crashed.exists()
 
 
 def test_codes_that_cannot_be_kept_are_read_from_the_index(tmp_path: Path) -> None:

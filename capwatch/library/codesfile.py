@@ -11,8 +11,8 @@ The header names the state it was made from: the index file (device and inode), 
 ``vector_models.version`` (bumped by every change to its codes), entry count and centre. A search uses the file
 only when all of these match what the index says now, inside the read transaction it searches in; otherwise it
 reads the blocks from the index and writes the file again (written whole under another name, flushed, then renamed
-over the old one, so a reader never sees half of one). The file is a cache: losing it costs one read, and a
-damaged or foreign one is ignored.
+over the old one by capwatch.models.cache.write_atomic: a reader never sees half of one). The file is a cache:
+losing it costs one read, and a damaged or foreign one is ignored.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
+
+from capwatch.models.cache import write_atomic
 
 MAGIC = b"capwatch-codes\n"
 FORMAT = 1
@@ -109,26 +110,19 @@ def save(path: Path, state: CodesState, ids: npt.NDArray[np.int64], codes: npt.N
     there in one rename. Raises OSError (the caller decides whether that matters)."""
     if len(ids) != state.entries or codes.shape[0] != state.entries or codes.ndim != 2:
         raise OSError(f"{path}: {len(ids)} ids and {codes.shape[0]} codes for {state.entries} entries")
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"format": FORMAT, "state": asdict(state), "words": int(codes.shape[1])}).encode()
     if len(MAGIC) + len(header) >= PAGE:
         raise OSError(f"{path}: the header does not fit in one page")
-    fd, temporary = tempfile.mkstemp(prefix=".codes-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write((MAGIC + header).ljust(PAGE, b"\0"))
-            raw_ids = np.ascontiguousarray(ids, dtype="<i8").tobytes()
-            handle.write(raw_ids.ljust(_aligned(len(raw_ids)), b"\0"))
-            np.ascontiguousarray(codes, dtype="<u8").tofile(handle)  # 64 MB at a million: no bytes copy
-            handle.flush()
-            # On disk before the rename makes it the file searches map: after a crash, the old file or the new
-            # one, never a new name over unwritten pages.
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+
+    def write(handle: BinaryIO) -> None:
+        handle.write((MAGIC + header).ljust(PAGE, b"\0"))
+        raw_ids = np.ascontiguousarray(ids, dtype="<i8").tobytes()
+        handle.write(raw_ids.ljust(_aligned(len(raw_ids)), b"\0"))
+        handle.flush()
+        np.ascontiguousarray(codes, dtype="<u8").tofile(handle)  # 64 MB at a million: no bytes copy
+
+    # Flushed to disk before the rename makes it the file searches map: never a new name over unwritten pages.
+    write_atomic(path, write, mode=0o600)
     _prune(path, state)
 
 
@@ -145,7 +139,8 @@ def _prune(kept: Path, state: CodesState) -> None:
             if entry.name == kept.name or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                if entry.name.startswith(".codes-"):
+                # write_atomic's temp names: .NAME.codes.PID-RANDOM.tmp
+                if entry.name.startswith(".") and ".codes." in entry.name and entry.name.endswith(".tmp"):
                     if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
                         os.unlink(entry.path)
                     continue

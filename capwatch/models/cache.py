@@ -12,9 +12,9 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from capwatch.errors import ModelError
 from capwatch.metadata.fsops import open_regular
@@ -109,13 +109,21 @@ def refuse_links(root: Path, path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` with ``data`` as JSON: a fresh temp name (never an existing file or link), then rename."""
+    """Replace ``path`` with ``data`` as JSON (see :func:`write_atomic`)."""
+    text = json.dumps(data, indent=1, sort_keys=True).encode("utf-8")
+    write_atomic(path, lambda handle: handle.write(text))
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
+    """Replace ``path`` with what ``write`` puts into a fresh temp file beside it (``.NAME.PID-RANDOM.tmp``, never an
+    existing file or link), flushed to disk before it is renamed over ``path``: after a crash, the old file or the
+    new one. The temp file goes on any failure. Raises OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
