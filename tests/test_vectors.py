@@ -393,6 +393,27 @@ def test_a_library_that_changed_models_keeps_only_the_new_models_codes_file_and_
     assert (kept / "unrelated").is_dir() and writing.exists() and not crashed.exists()
 
 
+def test_a_codes_file_stands_only_for_the_state_it_was_made_from(tmp_path: Path) -> None:
+    import dataclasses
+
+    from capwatch.library import codesfile
+
+    (tmp_path / "i.db").write_bytes(b"")
+    state = codesfile.CodesState.of(tmp_path / "i.db", "m", 7, 3, None, b"last block")
+    ids = np.array([5, 9, 11], dtype=np.int64)
+    codes = np.arange(3 * 8, dtype=np.uint64).reshape(3, 8)
+    path = codesfile.codes_path(tmp_path / "codes", tmp_path / "i.db", "m")
+    codesfile.save(path, state, ids, codes)
+    mapped = codesfile.load(path, state)
+    assert mapped is not None
+    assert mapped[0].tolist() == ids.tolist() and np.array_equal(mapped[1], codes)
+    # An index made again in a file that got the old inode, up to the same version, count and centre: its last
+    # block (how it numbers its images) still tells it apart; so does every other field.
+    for change in ({"last_block": "0" * 64}, {"version": 8}, {"entries": 4}, {"model": "m2"}, {"centre": "c"},
+                   {"index_ino": state.index_ino + 1}):
+        assert codesfile.load(path, dataclasses.replace(state, **change)) is None  # type: ignore[arg-type]
+
+
 def test_codes_that_cannot_be_kept_are_read_from_the_index(tmp_path: Path) -> None:
     with Index.open(tmp_path / "i.db") as writer:
         data = _stored(writer, 800)

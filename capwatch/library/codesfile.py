@@ -8,8 +8,8 @@ user's cache as one file: a header, the ids and the codes at page-aligned offset
 cache's pages are used where they are; nothing is copied or parsed).
 
 The header names the state it was made from: the index file (device and inode), the model, its
-``vector_models.version`` (bumped by every change to its codes), entry count and centre. A search uses the file
-only when all of these match what the index says now, inside the read transaction it searches in; otherwise it
+``vector_models.version`` (bumped by every change to its codes), entry count, centre and last block. A search uses
+the file only when all of these match what the index says now, inside the read transaction it searches in; else it
 reads the blocks from the index and writes the file again (written whole under another name, flushed, then renamed
 over the old one by capwatch.models.cache.write_atomic: a reader never sees half of one). The file is a cache:
 losing it costs one read, and a damaged or foreign one is ignored.
@@ -49,14 +49,19 @@ class CodesState:
     entries: int
     #: sha256 of the centre's float32 bytes (the signs are taken around it), "" for none.
     centre: str
+    #: sha256 of the last block's ids and codes: an index made again in a file that got the old one's inode, up to
+    #: the same version, count and centre, still numbers its images otherwise.
+    last_block: str
 
     @classmethod
-    def of(cls, index_path: Path, model: str, version: int, entries: int, centre: bytes | None) -> CodesState:
-        """The state of ``model``'s codes in the index at ``index_path``. Raises OSError when it cannot be
-        stat'ed."""
+    def of(cls, index_path: Path, model: str, version: int, entries: int, centre: bytes | None,
+           last_block: bytes) -> CodesState:
+        """The state of ``model``'s codes in the index at ``index_path`` (``last_block``: its last block's ids and
+        codes, joined). Raises OSError when the index cannot be stat'ed."""
         st = os.stat(index_path)
         return cls(st.st_dev, st.st_ino, model, version, entries,
-                   "" if centre is None else hashlib.sha256(centre).hexdigest())
+                   "" if centre is None else hashlib.sha256(centre).hexdigest(),
+                   hashlib.sha256(last_block).hexdigest())
 
 
 def codes_path(directory: Path, index_path: Path, model: str) -> Path:

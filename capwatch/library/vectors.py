@@ -221,8 +221,11 @@ def _read_codes(conn: sqlite3.Connection, model: str, known: int | None = None,
     centre = None if row is None or row[1] is None else _as_vector(row[1])
     state, path = None, None
     if kept is not None and row is not None:
+        last = conn.execute("SELECT ids, codes FROM vector_blocks WHERE model = ? ORDER BY block DESC LIMIT 1",
+                            (model,)).fetchone()
         with contextlib.suppress(OSError):
-            state = codesfile.CodesState.of(kept[1], model, version, int(row[2]), row[1])
+            state = codesfile.CodesState.of(kept[1], model, version, int(row[2]), row[1],
+                                            b"" if last is None else bytes(last[0]) + bytes(last[1]))
             path = codesfile.codes_path(kept[0], kept[1], model)
             mapped = codesfile.load(path, state)
             if mapped is not None:
