@@ -491,9 +491,9 @@ def _make_optimized(job: Job, target: Path, key: bytes) -> None:
 
     The weights go to a file of their own (:data:`~capwatch.models.session.PREOPTIMIZED_DATA`), the larger ones at
     page-aligned offsets, which onnxruntime maps into memory instead of parsing and copying them out of the graph:
-    a CLIP B/32 int8 text graph (64 MB, a 25 MB token table among them) loaded in about half the time of the same
-    graph saved whole (bench: README "Searching"). Where the graph also gives the same bits run without prepacked
-    weights, a copy of the (small) graph file is kept under
+    a CLIP B/32 int8 text graph (64 MB, a 25 MB token table among them) loaded in 63-91 ms against 131-313 ms
+    saved whole (README "Models", the text model of a one-shot search). Where the graph also gives the same bits
+    run without prepacked weights, a copy of the (small) graph file is kept under
     :data:`~capwatch.models.session.PREOPTIMIZED_UNPACKED_NAME` for one-shot processes."""
     from capwatch.models.runtime import ort
     from capwatch.models.session import (
