@@ -20,16 +20,8 @@ from capwatch.library.meaning import QueryVector, filter_part, meaning_text
 from capwatch.library.meaning import search as meaning_search
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
 from capwatch.library.search import SearchFilters, fuse_rankings, parse_query
-from capwatch.library.vectors import (
-    BLOCK,
-    STEP,
-    VectorError,
-    Vectors,
-    byte_table,
-    hamming,
-    pack_codes,
-    sign_scores,
-)
+from capwatch.library.signbits import STEP, byte_table, hamming, pack_codes, sign_scores
+from capwatch.library.vectors import BLOCK, VectorError, Vectors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,6 +188,23 @@ def test_hamming_counts_differing_bits_across_steps_of_rows(width: int) -> None:
     query = words[7].copy()
     naive = np.unpackbits((words ^ query).view(np.uint8), axis=1).sum(axis=1)
     assert hamming(words, query).tolist() == naive.tolist()
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_hamming_split_across_threads_gives_every_row_its_own_count(workers: int) -> None:
+    rng = np.random.default_rng(5)
+    words = rng.integers(0, 2**64, size=(3 * STEP + 7, 8), dtype=np.uint64)
+    query = rng.integers(0, 2**64, size=8, dtype=np.uint64)
+    naive = np.unpackbits((words ^ query).view(np.uint8), axis=1).sum(axis=1)
+    assert hamming(words, query, workers=workers).tolist() == naive.tolist()
+    # Fewer rows than two steps: one part, whatever was asked.
+    assert hamming(words[:STEP], query, workers=workers).tolist() == naive[:STEP].tolist()
+
+
+def test_hamming_split_across_threads_raises_its_error_in_the_caller() -> None:
+    words = np.zeros((2 * STEP, 8), dtype=np.uint64)
+    with pytest.raises(ValueError):
+        hamming(words, np.zeros(9, dtype=np.uint64), workers=2)  # a query of the wrong width
 
 
 def test_sign_scores_are_the_query_against_the_images_sign_bits() -> None:

@@ -10,15 +10,15 @@ A video's other chosen frames (its *moments*, schema 9: ``frame_vectors``) share
 kind, and capwatch.library.moments turns keys into one hit per image (a video at its best moment).
 
 Search is three stages: the sign bits of every vector are compared with the query's (Hamming distance, numpy
-popcount over 64-bit words: 64 bytes per 512-d vector); the ``candidates`` closest are ranked in memory by the
-query's float values against their sign bits (:func:`sign_scores`: only the image side quantised, a far better
-estimate than the Hamming distance); the best ``rescore`` of those are looked up in ``image_vectors`` and ranked by
-their exact cosine. The bits are signs around the model's mean
-vector, not the origin: image embeddings share a large common direction (and a text query sits far from all of
-them), so signs around the origin are nearly the same for every image; around the mean they split the images.
-Ranking by q.x and by q.(x - mean) is the same ranking. Measured on clustered vectors with text-like queries
-(100 k, 512-d, 1000 candidates): recall@10 0.978 around the origin, 1.000 around the mean. Only the cosine
-of exact float32 vectors is ever shown. bench/search.py --vectors measures recall@10 against an exact search.
+popcount over 64-bit words: 64 bytes per 512-d vector, on as many threads as there are cores, up to four); the
+``candidates`` closest are ranked in memory by the query's float values against their sign bits
+(capwatch.library.signbits: only the image side quantised, a far better estimate than the Hamming distance); the
+best ``rescore`` of those are looked up in ``image_vectors`` and ranked by their exact cosine. The bits are signs
+around the model's mean vector, not the origin: image embeddings share a large common direction (and a text query
+sits far from all of them), so signs around the origin are nearly the same for every image; around the mean they
+split the images. Ranking by q.x and by q.(x - mean) is the same ranking. Measured on clustered vectors with
+text-like queries (100 k, 512-d, 1000 candidates): recall@10 0.978 around the origin, 1.000 around the mean. Only the
+cosine of exact float32 vectors is ever shown. bench/search.py --vectors measures recall@10 against an exact search.
 
 Why no SQLite extension: sqlite-vec's ``vec0`` (the obvious candidate) needs ``enable_load_extension``, which
 pyenv-built Pythons lack, and its tables cannot be written without the extension, so an index written by one
@@ -46,6 +46,14 @@ from capwatch.errors import CapwatchError
 from capwatch.library import codesfile
 from capwatch.library.index import Index, normalise_path
 from capwatch.library.moments import FRAME_ROWS_SQL, VideoMoments, replace_frames
+from capwatch.library.signbits import (
+    byte_table,
+    hamming,
+    pack_codes,
+    query_direction,
+    scan_workers,
+    sign_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,86 +95,6 @@ class Neighbour:
     image_id: int
     path: str
     similarity: float
-
-
-def pack_codes(vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
-    """The sign bits of ``vectors`` (n, dim), packed 8 per byte, padded to whole 64-bit words: (n, ceil(dim/64)*8)."""
-    bits = np.packbits(np.asarray(vectors) > 0, axis=1)
-    width = -(-bits.shape[1] // 8) * 8
-    if width != bits.shape[1]:
-        bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
-    return np.ascontiguousarray(bits)
-
-
-def _query_direction(q: FloatArray, centre: FloatArray | None) -> FloatArray:
-    """What the query's sign bits are taken of: ``q`` without its component along the images' mean direction.
-    Ranking by q.x is ranking by q.(x - mean); the mean direction tells the images apart least (measured on the
-    bench's text-like queries, 20 k images, 1000 candidates: recall@10 0.958 for q - mean, 0.988 for this)."""
-    if centre is None:
-        return q
-    norm = float(np.linalg.norm(centre))
-    if norm == 0.0:
-        return q
-    unit = centre / norm
-    projected: FloatArray = q - float(q @ unit) * unit
-    return projected
-
-
-#: Rows per step of :func:`hamming`: the step's temporaries (XOR words, byte counts) stay in the CPU cache.
-STEP = 16_384
-
-
-def hamming(words: npt.NDArray[np.uint64], query: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Bits differing between each row of ``words`` (n, 8k) and ``query`` (8k,).
-
-    In steps of :data:`STEP` rows into buffers made once: whole-array temporaries (64 MB each at a million
-    512-bit codes) cost a page fault per 4 KB on every search. The per-word popcounts (bytes, at most 64 each)
-    are summed inside 64-bit integers: byte pairs into 16-bit lanes (at most 128), then the four lanes by one
-    multiply (their sum, at most 512, lands in the top 16 bits). Measured at 1 M codes (512 bits, this 2-core
-    box, load ~3): 52 ms as whole arrays, 27 ms in steps; the multiply instead of two more mask-and-add rounds
-    ~10 % less again (load ~8: p50 28.5 -> 25.7 ms)."""
-    n, width = words.shape
-    out = np.empty(n, dtype=np.int64)
-    rows_max = min(n, STEP)
-    xor = np.empty((rows_max, width), dtype=np.uint64)
-    counts = np.empty((rows_max, width), dtype=np.uint8)
-    lanes = np.empty((rows_max, width // 8), dtype=np.uint64)
-    high = np.empty((rows_max, width // 8), dtype=np.uint64)
-    m8, eight = np.uint64(0x00FF00FF00FF00FF), np.uint64(8)
-    spread, top = np.uint64(0x0001000100010001), np.uint64(48)
-    for start in range(0, n, STEP):
-        rows = words[start:start + STEP]
-        k = len(rows)
-        x, c, a, b = xor[:k], counts[:k], lanes[:k], high[:k]
-        np.bitwise_xor(rows, query, out=x)
-        np.bitwise_count(x, out=c)
-        packed = c.view(np.uint64)  # (rows, width / 8): 8 byte-sized counts per integer
-        np.bitwise_and(packed, m8, out=a)
-        np.right_shift(packed, eight, out=b)
-        np.bitwise_and(b, m8, out=b)
-        np.add(a, b, out=a)
-        np.multiply(a, spread, out=a)
-        np.right_shift(a, top, out=a)
-        out[start:start + k] = a[:, 0] if a.shape[1] == 1 else a.sum(axis=1)
-    return out
-
-
-def byte_table(direction: FloatArray, width: int) -> FloatArray:
-    """(width, 256): for each byte position of a packed code (:func:`pack_codes`, ``width`` bytes) and each
-    byte value, the sum of ``direction``'s entries whose bits are set: ``table[j, code[j]]`` summed over j is
-    ``direction . bits(code)``."""
-    padded = np.zeros(width * 8, dtype=np.float32)
-    padded[:len(direction)] = direction
-    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32)  # (256, 8), MSB first
-    table: FloatArray = padded.reshape(width, 8) @ bits.T
-    return table
-
-
-def sign_scores(table: FloatArray, codes: npt.NDArray[np.uint8]) -> FloatArray:
-    """``direction . bits(code)`` for each row of ``codes`` (n, width bytes), from :func:`byte_table`: the query's
-    float entries against the image's sign bits (asymmetric: only the image side is quantised)."""
-    scores: FloatArray = table[np.arange(table.shape[0]), codes].sum(axis=1, dtype=np.float32)
-    return scores
 
 
 def _batches(cursor: sqlite3.Cursor, size: int = 20_000) -> Iterator[list[Any]]:
@@ -543,12 +471,12 @@ class Vectors:
             ids, words, centre = self._load(model)
             if len(ids) == 0 or (centre is not None and centre.shape != q.shape):
                 return []
-            qwords = pack_codes(_query_direction(q, centre)[None, :]).view(np.uint64)[0]
+            qwords = pack_codes(query_direction(q, centre)[None, :]).view(np.uint64)[0]
             if qwords.shape[0] % 8:
                 qwords = np.pad(qwords, (0, 8 - qwords.shape[0] % 8))
             if qwords.shape[0] != words.shape[1]:
                 return []
-            distance = hamming(words, qwords)
+            distance = hamming(words, qwords, workers=scan_workers())
             # The candidates are every code within a radius: the smallest radius that holds `want` of them (a
             # histogram of distances finds it; no partial sort of a million entries).
             cumulative = np.cumsum(np.bincount(distance, minlength=64 * words.shape[1] + 1))
@@ -562,7 +490,7 @@ class Vectors:
             # vectors, 5000 Hamming candidates (recall@10 0.998 when all are rescored): at 200 k, 100 rescored
             # 0.998, 200: 1.000; at 1 M (more near-ties), 200: 0.942, 400: 0.995, 800: 0.998.
             rescore = max(RESCORE, len(ids) // 2000, 6 * limit)
-            table = byte_table(_query_direction(q, centre), words.shape[1] * 8)
+            table = byte_table(query_direction(q, centre), words.shape[1] * 8)
             codes = words.view(np.uint8)
             inside = -1
             results: dict[int, float] = {}
