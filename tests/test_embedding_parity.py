@@ -149,6 +149,23 @@ def test_int8_precision_runs_the_quantized_graphs() -> None:
     assert _embedder("clip-tiny", "auto").precision == "fp32"
 
 
+def test_text_graph_threads_sleep_after_a_query_and_the_image_graphs_spin() -> None:
+    embedder = _embedder("clip-tiny")
+    embedder.embed_texts(["a dog"])
+    embedder.embed_images([load_image(ROOT / "tests/fixtures/images/red.png")])
+
+    def spinning(session: Any) -> str | None:
+        try:
+            return str(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return None
+
+    with embedder.sessions.use() as sessions:
+        assert spinning(sessions["text_model"]) == "0"
+        # The image graphs run batch after batch during a scan: they keep the default.
+        assert spinning(sessions["vision_model"]) is None
+
+
 def test_model_id_of_a_directory_follows_its_weights(tmp_path: Path) -> None:
     copy = tmp_path / "clip-tiny"
     shutil.copytree(MODELS / "clip-tiny", copy)

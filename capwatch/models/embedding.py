@@ -158,8 +158,11 @@ class ImageTextEmbedder(SessionOwner):
         self.derived = derived
         self.digests = digests if digests is not None else derived
         self._one_shot = load_text
+        # The text graph answers one query at a time, each followed at once by a search on the same cores: its
+        # threads spin-waiting after the run (onnxruntime's default) took the core the Hamming scan's second
+        # thread needs (2-core Zen 3: text run + scan 40-45 ms with spinning, 36 ms without; the run alike).
         self.sessions = SessionGroup(self.paths, threads, idle_unload_seconds, clock, self._check_graphs,
-                                     self._prepare_graphs, providers)
+                                     self._prepare_graphs, providers, no_spin=(TEXT,))
         self._dim = self._configured_dim()
         if load_text:
             threading.Thread(target=self._load_text, name="capwatch-text-model", daemon=True).start()

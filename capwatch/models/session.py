@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -92,12 +92,14 @@ PREOPTIMIZED_DATA = "graph.ort-optimized.data"
 PREOPTIMIZED_UNPACKED_NAME = "graph.ort-optimized.unpacked.onnx"
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, *, spin: bool = True) -> ort.SessionOptions:
     """Options for one inference session: ``threads`` intra-op threads (0 = one per physical core, see
     :func:`physical_cores`).
 
     Graph optimisation is fully on; the graph runs sequentially (one inter-op thread): these models are chains of
-    matmuls where intra-op parallelism is what pays.
+    matmuls where intra-op parallelism is what pays. ``spin=False`` lets the threads sleep as soon as their work
+    is done (onnxruntime's ``session.intra_op.allow_spinning`` off): by default they spin-wait for more, which
+    keeps the other cores busy for a while after every run.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads if threads > 0 else physical_cores()
@@ -105,6 +107,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -126,11 +130,14 @@ def _return_memory() -> None:
 class LazySession:
     """One ONNX graph; the session is created on first :meth:`get` and released by :meth:`unload`."""
 
-    def __init__(self, path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        """``providers``: onnxruntime provider names, most wanted first (see :func:`resolve_providers`)."""
+    def __init__(self, path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",), *,
+                 spin: bool = True) -> None:
+        """``providers``: onnxruntime provider names, most wanted first (see :func:`resolve_providers`); ``spin``
+        as for :func:`session_options`."""
         self.path = path
         self._threads = threads
         self._providers = list(providers)
+        self._spin = spin
         self._session: ort.InferenceSession | None = None
 
     @property
@@ -140,7 +147,7 @@ class LazySession:
     def get(self) -> ort.InferenceSession:
         """Return the session, loading it if needed. Raises ModelError (one line) when the file cannot load."""
         if self._session is None:
-            options = session_options(self._threads)
+            options = session_options(self._threads, spin=self._spin)
             if self.path.name in (PREOPTIMIZED_NAME, PREOPTIMIZED_UNPACKED_NAME):
                 # Optimising again would find nothing left to do, after ~100 ms of looking (a 64 MB text graph).
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -178,15 +185,18 @@ class SessionGroup:
         on_load: Callable[[Mapping[str, ort.InferenceSession]], None] | None = None,
         prepare: Callable[[Mapping[str, Path]], Mapping[str, Path]] | None = None,
         providers: Sequence[str] = ("cpu",),
+        no_spin: Collection[str] = (),
     ) -> None:
         """``prepare``, when given, is called once per graph before its first load with those of ``paths`` being
         loaded and returns the graphs to load instead (rewritten ones, see :mod:`capwatch.models.derived`).
         ``on_load`` is called with the sessions of a :meth:`use` that loaded any of them. ``providers``:
         capwatch's short names (config ``model.providers``); those onnxruntime lacks are skipped with one warning at
-        the first load."""
+        the first load. ``no_spin``: the graphs whose threads sleep as soon as a run ends (see
+        :func:`session_options`)."""
         self._threads = threads
         self._providers, self._missing = resolve_providers(providers)
-        self._sessions = {name: LazySession(path, threads, self._providers) for name, path in paths.items()}
+        self._no_spin = frozenset(no_spin)
+        self._sessions = {name: self._session(name, path) for name, path in paths.items()}
         self._prepare = prepare
         self._idle_seconds = idle_seconds
         self._clock = clock
@@ -195,6 +205,9 @@ class SessionGroup:
         self._on_load = on_load
         #: The graphs ``prepare`` has been called for (each once, when first used).
         self._prepared: set[str] = set()
+
+    def _session(self, name: str, path: Path) -> LazySession:
+        return LazySession(path, self._threads, self._providers, spin=name not in self._no_spin)
 
     @property
     def loaded(self) -> bool:
@@ -238,7 +251,7 @@ class SessionGroup:
         fresh = [name for name in wanted if name not in self._prepared]
         if self._prepare is not None and fresh:
             prepared = self._prepare({name: self._sessions[name].path for name in fresh})
-            made = {name: LazySession(path, self._threads, self._providers) for name, path in prepared.items()}
+            made = {name: self._session(name, path) for name, path in prepared.items()}
             if len(fresh) == len(self._sessions):
                 self._sessions = made
                 fresh = list(made)
