@@ -282,3 +282,32 @@ def test_upgrade_from_version_3_keeps_rows_and_their_state(tmp_path: Path) -> No
         assert record is not None and (record.caption, record.fingerprint, record.ctime_ns) == ("a red bike", "f00d",
                                                                                                 None)
         assert _paths(index, "bike") == ["/lib/b.jpg"]
+
+
+def test_row_readers_are_kept_for_the_next_use_and_closed_before_the_index(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    index = Index.open(db)
+    index.upsert_many([_rec("/lib/a.jpg", "a dog")])
+    with index.row_reader() as first:
+        assert first.execute("SELECT count(*) FROM images").fetchone() == (1,)
+        assert first.execute("PRAGMA mmap_size").fetchone() == (0,)  # scattered reads: no memory map
+    with index.row_reader() as again:
+        assert again is first
+    index.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        first.execute("SELECT 1")
+    # Closed before the index's own connection, which (the last) checkpoints and empties the WAL as before.
+    assert Path(f"{db}-wal").stat().st_size == 0
+
+
+def test_a_row_reader_whose_block_raised_is_closed_not_kept(tmp_path: Path) -> None:
+    index = Index.open(tmp_path / "index.db")
+    try:
+        with pytest.raises(sqlite3.OperationalError), index.row_reader() as conn:
+            conn.execute("SELECT * FROM no_such_table")
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+        with index.row_reader() as fresh:
+            assert fresh is not conn
+    finally:
+        index.close()

@@ -455,6 +455,75 @@ def test_the_excluded_image_is_left_out(index: Index) -> None:
     assert a not in {i for i, _ in store.nearest("m", [1.0, 0.0], exclude=[a])}
 
 
+def _many_vectors(index: Index, n: int) -> tuple[list[int], np.ndarray]:
+    index.upsert_many([_rec(f"/lib/{k:04d}.jpg") for k in range(n)])
+    data = np.random.default_rng(11).standard_normal((n, 8)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    Vectors(index).put_many([(f"/lib/{k:04d}.jpg", "m", None, data[k]) for k in range(n)])
+    ids = [int(r[0]) for r in index.connection.execute("SELECT id FROM images ORDER BY path")]
+    return ids, data
+
+
+def _counting_connects(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> list[bool]:
+    """Count the connections Index opens for other threads (row readers); with ``fail``, refuse to open them."""
+    opened: list[bool] = []
+    real = Index._connect
+
+    def counted(path: Path, busy_timeout: float, readonly: bool, *, any_thread: bool = False) -> sqlite3.Connection:
+        if any_thread:
+            opened.append(True)
+            if fail:
+                raise sqlite3.OperationalError("unable to open database file")
+        return real(path, busy_timeout, readonly, any_thread=any_thread)
+
+    monkeypatch.setattr(Index, "_connect", staticmethod(counted))
+    return opened
+
+
+def test_many_vectors_are_read_by_several_connections_kept_for_the_next_search(
+        index: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capwatch.library import vectors as vectors_module
+
+    ids, data = _many_vectors(index, 300)
+    opened = _counting_connects(monkeypatch)
+    wanted = [*ids[::2], 10**9]  # one id with no vector
+    found, matrix = Vectors(index).matrix_of(wanted, "m")
+    assert opened  # as many as were reading at once: a reader done early is lent again at once
+    assert sorted(found.tolist()) == sorted(ids[::2])
+    by_id = dict(zip(ids, data, strict=True))
+    assert all(np.allclose(row, by_id[i], atol=1e-6) for i, row in zip(found.tolist(), matrix, strict=True))
+    # Later searches (another Vectors of the same index too) borrow the same connections: never more than
+    # ROW_READERS in all, each kept by the index.
+    for _ in range(5):
+        assert sorted(Vectors(index).matrix_of(ids, "m")[0].tolist()) == sorted(ids)
+    assert len(opened) <= vectors_module.ROW_READERS
+    assert len(index._row_readers or []) == len(opened)
+    # Few rows: the caller's connection alone.
+    before = len(opened)
+    assert len(Vectors(index).matrix_of(ids[:5], "m")[0]) == 5 and len(opened) == before
+
+
+def test_vectors_read_inside_an_open_transaction_come_from_that_connection(index: Index,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, _ = _many_vectors(index, 300)
+    opened = _counting_connects(monkeypatch)
+    index.connection.execute("BEGIN")
+    try:
+        index.connection.execute("DELETE FROM image_vectors WHERE image_id = ?", (ids[0],))
+        found, _ = Vectors(index).matrix_of(ids, "m")  # other connections would still see the deleted row
+    finally:
+        index.connection.execute("ROLLBACK")
+    assert sorted(found.tolist()) == sorted(ids[1:]) and opened == []
+
+
+def test_a_reader_that_cannot_open_leaves_its_share_to_the_callers_connection(
+        index: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, _ = _many_vectors(index, 300)
+    opened = _counting_connects(monkeypatch, fail=True)
+    found, _ = Vectors(index).matrix_of(ids, "m")
+    assert opened and sorted(found.tolist()) == sorted(ids)
+
+
 def test_vectors_of_another_model_are_never_compared(index: Index) -> None:
     index.upsert_many([_rec("/lib/a.jpg"), _rec("/lib/b.jpg")])
     store = Vectors(index)

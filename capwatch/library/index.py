@@ -16,8 +16,10 @@ import datetime as dt
 import functools
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -90,6 +92,9 @@ class Index:
         self._busy_timeout = busy_timeout
         #: Set by :meth:`open` for a writable index: leave the WAL files in place on close (see keep_wal_files).
         self._keep_wal_files = False
+        #: Connections :meth:`row_reader` lent and got back, for the next; None once closed.
+        self._row_readers: list[sqlite3.Connection] | None = []
+        self._row_readers_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -131,10 +136,11 @@ class Index:
         return index
 
     @staticmethod
-    def _connect(path: Path, busy_timeout: float, readonly: bool) -> sqlite3.Connection:
+    def _connect(path: Path, busy_timeout: float, readonly: bool, *, any_thread: bool = False) -> sqlite3.Connection:
         if readonly:
             uri = f"file:{path.as_posix()}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None,
+                                   check_same_thread=not any_thread)
         else:
             conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -213,6 +219,10 @@ class Index:
         ``-shm``; a writable Index then puts both back, empty (see :func:`keep_wal_files`). Never raises for that.
         """
         keep, self._keep_wal_files = self._keep_wal_files, False
+        with self._row_readers_lock:
+            spare, self._row_readers = self._row_readers or [], None
+        for conn in spare:  # first: the last connection to close is the one that checkpoints the WAL
+            conn.close()
         self._conn.close()
         if keep:
             keep_wal_files(self.path)
@@ -526,6 +536,29 @@ class Index:
         """A new read-only connection to this index's file, for another thread (the caller closes it). Raises
         sqlite3.Error when it cannot be opened."""
         return self._connect(self.path, self._busy_timeout, readonly=True)
+
+    @contextmanager
+    def row_reader(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection to this index's file that any thread may use (one thread at a time), with
+        SQLite's memory map off: for rows scattered over the file (a search's candidates), where a mapped page not
+        in memory costs a fault that reads the pages around it too. One this index kept from an earlier use (its
+        page cache holds the B-tree's inner pages already), else a new one; kept again afterwards, closed when the
+        block raised or the index was closed meanwhile. Raises sqlite3.Error when it cannot be opened."""
+        with self._row_readers_lock:
+            conn = self._row_readers.pop() if self._row_readers else None
+        if conn is None:
+            conn = self._connect(self.path, self._busy_timeout, readonly=True, any_thread=True)
+            conn.execute("PRAGMA mmap_size = 0")
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        with self._row_readers_lock:
+            if self._row_readers is not None:
+                self._row_readers.append(conn)
+                return
+        conn.close()
 
     def guard(self, action: Callable[[], Any]) -> Any:
         """Run ``action``; an sqlite3 error becomes IndexUnavailable with one line naming this index."""
