@@ -311,3 +311,16 @@ def test_a_row_reader_whose_block_raised_is_closed_not_kept(tmp_path: Path) -> N
             assert fresh is not conn
     finally:
         index.close()
+
+
+def test_row_readers_opened_ahead_are_the_ones_lent_afterwards(tmp_path: Path) -> None:
+    index = Index.open(tmp_path / "index.db")
+    index.open_row_readers(3)
+    kept = list(index._row_readers or [])
+    assert len(kept) == 3
+    index.open_row_readers(2)  # enough kept already: none opened
+    with index.row_reader() as conn:
+        assert conn in kept
+    index.close()
+    index.open_row_readers(3)  # a closed index opens none
+    assert index._row_readers is None

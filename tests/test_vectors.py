@@ -21,7 +21,7 @@ from capwatch.library.meaning import search as meaning_search
 from capwatch.library.migrations import MIGRATIONS, SCHEMA_VERSION
 from capwatch.library.search import SearchFilters, fuse_rankings, parse_query
 from capwatch.library.signbits import STEP, byte_table, hamming, pack_codes, sign_scores
-from capwatch.library.vectors import BLOCK, VectorError, Vectors
+from capwatch.library.vectors import BLOCK, ROW_READERS, VectorError, Vectors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -254,6 +254,8 @@ def test_codes_read_ahead_on_another_thread_give_the_same_answer(index: Index) -
     assert [t.name for t in threading.enumerate()].count("capwatch-codes-m") <= 1
     assert ahead.nearest("m", query, limit=10) == Vectors(index).nearest("m", query, limit=10)
     assert not [t for t in threading.enumerate() if t.name == "capwatch-codes-m"]
+    # The read-ahead also opened the connections the search's candidates are read with.
+    assert 0 < len(index._row_readers or []) <= ROW_READERS
 
 
 def test_codes_read_ahead_before_another_writer_stored_more_are_read_again(tmp_path: Path) -> None:

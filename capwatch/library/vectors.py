@@ -196,6 +196,9 @@ class _ReadAhead(threading.Thread):
         except (sqlite3.Error, OSError, ValueError):
             # The search then reads them itself, on its own connection, and reports what is wrong in one line.
             self.codes = None
+        # The connections the search will read its candidates' vectors with, opened here rather than on its path.
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self._index.open_row_readers(ROW_READERS)
 
 
 def _vector_rows(conn: sqlite3.Connection, images: list[int], model: str) -> list[tuple[int, bytes]]:
@@ -475,8 +478,9 @@ class Vectors:
         calls this before it loads its text model: SQLite reads the pages without the GIL, so on two cores the read
         mostly overlaps the session's setup (which holds the GIL for much of its time: a Python thread spinning
         beside it made it 2-5x slower), and costs the session 15-20 ms against the ~45 ms the search would wait to read
-        (a 2-core Zen 4, 1 M codes). A failed read is dropped: the search then reads the codes itself and reports
-        what is wrong."""
+        (a 2-core Zen 4, 1 M codes). The same thread then opens the connections the search reads its candidates'
+        exact vectors with (Index.row_reader). A failed read is dropped: the search then reads the codes itself
+        and reports what is wrong."""
         if model not in self._codes and model not in self._ahead:
             thread = _ReadAhead(self._index, model, self._kept)
             thread.start()
