@@ -482,6 +482,25 @@ def _counting_connects(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -
     return opened
 
 
+def test_similar_photos_of_a_web_request_map_the_kept_codes_instead_of_reading_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capwatch.web.meaning import similar_photos
+
+    monkeypatch.setenv("CAPWATCH_CACHE_DIR", str(tmp_path / "cache"))
+    db = tmp_path / "i.db"
+    with Index.open(db) as index:
+        _stored(index, 1500)
+        row = int(index.connection.execute("SELECT id FROM images WHERE path = '/lib/00007.jpg'").fetchone()[0])
+    reads = _counting_block_reads(monkeypatch)
+    answers = []
+    for _ in range(2):  # two requests, each with an index of its own, as the server opens them
+        with Index.open(db, readonly=True) as index:
+            answers.append(similar_photos(index, row, "m"))
+    assert reads == ["m"]  # the first request read the blocks and kept them; the second mapped the file
+    assert answers[0] == answers[1] and len(answers[0]) == 12 and row not in {s.row_id for s in answers[0]}
+    assert list((tmp_path / "cache" / "codes").glob("*.codes"))
+
+
 def test_many_vectors_are_read_by_several_connections_kept_for_the_next_search(
         index: Index, monkeypatch: pytest.MonkeyPatch) -> None:
     from capwatch.library import vectors as vectors_module

@@ -231,12 +231,12 @@ def _query_vector(config: Config, index: Index, text: str | None,
     embedder, why = query_embedder(config, load_text=True)
     if embedder is None:
         return None, why, None
-    from capwatch import paths
+    from capwatch.library import codesfile
 
     # The codes (64 MB at a million images) are mapped from the file the last search here kept in the cache, or,
     # when the index changed since, read on another thread while the text model loads and embeds the query here
     # (on two cores the search then waits for the longer of the two, not for both) and kept for the next.
-    vectors = Vectors(index, codes_dir=paths.cache_dir() / "codes")
+    vectors = Vectors(index, codes_dir=codesfile.kept_directory())
     vectors.read_ahead(embedder.model_id)
     try:
         found, why = query_vector(index, embedder, text)

@@ -1,4 +1,5 @@
-"""One model's sign-bit codes kept as a flat file, which a one-shot search maps instead of reading them.
+"""One model's sign-bit codes kept as a flat file, which a one-shot search (or a web page's request, each with an
+index of its own) maps instead of reading them.
 
 Every search by meaning compares the query with the sign bits of every image (capwatch.library.vectors): 64 MB at
 a million 512-d vectors, stored in the index in blocks of 1024. A daemon keeps them in memory; a one-shot
@@ -62,6 +63,13 @@ class CodesState:
         return cls(st.st_dev, st.st_ino, model, version, entries,
                    "" if centre is None else hashlib.sha256(centre).hexdigest(),
                    hashlib.sha256(last_block).hexdigest())
+
+
+def kept_directory() -> Path:
+    """Where the codes files are kept: ``codes`` in capwatch's cache (capwatch.paths.cache_dir)."""
+    from capwatch import paths
+
+    return paths.cache_dir() / "codes"
 
 
 def codes_path(directory: Path, index_path: Path, model: str) -> Path:

@@ -83,9 +83,10 @@ def run_search(index: Index, query: str, form: FormFilters, *, offset: int, limi
     parsed = parse_query(query)
     if vector is not None:
         from capwatch.library.meaning import search
+        from capwatch.web.meaning import request_vectors
 
         return search(index, parsed, _filters(form), by="both", vector=vector, limit=offset + limit,
-                      highlight=(MARK_OPEN, MARK_CLOSE), sort=form.sort)[offset:]
+                      highlight=(MARK_OPEN, MARK_CLOSE), sort=form.sort, vectors=request_vectors(index))[offset:]
     hits = index.search(parsed, _filters(form), limit=offset + limit, highlight=(MARK_OPEN, MARK_CLOSE),
                         sort=form.sort)
     return hits[offset:]

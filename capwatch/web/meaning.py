@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from capwatch.config import Config
 from capwatch.errors import CapwatchError
+from capwatch.library import codesfile
 from capwatch.library.duplicates import DEFAULT_THRESHOLD, group
 from capwatch.library.index import Index
 from capwatch.library.meaning import meaning_text
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 SIMILAR = 12
 #: The duplicates view compares at most this many images (the CLI has no limit).
 DUPLICATES_MAX = 200_000
+
+
+def request_vectors(index: Index) -> Vectors:
+    """The vectors of a request's own ``index``, their codes mapped from the file kept in the cache (one per model
+    and index, capwatch.library.codesfile) rather than read out of the index at every request: 64 MB at a million
+    images, ~70 ms of each "Similar photos" on a 2-core Zen 3."""
+    return Vectors(index, codes_dir=codesfile.kept_directory())
 
 
 class MeaningSlot:
@@ -96,7 +104,7 @@ class SimilarPhoto:
 def similar_photos(index: Index, row_id: int, model: str | None, limit: int = SIMILAR) -> list[SimilarPhoto]:
     """The photos most like row ``row_id`` (itself left out), by the vectors of ``model`` (or the index's only
     model when ``model`` has none there); empty when the photo has no vector."""
-    store = Vectors(index)
+    store = request_vectors(index)
     models = [m.model for m in store.models()]
     chosen = model if model in models else (models[0] if len(models) == 1 else None)
     record = index.get_by_id(row_id)
