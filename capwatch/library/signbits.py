@@ -19,8 +19,8 @@ FloatArray = npt.NDArray[np.float32]
 
 #: Rows per step of :func:`hamming`: the step's temporaries (XOR words, byte counts) stay in the CPU cache.
 STEP = 16_384
-#: At most this many threads share one Hamming scan: two cores stream the codes nearly twice as fast as one,
-#: beyond four the memory bus, not the arithmetic, sets the pace.
+#: At most this many threads share one Hamming scan. Measured on two cores only (two threads ~1.5x one); the cap
+#: keeps a search on a bigger box from taking every core from a daemon that is captioning.
 MAX_WORKERS = 4
 
 
