@@ -10,10 +10,11 @@ second stage, asymmetric: only the image side is quantised).
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import numpy.typing as npt
+
+from capwatch.library.parts import run_parts
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -80,13 +81,7 @@ def hamming(words: npt.NDArray[np.uint64], query: npt.NDArray[np.uint64], *,
         except BaseException as exc:  # re-raised in the calling thread below
             failures.append(exc)
 
-    helpers = [threading.Thread(target=part, args=(k,), name="capwatch-hamming", daemon=True)
-               for k in range(1, parts)]
-    for helper in helpers:
-        helper.start()
-    part(0)
-    for helper in helpers:
-        helper.join()
+    run_parts(parts, part, name="capwatch-hamming")
     if failures:
         raise failures[0]
     return out

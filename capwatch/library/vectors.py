@@ -46,6 +46,7 @@ from capwatch.errors import CapwatchError
 from capwatch.library import codesfile
 from capwatch.library.index import Index, normalise_path
 from capwatch.library.moments import FRAME_ROWS_SQL, VideoMoments, replace_frames
+from capwatch.library.parts import run_parts
 from capwatch.library.signbits import (
     byte_table,
     hamming,
@@ -301,13 +302,7 @@ class Vectors:
             except (sqlite3.Error, OSError):
                 results[k] = None  # read below, on this connection
 
-        readers = [threading.Thread(target=read, args=(k,), name="capwatch-vector-rows", daemon=True)
-                   for k in range(1, ROW_READERS)]
-        for reader in readers:
-            reader.start()
-        read(0)
-        for reader in readers:
-            reader.join()
+        run_parts(ROW_READERS, read, name="capwatch-vector-rows")
         return [rows if rows is not None
                 else self._index.guard(functools.partial(_vector_rows, self._conn, shares[k], model))
                 for k, rows in enumerate(results)]
