@@ -471,12 +471,12 @@ def _counting_connects(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -
     opened: list[bool] = []
     real = Index._connect
 
-    def counted(path: Path, busy_timeout: float, readonly: bool, *, any_thread: bool = False) -> sqlite3.Connection:
-        if any_thread:
+    def counted(path: Path, busy_timeout: float, readonly: bool, *, scattered: bool = False) -> sqlite3.Connection:
+        if scattered:
             opened.append(True)
             if fail:
                 raise sqlite3.OperationalError("unable to open database file")
-        return real(path, busy_timeout, readonly, any_thread=any_thread)
+        return real(path, busy_timeout, readonly, scattered=scattered)
 
     monkeypatch.setattr(Index, "_connect", staticmethod(counted))
     return opened

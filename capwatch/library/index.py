@@ -136,19 +136,21 @@ class Index:
         return index
 
     @staticmethod
-    def _connect(path: Path, busy_timeout: float, readonly: bool, *, any_thread: bool = False) -> sqlite3.Connection:
+    def _connect(path: Path, busy_timeout: float, readonly: bool, *, scattered: bool = False) -> sqlite3.Connection:
+        """``scattered``: a read-only connection for :meth:`row_reader` (any thread, no memory map)."""
         if readonly:
             uri = f"file:{path.as_posix()}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None,
-                                   check_same_thread=not any_thread)
+                                   check_same_thread=not scattered)
         else:
             conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         if readonly:
             # Searches hop between the FTS index and image rows all over the file; SQLite's default 2 MB page
             # cache thrashes at 1 M images. Memory-mapped reads share the OS page cache instead (measured:
-            # a 97 000-match ranked query 351 -> 155 ms). Only readers do this: the daemon stays small.
-            conn.execute("PRAGMA mmap_size = 1073741824")
+            # a 97 000-match ranked query 351 -> 155 ms). Only readers do this: the daemon stays small. Not the
+            # row readers: see row_reader.
+            conn.execute(f"PRAGMA mmap_size = {0 if scattered else 1073741824}")
         else:
             # WAL: readers (search) never wait for the daemon's writes; NORMAL sync is safe with WAL.
             _enable_wal(conn, busy_timeout)
@@ -547,7 +549,7 @@ class Index:
         with self._row_readers_lock:
             conn = self._row_readers.pop() if self._row_readers else None
         if conn is None:
-            conn = self._new_row_reader()
+            conn = self._connect(self.path, self._busy_timeout, readonly=True, scattered=True)
         try:
             yield conn
         except BaseException:
@@ -562,12 +564,7 @@ class Index:
             with self._row_readers_lock:
                 if self._row_readers is None or len(self._row_readers) >= count:
                     return
-            self._keep_row_reader(self._new_row_reader())
-
-    def _new_row_reader(self) -> sqlite3.Connection:
-        conn = self._connect(self.path, self._busy_timeout, readonly=True, any_thread=True)
-        conn.execute("PRAGMA mmap_size = 0")
-        return conn
+            self._keep_row_reader(self._connect(self.path, self._busy_timeout, readonly=True, scattered=True))
 
     def _keep_row_reader(self, conn: sqlite3.Connection) -> None:
         with self._row_readers_lock:
